@@ -14,7 +14,8 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of `sessionstore.v1`, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sessionstore_v1_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("sessionstore_v1_descriptor");
 
 /// The fully-qualified gRPC service name, as used by health checks and reflection.
 pub const SERVICE_NAME: &str = "sessionstore.v1.SessionStore";

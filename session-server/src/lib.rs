@@ -1,1 +1,29 @@
-//! x
+//! The SessionStore server: user sessions and login rate limits in Redis,
+//! served over gRPC (`sessionstore.v1.SessionStore`).
+//!
+//! A request flows through these modules:
+//!
+//! - [`server`]: the transport: tonic, the logging layer, gRPC health,
+//!   reflection and graceful shutdown. [`server::run`] is the entry point.
+//! - [`observe`]: one log line per RPC, at a level chosen by its status.
+//! - [`service`]: the generated trait's implementation; thin handlers.
+//! - [`convert`]: proto messages to and from domain types, with validation.
+//! - [`model`]: the domain types; ids are validated on construction.
+//! - [`store`]: Redis: the key layout, the Lua scripts and the pool.
+//! - [`error`]: the error type and its single mapping to gRPC codes.
+//! - [`config`]: every setting, from the environment or flags.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod convert;
+pub mod error;
+pub mod model;
+pub mod observe;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use config::Config;
+pub use error::Error;
+pub use store::Store;

@@ -1,0 +1,160 @@
+//! The server's configuration: every setting is an environment variable with an
+//! equal command-line flag, parsed and checked once in `main` before listening.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+use crate::store::{LimitPolicy, Settings};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// The SessionStore gRPC server: user sessions and login rate limits in Redis.
+#[derive(Clone, Debug, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Redis to use (`redis://[:password@]host:port[/db]`, or `rediss://` for TLS).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+
+    /// Lifetime of a session created without a ttl, in seconds.
+    #[arg(long, env = "SESSION_TTL", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_ttl: u64,
+
+    /// Longest ttl a caller may ask for, in seconds.
+    #[arg(long, env = "SESSION_TTL_MAX", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_ttl_max: u64,
+
+    /// Most live sessions one user may have.
+    #[arg(long, env = "MAX_SESSIONS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_sessions_per_user: u32,
+
+    /// What happens when a user at the cap creates another session.
+    #[arg(long, env = "SESSION_LIMIT_POLICY", value_enum, default_value_t = LimitPolicy::EvictOldest)]
+    pub session_limit_policy: LimitPolicy,
+
+    /// Length of a login rate-limit window, in seconds.
+    #[arg(long, env = "RATE_LIMIT_WINDOW", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate_limit_window: u64,
+
+    /// Login attempts allowed per client address per window.
+    #[arg(long, env = "RATE_LIMIT_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_max_attempts: u32,
+
+    /// Prepended to every Redis key, so several deployments can share one Redis.
+    /// Must not contain `{` or `}` (they would break the cluster hash tags).
+    #[arg(long, env = "KEY_PREFIX", default_value = "", value_parser = parse_key_prefix)]
+    pub key_prefix: String,
+
+    /// Number of pooled (multiplexed) Redis connections.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub redis_pool_size: u32,
+
+    /// Bound on each Redis operation (pool wait, connect, round trips), in ms;
+    /// past it the caller gets UNAVAILABLE.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub redis_timeout_ms: u64,
+
+    /// How often Redis is pinged for the readiness status, in ms.
+    #[arg(long, env = "HEALTH_CHECK_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub health_check_interval_ms: u64,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Largest request accepted, in bytes; larger ones get OUT_OF_RANGE
+    /// before they are decoded.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=4 * 1024 * 1024))]
+    pub max_request_bytes: u64,
+}
+
+impl Config {
+    /// Checks the rules that involve more than one setting.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the variables at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.session_ttl > self.session_ttl_max {
+            return Err(format!(
+                "SESSION_TTL ({}) must not exceed SESSION_TTL_MAX ({})",
+                self.session_ttl, self.session_ttl_max
+            ));
+        }
+        if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
+            // The redis error never echoes the URL, so no password leaks here.
+            return Err(format!("REDIS_URL is not a valid Redis URL: {e}"));
+        }
+        Ok(())
+    }
+
+    /// The store's share of the configuration.
+    pub fn store_settings(&self) -> Settings {
+        Settings {
+            redis_url: self.redis_url.clone(),
+            key_prefix: self.key_prefix.clone(),
+            session_ttl: Duration::from_secs(self.session_ttl),
+            session_ttl_max: Duration::from_secs(self.session_ttl_max),
+            max_sessions_per_user: self.max_sessions_per_user,
+            limit_policy: self.session_limit_policy,
+            rate_limit_window: Duration::from_secs(self.rate_limit_window),
+            rate_limit_max_attempts: self.rate_limit_max_attempts,
+            pool_size: self.redis_pool_size,
+            timeout: Duration::from_millis(self.redis_timeout_ms),
+        }
+    }
+
+    /// A configuration with every default, for tests and embedding.
+    pub fn defaults() -> Self {
+        // Parsing no arguments and no environment cannot fail: every field
+        // has a valid default.
+        Self::parse_from(["session-server"])
+    }
+}
+
+fn parse_key_prefix(value: &str) -> Result<String, String> {
+    if value.contains(['{', '}']) {
+        return Err("must not contain '{' or '}'".into());
+    }
+    if value.len() > 128 {
+        return Err("must be at most 128 bytes".into());
+    }
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let err = Config::try_parse_from(["s", "--max-sessions-per-user", "0"]).unwrap_err();
+        assert!(
+            err.to_string().contains("MAX_SESSIONS_PER_USER")
+                || err.to_string().contains("max-sessions-per-user")
+        );
+        let config =
+            Config::try_parse_from(["s", "--session-ttl", "100", "--session-ttl-max", "10"])
+                .unwrap();
+        assert!(config.validate().unwrap_err().contains("SESSION_TTL_MAX"));
+        assert!(Config::try_parse_from(["s", "--key-prefix", "a{b"]).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! Conversions between the generated proto types and the domain types. Proto
+//! types stop here: the store never sees them.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use sessionstore::v1 as pb;
+
+use crate::{
+    error::Error,
+    model::{self, LoginVerdict, NewSession, Session, TokenId, UserId},
+};
+
+/// A required user id.
+pub(crate) fn user_id(value: String) -> Result<UserId, Error> {
+    UserId::parse("user_id", value)
+}
+
+/// A required token id.
+pub(crate) fn token_id(value: String) -> Result<TokenId, Error> {
+    TokenId::parse("token_id", value)
+}
+
+/// An optional user id hint: empty means absent.
+pub(crate) fn user_hint(value: String) -> Result<Option<UserId>, Error> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        user_id(value).map(Some)
+    }
+}
+
+/// Validates a CreateSessionRequest into a [`NewSession`].
+pub(crate) fn new_session(req: pb::CreateSessionRequest) -> Result<NewSession, Error> {
+    let user_id = user_id(req.user_id)?;
+    let token_id = token_id(req.token_id)?;
+    model::validate_metadata(&req.metadata)?;
+    let ttl = req.ttl.map(duration_from_proto).transpose()?;
+    Ok(NewSession {
+        user_id,
+        token_id,
+        metadata: req.metadata,
+        ttl,
+    })
+}
+
+fn duration_from_proto(ttl: prost_types::Duration) -> Result<Duration, Error> {
+    if ttl.seconds < 0 || ttl.nanos < 0 || (ttl.seconds == 0 && ttl.nanos == 0) {
+        return Err(Error::invalid("ttl", "must be positive"));
+    }
+    if ttl.nanos >= 1_000_000_000 {
+        return Err(Error::invalid("ttl", "nanos must be below one second"));
+    }
+    // seconds and nanos are non-negative: checked above.
+    Ok(Duration::new(
+        ttl.seconds.unsigned_abs(),
+        ttl.nanos.unsigned_abs(),
+    ))
+}
+
+/// A domain duration as a proto Duration.
+pub(crate) fn duration_to_proto(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        // Always below 1e9, so it fits.
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// A stored session as its proto message.
+pub(crate) fn session_to_proto(session: Session) -> pb::Session {
+    pb::Session {
+        user_id: session.user_id,
+        token_id: session.token_id,
+        metadata: session.metadata,
+        created_at: Some(timestamp(session.created_at_ms)),
+        expires_at: Some(timestamp(session.expires_at_ms)),
+    }
+}
+
+/// A login verdict as its proto response.
+pub(crate) fn verdict_to_proto(verdict: LoginVerdict) -> pb::RecordLoginAttemptResponse {
+    pb::RecordLoginAttemptResponse {
+        allowed: verdict.allowed,
+        attempts: verdict.attempts,
+        remaining: verdict.remaining,
+        retry_after: verdict.retry_after.map(duration_to_proto),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_must_be_positive_and_well_formed() {
+        let bad = [(0, 0), (-1, 0), (0, -1), (1, 1_000_000_000)];
+        for (seconds, nanos) in bad {
+            let err = duration_from_proto(prost_types::Duration { seconds, nanos }).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { field: "ttl", .. }));
+        }
+        assert_eq!(
+            duration_from_proto(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
+            .unwrap(),
+            Duration::from_millis(1500)
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Domain types: validated identifiers, sessions and login-attempt verdicts.
+//!
+//! Validation lives here, in the constructors, so a value of these types is
+//! always one that can be placed in a Redis key: the store never sees an id
+//! that could collide with another in the key space.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
+
+use crate::error::Error;
+
+/// The longest `user_id` or `token_id`, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+/// The most metadata entries one session may carry.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+/// The longest metadata key, in bytes.
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// The longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE_LEN: usize = 1024;
+
+/// Checks one identifier against the contract: 1..=256 bytes of printable
+/// ASCII without white space, `{`, `}` or `:`.
+///
+/// Braces and colons are refused because they delimit the parts of a key
+/// (`session:{user}:{token}`); without them no two distinct id pairs can map to
+/// the same key, and the first `{...}` stays the Redis Cluster hash tag.
+fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {MAX_ID_LEN} bytes, got {}", value.len()),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}' | ':'))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("must be printable ASCII without white space, '{{', '}}' or ':', found {c:?}"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `value`, naming `field` in the error.
+            ///
+            /// # Errors
+            ///
+            /// [`Error::InvalidArgument`] when `value` breaks the identifier rules.
+            pub fn parse(field: &'static str, value: String) -> Result<Self, Error> {
+                validate_id(field, &value)?;
+                Ok(Self(value))
+            }
+
+            /// The identifier as sent by the caller.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Consumes the id, returning its string.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user identifier (a JWT's `sub`), valid for use in a Redis key.
+    UserId
+);
+id_type!(
+    /// A session's token identifier (a JWT's `jti`), valid for use in a Redis key.
+    TokenId
+);
+
+impl TokenId {
+    /// A shortened form for logs: token ids are bearer-adjacent secrets and are
+    /// never logged in full at info level.
+    pub fn redacted(&self) -> String {
+        let prefix: String = self.0.chars().take(4).collect();
+        format!("{prefix}…")
+    }
+}
+
+/// Free-form data stored with a session, checked against the size limits.
+pub type Metadata = HashMap<String, String>;
+
+/// Checks metadata against the contract's limits.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] naming `metadata` and the offending key.
+pub fn validate_metadata(metadata: &Metadata) -> Result<(), Error> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(Error::invalid(
+            "metadata",
+            format!(
+                "must have at most {MAX_METADATA_ENTRIES} entries, got {}",
+                metadata.len()
+            ),
+        ));
+    }
+    for (key, value) in metadata {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY_LEN {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "keys must be 1 to {MAX_METADATA_KEY_LEN} bytes, got {} bytes",
+                    key.len()
+                ),
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE_LEN {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "value of {key:?} must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A live session as stored in Redis. Times are Redis-clock milliseconds since
+/// the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Session {
+    /// The owner.
+    pub user_id: String,
+    /// The token id, unique across users.
+    pub token_id: String,
+    /// Caller-supplied data.
+    pub metadata: Metadata,
+    /// Creation time, ms since the epoch by Redis's clock.
+    pub created_at_ms: u64,
+    /// Expiry time, ms since the epoch by Redis's clock; equals the key's expiry.
+    pub expires_at_ms: u64,
+}
+
+/// What CreateSession did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The session was stored; `evicted` lists sessions revoked to make room.
+    Created {
+        /// The stored session.
+        session: Session,
+        /// Token ids evicted under the `evict_oldest` policy.
+        evicted: Vec<String>,
+    },
+    /// The token id already has a live session, or is reserved by another user.
+    TokenTaken,
+    /// The user is at the session cap and the policy is `reject`.
+    LimitReached,
+}
+
+/// A request to store a new session, validated.
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    /// The owner.
+    pub user_id: UserId,
+    /// The new token id.
+    pub token_id: TokenId,
+    /// Validated metadata.
+    pub metadata: Metadata,
+    /// Lifetime; `None` means the server's SESSION_TTL.
+    pub ttl: Option<Duration>,
+}
+
+/// The verdict on one login attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginVerdict {
+    /// Whether the attempt may proceed.
+    pub allowed: bool,
+    /// Attempts in the current window, this one included.
+    pub attempts: u32,
+    /// Attempts still allowed in the window.
+    pub remaining: u32,
+    /// Time left in the window; set only when not allowed.
+    pub retry_after: Option<Duration>,
+}
+
+/// A client address as counted by the login rate limit: an IPv4 address, or
+/// the /64 network of an IPv6 address (one client usually holds a whole /64).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAddr(String);
+
+impl ClientAddr {
+    /// Parses `ip` (IPv4 or IPv6) and reduces IPv6 to its /64.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `ip` when it is not an address.
+    pub fn parse(ip: &str) -> Result<Self, Error> {
+        let addr: IpAddr = ip.trim().parse().map_err(|_| {
+            Error::invalid("ip", format!("must be an IPv4 or IPv6 address, got {ip:?}"))
+        })?;
+        let canonical = match addr {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                // An IPv4-mapped address is the IPv4 client it wraps.
+                Some(v4) => v4.to_string(),
+                None => {
+                    let network = u128::from(v6) & (u128::MAX << 64);
+                    format!("{}/64", Ipv6Addr::from(network))
+                }
+            },
+        };
+        Ok(Self(canonical))
+    }
+
+    /// The canonical form used in the Redis key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_the_printable_range() {
+        assert!(UserId::parse("user_id", "a".repeat(MAX_ID_LEN)).is_ok());
+        assert!(TokenId::parse("token_id", "abc-DEF_123.~!@#$%^&*()".into()).is_ok());
+    }
+
+    #[test]
+    fn ids_refuse_key_delimiters_space_and_length() {
+        for bad in ["", "a b", "a{b", "a}b", "a:b", "é", "a\u{0}", "tab\t"] {
+            let err = UserId::parse("user_id", bad.into()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        field: "user_id",
+                        ..
+                    }
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(TokenId::parse("token_id", "a".repeat(MAX_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_v4_as_v4() {
+        let a = ClientAddr::parse("2001:db8:1:2:aaaa::1").unwrap();
+        let b = ClientAddr::parse("2001:db8:1:2:bbbb::2").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "2001:db8:1:2::/64");
+        assert_ne!(a, ClientAddr::parse("2001:db8:1:3::1").unwrap());
+        assert_eq!(
+            ClientAddr::parse("::ffff:192.0.2.1").unwrap().as_str(),
+            "192.0.2.1"
+        );
+        assert!(ClientAddr::parse("300.1.1.1").is_err());
+    }
+
+    #[test]
+    fn metadata_limits() {
+        let mut m = Metadata::new();
+        m.insert(
+            "k".repeat(MAX_METADATA_KEY_LEN),
+            "v".repeat(MAX_METADATA_VALUE_LEN),
+        );
+        assert!(validate_metadata(&m).is_ok());
+        m.insert("k".repeat(MAX_METADATA_KEY_LEN + 1), String::new());
+        assert!(validate_metadata(&m).is_err());
+        let many: Metadata = (0..=MAX_METADATA_ENTRIES)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        assert!(validate_metadata(&many).is_err());
+    }
+}

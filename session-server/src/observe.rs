@@ -1,0 +1,127 @@
+//! A tower layer that writes one structured log line per RPC: method, gRPC
+//! status code and latency, at a level chosen from the code.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use tonic::{
+    Code,
+    codegen::http::{Request, Response},
+};
+use tower::{Layer, Service};
+
+/// Adds per-RPC logging to a service stack.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RpcLogLayer;
+
+impl<S> Layer<S> for RpcLogLayer {
+    type Service = RpcLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcLog { inner }
+    }
+}
+
+/// The service made by [`RpcLogLayer`].
+#[derive(Clone, Debug)]
+pub struct RpcLog<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcLog<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let start = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let result = response.await;
+            let code = match &result {
+                // A unary success carries its status in the trailers; an error
+                // is sent "trailers-only", with grpc-status in the headers.
+                Ok(response) => tonic::Status::from_header_map(response.headers())
+                    .map_or(Code::Ok, |status| status.code()),
+                Err(_) => Code::Unknown,
+            };
+            log_rpc(&method, code, start.elapsed().as_secs_f64() * 1e3);
+            result
+        })
+    }
+}
+
+/// How loudly an RPC's outcome is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loudness {
+    /// Routine: successes, and health probes whatever their answer.
+    Debug,
+    /// The caller's mistake: worth seeing, not worth paging for.
+    Info,
+    /// The service could not do its job (Redis down, overload, deadline).
+    Warn,
+    /// A bug.
+    Error,
+}
+
+fn loudness(method: &str, code: Code) -> Loudness {
+    if method.starts_with("/grpc.health.v1.Health/") {
+        return Loudness::Debug;
+    }
+    match code {
+        Code::Ok => Loudness::Debug,
+        Code::Cancelled
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Unauthenticated => Loudness::Info,
+        Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Unavailable => {
+            Loudness::Warn
+        }
+        Code::Unknown | Code::Internal | Code::DataLoss => Loudness::Error,
+    }
+}
+
+fn log_rpc(method: &str, code: Code, latency_ms: f64) {
+    match loudness(method, code) {
+        Loudness::Debug => tracing::debug!(method, code = ?code, latency_ms, "rpc"),
+        Loudness::Info => tracing::info!(method, code = ?code, latency_ms, "rpc"),
+        Loudness::Warn => tracing::warn!(method, code = ?code, latency_ms, "rpc"),
+        Loudness::Error => tracing::error!(method, code = ?code, latency_ms, "rpc"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_follow_the_status() {
+        let m = "/sessionstore.v1.SessionStore/GetSession";
+        assert_eq!(loudness(m, Code::Ok), Loudness::Debug);
+        assert_eq!(loudness(m, Code::InvalidArgument), Loudness::Info);
+        assert_eq!(loudness(m, Code::Unavailable), Loudness::Warn);
+        assert_eq!(loudness(m, Code::Internal), Loudness::Error);
+        assert_eq!(
+            loudness("/grpc.health.v1.Health/Check", Code::Unavailable),
+            Loudness::Debug
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! The transport: the tonic server with its layers, gRPC health, reflection
+//! and graceful shutdown. No session logic lives here.
+
+use std::{future::Future, time::Duration};
+
+use sessionstore::v1::session_store_server::SessionStoreServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{config::Config, observe::RpcLogLayer, service::SessionService, store::Store};
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed (accepting connections, HTTP/2).
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves SessionStore, health and reflection on `listener` until `shutdown`
+/// completes; then reports NOT_SERVING, stops accepting connections and waits
+/// for in-flight calls to finish.
+///
+/// The listener is bound by the caller, so tests can bind port 0 and know the
+/// address before the server runs.
+///
+/// # Errors
+///
+/// [`ServeError`] when the transport fails or reflection cannot be built.
+pub async fn run(
+    listener: TcpListener,
+    config: &Config,
+    store: Store,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Readiness starts NOT_SERVING until the first PING answers.
+    health
+        .set_service_status(sessionstore::SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let readiness = tokio::spawn(watch_redis(
+        store.clone(),
+        health.clone(),
+        Duration::from_millis(config.health_check_interval_ms),
+    ));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sessionstore::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max_request = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
+    let sessions =
+        SessionStoreServer::new(SessionService::new(store)).max_decoding_message_size(max_request);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight calls");
+            // Probes see the pod leave before its listener closes.
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(sessionstore::SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+        }
+    };
+
+    let result = tonic::transport::Server::builder()
+        // Dead client connections are noticed and dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(RpcLogLayer)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(sessions)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    readiness.abort();
+    result.map_err(ServeError::from)
+}
+
+/// Keeps the readiness status ("sessionstore.v1.SessionStore") in step with
+/// whether Redis answers a PING. The overall status ("") stays SERVING: a Redis
+/// outage must take pods out of the Service, not get them restarted.
+async fn watch_redis(store: Store, health: HealthReporter, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = None;
+    loop {
+        ticker.tick().await;
+        let result = store.ping().await;
+        let up = result.is_ok();
+        if serving != Some(up) {
+            match &result {
+                Ok(()) => tracing::info!("redis answers: serving"),
+                Err(err) => tracing::warn!(error = %err, "redis does not answer: not serving"),
+            }
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health
+                .set_service_status(sessionstore::SERVICE_NAME, status)
+                .await;
+            serving = Some(up);
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The `sessionstore.v1.SessionStore` gRPC service: thin handlers that
+//! validate, convert, call the store and convert back.
+
+use sessionstore::v1::{self as pb, session_store_server::SessionStore};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    convert,
+    model::{ClientAddr, CreateOutcome},
+    store::Store,
+};
+
+/// The gRPC service over a [`Store`].
+#[derive(Clone, Debug)]
+pub struct SessionService {
+    store: Store,
+}
+
+impl SessionService {
+    /// Serves requests from `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl SessionStore for SessionService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let new = convert::new_session(request.into_inner())?;
+        let user = new.user_id.clone();
+        let token = new.token_id.redacted();
+        let response = match self.store.create_session(new).await? {
+            CreateOutcome::Created { session, evicted } => {
+                tracing::debug!(%user, %token, evicted = evicted.len(), "session created");
+                pb::CreateSessionResponse {
+                    created: true,
+                    session: Some(convert::session_to_proto(session)),
+                    evicted_token_ids: evicted,
+                }
+            }
+            CreateOutcome::TokenTaken | CreateOutcome::LimitReached => {
+                pb::CreateSessionResponse::default()
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let req = request.into_inner();
+        let token = convert::token_id(req.token_id)?;
+        let hint = convert::user_hint(req.user_id)?;
+        let session = self.store.get_session(&token, hint.as_ref()).await?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: session.map(convert::session_to_proto),
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let req = request.into_inner();
+        let token = convert::token_id(req.token_id)?;
+        let hint = convert::user_hint(req.user_id)?;
+        let revoked = self.store.revoke_session(&token, hint.as_ref()).await?;
+        Ok(Response::new(pb::RevokeSessionResponse { revoked }))
+    }
+
+    async fn revoke_all_user_sessions(
+        &self,
+        request: Request<pb::RevokeAllUserSessionsRequest>,
+    ) -> Result<Response<pb::RevokeAllUserSessionsResponse>, Status> {
+        let user = convert::user_id(request.into_inner().user_id)?;
+        let revoked_count = self.store.revoke_all_user_sessions(&user).await?;
+        Ok(Response::new(pb::RevokeAllUserSessionsResponse {
+            revoked_count,
+        }))
+    }
+
+    async fn get_user_session_count(
+        &self,
+        request: Request<pb::GetUserSessionCountRequest>,
+    ) -> Result<Response<pb::GetUserSessionCountResponse>, Status> {
+        let user = convert::user_id(request.into_inner().user_id)?;
+        let count = self.store.count_user_sessions(&user).await?;
+        Ok(Response::new(pb::GetUserSessionCountResponse { count }))
+    }
+
+    async fn list_user_sessions(
+        &self,
+        request: Request<pb::ListUserSessionsRequest>,
+    ) -> Result<Response<pb::ListUserSessionsResponse>, Status> {
+        let user = convert::user_id(request.into_inner().user_id)?;
+        let sessions = self.store.list_user_sessions(&user).await?;
+        Ok(Response::new(pb::ListUserSessionsResponse {
+            sessions: sessions
+                .into_iter()
+                .map(convert::session_to_proto)
+                .collect(),
+        }))
+    }
+
+    async fn record_login_attempt(
+        &self,
+        request: Request<pb::RecordLoginAttemptRequest>,
+    ) -> Result<Response<pb::RecordLoginAttemptResponse>, Status> {
+        let addr = ClientAddr::parse(&request.into_inner().ip)?;
+        let verdict = self.store.record_login_attempt(&addr).await?;
+        Ok(Response::new(convert::verdict_to_proto(verdict)))
+    }
+
+    async fn reset_login_attempts(
+        &self,
+        request: Request<pb::ResetLoginAttemptsRequest>,
+    ) -> Result<Response<pb::ResetLoginAttemptsResponse>, Status> {
+        let addr = ClientAddr::parse(&request.into_inner().ip)?;
+        let reset = self.store.reset_login_attempts(&addr).await?;
+        Ok(Response::new(pb::ResetLoginAttemptsResponse { reset }))
+    }
+}
