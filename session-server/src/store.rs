@@ -648,7 +648,7 @@ fn parse_create_reply(reply: Vec<Value>) -> Result<CreateReply, Error> {
     let mut int = || -> Result<i64, Error> {
         values
             .next()
-            .map(|v| i64::from_redis_value(v))
+            .map(i64::from_redis_value)
             .transpose()
             .map_err(|e| Error::Internal(e.into()))?
             .ok_or_else(malformed)

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Proves the SessionStore contract from Python: calls every RPC of
+sessionstore.v1.SessionStore, plus the standard grpc.health.v1 checks, through
+stubs generated from proto/ alone, and checks each answer.
+
+Usage:  python check.py HOST:PORT
+Needs grpcio and grpcio-health-checking, and the stubs that
+`python -m grpc_tools.protoc -Iproto --python_out=OUT --grpc_python_out=OUT
+proto/sessionstore/v1/session_store.proto` writes, on PYTHONPATH.
+scripts/check-polyglot.sh does all of that and starts a server.
+Expects the server's default RATE_LIMIT_MAX_ATTEMPTS (5). Exits 1 on a failure.
+"""
+
+import sys
+import uuid
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sessionstore.v1 import session_store_pb2 as pb
+from sessionstore.v1 import session_store_pb2_grpc as pb_grpc
+
+SERVICE = "sessionstore.v1.SessionStore"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+MAX_ATTEMPTS = 5  # RATE_LIMIT_MAX_ATTEMPTS
+DEADLINE = 5  # seconds, for every call
+
+passed = 0
+
+
+def check(what, condition):
+    global passed
+    if not condition:
+        raise AssertionError(what)
+    passed += 1
+    print(f"  ok  {what}")
+
+
+def error_code(call, request):
+    """The status code a call fails with, or None when it succeeds."""
+    try:
+        call(request, timeout=DEADLINE)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return None, None
+
+
+def wait_until_serving(channel, seconds=30):
+    """Follows the standard health Watch until SessionStore is SERVING (Redis answers)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    updates = health.Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE), timeout=seconds, wait_for_ready=True
+    )
+    for update in updates:
+        if update.status == SERVING:
+            updates.cancel()
+            return
+    raise AssertionError("health Watch ended before SERVING")
+
+
+def run(channel):
+    run_id = uuid.uuid4().hex[:12]
+    user, token_1, token_2 = f"py-{run_id}", f"jti-{run_id}-1", f"jti-{run_id}-2"
+
+    # Standard gRPC health: the process ("") and the readiness of SessionStore.
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", SERVICE):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=DEADLINE)
+        check(f"Health.Check({name!r}) is SERVING", answer.status == SERVING)
+
+    store = pb_grpc.SessionStoreStub(channel)
+
+    # CreateSession, with metadata and a ttl, then one with the server's default ttl.
+    first = store.CreateSession(
+        pb.CreateSessionRequest(
+            user_id=user,
+            token_id=token_1,
+            metadata={"ip": "192.0.2.1", "device": "python"},
+            ttl=Duration(seconds=120),
+        ),
+        timeout=DEADLINE,
+    )
+    session = first.session
+    check("CreateSession created the session", first.created and first.HasField("session"))
+    check("  with its ids and metadata", (session.user_id, session.token_id) == (user, token_1)
+          and dict(session.metadata) == {"ip": "192.0.2.1", "device": "python"})
+    lifetime = session.expires_at.ToMilliseconds() - session.created_at.ToMilliseconds()
+    check("  and expires exactly ttl (120 s) after creation", lifetime == 120_000)
+    again = store.CreateSession(
+        pb.CreateSessionRequest(user_id=user, token_id=token_1), timeout=DEADLINE
+    )
+    check("CreateSession of a live token_id: created=false, no session",
+          not again.created and not again.HasField("session"))
+    second = store.CreateSession(
+        pb.CreateSessionRequest(user_id=user, token_id=token_2), timeout=DEADLINE
+    )
+    check("CreateSession without ttl uses the default",
+          second.created and second.session.expires_at.ToMilliseconds()
+          > second.session.created_at.ToMilliseconds())
+
+    # GetSession, without and with the user_id hint.
+    found = store.GetSession(pb.GetSessionRequest(token_id=token_1), timeout=DEADLINE)
+    check("GetSession finds the session as created", found.session == session)
+    hinted = store.GetSession(
+        pb.GetSessionRequest(token_id=token_1, user_id=user), timeout=DEADLINE
+    )
+    check("GetSession with the user_id hint finds it too", hinted.session == session)
+    wrong = store.GetSession(
+        pb.GetSessionRequest(token_id=token_1, user_id=f"other-{run_id}"), timeout=DEADLINE
+    )
+    check("GetSession with a wrong hint finds nothing (not an error)",
+          not wrong.HasField("session"))
+
+    # ListUserSessions (newest first) and GetUserSessionCount.
+    listed = store.ListUserSessions(pb.ListUserSessionsRequest(user_id=user), timeout=DEADLINE)
+    check("ListUserSessions lists both, newest first",
+          [s.token_id for s in listed.sessions] == [token_2, token_1])
+    count = store.GetUserSessionCount(
+        pb.GetUserSessionCountRequest(user_id=user), timeout=DEADLINE
+    )
+    check("GetUserSessionCount is 2", count.count == 2)
+
+    # RevokeSession, then RevokeAllUserSessions.
+    revoked = store.RevokeSession(pb.RevokeSessionRequest(token_id=token_1), timeout=DEADLINE)
+    check("RevokeSession revoked it", revoked.revoked)
+    gone = store.GetSession(pb.GetSessionRequest(token_id=token_1), timeout=DEADLINE)
+    check("  and GetSession no longer finds it", not gone.HasField("session"))
+    twice = store.RevokeSession(pb.RevokeSessionRequest(token_id=token_1), timeout=DEADLINE)
+    check("RevokeSession again: revoked=false", not twice.revoked)
+    everything = store.RevokeAllUserSessions(
+        pb.RevokeAllUserSessionsRequest(user_id=user), timeout=DEADLINE
+    )
+    check("RevokeAllUserSessions revoked the 1 left", everything.revoked_count == 1)
+    count = store.GetUserSessionCount(
+        pb.GetUserSessionCountRequest(user_id=user), timeout=DEADLINE
+    )
+    check("  and the count is 0", count.count == 0)
+
+    # RecordLoginAttempt: MAX_ATTEMPTS allowed, the next one refused with retry_after.
+    ip = f"2001:db8:{run_id[:4]}:{run_id[4:8]}::1"  # a /64 of its own for this run
+    for attempt in range(1, MAX_ATTEMPTS + 2):
+        verdict = store.RecordLoginAttempt(pb.RecordLoginAttemptRequest(ip=ip), timeout=DEADLINE)
+        if attempt <= MAX_ATTEMPTS:
+            check(f"RecordLoginAttempt #{attempt}: allowed, {MAX_ATTEMPTS - attempt} remaining",
+                  verdict.allowed and verdict.attempts == attempt
+                  and verdict.remaining == MAX_ATTEMPTS - attempt
+                  and not verdict.HasField("retry_after"))
+        else:
+            wait = verdict.retry_after.ToMilliseconds()
+            check(f"RecordLoginAttempt #{attempt}: refused, retry_after {wait / 1000:.1f} s",
+                  not verdict.allowed and verdict.attempts == attempt
+                  and verdict.remaining == 0
+                  and verdict.HasField("retry_after") and wait > 0)
+
+    # ResetLoginAttempts clears the counter.
+    reset = store.ResetLoginAttempts(pb.ResetLoginAttemptsRequest(ip=ip), timeout=DEADLINE)
+    check("ResetLoginAttempts cleared the counter", reset.reset)
+    verdict = store.RecordLoginAttempt(pb.RecordLoginAttemptRequest(ip=ip), timeout=DEADLINE)
+    check("  and the next attempt is allowed again", verdict.allowed and verdict.attempts == 1)
+    store.ResetLoginAttempts(pb.ResetLoginAttemptsRequest(ip=ip), timeout=DEADLINE)
+
+    # INVALID_ARGUMENT, with the field named in the message.
+    code, details = error_code(
+        store.CreateSession, pb.CreateSessionRequest(user_id="has space", token_id=token_1)
+    )
+    check("CreateSession with a bad user_id: INVALID_ARGUMENT naming user_id",
+          code == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in details)
+    code, details = error_code(store.GetSession, pb.GetSessionRequest(token_id=""))
+    check("GetSession with an empty token_id: INVALID_ARGUMENT naming token_id",
+          code == grpc.StatusCode.INVALID_ARGUMENT and "token_id" in details)
+    code, details = error_code(store.CreateSession, pb.CreateSessionRequest(
+        user_id=user, token_id=f"jti-{run_id}-3", ttl=Duration(seconds=-1)))
+    check("CreateSession with a negative ttl: INVALID_ARGUMENT naming ttl",
+          code == grpc.StatusCode.INVALID_ARGUMENT and "ttl" in details)
+    code, details = error_code(store.RecordLoginAttempt,
+                               pb.RecordLoginAttemptRequest(ip="not-an-ip"))
+    check("RecordLoginAttempt with a bad ip: INVALID_ARGUMENT naming ip",
+          code == grpc.StatusCode.INVALID_ARGUMENT and "ip" in details)
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    # Retry the connection quickly while the server is still starting.
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+    with grpc.insecure_channel(sys.argv[1], options=options) as channel:
+        try:
+            wait_until_serving(channel)
+            print(f"polyglot: {sys.argv[1]} is SERVING")
+            run(channel)
+        except (AssertionError, grpc.RpcError) as failure:
+            print(f"  FAILED  {failure}", file=sys.stderr)
+            print(f"polyglot: {passed} passed, 1 failed")
+            return 1
+    print(f"polyglot: {passed} passed, 0 failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

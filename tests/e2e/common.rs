@@ -1,0 +1,276 @@
+//! Test harness: a server per test with its own key prefix on the shared Redis,
+//! and private `redis-server` processes for tests that stop or break Redis.
+
+use std::{
+    net::{SocketAddr, TcpListener as StdListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use session_server::{Config, Store, server};
+use sessionstore::v1::session_store_client::SessionStoreClient;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// The Redis most tests share: `TEST_REDIS_URL`, else the local default.
+pub(crate) fn shared_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix no other test (or run) uses, so tests can share one Redis.
+pub(crate) fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "test-{}-{}-{}:",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A configuration for tests: defaults, the shared Redis, a fresh key prefix,
+/// and a short health interval so readiness changes are seen quickly.
+pub(crate) fn test_config() -> Config {
+    let mut config = Config::defaults();
+    config.redis_url = shared_redis_url();
+    config.key_prefix = unique_prefix();
+    config.health_check_interval_ms = 50;
+    config.redis_timeout_ms = 1000;
+    config
+}
+
+/// A running in-process server.
+pub(crate) struct TestServer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), server::ServeError>>>,
+}
+
+impl TestServer {
+    /// Starts a server with the test defaults.
+    pub(crate) async fn start() -> Self {
+        Self::start_with(test_config()).await
+    }
+
+    /// Starts a server with `config`, listening on a port-0 listener bound
+    /// before the server task is spawned (no sleeps, no fixed ports).
+    pub(crate) async fn start_with(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let store = Store::new(config.store_settings()).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let config = config.clone();
+            async move {
+                server::run(listener, &config, store, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        Self {
+            addr,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The server's URL.
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel to the server.
+    pub(crate) async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A raw generated client.
+    pub(crate) async fn client(&self) -> SessionStoreClient<Channel> {
+        SessionStoreClient::new(self.channel().await)
+    }
+
+    /// A client of the standard gRPC health service.
+    pub(crate) async fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
+        tonic_health::pb::health_client::HealthClient::new(self.channel().await)
+    }
+
+    /// Asks the server to stop and waits for it to finish draining.
+    pub(crate) async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("server did not stop within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Whether the server task is still running.
+    pub(crate) fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes; a readiness
+/// wait, not a sleep standing in for one.
+pub(crate) async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// The readiness answer for the SessionStore service.
+pub(crate) async fn readiness(server: &TestServer) -> i32 {
+    let mut health = server.health().await;
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: sessionstore::SERVICE_NAME.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+/// A private `redis-server` on a free port, in its own temp dir, killed on drop.
+pub(crate) struct PrivateRedis {
+    pub(crate) port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl PrivateRedis {
+    /// Starts one with no persistence.
+    pub(crate) fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra `redis-server` arguments (e.g. `--appendonly yes`).
+    pub(crate) fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("sessionstore-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port,
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Its URL.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A direct connection, for inspecting or poking Redis from a test.
+    pub(crate) async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Kills the process (SIGKILL: no chance to save), and waits for it to die.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (so an append-only file
+    /// written before is loaded), waiting until it answers PING.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see README)");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            let ping = Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "ping"])
+                .output();
+            if ping.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "private redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port nobody listens on right now.
+pub(crate) fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A direct connection to the shared Redis, for inspecting keys.
+pub(crate) async fn shared_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(shared_redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}

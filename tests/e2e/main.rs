@@ -1,0 +1,11 @@
+//! End-to-end tests: the real server, started in-process on a port-0 listener,
+//! called over gRPC, against a real Redis. One binary with a module per area,
+//! so the whole stack is linked once.
+
+mod client;
+mod common;
+mod faults;
+mod health;
+mod rate_limit;
+mod sessions;
+mod validation;
