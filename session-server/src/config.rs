@@ -28,6 +28,10 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: SocketAddr,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
     /// Lifetime of a session created without a ttl, in seconds.
     #[arg(long, env = "SESSION_TTL", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
     pub session_ttl: u64,

@@ -5,7 +5,8 @@
 //!
 //! - [`server`]: the transport: tonic, the logging layer, gRPC health,
 //!   reflection and graceful shutdown. [`server::run`] is the entry point.
-//! - [`observe`]: one log line per RPC, at a level chosen by its status.
+//! - [`observe`]: one log line and the metrics of each RPC.
+//! - [`metrics`]: metric names, the Prometheus recorder and `/metrics`.
 //! - [`service`]: the generated trait's implementation; thin handlers.
 //! - [`convert`]: proto messages to and from domain types, with validation.
 //! - [`model`]: the domain types; ids are validated on construction.
@@ -18,6 +19,7 @@
 pub mod config;
 mod convert;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod observe;
 pub mod server;

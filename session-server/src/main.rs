@@ -33,6 +33,20 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
 
+    let metrics = session_server::metrics::install().context("installing the metrics recorder")?;
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
+    tracing::info!(addr = %metrics_listener.local_addr()?, "metrics at /metrics");
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(session_server::metrics::serve(
+        metrics_listener,
+        metrics,
+        async {
+            let _ = metrics_stop_rx.await;
+        },
+    ));
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let config = config.clone();
@@ -56,6 +70,11 @@ async fn main() -> anyhow::Result<()> {
             ?DRAIN_TIMEOUT,
             "calls still in flight after the drain timeout"
         ),
+    }
+    // Metrics stay up through the drain, so the last scrape sees it.
+    let _ = metrics_stop_tx.send(());
+    if let Ok(Err(err)) = metrics_server.await {
+        tracing::warn!(error = %err, "metrics endpoint failed");
     }
     tracing::info!("stopped");
     Ok(())

@@ -1,5 +1,6 @@
-//! A tower layer that writes one structured log line per RPC: method, gRPC
-//! status code and latency, at a level chosen from the code.
+//! A tower layer that observes each RPC: one structured log line (method, gRPC
+//! status code, latency) at a level chosen from the code, and the RPC count
+//! and latency metrics.
 
 use std::{
     future::Future,
@@ -58,9 +59,59 @@ where
                     .map_or(Code::Ok, |status| status.code()),
                 Err(_) => Code::Unknown,
             };
-            log_rpc(&method, code, start.elapsed().as_secs_f64() * 1e3);
+            let elapsed = start.elapsed().as_secs_f64();
+            log_rpc(&method, code, elapsed * 1e3);
+            let labels = [("method", method_label(&method)), ("code", code_name(code))];
+            metrics::counter!(crate::metrics::RPC_REQUESTS, &labels).increment(1);
+            metrics::histogram!(crate::metrics::RPC_DURATION, &labels).record(elapsed);
             result
         })
+    }
+}
+
+/// The method as a metric label: known services keep their path, anything else
+/// is "other", so a caller probing random paths cannot grow the label set.
+fn method_label(path: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "/sessionstore.v1.SessionStore/CreateSession",
+        "/sessionstore.v1.SessionStore/GetSession",
+        "/sessionstore.v1.SessionStore/RevokeSession",
+        "/sessionstore.v1.SessionStore/RevokeAllUserSessions",
+        "/sessionstore.v1.SessionStore/GetUserSessionCount",
+        "/sessionstore.v1.SessionStore/ListUserSessions",
+        "/sessionstore.v1.SessionStore/RecordLoginAttempt",
+        "/sessionstore.v1.SessionStore/ResetLoginAttempts",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ];
+    KNOWN
+        .iter()
+        .find(|known| **known == path)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The canonical upper-case name of a gRPC code, as other gRPC stacks label it.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -101,10 +152,10 @@ fn loudness(method: &str, code: Code) -> Loudness {
 
 fn log_rpc(method: &str, code: Code, latency_ms: f64) {
     match loudness(method, code) {
-        Loudness::Debug => tracing::debug!(method, code = ?code, latency_ms, "rpc"),
-        Loudness::Info => tracing::info!(method, code = ?code, latency_ms, "rpc"),
-        Loudness::Warn => tracing::warn!(method, code = ?code, latency_ms, "rpc"),
-        Loudness::Error => tracing::error!(method, code = ?code, latency_ms, "rpc"),
+        Loudness::Debug => tracing::debug!(method, code = code_name(code), latency_ms, "rpc"),
+        Loudness::Info => tracing::info!(method, code = code_name(code), latency_ms, "rpc"),
+        Loudness::Warn => tracing::warn!(method, code = code_name(code), latency_ms, "rpc"),
+        Loudness::Error => tracing::error!(method, code = code_name(code), latency_ms, "rpc"),
     }
 }
 

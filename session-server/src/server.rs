@@ -98,6 +98,8 @@ async fn watch_redis(store: Store, health: HealthReporter, interval: Duration) {
         ticker.tick().await;
         let result = store.ping().await;
         let up = result.is_ok();
+        metrics::gauge!(crate::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
+        store.record_pool_metrics();
         if serving != Some(up) {
             match &result {
                 Ok(()) => tracing::info!("redis answers: serving"),

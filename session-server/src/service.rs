@@ -6,6 +6,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     convert,
+    metrics::{
+        LOGIN_ATTEMPTS, SESSIONS_CREATED, SESSIONS_EVICTED, SESSIONS_REFUSED, SESSIONS_REVOKED,
+    },
     model::{ClientAddr, CreateOutcome},
     store::Store,
 };
@@ -35,13 +38,20 @@ impl SessionStore for SessionService {
         let response = match self.store.create_session(new).await? {
             CreateOutcome::Created { session, evicted } => {
                 tracing::debug!(%user, %token, evicted = evicted.len(), "session created");
+                metrics::counter!(SESSIONS_CREATED).increment(1);
+                metrics::counter!(SESSIONS_EVICTED).increment(evicted.len() as u64);
                 pb::CreateSessionResponse {
                     created: true,
                     session: Some(convert::session_to_proto(session)),
                     evicted_token_ids: evicted,
                 }
             }
-            CreateOutcome::TokenTaken | CreateOutcome::LimitReached => {
+            CreateOutcome::TokenTaken => {
+                metrics::counter!(SESSIONS_REFUSED, "reason" => "token_taken").increment(1);
+                pb::CreateSessionResponse::default()
+            }
+            CreateOutcome::LimitReached => {
+                metrics::counter!(SESSIONS_REFUSED, "reason" => "limit_reached").increment(1);
                 pb::CreateSessionResponse::default()
             }
         };
@@ -69,6 +79,7 @@ impl SessionStore for SessionService {
         let token = convert::token_id(req.token_id)?;
         let hint = convert::user_hint(req.user_id)?;
         let revoked = self.store.revoke_session(&token, hint.as_ref()).await?;
+        metrics::counter!(SESSIONS_REVOKED, "how" => "single").increment(u64::from(revoked));
         Ok(Response::new(pb::RevokeSessionResponse { revoked }))
     }
 
@@ -78,6 +89,7 @@ impl SessionStore for SessionService {
     ) -> Result<Response<pb::RevokeAllUserSessionsResponse>, Status> {
         let user = convert::user_id(request.into_inner().user_id)?;
         let revoked_count = self.store.revoke_all_user_sessions(&user).await?;
+        metrics::counter!(SESSIONS_REVOKED, "how" => "all").increment(u64::from(revoked_count));
         Ok(Response::new(pb::RevokeAllUserSessionsResponse {
             revoked_count,
         }))
@@ -112,6 +124,12 @@ impl SessionStore for SessionService {
     ) -> Result<Response<pb::RecordLoginAttemptResponse>, Status> {
         let addr = ClientAddr::parse(&request.into_inner().ip)?;
         let verdict = self.store.record_login_attempt(&addr).await?;
+        let result = if verdict.allowed {
+            "allowed"
+        } else {
+            "refused"
+        };
+        metrics::counter!(LOGIN_ATTEMPTS, "result" => result).increment(1);
         Ok(Response::new(convert::verdict_to_proto(verdict)))
     }
 

@@ -42,6 +42,7 @@ const MAX_CREATE_ATTEMPTS: usize = 5;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LimitPolicy {
     /// Revoke the user's oldest sessions (closest to expiry) to make room.
+    #[value(name = "evict_oldest", alias = "evict-oldest")]
     EvictOldest,
     /// Refuse the new session (created = false).
     Reject,
@@ -165,10 +166,13 @@ impl Store {
         &self.shared.settings
     }
 
-    /// Pool state, for metrics: (connections, idle connections).
-    pub fn pool_state(&self) -> (u32, u32) {
+    /// Publishes the pool's size and use as gauges.
+    pub fn record_pool_metrics(&self) {
         let state = self.shared.pool.state();
-        (state.connections, state.idle_connections)
+        metrics::gauge!(crate::metrics::POOL_CONNECTIONS).set(state.connections);
+        metrics::gauge!(crate::metrics::POOL_IN_USE)
+            .set(state.connections.saturating_sub(state.idle_connections));
+        metrics::gauge!(crate::metrics::POOL_MAX).set(self.shared.settings.pool_size);
     }
 
     /// Checks that Redis answers, within the timeout.
@@ -177,7 +181,7 @@ impl Store {
     ///
     /// [`Error::Unavailable`] or [`Error::Timeout`] when it does not.
     pub async fn ping(&self) -> Result<(), Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("ping").await?;
         let _: String = op.query(&redis::cmd("PING")).await?;
         Ok(())
     }
@@ -217,7 +221,7 @@ impl Store {
         };
         let ttl_ms = millis(ttl);
         let scripts = &self.shared.scripts;
-        let mut op = self.op().await?;
+        let mut op = self.op("create_session").await?;
 
         let reserved: i64 = op
             .invoke(
@@ -288,7 +292,7 @@ impl Store {
         token: &TokenId,
         owner: Option<&UserId>,
     ) -> Result<Option<Session>, Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("get_session").await?;
         let owner = match owner {
             Some(user) => user.clone(),
             None => match self.find_owner(&mut op, token).await? {
@@ -313,7 +317,7 @@ impl Store {
         token: &TokenId,
         owner: Option<&UserId>,
     ) -> Result<bool, Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("revoke_session").await?;
         let owner = match owner {
             Some(user) => user.clone(),
             None => match self.find_owner(&mut op, token).await? {
@@ -345,7 +349,7 @@ impl Store {
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn revoke_all_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("revoke_all_user_sessions").await?;
         let tokens: Vec<String> = op
             .query(
                 redis::cmd("ZRANGE")
@@ -375,7 +379,7 @@ impl Store {
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn count_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("count_user_sessions").await?;
         op.invoke(&self.shared.scripts.count_sessions.key(self.index_key(user)))
             .await
     }
@@ -386,7 +390,7 @@ impl Store {
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn list_user_sessions(&self, user: &UserId) -> Result<Vec<Session>, Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("list_user_sessions").await?;
         let tokens: Vec<String> = op
             .query(
                 redis::cmd("ZRANGE")
@@ -424,7 +428,7 @@ impl Store {
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn record_login_attempt(&self, addr: &ClientAddr) -> Result<LoginVerdict, Error> {
         let settings = self.settings();
-        let mut op = self.op().await?;
+        let mut op = self.op("record_login_attempt").await?;
         let (attempts, left_ms): (u64, u64) = op
             .invoke(
                 self.shared
@@ -451,7 +455,7 @@ impl Store {
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn reset_login_attempts(&self, addr: &ClientAddr) -> Result<bool, Error> {
-        let mut op = self.op().await?;
+        let mut op = self.op("reset_login_attempts").await?;
         let deleted: i64 = op
             .query(redis::cmd("DEL").arg(self.rate_limit_key(addr)))
             .await?;
@@ -473,18 +477,21 @@ impl Store {
     }
 
     /// Checks a connection out of the pool, starting the operation's deadline.
-    async fn op(&self) -> Result<Op<'_>, Error> {
+    async fn op(&self, name: &'static str) -> Result<Op<'_>, Error> {
         let timeout = self.shared.settings.timeout;
         let deadline = Instant::now() + timeout;
         let conn = match timeout_at(deadline, self.shared.pool.get()).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(bb8::RunError::User(err))) => return Err(err.into()),
-            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Error::Timeout(timeout)),
+            Ok(Err(bb8::RunError::User(err))) => return Err(record_error(name, err.into())),
+            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => {
+                return Err(record_error(name, Error::Timeout(timeout)));
+            }
         };
         Ok(Op {
             conn,
             deadline,
             timeout,
+            name,
         })
     }
 
@@ -521,29 +528,36 @@ struct Op<'a> {
     conn: bb8::PooledConnection<'a, RedisManager>,
     deadline: Instant,
     timeout: Duration,
+    /// The store operation, as the `op` metric label.
+    name: &'static str,
 }
 
 impl Op<'_> {
     async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, Error> {
+        let start = std::time::Instant::now();
         let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn.inner)).await;
-        self.settle(result)
+        self.settle(start, result)
     }
 
     async fn invoke<T: FromRedisValue>(
         &mut self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
+        let start = std::time::Instant::now();
         let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn.inner)).await;
-        self.settle(result)
+        self.settle(start, result)
     }
 
     /// Maps a round trip's outcome, marking the connection broken when it can
     /// no longer be trusted, so the pool replaces it instead of reusing it.
     fn settle<T>(
         &mut self,
+        start: std::time::Instant,
         result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, Error> {
-        match result {
+        metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => self.name)
+            .record(start.elapsed().as_secs_f64());
+        let outcome = match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
@@ -558,7 +572,8 @@ impl Op<'_> {
                 self.conn.broken = true;
                 Err(Error::Timeout(self.timeout))
             }
-        }
+        };
+        outcome.map_err(|err| record_error(self.name, err))
     }
 }
 
@@ -609,6 +624,20 @@ impl bb8::ManageConnection for RedisManager {
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
         conn.broken
     }
+}
+
+/// Counts a failed store operation by kind, and passes the error on.
+fn record_error(op: &'static str, err: Error) -> Error {
+    let kind = match &err {
+        Error::InvalidArgument { .. } => "invalid_argument",
+        Error::Unavailable(_) => "unavailable",
+        Error::Timeout(_) => "timeout",
+        Error::OutOfMemory(_) => "out_of_memory",
+        Error::Contention => "contention",
+        Error::Internal(_) => "internal",
+    };
+    metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op, "kind" => kind).increment(1);
+    err
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -6,6 +6,7 @@ mod client;
 mod common;
 mod faults;
 mod health;
+mod metrics;
 mod rate_limit;
 mod sessions;
 mod validation;

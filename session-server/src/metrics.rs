@@ -1,0 +1,85 @@
+//! Prometheus metrics: the names recorded across the server, the recorder, and
+//! the `/metrics` endpoint on its own port (METRICS_ADDR).
+//!
+//! Recording goes through the `metrics` facade, so code that records does not
+//! depend on the exporter; `metrics-exporter-prometheus` renders the text format.
+
+use std::{future::Future, time::Duration};
+
+use axum::{Router, routing::get};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+/// RPCs handled, by `method` and gRPC `code`.
+pub const RPC_REQUESTS: &str = "sessionstore_rpc_requests_total";
+/// RPC latency in seconds, by `method` and `code`.
+pub const RPC_DURATION: &str = "sessionstore_rpc_duration_seconds";
+/// Latency of one Redis round trip in seconds, by store `op`.
+pub const REDIS_DURATION: &str = "sessionstore_redis_command_duration_seconds";
+/// Failed Redis operations, by store `op` and error `kind`.
+pub const REDIS_ERRORS: &str = "sessionstore_redis_errors_total";
+/// Open connections in the Redis pool.
+pub const POOL_CONNECTIONS: &str = "sessionstore_redis_pool_connections";
+/// Pooled connections checked out right now.
+pub const POOL_IN_USE: &str = "sessionstore_redis_pool_in_use_connections";
+/// Configured maximum pool size.
+pub const POOL_MAX: &str = "sessionstore_redis_pool_max_connections";
+/// Sessions created.
+pub const SESSIONS_CREATED: &str = "sessionstore_sessions_created_total";
+/// CreateSession calls that stored nothing, by `reason` (token_taken, limit_reached).
+pub const SESSIONS_REFUSED: &str = "sessionstore_sessions_refused_total";
+/// Sessions revoked, by `how` (single, all).
+pub const SESSIONS_REVOKED: &str = "sessionstore_sessions_revoked_total";
+/// Sessions evicted to keep a user under the cap.
+pub const SESSIONS_EVICTED: &str = "sessionstore_sessions_evicted_total";
+/// Login attempts, by `result` (allowed, refused).
+pub const LOGIN_ATTEMPTS: &str = "sessionstore_login_attempts_total";
+/// 1 while Redis answers the readiness PING, else 0.
+pub const REDIS_UP: &str = "sessionstore_redis_up";
+
+/// Latency buckets in seconds: from 100 µs (a local Redis GET) to 5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Installs the process-wide Prometheus recorder and returns the handle that
+/// renders it.
+///
+/// # Errors
+///
+/// [`BuildError`] when a recorder is already installed or buckets are invalid.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)?
+        .install_recorder()
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+///
+/// # Errors
+///
+/// The I/O error that stopped the HTTP server.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // Histograms keep raw samples until upkeep folds them in; the exporter's
+    // own listener would do this, the handle alone does not.
+    let upkeep = tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                ticker.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
+    let app = Router::new().route("/metrics", get(move || std::future::ready(handle.render())));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    upkeep.abort();
+    result
+}

@@ -1,0 +1,141 @@
+//! The Prometheus endpoint: scraped after some calls, its counters have moved.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sessionstore::v1::{
+    CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, RevokeSessionRequest,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::common::TestServer;
+
+/// The process-wide recorder: installed once, shared by every test that looks.
+fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| session_server::metrics::install().expect("first install"))
+        .clone()
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// After creates, gets, a revoke and login attempts, a scrape of /metrics shows
+/// the RPC, session, login, Redis latency and pool series moved.
+#[tokio::test]
+async fn counters_move_after_calls() {
+    let handle = recorder();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
+        let _ = stopped.await;
+    }));
+
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let before = scrape(addr).await;
+    for i in 0..3 {
+        client
+            .create_session(CreateSessionRequest {
+                user_id: "metered".into(),
+                token_id: format!("m-{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    client
+        .get_session(GetSessionRequest {
+            token_id: "m-0".into(),
+            user_id: String::new(),
+        })
+        .await
+        .unwrap();
+    client
+        .revoke_session(RevokeSessionRequest {
+            token_id: "m-1".into(),
+            user_id: "metered".into(),
+        })
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        client
+            .record_login_attempt(RecordLoginAttemptRequest {
+                ip: "203.0.113.77".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let bad = client
+        .get_session(GetSessionRequest {
+            token_id: "bad token".into(),
+            user_id: String::new(),
+        })
+        .await;
+    assert!(bad.is_err());
+    let after = scrape(addr).await;
+
+    let moved = |series: &str, at_least: f64| {
+        let delta = sample(&after, series) - sample(&before, series);
+        assert!(
+            delta >= at_least,
+            "{series} moved by {delta}, expected >= {at_least}\n{after}"
+        );
+    };
+    moved(
+        r#"sessionstore_rpc_requests_total{method="/sessionstore.v1.SessionStore/CreateSession",code="OK"}"#,
+        3.0,
+    );
+    moved(
+        r#"sessionstore_rpc_requests_total{method="/sessionstore.v1.SessionStore/GetSession",code="INVALID_ARGUMENT"}"#,
+        1.0,
+    );
+    moved(
+        r#"sessionstore_rpc_duration_seconds_count{method="/sessionstore.v1.SessionStore/GetSession",code="OK"}"#,
+        1.0,
+    );
+    moved("sessionstore_sessions_created_total", 3.0);
+    moved(r#"sessionstore_sessions_revoked_total{how="single"}"#, 1.0);
+    moved(
+        r#"sessionstore_login_attempts_total{result="allowed"}"#,
+        5.0,
+    );
+    moved(
+        r#"sessionstore_login_attempts_total{result="refused"}"#,
+        1.0,
+    );
+    moved(
+        r#"sessionstore_redis_command_duration_seconds_count{op="create_session"}"#,
+        6.0,
+    );
+    assert!(
+        after.contains("sessionstore_redis_pool_connections"),
+        "{after}"
+    );
+    assert!(after.contains("sessionstore_redis_up"), "{after}");
+
+    stop.send(()).unwrap();
+    exporter.await.unwrap().unwrap();
+}
