@@ -69,8 +69,11 @@ log "python ready and stubs generated ($((SECONDS - started)) s)"
 
 # 3. The server.
 started=$SECONDS
-cargo_flags=()
-[[ "$profile" == release ]] && cargo_flags+=(--release)
+case "$profile" in
+  debug) cargo_flags=() ;;
+  release) cargo_flags=(--release) ;;
+  *) log "POLYGLOT_PROFILE must be debug or release, not '$profile'"; exit 2 ;;
+esac
 cargo build --quiet "${cargo_flags[@]}" -p session-server
 server_bin="${CARGO_TARGET_DIR:-$root/target}/$profile/session-server"
 log "built $server_bin ($((SECONDS - started)) s)"
@@ -78,7 +81,8 @@ log "built $server_bin ($((SECONDS - started)) s)"
 port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 addr="127.0.0.1:$port"
 prefix="polyglot-$(date +%s)-$$-$RANDOM:"
-"$server_bin" --listen-addr "$addr" --redis-url "$REDIS_URL" --key-prefix "$prefix" \
+# METRICS_ADDR on an ephemeral loopback port: no clash with another server on 9090.
+NO_COLOR=1 METRICS_ADDR=127.0.0.1:0 "$server_bin" --listen-addr "$addr" --redis-url "$REDIS_URL" --key-prefix "$prefix" \
   --rate-limit-max-attempts 5 >"$work/server.log" 2>&1 &
 server_pid=$!
 log "server pid $server_pid on $addr, key prefix $prefix"

@@ -52,10 +52,13 @@ def wait_until_serving(channel, seconds=30):
     updates = health.Watch(
         health_pb2.HealthCheckRequest(service=SERVICE), timeout=seconds, wait_for_ready=True
     )
-    for update in updates:
-        if update.status == SERVING:
-            updates.cancel()
-            return
+    try:
+        for update in updates:
+            if update.status == SERVING:
+                updates.cancel()
+                return
+    except grpc.RpcError as err:
+        raise AssertionError(f"{SERVICE} not SERVING within {seconds} s: {err.code()}") from err
     raise AssertionError("health Watch ended before SERVING")
 
 
@@ -190,7 +193,7 @@ def main():
             print(f"polyglot: {sys.argv[1]} is SERVING")
             run(channel)
         except (AssertionError, grpc.RpcError) as failure:
-            print(f"  FAILED  {failure}", file=sys.stderr)
+            print(f"  FAILED  {failure}")
             print(f"polyglot: {passed} passed, 1 failed")
             return 1
     print(f"polyglot: {passed} passed, 0 failed")

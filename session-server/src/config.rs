@@ -1,7 +1,7 @@
 //! The server's configuration: every setting is an environment variable with an
 //! equal command-line flag, parsed and checked once in `main` before listening.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
@@ -74,6 +74,46 @@ pub struct Config {
     #[arg(long, env = "HEALTH_CHECK_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub health_check_interval_ms: u64,
 
+    /// Most calls served at once; the excess gets RESOURCE_EXHAUSTED at once
+    /// instead of queueing. Health checks are not counted.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_requests: u32,
+
+    /// Longest a call may take, in ms; a shorter `grpc-timeout` from the
+    /// caller wins. Past it the work is dropped and the caller gets
+    /// DEADLINE_EXCEEDED.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub request_timeout_ms: u64,
+
+    /// PEM certificate chain for TLS on the gRPC port (with TLS_KEY).
+    #[arg(long, env = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS on the gRPC port (with TLS_CERT).
+    #[arg(long, env = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: when set, callers must present a client certificate
+    /// signed by it (mutual TLS). Needs TLS_CERT and TLS_KEY.
+    #[arg(long, env = "TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// File of accepted bearer tokens, one per line; when set, every call but
+    /// health must send `authorization: Bearer <token>`. Reloaded on change
+    /// and on SIGHUP.
+    #[arg(long, env = "AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// File holding the Redis password (overrides one in REDIS_URL), so the
+    /// password can come from a mounted Secret rather than the environment.
+    #[arg(long, env = "REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
+    /// PEM CA bundle to verify a `rediss://` server with, instead of the
+    /// system's roots.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -101,12 +141,45 @@ impl Config {
             // The redis error never echoes the URL, so no password leaks here.
             return Err(format!("REDIS_URL is not a valid Redis URL: {e}"));
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("TLS_CERT and TLS_KEY must be set together".into());
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err("TLS_CLIENT_CA needs TLS_CERT and TLS_KEY".into());
+        }
+        if self.redis_timeout_ms >= self.request_timeout_ms {
+            return Err(format!(
+                "REDIS_TIMEOUT_MS ({}) must be below REQUEST_TIMEOUT_MS ({}), so Redis trouble is \
+                 reported as UNAVAILABLE before the call's deadline",
+                self.redis_timeout_ms, self.request_timeout_ms
+            ));
+        }
         Ok(())
     }
 
-    /// The store's share of the configuration.
-    pub fn store_settings(&self) -> Settings {
-        Settings {
+    /// The store's share of the configuration, reading the Redis password and
+    /// CA files.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the variable whose file cannot be read.
+    pub fn store_settings(&self) -> Result<Settings, String> {
+        let redis_password = self
+            .redis_password_file
+            .as_ref()
+            .map(|path| read_file("REDIS_PASSWORD_FILE", path))
+            .transpose()?
+            .map(|bytes| {
+                String::from_utf8_lossy(&bytes)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string()
+            });
+        let redis_ca_pem = self
+            .redis_ca_file
+            .as_ref()
+            .map(|path| read_file("REDIS_CA_FILE", path))
+            .transpose()?;
+        Ok(Settings {
             redis_url: self.redis_url.clone(),
             key_prefix: self.key_prefix.clone(),
             session_ttl: Duration::from_secs(self.session_ttl),
@@ -117,7 +190,9 @@ impl Config {
             rate_limit_max_attempts: self.rate_limit_max_attempts,
             pool_size: self.redis_pool_size,
             timeout: Duration::from_millis(self.redis_timeout_ms),
-        }
+            redis_password,
+            redis_ca_pem,
+        })
     }
 
     /// A configuration with every default, for tests and embedding.
@@ -126,6 +201,15 @@ impl Config {
         // has a valid default.
         Self::parse_from(["session-server"])
     }
+}
+
+/// Reads a file named by a setting, naming the setting on failure.
+///
+/// # Errors
+///
+/// A message naming `variable` and the path.
+pub fn read_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{variable} {}: {e}", path.display()))
 }
 
 fn parse_key_prefix(value: &str) -> Result<String, String> {

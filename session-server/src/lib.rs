@@ -6,6 +6,8 @@
 //! - [`server`]: the transport: tonic, the logging layer, gRPC health,
 //!   reflection and graceful shutdown. [`server::run`] is the entry point.
 //! - [`observe`]: one log line and the metrics of each RPC.
+//! - [`limits`]: the concurrency cap and per-call deadline.
+//! - [`auth`]: optional bearer-token authentication of callers.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics`.
 //! - [`service`]: the generated trait's implementation; thin handlers.
 //! - [`convert`]: proto messages to and from domain types, with validation.
@@ -16,9 +18,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 mod convert;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod observe;

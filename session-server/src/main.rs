@@ -23,8 +23,19 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     init_tracing(config.log_format);
+    // rustls needs a process-wide crypto provider before the first TLS
+    // handshake (gRPC TLS or rediss://); both use ring. An Err means one is
+    // already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let store = Store::new(config.store_settings()).context("REDIS_URL")?;
+    let settings = match config.store_settings() {
+        Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("error: {message}");
+            std::process::exit(2);
+        }
+    };
+    let store = Store::new(settings).context("REDIS_URL")?;
     if let Err(err) = store.ping().await {
         tracing::warn!(error = %err, "redis does not answer yet; starting NOT_SERVING");
     }

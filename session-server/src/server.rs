@@ -8,7 +8,14 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{config::Config, observe::RpcLogLayer, service::SessionService, store::Store};
+use crate::{
+    auth::{AuthError, BearerAuth, Tokens},
+    config::{Config, read_file},
+    limits::LimitsLayer,
+    observe::RpcLogLayer,
+    service::SessionService,
+    store::Store,
+};
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +26,12 @@ pub enum ServeError {
     /// The reflection service could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// TLS_CERT, TLS_KEY or TLS_CLIENT_CA could not be read or used.
+    #[error("{0}")]
+    Tls(String),
+    /// AUTH_TOKENS_FILE could not be read.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// Serves SessionStore, health and reflection on `listener` until `shutdown`
@@ -56,6 +69,36 @@ pub async fn run(
     let max_request = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
     let sessions =
         SessionStoreServer::new(SessionService::new(store)).max_decoding_message_size(max_request);
+    // Without AUTH_TOKENS_FILE the interceptor is absent, not a pass-through:
+    // `add_optional_service` keeps one router type either way.
+    let tokens = config
+        .auth_tokens_file
+        .as_deref()
+        .map(Tokens::load)
+        .transpose()?;
+    let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
+    let (open_sessions, guarded_sessions) = match tokens {
+        Some(tokens) => (
+            None,
+            Some(tonic::service::interceptor::InterceptedService::new(
+                sessions,
+                BearerAuth::new(tokens),
+            )),
+        ),
+        None => (Some(sessions), None),
+    };
+
+    let mut builder = tonic::transport::Server::builder();
+    match tls_config(config)? {
+        Some(tls) => {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| ServeError::Tls(format!("TLS_CERT/TLS_KEY: {e}")))?;
+        }
+        None => tracing::warn!(
+            "TLS_CERT and TLS_KEY are not set: serving plaintext gRPC; use TLS or a mesh outside a trusted network"
+        ),
+    }
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = {
@@ -73,18 +116,43 @@ pub async fn run(
         }
     };
 
-    let result = tonic::transport::Server::builder()
+    let result = builder
         // Dead client connections are noticed and dropped.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(RpcLogLayer)
+        .layer(LimitsLayer::new(
+            usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
+            Duration::from_millis(config.request_timeout_ms),
+        ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(sessions)
+        .add_optional_service(open_sessions)
+        .add_optional_service(guarded_sessions)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     readiness.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     result.map_err(ServeError::from)
+}
+
+/// The TLS configuration from TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or `None`
+/// for plaintext.
+fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let cert = read_file("TLS_CERT", cert).map_err(ServeError::Tls)?;
+    let key = read_file("TLS_KEY", key).map_err(ServeError::Tls)?;
+    let mut tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    if let Some(ca) = &config.tls_client_ca {
+        let ca = read_file("TLS_CLIENT_CA", ca).map_err(ServeError::Tls)?;
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+    }
+    Ok(Some(tls))
 }
 
 /// Keeps the readiness status ("sessionstore.v1.SessionStore") in step with

@@ -80,6 +80,10 @@ pub struct Settings {
     pub pool_size: u32,
     /// Bound on each store operation: pool wait, connect and Redis round trips.
     pub timeout: Duration,
+    /// Password overriding any in the URL (from REDIS_PASSWORD_FILE).
+    pub redis_password: Option<String>,
+    /// PEM roots to verify a `rediss://` server with (from REDIS_CA_FILE).
+    pub redis_ca_pem: Option<Vec<u8>>,
 }
 
 /// A cheap-to-clone handle to the session data in Redis.
@@ -133,8 +137,7 @@ impl Store {
     ///
     /// [`Error::InvalidArgument`] naming `REDIS_URL` when the URL does not parse.
     pub fn new(settings: Settings) -> Result<Self, Error> {
-        let client = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))?;
+        let client = redis_client(&settings)?;
         let manager = RedisManager {
             client,
             config: AsyncConnectionConfig::new()
@@ -623,6 +626,32 @@ impl bb8::ManageConnection for RedisManager {
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
         conn.broken
+    }
+}
+
+/// A Redis client for the settings' URL, with the password and CA applied.
+fn redis_client(settings: &Settings) -> Result<redis::Client, Error> {
+    use redis::IntoConnectionInfo;
+    let invalid = |e: redis::RedisError| Error::invalid("REDIS_URL", e.to_string());
+    let mut info = settings
+        .redis_url
+        .as_str()
+        .into_connection_info()
+        .map_err(invalid)?;
+    if let Some(password) = &settings.redis_password {
+        let redis = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(redis);
+    }
+    match &settings.redis_ca_pem {
+        Some(ca) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        )
+        .map_err(|e| Error::invalid("REDIS_CA_FILE", e.to_string())),
+        None => redis::Client::open(info).map_err(invalid),
     }
 }
 

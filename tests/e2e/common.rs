@@ -64,7 +64,7 @@ impl TestServer {
     pub(crate) async fn start_with(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let store = Store::new(config.store_settings()).unwrap();
+        let store = Store::new(config.store_settings().unwrap()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn({
             let config = config.clone();

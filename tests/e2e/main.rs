@@ -8,5 +8,6 @@ mod faults;
 mod health;
 mod metrics;
 mod rate_limit;
+mod security;
 mod sessions;
 mod validation;

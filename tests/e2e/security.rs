@@ -1,0 +1,218 @@
+//! Who may call and how much: bearer tokens, the concurrency cap and deadlines.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use sessionstore::v1::{GetSessionRequest, GetUserSessionCountRequest};
+use tonic::{Code, Request, metadata::MetadataValue};
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::common::{PrivateRedis, TestServer, test_config, wait_until};
+
+/// A tokens file in the temp dir, removed on drop.
+struct TokensFile(PathBuf);
+
+impl TokensFile {
+    fn new(contents: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "sessionstore-tokens-{}",
+            crate::common::unique_prefix().trim_end_matches(':')
+        ));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TokensFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn count_request(token: Option<&str>) -> Request<GetUserSessionCountRequest> {
+    let mut request = Request::new(GetUserSessionCountRequest {
+        user_id: "authd".into(),
+    });
+    if let Some(token) = token {
+        let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// With AUTH_TOKENS_FILE set, a missing or wrong bearer token gets
+/// UNAUTHENTICATED, a listed one is served, health stays open to probes, and
+/// a changed file takes effect without a restart.
+#[tokio::test]
+async fn bearer_tokens_guard_every_call_but_health() {
+    let file = TokensFile::new("# test tokens\nfirst-secret\nsecond-secret\n");
+    let mut config = test_config();
+    config.auth_tokens_file = Some(file.0.clone());
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+
+    let missing = client
+        .get_user_session_count(count_request(None))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(missing.message().contains("missing bearer token"));
+    let wrong = client
+        .get_user_session_count(count_request(Some("first-secreT")))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert!(
+        !wrong.message().contains("first-secret"),
+        "tokens never echo back"
+    );
+    for token in ["first-secret", "second-secret"] {
+        let count = client
+            .get_user_session_count(count_request(Some(token)))
+            .await
+            .unwrap();
+        assert_eq!(count.into_inner().count, 0);
+    }
+
+    let mut health = server.health().await;
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health needs no token");
+
+    // Rotate: the old token goes, a new one comes.
+    std::fs::write(&file.0, "third-secret\n").unwrap();
+    let rotated = wait_until(Duration::from_secs(15), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_user_session_count(count_request(Some("third-secret")))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(
+        rotated,
+        "the new token was not accepted after the file changed"
+    );
+    let old = client
+        .get_user_session_count(count_request(Some("first-secret")))
+        .await
+        .unwrap_err();
+    assert_eq!(old.code(), Code::Unauthenticated);
+}
+
+/// Past MAX_CONCURRENT_REQUESTS, calls are refused at once with
+/// RESOURCE_EXHAUSTED instead of queueing; health still answers.
+#[tokio::test]
+async fn excess_calls_are_refused_not_queued() {
+    let redis = PrivateRedis::start();
+    let mut config = test_config();
+    config.redis_url = redis.url();
+    config.redis_timeout_ms = 1000;
+    config.max_concurrent_requests = 2;
+    let server = TestServer::start_with(config).await;
+    let client = server.client().await;
+    let get = || GetSessionRequest {
+        token_id: "busy".into(),
+        user_id: "busy".into(),
+    };
+    client.clone().get_session(get()).await.unwrap();
+
+    // Slow every Redis call down so the admitted ones stay in flight.
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(800)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (client.get_session(get()).await, started.elapsed())
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    let mut admitted = 0;
+    for call in calls {
+        let (result, _elapsed) = call.await.unwrap();
+        match result {
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(status.message().contains("limit of 2"), "{status:?}");
+                refused += 1;
+            }
+            _ => admitted += 1,
+        }
+    }
+    assert!(
+        refused >= 5,
+        "only {refused} of 10 refused with a limit of 2"
+    );
+    assert!(admitted >= 1, "nothing was admitted");
+    let mut health = server.health().await;
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health is exempt from the cap");
+}
+
+/// A caller's deadline (grpc-timeout) shorter than the Redis timeout is
+/// honoured: the call ends near the deadline, not after the Redis timeout, and
+/// the server keeps serving. (tonic's client enforces the same deadline and
+/// reports it as CANCELLED "Timeout expired" when it fires first; the server's
+/// own DEADLINE_EXCEEDED answer is proven by the unit tests in `limits.rs`.)
+#[tokio::test]
+async fn the_callers_deadline_is_honoured() {
+    let redis = PrivateRedis::start();
+    let mut config = test_config();
+    config.redis_url = redis.url();
+    config.redis_timeout_ms = 3000;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let get = || GetSessionRequest {
+        token_id: "slow".into(),
+        user_id: "slow".into(),
+    };
+    client.get_session(get()).await.unwrap();
+
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut request = Request::new(get());
+    request.set_timeout(Duration::from_millis(200));
+    let started = Instant::now();
+    let status = client.get_session(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let mut client = client.clone();
+            async move { client.get_session(get()).await.is_ok() }
+        })
+        .await
+    );
+}
