@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use crate::store::{LimitPolicy, Settings};
+use crate::store::{LimitPolicy, RedisMode, Settings};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,6 +23,14 @@ pub struct Config {
     /// Redis to use (`redis://[:password@]host:port[/db]`, or `rediss://` for TLS).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// Kind of Redis deployment: standalone, cluster or sentinel.
+    #[arg(long, env = "REDIS_MODE", value_enum, default_value_t = RedisMode::Standalone)]
+    pub redis_mode: RedisMode,
+
+    /// Name of the master the sentinels watch (sentinel mode only).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    pub redis_sentinel_master: String,
 
     /// Address the gRPC server listens on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
@@ -137,9 +145,14 @@ impl Config {
                 self.session_ttl, self.session_ttl_max
             ));
         }
-        if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
-            // The redis error never echoes the URL, so no password leaks here.
-            return Err(format!("REDIS_URL is not a valid Redis URL: {e}"));
+        for url in self.redis_url.split(',').map(str::trim) {
+            if let Err(e) = redis::Client::open(url) {
+                // The redis error never echoes the URL, so no password leaks here.
+                return Err(format!("REDIS_URL is not a valid Redis URL: {e}"));
+            }
+        }
+        if self.redis_mode == RedisMode::Standalone && self.redis_url.contains(',') {
+            return Err("REDIS_URL lists several nodes: set REDIS_MODE=cluster or sentinel".into());
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("TLS_CERT and TLS_KEY must be set together".into());
@@ -180,7 +193,9 @@ impl Config {
             .map(|path| read_file("REDIS_CA_FILE", path))
             .transpose()?;
         Ok(Settings {
+            mode: self.redis_mode,
             redis_url: self.redis_url.clone(),
+            sentinel_master: self.redis_sentinel_master.clone(),
             key_prefix: self.key_prefix.clone(),
             session_ttl: Duration::from_secs(self.session_ttl),
             session_ttl_max: Duration::from_secs(self.session_ttl_max),

@@ -22,7 +22,13 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use redis::{AsyncConnectionConfig, FromRedisValue, Value, aio::MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, FromRedisValue, RedisFuture, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+};
 use tokio::time::{Instant, timeout_at};
 
 use crate::{
@@ -57,11 +63,30 @@ impl LimitPolicy {
     }
 }
 
+/// Which kind of Redis deployment the store talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One Redis server (REDIS_URL is its URL).
+    Standalone,
+    /// Redis Cluster (REDIS_URL is a comma-separated list of seed nodes); the
+    /// connection follows MOVED/ASK redirections and failovers itself.
+    Cluster,
+    /// A master found through Redis Sentinel (REDIS_URL is a comma-separated
+    /// list of sentinels, REDIS_SENTINEL_MASTER the master's name); a broken
+    /// connection is replaced by one to whichever master the sentinels name.
+    Sentinel,
+}
+
 /// Everything the store needs to know, decided once at start.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Redis connection URL (`redis://`, `rediss://`).
+    /// The kind of deployment.
+    pub mode: RedisMode,
+    /// Redis connection URL (`redis://`, `rediss://`); a comma-separated list
+    /// of seed nodes or sentinels in cluster and sentinel modes.
     pub redis_url: String,
+    /// The master's name, in sentinel mode.
+    pub sentinel_master: String,
     /// Prepended to every key, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Lifetime of a session created without a ttl.
@@ -94,9 +119,30 @@ pub struct Store {
 
 #[derive(Debug)]
 struct Shared {
-    pool: bb8::Pool<RedisManager>,
+    backend: Backend,
     settings: Settings,
     scripts: Scripts,
+}
+
+/// How connections are had: one store, one connection type chosen at start.
+enum Backend {
+    /// Standalone and sentinel: a bb8 pool of multiplexed connections.
+    Pool(bb8::Pool<RedisManager>),
+    /// Cluster: one cluster connection (itself multiplexed over every node),
+    /// made on first use so the server can start while the cluster is down.
+    Cluster {
+        client: ClusterClient,
+        connection: tokio::sync::OnceCell<ClusterConnection>,
+    },
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pool(pool) => f.debug_tuple("Pool").field(&pool.state()).finish(),
+            Self::Cluster { .. } => f.write_str("Cluster"),
+        }
+    }
 }
 
 /// The Lua scripts, hashed once; `redis::Script` runs them with EVALSHA and
@@ -137,9 +183,21 @@ impl Store {
     ///
     /// [`Error::InvalidArgument`] naming `REDIS_URL` when the URL does not parse.
     pub fn new(settings: Settings) -> Result<Self, Error> {
-        let client = redis_client(&settings)?;
+        let connector = match settings.mode {
+            RedisMode::Standalone => Connector::Direct(redis_client(&settings)?),
+            RedisMode::Sentinel => {
+                Connector::Sentinel(tokio::sync::Mutex::new(sentinel_client(&settings)?))
+            }
+            RedisMode::Cluster => {
+                let backend = Backend::Cluster {
+                    client: cluster_client(&settings)?,
+                    connection: tokio::sync::OnceCell::new(),
+                };
+                return Ok(Self::with_backend(backend, settings));
+            }
+        };
         let manager = RedisManager {
-            client,
+            connector,
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(settings.timeout))
                 // Each operation is bounded by `Settings::timeout` as a whole.
@@ -155,13 +213,17 @@ impl Store {
             // until the timeout: the caller gets UNAVAILABLE and may retry.
             .retry_connection(false)
             .build_unchecked(manager);
-        Ok(Self {
+        Ok(Self::with_backend(Backend::Pool(pool), settings))
+    }
+
+    fn with_backend(backend: Backend, settings: Settings) -> Self {
+        Self {
             shared: Arc::new(Shared {
-                pool,
+                backend,
                 settings,
                 scripts: Scripts::load(),
             }),
-        })
+        }
     }
 
     /// The settings the store was built with.
@@ -171,7 +233,11 @@ impl Store {
 
     /// Publishes the pool's size and use as gauges.
     pub fn record_pool_metrics(&self) {
-        let state = self.shared.pool.state();
+        let Backend::Pool(pool) = &self.shared.backend else {
+            // A cluster connection is not pooled: one multiplexed link per node.
+            return;
+        };
+        let state = pool.state();
         metrics::gauge!(crate::metrics::POOL_CONNECTIONS).set(state.connections);
         metrics::gauge!(crate::metrics::POOL_IN_USE)
             .set(state.connections.saturating_sub(state.idle_connections));
@@ -483,12 +549,24 @@ impl Store {
     async fn op(&self, name: &'static str) -> Result<Op<'_>, Error> {
         let timeout = self.shared.settings.timeout;
         let deadline = Instant::now() + timeout;
-        let conn = match timeout_at(deadline, self.shared.pool.get()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(bb8::RunError::User(err))) => return Err(record_error(name, err.into())),
-            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => {
-                return Err(record_error(name, Error::Timeout(timeout)));
+        let checkout = async {
+            match &self.shared.backend {
+                Backend::Pool(pool) => match pool.get().await {
+                    Ok(conn) => Ok(Link::Pooled(conn)),
+                    Err(bb8::RunError::User(err)) => Err(Error::from(err)),
+                    Err(bb8::RunError::TimedOut) => Err(Error::Timeout(timeout)),
+                },
+                Backend::Cluster { client, connection } => connection
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await
+                    .map(|conn| Link::Cluster(conn.clone()))
+                    .map_err(Error::from),
             }
+        };
+        let conn = match timeout_at(deadline, checkout).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(err)) => return Err(record_error(name, err)),
+            Err(_) => return Err(record_error(name, Error::Timeout(timeout))),
         };
         Ok(Op {
             conn,
@@ -528,7 +606,7 @@ impl Store {
 /// One store operation: a pooled connection and the deadline that bounds all
 /// of the operation's round trips.
 struct Op<'a> {
-    conn: bb8::PooledConnection<'a, RedisManager>,
+    conn: Link<'a>,
     deadline: Instant,
     timeout: Duration,
     /// The store operation, as the `op` metric label.
@@ -538,7 +616,7 @@ struct Op<'a> {
 impl Op<'_> {
     async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, Error> {
         let start = std::time::Instant::now();
-        let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn.inner)).await;
+        let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn)).await;
         self.settle(start, result)
     }
 
@@ -547,7 +625,7 @@ impl Op<'_> {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
         let start = std::time::Instant::now();
-        let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn.inner)).await;
+        let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn)).await;
         self.settle(start, result)
     }
 
@@ -563,20 +641,70 @@ impl Op<'_> {
         let outcome = match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
+                // READONLY: the master we hold was demoted by a failover.
+                if err.is_io_error()
+                    || err.is_connection_dropped()
+                    || err.is_unrecoverable_error()
+                    || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
                 {
-                    self.conn.broken = true;
+                    self.conn.mark_broken();
                 }
                 Err(err.into())
             }
             Err(_elapsed) => {
                 // A silent peer (host gone, network partition) never resets the
                 // socket: reconnect rather than queue behind it.
-                self.conn.broken = true;
+                self.conn.mark_broken();
                 Err(Error::Timeout(self.timeout))
             }
         };
         outcome.map_err(|err| record_error(self.name, err))
+    }
+}
+
+/// The connection one operation uses.
+enum Link<'a> {
+    /// Checked out of the pool; back in it when the operation ends.
+    Pooled(bb8::PooledConnection<'a, RedisManager>),
+    /// A handle on the shared cluster connection.
+    Cluster(ClusterConnection),
+}
+
+impl Link<'_> {
+    /// Tells the pool not to reuse this connection. A cluster connection
+    /// repairs itself, so there is nothing to do for it.
+    fn mark_broken(&mut self) {
+        if let Self::Pooled(conn) = self {
+            conn.broken = true;
+        }
+    }
+}
+
+impl ConnectionLike for Link<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Pooled(conn) => conn.inner.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Pooled(conn) => conn.inner.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Pooled(conn) => conn.inner.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
     }
 }
 
@@ -592,10 +720,17 @@ pub(crate) struct PooledRedis {
 
 /// Opens multiplexed Redis connections for the bb8 pool, with the store's
 /// connect timeout, and drops those that failed.
-#[derive(Clone)]
 pub(crate) struct RedisManager {
-    client: redis::Client,
+    connector: Connector,
     config: AsyncConnectionConfig,
+}
+
+/// Where a new pooled connection goes.
+enum Connector {
+    /// Straight to the one server.
+    Direct(redis::Client),
+    /// To whichever master the sentinels name at connect time.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
 }
 
 impl fmt::Debug for RedisManager {
@@ -610,10 +745,20 @@ impl bb8::ManageConnection for RedisManager {
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let inner = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let inner = match &self.connector {
+            Connector::Direct(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await?
+            }
+            Connector::Sentinel(sentinel) => {
+                sentinel
+                    .lock()
+                    .await
+                    .get_async_connection_with_config(&self.config)
+                    .await?
+            }
+        };
         Ok(PooledRedis {
             inner,
             broken: false,
@@ -653,6 +798,49 @@ fn redis_client(settings: &Settings) -> Result<redis::Client, Error> {
         .map_err(|e| Error::invalid("REDIS_CA_FILE", e.to_string())),
         None => redis::Client::open(info).map_err(invalid),
     }
+}
+
+/// A sentinel client for the settings' comma-separated sentinel URLs.
+fn sentinel_client(settings: &Settings) -> Result<SentinelClient, Error> {
+    let sentinels = split_urls(&settings.redis_url);
+    let mut node = redis::RedisConnectionInfo::default();
+    if let Some(password) = &settings.redis_password {
+        node = node.set_password(password);
+    }
+    let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+    SentinelClient::build(
+        sentinels,
+        settings.sentinel_master.as_str(),
+        Some(node),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))
+}
+
+/// A cluster client for the settings' comma-separated seed nodes.
+fn cluster_client(settings: &Settings) -> Result<ClusterClient, Error> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(split_urls(&settings.redis_url))
+        .connection_timeout(settings.timeout)
+        .response_timeout(settings.timeout);
+    if let Some(password) = &settings.redis_password {
+        builder = builder.password(password);
+    }
+    if let Some(ca) = &settings.redis_ca_pem {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        });
+    }
+    builder
+        .build()
+        .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))
+}
+
+fn split_urls(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 /// Counts a failed store operation by kind, and passes the error on.
@@ -724,6 +912,74 @@ fn parse_create_reply(reply: Vec<Value>) -> Result<CreateReply, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Redis Cluster slot of a key: CRC16-XMODEM of the hash tag (the text
+    /// inside the first `{...}` when non-empty) or of the whole key, mod 16384.
+    fn slot(key: &str) -> u16 {
+        let bytes = key.as_bytes();
+        let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+            let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+        });
+        let mut crc: u16 = 0;
+        for &byte in tagged.unwrap_or(bytes) {
+            crc ^= u16::from(byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc % 16384
+    }
+
+    fn store(prefix: &str) -> Store {
+        let mut config = crate::Config::defaults();
+        config.key_prefix = prefix.into();
+        Store::new(config.store_settings().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn slot_rule_matches_redis() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(slot("123456789"), 0x31c3 % 16384);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"));
+        assert_ne!(slot("foo{}{bar}"), slot("bar"));
+    }
+
+    /// Every script's keys (and the MGET of ListUserSessions) hash to one slot,
+    /// so no call can meet CROSSSLOT on Redis Cluster.
+    #[tokio::test]
+    async fn every_scripts_keys_share_a_slot() {
+        let users = ["alice", "u-1", "x", "~!@#$%^&*()", "a".repeat(256).leak()];
+        let tokens = ["t", "tok-2", "jti.abc", "z".repeat(256).leak()];
+        for prefix in ["", "tenant-a:", "a:b:"] {
+            let store = store(prefix);
+            for user in users {
+                let user = UserId::parse("user_id", user.to_string()).unwrap();
+                let index = store.index_key(&user);
+                // create_session, revoke_session, revoke_sessions, list's MGET.
+                let mut keys = vec![index.clone()];
+                keys.extend(tokens.iter().map(|t| store.session_key(&user, t)));
+                let slots: std::collections::HashSet<_> = keys.iter().map(|k| slot(k)).collect();
+                assert_eq!(slots.len(), 1, "keys of {user} span slots: {keys:?}");
+                assert_eq!(
+                    slot(&index),
+                    slot(user.as_str()),
+                    "the hash tag is the user id"
+                );
+            }
+            // claim_token, count_sessions and login_attempt touch one key each.
+            let token = TokenId::parse("token_id", "tok".into()).unwrap();
+            assert_eq!(slot(&store.owner_key(&token)), slot("tok"));
+            let addr = ClientAddr::parse("2001:db8::1").unwrap();
+            assert_eq!(slot(&store.rate_limit_key(&addr)), slot("2001:db8::/64"));
+        }
+    }
 
     #[test]
     fn json_head_plus_script_suffix_is_a_session() {
