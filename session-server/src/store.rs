@@ -256,6 +256,16 @@ impl Store {
         Ok(())
     }
 
+    /// Runs one raw command on the store's connection, whatever the mode, for
+    /// diagnostics and for tests that inspect the key layout.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn raw_command<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        self.op("raw_command").await?.query(cmd).await
+    }
+
     /// Stores a new session, reserving its token id first.
     ///
     /// # Errors

@@ -9,14 +9,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use session_server::{Config, Store, server};
+use session_server::{Config, Store, server, store::RedisMode};
 use sessionstore::v1::session_store_client::SessionStoreClient;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-/// The Redis most tests share: `TEST_REDIS_URL`, else the local default.
+/// The Redis most tests share: `TEST_REDIS_URL`, else the local default. With
+/// `TEST_REDIS_MODE=cluster` or `sentinel` (see `scripts/redis-topology.sh`)
+/// the whole suite runs against that deployment instead.
 pub(crate) fn shared_redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The shared Redis's mode, from `TEST_REDIS_MODE` (default standalone).
+pub(crate) fn shared_redis_mode() -> RedisMode {
+    match std::env::var("TEST_REDIS_MODE").as_deref() {
+        Ok("cluster") => RedisMode::Cluster,
+        Ok("sentinel") => RedisMode::Sentinel,
+        Ok("standalone") | Err(_) => RedisMode::Standalone,
+        Ok(other) => panic!("TEST_REDIS_MODE={other}: expected standalone, cluster or sentinel"),
+    }
 }
 
 /// A key prefix no other test (or run) uses, so tests can share one Redis.
@@ -39,9 +51,21 @@ pub(crate) fn unique_prefix() -> String {
 pub(crate) fn test_config() -> Config {
     let mut config = Config::defaults();
     config.redis_url = shared_redis_url();
+    config.redis_mode = shared_redis_mode();
+    if let Ok(master) = std::env::var("TEST_REDIS_SENTINEL_MASTER") {
+        config.redis_sentinel_master = master;
+    }
     config.key_prefix = unique_prefix();
     config.health_check_interval_ms = 50;
     config.redis_timeout_ms = 1000;
+    config
+}
+
+/// A test configuration pointed at a private standalone Redis.
+pub(crate) fn config_on(redis: &PrivateRedis) -> Config {
+    let mut config = test_config();
+    config.redis_url = redis.url();
+    config.redis_mode = RedisMode::Standalone;
     config
 }
 
@@ -266,11 +290,9 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// A direct connection to the shared Redis, for inspecting keys.
-pub(crate) async fn shared_redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(shared_redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+/// Runs a raw command on the shared Redis (whatever its mode), for tests that
+/// inspect the key layout.
+pub(crate) async fn inspect<T: redis::FromRedisValue>(config: &Config, cmd: &redis::Cmd) -> T {
+    let store = Store::new(config.store_settings().unwrap()).unwrap();
+    store.raw_command(cmd).await.unwrap()
 }

@@ -6,7 +6,7 @@ use sessionstore::v1::{CreateSessionRequest, GetSessionRequest, GetUserSessionCo
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{PrivateRedis, TestServer, readiness, test_config, wait_until};
+use crate::common::{PrivateRedis, TestServer, config_on, readiness, test_config, wait_until};
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
 /// goes NOT_SERVING while liveness stays SERVING; after Redis restarts the same
@@ -14,8 +14,7 @@ use crate::common::{PrivateRedis, TestServer, readiness, test_config, wait_until
 #[tokio::test]
 async fn redis_down_gives_unavailable_then_recovers() {
     let mut redis = PrivateRedis::start();
-    let mut config = test_config();
-    config.redis_url = redis.url();
+    let mut config = config_on(&redis);
     config.redis_timeout_ms = 500;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
@@ -139,8 +138,7 @@ async fn server_starts_without_redis() {
 #[tokio::test]
 async fn paused_redis_times_out_as_unavailable() {
     let redis = PrivateRedis::start();
-    let mut config = test_config();
-    config.redis_url = redis.url();
+    let mut config = config_on(&redis);
     config.redis_timeout_ms = 300;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;

@@ -2,14 +2,13 @@
 
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use sessionstore::v1::{
     RecordLoginAttemptRequest, RecordLoginAttemptResponse, ResetLoginAttemptsRequest,
     session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, shared_redis, test_config};
+use crate::common::{TestServer, inspect, test_config};
 
 async fn attempt(c: &mut SessionStoreClient<Channel>, ip: &str) -> RecordLoginAttemptResponse {
     c.record_login_attempt(RecordLoginAttemptRequest { ip: ip.into() })
@@ -40,9 +39,8 @@ async fn attempts_past_the_limit_are_refused_until_reset() {
     let retry = refused.retry_after.expect("refusal says when to retry");
     assert!(retry.seconds > 890 && retry.seconds <= 900, "{retry:?}");
 
-    let mut redis = shared_redis().await;
     let key = format!("{prefix}rate_limit:login:{{{ip}}}");
-    let ttl: i64 = redis.pttl(&key).await.unwrap();
+    let ttl: i64 = inspect(&server.config, redis::cmd("PTTL").arg(&key)).await;
     assert!(ttl > 0 && ttl <= 900_000, "counter without a ttl: {ttl}");
 
     let reset = c

@@ -9,7 +9,7 @@ use sessionstore::v1::{GetSessionRequest, GetUserSessionCountRequest};
 use tonic::{Code, Request, metadata::MetadataValue};
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::common::{PrivateRedis, TestServer, test_config, wait_until};
+use crate::common::{PrivateRedis, TestServer, config_on, test_config, wait_until};
 
 /// A tokens file in the temp dir, removed on drop.
 struct TokensFile(PathBuf);
@@ -112,8 +112,7 @@ async fn bearer_tokens_guard_every_call_but_health() {
 #[tokio::test]
 async fn excess_calls_are_refused_not_queued() {
     let redis = PrivateRedis::start();
-    let mut config = test_config();
-    config.redis_url = redis.url();
+    let mut config = config_on(&redis);
     config.redis_timeout_ms = 1000;
     config.max_concurrent_requests = 2;
     let server = TestServer::start_with(config).await;
@@ -176,8 +175,7 @@ async fn excess_calls_are_refused_not_queued() {
 #[tokio::test]
 async fn the_callers_deadline_is_honoured() {
     let redis = PrivateRedis::start();
-    let mut config = test_config();
-    config.redis_url = redis.url();
+    let mut config = config_on(&redis);
     config.redis_timeout_ms = 3000;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;

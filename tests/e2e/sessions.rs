@@ -3,7 +3,6 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use redis::AsyncCommands;
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
@@ -12,7 +11,7 @@ use sessionstore::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, shared_redis, test_config};
+use crate::common::{TestServer, inspect, test_config};
 
 type Client = SessionStoreClient<Channel>;
 
@@ -103,28 +102,31 @@ async fn keys_follow_the_spec_layout() {
         .session
         .unwrap();
 
-    let mut redis = shared_redis().await;
-    let json: String = redis
-        .get(format!("{prefix}session:{{u-keys}}:{{t-keys}}"))
-        .await
-        .unwrap();
+    let config = &server.config;
+    let session_key = format!("{prefix}session:{{u-keys}}:{{t-keys}}");
+    let json: String = inspect(config, redis::cmd("GET").arg(&session_key)).await;
     let stored: serde_like::Stored = serde_like::parse(&json);
     assert_eq!(stored.user_id, "u-keys");
-    let ttl: i64 = redis
-        .pttl(format!("{prefix}session:{{u-keys}}:{{t-keys}}"))
-        .await
-        .unwrap();
+    let ttl: i64 = inspect(config, redis::cmd("PTTL").arg(&session_key)).await;
     assert!((899_000..=900_000).contains(&ttl), "session key ttl {ttl}");
 
     let index = format!("{prefix}user_sessions:{{u-keys}}");
-    let members: Vec<(String, f64)> = redis.zrange_withscores(&index, 0, -1).await.unwrap();
+    let members: Vec<(String, f64)> = inspect(
+        config,
+        redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES"),
+    )
+    .await;
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].0, "t-keys");
     assert_eq!(
         members[0].1 as i64,
         millis(session.expires_at.as_ref().unwrap())
     );
-    let index_ttl: i64 = redis.pttl(&index).await.unwrap();
+    let index_ttl: i64 = inspect(config, redis::cmd("PTTL").arg(&index)).await;
     assert!(
         index_ttl > 0 && index_ttl <= 900_000,
         "index ttl {index_ttl}"
