@@ -4,6 +4,7 @@
 
 mod client;
 mod common;
+mod failover;
 mod faults;
 mod health;
 mod metrics;

@@ -1,0 +1,312 @@
+//! Failover on Redis Cluster and Sentinel: a master is killed mid-run; once a
+//! replica is promoted, calls succeed again without restarting the server, and
+//! every acknowledged session and revocation that reached the replica survives.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use session_server::store::RedisMode;
+use sessionstore::v1::{
+    CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, RevokeSessionRequest,
+    session_store_client::SessionStoreClient,
+};
+use tonic::transport::Channel;
+
+use crate::common::{TestServer, test_config, unique_prefix, wait_until};
+
+/// A deployment started by `scripts/redis-topology.sh`, stopped on drop.
+struct Topology {
+    dir: PathBuf,
+    env: HashMap<String, String>,
+}
+
+impl Topology {
+    fn start(kind: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sessionstore-{kind}-{}",
+            unique_prefix().trim_end_matches(':')
+        ));
+        let output = Command::new(script())
+            .args(["start", kind])
+            .arg(&dir)
+            .output()
+            .expect("scripts/redis-topology.sh runs");
+        assert!(
+            output.status.success(),
+            "starting {kind} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let env = String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self { dir, env }
+    }
+
+    fn kill(&self, port: u16) {
+        let status = Command::new(script())
+            .arg("kill")
+            .arg(&self.dir)
+            .arg(port.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn config(&self, mode: RedisMode) -> session_server::Config {
+        let mut config = test_config();
+        config.redis_mode = mode;
+        config.redis_url = self.env["TEST_REDIS_URL"].clone();
+        config.redis_sentinel_master = "mymaster".into();
+        config.redis_timeout_ms = 500;
+        config
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("stop").arg(&self.dir).status();
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redis-topology.sh")
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Waits until every replica of the master on `port` has acknowledged all of
+/// its writes: what async replication has not shipped, a failover may lose.
+async fn wait_for_replication(port: u16) {
+    let synced = wait_until(Duration::from_secs(10), || async move {
+        let info = redis_cli(port, &["info", "replication"]);
+        let master_offset = info
+            .lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .map(|v| v.trim().to_string());
+        let replicas: Vec<&str> = info.lines().filter(|l| l.starts_with("slave")).collect();
+        !replicas.is_empty()
+            && replicas.iter().all(|line| {
+                master_offset
+                    .as_deref()
+                    .is_some_and(|offset| line.contains(&format!("offset={offset},")))
+            })
+    })
+    .await;
+    assert!(synced, "replicas of {port} did not catch up");
+}
+
+/// Creates sessions for `users` (three each) and revokes the first of each;
+/// returns (live tokens, revoked tokens).
+async fn write_sessions(
+    client: &mut SessionStoreClient<Channel>,
+    users: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let (mut live, mut revoked) = (Vec::new(), Vec::new());
+    for user in users {
+        for i in 0..3 {
+            let token = format!("{user}-t{i}");
+            let created = client
+                .create_session(CreateSessionRequest {
+                    user_id: user.clone(),
+                    token_id: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(created.created);
+            live.push(token);
+        }
+        let first = live.remove(live.len() - 3);
+        let answer = client
+            .revoke_session(RevokeSessionRequest {
+                token_id: first.clone(),
+                user_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.revoked);
+        revoked.push(first);
+    }
+    (live, revoked)
+}
+
+async fn assert_survived(
+    client: &mut SessionStoreClient<Channel>,
+    users: &[String],
+    live: &[String],
+    revoked: &[String],
+) {
+    for token in live {
+        let found = client
+            .get_session(GetSessionRequest {
+                token_id: token.clone(),
+                user_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            found.session.is_some(),
+            "acknowledged session {token} was lost"
+        );
+    }
+    for token in revoked {
+        let found = client
+            .get_session(GetSessionRequest {
+                token_id: token.clone(),
+                user_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            found.session.is_none(),
+            "acknowledged revocation of {token} was lost"
+        );
+    }
+    for user in users {
+        let count = client
+            .get_user_session_count(GetUserSessionCountRequest {
+                user_id: user.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(count.count, 2, "{user}");
+    }
+}
+
+/// Waits until a read of every user succeeds again after a failover.
+async fn wait_for_recovery(client: &SessionStoreClient<Channel>, users: &[String]) {
+    let recovered = wait_until(Duration::from_secs(30), || {
+        let mut client = client.clone();
+        let users = users.to_vec();
+        async move {
+            for user in users {
+                let ok = client
+                    .get_user_session_count(GetUserSessionCountRequest { user_id: user })
+                    .await
+                    .is_ok();
+                if !ok {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    assert!(recovered, "calls did not succeed again after the failover");
+}
+
+/// Redis Cluster: the master holding some users' slots is killed; after its
+/// replica takes over, the same server serves those users again and nothing
+/// replicated is lost.
+#[tokio::test]
+async fn cluster_master_failover() {
+    let cluster = Topology::start("cluster");
+    let server = TestServer::start_with(cluster.config(RedisMode::Cluster)).await;
+    let mut client = server.client().await;
+    let users: Vec<String> = (0..12).map(|i| format!("fo-user-{i}")).collect();
+    let (live, revoked) = write_sessions(&mut client, &users).await;
+
+    // The master serving slot of the first user's keys.
+    let seed: u16 = cluster.env["TEST_REDIS_URL"]
+        .split(',')
+        .next()
+        .and_then(|u| u.rsplit(':').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let slot: u16 = redis_cli(seed, &["cluster", "keyslot", &users[0]])
+        .trim()
+        .parse()
+        .unwrap();
+    let nodes = redis_cli(seed, &["cluster", "nodes"]);
+    let victim: u16 = nodes
+        .lines()
+        .filter(|line| line.contains("master") && !line.contains("fail"))
+        .find(|line| {
+            line.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                (lo.parse::<u16>().unwrap_or(u16::MAX)..=hi.parse().unwrap_or(0)).contains(&slot)
+            })
+        })
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|addr| addr.split(['@', ':']).nth(1))
+        .expect("a master owns the slot")
+        .parse()
+        .unwrap();
+    for line in nodes.lines().filter(|l| l.contains("master")) {
+        let port: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .split(['@', ':'])
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        wait_for_replication(port).await;
+    }
+
+    cluster.kill(victim);
+    wait_for_recovery(&client, &users).await;
+    assert_survived(&mut client, &users, &live, &revoked).await;
+    // Writes work on the promoted replica too.
+    let created = client
+        .create_session(CreateSessionRequest {
+            user_id: users[0].clone(),
+            token_id: "after-failover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created);
+    assert!(server.is_running());
+}
+
+/// Sentinel: the master is killed; once the sentinels promote the replica, the
+/// same server reconnects to the new master by itself and nothing replicated
+/// is lost.
+#[tokio::test]
+async fn sentinel_master_failover() {
+    let sentinel = Topology::start("sentinel");
+    let server = TestServer::start_with(sentinel.config(RedisMode::Sentinel)).await;
+    let mut client = server.client().await;
+    let users: Vec<String> = (0..4).map(|i| format!("sf-user-{i}")).collect();
+    let (live, revoked) = write_sessions(&mut client, &users).await;
+    let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
+    wait_for_replication(master).await;
+
+    sentinel.kill(master);
+    wait_for_recovery(&client, &users).await;
+    assert_survived(&mut client, &users, &live, &revoked).await;
+    let created = client
+        .create_session(CreateSessionRequest {
+            user_id: users[0].clone(),
+            token_id: "after-failover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created, "writes go to the promoted replica");
+    assert!(server.is_running());
+}
