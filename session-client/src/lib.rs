@@ -1,1 +1,71 @@
-//! x
+//! A typed Rust client for SessionStore, the gRPC service that says whether a
+//! JWT's session is still alive and makes logout and "sign out everywhere"
+//! take effect at once.
+//!
+//! [`SessionClient`] wraps the generated stub the way a driver wraps its wire
+//! protocol: it takes and returns domain types ([`Session`], [`Created`],
+//! [`LoginAttempt`], `SystemTime`, `Duration`) and fails with an [`Error`]
+//! whose variants are the cases a caller branches on. Underneath is one tonic
+//! channel, shared by every clone.
+//!
+//! Modules:
+//!
+//! - `builder`: [`Builder`]: endpoints (several are load-balanced), timeouts,
+//!   TLS and mutual TLS, the bearer token, retries, lazy connection.
+//! - `client`: [`SessionClient`] and its calls.
+//! - `types`: the domain types and their proto conversions.
+//! - `error`: [`Error`] and its one mapping from gRPC status codes.
+//! - `retry`: exponential backoff for reads that meet UNAVAILABLE.
+//! - `metadata`: the interceptor adding the bearer token and `grpc-timeout`.
+//!
+//! The generated code is re-exported as [`proto`] for anything the typed
+//! client does not cover.
+//!
+//! # Examples
+//!
+//! Checking a request's JWT against SessionStore, failing closed when it
+//! cannot answer:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use session_client::{Error, SessionClient};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Error> {
+//!     let client = SessionClient::builder("http://127.0.0.1:50051")
+//!         .timeout(Duration::from_millis(500))
+//!         .connect()
+//!         .await?;
+//!
+//!     // The JWT's `sub` and `jti`, after its signature was checked.
+//!     let (sub, jti) = ("user-42", "jti-7f3a");
+//!     match client.get_user_session(sub, jti).await {
+//!         Ok(Some(session)) => println!("valid until {:?}", session.expires_at),
+//!         Ok(None) => println!("revoked or expired: 401"),
+//!         Err(Error::Unavailable(_) | Error::DeadlineExceeded(_)) => println!("503, retry later"),
+//!         Err(err) => return Err(err),
+//!     }
+//!
+//!     // Sign out everywhere.
+//!     let ended = client.revoke_all_user_sessions(sub).await?;
+//!     println!("ended {ended} sessions");
+//!     Ok(())
+//! }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod builder;
+mod client;
+mod error;
+mod metadata;
+mod retry;
+mod types;
+
+pub use builder::Builder;
+pub use client::SessionClient;
+pub use error::{BoxError, Error, Result};
+/// The generated `sessionstore.v1` messages and stub, for raw use.
+pub use sessionstore::v1 as proto;
+pub use types::{Created, LoginAttempt, NewSession, Session};

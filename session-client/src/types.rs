@@ -1,0 +1,247 @@
+//! The domain types the client speaks, and their conversions from the
+//! generated proto messages. Proto types stop here.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
+
+use sessionstore::v1 as pb;
+
+use crate::error::Error;
+
+/// A live session, as SessionStore holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// The owner (the JWT's `sub`).
+    pub user_id: String,
+    /// The session's token id (the JWT's `jti`), unique across all users.
+    pub token_id: String,
+    /// The free-form data stored at creation (IP, user agent, device...).
+    pub metadata: HashMap<String, String>,
+    /// When the session was created, by Redis's clock (not this host's).
+    pub created_at: SystemTime,
+    /// When the session ends, by Redis's clock, to the millisecond; after it
+    /// [`get_session`](crate::SessionClient::get_session) finds nothing.
+    pub expires_at: SystemTime,
+}
+
+/// A session to create, for
+/// [`create_session_with`](crate::SessionClient::create_session_with).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use session_client::NewSession;
+///
+/// let new = NewSession::new("user-42", "jti-7f3a")
+///     .metadata("ip", "192.0.2.1")
+///     .ttl(Duration::from_secs(600));
+/// assert_eq!(new.metadata["ip"], "192.0.2.1");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSession {
+    /// The owner of the new session.
+    pub user_id: String,
+    /// The new session's token id; must not have a live session already.
+    pub token_id: String,
+    /// Data stored with the session: at most 32 entries, keys 1 to 64 bytes,
+    /// values at most 1024 bytes.
+    pub metadata: HashMap<String, String>,
+    /// How long the session lives, so it ends with its access token: a whole
+    /// number of milliseconds, at most the server's SESSION_TTL_MAX. `None`:
+    /// the server's SESSION_TTL.
+    pub ttl: Option<Duration>,
+}
+
+impl NewSession {
+    /// A session for `user_id` and `token_id`, with no metadata and the
+    /// server's default lifetime.
+    pub fn new(user_id: impl Into<String>, token_id: impl Into<String>) -> Self {
+        Self {
+            user_id: user_id.into(),
+            token_id: token_id.into(),
+            metadata: HashMap::new(),
+            ttl: None,
+        }
+    }
+
+    /// Adds one metadata entry.
+    #[must_use]
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the session's lifetime, usually the access token's remaining life.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// What [`create_session_with`](crate::SessionClient::create_session_with) did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    /// True when the session was stored. False when the token id already has
+    /// a live session (of any user; left untouched) or is still reserved by a
+    /// recently ended one of another user, or when the user is at the
+    /// server's session cap and its policy is `reject`.
+    pub created: bool,
+    /// The stored session with its Redis-clock timestamps; set only when
+    /// `created`.
+    pub session: Option<Session>,
+    /// Token ids of the user's oldest sessions revoked to make room under the
+    /// server's `evict_oldest` policy; a caller may log them or notify their
+    /// devices. Empty otherwise.
+    pub evicted_token_ids: Vec<String>,
+}
+
+/// The verdict on one login attempt, from
+/// [`record_login_attempt`](crate::SessionClient::record_login_attempt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginAttempt {
+    /// Whether this login attempt may proceed.
+    pub allowed: bool,
+    /// Attempts counted in the current window, this one included.
+    pub attempts: u32,
+    /// Attempts still allowed in the current window.
+    pub remaining: u32,
+    /// When refused, how long until the window ends: a value for a
+    /// `Retry-After` header. `None` when allowed.
+    pub retry_after: Option<Duration>,
+}
+
+/// A proto session as a [`Session`].
+pub(crate) fn session_from_proto(session: pb::Session) -> Result<Session, Error> {
+    Ok(Session {
+        user_id: session.user_id,
+        token_id: session.token_id,
+        metadata: session.metadata,
+        created_at: time_from_proto(session.created_at, "session without created_at")?,
+        expires_at: time_from_proto(session.expires_at, "session without expires_at")?,
+    })
+}
+
+fn time_from_proto(
+    timestamp: Option<prost_types::Timestamp>,
+    what: &str,
+) -> Result<SystemTime, Error> {
+    let timestamp = timestamp.ok_or_else(|| Error::malformed(what))?;
+    SystemTime::try_from(timestamp).map_err(|_| Error::malformed("timestamp out of range"))
+}
+
+/// A [`NewSession`] as its request message.
+pub(crate) fn new_session_to_proto(new: NewSession) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        user_id: new.user_id,
+        token_id: new.token_id,
+        metadata: new.metadata,
+        ttl: new.ttl.map(duration_to_proto),
+    }
+}
+
+fn duration_to_proto(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        // Beyond i64 seconds the server refuses it as above SESSION_TTL_MAX anyway.
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        // Always below 1e9, so it fits.
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A CreateSession answer as [`Created`].
+pub(crate) fn created_from_proto(response: pb::CreateSessionResponse) -> Result<Created, Error> {
+    Ok(Created {
+        created: response.created,
+        session: response.session.map(session_from_proto).transpose()?,
+        evicted_token_ids: response.evicted_token_ids,
+    })
+}
+
+/// A RecordLoginAttempt answer as [`LoginAttempt`].
+pub(crate) fn login_attempt_from_proto(
+    response: pb::RecordLoginAttemptResponse,
+) -> Result<LoginAttempt, Error> {
+    let retry_after = response
+        .retry_after
+        .map(|d| Duration::try_from(d).map_err(|_| Error::malformed("negative retry_after")))
+        .transpose()?;
+    Ok(LoginAttempt {
+        allowed: response.allowed,
+        attempts: response.attempts,
+        remaining: response.remaining,
+        retry_after,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Timestamps convert exactly; a session without one is a malformed answer (INTERNAL).
+    #[test]
+    fn sessions_need_both_timestamps() {
+        let created = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let expires = created + Duration::from_secs(900);
+        let proto = pb::Session {
+            user_id: "u".into(),
+            token_id: "t".into(),
+            metadata: HashMap::from([("ip".into(), "192.0.2.1".into())]),
+            created_at: Some(created.into()),
+            expires_at: Some(expires.into()),
+        };
+        let session = session_from_proto(proto.clone()).unwrap();
+        assert_eq!(session.created_at, created);
+        assert_eq!(session.expires_at, expires);
+        assert_eq!(session.metadata["ip"], "192.0.2.1");
+
+        let missing = pb::Session {
+            expires_at: None,
+            ..proto
+        };
+        let err = session_from_proto(missing).unwrap_err();
+        assert!(matches!(&err, Error::Other(s) if s.code() == tonic::Code::Internal));
+    }
+
+    /// A ttl is sent exactly, and an unset ttl stays unset (the server's default).
+    #[test]
+    fn ttl_is_sent_to_the_millisecond() {
+        let request =
+            new_session_to_proto(NewSession::new("u", "t").ttl(Duration::from_millis(1500)));
+        assert_eq!(
+            request.ttl,
+            Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
+        );
+        assert_eq!(new_session_to_proto(NewSession::new("u", "t")).ttl, None);
+    }
+
+    /// retry_after is present exactly when the server sent it.
+    #[test]
+    fn retry_after_is_kept_only_when_sent() {
+        let refused = login_attempt_from_proto(pb::RecordLoginAttemptResponse {
+            allowed: false,
+            attempts: 6,
+            remaining: 0,
+            retry_after: Some(prost_types::Duration {
+                seconds: 42,
+                nanos: 0,
+            }),
+        })
+        .unwrap();
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(42)));
+        let allowed = login_attempt_from_proto(pb::RecordLoginAttemptResponse {
+            allowed: true,
+            attempts: 1,
+            remaining: 4,
+            retry_after: None,
+        })
+        .unwrap();
+        assert_eq!(allowed.retry_after, None);
+    }
+}
