@@ -160,6 +160,19 @@ impl Config {
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
             return Err("TLS_CLIENT_CA needs TLS_CERT and TLS_KEY".into());
         }
+        let files = [
+            ("TLS_CERT", &self.tls_cert),
+            ("TLS_KEY", &self.tls_key),
+            ("TLS_CLIENT_CA", &self.tls_client_ca),
+            ("AUTH_TOKENS_FILE", &self.auth_tokens_file),
+            ("REDIS_PASSWORD_FILE", &self.redis_password_file),
+            ("REDIS_CA_FILE", &self.redis_ca_file),
+        ];
+        for (variable, path) in files {
+            if let Some(path) = path {
+                read_file(variable, path)?;
+            }
+        }
         if self.redis_timeout_ms >= self.request_timeout_ms {
             return Err(format!(
                 "REDIS_TIMEOUT_MS ({}) must be below REQUEST_TIMEOUT_MS ({}), so Redis trouble is \

@@ -48,11 +48,12 @@ impl Error {
 
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
-        use redis::{ErrorKind, ServerErrorKind};
+        use redis::ErrorKind;
+        // redis-rs has no kind for OOM: it is an "extension" error with that code.
+        if err.code() == Some("OOM") {
+            return Self::OutOfMemory(err.into());
+        }
         match err.kind() {
-            ErrorKind::Server(ServerErrorKind::ResponseError) if err.code() == Some("OOM") => {
-                Self::OutOfMemory(err.into())
-            }
             // Protocol and type mismatches mean our scripts and this code disagree.
             ErrorKind::Parse | ErrorKind::UnexpectedReturnType => Self::Internal(err.into()),
             // Everything else is Redis being unreachable, failing over, loading,

@@ -179,3 +179,165 @@ async fn paused_redis_times_out_as_unavailable() {
         .await
     );
 }
+
+/// Redis restarted with appendonly (fsync always): every session whose
+/// CreateSession was acknowledged is still readable, and every acknowledged
+/// revocation is still in force. Nothing acknowledged is lost.
+#[tokio::test]
+async fn acknowledged_writes_survive_a_restart_with_appendonly() {
+    let mut redis = PrivateRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let config = config_on(&redis);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut live = Vec::new();
+    let mut revoked = Vec::new();
+    for i in 0..30 {
+        let token = format!("aof-{i}");
+        let created = client
+            .create_session(CreateSessionRequest {
+                user_id: format!("aof-user-{}", i % 5),
+                token_id: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(created.created);
+        if i % 3 == 0 {
+            let answer = client
+                .revoke_session(sessionstore::v1::RevokeSessionRequest {
+                    token_id: token.clone(),
+                    user_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(answer.revoked);
+            revoked.push(token);
+        } else {
+            live.push(token);
+        }
+    }
+    let all = client
+        .revoke_all_user_sessions(sessionstore::v1::RevokeAllUserSessionsRequest {
+            user_id: "aof-user-4".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.revoked_count > 0);
+    let (gone, kept): (Vec<_>, Vec<_>) = live.into_iter().partition(|token| {
+        let i: usize = token.trim_start_matches("aof-").parse().unwrap();
+        i % 5 == 4
+    });
+    revoked.extend(gone);
+
+    redis.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move { client.get_session(get_request("aof-1")).await.is_ok() }
+        })
+        .await
+    );
+    for token in &kept {
+        let found = client
+            .get_session(get_request(token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            found.session.is_some(),
+            "acknowledged {token} lost in the restart"
+        );
+    }
+    for token in &revoked {
+        let found = client
+            .get_session(get_request(token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            found.session.is_none(),
+            "revocation of {token} lost in the restart"
+        );
+    }
+}
+
+fn get_request(token: &str) -> GetSessionRequest {
+    GetSessionRequest {
+        token_id: token.into(),
+        user_id: String::new(),
+    }
+}
+
+/// A Redis that refuses writes (a read-only replica) gives UNAVAILABLE for
+/// writes, saying so, while reads still answer; the server does not crash.
+#[tokio::test]
+async fn a_read_only_replica_refuses_writes_cleanly() {
+    let primary = PrivateRedis::start();
+    let replica = PrivateRedis::start_with(&["--replica-read-only", "yes"]);
+    let mut admin = replica.connection().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(primary.port)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let server = TestServer::start_with(config_on(&replica)).await;
+    let mut client = server.client().await;
+    let status = client
+        .create_session(CreateSessionRequest {
+            user_id: "ro".into(),
+            token_id: "ro-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let found = client
+        .get_session(get_request("ro-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.session.is_none());
+    assert!(server.is_running());
+}
+
+/// A Redis out of memory (maxmemory, noeviction) gives RESOURCE_EXHAUSTED for
+/// writes, reads still answer, and the server does not crash.
+#[tokio::test]
+async fn redis_out_of_memory_is_resource_exhausted() {
+    let redis =
+        PrivateRedis::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
+    let server = TestServer::start_with(config_on(&redis)).await;
+    let mut client = server.client().await;
+    let big: std::collections::HashMap<String, String> = (0..32)
+        .map(|i| (format!("k{i}"), "v".repeat(1024)))
+        .collect();
+    let mut last = None;
+    for i in 0..200 {
+        let result = client
+            .create_session(CreateSessionRequest {
+                user_id: format!("oom-{}", i % 50),
+                token_id: format!("oom-t{i}"),
+                metadata: big.clone(),
+                ttl: None,
+            })
+            .await;
+        if let Err(status) = result {
+            last = Some(status);
+            break;
+        }
+    }
+    let status = last.expect("2 MB filled up without an error");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("out of memory"), "{status:?}");
+    let found = client
+        .get_session(get_request("oom-t0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.session.is_some(), "reads still work");
+    assert!(server.is_running());
+}

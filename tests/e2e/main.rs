@@ -8,6 +8,7 @@ mod failover;
 mod faults;
 mod health;
 mod metrics;
+mod process;
 mod rate_limit;
 mod security;
 mod sessions;

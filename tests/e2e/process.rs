@@ -1,0 +1,160 @@
+//! The real `session-server` binary as Kubernetes runs it: configuration
+//! errors at start, and SIGTERM under load.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sessionstore::v1::{GetSessionRequest, session_store_client::SessionStoreClient};
+use tonic::Code;
+
+use crate::common::{PrivateRedis, unique_prefix};
+
+/// The server binary, built (incrementally) with the same cargo that runs the tests.
+fn server_binary() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "session-server",
+            "--bin",
+            "session-server",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building session-server failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("debug/session-server")
+}
+
+/// Starts the binary on port 0 and returns it with the address it logged.
+fn spawn_server(redis_url: &str, extra_env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(server_binary())
+        .env_clear()
+        .env("REDIS_URL", redis_url)
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("KEY_PREFIX", unique_prefix())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .envs(extra_env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if event["message"] == "listening" {
+            break event["addr"].as_str().unwrap().to_string();
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A bad setting stops the binary before it listens, with exit status 2 and
+/// a message naming the variable.
+#[test]
+fn bad_configuration_exits_2_naming_the_variable() {
+    let cases = [
+        ("SESSION_TTL", "0"),
+        ("MAX_SESSIONS_PER_USER", "many"),
+        ("SESSION_LIMIT_POLICY", "drop_newest"),
+        ("REDIS_URL", "http://not-redis"),
+        ("AUTH_TOKENS_FILE", "/no/such/tokens"),
+        ("TLS_CERT", "/no/such/cert.pem"),
+    ];
+    for (variable, value) in cases {
+        let mut command = Command::new(server_binary());
+        command
+            .env_clear()
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env(variable, value);
+        if variable == "TLS_CERT" {
+            // Set together, so the missing file is what is reported.
+            command.env("TLS_KEY", "/no/such/key.pem");
+        }
+        let output = command.output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{variable}={value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
+    }
+}
+
+/// SIGTERM under load: calls in flight when the signal arrives complete, the
+/// listener closes so new connections are refused, and the process exits 0.
+#[tokio::test]
+async fn sigterm_drains_in_flight_calls_and_exits_0() {
+    let redis = PrivateRedis::start();
+    let (mut child, addr) = spawn_server(&redis.url(), &[("REDIS_TIMEOUT_MS", "3000")]);
+    let url = format!("http://{addr}");
+    let mut client = SessionStoreClient::connect(url.clone()).await.unwrap();
+    let get = || GetSessionRequest {
+        token_id: "t".into(),
+        user_id: "u".into(),
+    };
+    client.get_session(get()).await.unwrap();
+
+    // Hold calls in flight: Redis answers nothing for 1.5 s.
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let in_flight: Vec<_> = (0..20)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.get_session(get()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "TERM");
+
+    for call in in_flight {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "an in-flight call was dropped: {answer:?}");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    let refused = SessionStoreClient::connect(url).await;
+    assert!(
+        refused.is_err(),
+        "new connections are refused after shutdown"
+    );
+    // A call on the old connection fails too, rather than hanging.
+    let after = client.get_session(get()).await.unwrap_err();
+    assert!(
+        matches!(after.code(), Code::Unavailable | Code::Unknown),
+        "{after:?}"
+    );
+}
