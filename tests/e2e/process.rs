@@ -13,16 +13,19 @@ use tonic::Code;
 
 use crate::common::{PrivateRedis, unique_prefix};
 
-/// The server binary, built (incrementally) with the same cargo that runs the tests.
+/// The server binary, built with the same cargo that runs the tests and the
+/// same command as the Dockerfile, so these tests run the image's binary.
+/// (A test build's feature set differs from a plain build's, so this is a
+/// separate build either way; release shares it with CI's later steps.)
 fn server_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args([
             "build",
+            "--release",
+            "--locked",
             "--quiet",
             "-p",
-            "session-server",
-            "--bin",
             "session-server",
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +35,7 @@ fn server_binary() -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("debug/session-server")
+    target.join("release/session-server")
 }
 
 /// Starts the binary on port 0 and returns it with the address it logged.
