@@ -5,7 +5,6 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -25,7 +24,7 @@ use tonic::{
 };
 
 use crate::common::{
-    PrivateRedis, TestServer, config_on, free_port, test_config, unique_prefix, wait_until,
+    Pki, PrivateRedis, TempFiles, TestServer, config_on, free_port, test_config, wait_until,
 };
 
 /// A client of `server` with the defaults.
@@ -850,94 +849,6 @@ impl Running {
     }
 }
 
-/// A CA, a server certificate for [`Pki::SERVER_NAME`] and a client
-/// certificate, all PEM, made fresh for each test.
-struct Pki {
-    ca: String,
-    server_cert: String,
-    server_key: String,
-    client_cert: String,
-    client_key: String,
-}
-
-impl Pki {
-    /// Not the address the client dials (127.0.0.1), so passing only when the
-    /// client sets `tls_domain_name` proves that setting works.
-    const SERVER_NAME: &'static str = "sessionstore.test";
-
-    fn new() -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "SessionStore test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-        let leaf = |names: Vec<String>| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, &ca)
-                .unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf(vec![Self::SERVER_NAME.to_string()]);
-        let (client_cert, client_key) = leaf(vec!["client.sessionstore.test".to_string()]);
-        Self {
-            ca: ca.pem(),
-            server_cert,
-            server_key,
-            client_cert,
-            client_key,
-        }
-    }
-
-    /// A test configuration serving TLS with this PKI's server certificate,
-    /// requiring client certificates from its CA when `mutual`.
-    fn server_config(&self, files: &TempFiles, mutual: bool) -> Config {
-        let mut config = test_config();
-        config.tls_cert = Some(files.write("server.pem", &self.server_cert));
-        config.tls_key = Some(files.write("server.key", &self.server_key));
-        if mutual {
-            config.tls_client_ca = Some(files.write("ca.pem", &self.ca));
-        }
-        config
-    }
-}
-
-/// The `https://` URL of a test server serving TLS.
-fn https_url(server: &TestServer) -> String {
-    format!("https://127.0.0.1:{}", server.addr.port())
-}
-
-/// A private temp directory for files the server reads, removed on drop.
-struct TempFiles(PathBuf);
-
-impl TempFiles {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sessionstore-client-{}",
-            unique_prefix().trim_end_matches(':')
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-}
-
-impl Drop for TempFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// How the stub answers every call.
 #[derive(Clone, Copy, Debug)]
 struct Behaviour {
@@ -1133,4 +1044,9 @@ impl SessionStore for StubService {
         self.answer("ResetLoginAttempts", &request)?;
         Ok(Response::new(pb::ResetLoginAttemptsResponse::default()))
     }
+}
+
+/// The `https://` URL of a test server serving TLS.
+fn https_url(server: &TestServer) -> String {
+    format!("https://127.0.0.1:{}", server.addr.port())
 }

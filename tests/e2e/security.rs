@@ -9,7 +9,7 @@ use sessionstore::v1::{GetSessionRequest, GetUserSessionCountRequest};
 use tonic::{Code, Request, metadata::MetadataValue};
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::common::{PrivateRedis, TestServer, config_on, test_config, wait_until};
+use crate::common::{Pki, PrivateRedis, TempFiles, TestServer, config_on, test_config, wait_until};
 
 /// A tokens file in the temp dir, removed on drop.
 struct TokensFile(PathBuf);
@@ -213,4 +213,88 @@ async fn the_callers_deadline_is_honoured() {
         })
         .await
     );
+}
+
+/// Redis over TLS (`rediss://`) verified with REDIS_CA_FILE, authenticated with
+/// REDIS_PASSWORD_FILE: calls work; without the CA or with a wrong password they
+/// fail as UNAVAILABLE, and no secret reaches the caller.
+#[tokio::test]
+async fn redis_over_tls_with_a_custom_ca_and_a_password_file() {
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let ca = files.write("ca.pem", &pki.ca);
+    let tls_port = crate::common::free_port().to_string();
+    let redis = PrivateRedis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        files.write("redis.pem", &pki.redis_cert).to_str().unwrap(),
+        "--tls-key-file",
+        files.write("redis.key", &pki.redis_key).to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("correct-horse-battery")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let tls_config = |password: &str, with_ca: bool| {
+        let mut config = config_on(&redis);
+        config.redis_url = format!("rediss://127.0.0.1:{tls_port}");
+        config.redis_password_file = Some(files.write("password", &format!("{password}\n")));
+        config.redis_ca_file = with_ca.then(|| ca.clone());
+        config.redis_timeout_ms = 1000;
+        config
+    };
+
+    let server = TestServer::start_with(tls_config("correct-horse-battery", true)).await;
+    let mut client = server.client().await;
+    let created = client
+        .create_session(sessionstore::v1::CreateSessionRequest {
+            user_id: "tls-user".into(),
+            token_id: "tls-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created);
+    let found = client
+        .get_session(GetSessionRequest {
+            token_id: "tls-1".into(),
+            user_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.session.is_some());
+    server.shutdown().await;
+
+    for (password, with_ca, why) in [
+        ("correct-horse-battery", false, "untrusted certificate"),
+        ("wrong-password", true, "wrong password"),
+    ] {
+        let server = TestServer::start_with(tls_config(password, with_ca)).await;
+        let mut client = server.client().await;
+        let status = client
+            .get_session(GetSessionRequest {
+                token_id: "tls-1".into(),
+                user_id: "tls-user".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{why}: {status:?}");
+        assert!(
+            !status.message().contains(password),
+            "{why}: the password leaked"
+        );
+        server.shutdown().await;
+    }
 }
