@@ -373,12 +373,8 @@ impl Store {
         owner: Option<&UserId>,
     ) -> Result<Option<Session>, Error> {
         let mut op = self.op("get_session").await?;
-        let owner = match owner {
-            Some(user) => user.clone(),
-            None => match self.find_owner(&mut op, token).await? {
-                Some(user) => user,
-                None => return Ok(None),
-            },
+        let Some(owner) = self.resolve_owner(&mut op, token, owner).await? else {
+            return Ok(None);
         };
         let json: Option<String> = op
             .query(redis::cmd("GET").arg(self.session_key(&owner, token.as_str())))
@@ -398,12 +394,8 @@ impl Store {
         owner: Option<&UserId>,
     ) -> Result<bool, Error> {
         let mut op = self.op("revoke_session").await?;
-        let owner = match owner {
-            Some(user) => user.clone(),
-            None => match self.find_owner(&mut op, token).await? {
-                Some(user) => user,
-                None => return Ok(false),
-            },
+        let Some(owner) = self.resolve_owner(&mut op, token, owner).await? else {
+            return Ok(false);
         };
         let revoked: i64 = op
             .invoke(
@@ -430,14 +422,7 @@ impl Store {
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn revoke_all_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
         let mut op = self.op("revoke_all_user_sessions").await?;
-        let tokens: Vec<String> = op
-            .query(
-                redis::cmd("ZRANGE")
-                    .arg(self.index_key(user))
-                    .arg(0)
-                    .arg(-1),
-            )
-            .await?;
+        let tokens = self.index_members(&mut op, user).await?;
         if tokens.is_empty() {
             return Ok(0);
         }
@@ -471,14 +456,7 @@ impl Store {
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn list_user_sessions(&self, user: &UserId) -> Result<Vec<Session>, Error> {
         let mut op = self.op("list_user_sessions").await?;
-        let tokens: Vec<String> = op
-            .query(
-                redis::cmd("ZRANGE")
-                    .arg(self.index_key(user))
-                    .arg(0)
-                    .arg(-1),
-            )
-            .await?;
+        let tokens = self.index_members(&mut op, user).await?;
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
@@ -542,6 +520,31 @@ impl Store {
         Ok(deleted == 1)
     }
 
+    /// The user a token belongs to: the caller's hint when given (a wrong
+    /// hint simply finds no session), else the token's reservation.
+    async fn resolve_owner(
+        &self,
+        op: &mut Op<'_>,
+        token: &TokenId,
+        hint: Option<&UserId>,
+    ) -> Result<Option<UserId>, Error> {
+        match hint {
+            Some(user) => Ok(Some(user.clone())),
+            None => self.find_owner(op, token).await,
+        }
+    }
+
+    /// Every token id in the user's index, live or not yet pruned.
+    async fn index_members(&self, op: &mut Op<'_>, user: &UserId) -> Result<Vec<String>, Error> {
+        op.query(
+            redis::cmd("ZRANGE")
+                .arg(self.index_key(user))
+                .arg(0)
+                .arg(-1),
+        )
+        .await
+    }
+
     async fn find_owner(&self, op: &mut Op<'_>, token: &TokenId) -> Result<Option<UserId>, Error> {
         let owner: Option<String> = op
             .query(redis::cmd("GET").arg(self.owner_key(token)))
@@ -587,25 +590,25 @@ impl Store {
         })
     }
 
-    fn session_key(&self, user: &UserId, token: &str) -> String {
+    pub(crate) fn session_key(&self, user: &UserId, token: &str) -> String {
         format!(
             "{}session:{{{user}}}:{{{token}}}",
             self.shared.settings.key_prefix
         )
     }
 
-    fn index_key(&self, user: &UserId) -> String {
+    pub(crate) fn index_key(&self, user: &UserId) -> String {
         format!(
             "{}user_sessions:{{{user}}}",
             self.shared.settings.key_prefix
         )
     }
 
-    fn owner_key(&self, token: &TokenId) -> String {
+    pub(crate) fn owner_key(&self, token: &TokenId) -> String {
         format!("{}token_owner:{{{token}}}", self.shared.settings.key_prefix)
     }
 
-    fn rate_limit_key(&self, addr: &ClientAddr) -> String {
+    pub(crate) fn rate_limit_key(&self, addr: &ClientAddr) -> String {
         format!(
             "{}rate_limit:login:{{{}}}",
             self.shared.settings.key_prefix,

@@ -397,14 +397,7 @@ async fn a_call_past_its_deadline_is_deadline_exceeded() {
             .unwrap()
     );
 
-    let mut conn = redis.connection().await;
-    redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(3000)
-        .arg("ALL")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    redis.pause(3000).await;
 
     let read = client.get_session("g-1").await;
     assert!(matches!(read, Err(Error::DeadlineExceeded(_))), "{read:?}");

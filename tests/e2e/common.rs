@@ -229,6 +229,19 @@ impl PrivateRedis {
             .unwrap()
     }
 
+    /// Makes Redis answer no client for `millis` (CLIENT PAUSE ... ALL); the
+    /// pause ends by itself (an UNPAUSE would be paused too).
+    pub(crate) async fn pause(&self, millis: u64) {
+        let mut admin = self.connection().await;
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(millis)
+            .arg("ALL")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+
     /// Kills the process (SIGKILL: no chance to save), and waits for it to die.
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

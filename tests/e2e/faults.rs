@@ -148,14 +148,7 @@ async fn paused_redis_times_out_as_unavailable() {
     };
     client.get_session(get()).await.unwrap();
 
-    let mut admin = redis.connection().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis.pause(1500).await;
     let started = Instant::now();
     let status = client.get_session(get()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

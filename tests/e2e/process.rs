@@ -123,14 +123,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_0() {
     client.get_session(get()).await.unwrap();
 
     // Hold calls in flight: Redis answers nothing for 1.5 s.
-    let mut admin = redis.connection().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis.pause(1500).await;
     let in_flight: Vec<_> = (0..20)
         .map(|_| {
             let mut client = client.clone();

@@ -124,14 +124,7 @@ async fn excess_calls_are_refused_not_queued() {
     client.clone().get_session(get()).await.unwrap();
 
     // Slow every Redis call down so the admitted ones stay in flight.
-    let mut admin = redis.connection().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(800)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis.pause(800).await;
     let calls: Vec<_> = (0..10)
         .map(|_| {
             let mut client = client.clone();
@@ -185,14 +178,7 @@ async fn the_callers_deadline_is_honoured() {
     };
     client.get_session(get()).await.unwrap();
 
-    let mut admin = redis.connection().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis.pause(1500).await;
     let mut request = Request::new(get());
     request.set_timeout(Duration::from_millis(200));
     let started = Instant::now();
