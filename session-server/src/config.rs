@@ -36,6 +36,11 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: SocketAddr,
 
+    /// Optional extra address serving only gRPC health, always in plaintext:
+    /// for kubelet gRPC probes, which cannot speak TLS, when TLS_CERT is set.
+    #[arg(long, env = "HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+
     /// Address of the Prometheus endpoint (`GET /metrics`).
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,

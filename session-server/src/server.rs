@@ -29,6 +29,15 @@ pub enum ServeError {
     /// TLS_CERT, TLS_KEY or TLS_CLIENT_CA could not be read or used.
     #[error("{0}")]
     Tls(String),
+    /// HEALTH_ADDR could not be bound.
+    #[error("binding HEALTH_ADDR {addr}: {source}")]
+    HealthListener {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// AUTH_TOKENS_FILE could not be read.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -100,6 +109,23 @@ pub async fn run(
         ),
     }
 
+    // Stops the plaintext health port, when there is one, with the main server.
+    let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+    let health_port = match config.health_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::HealthListener { addr, source })?;
+            tracing::info!(addr = %listener.local_addr().map_err(|source| ServeError::HealthListener { addr, source })?, "plaintext health port");
+            Some(tokio::spawn(serve_health(
+                listener,
+                health_service.clone(),
+                health_stopped,
+            )))
+        }
+        None => None,
+    };
+
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = {
         let health = health.clone();
@@ -135,7 +161,42 @@ pub async fn run(
     if let Some(reloader) = reloader {
         reloader.abort();
     }
+    let _ = stop_health.send(true);
+    if let Some(health_port) = health_port {
+        match health_port.await {
+            Ok(Err(err)) => tracing::warn!(error = %err, "health port failed"),
+            Err(err) => tracing::warn!(error = %err, "health port task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     result.map_err(ServeError::from)
+}
+
+/// Serves only `grpc.health.v1` in plaintext on HEALTH_ADDR, for kubelet gRPC
+/// probes (which cannot speak TLS) when the main port requires TLS.
+async fn serve_health<S>(
+    listener: TcpListener,
+    health_service: S,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await
 }
 
 /// The TLS configuration from TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or `None`

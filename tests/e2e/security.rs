@@ -284,3 +284,89 @@ async fn redis_over_tls_with_a_custom_ca_and_a_password_file() {
         server.shutdown().await;
     }
 }
+
+/// With TLS on the gRPC port, HEALTH_ADDR serves gRPC health in plaintext for
+/// kubelet probes (which cannot speak TLS), and only health: the session
+/// service is not reachable there.
+#[tokio::test]
+async fn a_plaintext_health_port_beside_a_tls_port() {
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let mut config = pki.server_config(&files, false);
+    let health_addr: std::net::SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+        .parse()
+        .unwrap();
+    config.health_addr = Some(health_addr);
+    let server = TestServer::start_with(config).await;
+
+    let channel = wait_for_channel(format!("http://{health_addr}")).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        overall.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let ready = wait_until(Duration::from_secs(5), || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: sessionstore::SERVICE_NAME.into(),
+                })
+                .await
+                .is_ok_and(|r| {
+                    r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                })
+        }
+    })
+    .await;
+    assert!(ready, "readiness on the health port never became SERVING");
+    let mut sessions = sessionstore::v1::session_store_client::SessionStoreClient::new(channel);
+    let status = sessions
+        .get_session(GetSessionRequest {
+            token_id: "t".into(),
+            user_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
+    // The main port speaks only TLS.
+    let plaintext = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plaintext {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        assert!(
+            health
+                .check(HealthCheckRequest {
+                    service: String::new()
+                })
+                .await
+                .is_err(),
+            "the TLS port answered plaintext"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// A channel to `url`, retried until the listener (bound by the server task) accepts.
+async fn wait_for_channel(url: String) -> tonic::transport::Channel {
+    let endpoint = tonic::transport::Channel::from_shared(url).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return channel,
+            Err(err) if Instant::now() > deadline => panic!("health port never accepted: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
