@@ -86,6 +86,13 @@ struct Args {
     /// reported, as `name=pid`; repeatable.
     #[arg(long = "watch", value_parser = parse_watch)]
     watch: Vec<(String, u32)>,
+    /// Names this run's users and tokens; by default unique per run. Reusing
+    /// one with `--no-populate` reads the sessions an earlier run made.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Skips creating the sessions the profile reads (they exist already).
+    #[arg(long)]
+    no_populate: bool,
     /// Printed as `label=` so a script can tell its runs apart.
     #[arg(long, default_value = "")]
     label: String,
@@ -410,23 +417,26 @@ async fn run(args: Args) -> Result<String, String> {
         clients.push(SessionStoreClient::new(channel));
     }
 
-    let run_id = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() % 1_000_000_000)
-            .unwrap_or(0)
-    );
+    let run_id = args.run_id.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() % 1_000_000_000)
+                .unwrap_or(0)
+        )
+    });
     let keys = Keys {
         run: run_id,
         users: args.users,
         keyspace: args.keyspace,
     };
-    let needs_sessions = matches!(
-        args.profile,
-        Profile::GetHint | Profile::GetNohint | Profile::Revoke | Profile::Mixed
-    );
+    let needs_sessions = !args.no_populate
+        && matches!(
+            args.profile,
+            Profile::GetHint | Profile::GetNohint | Profile::Revoke | Profile::Mixed
+        );
     if needs_sessions {
         let started = Instant::now();
         populate(&clients, &keys, args.concurrency.clamp(16, 64)).await?;

@@ -11,17 +11,17 @@ use crate::{
 };
 
 /// A required user id.
-pub(crate) fn user_id(value: String) -> Result<UserId, Error> {
+pub fn user_id(value: String) -> Result<UserId, Error> {
     UserId::parse("user_id", value)
 }
 
 /// A required token id.
-pub(crate) fn token_id(value: String) -> Result<TokenId, Error> {
+pub fn token_id(value: String) -> Result<TokenId, Error> {
     TokenId::parse("token_id", value)
 }
 
 /// An optional user id hint: empty means absent.
-pub(crate) fn user_hint(value: String) -> Result<Option<UserId>, Error> {
+pub fn user_hint(value: String) -> Result<Option<UserId>, Error> {
     if value.is_empty() {
         Ok(None)
     } else {
@@ -30,7 +30,7 @@ pub(crate) fn user_hint(value: String) -> Result<Option<UserId>, Error> {
 }
 
 /// Validates a CreateSessionRequest into a [`NewSession`].
-pub(crate) fn new_session(req: pb::CreateSessionRequest) -> Result<NewSession, Error> {
+pub fn new_session(req: pb::CreateSessionRequest) -> Result<NewSession, Error> {
     let user_id = user_id(req.user_id)?;
     let token_id = token_id(req.token_id)?;
     model::validate_metadata(&req.metadata)?;
@@ -58,7 +58,7 @@ fn duration_from_proto(ttl: prost_types::Duration) -> Result<Duration, Error> {
 }
 
 /// A domain duration as a proto Duration.
-pub(crate) fn duration_to_proto(duration: Duration) -> prost_types::Duration {
+pub fn duration_to_proto(duration: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
         // Always below 1e9, so it fits.
@@ -71,7 +71,7 @@ fn timestamp(ms: u64) -> prost_types::Timestamp {
 }
 
 /// A stored session as its proto message.
-pub(crate) fn session_to_proto(session: Session) -> pb::Session {
+pub fn session_to_proto(session: Session) -> pb::Session {
     pb::Session {
         user_id: session.user_id,
         token_id: session.token_id,
@@ -82,7 +82,7 @@ pub(crate) fn session_to_proto(session: Session) -> pb::Session {
 }
 
 /// A login verdict as its proto response.
-pub(crate) fn verdict_to_proto(verdict: LoginVerdict) -> pb::RecordLoginAttemptResponse {
+pub fn verdict_to_proto(verdict: LoginVerdict) -> pb::RecordLoginAttemptResponse {
     pb::RecordLoginAttemptResponse {
         allowed: verdict.allowed,
         attempts: verdict.attempts,

@@ -10,7 +10,7 @@
 //! - [`auth`]: optional bearer-token authentication of callers.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics`.
 //! - [`service`]: the generated trait's implementation; thin handlers.
-//! - [`convert`]: proto messages to and from domain types, with validation.
+//! - `convert`: proto messages to and from domain types, with validation.
 //! - [`model`]: the domain types; ids are validated on construction.
 //! - [`store`]: Redis: the key layout, the Lua scripts and the pool.
 //! - [`error`]: the error type and its single mapping to gRPC codes.
@@ -20,12 +20,17 @@
 
 pub mod auth;
 pub mod config;
-mod convert;
+// Public only for the fuzz target in `fuzz/` (it feeds decoded requests through
+// the same validation as the handlers); not part of the supported API.
+#[doc(hidden)]
+pub mod convert;
 pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod observe;
+#[cfg(test)]
+mod proptests;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -3,12 +3,14 @@
 //! so the whole stack is linked once.
 
 mod client;
+mod commands;
 mod common;
 mod failover;
 mod faults;
 mod health;
 mod metrics;
 mod process;
+mod properties;
 mod rate_limit;
 mod security;
 mod sessions;

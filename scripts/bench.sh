@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# Measures SessionStore against Redis itself on this machine, and prints one
+# markdown table (see BENCHMARKS.md for the method).
+#
+# Builds the release server and the load generator (benches/session_bench.rs),
+# starts a private redis-server (no persistence) and the server on free ports,
+# then for each concurrency runs back to back:
+#   GetSession:    redis-benchmark GET of session-sized values, then the
+#                  service's GetSession with the user id hint;
+#   CreateSession: redis-benchmark EVALSHA of create_session.lua, then the
+#                  service's CreateSession;
+# and repeats the lot. CPU time of the server, Redis and the load generator
+# comes from /proc/PID/stat; the server's RSS from /proc/PID/status.
+#
+# Usage: scripts/bench.sh [--long] [--repeats N] [--duration S] [--concurrency "1 16 64 256"]
+#   --long  also runs 60 s of mixed load at c=256 and reports the server's RSS
+#           at its start and end.
+# Server settings (REDIS_POOL_SIZE, TOKIO_WORKER_THREADS, ...) pass through
+# the environment; BENCH_THREADS sets the load generator's worker threads.
+# BENCH_PRIO is a command prefix for Redis, the server and both load
+# generators alike, e.g. BENCH_PRIO="chrt -r 1" (root) so that other work on
+# a shared machine does not take their CPU; the table header records it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LONG=0
+REPEATS=2
+DURATION=5
+WARMUP=1
+CONCURRENCIES="1 16 64 256"
+CONNECTIONS=4
+KEYSPACE=10000
+GET_USERS=2000
+CREATE_USERS=100000
+BENCH_THREADS="${BENCH_THREADS:-1}"
+read -r -a prio <<<"${BENCH_PRIO:-}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --long) LONG=1 ;;
+    --repeats) REPEATS="$2"; shift ;;
+    --duration) DURATION="$2"; shift ;;
+    --concurrency) CONCURRENCIES="$2"; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "bench: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+for tool in redis-server redis-cli redis-benchmark; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "bench: $tool is missing (apt-get install redis-server redis-tools)" >&2
+    exit 1
+  fi
+done
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/sessionstore-bench.XXXXXX")"
+redis_pid=""
+server_pid=""
+cleanup() {
+  [[ -n "$server_pid" ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  [[ -n "$redis_pid" ]] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+
+# A port nothing listens on right now (a connect to it is refused).
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+}
+
+# The value of key $2 in a line of key=value pairs $1.
+field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n1; }
+
+# CPU seconds (user + system) a process has used so far.
+cpu_of() { awk '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / 100 }' "/proc/$1/stat"; }
+
+log "building (release)"
+# The executables' paths come from cargo, so CARGO_TARGET_DIR is honoured.
+executable() { sed -n "s/.*\"executable\":\"\([^\"]*$1[^\"]*\)\".*/\1/p" | tail -n1; }
+server_bin="$(cargo build --release --locked -p session-server --bin session-server \
+  --message-format=json-render-diagnostics | executable session-server)"
+bench_bin="$(cargo build --release --locked -p sessionstore --bench session_bench \
+  --message-format=json-render-diagnostics | executable session_bench)"
+[[ -x "$bench_bin" && -x "$server_bin" ]] || { log "build produced no binaries"; exit 1; }
+
+redis_port="$(free_port)"
+${prio[@]+"${prio[@]}"} redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$work" --logfile "$work/redis.log" &
+redis_pid=$!
+rcli() { redis-cli -p "$redis_port" "$@"; }
+for _ in $(seq 100); do rcli ping >/dev/null 2>&1 && break; sleep 0.05; done
+rcli ping >/dev/null
+
+# Port 0 for both listeners: the server logs the addresses it bound.
+REDIS_URL="redis://127.0.0.1:$redis_port" LISTEN_ADDR=127.0.0.1:0 METRICS_ADDR=127.0.0.1:0 \
+  LOG_FORMAT=json RUST_LOG="${RUST_LOG:-info}" ${prio[@]+"${prio[@]}"} "$server_bin" >"$work/server.log" 2>&1 &
+server_pid=$!
+listen=""
+for _ in $(seq 200); do
+  listen="$(sed -n 's/.*"addr":"\([^"]*\)".*"message":"listening".*/\1/p;s/.*"message":"listening".*"addr":"\([^"]*\)".*/\1/p' "$work/server.log" | head -n1)"
+  [[ -n "$listen" ]] && break
+  sleep 0.05
+done
+[[ -n "$listen" ]] || { log "server did not start:"; cat "$work/server.log" >&2; exit 1; }
+url="http://$listen"
+log "redis on :$redis_port (pid $redis_pid), server on $listen (pid $server_pid)"
+
+# The session JSON the service stores for the bench's sessions is this long;
+# redis-benchmark GETs values of the same size.
+value_size=240
+create_sha="$(rcli script load "$(cat session-server/src/scripts/create_session.lua)")"
+head_json='{"user_id":"bench-u","token_id":"bench-t","metadata":{"ip":"10.12.34.56","user_agent":"Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0"}'
+
+# The numbers of redis-benchmark's --csv result line: rps, avg, min, p50, p95,
+# p99, max (ms). Counted from the end: the test name may hold commas and quotes.
+csv_numbers() {
+  awk -F, 'NR == 2 { for (i = NF - 6; i <= NF; i++) { gsub(/"/, "", $i); printf "%s%s", $i, (i < NF ? " " : "\n") } }'
+}
+
+# Runs redis-benchmark with $1 = concurrency, the rest its command; sized to
+# last about DURATION seconds by a short calibration run. Prints
+# "rps p99_ms redis_cpu_s benchmark_cpu_s".
+redis_bench() {
+  local c="$1"; shift
+  local cal=$((c == 1 ? 10000 : 40000))
+  local rps n before after
+  rps="$(${prio[@]+"${prio[@]}"} redis-benchmark -p "$redis_port" -c "$c" -P 1 -n "$cal" --csv "$@" | csv_numbers | cut -d' ' -f1)"
+  [[ -n "$rps" ]] || { log "redis-benchmark gave no result: $*"; exit 1; }
+  n="$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { printf "%d", r * d }')"
+  before="$(cpu_of "$redis_pid")"
+  ( ${prio[@]+"${prio[@]}"} redis-benchmark -p "$redis_port" -c "$c" -P 1 -n "$n" --csv "$@" >"$work/rb.csv"; times >"$work/rb.times" )
+  after="$(cpu_of "$redis_pid")"
+  # The second line of `times` is the children's user and system time: 0m1.230s 0m0.450s.
+  local self_cpu
+  self_cpu="$(awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%.2f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$work/rb.times")"
+  csv_numbers <"$work/rb.csv" | awk -v b="$before" -v a="$after" -v s="$self_cpu" \
+    '{ printf "%s %s %.2f %s\n", $1, $6, a - b, s }'
+
+}
+
+service_bench() {
+  local c="$1" profile="$2" users="$3"; shift 3
+  ${prio[@]+"${prio[@]}"} "$bench_bin" --url "$url" --connections "$CONNECTIONS" --concurrency "$c" \
+    --warmup "$WARMUP" --duration "$DURATION" --profile "$profile" \
+    --users "$users" --keyspace "$KEYSPACE" --threads "$BENCH_THREADS" \
+    --watch "server=$server_pid" --watch "redis=$redis_pid" "$@" 2>>"$work/bench.log"
+}
+
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+results="$work/results"
+: >"$results"
+for repeat in $(seq "$REPEATS"); do
+  for c in $CONCURRENCIES; do
+    log "repeat $repeat, c=$c: GET"
+    rcli flushall >/dev/null
+    redis-benchmark -p "$redis_port" -c 50 -P 16 -n $((KEYSPACE * 5)) -r "$KEYSPACE" -d "$value_size" -t set -q >/dev/null
+    read -r r_rps r_p99 r_cpu rb_cpu <<<"$(redis_bench "$c" -r "$KEYSPACE" GET 'key:__rand_int__')"
+    [[ -n "$r_rps" ]] || exit 1
+    line="$(service_bench "$c" get-hint "$GET_USERS")"
+    echo "get $c $r_rps $r_p99 $r_cpu $rb_cpu $line" >>"$results"
+    [[ "$(field "$line" errors)" == 0 && "$(field "$line" misses)" == 0 ]] \
+      || log "GetSession c=$c: $(field "$line" errors) errors, $(field "$line" misses) misses"
+
+    log "repeat $repeat, c=$c: CREATE"
+    rcli flushall >/dev/null
+    read -r r_rps r_p99 r_cpu rb_cpu <<<"$(redis_bench "$c" -r "$CREATE_USERS" EVALSHA "$create_sha" 2 \
+      'session:{bench-u__rand_int__}:{bench-t__rand_int__}' 'user_sessions:{bench-u__rand_int__}' \
+      'bench-t__rand_int__' 900000 10 evict_oldest "$head_json")"
+    [[ -n "$r_rps" ]] || exit 1
+    rcli flushall >/dev/null
+    line="$(service_bench "$c" create "$CREATE_USERS")"
+    echo "create $c $r_rps $r_p99 $r_cpu $rb_cpu $line" >>"$results"
+    [[ "$(field "$line" errors)" == 0 ]] || log "CreateSession c=$c: $(field "$line" errors) errors"
+  done
+done
+
+rss_line=""
+if [[ "$LONG" == 1 ]]; then
+  log "60 s of mixed load at c=256 for the server's RSS"
+  rcli flushall >/dev/null
+  rss_line="$(WARMUP=0 DURATION=60 service_bench 256 mixed "$GET_USERS")"
+fi
+
+# The table: medians over the repeats (the ratio's range in brackets).
+{
+  echo "SessionStore vs Redis on $(nproc) cores, $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -m)," \
+    "$REPEATS repeats of ${DURATION} s windows, $CONNECTIONS HTTP/2 connections, loadgen threads $BENCH_THREADS;" \
+    "load average before $load_before, after $(cut -d' ' -f1-3 /proc/loadavg);" \
+    "priority prefix: ${BENCH_PRIO:-none}"
+  echo
+  echo "| RPC vs Redis | c | service rps | Redis rps | ratio | p99 service ms | p99 Redis ms | CPU s server | CPU s Redis (service run) | CPU s loadgen | CPU s Redis (redis-benchmark run) | CPU s redis-benchmark | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for op in get create; do
+    for c in $CONCURRENCIES; do
+      grep "^$op $c " "$results" | while read -r _ _ r_rps r_p99 r_cpu rb_cpu rest; do
+        printf '%s %s %s %s %s %s %s %s %s %s\n' "$r_rps" "$r_p99" "$r_cpu" "$rb_cpu" \
+          "$(field "$rest" rps)" "$(field "$rest" p99_ms)" "$(field "$rest" cpu_server_s)" \
+          "$(field "$rest" cpu_redis_s)" "$(field "$rest" cpu_loadgen_s)" "$(field "$rest" errors)"
+      done | awk -v op="$op" -v c="$c" '
+        function median(a, n,   i, j, t) {
+          for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+          return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        }
+        { n++; rr[n] = $1; rp[n] = $2; rc[n] = $3; bc[n] = $4; sr[n] = $5; sp[n] = $6; sc[n] = $7; src[n] = $8; lc[n] = $9; err += $10
+          q[n] = $5 / $1; if (n == 1 || q[n] < lo) lo = q[n]; if (n == 1 || q[n] > hi) hi = q[n] }
+        END {
+          if (n == 0) exit
+          name = op == "get" ? "GetSession (hint) vs GET" : "CreateSession vs EVALSHA create_session.lua"
+          printf "| %s | %d | %.0f | %.0f | %.2f (%.2f-%.2f) | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %d |\n",
+            name, c, median(sr, n), median(rr, n), median(q, n), lo, hi, median(sp, n), median(rp, n),
+            median(sc, n), median(src, n), median(lc, n), median(rc, n), median(bc, n), err
+        }'
+    done
+  done
+  echo
+  rss256="$(grep '^get 256 ' "$results" | tail -n1 || true)"
+  if [[ -n "$rss256" ]]; then
+    echo "Server RSS, GetSession c=256 (${DURATION} s): start $(field "$rss256" rss_server_start_kib) KiB," \
+      "end $(field "$rss256" rss_server_end_kib) KiB, peak $(field "$rss256" hwm_server_kib) KiB"
+  fi
+  if [[ -n "$rss_line" ]]; then
+    echo "Server RSS, mixed c=256 (60 s, $(field "$rss_line" rps) rps, p99 $(field "$rss_line" p99_ms) ms," \
+      "$(field "$rss_line" errors) errors): start $(field "$rss_line" rss_server_start_kib) KiB," \
+      "end $(field "$rss_line" rss_server_end_kib) KiB, peak $(field "$rss_line" hwm_server_kib) KiB"
+  fi
+}
+if [[ -n "${BENCH_RAW:-}" ]]; then cp "$results" "$BENCH_RAW"; fi

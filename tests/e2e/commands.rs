@@ -1,0 +1,107 @@
+//! Redis commands per call: the cheap guard behind the benchmark. GetSession is
+//! the hot path, and its cost is counted in Redis commands, which no timing
+//! noise can blur: a per-call PING, an extra lookup or a script where a GET
+//! would do shows up here as a failed test.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use sessionstore::v1::{CreateSessionRequest, GetSessionRequest};
+
+use crate::common::{PrivateRedis, TestServer, config_on, readiness, wait_until};
+
+/// The calls Redis has answered so far, by command (`INFO commandstats`),
+/// without INFO itself.
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    // Lines look like `cmdstat_get:calls=100,usec=250,usec_per_call=2.50,...`.
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| name != "info")
+        .collect()
+}
+
+/// What was called between two snapshots, and how often in all.
+fn delta(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> (u64, BTreeMap<String, u64>) {
+    let by_command: BTreeMap<String, u64> = after
+        .iter()
+        .map(|(name, n)| (name.clone(), n - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    (by_command.values().sum(), by_command)
+}
+
+/// GetSession costs one Redis command with the user id hint and at most two
+/// without it, counting every command Redis saw (health PINGs included).
+#[tokio::test]
+async fn get_session_needs_one_command_with_the_hint_and_two_without() {
+    const CALLS: u64 = 100;
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    // One readiness PING at start, then none while the test counts.
+    config.health_check_interval_ms = 3_600_000;
+    let server = TestServer::start_with(config).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            readiness(&server).await == 1
+        })
+        .await,
+        "the server never saw Redis answer its first PING"
+    );
+
+    let mut client = server.client().await;
+    let session = |i: u64| (format!("user-{}", i % 10), format!("token-{i}"));
+    for i in 0..CALLS {
+        let (user_id, token_id) = session(i);
+        let created = client
+            .create_session(CreateSessionRequest {
+                user_id,
+                token_id,
+                metadata: [("ip".to_string(), "10.0.0.1".to_string())].into(),
+                ttl: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .created;
+        assert!(created, "session {i} was not created");
+    }
+
+    let mut redis_conn = redis.connection().await;
+    for hinted in [true, false] {
+        let before = command_calls(&mut redis_conn).await;
+        for i in 0..CALLS {
+            let (user_id, token_id) = session(i);
+            let found = client
+                .get_session(GetSessionRequest {
+                    token_id,
+                    user_id: if hinted { user_id } else { String::new() },
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .session;
+            // A lookup that found nothing could have skipped Redis altogether.
+            assert!(found.is_some(), "session {i} not found (hint: {hinted})");
+        }
+        let after = command_calls(&mut redis_conn).await;
+        let (total, by_command) = delta(&before, &after);
+        let allowed = if hinted { CALLS } else { 2 * CALLS };
+        assert!(
+            total <= allowed,
+            "{CALLS} GetSession calls (hint: {hinted}) sent {total} Redis commands, \
+             more than {allowed}: {by_command:?}"
+        );
+    }
+    server.shutdown().await;
+}
