@@ -20,7 +20,14 @@
 //! longest session of its token could have, so a token id revoked for one user
 //! cannot be taken by another while a JWT carrying it could still be presented.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use redis::{
     AsyncConnectionConfig, FromRedisValue, RedisFuture, Value,
@@ -524,7 +531,7 @@ impl Store {
     /// hint simply finds no session), else the token's reservation.
     async fn resolve_owner(
         &self,
-        op: &mut Op<'_>,
+        op: &mut Op,
         token: &TokenId,
         hint: Option<&UserId>,
     ) -> Result<Option<UserId>, Error> {
@@ -535,7 +542,7 @@ impl Store {
     }
 
     /// Every token id in the user's index, live or not yet pruned.
-    async fn index_members(&self, op: &mut Op<'_>, user: &UserId) -> Result<Vec<String>, Error> {
+    async fn index_members(&self, op: &mut Op, user: &UserId) -> Result<Vec<String>, Error> {
         op.query(
             redis::cmd("ZRANGE")
                 .arg(self.index_key(user))
@@ -545,7 +552,7 @@ impl Store {
         .await
     }
 
-    async fn find_owner(&self, op: &mut Op<'_>, token: &TokenId) -> Result<Option<UserId>, Error> {
+    async fn find_owner(&self, op: &mut Op, token: &TokenId) -> Result<Option<UserId>, Error> {
         let owner: Option<String> = op
             .query(redis::cmd("GET").arg(self.owner_key(token)))
             .await?;
@@ -560,15 +567,30 @@ impl Store {
     }
 
     /// Checks a connection out of the pool, starting the operation's deadline.
-    async fn op(&self, name: &'static str) -> Result<Op<'_>, Error> {
+    async fn op(&self, name: &'static str) -> Result<Op, Error> {
         let timeout = self.shared.settings.timeout;
         let deadline = Instant::now() + timeout;
         let checkout = async {
             match &self.shared.backend {
-                Backend::Pool(pool) => match pool.get().await {
-                    Ok(conn) => Ok(Link::Pooled(conn)),
-                    Err(bb8::RunError::User(err)) => Err(Error::from(err)),
-                    Err(bb8::RunError::TimedOut) => Err(Error::Timeout(timeout)),
+                // The checkout ends at once: the operation keeps a clone of
+                // the multiplexed connection (a cheap handle), so concurrent
+                // operations share connections and redis-rs batches their
+                // commands into one write. Holding the checkout for the whole
+                // operation let each connection carry one command at a time.
+                Backend::Pool(pool) => loop {
+                    match pool.get().await {
+                        // Marked broken by an operation since it was last
+                        // returned: handing it back makes the pool drop it.
+                        Ok(pooled) if pooled.broken.load(Ordering::Relaxed) => drop(pooled),
+                        Ok(pooled) => {
+                            break Ok(Link::Shared {
+                                conn: pooled.inner.clone(),
+                                broken: Arc::clone(&pooled.broken),
+                            });
+                        }
+                        Err(bb8::RunError::User(err)) => break Err(Error::from(err)),
+                        Err(bb8::RunError::TimedOut) => break Err(Error::Timeout(timeout)),
+                    }
                 },
                 Backend::Cluster { client, connection } => connection
                     .get_or_try_init(|| client.get_async_connection())
@@ -619,15 +641,15 @@ impl Store {
 
 /// One store operation: a pooled connection and the deadline that bounds all
 /// of the operation's round trips.
-struct Op<'a> {
-    conn: Link<'a>,
+struct Op {
+    conn: Link,
     deadline: Instant,
     timeout: Duration,
     /// The store operation, as the `op` metric label.
     name: &'static str,
 }
 
-impl Op<'_> {
+impl Op {
     async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, Error> {
         let start = std::time::Instant::now();
         let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn)).await;
@@ -677,27 +699,31 @@ impl Op<'_> {
 }
 
 /// The connection one operation uses.
-enum Link<'a> {
-    /// Checked out of the pool; back in it when the operation ends.
-    Pooled(bb8::PooledConnection<'a, RedisManager>),
+enum Link {
+    /// A handle on a pooled multiplexed connection, and the pool's flag for
+    /// whether it has failed.
+    Shared {
+        conn: MultiplexedConnection,
+        broken: Arc<AtomicBool>,
+    },
     /// A handle on the shared cluster connection.
     Cluster(ClusterConnection),
 }
 
-impl Link<'_> {
+impl Link {
     /// Tells the pool not to reuse this connection. A cluster connection
     /// repairs itself, so there is nothing to do for it.
     fn mark_broken(&mut self) {
-        if let Self::Pooled(conn) = self {
-            conn.broken = true;
+        if let Self::Shared { broken, .. } = self {
+            broken.store(true, Ordering::Relaxed);
         }
     }
 }
 
-impl ConnectionLike for Link<'_> {
+impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Self::Pooled(conn) => conn.inner.req_packed_command(cmd),
+            Self::Shared { conn, .. } => conn.req_packed_command(cmd),
             Self::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -709,14 +735,14 @@ impl ConnectionLike for Link<'_> {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Self::Pooled(conn) => conn.inner.req_packed_commands(pipeline, offset, count),
+            Self::Shared { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
             Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Self::Pooled(conn) => conn.inner.get_db(),
+            Self::Shared { conn, .. } => conn.get_db(),
             Self::Cluster(conn) => conn.get_db(),
         }
     }
@@ -729,7 +755,8 @@ impl ConnectionLike for Link<'_> {
 /// the pool for good; this wrapper lets the failing operation say so.
 pub(crate) struct PooledRedis {
     inner: MultiplexedConnection,
-    broken: bool,
+    /// Shared with every operation using a clone of `inner`.
+    broken: Arc<AtomicBool>,
 }
 
 /// Opens multiplexed Redis connections for the bb8 pool, with the store's
@@ -775,7 +802,7 @@ impl bb8::ManageConnection for RedisManager {
         };
         Ok(PooledRedis {
             inner,
-            broken: false,
+            broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -784,7 +811,7 @@ impl bb8::ManageConnection for RedisManager {
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.broken
+        conn.broken.load(Ordering::Relaxed)
     }
 }
 
