@@ -12,7 +12,8 @@
 //! - [`service`]: the generated trait's implementation; thin handlers.
 //! - `convert`: proto messages to and from domain types, with validation.
 //! - [`model`]: the domain types; ids are validated on construction.
-//! - [`store`]: Redis: the key layout, the Lua scripts and the pool.
+//! - [`store`]: Redis: the key layout, the Lua scripts and the pool, one
+//!   concern per file (sessions, login limiter, connection).
 //! - [`error`]: the error type and its single mapping to gRPC codes.
 //! - [`config`]: every setting, from the environment or flags.
 

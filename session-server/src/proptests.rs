@@ -5,7 +5,7 @@
 //! layout if they got through: `{`, `}`, `:`, white space, non-ASCII, empty and
 //! over-long.
 //!
-//! These complement the example tests in `model.rs` and `store.rs`; the
+//! These complement the example tests in `model.rs` and `store/`; the
 //! end-to-end counterpart (the same rules seen over gRPC) is
 //! `tests/e2e/properties.rs`.
 

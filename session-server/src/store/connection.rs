@@ -1,0 +1,376 @@
+//! Connections to Redis: a bb8 pool of multiplexed connections (standalone and
+//! sentinel) or one cluster connection, and [`Op`], one store operation bound
+//! by a deadline.
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use redis::{
+    AsyncConnectionConfig, FromRedisValue, RedisFuture, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+};
+use tokio::time::{Instant, timeout_at};
+
+use super::{RedisMode, Settings, Store, record_error};
+use crate::error::Error;
+
+/// How connections are had: one store, one connection type chosen at start.
+pub(super) enum Backend {
+    /// Standalone and sentinel: a bb8 pool of multiplexed connections.
+    Pool(bb8::Pool<RedisManager>),
+    /// Cluster: one cluster connection (itself multiplexed over every node),
+    /// made on first use so the server can start while the cluster is down.
+    Cluster {
+        /// Boxed: the client is large, and there is one per process.
+        client: Box<ClusterClient>,
+        connection: tokio::sync::OnceCell<ClusterConnection>,
+    },
+}
+
+impl Backend {
+    /// The connection source for `settings`; nothing is dialled yet.
+    pub(super) fn new(settings: &Settings) -> Result<Self, Error> {
+        let connector = match settings.mode {
+            RedisMode::Standalone => Connector::Direct(redis_client(settings)?),
+            RedisMode::Sentinel => {
+                Connector::Sentinel(tokio::sync::Mutex::new(sentinel_client(settings)?))
+            }
+            RedisMode::Cluster => {
+                let backend = Backend::Cluster {
+                    client: Box::new(cluster_client(settings)?),
+                    connection: tokio::sync::OnceCell::new(),
+                };
+                return Ok(backend);
+            }
+        };
+        let manager = RedisManager {
+            connector,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(settings.timeout))
+                // Each operation is bounded by `Settings::timeout` as a whole.
+                .set_response_timeout(None),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(settings.pool_size)
+            // A PING per checkout would double the round trips; broken
+            // connections are found by `RedisManager::has_broken` instead.
+            .test_on_check_out(false)
+            .connection_timeout(settings.timeout)
+            // Fail at once when Redis refuses connections rather than spinning
+            // until the timeout: the caller gets UNAVAILABLE and may retry.
+            .retry_connection(false)
+            .build_unchecked(manager);
+        Ok(Self::Pool(pool))
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pool(pool) => f.debug_tuple("Pool").field(&pool.state()).finish(),
+            Self::Cluster { .. } => f.write_str("Cluster"),
+        }
+    }
+}
+
+impl Store {
+    /// Checks a connection out of the pool, starting the operation's deadline.
+    pub(super) async fn op(&self, name: &'static str) -> Result<Op, Error> {
+        let timeout = self.shared.settings.timeout;
+        let deadline = Instant::now() + timeout;
+        let checkout = async {
+            match &self.shared.backend {
+                // The checkout ends at once: the operation keeps a clone of
+                // the multiplexed connection (a cheap handle), so concurrent
+                // operations share connections and redis-rs batches their
+                // commands into one write. Holding the checkout for the whole
+                // operation let each connection carry one command at a time.
+                Backend::Pool(pool) => loop {
+                    match pool.get().await {
+                        // Marked broken by an operation since it was last
+                        // returned: handing it back makes the pool drop it.
+                        Ok(pooled) if pooled.broken.load(Ordering::Relaxed) => drop(pooled),
+                        Ok(pooled) => {
+                            break Ok(Link::Shared {
+                                conn: pooled.inner.clone(),
+                                broken: Arc::clone(&pooled.broken),
+                            });
+                        }
+                        Err(bb8::RunError::User(err)) => break Err(Error::from(err)),
+                        Err(bb8::RunError::TimedOut) => break Err(Error::Timeout(timeout)),
+                    }
+                },
+                Backend::Cluster { client, connection } => connection
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await
+                    .map(|conn| Link::Cluster(conn.clone()))
+                    .map_err(Error::from),
+            }
+        };
+        let conn = match timeout_at(deadline, checkout).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(err)) => return Err(record_error(name, err)),
+            Err(_) => return Err(record_error(name, Error::Timeout(timeout))),
+        };
+        Ok(Op {
+            conn,
+            deadline,
+            timeout,
+            name,
+        })
+    }
+}
+
+/// One store operation: a pooled connection and the deadline that bounds all
+/// of the operation's round trips.
+pub(super) struct Op {
+    conn: Link,
+    deadline: Instant,
+    timeout: Duration,
+    /// The store operation, as the `op` metric label.
+    name: &'static str,
+}
+
+impl Op {
+    pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, Error> {
+        let start = std::time::Instant::now();
+        let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn)).await;
+        self.settle(start, result)
+    }
+
+    pub(super) async fn invoke<T: FromRedisValue>(
+        &mut self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Error> {
+        let start = std::time::Instant::now();
+        let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn)).await;
+        self.settle(start, result)
+    }
+
+    /// Maps a round trip's outcome, marking the connection broken when it can
+    /// no longer be trusted, so the pool replaces it instead of reusing it.
+    fn settle<T>(
+        &mut self,
+        start: std::time::Instant,
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, Error> {
+        metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => self.name)
+            .record(start.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                // READONLY: the master we hold was demoted by a failover.
+                if err.is_io_error()
+                    || err.is_connection_dropped()
+                    || err.is_unrecoverable_error()
+                    || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                {
+                    self.conn.mark_broken();
+                }
+                Err(err.into())
+            }
+            Err(_elapsed) => {
+                // A silent peer (host gone, network partition) never resets the
+                // socket: reconnect rather than queue behind it.
+                self.conn.mark_broken();
+                Err(Error::Timeout(self.timeout))
+            }
+        };
+        outcome.map_err(|err| record_error(self.name, err))
+    }
+}
+
+/// The connection one operation uses.
+enum Link {
+    /// A handle on a pooled multiplexed connection, and the pool's flag for
+    /// whether it has failed.
+    Shared {
+        conn: MultiplexedConnection,
+        broken: Arc<AtomicBool>,
+    },
+    /// A handle on the shared cluster connection.
+    Cluster(ClusterConnection),
+}
+
+impl Link {
+    /// Tells the pool not to reuse this connection. A cluster connection
+    /// repairs itself, so there is nothing to do for it.
+    fn mark_broken(&mut self) {
+        if let Self::Shared { broken, .. } = self {
+            broken.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Shared { conn, .. } => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Shared { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Shared { conn, .. } => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// A pooled Redis connection and whether it has failed.
+///
+/// bb8-redis's manager reports connections as never broken, so with
+/// test-on-checkout off a connection killed by a Redis restart would stay in
+/// the pool for good; this wrapper lets the failing operation say so.
+pub(super) struct PooledRedis {
+    inner: MultiplexedConnection,
+    /// Shared with every operation using a clone of `inner`.
+    broken: Arc<AtomicBool>,
+}
+
+/// Opens multiplexed Redis connections for the bb8 pool, with the store's
+/// connect timeout, and drops those that failed.
+pub(super) struct RedisManager {
+    connector: Connector,
+    config: AsyncConnectionConfig,
+}
+
+/// Where a new pooled connection goes.
+pub(super) enum Connector {
+    /// Straight to the one server.
+    Direct(redis::Client),
+    /// To whichever master the sentinels name at connect time.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+impl fmt::Debug for RedisManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection info may carry a password: never print it.
+        f.debug_struct("RedisManager").finish_non_exhaustive()
+    }
+}
+
+impl bb8::ManageConnection for RedisManager {
+    type Connection = PooledRedis;
+    type Error = redis::RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let inner = match &self.connector {
+            Connector::Direct(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await?
+            }
+            Connector::Sentinel(sentinel) => {
+                sentinel
+                    .lock()
+                    .await
+                    .get_async_connection_with_config(&self.config)
+                    .await?
+            }
+        };
+        Ok(PooledRedis {
+            inner,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        redis::cmd("PING").query_async(&mut conn.inner).await
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// A Redis client for the settings' URL, with the password and CA applied.
+pub(super) fn redis_client(settings: &Settings) -> Result<redis::Client, Error> {
+    use redis::IntoConnectionInfo;
+    let invalid = |e: redis::RedisError| Error::invalid("REDIS_URL", e.to_string());
+    let mut info = settings
+        .redis_url
+        .as_str()
+        .into_connection_info()
+        .map_err(invalid)?;
+    if let Some(password) = &settings.redis_password {
+        let redis = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(redis);
+    }
+    match &settings.redis_ca_pem {
+        Some(ca) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        )
+        .map_err(|e| Error::invalid("REDIS_CA_FILE", e.to_string())),
+        None => redis::Client::open(info).map_err(invalid),
+    }
+}
+
+/// A sentinel client for the settings' comma-separated sentinel URLs.
+pub(super) fn sentinel_client(settings: &Settings) -> Result<SentinelClient, Error> {
+    let sentinels = split_urls(&settings.redis_url);
+    let mut node = redis::RedisConnectionInfo::default();
+    if let Some(password) = &settings.redis_password {
+        node = node.set_password(password);
+    }
+    let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+    SentinelClient::build(
+        sentinels,
+        settings.sentinel_master.as_str(),
+        Some(node),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))
+}
+
+/// A cluster client for the settings' comma-separated seed nodes.
+pub(super) fn cluster_client(settings: &Settings) -> Result<ClusterClient, Error> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(split_urls(&settings.redis_url))
+        .connection_timeout(settings.timeout)
+        .response_timeout(settings.timeout);
+    if let Some(password) = &settings.redis_password {
+        builder = builder.password(password);
+    }
+    if let Some(ca) = &settings.redis_ca_pem {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        });
+    }
+    builder
+        .build()
+        .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))
+}
+
+fn split_urls(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}

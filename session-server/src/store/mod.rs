@@ -1,0 +1,340 @@
+//! Sessions and login counters in Redis: the key layout, the Lua scripts and
+//! the connection pool. This is the only module that speaks to Redis, and it
+//! knows nothing of gRPC. One concern per file:
+//!
+//! - `connection`: the pool or cluster connection, and one operation's deadline;
+//! - `sessions`: create, look up, revoke, count and list sessions;
+//! - `login`: the login rate limiter;
+//! - `scripts/`: the Lua scripts, each with a KEYS/ARGV/returns header.
+//!
+//! # Keys
+//!
+//! With `P` the optional KEY_PREFIX, and braces kept literally so that they are
+//! Redis Cluster hash tags (all of one user's keys share a slot):
+//!
+//! | key | value |
+//! |---|---|
+//! | `P session:{user}:{token}` | the session as JSON, expiring with it |
+//! | `P user_sessions:{user}` | sorted set of token ids scored by expiry (ms); expires with its newest member |
+//! | `P token_owner:{token}` | the token's user id: reserves the token id across users and answers token-only lookups |
+//! | `P rate_limit:login:{ip}` | login attempt counter, expiring with its window |
+//!
+//! Whether a session is valid is decided in one place: its `session:` key
+//! exists. The index and the owner reservation only point at it. A reservation
+//! is never deleted early (only extended); it expires `OWNER_GRACE` after the
+//! longest session of its token could have, so a token id revoked for one user
+//! cannot be taken by another while a JWT carrying it could still be presented.
+
+mod connection;
+mod login;
+mod sessions;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use redis::FromRedisValue;
+
+use crate::{
+    error::Error,
+    model::{ClientAddr, TokenId, UserId},
+};
+
+use connection::Backend;
+
+/// How much longer a token reservation lives than its session: covers the time
+/// between reserving the token and creating the session.
+const OWNER_GRACE: Duration = Duration::from_secs(60);
+
+/// How many times CreateSession re-runs its script when eviction candidates
+/// changed under it before giving up with [`Error::Contention`].
+const MAX_CREATE_ATTEMPTS: usize = 5;
+
+/// What to do when a user already has MAX_SESSIONS_PER_USER live sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LimitPolicy {
+    /// Revoke the user's oldest sessions (closest to expiry) to make room.
+    #[value(name = "evict_oldest", alias = "evict-oldest")]
+    EvictOldest,
+    /// Refuse the new session (created = false).
+    Reject,
+}
+
+impl LimitPolicy {
+    fn as_script_arg(self) -> &'static str {
+        match self {
+            Self::EvictOldest => "evict_oldest",
+            Self::Reject => "reject",
+        }
+    }
+}
+
+/// Which kind of Redis deployment the store talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One Redis server (REDIS_URL is its URL).
+    Standalone,
+    /// Redis Cluster (REDIS_URL is a comma-separated list of seed nodes); the
+    /// connection follows MOVED/ASK redirections and failovers itself.
+    Cluster,
+    /// A master found through Redis Sentinel (REDIS_URL is a comma-separated
+    /// list of sentinels, REDIS_SENTINEL_MASTER the master's name); a broken
+    /// connection is replaced by one to whichever master the sentinels name.
+    Sentinel,
+}
+
+/// Everything the store needs to know, decided once at start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The kind of deployment.
+    pub mode: RedisMode,
+    /// Redis connection URL (`redis://`, `rediss://`); a comma-separated list
+    /// of seed nodes or sentinels in cluster and sentinel modes.
+    pub redis_url: String,
+    /// The master's name, in sentinel mode.
+    pub sentinel_master: String,
+    /// Prepended to every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Lifetime of a session created without a ttl.
+    pub session_ttl: Duration,
+    /// The longest ttl a caller may ask for.
+    pub session_ttl_max: Duration,
+    /// Cap on live sessions per user.
+    pub max_sessions_per_user: u32,
+    /// What happens at the cap.
+    pub limit_policy: LimitPolicy,
+    /// Length of a login rate-limit window.
+    pub rate_limit_window: Duration,
+    /// Attempts allowed per window.
+    pub rate_limit_max_attempts: u32,
+    /// Number of multiplexed Redis connections.
+    pub pool_size: u32,
+    /// Bound on each store operation: pool wait, connect and Redis round trips.
+    pub timeout: Duration,
+    /// Password overriding any in the URL (from REDIS_PASSWORD_FILE).
+    pub redis_password: Option<String>,
+    /// PEM roots to verify a `rediss://` server with (from REDIS_CA_FILE).
+    pub redis_ca_pem: Option<Vec<u8>>,
+}
+
+/// A cheap-to-clone handle to the session data in Redis.
+#[derive(Clone, Debug)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    backend: Backend,
+    settings: Settings,
+    scripts: Scripts,
+}
+
+/// The Lua scripts, hashed once; `redis::Script` runs them with EVALSHA and
+/// loads them on a NOSCRIPT answer.
+struct Scripts {
+    claim_token: redis::Script,
+    create_session: redis::Script,
+    revoke_session: redis::Script,
+    revoke_sessions: redis::Script,
+    count_sessions: redis::Script,
+    login_attempt: redis::Script,
+}
+
+impl fmt::Debug for Scripts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Scripts")
+    }
+}
+
+impl Scripts {
+    fn load() -> Self {
+        Self {
+            claim_token: redis::Script::new(include_str!("scripts/claim_token.lua")),
+            create_session: redis::Script::new(include_str!("scripts/create_session.lua")),
+            revoke_session: redis::Script::new(include_str!("scripts/revoke_session.lua")),
+            revoke_sessions: redis::Script::new(include_str!("scripts/revoke_sessions.lua")),
+            count_sessions: redis::Script::new(include_str!("scripts/count_sessions.lua")),
+            login_attempt: redis::Script::new(include_str!("scripts/login_attempt.lua")),
+        }
+    }
+}
+
+impl Store {
+    /// Builds the store and its pool. Connections are made on demand, so the
+    /// server can start (and report NOT_SERVING) while Redis is down.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `REDIS_URL` when the URL does not parse.
+    pub fn new(settings: Settings) -> Result<Self, Error> {
+        let backend = Backend::new(&settings)?;
+        Ok(Self::with_backend(backend, settings))
+    }
+
+    fn with_backend(backend: Backend, settings: Settings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                backend,
+                settings,
+                scripts: Scripts::load(),
+            }),
+        }
+    }
+
+    /// The settings the store was built with.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Publishes the pool's size and use as gauges.
+    pub fn record_pool_metrics(&self) {
+        let Backend::Pool(pool) = &self.shared.backend else {
+            // A cluster connection is not pooled: one multiplexed link per node.
+            return;
+        };
+        let state = pool.state();
+        metrics::gauge!(crate::metrics::POOL_CONNECTIONS).set(state.connections);
+        metrics::gauge!(crate::metrics::POOL_IN_USE)
+            .set(state.connections.saturating_sub(state.idle_connections));
+        metrics::gauge!(crate::metrics::POOL_MAX).set(self.shared.settings.pool_size);
+    }
+
+    /// Checks that Redis answers, within the timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] or [`Error::Timeout`] when it does not.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut op = self.op("ping").await?;
+        let _: String = op.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// Runs one raw command on the store's connection, whatever the mode, for
+    /// diagnostics and for tests that inspect the key layout.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn raw_command<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        self.op("raw_command").await?.query(cmd).await
+    }
+}
+
+impl Store {
+    pub(crate) fn session_key(&self, user: &UserId, token: &str) -> String {
+        format!(
+            "{}session:{{{user}}}:{{{token}}}",
+            self.shared.settings.key_prefix
+        )
+    }
+
+    pub(crate) fn index_key(&self, user: &UserId) -> String {
+        format!(
+            "{}user_sessions:{{{user}}}",
+            self.shared.settings.key_prefix
+        )
+    }
+
+    pub(crate) fn owner_key(&self, token: &TokenId) -> String {
+        format!("{}token_owner:{{{token}}}", self.shared.settings.key_prefix)
+    }
+
+    pub(crate) fn rate_limit_key(&self, addr: &ClientAddr) -> String {
+        format!(
+            "{}rate_limit:login:{{{}}}",
+            self.shared.settings.key_prefix,
+            addr.as_str()
+        )
+    }
+}
+
+/// Counts a failed store operation by kind, and passes the error on.
+fn record_error(op: &'static str, err: Error) -> Error {
+    let kind = match &err {
+        Error::InvalidArgument { .. } => "invalid_argument",
+        Error::Unavailable(_) => "unavailable",
+        Error::Timeout(_) => "timeout",
+        Error::OutOfMemory(_) => "out_of_memory",
+        Error::Contention => "contention",
+        Error::Internal(_) => "internal",
+    };
+    metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op, "kind" => kind).increment(1);
+    err
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Redis Cluster slot of a key: CRC16-XMODEM of the hash tag (the text
+    /// inside the first `{...}` when non-empty) or of the whole key, mod 16384.
+    fn slot(key: &str) -> u16 {
+        let bytes = key.as_bytes();
+        let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+            let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+        });
+        let mut crc: u16 = 0;
+        for &byte in tagged.unwrap_or(bytes) {
+            crc ^= u16::from(byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc % 16384
+    }
+
+    fn store(prefix: &str) -> Store {
+        let mut config = crate::Config::defaults();
+        config.key_prefix = prefix.into();
+        Store::new(config.store_settings().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn slot_rule_matches_redis() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(slot("123456789"), 0x31c3);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"));
+        assert_ne!(slot("foo{}{bar}"), slot("bar"));
+    }
+
+    /// Every script's keys (and the MGET of ListUserSessions) hash to one slot,
+    /// so no call can meet CROSSSLOT on Redis Cluster.
+    #[tokio::test]
+    async fn every_scripts_keys_share_a_slot() {
+        let users = ["alice", "u-1", "x", "~!@#$%^&*()", "a".repeat(256).leak()];
+        let tokens = ["t", "tok-2", "jti.abc", "z".repeat(256).leak()];
+        for prefix in ["", "tenant-a:", "a:b:"] {
+            let store = store(prefix);
+            for user in users {
+                let user = UserId::parse("user_id", user.to_string()).unwrap();
+                let index = store.index_key(&user);
+                // create_session, revoke_session, revoke_sessions, list's MGET.
+                let mut keys = vec![index.clone()];
+                keys.extend(tokens.iter().map(|t| store.session_key(&user, t)));
+                let slots: std::collections::HashSet<_> = keys.iter().map(|k| slot(k)).collect();
+                assert_eq!(slots.len(), 1, "keys of {user} span slots: {keys:?}");
+                assert_eq!(
+                    slot(&index),
+                    slot(user.as_str()),
+                    "the hash tag is the user id"
+                );
+            }
+            // claim_token, count_sessions and login_attempt touch one key each.
+            let token = TokenId::parse("token_id", "tok".into()).unwrap();
+            assert_eq!(slot(&store.owner_key(&token)), slot("tok"));
+            let addr = ClientAddr::parse("2001:db8::1").unwrap();
+            assert_eq!(slot(&store.rate_limit_key(&addr)), slot("2001:db8::/64"));
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Sessions: create (with the per-user cap), look up, revoke one or all,
+//! count and list, each one Redis script or command on the user's slot.
+
+use redis::{FromRedisValue, Value};
+
+use super::{MAX_CREATE_ATTEMPTS, OWNER_GRACE, Store, connection::Op, millis};
+use crate::{
+    error::Error,
+    model::{CreateOutcome, NewSession, Session, TokenId, UserId},
+};
+
+impl Store {
+    /// Stores a new session, reserving its token id first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `ttl` when it is zero or above
+    /// SESSION_TTL_MAX; Redis failures as [`Error::Unavailable`],
+    /// [`Error::Timeout`] or [`Error::OutOfMemory`]; [`Error::Contention`]
+    /// when eviction candidates kept changing.
+    pub async fn create_session(&self, new: NewSession) -> Result<CreateOutcome, Error> {
+        let settings = self.settings();
+        let ttl = match new.ttl {
+            None => settings.session_ttl,
+            Some(ttl) if ttl.is_zero() => {
+                return Err(Error::invalid("ttl", "must be positive"));
+            }
+            Some(ttl) if ttl > settings.session_ttl_max => {
+                return Err(Error::invalid(
+                    "ttl",
+                    format!(
+                        "must be at most SESSION_TTL_MAX ({} s), got {:?}",
+                        settings.session_ttl_max.as_secs(),
+                        ttl
+                    ),
+                ));
+            }
+            Some(ttl) if ttl.subsec_nanos() % 1_000_000 != 0 => {
+                return Err(Error::invalid(
+                    "ttl",
+                    "must be a whole number of milliseconds",
+                ));
+            }
+            Some(ttl) => ttl,
+        };
+        let ttl_ms = millis(ttl);
+        let scripts = &self.shared.scripts;
+        let mut op = self.op("create_session").await?;
+
+        let reserved: i64 = op
+            .invoke(
+                scripts
+                    .claim_token
+                    .key(self.owner_key(&new.token_id))
+                    .arg(new.user_id.as_str())
+                    .arg(ttl_ms + millis(OWNER_GRACE)),
+            )
+            .await?;
+        if reserved == 0 {
+            return Ok(CreateOutcome::TokenTaken);
+        }
+
+        let head = session_json_head(&new)?;
+        let session_key = self.session_key(&new.user_id, new.token_id.as_str());
+        let index_key = self.index_key(&new.user_id);
+        let mut candidates: Vec<String> = Vec::new();
+        for _ in 0..MAX_CREATE_ATTEMPTS {
+            let mut invocation = scripts.create_session.key(&session_key);
+            invocation
+                .key(&index_key)
+                .arg(new.token_id.as_str())
+                .arg(ttl_ms)
+                .arg(settings.max_sessions_per_user)
+                .arg(settings.limit_policy.as_script_arg())
+                .arg(&head);
+            for token in &candidates {
+                invocation
+                    .key(self.session_key(&new.user_id, token))
+                    .arg(token);
+            }
+            let reply: Vec<Value> = op.invoke(&invocation).await?;
+            let (status, created_at_ms, expires_at_ms, tokens) = parse_create_reply(reply)?;
+            match status {
+                0 => return Ok(CreateOutcome::TokenTaken),
+                1 => {
+                    return Ok(CreateOutcome::Created {
+                        session: Session {
+                            user_id: new.user_id.into_string(),
+                            token_id: new.token_id.into_string(),
+                            metadata: new.metadata,
+                            created_at_ms,
+                            expires_at_ms,
+                        },
+                        evicted: tokens,
+                    });
+                }
+                2 => return Ok(CreateOutcome::LimitReached),
+                3 => candidates = tokens,
+                other => {
+                    return Err(Error::Internal(
+                        format!("create_session.lua returned status {other}").into(),
+                    ));
+                }
+            }
+        }
+        Err(Error::Contention)
+    }
+
+    /// Looks a session up; `owner` is the optional user id hint.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn get_session(
+        &self,
+        token: &TokenId,
+        owner: Option<&UserId>,
+    ) -> Result<Option<Session>, Error> {
+        let mut op = self.op("get_session").await?;
+        let Some(owner) = self.resolve_owner(&mut op, token, owner).await? else {
+            return Ok(None);
+        };
+        let json: Option<String> = op
+            .query(redis::cmd("GET").arg(self.session_key(&owner, token.as_str())))
+            .await?;
+        json.map(|json| parse_session(&json)).transpose()
+    }
+
+    /// Revokes one session; `owner` is the optional user id hint. Returns
+    /// whether a live session was revoked.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn revoke_session(
+        &self,
+        token: &TokenId,
+        owner: Option<&UserId>,
+    ) -> Result<bool, Error> {
+        let mut op = self.op("revoke_session").await?;
+        let Some(owner) = self.resolve_owner(&mut op, token, owner).await? else {
+            return Ok(false);
+        };
+        let revoked: i64 = op
+            .invoke(
+                self.shared
+                    .scripts
+                    .revoke_session
+                    .key(self.session_key(&owner, token.as_str()))
+                    .key(self.index_key(&owner))
+                    .arg(token.as_str()),
+            )
+            .await?;
+        Ok(revoked == 1)
+    }
+
+    /// Revokes every session the user had when the call started; returns how
+    /// many were live.
+    ///
+    /// Every live session is in the index (the create script adds both
+    /// atomically), so revoking the index's members as read now covers every
+    /// session that existed before the call.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn revoke_all_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
+        let mut op = self.op("revoke_all_user_sessions").await?;
+        let tokens = self.index_members(&mut op, user).await?;
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self
+            .shared
+            .scripts
+            .revoke_sessions
+            .key(self.index_key(user));
+        for token in &tokens {
+            invocation.key(self.session_key(user, token)).arg(token);
+        }
+        let revoked: u32 = op.invoke(&invocation).await?;
+        Ok(revoked)
+    }
+
+    /// Counts the user's live sessions by Redis's clock.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn count_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
+        let mut op = self.op("count_user_sessions").await?;
+        op.invoke(&self.shared.scripts.count_sessions.key(self.index_key(user)))
+            .await
+    }
+
+    /// Lists the user's live sessions, newest first.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn list_user_sessions(&self, user: &UserId) -> Result<Vec<Session>, Error> {
+        let mut op = self.op("list_user_sessions").await?;
+        let tokens = self.index_members(&mut op, user).await?;
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut mget = redis::cmd("MGET");
+        for token in &tokens {
+            mget.arg(self.session_key(user, token));
+        }
+        // A member whose key is gone expired or was revoked a moment ago.
+        let found: Vec<Option<String>> = op.query(&mget).await?;
+        let mut sessions = found
+            .iter()
+            .flatten()
+            .map(|json| parse_session(json))
+            .collect::<Result<Vec<_>, _>>()?;
+        sessions.sort_by(|a, b| {
+            b.created_at_ms
+                .cmp(&a.created_at_ms)
+                .then_with(|| a.token_id.cmp(&b.token_id))
+        });
+        Ok(sessions)
+    }
+
+    /// Counts one login attempt from `addr` and decides whether it may proceed.
+    ///
+    /// The user a token belongs to: the caller's hint when given (a wrong
+    /// hint simply finds no session), else the token's reservation.
+    async fn resolve_owner(
+        &self,
+        op: &mut Op,
+        token: &TokenId,
+        hint: Option<&UserId>,
+    ) -> Result<Option<UserId>, Error> {
+        match hint {
+            Some(user) => Ok(Some(user.clone())),
+            None => self.find_owner(op, token).await,
+        }
+    }
+
+    /// Every token id in the user's index, live or not yet pruned.
+    async fn index_members(&self, op: &mut Op, user: &UserId) -> Result<Vec<String>, Error> {
+        op.query(
+            redis::cmd("ZRANGE")
+                .arg(self.index_key(user))
+                .arg(0)
+                .arg(-1),
+        )
+        .await
+    }
+
+    async fn find_owner(&self, op: &mut Op, token: &TokenId) -> Result<Option<UserId>, Error> {
+        let owner: Option<String> = op
+            .query(redis::cmd("GET").arg(self.owner_key(token)))
+            .await?;
+        // A stored owner was validated when it was written; anything else
+        // means the key space was written by someone else.
+        owner
+            .map(|user| {
+                UserId::parse("user_id", user)
+                    .map_err(|e| Error::Internal(format!("corrupt token owner: {e}").into()))
+            })
+            .transpose()
+    }
+}
+
+/// The session JSON up to its timestamps, which the create script appends from
+/// Redis's clock.
+fn session_json_head(new: &NewSession) -> Result<String, Error> {
+    #[derive(serde::Serialize)]
+    struct Head<'a> {
+        user_id: &'a str,
+        token_id: &'a str,
+        metadata: &'a crate::model::Metadata,
+    }
+    let mut json = serde_json::to_string(&Head {
+        user_id: new.user_id.as_str(),
+        token_id: new.token_id.as_str(),
+        metadata: &new.metadata,
+    })
+    .map_err(|e| Error::Internal(e.into()))?;
+    // Serialising a struct always ends with its closing brace.
+    json.pop();
+    Ok(json)
+}
+
+fn parse_session(json: &str) -> Result<Session, Error> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Internal(format!("corrupt session JSON: {e}").into()))
+}
+
+type CreateReply = (i64, u64, u64, Vec<String>);
+
+fn parse_create_reply(reply: Vec<Value>) -> Result<CreateReply, Error> {
+    let malformed = || Error::Internal("create_session.lua returned a malformed reply".into());
+    let mut values = reply.into_iter();
+    let mut int = || -> Result<i64, Error> {
+        values
+            .next()
+            .map(i64::from_redis_value)
+            .transpose()
+            .map_err(|e| Error::Internal(e.into()))?
+            .ok_or_else(malformed)
+    };
+    let status = int()?;
+    let created = u64::try_from(int()?).map_err(|_| malformed())?;
+    let expires = u64::try_from(int()?).map_err(|_| malformed())?;
+    let tokens = values
+        .map(String::from_redis_value)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Internal(e.into()))?;
+    Ok((status, created, expires, tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_head_plus_script_suffix_is_a_session() {
+        let new = NewSession {
+            user_id: UserId::parse("user_id", "u\"1".into()).unwrap(),
+            token_id: TokenId::parse("token_id", "t1".into()).unwrap(),
+            metadata: [("ip".to_string(), "10.0.0.1".to_string())].into(),
+            ttl: None,
+        };
+        let json = format!(
+            "{},\"created_at_ms\":1,\"expires_at_ms\":2}}",
+            session_json_head(&new).unwrap()
+        );
+        let session = parse_session(&json).unwrap();
+        assert_eq!(session.user_id, "u\"1");
+        assert_eq!(session.metadata["ip"], "10.0.0.1");
+        assert_eq!((session.created_at_ms, session.expires_at_ms), (1, 2));
+    }
+}
