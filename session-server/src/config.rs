@@ -83,6 +83,13 @@ pub struct Config {
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub redis_timeout_ms: u64,
 
+    /// Serve even when Redis may evict keys (`maxmemory-policy` other than
+    /// `noeviction`). Eviction silently drops session indexes and token
+    /// reservations, breaking RevokeAllUserSessions, the per-user cap and
+    /// revocation finality; by default such a Redis keeps readiness NOT_SERVING.
+    #[arg(long, env = "REDIS_ALLOW_EVICTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_allow_eviction: bool,
+
     /// How often Redis is pinged for the readiness status, in ms.
     #[arg(long, env = "HEALTH_CHECK_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub health_check_interval_ms: u64,
