@@ -1,11 +1,18 @@
 //! The server's configuration: every setting is an environment variable with an
 //! equal command-line flag, parsed and checked once in `main` before listening.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
 use crate::store::{LimitPolicy, RedisMode, Settings};
+
+/// The longest SESSION_TTL and SESSION_TTL_MAX, in seconds: 365 days. Far
+/// below where the store's arithmetic could overflow: a ttl in ms plus the
+/// reservation's 60 s grace stays near 3.2e10, and Redis's clock plus that
+/// (about 1.8e12 ms) stays exact in the scripts' Lua doubles (below 2^53) and
+/// within Redis's `PX` limits.
+const MAX_TTL_SECS: u64 = 365 * 24 * 60 * 60;
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -17,7 +24,9 @@ pub enum LogFormat {
 }
 
 /// The SessionStore gRPC server: user sessions and login rate limits in Redis.
-#[derive(Clone, Debug, Parser)]
+///
+/// Its `Debug` output hides the passwords in REDIS_URL.
+#[derive(Clone, Parser)]
 #[command(version, about)]
 pub struct Config {
     /// Redis to use (`redis://[:password@]host:port[/db]`, or `rediss://` for TLS).
@@ -45,12 +54,14 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Lifetime of a session created without a ttl, in seconds.
-    #[arg(long, env = "SESSION_TTL", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Lifetime of a session created without a ttl, in seconds; at most
+    /// 31536000 (365 days).
+    #[arg(long, env = "SESSION_TTL", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
     pub session_ttl: u64,
 
-    /// Longest ttl a caller may ask for, in seconds.
-    #[arg(long, env = "SESSION_TTL_MAX", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Longest ttl a caller may ask for, in seconds; at most 31536000 (365
+    /// days), which keeps every expiry the store computes exact.
+    #[arg(long, env = "SESSION_TTL_MAX", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
     pub session_ttl_max: u64,
 
     /// Most live sessions one user may have.
@@ -79,7 +90,8 @@ pub struct Config {
     pub redis_pool_size: u32,
 
     /// Bound on each Redis operation (pool wait, connect, round trips), in ms;
-    /// past it the caller gets UNAVAILABLE.
+    /// past it the caller gets UNAVAILABLE, though a command already sent to
+    /// Redis may still run.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub redis_timeout_ms: u64,
 
@@ -100,8 +112,9 @@ pub struct Config {
     pub max_concurrent_requests: u32,
 
     /// Longest a call may take, in ms; a shorter `grpc-timeout` from the
-    /// caller wins. Past it the work is dropped and the caller gets
-    /// DEADLINE_EXCEEDED.
+    /// caller wins. Past it the server stops waiting and the caller gets
+    /// DEADLINE_EXCEEDED, but a command already sent to Redis still runs:
+    /// the call may have taken effect.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub request_timeout_ms: u64,
 
@@ -243,6 +256,137 @@ impl Config {
     }
 }
 
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field does not compile until it is
+        // listed here, and REDIS_URL's passwords are never printed.
+        let Self {
+            redis_url,
+            redis_mode,
+            redis_sentinel_master,
+            listen_addr,
+            health_addr,
+            metrics_addr,
+            session_ttl,
+            session_ttl_max,
+            max_sessions_per_user,
+            session_limit_policy,
+            rate_limit_window,
+            rate_limit_max_attempts,
+            key_prefix,
+            redis_pool_size,
+            redis_timeout_ms,
+            redis_allow_eviction,
+            health_check_interval_ms,
+            max_concurrent_requests,
+            request_timeout_ms,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            auth_tokens_file,
+            redis_password_file,
+            redis_ca_file,
+            log_format,
+            max_request_bytes,
+        } = self;
+        f.debug_struct("Config")
+            .field("redis_url", &redact_redis_urls(redis_url))
+            .field("redis_mode", redis_mode)
+            .field("redis_sentinel_master", redis_sentinel_master)
+            .field("listen_addr", listen_addr)
+            .field("health_addr", health_addr)
+            .field("metrics_addr", metrics_addr)
+            .field("session_ttl", session_ttl)
+            .field("session_ttl_max", session_ttl_max)
+            .field("max_sessions_per_user", max_sessions_per_user)
+            .field("session_limit_policy", session_limit_policy)
+            .field("rate_limit_window", rate_limit_window)
+            .field("rate_limit_max_attempts", rate_limit_max_attempts)
+            .field("key_prefix", key_prefix)
+            .field("redis_pool_size", redis_pool_size)
+            .field("redis_timeout_ms", redis_timeout_ms)
+            .field("redis_allow_eviction", redis_allow_eviction)
+            .field("health_check_interval_ms", health_check_interval_ms)
+            .field("max_concurrent_requests", max_concurrent_requests)
+            .field("request_timeout_ms", request_timeout_ms)
+            .field("tls_cert", tls_cert)
+            .field("tls_key", tls_key)
+            .field("tls_client_ca", tls_client_ca)
+            .field("auth_tokens_file", auth_tokens_file)
+            .field("redis_password_file", redis_password_file)
+            .field("redis_ca_file", redis_ca_file)
+            .field("log_format", log_format)
+            .field("max_request_bytes", max_request_bytes)
+            .finish()
+    }
+}
+
+/// REDIS_URL fit for logs and `Debug`: in each comma-separated URL the
+/// password becomes `***`, keeping the scheme, user name, host, port and
+/// database readable.
+///
+/// Errs on the side of hiding: user info without a `:` is hidden whole (it may
+/// be a password written in the wrong place), as is a query other than `db`,
+/// `protocol` and `user` (a unix socket's `pass=`) and a fragment other than
+/// `insecure`; a URL whose `@` cannot be placed is hidden but for its scheme.
+pub(crate) fn redact_redis_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_redis_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_redis_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(end) => url.split_at(end + 3),
+        None => ("", url),
+    };
+    // User info runs to the last `@`, so that a password holding an
+    // unescaped `@` is still hidden whole.
+    let Some(at) = rest.rfind('@') else {
+        return format!("{scheme}{}", redact_after_userinfo(rest));
+    };
+    let (userinfo, tail) = rest.split_at(at);
+    if userinfo.contains(['/', '?', '#']) {
+        // The `@` may sit in a path, query or fragment (a `pass=` value):
+        // nothing after the scheme can be shown safely.
+        return format!("{scheme}***");
+    }
+    let shown = match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}{shown}{}", redact_after_userinfo(tail))
+}
+
+/// Host, port and path are kept; a query or fragment only when known to hold
+/// no secret.
+fn redact_after_userinfo(tail: &str) -> String {
+    let (before_fragment, fragment) = match tail.split_once('#') {
+        Some((before, "insecure")) => (before, "#insecure"),
+        Some((before, _)) => (before, "#***"),
+        None => (tail, ""),
+    };
+    let (location, query) = match before_fragment.split_once('?') {
+        Some((location, query)) => (location, Some(query)),
+        None => (before_fragment, None),
+    };
+    let safe_pair = |pair: &str| {
+        pair.split_once('=').is_some_and(|(key, value)| {
+            matches!(key, "db" | "protocol" | "user")
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+    };
+    let query = match query {
+        Some(query) if query.split('&').all(safe_pair) => format!("?{query}"),
+        Some(_) => "?***".to_string(),
+        None => String::new(),
+    };
+    format!("{location}{query}{fragment}")
+}
+
 /// Reads a file named by a setting, naming the setting on failure.
 ///
 /// # Errors
@@ -284,5 +428,120 @@ mod tests {
                 .unwrap();
         assert!(config.validate().unwrap_err().contains("SESSION_TTL_MAX"));
         assert!(Config::try_parse_from(["s", "--key-prefix", "a{b"]).is_err());
+    }
+
+    /// Ttls are bounded so that the store's millisecond arithmetic cannot
+    /// overflow; the refusal names the variable.
+    #[test]
+    fn ttls_above_365_days_are_refused() {
+        for (flag, variable) in [
+            ("--session-ttl-max", "SESSION_TTL_MAX"),
+            ("--session-ttl", "SESSION_TTL"),
+        ] {
+            let config = Config::try_parse_from(["s", flag, "31536000"]).unwrap();
+            assert_eq!(
+                config.session_ttl_max.max(config.session_ttl),
+                31_536_000,
+                "{flag} accepts 365 days"
+            );
+            for too_long in ["31536001", "18446744073709551615"] {
+                let err = Config::try_parse_from(["s", flag, too_long]).unwrap_err();
+                assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+                let message = err.to_string();
+                assert!(message.contains(&format!("<{variable}>")), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn redis_url_passwords_are_redacted() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            (
+                "redis://:secret@redis-host:6379",
+                "redis://:***@redis-host:6379",
+            ),
+            ("rediss://app:secret@h:6380/2", "rediss://app:***@h:6380/2"),
+            (
+                "rediss://app:secret@h/0?protocol=resp3#insecure",
+                "rediss://app:***@h/0?protocol=resp3#insecure",
+            ),
+            ("redis://secret@h", "redis://***@h"),
+            ("redis://:se@cr:et@h:1", "redis://:***@h:1"),
+            ("redis://:se/cret@h", "redis://***"),
+            (
+                "redis+unix:///run/redis.sock?db=1",
+                "redis+unix:///run/redis.sock?db=1",
+            ),
+            (
+                "redis+unix:///run/r.sock?db=1&pass=secret",
+                "redis+unix:///run/r.sock?***",
+            ),
+            ("redis+unix:///run/r.sock?pass=se@cret", "redis+unix://***"),
+            (
+                "redis+unix:///run/r.sock?pass=se#cret",
+                "redis+unix:///run/r.sock?***#***",
+            ),
+            (
+                "redis://:secret@n1:7000, redis://:secret@n2:7001,rediss://u:secret@n3",
+                "redis://:***@n1:7000, redis://:***@n2:7001,rediss://u:***@n3",
+            ),
+        ] {
+            let redacted = redact_redis_urls(url);
+            assert_eq!(redacted, shown, "{url}");
+            assert!(
+                !redacted.contains("secret") && !redacted.contains("cret"),
+                "{url}"
+            );
+        }
+    }
+
+    /// Neither `Config`, nor the store's `Settings`, nor a `Store` print the
+    /// Redis password, from REDIS_URL or from REDIS_PASSWORD_FILE.
+    #[tokio::test]
+    async fn debug_output_hides_redis_passwords() {
+        let dir = std::env::temp_dir().join(format!("config-debug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password_file = dir.join("password");
+        std::fs::write(&password_file, "file-secret\n").unwrap();
+        for (mode, url) in [
+            (
+                RedisMode::Standalone,
+                "redis://:url-secret@redis-host:6379/0",
+            ),
+            (
+                RedisMode::Standalone,
+                "rediss://app:url-secret@redis-host:6380",
+            ),
+            (
+                RedisMode::Cluster,
+                "redis://:url-secret@redis-host:7000,redis://:url-secret@redis-host:7001",
+            ),
+            (
+                RedisMode::Sentinel,
+                "redis://:url-secret@redis-host:26379,redis://:url-secret@redis-host:26380",
+            ),
+        ] {
+            let mut config = Config::defaults();
+            config.redis_mode = mode;
+            config.redis_url = url.into();
+            config.redis_password_file = Some(password_file.clone());
+            let settings = config.store_settings().unwrap();
+            assert_eq!(settings.redis_password.as_deref(), Some("file-secret"));
+            let store = crate::Store::new(settings.clone()).unwrap();
+            for (what, debug) in [
+                ("Config", format!("{config:?}")),
+                ("Settings", format!("{settings:?}")),
+                ("Store", format!("{store:?}")),
+                ("Config (pretty)", format!("{config:#?}")),
+            ] {
+                assert!(!debug.contains("secret"), "{what} leaks: {debug}");
+                assert!(
+                    debug.contains("redis-host"),
+                    "{what} hides the host: {debug}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

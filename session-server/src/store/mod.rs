@@ -82,7 +82,10 @@ pub enum RedisMode {
 }
 
 /// Everything the store needs to know, decided once at start.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` output hides the Redis password, in `redis_url` and in
+/// `redis_password`.
+#[derive(Clone)]
 pub struct Settings {
     /// The kind of deployment.
     pub mode: RedisMode,
@@ -113,6 +116,50 @@ pub struct Settings {
     pub redis_password: Option<String>,
     /// PEM roots to verify a `rediss://` server with (from REDIS_CA_FILE).
     pub redis_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field does not compile until it is
+        // listed here: every field is shown but the password.
+        let Self {
+            mode,
+            redis_url,
+            sentinel_master,
+            key_prefix,
+            session_ttl,
+            session_ttl_max,
+            max_sessions_per_user,
+            limit_policy,
+            rate_limit_window,
+            rate_limit_max_attempts,
+            pool_size,
+            timeout,
+            redis_password,
+            redis_ca_pem,
+        } = self;
+        f.debug_struct("Settings")
+            .field("mode", mode)
+            .field("redis_url", &crate::config::redact_redis_urls(redis_url))
+            .field("sentinel_master", sentinel_master)
+            .field("key_prefix", key_prefix)
+            .field("session_ttl", session_ttl)
+            .field("session_ttl_max", session_ttl_max)
+            .field("max_sessions_per_user", max_sessions_per_user)
+            .field("limit_policy", limit_policy)
+            .field("rate_limit_window", rate_limit_window)
+            .field("rate_limit_max_attempts", rate_limit_max_attempts)
+            .field("pool_size", pool_size)
+            .field("timeout", timeout)
+            .field("redis_password", &redis_password.as_ref().map(|_| "***"))
+            .field(
+                "redis_ca_pem",
+                &redis_ca_pem
+                    .as_ref()
+                    .map(|pem| format!("{} bytes", pem.len())),
+            )
+            .finish()
+    }
 }
 
 /// A cheap-to-clone handle to the session data in Redis.
