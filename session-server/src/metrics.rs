@@ -36,6 +36,18 @@ pub const SESSIONS_EVICTED: &str = "sessionstore_sessions_evicted_total";
 pub const LOGIN_ATTEMPTS: &str = "sessionstore_login_attempts_total";
 /// 1 while Redis answers the readiness PING, else 0.
 pub const REDIS_UP: &str = "sessionstore_redis_up";
+/// Whether Redis keeps every key until it expires: 1 while every master's
+/// `maxmemory-policy` is `noeviction`, 0 while one may evict (even when
+/// REDIS_ALLOW_EVICTION accepts it), -1 while unknown (`INFO` has never
+/// answered, e.g. an ACL forbids it). Alert on `== 0`.
+pub const REDIS_EVICTION_POLICY_OK: &str = "sessionstore_redis_eviction_policy_ok";
+/// Why readiness is what it is: a state set with label `state`, one of
+/// [`READINESS_STATES`], exactly one series at 1 and the others at 0.
+pub const READINESS: &str = "sessionstore_readiness";
+/// The `state` values of [`READINESS`]: `serving`; `redis_down` (PING fails);
+/// `redis_evicts` (a master's `maxmemory-policy` is not `noeviction` and
+/// REDIS_ALLOW_EVICTION is off).
+pub const READINESS_STATES: [&str; 3] = ["serving", "redis_down", "redis_evicts"];
 
 /// Latency buckets in seconds: from 100 µs (a local Redis GET) to 5 s.
 const LATENCY_BUCKETS: &[f64] = &[

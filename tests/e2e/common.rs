@@ -1,9 +1,11 @@
 //! Test harness: a server per test with its own key prefix on the shared Redis,
-//! and private `redis-server` processes for tests that stop or break Redis.
+//! and private `redis-server` processes and deployments (Cluster, Sentinel)
+//! for tests that stop, break or reconfigure Redis.
 
 use std::{
+    collections::HashMap,
     net::{SocketAddr, TcpListener as StdListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -292,6 +294,111 @@ impl Drop for PrivateRedis {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A private Redis Cluster or Sentinel deployment started on free ports by
+/// `scripts/redis-topology.sh`, stopped on drop: for tests that kill or
+/// reconfigure nodes without disturbing the shared Redis.
+pub(crate) struct Topology {
+    dir: PathBuf,
+    /// The KEY=VALUE lines the script printed (`TEST_REDIS_URL`,
+    /// `TEST_REDIS_MASTER_PORT`, ...).
+    pub(crate) env: HashMap<String, String>,
+}
+
+impl Topology {
+    /// Starts `kind` (`cluster` or `sentinel`) and waits until it is usable.
+    pub(crate) fn start(kind: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sessionstore-{kind}-{}",
+            unique_prefix().trim_end_matches(':')
+        ));
+        let output = Command::new(topology_script())
+            .args(["start", kind])
+            .arg(&dir)
+            .output()
+            .expect("scripts/redis-topology.sh runs");
+        assert!(
+            output.status.success(),
+            "starting {kind} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let env = String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self { dir, env }
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub(crate) fn kill(&self, port: u16) {
+        let status = Command::new(topology_script())
+            .arg("kill")
+            .arg(&self.dir)
+            .arg(port.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// A test configuration pointed at this deployment in `mode`.
+    pub(crate) fn config(&self, mode: RedisMode) -> Config {
+        let mut config = test_config();
+        config.redis_mode = mode;
+        config.redis_url = self.env["TEST_REDIS_URL"].clone();
+        config.redis_sentinel_master = "mymaster".into();
+        config.redis_timeout_ms = 500;
+        config
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(topology_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+fn topology_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redis-topology.sh")
+}
+
+/// Runs `redis-cli -p PORT ARGS...` and returns its standard output.
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The release `session-server` binary, built with the same command as the
+/// Dockerfile (and by the same cargo that runs the tests), for tests of what
+/// only the real process shows: environment parsing, logs, the metrics port.
+pub(crate) fn server_binary() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "-p",
+            "session-server",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building session-server failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("release/session-server")
 }
 
 /// A port nobody listens on right now.

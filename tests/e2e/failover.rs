@@ -2,12 +2,7 @@
 //! replica is promoted, calls succeed again without restarting the server, and
 //! every acknowledged session and revocation that reached the replica survives.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::time::Duration;
 
 use session_server::store::RedisMode;
 use sessionstore::v1::{
@@ -16,77 +11,7 @@ use sessionstore::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, test_config, unique_prefix, wait_until};
-
-/// A deployment started by `scripts/redis-topology.sh`, stopped on drop.
-struct Topology {
-    dir: PathBuf,
-    env: HashMap<String, String>,
-}
-
-impl Topology {
-    fn start(kind: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sessionstore-{kind}-{}",
-            unique_prefix().trim_end_matches(':')
-        ));
-        let output = Command::new(script())
-            .args(["start", kind])
-            .arg(&dir)
-            .output()
-            .expect("scripts/redis-topology.sh runs");
-        assert!(
-            output.status.success(),
-            "starting {kind} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let env = String::from_utf8(output.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|line| line.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Self { dir, env }
-    }
-
-    fn kill(&self, port: u16) {
-        let status = Command::new(script())
-            .arg("kill")
-            .arg(&self.dir)
-            .arg(port.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn config(&self, mode: RedisMode) -> session_server::Config {
-        let mut config = test_config();
-        config.redis_mode = mode;
-        config.redis_url = self.env["TEST_REDIS_URL"].clone();
-        config.redis_sentinel_master = "mymaster".into();
-        config.redis_timeout_ms = 500;
-        config
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let _ = Command::new(script()).arg("stop").arg(&self.dir).status();
-    }
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redis-topology.sh")
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8(output.stdout).unwrap()
-}
+use crate::common::{TestServer, Topology, redis_cli, wait_until};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.

@@ -5,6 +5,7 @@
 mod client;
 mod commands;
 mod common;
+mod eviction;
 mod failover;
 mod faults;
 mod health;

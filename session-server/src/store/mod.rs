@@ -26,6 +26,7 @@
 //! cannot be taken by another while a JWT carrying it could still be presented.
 
 mod connection;
+pub mod health;
 mod login;
 mod sessions;
 

@@ -1,0 +1,486 @@
+//! Refusing an evicting Redis: readiness stays NOT_SERVING while any master's
+//! `maxmemory-policy` is not `noeviction` (liveness stays SERVING), comes back
+//! without a restart once the policy is fixed, and REDIS_ALLOW_EVICTION=true
+//! opts out. Standalone, Cluster and Sentinel each run on a deployment of the
+//! test's own, since the tests change the policy under the server.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use session_server::{Config, Store, store::RedisMode};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::common::{
+    PrivateRedis, TestServer, Topology, config_on, readiness, redis_cli, server_binary,
+    unique_prefix, wait_until,
+};
+
+/// How soon a fixed policy must make the server ready again (issue #10).
+const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
+
+/// `redis-server` arguments: an evicting policy, and a slow log that records
+/// every command, so a test can see the server's policy reads happen.
+const EVICTING_REDIS: [&str; 6] = [
+    "--maxmemory-policy",
+    "volatile-lru",
+    "--slowlog-log-slower-than",
+    "0",
+    "--slowlog-max-len",
+    "4096",
+];
+
+fn set_policy(port: u16, policy: &str) {
+    let answer = redis_cli(port, &["config", "set", "maxmemory-policy", policy]);
+    assert_eq!(answer.trim(), "OK", "CONFIG SET on {port}");
+}
+
+/// Makes the node on `port` log every command in its slow log, from now on.
+fn record_commands(port: u16) {
+    for args in [
+        ["config", "set", "slowlog-log-slower-than", "0"],
+        ["config", "set", "slowlog-max-len", "4096"],
+    ] {
+        assert_eq!(redis_cli(port, &args).trim(), "OK", "{args:?} on {port}");
+    }
+    assert_eq!(redis_cli(port, &["slowlog", "reset"]).trim(), "OK");
+}
+
+/// How many `INFO memory` calls (the server's policy reads) the node on `port`
+/// has logged; the test itself only sends CONFIG and SLOWLOG there.
+async fn policy_reads(port: u16) -> usize {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    type Entry = (i64, i64, i64, Vec<String>, String, String);
+    let entries: Vec<Entry> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(4096)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .iter()
+        .filter(|(.., args, _, _)| {
+            args.len() == 2
+                && args[0].eq_ignore_ascii_case("info")
+                && args[1].eq_ignore_ascii_case("memory")
+        })
+        .count()
+}
+
+/// Waits until the server has read the policy on `port` at least `reads`
+/// times. Each read is followed by a readiness update before the next tick,
+/// so after two reads readiness reflects the policy, not the start-up state.
+async fn wait_for_policy_reads(port: u16, reads: usize) {
+    let seen = wait_until(RECOVERY_LIMIT, || async move {
+        policy_reads(port).await >= reads
+    })
+    .await;
+    assert!(seen, "the server did not read maxmemory-policy on {port}");
+}
+
+async fn liveness(server: &TestServer) -> i32 {
+    server
+        .health()
+        .await
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// The scenario every topology runs. The master on `port` evicts
+/// (`volatile-lru`) before the server starts: readiness stays NOT_SERVING
+/// while liveness is SERVING; `CONFIG SET maxmemory-policy noeviction` makes it
+/// SERVING within 10 s, and a switch back to an evicting policy at run time
+/// makes it NOT_SERVING again. Returns how long recovery took.
+async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
+    assert!(!config.redis_allow_eviction, "the default refuses");
+    let server = TestServer::start_with(config).await;
+
+    wait_for_policy_reads(port, 2).await;
+    assert_eq!(
+        readiness(&server).await,
+        ServingStatus::NotServing as i32,
+        "ready although a master evicts"
+    );
+    assert_eq!(liveness(&server).await, ServingStatus::Serving as i32);
+
+    set_policy(port, "noeviction");
+    let fixed = Instant::now();
+    let ready = wait_until(RECOVERY_LIMIT, || async {
+        readiness(&server).await == ServingStatus::Serving as i32
+    })
+    .await;
+    let recovery = fixed.elapsed();
+    assert!(
+        ready,
+        "not ready {RECOVERY_LIMIT:?} after the policy was fixed"
+    );
+
+    set_policy(port, "allkeys-lru");
+    let refused = wait_until(RECOVERY_LIMIT, || async {
+        readiness(&server).await == ServingStatus::NotServing as i32
+    })
+    .await;
+    assert!(refused, "still ready after the policy became allkeys-lru");
+    assert_eq!(liveness(&server).await, ServingStatus::Serving as i32);
+    server.shutdown().await;
+    recovery
+}
+
+/// Standalone: a Redis under `volatile-lru` keeps readiness NOT_SERVING (and
+/// liveness SERVING) until `CONFIG SET maxmemory-policy noeviction`, after
+/// which it is SERVING within 10 s without a restart.
+#[tokio::test]
+async fn standalone_evicting_redis_is_refused_until_fixed() {
+    let redis = PrivateRedis::start_with(&EVICTING_REDIS);
+    let recovery = refuses_until_fixed(config_on(&redis), redis.port).await;
+    eprintln!("standalone: ready {recovery:?} after the fix");
+}
+
+/// Sentinel: the same, with the policy set on the master the sentinels name.
+#[tokio::test]
+async fn sentinel_evicting_master_is_refused_until_fixed() {
+    let sentinel = Topology::start("sentinel");
+    let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
+    set_policy(master, "volatile-lru");
+    record_commands(master);
+    let recovery = refuses_until_fixed(sentinel.config(RedisMode::Sentinel), master).await;
+    eprintln!("sentinel: ready {recovery:?} after the fix");
+}
+
+/// Cluster: with one master of three evicting (not the first seed node), the
+/// store reports every master by address and names that one, readiness stays
+/// NOT_SERVING, and fixing that master alone makes the server ready.
+#[tokio::test]
+async fn cluster_one_evicting_master_is_refused_until_fixed() {
+    let cluster = Topology::start("cluster");
+    let config = cluster.config(RedisMode::Cluster);
+    let seed: u16 = cluster.env["TEST_REDIS_URL"]
+        .split(',')
+        .next()
+        .and_then(|url| url.rsplit(':').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut masters: Vec<String> = redis_cli(seed, &["cluster", "nodes"])
+        .lines()
+        // Masters serving slots: a node just made a replica may still call
+        // itself a master, with no slots, for a moment after the cluster forms.
+        .filter(|line| line.contains("master") && !line.contains("fail"))
+        .filter(|line| line.split_whitespace().nth(8).is_some())
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter_map(|addr| addr.split('@').next())
+        .map(str::to_string)
+        .collect();
+    masters.sort();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let victim = masters
+        .iter()
+        .find(|addr| !addr.ends_with(&format!(":{seed}")))
+        .unwrap()
+        .clone();
+    let port: u16 = victim.rsplit(':').next().unwrap().parse().unwrap();
+    set_policy(port, "volatile-lru");
+    record_commands(port);
+
+    let store = Store::new(config.store_settings().unwrap()).unwrap();
+    let policies = store.maxmemory_policies().await.unwrap();
+    let read: Vec<(String, String)> = policies
+        .iter()
+        .map(|p| (p.node.clone().unwrap(), p.policy.clone()))
+        .collect();
+    let expected: Vec<(String, String)> = masters
+        .iter()
+        .map(|addr| {
+            let policy = if *addr == victim {
+                "volatile-lru"
+            } else {
+                "noeviction"
+            };
+            (addr.clone(), policy.to_string())
+        })
+        .collect();
+    assert_eq!(read, expected, "one policy per master, by address");
+
+    let recovery = refuses_until_fixed(config, port).await;
+    eprintln!("cluster: ready {recovery:?} after the fix");
+}
+
+/// INFO forbidden by an ACL while PING works: an unknown policy does not block
+/// readiness; once INFO is allowed the evicting policy is seen and refused;
+/// and when INFO is forbidden again the last policy read still holds.
+#[tokio::test]
+async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
+    let redis = PrivateRedis::start_with(&EVICTING_REDIS);
+    let acl = |rules: &[&str]| {
+        let mut args = vec!["acl", "setuser", "app"];
+        args.extend_from_slice(rules);
+        assert_eq!(redis_cli(redis.port, &args).trim(), "OK");
+    };
+    acl(&["on", ">app-secret", "~*", "&*", "+@all", "-info"]);
+    let rejected_infos = || {
+        let stats = redis_cli(redis.port, &["info", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_info:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("rejected_calls=")))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+    let mut config = config_on(&redis);
+    config.redis_url = format!("redis://app:app-secret@127.0.0.1:{}", redis.port);
+    let server = TestServer::start_with(config).await;
+
+    let ready = wait_until(RECOVERY_LIMIT, || async {
+        readiness(&server).await == ServingStatus::Serving as i32
+    })
+    .await;
+    assert!(ready, "an unreadable policy blocked readiness");
+    assert!(rejected_infos() >= 1, "the server never tried INFO");
+
+    acl(&["+info"]);
+    let refused = wait_until(RECOVERY_LIMIT, || async {
+        readiness(&server).await == ServingStatus::NotServing as i32
+    })
+    .await;
+    assert!(refused, "ready although INFO now shows volatile-lru");
+
+    acl(&["-info"]);
+    let before = rejected_infos();
+    let retried = wait_until(RECOVERY_LIMIT, || async { rejected_infos() >= before + 2 }).await;
+    assert!(retried, "the server stopped reading the policy");
+    assert_eq!(
+        readiness(&server).await,
+        ServingStatus::NotServing as i32,
+        "a failed INFO forgot the evicting policy"
+    );
+    server.shutdown().await;
+}
+
+/// The real binary, its JSON log lines collected as they come.
+struct ServerProcess {
+    child: Child,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl ServerProcess {
+    fn spawn(redis: &PrivateRedis, extra_env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(server_binary())
+            .env_clear()
+            .env("REDIS_URL", redis.url())
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("KEY_PREFIX", unique_prefix())
+            .env("HEALTH_CHECK_INTERVAL_MS", "50")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn({
+            let events = Arc::clone(&events);
+            move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let event = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                    events.lock().unwrap().push(event);
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// The logged events at `level` (`ERROR`, `WARN`, `INFO`).
+    fn events_at(&self, level: &str) -> Vec<serde_json::Value> {
+        let events = self.events.lock().unwrap();
+        events
+            .iter()
+            .filter(|e| e["level"] == level)
+            .cloned()
+            .collect()
+    }
+
+    /// The `addr` field of the event with `message`, once it is logged.
+    async fn logged_addr(&self, message: &str) -> String {
+        let mut addr = None;
+        let logged = wait_until(RECOVERY_LIMIT, || {
+            let found = self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e["message"] == message)
+                .and_then(|e| e["addr"].as_str().map(str::to_string));
+            let done = found.is_some();
+            addr = addr.take().or(found);
+            async move { done }
+        })
+        .await;
+        assert!(logged, "the server never logged {message:?}");
+        addr.unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn scrape(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample named exactly `series` (name and labels), if any.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Waits until a scrape shows every `(series, value)` in `expected`.
+async fn wait_for_samples(addr: &str, expected: &[(&str, f64)]) {
+    let shown = wait_until(RECOVERY_LIMIT, || async {
+        let text = scrape(addr).await;
+        expected
+            .iter()
+            .all(|(series, value)| sample(&text, series) == Some(*value))
+    })
+    .await;
+    assert!(
+        shown,
+        "metrics never showed {expected:?}:\n{}",
+        scrape(addr).await
+    );
+}
+
+/// The readiness answer of the server listening on `addr`.
+async fn readiness_at(addr: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: sessionstore::SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+const POLICY_OK: &str = "sessionstore_redis_eviction_policy_ok";
+
+fn readiness_state(state: &str) -> String {
+    format!("sessionstore_readiness{{state=\"{state}\"}}")
+}
+
+/// The binary on an evicting Redis logs one ERROR naming `maxmemory-policy`,
+/// its value and the fixes, however many checks follow, and its metrics say
+/// why it is not ready; after the fix they say it is, and an INFO line says so.
+#[tokio::test]
+async fn binary_logs_the_policy_once_and_exports_why() {
+    let redis = PrivateRedis::start_with(&EVICTING_REDIS);
+    let server = ServerProcess::spawn(&redis, &[]);
+    let metrics = server.logged_addr("metrics at /metrics").await;
+    let evicts = readiness_state("redis_evicts");
+    let serving = readiness_state("serving");
+    wait_for_samples(
+        &metrics,
+        &[(POLICY_OK, 0.0), (&evicts, 1.0), (&serving, 0.0)],
+    )
+    .await;
+    let listen = server.logged_addr("listening").await;
+    assert_eq!(
+        readiness_at(&listen).await,
+        ServingStatus::NotServing as i32
+    );
+
+    // Several more checks: still exactly one error.
+    let reads = policy_reads(redis.port).await;
+    wait_for_policy_reads(redis.port, reads + 5).await;
+    let errors = server.events_at("ERROR");
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let error = &errors[0];
+    assert_eq!(error["maxmemory_policy"], "volatile-lru", "{error}");
+    assert_eq!(error["node"], "master", "{error}");
+    let message = error["message"].as_str().unwrap();
+    for needle in [
+        "maxmemory-policy",
+        "CONFIG SET maxmemory-policy noeviction",
+        "redis.conf",
+        "REDIS_ALLOW_EVICTION=true",
+    ] {
+        assert!(message.contains(needle), "{needle:?} missing: {message}");
+    }
+
+    set_policy(redis.port, "noeviction");
+    wait_for_samples(
+        &metrics,
+        &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
+    )
+    .await;
+    let fixed = server
+        .events_at("INFO")
+        .into_iter()
+        .filter(|e| e["maxmemory_policy"] == "noeviction")
+        .count();
+    assert_eq!(fixed, 1, "one INFO line when the policy is fixed");
+    assert_eq!(server.events_at("ERROR").len(), 1);
+}
+
+/// REDIS_ALLOW_EVICTION=true: the binary serves on an evicting Redis, with one
+/// WARN naming the policy (and none at ERROR), while the policy metric still
+/// reads 0.
+#[tokio::test]
+async fn allow_eviction_serves_on_an_evicting_redis() {
+    let redis = PrivateRedis::start_with(&EVICTING_REDIS);
+    let server = ServerProcess::spawn(&redis, &[("REDIS_ALLOW_EVICTION", "true")]);
+    let metrics = server.logged_addr("metrics at /metrics").await;
+    let serving = readiness_state("serving");
+    wait_for_samples(&metrics, &[(POLICY_OK, 0.0), (&serving, 1.0)]).await;
+    let listen = server.logged_addr("listening").await;
+    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+
+    let reads = policy_reads(redis.port).await;
+    wait_for_policy_reads(redis.port, reads + 5).await;
+    assert_eq!(server.events_at("ERROR"), Vec::<serde_json::Value>::new());
+    let warned: Vec<_> = server
+        .events_at("WARN")
+        .into_iter()
+        .filter(|e| e["maxmemory_policy"] == "volatile-lru")
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+}
