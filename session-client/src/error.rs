@@ -38,8 +38,7 @@ pub enum Error {
     #[error("not authenticated to the session store: {}", .0.message())]
     Unauthenticated(#[source] Status),
     /// Any other status: RESOURCE_EXHAUSTED (server overloaded or Redis out of
-    /// memory), ABORTED (a write lost too many races; retry it), OUT_OF_RANGE
-    /// (request too large), INTERNAL (a bug, or a malformed answer), UNKNOWN
+    /// memory), OUT_OF_RANGE (request too large), INTERNAL (a bug, or a malformed answer), UNKNOWN
     /// (a connection failing mid-call, such as a server refusing the client's
     /// TLS certificate after the handshake).
     #[error("session store call failed: {} ({})", .0.code(), .0.message())]

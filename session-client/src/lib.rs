@@ -68,4 +68,4 @@ pub use client::SessionClient;
 pub use error::{BoxError, Error, Result};
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
-pub use types::{Created, LoginAttempt, NewSession, Session};
+pub use types::{CreateOutcome, Created, LoginAttempt, NewSession, Session};

@@ -84,19 +84,46 @@ impl NewSession {
 
 /// What [`create_session_with`](crate::SessionClient::create_session_with) did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Created {
-    /// True when the session was stored. False when the token id already has
-    /// a live session (of any user; left untouched) or is still reserved by a
-    /// recently ended one of another user, or when the user is at the
-    /// server's session cap and its policy is `reject`.
+    /// True when the session was stored ([`CreateOutcome::Created`]).
     pub created: bool,
-    /// The stored session with its Redis-clock timestamps; set only when
-    /// `created`.
+    /// Why, in a form to branch on: in particular a create retried after a
+    /// timeout answers [`CreateOutcome::AlreadyExists`] when the first attempt
+    /// had stored the session, and a revoked token id is never live again.
+    pub outcome: CreateOutcome,
+    /// The stored session with its Redis-clock timestamps when created; the
+    /// existing one when [`CreateOutcome::AlreadyExists`]; else `None`.
     pub session: Option<Session>,
     /// Token ids of the user's oldest sessions revoked to make room under the
     /// server's `evict_oldest` policy; a caller may log them or notify their
     /// devices. Empty otherwise.
     pub evicted_token_ids: Vec<String>,
+}
+
+/// What CreateSession did with the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CreateOutcome {
+    /// The session was stored.
+    Created,
+    /// The same user already has a live session with this token id,
+    /// typically from an earlier attempt of the same call: nothing changed,
+    /// and [`Created::session`] is the existing session. Safe to treat as
+    /// success.
+    AlreadyExists,
+    /// Another user holds this token id (a live session, or a reservation
+    /// outliving a recently ended one). Nothing changed.
+    TokenTaken,
+    /// This token id's session was revoked (signed out, signed out
+    /// everywhere, or evicted at the cap): it is refused for as long as a JWT
+    /// carrying it could still be presented. Issue a new token id.
+    TokenRevoked,
+    /// The user is at the server's session cap and its policy is `reject`.
+    LimitReached,
+    /// The server did not say: an older server, or an outcome newer than this
+    /// client. [`Created::created`] still tells whether the session was stored.
+    Unknown,
 }
 
 /// The verdict on one login attempt, from
@@ -154,8 +181,17 @@ fn duration_to_proto(duration: Duration) -> prost_types::Duration {
 
 /// A CreateSession answer as [`Created`].
 pub(crate) fn created_from_proto(response: pb::CreateSessionResponse) -> Result<Created, Error> {
+    let outcome = match pb::CreateOutcome::try_from(response.outcome) {
+        Ok(pb::CreateOutcome::Created) => CreateOutcome::Created,
+        Ok(pb::CreateOutcome::AlreadyExists) => CreateOutcome::AlreadyExists,
+        Ok(pb::CreateOutcome::TokenTaken) => CreateOutcome::TokenTaken,
+        Ok(pb::CreateOutcome::TokenRevoked) => CreateOutcome::TokenRevoked,
+        Ok(pb::CreateOutcome::LimitReached) => CreateOutcome::LimitReached,
+        Ok(pb::CreateOutcome::Unspecified) | Err(_) => CreateOutcome::Unknown,
+    };
     Ok(Created {
         created: response.created,
+        outcome,
         session: response.session.map(session_from_proto).transpose()?,
         evicted_token_ids: response.evicted_token_ids,
     })

@@ -7,9 +7,10 @@ use clap::Parser;
 
 use crate::store::{LimitPolicy, RedisMode, Settings};
 
-/// The longest SESSION_TTL and SESSION_TTL_MAX, in seconds: 365 days. Far
-/// below where the store's arithmetic could overflow: a ttl in ms plus the
-/// reservation's 60 s grace stays near 3.2e10, and Redis's clock plus that
+/// The longest SESSION_TTL, SESSION_TTL_MAX and RATE_LIMIT_WINDOW, in
+/// seconds: 365 days. Far below where the store's arithmetic could overflow: a
+/// ttl in ms plus the reservation's 60 s grace stays near 3.2e10, and Redis's
+/// clock plus that
 /// (about 1.8e12 ms) stays exact in the scripts' Lua doubles (below 2^53) and
 /// within Redis's `PX` limits.
 const MAX_TTL_SECS: u64 = 365 * 24 * 60 * 60;
@@ -72,8 +73,8 @@ pub struct Config {
     #[arg(long, env = "SESSION_LIMIT_POLICY", value_enum, default_value_t = LimitPolicy::EvictOldest)]
     pub session_limit_policy: LimitPolicy,
 
-    /// Length of a login rate-limit window, in seconds.
-    #[arg(long, env = "RATE_LIMIT_WINDOW", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Length of a login rate-limit window, in seconds (at most 365 days).
+    #[arg(long, env = "RATE_LIMIT_WINDOW", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
     pub rate_limit_window: u64,
 
     /// Login attempts allowed per client address per window.

@@ -31,9 +31,6 @@ pub enum Error {
     /// Redis refused a write because it is out of memory (`maxmemory`).
     #[error("redis is out of memory")]
     OutOfMemory(#[source] BoxError),
-    /// A write kept losing races with concurrent writes for the same user.
-    #[error("too much contention on one user's sessions, retry")]
-    Contention,
     /// A bug, a broken invariant or a misconfiguration that no retry fixes
     /// (a wrong Redis password, a missing ACL permission, a wrong key type):
     /// logged with its cause, sent as a generic message.
@@ -192,7 +189,6 @@ impl From<Error> for tonic::Status {
                 tracing::error!(error = %cause, "redis out of memory");
                 tonic::Status::resource_exhausted("session store is out of memory")
             }
-            Error::Contention => tonic::Status::aborted(err.to_string()),
             Error::Internal(ref cause) => {
                 tracing::error!(error = %cause, "internal error");
                 tonic::Status::internal("internal error")
@@ -229,7 +225,6 @@ mod tests {
             Error::Unavailable(_) => "Unavailable",
             Error::Timeout(_) => "Timeout",
             Error::OutOfMemory(_) => "OutOfMemory",
-            Error::Contention => "Contention",
             Error::Internal(_) => "Internal",
         };
         assert_eq!(name, variant, "{described}");

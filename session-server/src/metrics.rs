@@ -26,7 +26,8 @@ pub const POOL_IN_USE: &str = "sessionstore_redis_pool_in_use_connections";
 pub const POOL_MAX: &str = "sessionstore_redis_pool_max_connections";
 /// Sessions created.
 pub const SESSIONS_CREATED: &str = "sessionstore_sessions_created_total";
-/// CreateSession calls that stored nothing, by `reason` (token_taken, limit_reached).
+/// CreateSession calls that stored nothing, by `reason` (already_exists,
+/// token_taken, token_revoked, limit_reached).
 pub const SESSIONS_REFUSED: &str = "sessionstore_sessions_refused_total";
 /// Sessions revoked, by `how` (single, all).
 pub const SESSIONS_REVOKED: &str = "sessionstore_sessions_revoked_total";

@@ -171,8 +171,17 @@ pub enum CreateOutcome {
         /// Token ids evicted under the `evict_oldest` policy.
         evicted: Vec<String>,
     },
-    /// The token id already has a live session, or is reserved by another user.
+    /// The same user already has a live session with this token id (a retried
+    /// create): nothing changed.
+    AlreadyExists {
+        /// The existing session.
+        session: Session,
+    },
+    /// Another user holds the token id: a live session or a reservation.
     TokenTaken,
+    /// The token id's session was revoked; it is refused while a JWT carrying
+    /// it could still be presented.
+    TokenRevoked,
     /// The user is at the session cap and the policy is `reject`.
     LimitReached,
 }

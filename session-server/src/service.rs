@@ -35,6 +35,13 @@ impl SessionStore for SessionService {
         let new = convert::new_session(request.into_inner())?;
         let user = new.user_id.clone();
         let token = new.token_id.redacted();
+        let refused = |reason: &'static str, outcome: pb::CreateOutcome| {
+            metrics::counter!(SESSIONS_REFUSED, "reason" => reason).increment(1);
+            pb::CreateSessionResponse {
+                outcome: outcome.into(),
+                ..Default::default()
+            }
+        };
         let response = match self.store.create_session(new).await? {
             CreateOutcome::Created { session, evicted } => {
                 tracing::debug!(%user, %token, evicted = evicted.len(), "session created");
@@ -44,15 +51,20 @@ impl SessionStore for SessionService {
                     created: true,
                     session: Some(convert::session_to_proto(session)),
                     evicted_token_ids: evicted,
+                    outcome: pb::CreateOutcome::Created.into(),
                 }
             }
-            CreateOutcome::TokenTaken => {
-                metrics::counter!(SESSIONS_REFUSED, "reason" => "token_taken").increment(1);
-                pb::CreateSessionResponse::default()
+            CreateOutcome::AlreadyExists { session } => pb::CreateSessionResponse {
+                session: Some(convert::session_to_proto(session)),
+                ..refused("already_exists", pb::CreateOutcome::AlreadyExists)
+            },
+            CreateOutcome::TokenTaken => refused("token_taken", pb::CreateOutcome::TokenTaken),
+            CreateOutcome::TokenRevoked => {
+                tracing::info!(%user, %token, "create refused: the token id was revoked");
+                refused("token_revoked", pb::CreateOutcome::TokenRevoked)
             }
             CreateOutcome::LimitReached => {
-                metrics::counter!(SESSIONS_REFUSED, "reason" => "limit_reached").increment(1);
-                pb::CreateSessionResponse::default()
+                refused("limit_reached", pb::CreateOutcome::LimitReached)
             }
         };
         Ok(Response::new(response))

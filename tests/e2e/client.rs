@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use session_client::{Error, NewSession, SessionClient};
+use session_client::{CreateOutcome, Error, NewSession, SessionClient};
 use session_server::{Config, Store, server};
 use sessionstore::v1::{
     self as pb,
@@ -123,6 +123,8 @@ async fn create_with_ttl_reports_the_session_and_the_evicted_ids() {
     assert!(third.created);
     assert_eq!(third.evicted_token_ids, ["b-1"]);
     let session = third.session.unwrap();
+    let session_b3 = session.clone();
+    assert_eq!(third.outcome, CreateOutcome::Created);
     assert_eq!(session.metadata["ip"], "198.51.100.7");
     assert_eq!(
         session
@@ -133,14 +135,34 @@ async fn create_with_ttl_reports_the_session_and_the_evicted_ids() {
     );
     assert_eq!(client.get_session("b-1").await.unwrap(), None);
 
-    // A taken token id: not created, no session, nothing evicted.
+    // A retried create: not created again, the existing session, nothing
+    // evicted.
     let again = client
         .create_session_with(NewSession::new("bob", "b-3"))
         .await
         .unwrap();
     assert!(!again.created);
-    assert_eq!(again.session, None);
+    assert_eq!(again.outcome, CreateOutcome::AlreadyExists);
+    assert_eq!(again.session, Some(session_b3));
     assert!(again.evicted_token_ids.is_empty());
+
+    // Another user's token id: refused, and their session never leaks.
+    let taken = client
+        .create_session_with(NewSession::new("eve", "b-3"))
+        .await
+        .unwrap();
+    assert_eq!(taken.outcome, CreateOutcome::TokenTaken);
+    assert_eq!(taken.session, None);
+
+    // A revoked token id is refused for good.
+    assert!(client.revoke_session("b-3").await.unwrap());
+    let replay = client
+        .create_session_with(NewSession::new("bob", "b-3"))
+        .await
+        .unwrap();
+    assert_eq!(replay.outcome, CreateOutcome::TokenRevoked);
+    assert!(!replay.created);
+    assert_eq!(client.get_session("b-3").await.unwrap(), None);
 }
 
 /// The user-id hint finds and revokes only the owner's session.

@@ -8,6 +8,7 @@ mod common;
 mod eviction;
 mod failover;
 mod faults;
+mod finality;
 mod health;
 mod metrics;
 mod process;

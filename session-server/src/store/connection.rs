@@ -156,6 +156,17 @@ impl Op {
         self.settle(start, result)
     }
 
+    /// Waits `pause` before the operation's next round trip, or fails with
+    /// [`Error::Timeout`] when that would pass its deadline.
+    pub(super) async fn pause(&mut self, pause: Duration) -> Result<(), Error> {
+        let until = Instant::now() + pause;
+        if until >= self.deadline {
+            return Err(record_error(self.name, Error::Timeout(self.timeout)));
+        }
+        tokio::time::sleep_until(until).await;
+        Ok(())
+    }
+
     /// Maps a round trip's outcome, marking the connection broken when it can
     /// no longer be trusted, so the pool replaces it instead of reusing it.
     fn settle<T>(

@@ -5,6 +5,7 @@
 //! - `connection`: the pool or cluster connection, and one operation's deadline;
 //! - `sessions`: create, look up, revoke, count and list sessions;
 //! - `login`: the login rate limiter;
+//! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
 //! - `scripts/`: the Lua scripts, each with a KEYS/ARGV/returns header.
 //!
 //! # Keys
@@ -17,6 +18,7 @@
 //! | `P session:{user}:{token}` | the session as JSON, expiring with it |
 //! | `P user_sessions:{user}` | sorted set of token ids scored by expiry (ms); expires with its newest member |
 //! | `P token_owner:{token}` | the token's user id: reserves the token id across users and answers token-only lookups |
+//! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; expires `OWNER_GRACE` after its session would have |
 //! | `P rate_limit:login:{ip}` | login attempt counter, expiring with its window |
 //!
 //! Whether a session is valid is decided in one place: its `session:` key
@@ -24,6 +26,14 @@
 //! is never deleted early (only extended); it expires `OWNER_GRACE` after the
 //! longest session of its token could have, so a token id revoked for one user
 //! cannot be taken by another while a JWT carrying it could still be presented.
+//!
+//! Revocation is final. Every script that ends a session early (revoke one,
+//! revoke all, eviction at the cap) replaces it with a `revoked:` marker in the
+//! same atomic step, and the create script refuses a token id with a marker;
+//! the marker lives as long as the reservation would (its session's lifetime
+//! plus `OWNER_GRACE`), in the user's slot beside the session, so one script
+//! sees both. None of this survives key eviction, which is
+//! why readiness requires `maxmemory-policy noeviction`.
 
 mod connection;
 pub mod health;
@@ -41,13 +51,10 @@ use crate::{
 
 use connection::Backend;
 
-/// How much longer a token reservation lives than its session: covers the time
-/// between reserving the token and creating the session.
+/// How much longer a token reservation and a revocation marker live than their
+/// session: covers the time between reserving the token and creating the
+/// session, and clock skew between the JWT's issuer and Redis.
 const OWNER_GRACE: Duration = Duration::from_secs(60);
-
-/// How many times CreateSession re-runs its script when eviction candidates
-/// changed under it before giving up with [`Error::Contention`].
-const MAX_CREATE_ATTEMPTS: usize = 5;
 
 /// What to do when a user already has MAX_SESSIONS_PER_USER live sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -276,6 +283,13 @@ impl Store {
         )
     }
 
+    pub(crate) fn revoked_key(&self, user: &UserId, token: &str) -> String {
+        format!(
+            "{}revoked:{{{user}}}:{{{token}}}",
+            self.shared.settings.key_prefix
+        )
+    }
+
     pub(crate) fn index_key(&self, user: &UserId) -> String {
         format!(
             "{}user_sessions:{{{user}}}",
@@ -303,7 +317,6 @@ fn record_error(op: &'static str, err: Error) -> Error {
         Error::Unavailable(_) => "unavailable",
         Error::Timeout(_) => "timeout",
         Error::OutOfMemory(_) => "out_of_memory",
-        Error::Contention => "contention",
         Error::Internal(_) => "internal",
     };
     metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op, "kind" => kind).increment(1);
@@ -370,6 +383,7 @@ mod tests {
                 // create_session, revoke_session, revoke_sessions, list's MGET.
                 let mut keys = vec![index.clone()];
                 keys.extend(tokens.iter().map(|t| store.session_key(&user, t)));
+                keys.extend(tokens.iter().map(|t| store.revoked_key(&user, t)));
                 let slots: std::collections::HashSet<_> = keys.iter().map(|k| slot(k)).collect();
                 assert_eq!(slots.len(), 1, "keys of {user} span slots: {keys:?}");
                 assert_eq!(

@@ -3,7 +3,9 @@
 
 use redis::{FromRedisValue, Value};
 
-use super::{MAX_CREATE_ATTEMPTS, OWNER_GRACE, Store, connection::Op, millis};
+use std::time::Duration;
+
+use super::{OWNER_GRACE, Store, connection::Op, millis};
 use crate::{
     error::Error,
     model::{CreateOutcome, NewSession, Session, TokenId, UserId},
@@ -16,8 +18,9 @@ impl Store {
     ///
     /// [`Error::InvalidArgument`] naming `ttl` when it is zero or above
     /// SESSION_TTL_MAX; Redis failures as [`Error::Unavailable`],
-    /// [`Error::Timeout`] or [`Error::OutOfMemory`]; [`Error::Contention`]
-    /// when eviction candidates kept changing.
+    /// [`Error::Timeout`] or [`Error::OutOfMemory`]. Concurrent creates for
+    /// the same user are not an error: they are retried within the
+    /// operation's deadline.
     pub async fn create_session(&self, new: NewSession) -> Result<CreateOutcome, Error> {
         let settings = self.settings();
         let ttl = match new.ttl {
@@ -53,7 +56,7 @@ impl Store {
                     .claim_token
                     .key(self.owner_key(&new.token_id))
                     .arg(new.user_id.as_str())
-                    .arg(ttl_ms + millis(OWNER_GRACE)),
+                    .arg(ttl_ms.saturating_add(millis(OWNER_GRACE))),
             )
             .await?;
         if reserved == 0 {
@@ -61,27 +64,38 @@ impl Store {
         }
 
         let head = session_json_head(&new)?;
-        let session_key = self.session_key(&new.user_id, new.token_id.as_str());
-        let index_key = self.index_key(&new.user_id);
-        let mut candidates: Vec<String> = Vec::new();
-        for _ in 0..MAX_CREATE_ATTEMPTS {
+        let user = &new.user_id;
+        let session_key = self.session_key(user, new.token_id.as_str());
+        let index_key = self.index_key(user);
+        let revoked_key = self.revoked_key(user, new.token_id.as_str());
+        // The index members the script may evict: none at first (most creates
+        // evict nothing); then every member the script last reported. Each
+        // round either succeeds or learns the current members, and a
+        // concurrent create that got in between has itself succeeded, so the
+        // rounds end; the operation's deadline bounds them all the same.
+        let mut declared: Vec<String> = Vec::new();
+        let mut round = 0u32;
+        loop {
             let mut invocation = scripts.create_session.key(&session_key);
             invocation
                 .key(&index_key)
+                .key(&revoked_key)
                 .arg(new.token_id.as_str())
                 .arg(ttl_ms)
                 .arg(settings.max_sessions_per_user)
                 .arg(settings.limit_policy.as_script_arg())
-                .arg(&head);
-            for token in &candidates {
+                .arg(&head)
+                .arg(millis(OWNER_GRACE))
+                .arg(millis(settings.session_ttl_max));
+            for token in &declared {
                 invocation
-                    .key(self.session_key(&new.user_id, token))
+                    .key(self.session_key(user, token))
+                    .key(self.revoked_key(user, token))
                     .arg(token);
             }
             let reply: Vec<Value> = op.invoke(&invocation).await?;
-            let (status, created_at_ms, expires_at_ms, tokens) = parse_create_reply(reply)?;
+            let (status, created_at_ms, expires_at_ms, rest) = parse_create_reply(reply)?;
             match status {
-                0 => return Ok(CreateOutcome::TokenTaken),
                 1 => {
                     return Ok(CreateOutcome::Created {
                         session: Session {
@@ -91,11 +105,28 @@ impl Store {
                             created_at_ms,
                             expires_at_ms,
                         },
-                        evicted: tokens,
+                        evicted: rest,
                     });
                 }
+                0 => {
+                    let json = rest.first().ok_or_else(|| {
+                        Error::Internal("create_session.lua: status 0 without a session".into())
+                    })?;
+                    return Ok(CreateOutcome::AlreadyExists {
+                        session: parse_session(json)?,
+                    });
+                }
+                4 => return Ok(CreateOutcome::TokenRevoked),
                 2 => return Ok(CreateOutcome::LimitReached),
-                3 => candidates = tokens,
+                3 => {
+                    declared = rest;
+                    round = round.saturating_add(1);
+                    // Several rounds in a row mean a burst of creates for
+                    // this user (from other pods too): spread the retries.
+                    if round >= 2 {
+                        op.pause(jittered_backoff(round)).await?;
+                    }
+                }
                 other => {
                     return Err(Error::Internal(
                         format!("create_session.lua returned status {other}").into(),
@@ -103,7 +134,6 @@ impl Store {
                 }
             }
         }
-        Err(Error::Contention)
     }
 
     /// Looks a session up; `owner` is the optional user id hint.
@@ -127,7 +157,8 @@ impl Store {
     }
 
     /// Revokes one session; `owner` is the optional user id hint. Returns
-    /// whether a live session was revoked.
+    /// whether a live session was revoked; if so, its token id is refused by
+    /// [`create_session`](Self::create_session) from then on.
     ///
     /// # Errors
     ///
@@ -148,7 +179,10 @@ impl Store {
                     .revoke_session
                     .key(self.session_key(&owner, token.as_str()))
                     .key(self.index_key(&owner))
-                    .arg(token.as_str()),
+                    .key(self.revoked_key(&owner, token.as_str()))
+                    .arg(token.as_str())
+                    .arg(millis(OWNER_GRACE))
+                    .arg(millis(self.settings().session_ttl_max)),
             )
             .await?;
         Ok(revoked == 1)
@@ -175,8 +209,14 @@ impl Store {
             .scripts
             .revoke_sessions
             .key(self.index_key(user));
+        invocation
+            .arg(millis(OWNER_GRACE))
+            .arg(millis(self.settings().session_ttl_max));
         for token in &tokens {
-            invocation.key(self.session_key(user, token)).arg(token);
+            invocation
+                .key(self.session_key(user, token))
+                .key(self.revoked_key(user, token))
+                .arg(token);
         }
         let revoked: u32 = op.invoke(&invocation).await?;
         Ok(revoked)
@@ -283,6 +323,17 @@ fn session_json_head(new: &NewSession) -> Result<String, Error> {
     // Serialising a struct always ends with its closing brace.
     json.pop();
     Ok(json)
+}
+
+/// A pause of up to 2^(round - 2) ms (at most 16 ms), chosen at random so
+/// that creates for one user racing from several callers fall out of step.
+fn jittered_backoff(round: u32) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let cap_us = 1000u64 << round.saturating_sub(2).min(4);
+    // A fresh RandomState is randomly keyed: its hash of nothing is a random
+    // number, without a dependency on a random number crate.
+    let random = RandomState::new().hash_one(());
+    Duration::from_micros(100 + random % cap_us)
 }
 
 fn parse_session(json: &str) -> Result<Session, Error> {

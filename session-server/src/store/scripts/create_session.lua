@@ -1,35 +1,57 @@
--- Creates one session, enforcing the per-user cap atomically.
+-- Creates one session, enforcing the per-user cap and revocation finality
+-- atomically.
 -- KEYS[1]   session:{<user_id>}:{<token_id>}   the new session
 -- KEYS[2]   user_sessions:{<user_id>}          the user's index: token ids scored by expiry (ms)
--- KEYS[3..] session keys of eviction candidates, one per ARGV[7..]
+-- KEYS[3]   revoked:{<user_id>}:{<token_id>}   the new token's revocation marker, if any
+-- KEYS[4..] for each ARGV[8..] in order, two keys: its session:{<user_id>}:{<t>}
+--           and its revoked:{<user_id>}:{<t>} (the index members the caller
+--           declared: eviction may only touch these)
 -- ARGV[1]   token id
 -- ARGV[2]   ttl in ms
 -- ARGV[3]   MAX_SESSIONS_PER_USER
 -- ARGV[4]   policy: 'evict_oldest' or 'reject'
 -- ARGV[5]   the session JSON without its closing brace and timestamps:
 --           {"user_id":..,"token_id":..,"metadata":{..}
--- ARGV[6..] token ids of eviction candidates, matching KEYS[3..]
--- Returns {status, created_at_ms, expires_at_ms, token ids...}:
+-- ARGV[6]   how long a revocation marker outlives its session, in ms
+-- ARGV[7]   SESSION_TTL_MAX in ms: a marker's base for a session key without a
+--           TTL (never written by this server)
+-- ARGV[8..] token ids of declared index members, matching KEYS[4..]
+-- Returns {status, created_at_ms, expires_at_ms, more...}:
 --   {1, created, expires, evicted...}  created; evicted lists the sessions revoked for room
---   {0, 0, 0}                          the token already has a live session: nothing changed
+--   {0, 0, 0, json}                    the token already has a live session of this
+--                                      user (json): nothing changed
+--   {4, 0, 0}                          the token was revoked: nothing changed but
+--                                      the marker, kept as long as this ttl needs
 --   {2, 0, 0}                          the cap is reached and the policy is 'reject'
---   {3, 0, 0, victims...}              eviction must delete these sessions, which were
---                                      not declared in KEYS: call again declaring them
+--   {3, 0, 0, members...}              eviction needs sessions that were not declared:
+--                                      call again declaring these (every current member)
+-- Every check runs before the first write but the pruning of expired index
+-- members (a change complete in itself), so a refusal changes nothing else.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local max = tonumber(ARGV[3])
+local grace = tonumber(ARGV[6])
 
--- Expired sessions are already gone (key TTL); drop them from the index too, so
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  -- Revocation is final. A replay that asks for a longer ttl than the original
+  -- extends its reservation (claim_token), so the marker is extended to match.
+  if redis.call('PTTL', KEYS[3]) < ttl + grace then
+    redis.call('PEXPIRE', KEYS[3], ttl + grace)
+  end
+  return {4, 0, 0}
+end
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  return {0, 0, 0, existing}
+end
+
+-- Expired sessions are already gone (key TTL); they leave the index here, so
 -- the count below is exact. A key still exists at the millisecond it expires.
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, 0, 0}
-end
-
-local evicted = {}
 local count = redis.call('ZCARD', KEYS[2])
+local evicted = {}
 if count >= max then
   if ARGV[4] ~= 'evict_oldest' then
     return {2, 0, 0}
@@ -37,22 +59,32 @@ if count >= max then
   -- The oldest sessions are those closest to expiry.
   local victims = redis.call('ZRANGE', KEYS[2], 0, count - max)
   local declared = {}
-  for i = 6, #ARGV do
-    declared[ARGV[i]] = KEYS[i - 3]
+  for i = 8, #ARGV do
+    declared[ARGV[i]] = 2 * (i - 8) + 4
   end
   for _, token in ipairs(victims) do
     if not declared[token] then
       local answer = {3, 0, 0}
-      for _, t in ipairs(victims) do
+      for _, t in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
         answer[#answer + 1] = t
       end
       return answer
     end
   end
   for _, token in ipairs(victims) do
-    redis.call('DEL', declared[token])
+    local k = declared[token]
+    -- Each evicted session leaves a revocation marker, like RevokeSession.
+    local left = redis.call('PTTL', KEYS[k])
     redis.call('ZREM', KEYS[2], token)
-    evicted[#evicted + 1] = token
+    if left == -1 then
+      left = tonumber(ARGV[7])
+    end
+    if left >= 0 then
+      redis.call('DEL', KEYS[k])
+      redis.call('SET', KEYS[k + 1],
+        string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), 'PX', left + grace)
+      evicted[#evicted + 1] = token
+    end
   end
 end
 

@@ -1,0 +1,375 @@
+//! Revocation is final: no replayed create, race or burst of logins undoes a
+//! revocation, and CreateSession says what it did (`outcome`).
+
+use std::collections::HashSet;
+
+use session_server::store::LimitPolicy;
+use sessionstore::v1::{
+    CreateOutcome, CreateSessionRequest, CreateSessionResponse, GetSessionRequest,
+    GetUserSessionCountRequest, ListUserSessionsRequest, RevokeAllUserSessionsRequest,
+    RevokeSessionRequest, session_store_client::SessionStoreClient,
+};
+use tonic::transport::Channel;
+
+use crate::common::{TestServer, inspect, test_config};
+
+type Client = SessionStoreClient<Channel>;
+
+async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionResponse {
+    client
+        .create_session(CreateSessionRequest {
+            user_id: user.into(),
+            token_id: token.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
+    CreateOutcome::try_from(response.outcome).unwrap()
+}
+
+async fn live(client: &mut Client, token: &str, hint: &str) -> bool {
+    client
+        .get_session(GetSessionRequest {
+            token_id: token.into(),
+            user_id: hint.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .is_some()
+}
+
+async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool {
+    client
+        .revoke_session(RevokeSessionRequest {
+            token_id: token.into(),
+            user_id: hint.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked
+}
+
+async fn count(client: &mut Client, user: &str) -> u32 {
+    client
+        .get_user_session_count(GetUserSessionCountRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
+
+/// Asserts that a replayed create of `token` for `user` is refused as revoked
+/// and that the session stays dead, by hint and by token alone.
+async fn assert_stays_revoked(client: &mut Client, user: &str, token: &str) {
+    let replay = create(client, user, token).await;
+    assert_eq!(outcome(&replay), CreateOutcome::TokenRevoked, "{token}");
+    assert!(!replay.created);
+    assert!(replay.session.is_none());
+    assert!(!live(client, token, user).await, "{token} revived");
+    assert!(!live(client, token, "").await, "{token} revived");
+    // Another user is refused by the token's reservation, as before.
+    let other = create(client, &format!("{user}-other"), token).await;
+    assert_eq!(outcome(&other), CreateOutcome::TokenTaken);
+    assert!(!live(client, token, "").await);
+}
+
+/// Each outcome is reported as documented: CREATED, ALREADY_EXISTS with the
+/// existing session (a retried create), TOKEN_TAKEN for another user's token.
+#[tokio::test]
+async fn create_reports_its_outcome() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let first = create(&mut client, "olga", "o-1").await;
+    assert_eq!(outcome(&first), CreateOutcome::Created);
+    assert!(first.created);
+
+    // A retry after a lost answer: same user, same token.
+    let retry = create(&mut client, "olga", "o-1").await;
+    assert_eq!(outcome(&retry), CreateOutcome::AlreadyExists);
+    assert!(!retry.created);
+    assert_eq!(
+        retry.session, first.session,
+        "the existing session, unchanged"
+    );
+    assert!(retry.evicted_token_ids.is_empty());
+
+    let taken = create(&mut client, "mallory", "o-1").await;
+    assert_eq!(outcome(&taken), CreateOutcome::TokenTaken);
+    assert!(!taken.created);
+    assert!(
+        taken.session.is_none(),
+        "another user's session never leaks"
+    );
+    assert_eq!(count(&mut client, "olga").await, 1);
+    assert_eq!(count(&mut client, "mallory").await, 0);
+}
+
+/// Under the reject policy a user at the cap gets LIMIT_REACHED.
+#[tokio::test]
+async fn create_at_the_cap_under_reject_reports_limit_reached() {
+    let mut config = test_config();
+    config.max_sessions_per_user = 1;
+    config.session_limit_policy = LimitPolicy::Reject;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    create(&mut client, "pia", "p-1").await;
+    let refused = create(&mut client, "pia", "p-2").await;
+    assert_eq!(outcome(&refused), CreateOutcome::LimitReached);
+    assert!(!refused.created);
+    assert!(refused.session.is_none());
+    assert!(!live(&mut client, "p-2", "").await);
+}
+
+/// A create replayed after RevokeSession, with or without the hint, never
+/// revives the session.
+#[tokio::test]
+async fn a_replayed_create_after_revoke_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for (token, hint) in [("r-hint", "rita"), ("r-nohint", "")] {
+        assert!(create(&mut client, "rita", token).await.created);
+        assert!(revoke(&mut client, token, hint).await);
+        assert_stays_revoked(&mut client, "rita", token).await;
+    }
+    assert_eq!(count(&mut client, "rita").await, 0);
+}
+
+/// A create replayed after RevokeAllUserSessions never revives any of them,
+/// while a new token id still works.
+#[tokio::test]
+async fn a_replayed_create_after_revoke_all_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for token in ["s-1", "s-2", "s-3"] {
+        assert!(create(&mut client, "sam", token).await.created);
+    }
+    let revoked = client
+        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
+            user_id: "sam".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_count;
+    assert_eq!(revoked, 3);
+    for token in ["s-1", "s-2", "s-3"] {
+        assert_stays_revoked(&mut client, "sam", token).await;
+    }
+    assert_eq!(
+        outcome(&create(&mut client, "sam", "s-4").await),
+        CreateOutcome::Created
+    );
+    assert_eq!(count(&mut client, "sam").await, 1);
+}
+
+/// A session evicted at the cap is revoked for good: replaying its create does
+/// not bring it back (nor evict another session to make room for it).
+#[tokio::test]
+async fn a_replayed_create_after_eviction_is_refused() {
+    let mut config = test_config();
+    config.max_sessions_per_user = 2;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    create(&mut client, "tom", "t-1").await;
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    create(&mut client, "tom", "t-2").await;
+    let third = create(&mut client, "tom", "t-3").await;
+    assert_eq!(third.evicted_token_ids, ["t-1"]);
+    assert_stays_revoked(&mut client, "tom", "t-1").await;
+    assert!(
+        live(&mut client, "t-2", "tom").await,
+        "the replay evicted t-2"
+    );
+    assert!(live(&mut client, "t-3", "tom").await);
+    assert_eq!(count(&mut client, "tom").await, 2);
+}
+
+/// The revocation marker sits in the user's slot beside the session and lives
+/// as long as the token's reservation: the session's remaining life plus 60 s.
+#[tokio::test]
+async fn the_revocation_marker_lives_as_long_as_the_reservation() {
+    let server = TestServer::start().await;
+    let prefix = server.config.key_prefix.clone();
+    let mut client = server.client().await;
+    client
+        .create_session(CreateSessionRequest {
+            user_id: "uma".into(),
+            token_id: "u-1".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(revoke(&mut client, "u-1", "uma").await);
+    let marker_key = format!("{prefix}revoked:{{uma}}:{{u-1}}");
+    let marker: String = inspect(&server.config, redis::cmd("GET").arg(&marker_key)).await;
+    assert!(
+        marker.starts_with("{\"revoked_at_ms\":") && marker.ends_with(",\"reason\":\"revoked\"}"),
+        "{marker}"
+    );
+    let pttl: i64 = inspect(&server.config, redis::cmd("PTTL").arg(&marker_key)).await;
+    assert!((65_000..=70_000).contains(&pttl), "marker PTTL {pttl}");
+    let owner_pttl: i64 = inspect(
+        &server.config,
+        redis::cmd("PTTL").arg(format!("{prefix}token_owner:{{u-1}}")),
+    )
+    .await;
+    assert!(
+        pttl + 1_000 >= owner_pttl,
+        "marker ({pttl} ms) must not end before the reservation ({owner_pttl} ms)"
+    );
+}
+
+/// Replays of a live session's create racing its revocation: the revocation
+/// wins for good. No replay ever answers CREATED, and afterwards the session is
+/// dead and its token refused.
+#[tokio::test]
+async fn replays_racing_a_revocation_never_revive_it() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    for round in 0..5 {
+        let token = format!("v-{round}");
+        assert!(create(&mut client.clone(), "vera", &token).await.created);
+        let replays: Vec<_> = (0..20)
+            .map(|_| {
+                let mut client = client.clone();
+                let token = token.clone();
+                tokio::spawn(async move { create(&mut client, "vera", &token).await })
+            })
+            .collect();
+        let hint = if round % 2 == 0 { "vera" } else { "" };
+        assert!(revoke(&mut client.clone(), &token, hint).await);
+        for replay in replays {
+            let answer = replay.await.unwrap();
+            let seen = outcome(&answer);
+            assert!(
+                matches!(
+                    seen,
+                    CreateOutcome::AlreadyExists | CreateOutcome::TokenRevoked
+                ),
+                "a replay of {token} answered {seen:?}"
+            );
+        }
+        assert!(
+            !live(&mut client.clone(), &token, "").await,
+            "{token} revived"
+        );
+        assert_stays_revoked(&mut client.clone(), "vera", &token).await;
+    }
+}
+
+/// 200 concurrent creates for one user through two servers, under each policy:
+/// every call answers OK (contention is never an error), the cap holds
+/// exactly, and everything evicted is dead and stays dead.
+#[tokio::test]
+async fn two_hundred_concurrent_creates_for_one_user_all_succeed() {
+    for policy in [LimitPolicy::EvictOldest, LimitPolicy::Reject] {
+        let mut config = test_config();
+        config.session_limit_policy = policy;
+        let server = TestServer::start_with(config.clone()).await;
+        // A second server on the same keys: two pods racing, each with its
+        // own Redis connections.
+        let other_pod = TestServer::start_with(config).await;
+        let max = server.config.max_sessions_per_user;
+        let clients = [server.client().await, other_pod.client().await];
+        let calls: Vec<_> = (0..200)
+            .map(|i| {
+                let mut client = clients[i % 2].clone();
+                tokio::spawn(async move {
+                    let token = format!("w-{i}");
+                    let answer = client
+                        .create_session(CreateSessionRequest {
+                            user_id: "walt".into(),
+                            token_id: token.clone(),
+                            ..Default::default()
+                        })
+                        .await;
+                    (token, answer)
+                })
+            })
+            .collect();
+        let mut created = HashSet::new();
+        let mut evicted = Vec::new();
+        let mut refused = 0;
+        for call in calls {
+            let (token, answer) = call.await.unwrap();
+            let answer = match answer {
+                Ok(answer) => answer.into_inner(),
+                Err(status) => panic!("{policy:?}: create {token} failed: {status:?}"),
+            };
+            match outcome(&answer) {
+                CreateOutcome::Created => {
+                    created.insert(token);
+                    evicted.extend(answer.evicted_token_ids);
+                }
+                CreateOutcome::LimitReached => refused += 1,
+                other => panic!("{policy:?}: create {token} answered {other:?}"),
+            }
+        }
+        let mut client = clients[0].clone();
+        assert_eq!(count(&mut client, "walt").await, max, "{policy:?}");
+        let listed = client
+            .list_user_sessions(ListUserSessionsRequest {
+                user_id: "walt".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions;
+        assert_eq!(listed.len(), max as usize, "{policy:?}");
+        match policy {
+            LimitPolicy::EvictOldest => {
+                assert_eq!(created.len(), 200);
+                assert_eq!(evicted.len(), 200 - max as usize);
+                let unique: HashSet<_> = evicted.iter().collect();
+                assert_eq!(unique.len(), evicted.len(), "a session evicted twice");
+                for token in &evicted {
+                    assert!(!live(&mut client, token, "walt").await, "{token} live");
+                    assert!(listed.iter().all(|s| &s.token_id != token));
+                }
+                // Eviction is a revocation: a replay stays refused.
+                assert_stays_revoked(&mut client, "walt", &evicted[0]).await;
+            }
+            LimitPolicy::Reject => {
+                assert_eq!(created.len(), max as usize);
+                assert_eq!(refused, 200 - max as usize);
+                assert!(evicted.is_empty());
+                assert!(listed.iter().all(|s| created.contains(&s.token_id)));
+            }
+        }
+    }
+}
+
+/// A session key without a TTL (written or PERSISTed by someone else) is still
+/// revoked for good, its marker kept for SESSION_TTL_MAX plus 60 s.
+#[tokio::test]
+async fn a_session_without_a_ttl_is_still_revoked_for_good() {
+    let server = TestServer::start().await;
+    let prefix = server.config.key_prefix.clone();
+    let mut client = server.client().await;
+    create(&mut client, "xena", "x-1").await;
+    let session_key = format!("{prefix}session:{{xena}}:{{x-1}}");
+    let persisted: i64 = inspect(&server.config, redis::cmd("PERSIST").arg(&session_key)).await;
+    assert_eq!(persisted, 1);
+    assert!(revoke(&mut client, "x-1", "xena").await);
+    let pttl: i64 = inspect(
+        &server.config,
+        redis::cmd("PTTL").arg(format!("{prefix}revoked:{{xena}}:{{x-1}}")),
+    )
+    .await;
+    let expected = i64::try_from(server.config.session_ttl_max * 1000 + 60_000).unwrap();
+    assert!((expected - 5_000..=expected).contains(&pttl), "{pttl}");
+    assert_stays_revoked(&mut client, "xena", "x-1").await;
+}
