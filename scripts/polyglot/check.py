@@ -85,7 +85,8 @@ def run(channel):
         timeout=DEADLINE,
     )
     session = first.session
-    check("CreateSession created the session", first.created and first.HasField("session"))
+    check("CreateSession created the session", first.created and first.HasField("session")
+          and first.outcome == pb.CREATE_OUTCOME_CREATED)
     check("  with its ids and metadata", (session.user_id, session.token_id) == (user, token_1)
           and dict(session.metadata) == {"ip": "192.0.2.1", "device": "python"})
     lifetime = session.expires_at.ToMilliseconds() - session.created_at.ToMilliseconds()
@@ -93,8 +94,9 @@ def run(channel):
     again = store.CreateSession(
         pb.CreateSessionRequest(user_id=user, token_id=token_1), timeout=DEADLINE
     )
-    check("CreateSession of a live token_id: created=false, no session",
-          not again.created and not again.HasField("session"))
+    check("CreateSession retried: created=false, ALREADY_EXISTS with the existing session",
+          not again.created and again.outcome == pb.CREATE_OUTCOME_ALREADY_EXISTS
+          and again.session == session)
     second = store.CreateSession(
         pb.CreateSessionRequest(user_id=user, token_id=token_2), timeout=DEADLINE
     )
@@ -131,6 +133,13 @@ def run(channel):
     check("  and GetSession no longer finds it", not gone.HasField("session"))
     twice = store.RevokeSession(pb.RevokeSessionRequest(token_id=token_1), timeout=DEADLINE)
     check("RevokeSession again: revoked=false", not twice.revoked)
+    replay = store.CreateSession(
+        pb.CreateSessionRequest(user_id=user, token_id=token_1), timeout=DEADLINE
+    )
+    check("CreateSession replayed after the revocation: TOKEN_REVOKED, nothing revived",
+          not replay.created and replay.outcome == pb.CREATE_OUTCOME_TOKEN_REVOKED
+          and not store.GetSession(pb.GetSessionRequest(token_id=token_1),
+                                   timeout=DEADLINE).HasField("session"))
     everything = store.RevokeAllUserSessions(
         pb.RevokeAllUserSessionsRequest(user_id=user), timeout=DEADLINE
     )

@@ -58,6 +58,13 @@ async fn redis_down_gives_unavailable_then_recovers() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
+    // The refused connection itself, not the pool's wait running into
+    // REDIS_TIMEOUT_MS ("did not answer within").
+    assert!(
+        status.message().contains("unreachable"),
+        "{:?}",
+        status.message()
+    );
     assert!(
         wait_until(Duration::from_secs(5), || async {
             readiness(&server).await == ServingStatus::NotServing as i32
@@ -108,7 +115,8 @@ async fn redis_down_gives_unavailable_then_recovers() {
 }
 
 /// A server started while Redis is unreachable still starts, reports
-/// NOT_SERVING, and answers UNAVAILABLE rather than hanging.
+/// NOT_SERVING, and answers UNAVAILABLE with the connect error rather than
+/// waiting for the pool's timeout.
 #[tokio::test]
 async fn server_starts_without_redis() {
     let mut config = test_config();

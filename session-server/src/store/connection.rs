@@ -25,8 +25,14 @@ use crate::error::Error;
 
 /// How connections are had: one store, one connection type chosen at start.
 pub(super) enum Backend {
-    /// Standalone and sentinel: a bb8 pool of multiplexed connections.
-    Pool(bb8::Pool<RedisManager>),
+    /// Standalone and sentinel: a bb8 pool of multiplexed connections, and
+    /// the failures of its connection attempts.
+    Pool {
+        /// The pool.
+        pool: bb8::Pool<RedisManager>,
+        /// Shared with the pool's manager.
+        failures: Arc<ConnectFailures>,
+    },
     /// Cluster: one cluster connection (itself multiplexed over every node),
     /// made on first use so the server can start while the cluster is down.
     Cluster {
@@ -52,8 +58,10 @@ impl Backend {
                 return Ok(backend);
             }
         };
+        let failures = Arc::new(ConnectFailures::default());
         let manager = RedisManager {
             connector,
+            failures: Arc::clone(&failures),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(settings.timeout))
                 // Each operation is bounded by `Settings::timeout` as a whole.
@@ -65,18 +73,19 @@ impl Backend {
             // connections are found by `RedisManager::has_broken` instead.
             .test_on_check_out(false)
             .connection_timeout(settings.timeout)
-            // Fail at once when Redis refuses connections rather than spinning
-            // until the timeout: the caller gets UNAVAILABLE and may retry.
+            // One connect attempt per checkout that needs one: a failed attempt
+            // wakes the waiting operations (`ConnectFailures`), which fail at
+            // once with its error instead of waiting out the timeout.
             .retry_connection(false)
             .build_unchecked(manager);
-        Ok(Self::Pool(pool))
+        Ok(Self::Pool { pool, failures })
     }
 }
 
 impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Pool(pool) => f.debug_tuple("Pool").field(&pool.state()).finish(),
+            Self::Pool { pool, .. } => f.debug_tuple("Pool").field(&pool.state()).finish(),
             Self::Cluster { .. } => f.write_str("Cluster"),
         }
     }
@@ -94,8 +103,21 @@ impl Store {
                 // operations share connections and redis-rs batches their
                 // commands into one write. Holding the checkout for the whole
                 // operation let each connection carry one command at a time.
-                Backend::Pool(pool) => loop {
-                    match pool.get().await {
+                Backend::Pool { pool, failures } => loop {
+                    // bb8 hands a failed connect attempt to its error sink and
+                    // lets the waiting checkout run into the timeout; listen
+                    // for the failure (registered before the checkout starts)
+                    // and answer with its error: UNAVAILABLE for a refused
+                    // connection, INTERNAL for wrong credentials.
+                    let failed = failures.notify.notified();
+                    tokio::pin!(failed);
+                    failed.as_mut().enable();
+                    let checkout = tokio::select! {
+                        biased;
+                        checkout = pool.get() => checkout,
+                        () = &mut failed => break Err(failures.last(timeout)),
+                    };
+                    match checkout {
                         // Marked broken by an operation since it was last
                         // returned: handing it back makes the pool drop it.
                         Ok(pooled) if pooled.broken.load(Ordering::Relaxed) => drop(pooled),
@@ -266,6 +288,35 @@ pub(super) struct PooledRedis {
 pub(super) struct RedisManager {
     connector: Connector,
     config: AsyncConnectionConfig,
+    failures: Arc<ConnectFailures>,
+}
+
+/// The pool's failed connect attempts, as operations waiting for a connection
+/// need them.
+#[derive(Default)]
+pub(super) struct ConnectFailures {
+    /// Woken on every failed attempt.
+    notify: tokio::sync::Notify,
+    /// The latest failure.
+    last: std::sync::Mutex<Option<redis::RedisError>>,
+}
+
+impl ConnectFailures {
+    fn record(&self, err: &redis::RedisError) {
+        // A poisoned lock only means another thread panicked mid-store; the
+        // value is a plain Option and still usable.
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.clone());
+        self.notify.notify_waiters();
+    }
+
+    /// The latest failure as the store's error; a timeout if none is known.
+    fn last(&self, timeout: Duration) -> Error {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map_or(Error::Timeout(timeout), Error::from)
+    }
 }
 
 /// Where a new pooled connection goes.
@@ -288,20 +339,21 @@ impl bb8::ManageConnection for RedisManager {
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let inner = match &self.connector {
+        let connected = match &self.connector {
             Connector::Direct(client) => {
                 client
                     .get_multiplexed_async_connection_with_config(&self.config)
-                    .await?
+                    .await
             }
             Connector::Sentinel(sentinel) => {
                 sentinel
                     .lock()
                     .await
                     .get_async_connection_with_config(&self.config)
-                    .await?
+                    .await
             }
         };
+        let inner = connected.inspect_err(|err| self.failures.record(err))?;
         Ok(PooledRedis {
             inner,
             broken: Arc::new(AtomicBool::new(false)),

@@ -242,7 +242,7 @@ impl Store {
 
     /// Publishes the pool's size and use as gauges.
     pub fn record_pool_metrics(&self) {
-        let Backend::Pool(pool) = &self.shared.backend else {
+        let Backend::Pool { pool, .. } = &self.shared.backend else {
             // A cluster connection is not pooled: one multiplexed link per node.
             return;
         };
