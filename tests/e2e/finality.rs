@@ -194,7 +194,9 @@ async fn a_replayed_create_after_eviction_is_refused() {
 }
 
 /// The revocation marker sits in the user's slot beside the session and lives
-/// as long as the token's reservation: the session's remaining life plus 60 s.
+/// at least as long as the token's reservation: the session's remaining life
+/// plus 60 s plus REDIS_TIMEOUT_MS (the longest a create may run after its
+/// claim).
 #[tokio::test]
 async fn the_revocation_marker_lives_as_long_as_the_reservation() {
     let server = TestServer::start().await;
@@ -220,16 +222,70 @@ async fn the_revocation_marker_lives_as_long_as_the_reservation() {
         "{marker}"
     );
     let pttl: i64 = inspect(&server.config, redis::cmd("PTTL").arg(&marker_key)).await;
-    assert!((65_000..=70_000).contains(&pttl), "marker PTTL {pttl}");
+    let slack = 60_000 + i64::try_from(server.config.redis_timeout_ms).unwrap();
+    assert!(
+        (10_000 + slack - 5_000..=10_000 + slack).contains(&pttl),
+        "marker PTTL {pttl}"
+    );
     let owner_pttl: i64 = inspect(
         &server.config,
         redis::cmd("PTTL").arg(format!("{prefix}token_owner:{{u-1}}")),
     )
     .await;
     assert!(
-        pttl + 1_000 >= owner_pttl,
+        pttl >= owner_pttl,
         "marker ({pttl} ms) must not end before the reservation ({owner_pttl} ms)"
     );
+}
+
+/// A replay that asks for a longer ttl while the session is live extends the
+/// token's reservation (not the session); a later revocation keeps its marker
+/// as long as that reservation, so the token id never comes back.
+#[tokio::test]
+async fn a_marker_outlives_a_reservation_extended_before_the_revocation() {
+    let server = TestServer::start().await;
+    let prefix = server.config.key_prefix.clone();
+    let mut client = server.client().await;
+    let with_ttl = |seconds: i64| CreateSessionRequest {
+        user_id: "yuri".into(),
+        token_id: "y-1".into(),
+        ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    let first = client
+        .create_session(with_ttl(2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&first), CreateOutcome::Created);
+    let replay = client
+        .create_session(with_ttl(600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&replay), CreateOutcome::AlreadyExists);
+    assert_eq!(
+        replay.session, first.session,
+        "the session is not prolonged"
+    );
+    assert!(revoke(&mut client, "y-1", "yuri").await);
+
+    let marker: i64 = inspect(
+        &server.config,
+        redis::cmd("PTTL").arg(format!("{prefix}revoked:{{yuri}}:{{y-1}}")),
+    )
+    .await;
+    let reservation: i64 = inspect(
+        &server.config,
+        redis::cmd("PTTL").arg(format!("{prefix}token_owner:{{y-1}}")),
+    )
+    .await;
+    assert!(reservation > 600_000, "{reservation}");
+    assert!(
+        marker >= reservation,
+        "marker ({marker} ms) ends before the reservation ({reservation} ms)"
+    );
+    assert_stays_revoked(&mut client, "yuri", "y-1").await;
 }
 
 /// Replays of a live session's create racing its revocation: the revocation
@@ -278,6 +334,9 @@ async fn two_hundred_concurrent_creates_for_one_user_all_succeed() {
     for policy in [LimitPolicy::EvictOldest, LimitPolicy::Reject] {
         let mut config = test_config();
         config.session_limit_policy = policy;
+        // A small cap and ttls of every length: new sessions land anywhere
+        // in the eviction order, the hardest case for the create protocol.
+        config.max_sessions_per_user = 3;
         let server = TestServer::start_with(config.clone()).await;
         // A second server on the same keys: two pods racing, each with its
         // own Redis connections.
@@ -289,10 +348,12 @@ async fn two_hundred_concurrent_creates_for_one_user_all_succeed() {
                 let mut client = clients[i % 2].clone();
                 tokio::spawn(async move {
                     let token = format!("w-{i}");
+                    let seconds = 60 + i64::try_from(i * 617 % 3541).unwrap();
                     let answer = client
                         .create_session(CreateSessionRequest {
                             user_id: "walt".into(),
                             token_id: token.clone(),
+                            ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
                             ..Default::default()
                         })
                         .await;
@@ -353,7 +414,8 @@ async fn two_hundred_concurrent_creates_for_one_user_all_succeed() {
 }
 
 /// A session key without a TTL (written or PERSISTed by someone else) is still
-/// revoked for good, its marker kept for SESSION_TTL_MAX plus 60 s.
+/// revoked for good, its marker kept for SESSION_TTL_MAX plus the reservation's
+/// slack.
 #[tokio::test]
 async fn a_session_without_a_ttl_is_still_revoked_for_good() {
     let server = TestServer::start().await;
@@ -369,7 +431,10 @@ async fn a_session_without_a_ttl_is_still_revoked_for_good() {
         redis::cmd("PTTL").arg(format!("{prefix}revoked:{{xena}}:{{x-1}}")),
     )
     .await;
-    let expected = i64::try_from(server.config.session_ttl_max * 1000 + 60_000).unwrap();
+    let expected = i64::try_from(
+        server.config.session_ttl_max * 1000 + 60_000 + server.config.redis_timeout_ms,
+    )
+    .unwrap();
     assert!((expected - 5_000..=expected).contains(&pttl), "{pttl}");
     assert_stays_revoked(&mut client, "xena", "x-1").await;
 }

@@ -178,6 +178,14 @@ impl Op {
         self.settle(start, result)
     }
 
+    /// Runs `work` (a wait that is not a Redis round trip) within the
+    /// operation's deadline.
+    pub(super) async fn within<F: std::future::Future>(&self, work: F) -> Result<F::Output, Error> {
+        timeout_at(self.deadline, work)
+            .await
+            .map_err(|_| record_error(self.name, Error::Timeout(self.timeout)))
+    }
+
     /// Waits `pause` before the operation's next round trip, or fails with
     /// [`Error::Timeout`] when that would pass its deadline.
     pub(super) async fn pause(&mut self, pause: Duration) -> Result<(), Error> {

@@ -18,21 +18,25 @@
 //! | `P session:{user}:{token}` | the session as JSON, expiring with it |
 //! | `P user_sessions:{user}` | sorted set of token ids scored by expiry (ms); expires with its newest member |
 //! | `P token_owner:{token}` | the token's user id: reserves the token id across users and answers token-only lookups |
-//! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; expires `OWNER_GRACE` after its session would have |
+//! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; lives as long as the token's reservation |
+//! | `P reservations:{user}` | sorted set of token ids whose reservation a replayed create extended past their live session, scored by its end (ms) |
 //! | `P rate_limit:login:{ip}` | login attempt counter, expiring with its window |
 //!
 //! Whether a session is valid is decided in one place: its `session:` key
 //! exists. The index and the owner reservation only point at it. A reservation
-//! is never deleted early (only extended); it expires `OWNER_GRACE` after the
-//! longest session of its token could have, so a token id revoked for one user
-//! cannot be taken by another while a JWT carrying it could still be presented.
+//! is never deleted early (only extended); it lasts the ttl asked for plus
+//! `OWNER_GRACE` plus the operation timeout (the longest the create script
+//! may run after the claim), so it outlives every session of its token by at
+//! least `OWNER_GRACE`, and a token id revoked for one user cannot be taken by
+//! another while a JWT carrying it could still be presented.
 //!
 //! Revocation is final. Every script that ends a session early (revoke one,
 //! revoke all, eviction at the cap) replaces it with a `revoked:` marker in the
 //! same atomic step, and the create script refuses a token id with a marker;
-//! the marker lives as long as the reservation would (its session's lifetime
-//! plus `OWNER_GRACE`), in the user's slot beside the session, so one script
-//! sees both. None of this survives key eviction, which is
+//! the marker lives at least as long as the reservation (the session's
+//! remaining life plus the same slack, or longer when a replay with a longer
+//! ttl extended the reservation: `reservations:` remembers that), in the user's
+//! slot beside the session, so one script sees both. None of this survives key eviction, which is
 //! why readiness requires `maxmemory-policy noeviction`.
 
 mod connection;
@@ -52,8 +56,9 @@ use crate::{
 use connection::Backend;
 
 /// How much longer a token reservation and a revocation marker live than their
-/// session: covers the time between reserving the token and creating the
-/// session, and clock skew between the JWT's issuer and Redis.
+/// session, beyond the operation timeout (which covers the time between
+/// reserving the token and creating the session): clock skew between the
+/// JWT's issuer and Redis.
 const OWNER_GRACE: Duration = Duration::from_secs(60);
 
 /// What to do when a user already has MAX_SESSIONS_PER_USER live sessions.
@@ -181,14 +186,35 @@ struct Shared {
     backend: Backend,
     settings: Settings,
     scripts: Scripts,
+    /// Creates for one user that must evict take turns within this process
+    /// (see `Store::create_session`): one lock per user id hash, striped so
+    /// the table stays small. Users sharing a stripe only wait for each
+    /// other's eviction round trip.
+    create_turns: CreateTurns,
 }
+
+/// The striped per-user locks of [`Shared::create_turns`].
+struct CreateTurns {
+    hasher: std::hash::RandomState,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl fmt::Debug for CreateTurns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateTurns")
+            .field("stripes", &self.stripes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many locks [`CreateTurns`] stripes users over.
+const CREATE_TURN_STRIPES: usize = 1024;
 
 /// The Lua scripts, hashed once; `redis::Script` runs them with EVALSHA and
 /// loads them on a NOSCRIPT answer.
 struct Scripts {
     claim_token: redis::Script,
     create_session: redis::Script,
-    revoke_session: redis::Script,
     revoke_sessions: redis::Script,
     count_sessions: redis::Script,
     login_attempt: redis::Script,
@@ -205,7 +231,6 @@ impl Scripts {
         Self {
             claim_token: redis::Script::new(include_str!("scripts/claim_token.lua")),
             create_session: redis::Script::new(include_str!("scripts/create_session.lua")),
-            revoke_session: redis::Script::new(include_str!("scripts/revoke_session.lua")),
             revoke_sessions: redis::Script::new(include_str!("scripts/revoke_sessions.lua")),
             count_sessions: redis::Script::new(include_str!("scripts/count_sessions.lua")),
             login_attempt: redis::Script::new(include_str!("scripts/login_attempt.lua")),
@@ -231,6 +256,12 @@ impl Store {
                 backend,
                 settings,
                 scripts: Scripts::load(),
+                create_turns: CreateTurns {
+                    hasher: std::hash::RandomState::new(),
+                    stripes: (0..CREATE_TURN_STRIPES)
+                        .map(|_| tokio::sync::Mutex::new(()))
+                        .collect(),
+                },
             }),
         }
     }
@@ -288,6 +319,20 @@ impl Store {
             "{}revoked:{{{user}}}:{{{token}}}",
             self.shared.settings.key_prefix
         )
+    }
+
+    pub(crate) fn reservations_key(&self, user: &UserId) -> String {
+        format!("{}reservations:{{{user}}}", self.shared.settings.key_prefix)
+    }
+
+    /// Waits for this process's turn to run an evicting create for `user`.
+    pub(crate) async fn create_turn(&self, user: &UserId) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::BuildHasher;
+        let turns = &self.shared.create_turns;
+        // The modulo keeps the index below the stripe count, which fits a usize.
+        let stripe = usize::try_from(turns.hasher.hash_one(user) % turns.stripes.len() as u64)
+            .unwrap_or_default();
+        turns.stripes[stripe].lock().await
     }
 
     pub(crate) fn index_key(&self, user: &UserId) -> String {
@@ -380,8 +425,8 @@ mod tests {
             for user in users {
                 let user = UserId::parse("user_id", user.to_string()).unwrap();
                 let index = store.index_key(&user);
-                // create_session, revoke_session, revoke_sessions, list's MGET.
-                let mut keys = vec![index.clone()];
+                // create_session, revoke_sessions, list's MGET.
+                let mut keys = vec![index.clone(), store.reservations_key(&user)];
                 keys.extend(tokens.iter().map(|t| store.session_key(&user, t)));
                 keys.extend(tokens.iter().map(|t| store.revoked_key(&user, t)));
                 let slots: std::collections::HashSet<_> = keys.iter().map(|k| slot(k)).collect();

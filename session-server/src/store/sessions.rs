@@ -56,7 +56,7 @@ impl Store {
                     .claim_token
                     .key(self.owner_key(&new.token_id))
                     .arg(new.user_id.as_str())
-                    .arg(ttl_ms.saturating_add(millis(OWNER_GRACE))),
+                    .arg(ttl_ms.saturating_add(self.reservation_slack_ms())),
             )
             .await?;
         if reserved == 0 {
@@ -68,24 +68,29 @@ impl Store {
         let session_key = self.session_key(user, new.token_id.as_str());
         let index_key = self.index_key(user);
         let revoked_key = self.revoked_key(user, new.token_id.as_str());
+        let reservations_key = self.reservations_key(user);
         // The index members the script may evict: none at first (most creates
-        // evict nothing); then every member the script last reported. Each
-        // round either succeeds or learns the current members, and a
-        // concurrent create that got in between has itself succeeded, so the
-        // rounds end; the operation's deadline bounds them all the same.
+        // evict nothing); then every member the script last reported, under
+        // this process's lock for the user, so that creates for one user from
+        // this process take turns instead of invalidating each other's lists.
+        // The script evicts only declared members, so a round fails only when
+        // concurrent creates from other processes evicted all of them; the
+        // operation's deadline bounds the rounds all the same.
         let mut declared: Vec<String> = Vec::new();
+        let mut turn = None;
         let mut round = 0u32;
         loop {
             let mut invocation = scripts.create_session.key(&session_key);
             invocation
                 .key(&index_key)
                 .key(&revoked_key)
+                .key(&reservations_key)
                 .arg(new.token_id.as_str())
                 .arg(ttl_ms)
                 .arg(settings.max_sessions_per_user)
                 .arg(settings.limit_policy.as_script_arg())
                 .arg(&head)
-                .arg(millis(OWNER_GRACE))
+                .arg(self.reservation_slack_ms())
                 .arg(millis(settings.session_ttl_max));
             for token in &declared {
                 invocation
@@ -121,9 +126,11 @@ impl Store {
                 3 => {
                     declared = rest;
                     round = round.saturating_add(1);
-                    // Several rounds in a row mean a burst of creates for
-                    // this user (from other pods too): spread the retries.
-                    if round >= 2 {
+                    if turn.is_none() {
+                        turn = Some(op.within(self.create_turn(user)).await?);
+                    } else if round >= 3 {
+                        // Creates racing from several processes: fall out of
+                        // step with them.
                         op.pause(jittered_backoff(round)).await?;
                     }
                 }
@@ -158,7 +165,8 @@ impl Store {
 
     /// Revokes one session; `owner` is the optional user id hint. Returns
     /// whether a live session was revoked; if so, its token id is refused by
-    /// [`create_session`](Self::create_session) from then on.
+    /// [`create_session`](Self::create_session) for as long as its
+    /// reservation lasts.
     ///
     /// # Errors
     ///
@@ -172,18 +180,8 @@ impl Store {
         let Some(owner) = self.resolve_owner(&mut op, token, owner).await? else {
             return Ok(false);
         };
-        let revoked: i64 = op
-            .invoke(
-                self.shared
-                    .scripts
-                    .revoke_session
-                    .key(self.session_key(&owner, token.as_str()))
-                    .key(self.index_key(&owner))
-                    .key(self.revoked_key(&owner, token.as_str()))
-                    .arg(token.as_str())
-                    .arg(millis(OWNER_GRACE))
-                    .arg(millis(self.settings().session_ttl_max)),
-            )
+        let revoked = self
+            .revoke_tokens(&mut op, &owner, &[token.as_str()], "revoked")
             .await?;
         Ok(revoked == 1)
     }
@@ -204,22 +202,8 @@ impl Store {
         if tokens.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self
-            .shared
-            .scripts
-            .revoke_sessions
-            .key(self.index_key(user));
-        invocation
-            .arg(millis(OWNER_GRACE))
-            .arg(millis(self.settings().session_ttl_max));
-        for token in &tokens {
-            invocation
-                .key(self.session_key(user, token))
-                .key(self.revoked_key(user, token))
-                .arg(token);
-        }
-        let revoked: u32 = op.invoke(&invocation).await?;
-        Ok(revoked)
+        self.revoke_tokens(&mut op, user, &tokens, "signed_out_everywhere")
+            .await
     }
 
     /// Counts the user's live sessions by Redis's clock.
@@ -279,6 +263,43 @@ impl Store {
         }
     }
 
+    /// Revokes `tokens` of `user` with revoke_sessions.lua, leaving markers
+    /// with `reason`; returns how many were live.
+    async fn revoke_tokens(
+        &self,
+        op: &mut Op,
+        user: &UserId,
+        tokens: &[impl AsRef<str>],
+        reason: &str,
+    ) -> Result<u32, Error> {
+        let mut invocation = self
+            .shared
+            .scripts
+            .revoke_sessions
+            .key(self.index_key(user));
+        invocation
+            .key(self.reservations_key(user))
+            .arg(self.reservation_slack_ms())
+            .arg(millis(self.settings().session_ttl_max))
+            .arg(reason);
+        for token in tokens {
+            let token = token.as_ref();
+            invocation
+                .key(self.session_key(user, token))
+                .key(self.revoked_key(user, token))
+                .arg(token);
+        }
+        op.invoke(&invocation).await
+    }
+
+    /// How much longer a token's reservation lives than the ttl it was
+    /// claimed for, and so a revocation marker than its session: the time the
+    /// create script may still run after the claim (the operation's timeout)
+    /// plus the grace period.
+    fn reservation_slack_ms(&self) -> u64 {
+        millis(OWNER_GRACE).saturating_add(millis(self.settings().timeout))
+    }
+
     /// Every token id in the user's index, live or not yet pruned.
     async fn index_members(&self, op: &mut Op, user: &UserId) -> Result<Vec<String>, Error> {
         op.query(
@@ -325,11 +346,11 @@ fn session_json_head(new: &NewSession) -> Result<String, Error> {
     Ok(json)
 }
 
-/// A pause of up to 2^(round - 2) ms (at most 16 ms), chosen at random so
-/// that creates for one user racing from several callers fall out of step.
+/// A pause of up to 2^(round - 3) ms (at most 8 ms), chosen at random so
+/// that creates for one user racing from several processes fall out of step.
 fn jittered_backoff(round: u32) -> Duration {
     use std::hash::{BuildHasher, RandomState};
-    let cap_us = 1000u64 << round.saturating_sub(2).min(4);
+    let cap_us = 1000u64 << round.saturating_sub(3).min(3);
     // A fresh RandomState is randomly keyed: its hash of nothing is a random
     // number, without a dependency on a random number crate.
     let random = RandomState::new().hash_one(());

@@ -2,7 +2,8 @@
 -- token-only lookups can find the owner.
 -- KEYS[1]  token_owner:{<token_id>}   the reservation, holding the owner's user id
 -- ARGV[1]  user id
--- ARGV[2]  reservation lifetime in ms (the session's ttl plus a grace period)
+-- ARGV[2]  reservation lifetime in ms: the ttl asked for plus a slack covering
+--          the time until the create script runs and a grace period after it
 -- Returns  1 when the token is reserved for ARGV[1] (new or already), 0 when
 --          another user holds it.
 local owner = redis.call('GET', KEYS[1])

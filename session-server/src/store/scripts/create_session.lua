@@ -3,7 +3,9 @@
 -- KEYS[1]   session:{<user_id>}:{<token_id>}   the new session
 -- KEYS[2]   user_sessions:{<user_id>}          the user's index: token ids scored by expiry (ms)
 -- KEYS[3]   revoked:{<user_id>}:{<token_id>}   the new token's revocation marker, if any
--- KEYS[4..] for each ARGV[8..] in order, two keys: its session:{<user_id>}:{<t>}
+-- KEYS[4]   reservations:{<user_id>}           token ids whose reservation a replay extended
+--                                              past their session, scored by its end (ms)
+-- KEYS[5..] for each ARGV[8..] in order, two keys: its session:{<user_id>}:{<t>}
 --           and its revoked:{<user_id>}:{<t>} (the index members the caller
 --           declared: eviction may only touch these)
 -- ARGV[1]   token id
@@ -12,37 +14,47 @@
 -- ARGV[4]   policy: 'evict_oldest' or 'reject'
 -- ARGV[5]   the session JSON without its closing brace and timestamps:
 --           {"user_id":..,"token_id":..,"metadata":{..}
--- ARGV[6]   how long a revocation marker outlives its session, in ms
+-- ARGV[6]   how much longer a token's reservation lives than the ttl asked for,
+--           in ms (claim_token used ttl + this); markers outlive sessions by it
 -- ARGV[7]   SESSION_TTL_MAX in ms: a marker's base for a session key without a
 --           TTL (never written by this server)
--- ARGV[8..] token ids of declared index members, matching KEYS[4..]
+-- ARGV[8..] token ids of declared index members, matching KEYS[5..]
 -- Returns {status, created_at_ms, expires_at_ms, more...}:
 --   {1, created, expires, evicted...}  created; evicted lists the sessions revoked for room
 --   {0, 0, 0, json}                    the token already has a live session of this
---                                      user (json): nothing changed
---   {4, 0, 0}                          the token was revoked: nothing changed but
---                                      the marker, kept as long as this ttl needs
+--                                      user (json); only its reservation's end is noted
+--   {4, 0, 0}                          the token was revoked: only its marker is kept
+--                                      as long as the reservation this call extended
 --   {2, 0, 0}                          the cap is reached and the policy is 'reject'
---   {3, 0, 0, members...}              eviction needs sessions that were not declared:
---                                      call again declaring these (every current member)
+--   {3, 0, 0, members...}              eviction needs more declared sessions: call
+--                                      again declaring these (every current member)
 -- Every check runs before the first write but the pruning of expired index
 -- members (a change complete in itself), so a refusal changes nothing else.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local max = tonumber(ARGV[3])
-local grace = tonumber(ARGV[6])
+local slack = tonumber(ARGV[6])
+local longest = tonumber(ARGV[7])
+-- claim_token made the token's reservation last at least this long from now.
+local reserved = ttl + slack
 
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  -- Revocation is final. A replay that asks for a longer ttl than the original
-  -- extends its reservation (claim_token), so the marker is extended to match.
-  if redis.call('PTTL', KEYS[3]) < ttl + grace then
-    redis.call('PEXPIRE', KEYS[3], ttl + grace)
+  -- Revocation is final: the marker must last as long as the reservation.
+  if redis.call('PTTL', KEYS[3]) < reserved then
+    redis.call('PEXPIRE', KEYS[3], reserved)
   end
   return {4, 0, 0}
 end
 local existing = redis.call('GET', KEYS[1])
 if existing then
+  -- A replay may ask for a longer ttl than the live session has: claim_token
+  -- extended the reservation, so a later revocation must keep its marker as
+  -- long. The session itself is left as it is.
+  redis.call('ZADD', KEYS[4], 'GT', now + reserved, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. now)
+  local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[4], last[2])
   return {0, 0, 0, existing}
 end
 
@@ -56,33 +68,49 @@ if count >= max then
   if ARGV[4] ~= 'evict_oldest' then
     return {2, 0, 0}
   end
-  -- The oldest sessions are those closest to expiry.
-  local victims = redis.call('ZRANGE', KEYS[2], 0, count - max)
   local declared = {}
   for i = 8, #ARGV do
-    declared[ARGV[i]] = 2 * (i - 8) + 4
+    declared[ARGV[i]] = 2 * (i - 8) + 5
   end
-  for _, token in ipairs(victims) do
-    if not declared[token] then
-      local answer = {3, 0, 0}
-      for _, t in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-        answer[#answer + 1] = t
-      end
-      return answer
+  -- The oldest (closest to expiry) of the sessions the caller declared: every
+  -- member when its create began. Sessions created since, by concurrent
+  -- creates, are not candidates, so a burst of creates converges.
+  local members = redis.call('ZRANGE', KEYS[2], 0, -1)
+  local need = count - max + 1
+  local victims = {}
+  for _, token in ipairs(members) do
+    if #victims == need then
+      break
     end
+    if declared[token] then
+      victims[#victims + 1] = token
+    end
+  end
+  if #victims < need then
+    local answer = {3, 0, 0}
+    for _, t in ipairs(members) do
+      answer[#answer + 1] = t
+    end
+    return answer
   end
   for _, token in ipairs(victims) do
     local k = declared[token]
-    -- Each evicted session leaves a revocation marker, like RevokeSession.
+    -- Each evicted session leaves a revocation marker, as revoke_sessions.lua.
     local left = redis.call('PTTL', KEYS[k])
     redis.call('ZREM', KEYS[2], token)
     if left == -1 then
-      left = tonumber(ARGV[7])
+      left = longest
     end
     if left >= 0 then
+      local keep = left + slack
+      local floor = redis.call('ZSCORE', KEYS[4], token)
+      if floor then
+        keep = math.max(keep, tonumber(floor) - now)
+        redis.call('ZREM', KEYS[4], token)
+      end
       redis.call('DEL', KEYS[k])
       redis.call('SET', KEYS[k + 1],
-        string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), 'PX', left + grace)
+        string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), 'PX', keep)
       evicted[#evicted + 1] = token
     end
   end

@@ -1,29 +1,46 @@
--- Revokes a set of one user's sessions: those in the index when the caller read
--- it. Each revoked session leaves a revocation marker, as in revoke_session.lua.
+-- Revokes a set of one user's sessions (one for RevokeSession; those in the
+-- index when the caller read it for RevokeAllUserSessions). Each revoked
+-- session is deleted and leaves a revocation marker in the same step, so that
+-- CreateSession never brings its token id back while its reservation lasts.
 -- KEYS[1]   user_sessions:{<user_id>}
--- KEYS[2..] for each ARGV[i + 2] in order, two keys: session:{<user_id>}:{<t>}
---           at KEYS[2i] and revoked:{<user_id>}:{<t>} at KEYS[2i + 1]
--- ARGV[1]   how long a marker outlives its session, in ms
+-- KEYS[2]   reservations:{<user_id>}   token ids whose reservation a replay
+--                                      extended past their session (see
+--                                      create_session.lua), scored by its end (ms)
+-- KEYS[3..] for each ARGV[i + 3] in order, two keys: session:{<user_id>}:{<t>}
+--           at KEYS[2i + 1] and revoked:{<user_id>}:{<t>} at KEYS[2i + 2]
+-- ARGV[1]   how much longer a marker lives than its session, in ms: as much as
+--           a reservation outlives the session it was claimed for
 -- ARGV[2]   SESSION_TTL_MAX in ms: the marker's base for a session key without
 --           a TTL (never written by this server)
--- ARGV[3..] token ids, as read from the index just before the call
--- Returns   how many of them were live (their key still existed).
-local grace = tonumber(ARGV[1])
+-- ARGV[3]   the marker's reason: revoked or signed_out_everywhere
+-- ARGV[4..] token ids
+-- Returns   how many of them were live (their key still existed); nothing is
+--           written for the others but the removal of stale index entries.
+-- Each session is deleted before its marker is written: once a script has
+-- written, Redis lets it finish even past maxmemory, so a revocation is never
+-- half done for want of memory.
+local slack = tonumber(ARGV[1])
 local longest = tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local marker = string.format('{"revoked_at_ms":%.0f,"reason":"signed_out_everywhere"}', now)
+local marker = string.format('{"revoked_at_ms":%.0f,"reason":"%s"}', now, ARGV[3])
 local revoked = 0
-for i = 1, #ARGV - 2 do
-  local session, tomb = KEYS[2 * i], KEYS[2 * i + 1]
+for i = 1, #ARGV - 3 do
+  local token, session, tomb = ARGV[i + 3], KEYS[2 * i + 1], KEYS[2 * i + 2]
   local left = redis.call('PTTL', session)
-  redis.call('ZREM', KEYS[1], ARGV[i + 2])
+  redis.call('ZREM', KEYS[1], token)
   if left == -1 then
     left = longest
   end
   if left >= 0 then
+    local keep = left + slack
+    local floor = redis.call('ZSCORE', KEYS[2], token)
+    if floor then
+      keep = math.max(keep, tonumber(floor) - now)
+      redis.call('ZREM', KEYS[2], token)
+    end
     redis.call('DEL', session)
-    redis.call('SET', tomb, marker, 'PX', left + grace)
+    redis.call('SET', tomb, marker, 'PX', keep)
     revoked = revoked + 1
   end
 end
