@@ -1,15 +1,19 @@
-//! [`Builder`]: how a [`SessionClient`] reaches SessionStore: endpoints,
-//! timeouts, TLS, the bearer token, retries and when to connect.
+//! [`Builder`]: how a [`SessionClient`] reaches SessionStore: endpoints (or a
+//! DNS name to discover them), timeouts, retries, TLS, the bearer token and
+//! when to connect. Everything that can be checked is checked in
+//! [`Builder::connect`], so a bad setting fails at start-up, not on a call.
 
-use std::{fmt, time::Duration};
+use std::{fmt, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::{
-    client::SessionClient,
+    balance::{Discovery, Member, Pool, Resolver, Seed, system_resolver},
+    client::{CallPolicy, SessionClient},
     error::{Error, Result},
-    metadata::CallMetadata,
-    retry::RetryPolicy,
+    metadata::Auth,
+    retry::{RetryPolicy, RetryThrottle},
 };
 
 /// HTTP/2 pings on an otherwise quiet connection, so a peer that vanished
@@ -50,9 +54,15 @@ pub struct Builder {
     endpoints: Vec<String>,
     connect_timeout: Duration,
     timeout: Duration,
+    attempt_timeout: Option<Duration>,
     lazy: bool,
     retry: RetryPolicy,
+    retry_max_tokens: u32,
+    retry_token_ratio: f64,
     bearer_token: Option<String>,
+    allow_plaintext_token: bool,
+    dns_refresh: Option<Duration>,
+    resolver: Option<Resolver>,
     tls: TlsSettings,
 }
 
@@ -69,7 +79,27 @@ impl TlsSettings {
         self.ca_certificate.is_some() || self.identity.is_some() || self.domain_name.is_some()
     }
 
-    fn client_config(&self) -> ClientTlsConfig {
+    /// Checks that the PEM given holds what it should: tonic would accept a
+    /// path or any other text and build an empty root store (every handshake
+    /// failing as UNAVAILABLE) or fail only on the first connection.
+    fn validate(&self) -> Result<()> {
+        if let Some(pem) = &self.ca_certificate {
+            certificates(pem, "ca_certificate")?;
+        }
+        if let Some((cert, key)) = &self.identity {
+            certificates(cert, "identity certificate")?;
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+                Error::config(format!(
+                    "identity key holds no PEM private key ({e}); pass the key's contents, not its path"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// tonic's config for one endpoint; `name` is the certificate name to
+    /// expect when none was set (the DNS name, for a discovered address).
+    fn client_config(&self, name: Option<&str>) -> ClientTlsConfig {
         let config = ClientTlsConfig::new();
         // A private CA replaces the system roots rather than adding to them:
         // only servers holding a certificate from that CA are trusted.
@@ -80,10 +110,92 @@ impl TlsSettings {
         if let Some((cert, key)) = &self.identity {
             config = config.identity(Identity::from_pem(cert, key));
         }
-        if let Some(name) = &self.domain_name {
-            config = config.domain_name(name.clone());
+        if let Some(name) = self.domain_name.as_deref().or(name) {
+            config = config.domain_name(name);
         }
         config
+    }
+}
+
+/// Every certificate in `pem`: at least one, each well-formed.
+fn certificates(pem: &[u8], what: &str) -> Result<()> {
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| Error::config(format!("{what}: malformed PEM: {e}")))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(Error::config(format!(
+            "{what} holds no PEM certificate; pass the file's contents, not its path"
+        )));
+    }
+    Ok(())
+}
+
+/// Turns URLs into tonic endpoints with the builder's connection settings.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    pub(crate) connect_timeout: Duration,
+    tls: TlsSettings,
+}
+
+impl Dialer {
+    /// The endpoint for `url`; `tls_name` is the name its certificate should
+    /// carry when the URL holds an address (DNS discovery).
+    pub(crate) fn endpoint(&self, url: &str, tls_name: Option<&str>) -> Result<Endpoint> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| Error::config(format!("endpoint {url:?} is not a URL: {e}")))?;
+        let https = is_https(endpoint.uri(), url)?;
+        // No `Endpoint::timeout`: the client bounds each attempt itself (see
+        // `SessionClient`), waiting for a connection included.
+        let mut endpoint = endpoint
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        if let (Some(name), Some(port)) = (tls_name, endpoint.uri().port_u16()) {
+            // The service's name as the `:authority`, as for a named endpoint.
+            let scheme = if https { "https" } else { "http" };
+            if let Ok(origin) = format!("{scheme}://{}:{port}", bracketed(name)).parse::<Uri>() {
+                endpoint = endpoint.origin(origin);
+            }
+        }
+        if https {
+            // tonic's `tls-ring` feature builds this config with the ring
+            // provider whenever no process-wide rustls provider is installed,
+            // so the first TLS connection cannot panic for want of one.
+            endpoint
+                .tls_config(self.tls.client_config(tls_name))
+                .map_err(|e| {
+                    Error::Config(format!("TLS settings for {url:?}: {}", chain(&e)).into())
+                })
+        } else if self.tls.is_set() {
+            // tonic would silently speak plaintext to an http:// endpoint.
+            Err(Error::config(format!(
+                "TLS options are set but endpoint {url:?} is http://; use https://"
+            )))
+        } else {
+            Ok(endpoint)
+        }
+    }
+}
+
+fn is_https(uri: &Uri, url: &str) -> Result<bool> {
+    match uri.scheme_str() {
+        Some("https") => Ok(true),
+        Some("http") => Ok(false),
+        _ => Err(Error::config(format!(
+            "endpoint {url:?} must start with http:// or https://"
+        ))),
+    }
+}
+
+/// A host for a URL: IPv6 addresses in brackets.
+fn bracketed(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
     }
 }
 
@@ -91,42 +203,95 @@ impl Builder {
     /// Bound on opening one connection (TCP and TLS). 5 s: long enough for a
     /// cold TLS handshake across zones, short enough to fail over quickly.
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-    /// Bound on each attempt of each call. 2 s: SessionStore answers in
-    /// milliseconds and gives up on Redis after 1 s (REDIS_TIMEOUT_MS), so an
-    /// attempt past 2 s is stuck, and an auth check must not hang a request.
+    /// The whole budget of each call, every attempt and pause included. 2 s:
+    /// SessionStore answers in milliseconds and gives up on Redis after 1 s
+    /// (REDIS_TIMEOUT_MS), so 2 s leaves room for one retry after a slow
+    /// failure, and an auth check must not hang a request for longer.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-    /// Attempts a read gets when it meets UNAVAILABLE, the first included: 3
-    /// rides out a Redis failover or a pod restart without tripling load
-    /// during a real outage.
+    /// Attempts a call gets in all, the first included: 3 rides out a Redis
+    /// failover or a pod restart without tripling load during a real outage
+    /// (the retry budget stops retries well before that).
     pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
     /// Pause before the first retry, doubled for each further one, with
     /// jitter. 50 ms: a reconnect usually succeeds within that.
     pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(50);
     /// The longest pause between two attempts.
     pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
+    /// The retry budget's size, in retries: as gRPC's retry throttling
+    /// examples. See [`retry_throttling`](Self::retry_throttling).
+    pub const DEFAULT_RETRY_MAX_TOKENS: u32 = 10;
+    /// What each successful call gives back to the retry budget: one retry
+    /// per ten successes, so in steady state at most about 10 % of calls
+    /// are retried.
+    pub const DEFAULT_RETRY_TOKEN_RATIO: f64 = 0.1;
 
     pub(crate) fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoints: vec![endpoint.into()],
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             timeout: Self::DEFAULT_TIMEOUT,
+            attempt_timeout: None,
             lazy: true,
             retry: RetryPolicy {
                 max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
                 initial_backoff: Self::DEFAULT_INITIAL_BACKOFF,
                 max_backoff: Self::DEFAULT_MAX_BACKOFF,
             },
+            retry_max_tokens: Self::DEFAULT_RETRY_MAX_TOKENS,
+            retry_token_ratio: Self::DEFAULT_RETRY_TOKEN_RATIO,
             bearer_token: None,
+            allow_plaintext_token: false,
+            dns_refresh: None,
+            resolver: None,
             tls: TlsSettings::default(),
         }
     }
 
-    /// Adds another endpoint (`http://host:port` or `https://host:port`):
-    /// with several, calls are balanced across them (power of two choices on
-    /// load), and an endpoint that fails is reconnected in the background.
+    /// Adds another endpoint (`http://host:port` or `https://host:port`).
+    /// Each endpoint gets its own connection; every attempt goes to the less
+    /// busy of two endpoints picked at random among those whose connection
+    /// is not failing. An endpoint whose connection cannot be opened is left
+    /// out and reconnected in the background (after 100 ms, doubling up to
+    /// 3 s), and used again once it connects.
     #[must_use]
     pub fn endpoint(mut self, url: impl Into<String>) -> Self {
         self.endpoints.push(url.into());
+        self
+    }
+
+    /// Treats each endpoint's host as a DNS name standing for several
+    /// servers: resolves it to all its addresses (A and AAAA records), keeps
+    /// one connection per address, balanced as for [`endpoint`](Self::endpoint),
+    /// and resolves it again every `refresh`, adding and removing addresses
+    /// as the answer changes. A lookup that fails or finds nothing keeps the
+    /// addresses already known.
+    ///
+    /// This is how to spread load over the pods of a Kubernetes headless
+    /// Service (`clusterIP: None`, whose name resolves to every ready pod):
+    /// through a regular Service, HTTP/2 pins each client to one pod. A
+    /// `refresh` of 5 to 30 s follows pods as they come and go; an address
+    /// that has gone is skipped as soon as its connection fails, before the
+    /// next lookup. For `https://`, each address is expected to present a
+    /// certificate for the DNS name (or [`tls_domain_name`](Self::tls_domain_name)).
+    ///
+    /// Default: off, each endpoint is one server.
+    #[must_use]
+    pub fn dns_discovery(mut self, refresh: Duration) -> Self {
+        self.dns_refresh = Some(refresh);
+        self
+    }
+
+    /// Replaces DNS for [`dns_discovery`](Self::dns_discovery) with
+    /// `resolve(host, port)`: for tests that control which addresses a name
+    /// has.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn dns_resolver<F, Fut>(mut self, resolve: F) -> Self
+    where
+        F: Fn(String, u16) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static,
+    {
+        self.resolver = Some(Arc::new(move |host, port| Box::pin(resolve(host, port))));
         self
     }
 
@@ -138,10 +303,11 @@ impl Builder {
         self
     }
 
-    /// Bound on each attempt of each call, also sent to the server as
-    /// `grpc-timeout`; past it the call fails with
-    /// [`Error::DeadlineExceeded`]. A retried read may take up to
-    /// `max_attempts` times this, plus the pauses. Default
+    /// The whole budget of each call: every attempt, and the pauses between
+    /// them, end within it. Past it the call fails with
+    /// [`Error::DeadlineExceeded`] (or the last attempt's error, when no
+    /// further attempt could fit). Each attempt sends the time left as
+    /// `grpc-timeout`, so the server gives up when the caller does. Default
     /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -149,19 +315,39 @@ impl Builder {
         self
     }
 
+    /// Bound on each attempt, within [`timeout`](Self::timeout): an attempt
+    /// still unanswered after it is abandoned, and a read is tried again
+    /// while the call's budget lasts. Default: none, an attempt may use all
+    /// the time left.
+    #[must_use]
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
     /// Whether [`connect`](Self::connect) returns at once and connects on the
     /// first call (`true`, the default), so an application can start before
     /// SessionStore does; or connects first and fails if it cannot (`false`).
+    /// An eager connect tries every endpoint at once and returns as soon as
+    /// one connects.
     #[must_use]
     pub fn lazy(mut self, lazy: bool) -> Self {
         self.lazy = lazy;
         self
     }
 
-    /// Attempts a read (get, count, list) gets when the answer is
-    /// UNAVAILABLE, the first included; `1` turns retries off and `0` counts
-    /// as `1`. Writes (create, revoke, login attempts) are never retried: an
-    /// UNAVAILABLE answer can come after the write took effect. Default
+    /// Attempts a call gets in all, the first included; `1` turns retries off
+    /// and `0` counts as `1`.
+    ///
+    /// Reads (get, count, list) are retried on UNAVAILABLE (Redis or the
+    /// server unreachable, a connection cut mid-call), on the server's load
+    /// shedding ([`Error::Overloaded`]) and on an attempt that ran out of its
+    /// [`attempt_timeout`](Self::attempt_timeout). Writes (create, revoke,
+    /// login attempts) are retried only when the request provably never left
+    /// this process (its connection could not be opened): any other failure
+    /// may come after the write took effect. Retries also need the shared
+    /// retry budget ([`retry_throttling`](Self::retry_throttling)), except
+    /// those of requests that never left. Default
     /// [`DEFAULT_MAX_ATTEMPTS`](Self::DEFAULT_MAX_ATTEMPTS).
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
@@ -171,7 +357,8 @@ impl Builder {
 
     /// Pause before the first retry; each further one doubles it, up to
     /// [`max_backoff`](Self::max_backoff), and waits between half and all of
-    /// that at random. Default
+    /// that at random. A pause that would end past the call's budget is not
+    /// taken: the call fails with its last error instead. Default
     /// [`DEFAULT_INITIAL_BACKOFF`](Self::DEFAULT_INITIAL_BACKOFF).
     #[must_use]
     pub fn initial_backoff(mut self, backoff: Duration) -> Self {
@@ -187,24 +374,57 @@ impl Builder {
         self
     }
 
+    /// The retry budget shared by all calls of the client and its clones, as
+    /// gRPC's retry throttling: it holds `max_tokens`; each attempt failing
+    /// with a retryable failure takes one, each success gives back
+    /// `token_ratio`; retries are made only while more than half are left.
+    /// So retries cannot multiply load during an outage: once most calls
+    /// fail, each costs one attempt. `max_tokens` must be 1 to 1000 and
+    /// `token_ratio` above 0 and at most `max_tokens` (checked by
+    /// [`connect`](Self::connect)). Defaults
+    /// [`DEFAULT_RETRY_MAX_TOKENS`](Self::DEFAULT_RETRY_MAX_TOKENS) and
+    /// [`DEFAULT_RETRY_TOKEN_RATIO`](Self::DEFAULT_RETRY_TOKEN_RATIO).
+    #[must_use]
+    pub fn retry_throttling(mut self, max_tokens: u32, token_ratio: f64) -> Self {
+        self.retry_max_tokens = max_tokens;
+        self.retry_token_ratio = token_ratio;
+        self
+    }
+
     /// Sends `authorization: Bearer <token>` with every call, for a server
-    /// that requires one. Never printed by `Debug`. Default: none.
+    /// that requires one. Only to `https://` endpoints unless
+    /// [`allow_plaintext_token`](Self::allow_plaintext_token); replaceable
+    /// later with [`SessionClient::set_bearer_token`]. Never printed by
+    /// `Debug`. Default: none.
     #[must_use]
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
         self.bearer_token = Some(token.into());
         self
     }
 
-    /// Trusts the CA certificate(s) in `pem` for `https://` endpoints,
-    /// instead of the operating system's roots (the default).
+    /// Allows the bearer token to travel to `http://` endpoints. Only for a
+    /// hop that is encrypted by other means, such as a service-mesh sidecar
+    /// (Istio, Linkerd) that upgrades the connection to mutual TLS: anyone
+    /// who can read plaintext traffic could otherwise take the token. Default
+    /// `false`: a token with an `http://` endpoint is an [`Error::Config`].
+    #[must_use]
+    pub fn allow_plaintext_token(mut self, allow: bool) -> Self {
+        self.allow_plaintext_token = allow;
+        self
+    }
+
+    /// Trusts the CA certificate(s) in `pem` (the file's contents, not its
+    /// path) for `https://` endpoints, instead of the operating system's
+    /// roots (the default).
     #[must_use]
     pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls.ca_certificate = Some(pem.into());
         self
     }
 
-    /// Presents this client certificate chain and private key (both PEM) to
-    /// `https://` endpoints, for servers that require mutual TLS.
+    /// Presents this client certificate chain and private key (both PEM
+    /// contents) to `https://` endpoints, for servers that require mutual
+    /// TLS.
     #[must_use]
     pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
         self.tls.identity = Some((cert_pem.into(), key_pem.into()));
@@ -222,79 +442,134 @@ impl Builder {
 
     /// Builds the client; with [`lazy`](Self::lazy) off, also connects.
     ///
-    /// Must run inside a Tokio runtime: the channel spawns its connection
-    /// task there.
+    /// Must run inside a Tokio runtime: connections, reconnection probes and
+    /// DNS refreshes run as tasks there.
     ///
     /// # Errors
     ///
     /// - [`Error::Config`] when an endpoint is not an `http://` or `https://`
-    ///   URL, a TLS option is set for an `http://` endpoint, a PEM does not
-    ///   parse, an `https://` endpoint has no CA and the system has no roots,
-    ///   or the bearer token cannot be a header.
-    /// - [`Error::Unavailable`] when not lazy and no endpoint can be reached.
+    ///   URL; a TLS option is set for an `http://` endpoint; a CA or identity
+    ///   holds no PEM certificate (or the key no PEM key); an `https://`
+    ///   endpoint has no CA and the system has no roots; a bearer token would
+    ///   go to an `http://` endpoint without
+    ///   [`allow_plaintext_token`](Self::allow_plaintext_token), or cannot be
+    ///   a header; a timeout, refresh interval or the retry budget is out of
+    ///   range.
+    /// - [`Error::Unavailable`] when not lazy and no endpoint can be reached,
+    ///   or (DNS discovery) the name cannot be resolved.
     pub async fn connect(self) -> Result<SessionClient> {
-        let metadata = CallMetadata::new(self.bearer_token.as_deref(), self.timeout)?;
-        let endpoints = self
-            .endpoints
-            .iter()
-            .map(|url| self.make_endpoint(url))
-            .collect::<Result<Vec<_>>>()?;
-        let channel = match endpoints.as_slice() {
-            // `new` starts the list with one endpoint and nothing removes any.
-            [] => return Err(Error::config("no endpoint given")),
-            [only] if self.lazy => only.connect_lazy(),
-            [only] => only.connect().await.map_err(connect_failed)?,
-            several => {
-                if !self.lazy {
-                    connect_any(several).await?;
-                }
-                Channel::balance_list(several.iter().cloned())
-            }
+        self.validate()?;
+        let dialer = Dialer {
+            connect_timeout: self.connect_timeout,
+            tls: self.tls.clone(),
         };
-        Ok(SessionClient::new(
-            channel,
-            metadata,
-            self.retry,
-            self.timeout,
-        ))
+        let mut statics = Vec::new();
+        let mut seeds = Vec::new();
+        let mut plaintext = None;
+        for url in &self.endpoints {
+            let endpoint = dialer.endpoint(url, None)?;
+            let uri = endpoint.uri();
+            let https = is_https(uri, url)?;
+            if !https && plaintext.is_none() {
+                plaintext = Some(url.clone());
+            }
+            if self.dns_refresh.is_some() {
+                let host = uri.host().unwrap_or_default();
+                seeds.push(Seed {
+                    https,
+                    host: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+                });
+            } else {
+                statics.push((url.clone(), endpoint));
+            }
+        }
+        let auth = Auth::new(
+            self.bearer_token.as_deref(),
+            plaintext.filter(|_| !self.allow_plaintext_token),
+        )?;
+
+        let discovery = self.dns_refresh.map(|refresh| Discovery {
+            seeds,
+            resolver: self.resolver.clone().unwrap_or_else(system_resolver),
+            dialer,
+            refresh,
+        });
+        let targets = match &discovery {
+            None => statics,
+            Some(discovery) => match discovery.resolve().await {
+                Ok(targets) => targets,
+                // A lazy client starts with no address and keeps resolving.
+                Err(_) if self.lazy => Vec::new(),
+                Err(err) => return Err(err),
+            },
+        };
+        let members = targets
+            .into_iter()
+            .map(|(url, endpoint)| Member::lazy(url, endpoint))
+            .collect();
+        let pool = Pool::new(members);
+        if !self.lazy {
+            connect_any(&pool).await?;
+        }
+        if let Some(discovery) = discovery {
+            tokio::spawn(discovery.run(Arc::downgrade(&pool)));
+        }
+        let policy = CallPolicy {
+            timeout: self.timeout,
+            attempt_timeout: self.attempt_timeout,
+            retry: self.retry,
+        };
+        let throttle = RetryThrottle::new(self.retry_max_tokens, self.retry_token_ratio);
+        Ok(SessionClient::new(pool, auth, policy, throttle))
     }
 
-    fn make_endpoint(&self, url: &str) -> Result<Endpoint> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::config(format!("endpoint {url:?} is not a URL: {e}")))?;
-        let https = match endpoint.uri().scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => {
+    /// The checks that need no network.
+    fn validate(&self) -> Result<()> {
+        if self.endpoints.is_empty() {
+            // `new` starts the list with one endpoint and nothing removes any.
+            return Err(Error::config("no endpoint given"));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout must be above zero"));
+        }
+        if self.attempt_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config("attempt_timeout must be above zero"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config("connect_timeout must be above zero"));
+        }
+        if self.dns_refresh.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config("the DNS refresh interval must be above zero"));
+        }
+        if !(1..=1000).contains(&self.retry_max_tokens) {
+            return Err(Error::config(format!(
+                "retry_throttling: max_tokens must be 1 to 1000, not {}",
+                self.retry_max_tokens
+            )));
+        }
+        let ratio = self.retry_token_ratio;
+        if !(ratio.is_finite() && ratio > 0.0 && ratio <= f64::from(self.retry_max_tokens)) {
+            return Err(Error::config(format!(
+                "retry_throttling: token_ratio must be above 0 and at most max_tokens, not {ratio}"
+            )));
+        }
+        // Endpoint URLs before PEM, so that a TLS option on an http://
+        // endpoint is reported as such.
+        for url in &self.endpoints {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::config(format!("endpoint {url:?} is not a URL: {e}")))?;
+            if !is_https(endpoint.uri(), url)? && self.tls.is_set() {
+                // tonic would silently speak plaintext to an http:// endpoint.
                 return Err(Error::config(format!(
-                    "endpoint {url:?} must start with http:// or https://"
+                    "TLS options are set but endpoint {url:?} is http://; use https://"
                 )));
             }
-        };
-        // `Endpoint::timeout` bounds a call once it has a connection; the
-        // client bounds each attempt as a whole too (see `SessionClient`),
-        // which also covers waiting for a balanced endpoint to be ready.
-        let endpoint = endpoint
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.timeout)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        if https {
-            // tonic's `tls-ring` feature builds this config with the ring
-            // provider whenever no process-wide rustls provider is installed,
-            // so the first TLS connection cannot panic for want of one.
-            endpoint.tls_config(self.tls.client_config()).map_err(|e| {
-                Error::Config(format!("TLS settings for {url:?}: {}", chain(&e)).into())
-            })
-        } else if self.tls.is_set() {
-            // tonic would silently speak plaintext to an http:// endpoint.
-            Err(Error::config(format!(
-                "TLS options are set but endpoint {url:?} is http://; use https://"
-            )))
-        } else {
-            Ok(endpoint)
         }
+        self.tls.validate()
     }
 }
 
@@ -305,37 +580,65 @@ impl fmt::Debug for Builder {
             .field("endpoints", &self.endpoints)
             .field("connect_timeout", &self.connect_timeout)
             .field("timeout", &self.timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
             .field("lazy", &self.lazy)
             .field("retry", &self.retry)
+            .field("retry_max_tokens", &self.retry_max_tokens)
+            .field("retry_token_ratio", &self.retry_token_ratio)
             .field(
                 "bearer_token",
                 &self.bearer_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("allow_plaintext_token", &self.allow_plaintext_token)
+            .field("dns_refresh", &self.dns_refresh)
             .field("ca_certificate", &self.tls.ca_certificate.is_some())
             .field(
                 "identity",
                 &self.tls.identity.as_ref().map(|_| "<redacted>"),
             )
             .field("tls_domain_name", &self.tls.domain_name)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-/// Connects to the endpoints in turn until one answers, so an eager client
-/// with several endpoints fails only when none can be reached. The probe
-/// connection is dropped; the balanced channel opens its own.
-async fn connect_any(endpoints: &[Endpoint]) -> Result<()> {
+/// Tries every member at once and returns when one connects, so an eager
+/// client with several endpoints fails only when none can be reached, and a
+/// blackholed endpoint does not delay it. Members that connect keep their
+/// connection; those that fail are ejected and probed in the background.
+async fn connect_any(pool: &Pool) -> Result<()> {
+    let members = pool.members();
+    let (sender, mut results) = tokio::sync::mpsc::channel(members.len().max(1));
+    for member in members.iter() {
+        let member = member.clone();
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let result = match member.endpoint().connect().await {
+                Ok(channel) => {
+                    member.connected(channel);
+                    Ok(())
+                }
+                Err(err) => {
+                    member.connect_failed();
+                    Err(err)
+                }
+            };
+            let _ = sender.send(result).await;
+        });
+    }
+    drop(sender);
     let mut last = None;
-    for endpoint in endpoints {
-        match endpoint.connect().await {
-            Ok(_) => return Ok(()),
+    while let Some(result) = results.recv().await {
+        match result {
+            Ok(()) => return Ok(()),
             Err(err) => last = Some(err),
         }
     }
-    match last {
-        Some(err) => Err(connect_failed(err)),
-        None => Err(Error::config("no endpoint given")),
-    }
+    Err(match last {
+        Some(err) => connect_failed(err),
+        None => Error::from(tonic::Status::unavailable(
+            "cannot connect: no address to connect to",
+        )),
+    })
 }
 
 /// A failed eager connect as [`Error::Unavailable`], the code gRPC gives a
@@ -343,8 +646,8 @@ async fn connect_any(endpoints: &[Endpoint]) -> Result<()> {
 fn connect_failed(err: tonic::transport::Error) -> Error {
     let message = format!("cannot connect: {}", chain(&err));
     let mut status = tonic::Status::unavailable(message);
-    status.set_source(std::sync::Arc::new(err));
-    Error::Unavailable(status)
+    status.set_source(Arc::new(err));
+    Error::from(status)
 }
 
 /// An error and its sources as one line: tonic's transport errors say little
@@ -409,11 +712,83 @@ mod tests {
         config_error(builder).await;
     }
 
+    /// A path (or any text) passed as the CA or identity is a config error
+    /// naming the setting, not an empty root store.
+    #[tokio::test]
+    async fn pem_without_a_certificate_is_a_config_error() {
+        let builder =
+            SessionClient::builder("https://127.0.0.1:50051").ca_certificate("/etc/ca.pem");
+        let err = config_error(builder).await;
+        assert!(
+            err.contains("ca_certificate holds no PEM certificate"),
+            "{err}"
+        );
+        let builder = SessionClient::builder("https://127.0.0.1:50051")
+            .identity("/etc/client.pem", "/etc/client.key");
+        let err = config_error(builder).await;
+        assert!(err.contains("identity certificate holds no PEM"), "{err}");
+    }
+
     /// A bearer token with a line break is a config error at connect.
     #[tokio::test]
     async fn a_bad_bearer_token_is_a_config_error() {
-        let builder = SessionClient::builder("http://127.0.0.1:50051").bearer_token("a\r\nb");
+        let builder = SessionClient::builder("http://127.0.0.1:50051")
+            .allow_plaintext_token(true)
+            .bearer_token("a\r\nb");
         assert!(config_error(builder).await.contains("bearer token"));
+    }
+
+    /// A bearer token to any http:// endpoint needs the explicit opt-in.
+    #[tokio::test]
+    async fn a_plaintext_bearer_token_needs_the_opt_in() {
+        let builder = SessionClient::builder("https://127.0.0.1:50051")
+            .endpoint("http://127.0.0.1:50052")
+            .bearer_token("t");
+        let err = config_error(builder).await;
+        assert!(
+            err.contains("plaintext") && err.contains("allow_plaintext_token"),
+            "{err}"
+        );
+        let allowed = SessionClient::builder("http://127.0.0.1:50051")
+            .bearer_token("t")
+            .allow_plaintext_token(true)
+            .connect()
+            .await;
+        assert!(allowed.is_ok(), "{allowed:?}");
+    }
+
+    /// Out-of-range timeouts and retry budgets are config errors.
+    #[tokio::test]
+    async fn out_of_range_settings_are_config_errors() {
+        let base = || SessionClient::builder("http://127.0.0.1:50051");
+        assert!(
+            config_error(base().timeout(Duration::ZERO))
+                .await
+                .contains("timeout")
+        );
+        assert!(
+            config_error(base().attempt_timeout(Duration::ZERO))
+                .await
+                .contains("attempt_timeout")
+        );
+        assert!(
+            config_error(base().dns_discovery(Duration::ZERO))
+                .await
+                .contains("DNS")
+        );
+        assert!(
+            config_error(base().retry_throttling(0, 0.1))
+                .await
+                .contains("max_tokens")
+        );
+        for ratio in [0.0, -1.0, f64::NAN, 11.0] {
+            assert!(
+                config_error(base().retry_throttling(10, ratio))
+                    .await
+                    .contains("token_ratio"),
+                "{ratio}"
+            );
+        }
     }
 
     /// The default (lazy) client is built with nothing listening.
@@ -433,6 +808,12 @@ mod tests {
             .max_attempts(0);
         assert_eq!(builder.connect_timeout, Duration::from_secs(5));
         assert_eq!(builder.timeout, Duration::from_secs(2));
+        assert_eq!(builder.attempt_timeout, None);
+        assert_eq!(
+            (builder.retry_max_tokens, builder.retry_token_ratio),
+            (10, 0.1)
+        );
+        assert!(!builder.allow_plaintext_token);
         assert!(builder.lazy);
         assert_eq!(builder.retry.max_attempts, 1);
         assert_eq!(builder.retry.initial_backoff, Duration::from_millis(50));

@@ -1,28 +1,58 @@
 //! [`SessionClient`]: the generated stub wrapped to speak domain types, with
-//! per-call deadlines and retries for the calls that are safe to repeat.
+//! a deadline per call, retries for what is safe to repeat, and the pick of
+//! an endpoint for each attempt.
 
-use std::{collections::HashMap, future::Future, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use sessionstore::v1::{self as pb, session_store_client::SessionStoreClient};
-use tonic::{Response, Status, service::interceptor::InterceptedService, transport::Channel};
+use tonic::{Request, Response, Status, transport::Channel};
 
 use crate::{
+    balance::{Member, Pool},
     builder::Builder,
-    error::{Error, Result},
-    metadata::CallMetadata,
-    retry::{RetryPolicy, retrying},
+    error::{self, Error, Result},
+    metadata::Auth,
+    retry::{RetryPolicy, RetryThrottle},
     types::{self, Created, LoginAttempt, NewSession, Session},
 };
 
-type Stub = SessionStoreClient<InterceptedService<Channel, CallMetadata>>;
+type Stub = SessionStoreClient<Channel>;
 
-/// A handle to SessionStore. Cheap to clone: clones share one tonic
-/// [`Channel`] (and so its connections), so make one at start-up and hand
+/// A handle to SessionStore. Cheap to clone: clones share the connections,
+/// the retry budget and the bearer token, so make one at start-up and hand
 /// clones to every task.
 ///
-/// Reads (get, count, list) are retried on UNAVAILABLE with exponential
-/// backoff; writes never are. Every attempt is bounded by the builder's
-/// [`timeout`](Builder::timeout).
+/// Each call has one budget, the builder's [`timeout`](Builder::timeout):
+/// every attempt and every pause between attempts ends within it, and each
+/// attempt tells the server the time left (`grpc-timeout`).
+///
+/// Reads (get, count, list) are retried with exponential backoff on
+/// UNAVAILABLE (the server or its Redis unreachable, a connection cut
+/// mid-call), on the server's load shedding and on an attempt past its
+/// [`attempt_timeout`](Builder::attempt_timeout). Writes are retried only
+/// when the request provably never left this process (its connection could
+/// not be opened), usually on another endpoint. Retries are bounded per call
+/// ([`max_attempts`](Builder::max_attempts)) and across calls (the retry
+/// budget, [`retry_throttling`](Builder::retry_throttling)).
+///
+/// # Writes whose outcome is unknown
+///
+/// A write that fails with [`Error::Unavailable`] or
+/// [`Error::DeadlineExceeded`], or whose future is dropped before it
+/// finishes (a `select!`, a cancelled request handler, a caller's own
+/// timeout), may or may not have taken effect: the request may have reached
+/// the server. Repeating it is safe for these calls: a repeated
+/// [`create_session_with`](Self::create_session_with) answers
+/// [`CreateOutcome::AlreadyExists`](crate::CreateOutcome::AlreadyExists)
+/// (with the stored session) when the first one took effect; a repeated
+/// revoke answers `false`; only a repeated
+/// [`record_login_attempt`](Self::record_login_attempt) counts twice.
 ///
 /// # Examples
 ///
@@ -38,11 +68,34 @@ type Stub = SessionStoreClient<InterceptedService<Channel, CallMetadata>>;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SessionClient {
-    stub: Stub,
-    retry: RetryPolicy,
-    timeout: Duration,
+    shared: Arc<Shared>,
+}
+
+/// What every clone of a client shares.
+struct Shared {
+    pool: Arc<Pool>,
+    auth: Auth,
+    policy: CallPolicy,
+    throttle: RetryThrottle,
+}
+
+/// The time and attempt bounds of each call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallPolicy {
+    /// The whole call's budget.
+    pub(crate) timeout: Duration,
+    /// Each attempt's bound within it, if shorter.
+    pub(crate) attempt_timeout: Option<Duration>,
+    pub(crate) retry: RetryPolicy,
+}
+
+/// Whether a call may be repeated after it reached the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
 }
 
 impl SessionClient {
@@ -53,7 +106,7 @@ impl SessionClient {
     }
 
     /// A client of `endpoint` with every default: lazy connection, 5 s
-    /// connect timeout, 2 s per call, 3 attempts for reads.
+    /// connect timeout, 2 s per call, up to 3 attempts.
     ///
     /// # Errors
     ///
@@ -64,16 +117,46 @@ impl SessionClient {
     }
 
     pub(crate) fn new(
-        channel: Channel,
-        metadata: CallMetadata,
-        retry: RetryPolicy,
-        timeout: Duration,
+        pool: Arc<Pool>,
+        auth: Auth,
+        policy: CallPolicy,
+        throttle: RetryThrottle,
     ) -> Self {
         Self {
-            stub: SessionStoreClient::with_interceptor(channel, metadata),
-            retry,
-            timeout,
+            shared: Arc::new(Shared {
+                pool,
+                auth,
+                policy,
+                throttle,
+            }),
         }
+    }
+
+    /// Replaces the bearer token for every later call of this client and its
+    /// clones, for a token rotated without rebuilding the client (calls in
+    /// flight keep the old one). Typically called when the secret's file
+    /// changes; the server accepts both tokens during a rotation when both
+    /// are in its AUTH_TOKENS_FILE.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the token is not visible ASCII, or would go to
+    /// an `http://` endpoint without
+    /// [`allow_plaintext_token`](Builder::allow_plaintext_token); the old
+    /// token stays in use.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let token = std::fs::read_to_string("/var/run/secrets/sessionstore/token")
+    ///     .expect("token file");
+    /// client.set_bearer_token(token.trim())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_bearer_token(&self, token: impl AsRef<str>) -> Result<()> {
+        self.shared.auth.set(token.as_ref())
     }
 
     /// Stores a new session with the server's default lifetime. Returns
@@ -442,45 +525,165 @@ impl SessionClient {
         Ok(response.reset)
     }
 
-    /// A call that is safe to repeat: retried on UNAVAILABLE.
+    /// A call that is safe to repeat.
     async fn read<Req, Resp, F, Fut>(&self, request: Req, call: F) -> Result<Resp>
     where
         Req: Clone,
-        F: Fn(Stub, Req) -> Fut,
+        F: Fn(Stub, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        retrying(&self.retry, || {
-            self.attempt(call(self.stub.clone(), request.clone()))
-        })
-        .await
-        .map_err(Error::from)
+        self.call(Kind::Read, request, call).await
     }
 
-    /// A call that must not be repeated behind the caller's back: one attempt.
+    /// A call that must not be repeated once it may have reached the server.
     async fn write<Req, Resp, F, Fut>(&self, request: Req, call: F) -> Result<Resp>
     where
-        F: FnOnce(Stub, Req) -> Fut,
+        Req: Clone,
+        F: Fn(Stub, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        self.attempt(call(self.stub.clone(), request))
-            .await
-            .map_err(Error::from)
+        self.call(Kind::Write, request, call).await
     }
 
-    /// One attempt, bounded as a whole by the call timeout. tonic's own
-    /// timeout starts only once a connection is picked; this one also covers
-    /// waiting for one (a balanced channel whose endpoints are all
-    /// connecting), so no call outlives its deadline.
-    async fn attempt<Resp>(
-        &self,
-        call: impl Future<Output = Result<Response<Resp>, Status>>,
-    ) -> Result<Resp, Status> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result.map(Response::into_inner),
-            Err(_elapsed) => Err(Status::deadline_exceeded(format!(
-                "no answer within {} ms",
-                self.timeout.as_millis()
-            ))),
+    /// Runs a call's attempts within its budget: picks an endpoint for each,
+    /// sends the time left as `grpc-timeout`, and decides after each failure
+    /// whether another attempt may be made (see [`Verdict`]).
+    async fn call<Req, Resp, F, Fut>(&self, kind: Kind, request: Req, call: F) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(Stub, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let shared = &*self.shared;
+        let policy = &shared.policy;
+        let deadline = Instant::now() + policy.timeout;
+        // Attempts counted against `max_attempts`; requests that never left
+        // are retried on other endpoints without counting, at most once per
+        // endpoint.
+        let mut attempts = 0;
+        let mut free_retries = shared.pool.members().len();
+        let mut last: Option<(Arc<Member>, Status)> = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(out_of_time(policy.timeout, last.map(|(_, s)| s)));
+            }
+            let budget = policy.attempt_timeout.map_or(left, |t| t.min(left));
+            let Some(member) = shared.pool.pick(last.as_ref().map(|(m, _)| m)) else {
+                return Err(Error::from(Status::unavailable(
+                    "no session store address: the DNS name resolved to none yet",
+                )));
+            };
+            attempts += 1;
+            let mut attempt = Request::new(request.clone());
+            shared.auth.prepare(&mut attempt, budget);
+            let stub = SessionStoreClient::new(member.channel());
+            let in_flight = member.start();
+            let result = tokio::time::timeout(budget, call(stub, attempt)).await;
+            drop(in_flight);
+            let status = match result {
+                Ok(Ok(response)) => {
+                    member.answered();
+                    shared.throttle.succeeded();
+                    return Ok(response.into_inner());
+                }
+                Ok(Err(status)) => {
+                    if !error::is_transport_failure(&status) {
+                        // The server answered: its connection works.
+                        member.answered();
+                    }
+                    status
+                }
+                Err(_elapsed) => {
+                    Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis()))
+                }
+            };
+            let verdict = Verdict::of(&status, kind);
+            if verdict == Verdict::NeverSent {
+                member.connect_failed();
+            }
+            let retry = match verdict {
+                Verdict::NeverSent if free_retries > 0 => {
+                    free_retries -= 1;
+                    attempts -= 1;
+                    true
+                }
+                Verdict::NeverSent => attempts < policy.retry.max_attempts,
+                Verdict::Retry => {
+                    shared.throttle.failed();
+                    // An attempt that used the call's whole budget leaves
+                    // nothing to retry in.
+                    attempts < policy.retry.max_attempts && shared.throttle.allows_retry()
+                }
+                Verdict::Final => false,
+            };
+            if !retry {
+                return Err(Error::from(status));
+            }
+            // A request that never left goes straight to another endpoint
+            // when there is one; anything else waits, so a struggling server
+            // is not hammered.
+            let pause = if verdict == Verdict::NeverSent && shared.pool.has_other_available(&member)
+            {
+                Duration::ZERO
+            } else {
+                policy.retry.backoff(attempts.max(1))
+            };
+            if Instant::now() + pause >= deadline {
+                // No attempt could start within the budget.
+                return Err(Error::from(status));
+            }
+            tokio::time::sleep(pause).await;
+            last = Some((member, status));
         }
+    }
+}
+
+/// What a failed attempt allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The request never left this process (its connection could not be
+    /// opened): safe to repeat, read or write.
+    NeverSent,
+    /// A transient failure after the request may have reached the server:
+    /// repeated for reads only.
+    Retry,
+    /// Nothing to retry.
+    Final,
+}
+
+impl Verdict {
+    fn of(status: &Status, kind: Kind) -> Self {
+        if error::never_sent(status) {
+            return Self::NeverSent;
+        }
+        match kind {
+            Kind::Read if error::is_transient(status) => Self::Retry,
+            Kind::Read | Kind::Write => Self::Final,
+        }
+    }
+}
+
+/// The error for a call whose budget ran out between attempts: the last
+/// attempt's, or a plain deadline.
+fn out_of_time(timeout: Duration, last: Option<Status>) -> Error {
+    match last {
+        Some(status) => Error::from(status),
+        None => Error::from(Status::deadline_exceeded(format!(
+            "no answer within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+impl fmt::Debug for SessionClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &*self.shared;
+        f.debug_struct("SessionClient")
+            .field("endpoints", &shared.pool)
+            .field("auth", &shared.auth)
+            .field("policy", &shared.policy)
+            .field("retry_budget", &shared.throttle)
+            .finish()
     }
 }

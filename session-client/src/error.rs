@@ -1,7 +1,11 @@
 //! The client's error type: one variant per case a caller branches on, mapped
-//! from the gRPC status once, here.
+//! from the gRPC status once, here. No tonic type appears in its shape, so a
+//! tonic upgrade does not break callers; the status stays reachable as the
+//! `source()`.
 
-use tonic::{Code, Status};
+use std::fmt;
+
+use tonic::Status;
 
 /// A boxed error cause, for configuration errors that come from tonic or rustls.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -13,53 +17,90 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// The variants follow the contract's error codes: branch on
 /// [`Error::Unavailable`] to fail open or closed, on [`Error::InvalidArgument`]
-/// to reject the caller's input. The [`Status`] is kept as the source, for
-/// its message and metadata.
+/// to reject the caller's input. New variants may be added in a minor
+/// release, so a `match` needs a `_` arm; [`is_retryable`](Self::is_retryable)
+/// and [`code`](Self::code) answer the common questions without one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A request field broke the contract (an id with a space, a ttl of zero,
     /// a malformed IP). The server's message names the field, e.g.
     /// `invalid user_id: must not be empty`. Not worth retrying.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    /// SessionStore, or the Redis behind it, could not be reached or answered
-    /// too slowly. Reads were already retried (see
-    /// [`Builder::max_attempts`](crate::Builder::max_attempts)); a write may be
-    /// retried by the caller when repeating it is acceptable.
+    #[error("invalid argument: {}", .0.message())]
+    InvalidArgument(#[source] CallError),
+    /// SessionStore, or the Redis behind it, could not be reached, or the
+    /// connection failed mid-call. Reads were already retried (see
+    /// [`Builder::max_attempts`](crate::Builder::max_attempts)); a write may
+    /// have taken effect unless it never left this process.
     #[error("session store unavailable: {}", .0.message())]
-    Unavailable(#[source] Status),
-    /// The call did not finish within the per-call timeout
-    /// ([`Builder::timeout`](crate::Builder::timeout)). A write may or may
-    /// not have taken effect.
+    Unavailable(#[source] CallError),
+    /// The server refused the call before doing any work because it was at
+    /// its limit of concurrent calls (RESOURCE_EXHAUSTED from its concurrency
+    /// cap). Reads were already retried; retry later, with backoff.
+    #[error("session store overloaded: {}", .0.message())]
+    Overloaded(#[source] CallError),
+    /// The call did not finish within its budget
+    /// ([`Builder::timeout`](crate::Builder::timeout)), retries included. A
+    /// write may or may not have taken effect.
     #[error("session store call exceeded its deadline: {}", .0.message())]
-    DeadlineExceeded(#[source] Status),
+    DeadlineExceeded(#[source] CallError),
     /// The server requires a bearer token and none or a wrong one was sent
     /// (see [`Builder::bearer_token`](crate::Builder::bearer_token)).
     #[error("not authenticated to the session store: {}", .0.message())]
-    Unauthenticated(#[source] Status),
-    /// Any other status: RESOURCE_EXHAUSTED (server overloaded or Redis out of
-    /// memory), OUT_OF_RANGE (request too large), INTERNAL (a bug, or a malformed answer), UNKNOWN
-    /// (a connection failing mid-call, such as a server refusing the client's
-    /// TLS certificate after the handshake).
+    Unauthenticated(#[source] CallError),
+    /// Any other failure: RESOURCE_EXHAUSTED other than load shedding (Redis
+    /// out of memory), OUT_OF_RANGE (request too large), INTERNAL (a bug, or
+    /// a malformed answer), UNKNOWN (a peer refusing the client's TLS
+    /// certificate after the handshake). [`code`](Self::code) tells which.
     #[error("session store call failed: {} ({})", .0.code(), .0.message())]
-    Other(#[source] Status),
+    Other(#[source] CallError),
     /// The client's settings cannot work: a malformed or non-http(s)
-    /// endpoint, a TLS option on an `http://` endpoint, unreadable PEM, a
+    /// endpoint, a TLS option on an `http://` endpoint, a CA or identity
+    /// without a PEM certificate, a bearer token over `http://` without
+    /// [`allow_plaintext_token`](crate::Builder::allow_plaintext_token), a
     /// bearer token that is not valid header text. Reported by
-    /// [`Builder::connect`](crate::Builder::connect), never by a call.
+    /// [`Builder::connect`](crate::Builder::connect) (or
+    /// [`set_bearer_token`](crate::SessionClient::set_bearer_token)), never by
+    /// a call.
     #[error("invalid session client configuration: {0}")]
     Config(#[source] BoxError),
 }
 
 impl Error {
-    /// The gRPC status behind this error, when there is one.
-    pub fn status(&self) -> Option<&Status> {
+    /// The gRPC code the call failed with; `None` for [`Error::Config`].
+    pub fn code(&self) -> Option<Code> {
+        self.call_error().map(CallError::code)
+    }
+
+    /// The server's (or the transport's) explanation; `None` for
+    /// [`Error::Config`], whose `Display` says what is wrong.
+    pub fn message(&self) -> Option<&str> {
+        self.call_error().map(CallError::message)
+    }
+
+    /// Whether making the same call again later may succeed: the failure
+    /// was transient (unreachable, overloaded, out of time, a connection cut)
+    /// rather than a verdict on the request. Reads were already retried
+    /// within their budget. For a write this says nothing about whether a
+    /// repeat is safe: a failed write may have taken effect (see
+    /// [`SessionClient`](crate::SessionClient)'s notes on writes).
+    pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Unavailable(status)
-            | Self::DeadlineExceeded(status)
-            | Self::Unauthenticated(status)
-            | Self::Other(status) => Some(status),
-            Self::InvalidArgument(_) | Self::Config(_) => None,
+            Self::Unavailable(_) | Self::Overloaded(_) | Self::DeadlineExceeded(_) => true,
+            Self::Other(call) => call.transport,
+            Self::InvalidArgument(_) | Self::Unauthenticated(_) | Self::Config(_) => false,
+        }
+    }
+
+    fn call_error(&self) -> Option<&CallError> {
+        match self {
+            Self::InvalidArgument(call)
+            | Self::Unavailable(call)
+            | Self::Overloaded(call)
+            | Self::DeadlineExceeded(call)
+            | Self::Unauthenticated(call)
+            | Self::Other(call) => Some(call),
+            Self::Config(_) => None,
         }
     }
 
@@ -71,37 +112,178 @@ impl Error {
     /// An answer the contract does not allow (a session without timestamps):
     /// reported as INTERNAL, as gRPC clients report undecodable responses.
     pub(crate) fn malformed(what: &str) -> Self {
-        Self::Other(Status::internal(format!(
+        Self::from(Status::internal(format!(
             "malformed response from the session store: {what}"
         )))
     }
 }
 
+/// A failed call's gRPC code and message. The tonic `Status` behind it,
+/// metadata and all, is its [`source`](std::error::Error::source).
+pub struct CallError {
+    status: Status,
+    code: Code,
+    /// Whether the failure came from this side's transport (a connection
+    /// refused, reset or cut) rather than from an answer of the server.
+    transport: bool,
+}
+
+impl CallError {
+    pub(crate) fn new(status: Status) -> Self {
+        Self {
+            code: Code::from_tonic(status.code()),
+            transport: is_transport_failure(&status),
+            status,
+        }
+    }
+
+    /// The gRPC status code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The message: the server's for an answer, tonic's for a local failure.
+    pub fn message(&self) -> &str {
+        self.status.message()
+    }
+}
+
+impl fmt::Debug for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallError")
+            .field("code", &self.code)
+            .field("message", &self.status.message())
+            .field("transport", &self.transport)
+            .finish()
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.status.message())
+    }
+}
+
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.status)
+    }
+}
+
+/// A gRPC status code, as this crate's own type so that tonic stays out of
+/// the client's public shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[allow(missing_docs)] // The canonical gRPC codes, named as in the gRPC spec.
+pub enum Code {
+    Ok,
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+    Unauthenticated,
+}
+
+impl Code {
+    fn from_tonic(code: tonic::Code) -> Self {
+        // No `_` arm: a new tonic code fails to compile until placed here.
+        match code {
+            tonic::Code::Ok => Self::Ok,
+            tonic::Code::Cancelled => Self::Cancelled,
+            tonic::Code::Unknown => Self::Unknown,
+            tonic::Code::InvalidArgument => Self::InvalidArgument,
+            tonic::Code::DeadlineExceeded => Self::DeadlineExceeded,
+            tonic::Code::NotFound => Self::NotFound,
+            tonic::Code::AlreadyExists => Self::AlreadyExists,
+            tonic::Code::PermissionDenied => Self::PermissionDenied,
+            tonic::Code::ResourceExhausted => Self::ResourceExhausted,
+            tonic::Code::FailedPrecondition => Self::FailedPrecondition,
+            tonic::Code::Aborted => Self::Aborted,
+            tonic::Code::OutOfRange => Self::OutOfRange,
+            tonic::Code::Unimplemented => Self::Unimplemented,
+            tonic::Code::Internal => Self::Internal,
+            tonic::Code::Unavailable => Self::Unavailable,
+            tonic::Code::DataLoss => Self::DataLoss,
+            tonic::Code::Unauthenticated => Self::Unauthenticated,
+        }
+    }
+
+    /// The canonical upper-case name, as in `grpc-status` documentation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "OK",
+            Self::Cancelled => "CANCELLED",
+            Self::Unknown => "UNKNOWN",
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::FailedPrecondition => "FAILED_PRECONDITION",
+            Self::Aborted => "ABORTED",
+            Self::OutOfRange => "OUT_OF_RANGE",
+            Self::Unimplemented => "UNIMPLEMENTED",
+            Self::Internal => "INTERNAL",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::DataLoss => "DATA_LOSS",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl From<Status> for Error {
     fn from(status: Status) -> Self {
+        let call = CallError::new(status);
+        let status = &call.status;
         // No `_` arm: every code is placed here on purpose.
         match status.code() {
-            Code::InvalidArgument => Self::InvalidArgument(status.message().to_owned()),
-            Code::Unavailable => Self::Unavailable(status),
-            Code::DeadlineExceeded => Self::DeadlineExceeded(status),
+            tonic::Code::InvalidArgument => Self::InvalidArgument(call),
+            tonic::Code::Unavailable => Self::Unavailable(call),
+            tonic::Code::DeadlineExceeded => Self::DeadlineExceeded(call),
             // tonic reports its own expired timers (the client's per-call
             // timeout, or the server's reading of grpc-timeout) as CANCELLED
             // "Timeout expired"; to the caller that is a missed deadline.
-            Code::Cancelled if is_timeout(&status) => Self::DeadlineExceeded(status),
-            Code::Unauthenticated => Self::Unauthenticated(status),
-            Code::Ok
-            | Code::Cancelled
-            | Code::Unknown
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::PermissionDenied
-            | Code::ResourceExhausted
-            | Code::FailedPrecondition
-            | Code::Aborted
-            | Code::OutOfRange
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::DataLoss => Self::Other(status),
+            tonic::Code::Cancelled if is_timeout(status) => Self::DeadlineExceeded(call),
+            tonic::Code::Unauthenticated => Self::Unauthenticated(call),
+            tonic::Code::ResourceExhausted if is_load_shedding(status) => Self::Overloaded(call),
+            // A connection refused, reset or cut under the call: the server
+            // is, for this call, unreachable.
+            tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+                if call.transport =>
+            {
+                Self::Unavailable(call)
+            }
+            tonic::Code::Ok
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::NotFound
+            | tonic::Code::AlreadyExists
+            | tonic::Code::PermissionDenied
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::Aborted
+            | tonic::Code::OutOfRange
+            | tonic::Code::Unimplemented
+            | tonic::Code::Internal
+            | tonic::Code::DataLoss => Self::Other(call),
         }
     }
 }
@@ -109,19 +291,75 @@ impl From<Status> for Error {
 /// Whether a CANCELLED status is tonic's expired timer rather than a real
 /// cancellation: the local timer leaves [`tonic::TimeoutExpired`] in the
 /// source chain; the server's only its message.
-fn is_timeout(status: &Status) -> bool {
+pub(crate) fn is_timeout(status: &Status) -> bool {
+    chain_has::<tonic::TimeoutExpired>(status)
+        || status.message() == tonic::TimeoutExpired(()).to_string()
+}
+
+/// Whether a read failing with `status` is worth another attempt: the server
+/// or its Redis unreachable, a connection cut mid-call, the server's load
+/// shedding, or an attempt past its own deadline (the call's budget decides
+/// whether another fits). Exactly the statuses [`Error::is_retryable`] calls
+/// retryable.
+pub(crate) fn is_transient(status: &Status) -> bool {
+    // No `_` arm: every code is placed here on purpose.
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => true,
+        tonic::Code::ResourceExhausted => is_load_shedding(status),
+        tonic::Code::Cancelled => is_timeout(status) || is_transport_failure(status),
+        tonic::Code::Unknown | tonic::Code::Internal => is_transport_failure(status),
+        tonic::Code::Ok
+        | tonic::Code::InvalidArgument
+        | tonic::Code::NotFound
+        | tonic::Code::AlreadyExists
+        | tonic::Code::PermissionDenied
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::Aborted
+        | tonic::Code::OutOfRange
+        | tonic::Code::Unimplemented
+        | tonic::Code::DataLoss
+        | tonic::Code::Unauthenticated => false,
+    }
+}
+
+/// Whether RESOURCE_EXHAUSTED is the server's load shedding (its concurrency
+/// cap refused the call before any work) rather than Redis out of memory.
+/// The server says so in its message (session-server/src/limits.rs); the
+/// end-to-end test `an_overloaded_server_is_overloaded` pins that wording.
+pub(crate) fn is_load_shedding(status: &Status) -> bool {
+    status.code() == tonic::Code::ResourceExhausted
+        && status.message().starts_with("server is at its limit of ")
+}
+
+/// Whether the status was made by this side's transport (tonic keeps the
+/// transport error as its source) rather than sent by the server, whose
+/// statuses arrive without one.
+pub(crate) fn is_transport_failure(status: &Status) -> bool {
+    chain_has::<tonic::transport::Error>(status) || chain_has::<tonic::ConnectError>(status)
+}
+
+/// Whether the request provably never left this process: the connection it
+/// was to use could not be opened (TCP refused or timed out, TLS handshake
+/// failed), so the server cannot have seen it.
+pub(crate) fn never_sent(status: &Status) -> bool {
+    chain_has::<tonic::ConnectError>(status)
+}
+
+fn chain_has<E: std::error::Error + 'static>(status: &Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(err) = source {
-        if err.is::<tonic::TimeoutExpired>() {
+        if err.is::<E>() {
             return true;
         }
         source = err.source();
     }
-    status.message() == tonic::TimeoutExpired(()).to_string()
+    false
 }
 
 #[cfg(test)]
 mod tests {
+    use std::error::Error as _;
+
     use super::*;
 
     /// Each gRPC code lands in the variant a caller branches on, keeping the status.
@@ -131,42 +369,53 @@ mod tests {
             "invalid user_id: must not be empty",
         ));
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m == "invalid user_id: must not be empty")
+            matches!(&err, Error::InvalidArgument(e) if e.message() == "invalid user_id: must not be empty")
         );
-        assert!(err.status().is_none());
+        assert_eq!(err.code(), Some(Code::InvalidArgument));
+        assert!(!err.is_retryable());
 
         let err = Error::from(Status::unavailable("redis is down"));
-        assert!(matches!(&err, Error::Unavailable(s) if s.message() == "redis is down"));
-        assert_eq!(err.status().map(Status::code), Some(Code::Unavailable));
+        assert!(matches!(&err, Error::Unavailable(e) if e.message() == "redis is down"));
+        assert_eq!(err.code(), Some(Code::Unavailable));
+        assert!(err.is_retryable());
 
         let err = Error::from(Status::deadline_exceeded("late"));
         assert!(matches!(err, Error::DeadlineExceeded(_)));
+        assert!(err.is_retryable());
+
+        let err = Error::from(Status::resource_exhausted(
+            "server is at its limit of 4 concurrent calls; retry with backoff",
+        ));
+        assert!(matches!(err, Error::Overloaded(_)), "{err:?}");
+        assert!(err.is_retryable());
 
         for code in [
-            Code::ResourceExhausted,
-            Code::Aborted,
-            Code::Internal,
-            Code::Unknown,
+            tonic::Code::ResourceExhausted,
+            tonic::Code::Aborted,
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
         ] {
             let err = Error::from(Status::new(code, "x"));
             assert!(
-                matches!(&err, Error::Other(s) if s.code() == code),
+                matches!(&err, Error::Other(e) if e.code() == Code::from_tonic(code)),
                 "{code:?}"
             );
+            assert!(!err.is_retryable(), "{code:?}");
         }
+        let config = Error::config("bad");
+        assert_eq!((config.code(), config.message()), (None, None));
+        assert!(!config.is_retryable());
     }
 
-    /// UNAUTHENTICATED is its own variant, the status its source; also proven
-    /// against the real server in `tests/e2e/client.rs`.
+    /// The tonic status is reachable as the source, with its message.
     #[test]
-    fn unauthenticated_maps_to_its_own_variant_keeping_the_status() {
+    fn the_status_is_the_source() {
         let err = Error::from(Status::unauthenticated("missing bearer token"));
-        let Error::Unauthenticated(status) = &err else {
-            panic!("expected Unauthenticated, got {err:?}");
-        };
+        assert!(matches!(&err, Error::Unauthenticated(_)), "{err:?}");
+        let call = err.source().expect("a call error");
+        let status = call.source().expect("the status");
+        let status = status.downcast_ref::<Status>().expect("a tonic status");
         assert_eq!(status.message(), "missing bearer token");
-        let source = std::error::Error::source(&err).expect("the status is the source");
-        assert!(source.is::<Status>());
         assert!(err.to_string().contains("missing bearer token"));
     }
 
@@ -174,7 +423,7 @@ mod tests {
     #[test]
     fn tonic_timer_expiry_is_a_deadline_but_a_plain_cancel_is_not() {
         let local = Status::from_error(Box::new(tonic::TimeoutExpired(())));
-        assert_eq!(local.code(), Code::Cancelled);
+        assert_eq!(local.code(), tonic::Code::Cancelled);
         assert!(matches!(Error::from(local), Error::DeadlineExceeded(_)));
 
         let remote = Status::cancelled("Timeout expired");
@@ -182,5 +431,17 @@ mod tests {
 
         let cancelled = Status::cancelled("the caller went away");
         assert!(matches!(Error::from(cancelled), Error::Other(_)));
+    }
+
+    /// A refused connection is a never-sent transport failure; a server's answer is neither.
+    #[test]
+    fn connect_errors_are_never_sent_and_answers_are_not_transport() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let status = Status::from_error(Box::new(tonic::ConnectError(Box::new(refused))));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(never_sent(&status) && is_transport_failure(&status));
+
+        let answer = Status::unavailable("redis is down");
+        assert!(!never_sent(&answer) && !is_transport_failure(&answer));
     }
 }

@@ -56,6 +56,7 @@
 
 #![forbid(unsafe_code)]
 
+mod balance;
 mod builder;
 mod client;
 mod error;
@@ -65,7 +66,7 @@ mod types;
 
 pub use builder::Builder;
 pub use client::SessionClient;
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, CallError, Code, Error, Result};
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
 pub use types::{CreateOutcome, Created, LoginAttempt, NewSession, Session};

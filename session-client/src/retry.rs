@@ -1,14 +1,18 @@
-//! Retries with exponential backoff for the calls that are safe to repeat.
+//! Retry pacing and bounds: exponential backoff with jitter within a call,
+//! and a retry budget (token bucket) across calls.
 //!
-//! Written out rather than taken from tower's retry layer: the policy is a
-//! dozen lines (retry UNAVAILABLE only, reads only), and doing it here keeps
-//! the decision of which calls may repeat next to the calls themselves.
+//! Written out rather than taken from tower's retry layer: which calls may
+//! repeat, and when, is decided next to the calls themselves (see
+//! `client.rs`); this module only says how long to wait and whether the
+//! budget allows it.
 
-use std::{future::Future, hash::BuildHasher, time::Duration};
+use std::{
+    hash::BuildHasher,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
-use tonic::{Code, Status};
-
-/// How reads are retried.
+/// How retries are paced within one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RetryPolicy {
     /// Attempts in all, the first included; 1 turns retries off.
@@ -44,47 +48,71 @@ fn jitter(max: Duration) -> Duration {
     if nanos == 0 {
         return Duration::ZERO;
     }
-    // Each RandomState has fresh random keys: randomness enough for jitter
-    // without a `rand` dependency.
-    let random = std::collections::hash_map::RandomState::new().hash_one(0_u8);
-    Duration::from_nanos(random % nanos.saturating_add(1))
+    Duration::from_nanos(random() % nanos.saturating_add(1))
 }
 
-/// Runs `attempt` until it succeeds, fails with anything but UNAVAILABLE, or
-/// `policy.max_attempts` attempts have been made, pausing between attempts.
-///
-/// Only for calls that are safe to repeat: an UNAVAILABLE answer may come
-/// after the server did the work.
-pub(crate) async fn retrying<T, F, Fut>(policy: &RetryPolicy, mut attempt: F) -> Result<T, Status>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
-{
-    let mut made = 1;
-    loop {
-        match attempt().await {
-            Err(status) if status.code() == Code::Unavailable && made < policy.max_attempts => {
-                tokio::time::sleep(policy.backoff(made)).await;
-                made += 1;
-            }
-            result => return result,
+/// A random number, for jitter and the balancer's picks.
+pub(crate) fn random() -> u64 {
+    // Each RandomState has fresh random keys: randomness enough for jitter
+    // without a `rand` dependency.
+    std::collections::hash_map::RandomState::new().hash_one(0_u8)
+}
+
+/// The retry budget shared by every call of a client (and its clones), as
+/// gRPC's retry throttling: tokens start full; each attempt that fails with a
+/// retryable failure takes one, each success gives back `ratio` of one; a
+/// retry is made only while more than half the tokens are left. So when most
+/// calls fail (an outage) retries stop, and calls cost one attempt each
+/// instead of `max_attempts`; they resume as successes refill the bucket.
+#[derive(Debug)]
+pub(crate) struct RetryThrottle {
+    /// In thousandths of a token.
+    tokens: AtomicU32,
+    max: u32,
+    ratio: u32,
+}
+
+impl RetryThrottle {
+    /// A full bucket of `max_tokens`, refilled by `token_ratio` per success
+    /// (kept to the thousandth, as gRPC does).
+    pub(crate) fn new(max_tokens: u32, token_ratio: f64) -> Self {
+        let max = max_tokens.saturating_mul(1000);
+        // The builder checked 0 < ratio <= max_tokens, so this fits.
+        let ratio = (token_ratio * 1000.0).round() as u32;
+        Self {
+            tokens: AtomicU32::new(max),
+            max,
+            ratio: ratio.max(1),
         }
+    }
+
+    /// An attempt failed with a failure worth retrying.
+    pub(crate) fn failed(&self) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(1000))
+            });
+    }
+
+    /// An attempt succeeded.
+    pub(crate) fn succeeded(&self) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(self.ratio).min(self.max))
+            });
+    }
+
+    /// Whether a retry may be made now.
+    pub(crate) fn allows_retry(&self) -> bool {
+        self.tokens.load(Ordering::Relaxed) > self.max / 2
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use super::*;
-
-    fn policy(max_attempts: u32) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(4),
-        }
-    }
 
     /// Backoff doubles per retry up to the cap, and jitter keeps it within [half, all].
     #[test]
@@ -110,51 +138,32 @@ mod tests {
         assert_eq!(policy.ceiling(u32::MAX), Duration::from_millis(1000));
     }
 
-    /// UNAVAILABLE is retried until max_attempts attempts were made in all.
-    #[tokio::test]
-    async fn unavailable_is_retried_until_attempts_run_out() {
-        let calls = AtomicU32::new(0);
-        let result: Result<(), Status> = retrying(&policy(3), || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err(Status::unavailable("down"))
-        })
-        .await;
-        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
-    }
-
-    /// A success after a failure is returned at once.
-    #[tokio::test]
-    async fn success_after_a_failure_ends_the_loop() {
-        let calls = AtomicU32::new(0);
-        let result = retrying(&policy(5), || async {
-            match calls.fetch_add(1, Ordering::SeqCst) {
-                0 => Err(Status::unavailable("down")),
-                n => Ok(n),
-            }
-        })
-        .await;
-        assert_eq!(result.unwrap(), 1);
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-    }
-
-    /// Codes other than UNAVAILABLE, and a one-attempt policy, get a single attempt.
-    #[tokio::test]
-    async fn other_codes_and_single_attempt_policies_are_not_retried() {
-        for (code, max_attempts) in [
-            (Code::InvalidArgument, 3),
-            (Code::DeadlineExceeded, 3),
-            (Code::Cancelled, 3),
-            (Code::Unavailable, 1),
-        ] {
-            let calls = AtomicU32::new(0);
-            let result: Result<(), Status> = retrying(&policy(max_attempts), || async {
-                calls.fetch_add(1, Ordering::SeqCst);
-                Err(Status::new(code, "no"))
-            })
-            .await;
-            assert_eq!(result.unwrap_err().code(), code);
-            assert_eq!(calls.load(Ordering::SeqCst), 1, "{code:?}");
+    /// The budget allows retries while more than half full, drains by one
+    /// per failure and refills by the ratio per success.
+    #[test]
+    fn the_retry_budget_drains_on_failures_and_refills_on_successes() {
+        let throttle = RetryThrottle::new(4, 0.5);
+        assert!(throttle.allows_retry());
+        throttle.failed(); // 3 left
+        assert!(throttle.allows_retry());
+        throttle.failed(); // 2 left: not more than half
+        assert!(!throttle.allows_retry());
+        throttle.failed();
+        throttle.failed();
+        throttle.failed(); // floors at 0
+        for _ in 0..4 {
+            throttle.succeeded(); // 0.5 each: 2 left
         }
+        assert!(!throttle.allows_retry());
+        throttle.succeeded(); // 2.5
+        assert!(throttle.allows_retry());
+        for _ in 0..100 {
+            throttle.succeeded();
+        }
+        assert_eq!(
+            throttle.tokens.load(Ordering::Relaxed),
+            4000,
+            "capped at max"
+        );
     }
 }

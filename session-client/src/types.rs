@@ -10,8 +10,10 @@ use sessionstore::v1 as pb;
 
 use crate::error::Error;
 
-/// A live session, as SessionStore holds it.
+/// A live session, as SessionStore holds it. Fields may be added in a minor
+/// release (`#[non_exhaustive]`): read them, do not build one.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Session {
     /// The owner (the JWT's `sub`).
     pub user_id: String,
@@ -41,6 +43,7 @@ pub struct Session {
 /// assert_eq!(new.metadata["ip"], "192.0.2.1");
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NewSession {
     /// The owner of the new session.
     pub user_id: String,
@@ -129,6 +132,7 @@ pub enum CreateOutcome {
 /// The verdict on one login attempt, from
 /// [`record_login_attempt`](crate::SessionClient::record_login_attempt).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoginAttempt {
     /// Whether this login attempt may proceed.
     pub allowed: bool,
@@ -239,7 +243,7 @@ mod tests {
             ..proto
         };
         let err = session_from_proto(missing).unwrap_err();
-        assert!(matches!(&err, Error::Other(s) if s.code() == tonic::Code::Internal));
+        assert!(matches!(&err, Error::Other(e) if e.code() == crate::Code::Internal));
     }
 
     /// A ttl is sent exactly, and an unset ttl stays unset (the server's default).

@@ -1,0 +1,492 @@
+//! Client-side balancing: one tonic channel per endpoint address, each with
+//! its own health, and the pick of an address for each attempt.
+//!
+//! Written out rather than taken from `Channel::balance_list`: there, a lazy
+//! endpoint whose connect failed reports itself ready and hands its error to
+//! the next call, and every endpoint reports the same load, so one endpoint
+//! down fails about half of all calls. Here an address whose connection
+//! cannot be opened is *ejected*: no call is sent to it while a background
+//! probe reconnects with exponential backoff, and it rejoins as soon as the
+//! probe connects (or a call through it is answered). Among the addresses not
+//! ejected, each attempt takes the less busy of two picked at random ("power
+//! of two choices" on calls in flight), which spreads load without a shared
+//! queue. With DNS discovery the set of addresses is replaced as the name
+//! resolves to new ones; calls in flight on a removed address finish there.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError, RwLock, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{builder::Dialer, error::Result, retry::random};
+
+/// The first pause before an ejected address is probed again; doubled per
+/// failed probe up to [`EJECT_MAX`]. 100 ms: a restarting pod is usually
+/// back within a few probes.
+const EJECT_BASE: Duration = Duration::from_millis(100);
+/// The longest pause between two probes of an ejected address: bounds how
+/// long a recovered server waits to get calls again. A probe is one TCP (and
+/// TLS) connect, so probing every few seconds costs nothing worth saving.
+const EJECT_MAX: Duration = Duration::from_secs(3);
+/// How soon an empty address set (a name that resolved to nothing, or could
+/// not be resolved) is resolved again, when the refresh interval is longer.
+const EMPTY_REFRESH: Duration = Duration::from_secs(1);
+
+/// Resolves a host name and port to socket addresses.
+pub(crate) type Resolver = Arc<
+    dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The operating system's resolver (A and AAAA records, `/etc/hosts`).
+pub(crate) fn system_resolver() -> Resolver {
+    Arc::new(|host, port| {
+        Box::pin(async move {
+            let addresses = tokio::net::lookup_host((host.as_str(), port)).await?;
+            Ok(addresses.collect())
+        })
+    })
+}
+
+/// The addresses a client spreads its calls over, shared by every clone.
+pub(crate) struct Pool {
+    members: RwLock<Arc<[Arc<Member>]>>,
+}
+
+impl Pool {
+    pub(crate) fn new(members: Vec<Arc<Member>>) -> Arc<Self> {
+        Arc::new(Self {
+            members: RwLock::new(members.into()),
+        })
+    }
+
+    /// The current addresses.
+    pub(crate) fn members(&self) -> Arc<[Arc<Member>]> {
+        self.members
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The address for the next attempt, avoiding `avoid` (the one the last
+    /// attempt failed on) when another is available; `None` when there are no
+    /// addresses at all.
+    ///
+    /// Picks among addresses not ejected; when all are, the one whose
+    /// ejection ends first, so a call still gets a real answer (fast, when
+    /// connections are refused) rather than waiting for a probe.
+    pub(crate) fn pick(&self, avoid: Option<&Arc<Member>>) -> Option<Arc<Member>> {
+        let members = self.members();
+        let now = Instant::now();
+        let available: Vec<&Arc<Member>> = members.iter().filter(|m| m.available(now)).collect();
+        let preferred: Vec<&Arc<Member>> = available
+            .iter()
+            .copied()
+            .filter(|m| avoid.is_none_or(|a| !Arc::ptr_eq(a, m)))
+            .collect();
+        let candidates = if preferred.is_empty() {
+            available
+        } else {
+            preferred
+        };
+        let chosen = match candidates.as_slice() {
+            [] => members.iter().min_by_key(|m| m.ejected_until())?,
+            [only] => only,
+            several => {
+                // Power of two choices: two distinct random candidates, the
+                // one with fewer calls in flight.
+                let len = several.len() as u64;
+                let first = (random() % len) as usize;
+                let offset = 1 + (random() % (len - 1)) as usize;
+                let second = (first + offset) % several.len();
+                let (a, b) = (several[first], several[second]);
+                if b.in_flight() < a.in_flight() { b } else { a }
+            }
+        };
+        Some(chosen.clone())
+    }
+
+    /// Whether an address other than `avoid` is available now.
+    pub(crate) fn has_other_available(&self, avoid: &Arc<Member>) -> bool {
+        let now = Instant::now();
+        self.members()
+            .iter()
+            .any(|m| !Arc::ptr_eq(m, avoid) && m.available(now))
+    }
+
+    /// Replaces the addresses with `targets` (URL and endpoint), keeping the
+    /// members (and connections) of addresses already present.
+    pub(crate) fn replace(&self, targets: Vec<(String, Endpoint)>) {
+        let mut slot = self.members.write().unwrap_or_else(PoisonError::into_inner);
+        let mut current: HashMap<&str, &Arc<Member>> =
+            slot.iter().map(|m| (m.url.as_str(), m)).collect();
+        let next: Vec<Arc<Member>> = targets
+            .into_iter()
+            .map(|(url, endpoint)| match current.remove(url.as_str()) {
+                Some(kept) => kept.clone(),
+                None => Member::lazy(url, endpoint),
+            })
+            .collect();
+        for removed in current.values() {
+            removed.removed.store(true, Ordering::Relaxed);
+        }
+        *slot = next.into();
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.members().iter()).finish()
+    }
+}
+
+/// One address: its channel, its calls in flight and its health.
+pub(crate) struct Member {
+    /// The URL the channel dials (an address, for a discovered one).
+    url: String,
+    endpoint: Endpoint,
+    /// Replaced by a probe's freshly connected channel when it recovers.
+    channel: RwLock<Channel>,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+    /// Set when discovery dropped the address, to end its probe.
+    removed: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    /// Connect failures since the last success.
+    failures: u32,
+    /// No calls before this instant; `None` when healthy.
+    ejected_until: Option<Instant>,
+    /// Whether a probe task is running for this member.
+    probing: bool,
+}
+
+impl Member {
+    /// A member whose channel connects on its first call.
+    pub(crate) fn lazy(url: String, endpoint: Endpoint) -> Arc<Self> {
+        let channel = endpoint.connect_lazy();
+        Arc::new(Self {
+            url,
+            endpoint,
+            channel: RwLock::new(channel),
+            in_flight: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    /// The channel to send an attempt on.
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The endpoint, for an eager connect.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Counts a call in flight until the guard is dropped.
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn available(&self, now: Instant) -> bool {
+        self.health().ejected_until.is_none_or(|until| until <= now)
+    }
+
+    fn ejected_until(&self) -> Option<Instant> {
+        self.health().ejected_until
+    }
+
+    /// The server at this address answered (whatever it said): healthy.
+    pub(crate) fn answered(&self) {
+        let mut health = self.health();
+        health.failures = 0;
+        health.ejected_until = None;
+    }
+
+    /// A connection to this address could not be opened: eject it and
+    /// probe it in the background until it can.
+    pub(crate) fn connect_failed(self: &Arc<Self>) {
+        let spawn = {
+            let mut health = self.health();
+            health.failures = health.failures.saturating_add(1);
+            health.ejected_until = Some(Instant::now() + eject_backoff(health.failures));
+            !std::mem::replace(&mut health.probing, true)
+        };
+        if spawn {
+            tokio::spawn(probe(Arc::downgrade(self)));
+        }
+    }
+
+    /// A connected channel from an eager connect or a probe: healthy.
+    pub(crate) fn connected(&self, channel: Channel) {
+        *self.channel.write().unwrap_or_else(PoisonError::into_inner) = channel;
+        self.answered();
+    }
+}
+
+impl fmt::Debug for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let health = self.health();
+        f.debug_struct("Member")
+            .field("url", &self.url)
+            .field("in_flight", &self.in_flight())
+            .field("failures", &health.failures)
+            .field("ejected", &health.ejected_until.is_some())
+            .finish()
+    }
+}
+
+/// A call in flight on a member, counted for the pick until dropped.
+pub(crate) struct InFlight(Arc<Member>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The ejection after `failures` consecutive connect failures.
+fn eject_backoff(failures: u32) -> Duration {
+    let factor = 2_u32.saturating_pow(failures.saturating_sub(1).min(16));
+    EJECT_BASE.saturating_mul(factor).min(EJECT_MAX)
+}
+
+/// Reconnects an ejected member in the background: waits out its ejection,
+/// connects, and installs the connection when it opens (or ejects it for
+/// longer when it does not). Holds only a weak reference between tries, so a
+/// dropped client or a removed address ends it.
+async fn probe(member: Weak<Member>) {
+    loop {
+        let wait = {
+            let Some(member) = member.upgrade() else {
+                return;
+            };
+            let mut health = member.health();
+            match health.ejected_until {
+                Some(until) if !member.removed.load(Ordering::Relaxed) => {
+                    until.saturating_duration_since(Instant::now())
+                }
+                // Recovered through a call, or dropped by discovery.
+                _ => {
+                    health.probing = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep(wait).await;
+        let endpoint = match member.upgrade() {
+            Some(member) if member.ejected_until().is_some() => member.endpoint.clone(),
+            Some(member) => {
+                member.health().probing = false;
+                return;
+            }
+            None => return,
+        };
+        let result = endpoint.connect().await;
+        let Some(member) = member.upgrade() else {
+            return;
+        };
+        match result {
+            Ok(channel) => {
+                member.connected(channel);
+                member.health().probing = false;
+                return;
+            }
+            Err(_) => {
+                let mut health = member.health();
+                health.failures = health.failures.saturating_add(1);
+                health.ejected_until = Some(Instant::now() + eject_backoff(health.failures));
+            }
+        }
+    }
+}
+
+/// Where DNS discovery looks: each endpoint's scheme, host and port.
+#[derive(Clone, Debug)]
+pub(crate) struct Seed {
+    pub(crate) https: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+/// Resolves the seeds to the addresses to keep channels to.
+#[derive(Clone)]
+pub(crate) struct Discovery {
+    pub(crate) seeds: Vec<Seed>,
+    pub(crate) resolver: Resolver,
+    pub(crate) dialer: Dialer,
+    pub(crate) refresh: Duration,
+}
+
+impl Discovery {
+    /// Every address of every seed, as (URL, endpoint); an error when a seed
+    /// cannot be resolved, so the caller keeps the addresses it has.
+    pub(crate) async fn resolve(&self) -> Result<Vec<(String, Endpoint)>> {
+        let mut targets: Vec<(String, Endpoint)> = Vec::new();
+        for seed in &self.seeds {
+            let resolved = tokio::time::timeout(
+                self.dialer.connect_timeout,
+                (self.resolver)(seed.host.clone(), seed.port),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "DNS lookup timed out"))
+            .and_then(|result| result)
+            .map_err(|e| {
+                crate::Error::from(tonic::Status::unavailable(format!(
+                    "cannot resolve {}:{}: {e}",
+                    seed.host, seed.port
+                )))
+            })?;
+            for address in resolved {
+                let scheme = if seed.https { "https" } else { "http" };
+                let url = format!("{scheme}://{address}");
+                if targets.iter().any(|(known, _)| *known == url) {
+                    continue;
+                }
+                let endpoint = self.dialer.endpoint(&url, Some(&seed.host))?;
+                targets.push((url, endpoint));
+            }
+        }
+        Ok(targets)
+    }
+
+    /// Re-resolves every `refresh` (sooner while there are no addresses) and
+    /// installs the result, until the pool is dropped. A failed or empty
+    /// answer keeps the addresses the pool has: a DNS hiccup must not take
+    /// every server away.
+    pub(crate) async fn run(self, pool: Weak<Pool>) {
+        loop {
+            let empty = match pool.upgrade() {
+                Some(pool) => pool.members().is_empty(),
+                None => return,
+            };
+            let wait = if empty {
+                self.refresh.min(EMPTY_REFRESH)
+            } else {
+                self.refresh
+            };
+            tokio::time::sleep(wait).await;
+            let Ok(targets) = self.resolve().await else {
+                continue;
+            };
+            if targets.is_empty() {
+                continue;
+            }
+            match pool.upgrade() {
+                Some(pool) => pool.replace(targets),
+                None => return,
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Discovery")
+            .field("seeds", &self.seeds)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(port: u16) -> Arc<Member> {
+        let url = format!("http://127.0.0.1:{port}");
+        let endpoint = Endpoint::from_shared(url.clone()).unwrap();
+        Member::lazy(url, endpoint)
+    }
+
+    /// Ejection doubles per failure up to its cap.
+    #[test]
+    fn ejection_backs_off_exponentially_to_a_cap() {
+        let pauses: Vec<u128> = (1..=7).map(|f| eject_backoff(f).as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 3000, 3000]);
+        assert_eq!(eject_backoff(u32::MAX), EJECT_MAX);
+    }
+
+    /// An ejected member is not picked while another is available; when all
+    /// are ejected the one whose ejection ends first is; answering restores it.
+    #[tokio::test]
+    async fn ejected_members_are_skipped_until_they_answer() {
+        let (a, b) = (member(1), member(2));
+        let pool = Pool::new(vec![a.clone(), b.clone()]);
+        a.connect_failed();
+        for _ in 0..50 {
+            assert!(Arc::ptr_eq(&pool.pick(None).unwrap(), &b));
+        }
+        b.connect_failed();
+        b.connect_failed();
+        // Both ejected: `a` (one failure, shorter ejection) comes back first.
+        assert!(Arc::ptr_eq(&pool.pick(None).unwrap(), &a));
+        a.answered();
+        assert!(Arc::ptr_eq(&pool.pick(Some(&b)).unwrap(), &a));
+        assert!(!pool.has_other_available(&a));
+    }
+
+    /// Power of two choices prefers the member with fewer calls in flight,
+    /// and `avoid` steers a retry elsewhere.
+    #[tokio::test]
+    async fn the_less_busy_member_is_picked_and_avoid_is_honoured() {
+        let (a, b) = (member(1), member(2));
+        let pool = Pool::new(vec![a.clone(), b.clone()]);
+        let _busy: Vec<InFlight> = (0..3).map(|_| a.start()).collect();
+        for _ in 0..50 {
+            assert!(Arc::ptr_eq(&pool.pick(None).unwrap(), &b));
+        }
+        for _ in 0..50 {
+            assert!(Arc::ptr_eq(&pool.pick(Some(&b)).unwrap(), &a));
+        }
+    }
+
+    /// Replacing the set keeps known members (and their state), adds new ones
+    /// and marks removed ones.
+    #[tokio::test]
+    async fn replace_keeps_known_members_and_marks_removed_ones() {
+        let (a, b) = (member(1), member(2));
+        let pool = Pool::new(vec![a.clone(), b.clone()]);
+        let c = "http://127.0.0.1:3".to_string();
+        pool.replace(vec![
+            (a.url.clone(), a.endpoint.clone()),
+            (c.clone(), Endpoint::from_shared(c.clone()).unwrap()),
+        ]);
+        let members = pool.members();
+        assert_eq!(members.len(), 2);
+        assert!(Arc::ptr_eq(&members[0], &a));
+        assert_eq!(members[1].url, c);
+        assert!(b.removed.load(Ordering::Relaxed));
+        assert!(!a.removed.load(Ordering::Relaxed));
+        pool.replace(Vec::new());
+        assert!(pool.pick(None).is_none());
+    }
+}
