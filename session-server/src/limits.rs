@@ -1,11 +1,28 @@
-//! Bounds on each call, as a tower layer in front of every service but health:
-//! a cap on concurrent calls (the excess gets RESOURCE_EXHAUSTED at once, never
-//! a growing queue) and a deadline (the caller's `grpc-timeout`, shortened to
-//! the server's REQUEST_TIMEOUT_MS) past which the work is dropped and the
-//! caller gets DEADLINE_EXCEEDED.
+//! Bounds on each call, as a tower layer inside authentication (a refused
+//! caller never takes a permit):
 //!
-//! Health checks are exempt: an overloaded pod is still alive, and probes must
-//! not queue behind (or be refused by) the calls that overload it.
+//! - a cap on concurrent unary calls (MAX_CONCURRENT_REQUESTS) and a deadline
+//!   (the caller's `grpc-timeout`, shortened to the server's
+//!   REQUEST_TIMEOUT_MS) past which the work is dropped and the caller gets
+//!   DEADLINE_EXCEEDED;
+//! - a separate cap on open streaming calls ([`MAX_STREAMS`]: reflection, the
+//!   revocation stream), each holding its permit for its whole life, until
+//!   its response ends or the caller goes away. Streams are long-lived by
+//!   design, so they have their own pool: a full set of open streams cannot
+//!   starve unary calls, and a burst of unary calls cannot close the streams.
+//!   REQUEST_TIMEOUT_MS bounds only the wait for a stream's response headers;
+//!   the caller's `grpc-timeout`, when sent, bounds the whole stream;
+//! - health: Check is exempt from the caps (an overloaded pod is still alive,
+//!   and probes must not queue behind, or be refused by, the calls that
+//!   overload it) but not from the deadline; Watch streams, which anyone may
+//!   open since health needs no token, have a pool of their own
+//!   ([`MAX_HEALTH_WATCHES`]) so they can starve neither probes nor the
+//!   authenticated streams.
+//!
+//! Which methods stream is read from the services' descriptor sets at start
+//! ([`streaming_methods`]), so a new streaming method is counted as a stream
+//! without a list to keep up to date. Every cap refuses the excess with
+//! RESOURCE_EXHAUSTED at once, never a growing queue.
 
 use std::{
     future::Future,
@@ -15,25 +32,142 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::Semaphore;
-use tonic::codegen::http::{HeaderMap, Request, Response};
+use http_body::Frame;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
+use tonic::codegen::{
+    Bytes,
+    http::{HeaderMap, Request, Response},
+};
 use tower::{Layer, Service};
 
-/// Adds the concurrency cap and the deadline to a service stack.
+/// The path prefix of the gRPC health service, exempt from authentication and
+/// from the call cap.
+pub(crate) const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+/// Most streaming calls other than health Watch open at once (reflection,
+/// the revocation stream). One per watching client process is the expected
+/// use; a fixed bound rather than a setting until a deployment needs more.
+pub const MAX_STREAMS: usize = 1024;
+
+/// Most health Watch streams open at once. Health needs no token, so these
+/// have their own pool: an anonymous caller filling it refuses only other
+/// Watch streams, never probes (Check) or authenticated streams. Kubelet and
+/// load balancers probe with Check; Watch is for gRPC clients' own health
+/// checking, one stream per connection.
+pub const MAX_HEALTH_WATCHES: usize = 256;
+
+/// The full paths (`/package.Service/Method`) of the methods that stream,
+/// client or server side, in the encoded `FileDescriptorSet`s given.
+///
+/// # Errors
+///
+/// [`prost::DecodeError`] when a set does not decode.
+pub fn streaming_methods(encoded_sets: &[&[u8]]) -> Result<Vec<String>, prost::DecodeError> {
+    use prost::Message as _;
+    let mut methods = Vec::new();
+    for encoded in encoded_sets {
+        let set = prost_types::FileDescriptorSet::decode(*encoded)?;
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    if method.client_streaming() || method.server_streaming() {
+                        let service = match file.package() {
+                            "" => service.name().to_owned(),
+                            package => format!("{package}.{}", service.name()),
+                        };
+                        methods.push(format!("/{service}/{}", method.name()));
+                    }
+                }
+            }
+        }
+    }
+    methods.sort();
+    methods.dedup();
+    Ok(methods)
+}
+
+/// A pool of permits and what its refusal says.
+#[derive(Debug)]
+struct Pool {
+    permits: Arc<Semaphore>,
+    max: usize,
+    /// The noun in the refusal: "calls", "streams", "health watches".
+    what: &'static str,
+}
+
+impl Pool {
+    fn new(max: usize, what: &'static str) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            what,
+        }
+    }
+
+    /// The RESOURCE_EXHAUSTED answer when no permit is left.
+    fn refusal(&self) -> Response<tonic::body::Body> {
+        tonic::Status::resource_exhausted(format!(
+            "server is at its limit of {} concurrent {}; retry with backoff",
+            self.max, self.what
+        ))
+        .into_http()
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    calls: Pool,
+    streams: Pool,
+    health_watches: Pool,
+    timeout: Duration,
+    /// Full paths of the streaming methods; a handful, so a linear scan.
+    streaming: Box<[Box<str>]>,
+}
+
+/// Adds the caps and the deadline to a service stack.
 #[derive(Clone, Debug)]
 pub struct LimitsLayer {
-    permits: Arc<Semaphore>,
-    max_concurrent: usize,
-    timeout: Duration,
+    shared: Arc<Shared>,
 }
 
 impl LimitsLayer {
-    /// At most `max_concurrent` calls at once, each at most `timeout` long.
+    /// At most `max_concurrent` unary calls at once, each at most `timeout`
+    /// long; [`MAX_STREAMS`] and [`MAX_HEALTH_WATCHES`] for streams, once
+    /// [`LimitsLayer::streaming`] says which methods stream (until then every
+    /// call is treated as unary).
     pub fn new(max_concurrent: usize, timeout: Duration) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max_concurrent)),
-            max_concurrent,
-            timeout,
+            shared: Arc::new(Shared {
+                calls: Pool::new(max_concurrent, "calls"),
+                streams: Pool::new(MAX_STREAMS, "streams"),
+                health_watches: Pool::new(MAX_HEALTH_WATCHES, "health watches"),
+                timeout,
+                streaming: Box::new([]),
+            }),
+        }
+    }
+
+    /// Treats `methods` (full paths, from [`streaming_methods`]) as streams:
+    /// at most `max_streams` open at once, and `max_health_watches` health
+    /// Watch streams.
+    pub fn streaming(
+        self,
+        methods: Vec<String>,
+        max_streams: usize,
+        max_health_watches: usize,
+    ) -> Self {
+        let shared = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                calls: Pool::new(shared.calls.max, "calls"),
+                streams: Pool::new(max_streams, "streams"),
+                health_watches: Pool::new(max_health_watches, "health watches"),
+                timeout: shared.timeout,
+                streaming: methods.into_iter().map(String::into_boxed_str).collect(),
+            }),
         }
     }
 }
@@ -61,9 +195,10 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = S::Response;
+    type Response = Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -72,25 +207,45 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if request.uri().path().starts_with("/grpc.health.v1.Health/") {
-            let response = self.inner.call(request);
-            return Box::pin(response);
-        }
-        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
-            let status = tonic::Status::resource_exhausted(format!(
-                "server is at its limit of {} concurrent calls; retry with backoff",
-                self.layer.max_concurrent
-            ));
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+        let shared = &self.layer.shared;
+        let path = request.uri().path();
+        let health = path.starts_with(HEALTH_PREFIX);
+        let stream = shared.streaming.iter().any(|method| **method == *path);
+        let pool = match (health, stream) {
+            (true, false) => None,
+            (true, true) => Some(&shared.health_watches),
+            (false, true) => Some(&shared.streams),
+            (false, false) => Some(&shared.calls),
         };
-        let timeout = caller_timeout(request.headers())
-            .map_or(self.layer.timeout, |t| t.min(self.layer.timeout));
+        let permit = match pool {
+            None => None,
+            Some(pool) => match pool.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Box::pin(std::future::ready(Ok(pool.refusal()))),
+            },
+        };
+        let caller = caller_timeout(request.headers());
+        let timeout = caller.map_or(shared.timeout, |t| t.min(shared.timeout));
+        // A stream's whole life is bounded only by the caller's deadline.
+        let stream_deadline = caller
+            .filter(|_| stream)
+            .and_then(|t| Instant::now().checked_add(t));
         let response = self.inner.call(request);
         Box::pin(async move {
             let result = tokio::time::timeout(timeout, response).await;
-            drop(permit);
             match result {
-                Ok(result) => result,
+                // The unary permit goes back here: the work is done, the body
+                // only carries what it produced.
+                Ok(Ok(response)) if !stream => Ok(response.map(tonic::body::Body::new)),
+                Ok(Ok(response)) => Ok(response.map(|body| {
+                    tonic::body::Body::new(HeldBody {
+                        inner: tonic::body::Body::new(body),
+                        permit,
+                        deadline: stream_deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                        trailers_sent: false,
+                    })
+                })),
+                Ok(Err(err)) => Err(err),
                 // Dropping the inner future cancels the work, Redis round trip
                 // included.
                 Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
@@ -100,6 +255,61 @@ where
                 .into_http()),
             }
         })
+    }
+}
+
+/// A stream's response body, holding the stream's permit until it ends or
+/// is dropped (the caller cancelled or went away), and ending it with
+/// DEADLINE_EXCEEDED when the caller's deadline passes.
+struct HeldBody {
+    inner: tonic::body::Body,
+    permit: Option<OwnedSemaphorePermit>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Trailers end a gRPC response; nothing may follow them.
+    trailers_sent: bool,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = self.get_mut();
+        if !this.trailers_sent
+            && let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            // Dropping the inner body ends the stream's work.
+            this.inner = tonic::body::Body::empty();
+            this.permit = None;
+            this.deadline = None;
+            this.trailers_sent = true;
+            let (parts, _) = tonic::Status::deadline_exceeded("deadline exceeded")
+                .into_http::<()>()
+                .into_parts();
+            return Poll::Ready(Some(Ok(Frame::trailers(parts.headers))));
+        }
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) if frame.is_trailers() => this.trailers_sent = true,
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => {
+                this.trailers_sent = true;
+                this.permit = None;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -126,6 +336,7 @@ fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
 
     fn header(value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -231,6 +442,150 @@ mod tests {
         // The permit is back once the first call is done.
         let again = service.call(Request::new(())).await.unwrap();
         assert_eq!(grpc_status(&again), None);
+    }
+
+    /// A response body that never ends on its own, like an idle stream.
+    struct Endless;
+
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+            Poll::Pending
+        }
+    }
+
+    /// Answers at once with an [`Endless`] body.
+    fn streaming_service() -> impl Service<
+        Request<()>,
+        Response = Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = impl Future + Send + 'static,
+    > + Clone {
+        tower::service_fn(|_request: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(tonic::body::Body::new(Endless)))
+        })
+    }
+
+    const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+    fn to(path: &str) -> Request<()> {
+        let mut request = Request::new(());
+        *request.uri_mut() = path.parse().unwrap();
+        request
+    }
+
+    #[test]
+    fn streaming_methods_come_from_the_descriptors() {
+        let methods = streaming_methods(&[
+            sessionstore::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        ])
+        .unwrap();
+        assert!(methods.iter().any(|m| m == HEALTH_WATCH), "{methods:?}");
+        assert!(methods.iter().any(|m| m == REFLECTION), "{methods:?}");
+        assert!(
+            !methods.iter().any(|m| m == "/grpc.health.v1.Health/Check"),
+            "{methods:?}"
+        );
+        assert!(
+            !methods
+                .iter()
+                .any(|m| m == "/sessionstore.v1.SessionStore/GetSession"),
+            "{methods:?}"
+        );
+    }
+
+    /// A stream keeps its permit until its response is dropped (the caller
+    /// went away), not just until its headers are sent; a full stream pool
+    /// refuses streams only, and health Watch streams have their own pool.
+    #[tokio::test]
+    async fn a_stream_holds_its_permit_for_its_whole_life() {
+        let mut service = LimitsLayer::new(1, Duration::from_secs(5))
+            .streaming(vec![REFLECTION.into(), HEALTH_WATCH.into()], 1, 1)
+            .layer(streaming_service());
+        let first = service.call(to(REFLECTION)).await.unwrap();
+        assert_eq!(grpc_status(&first), None);
+        let refused = service.call(to(REFLECTION)).await.unwrap();
+        assert_eq!(grpc_status(&refused), Some(tonic::Code::ResourceExhausted));
+        assert!(
+            tonic::Status::from_header_map(refused.headers())
+                .unwrap()
+                .message()
+                .contains("limit of 1 concurrent streams")
+        );
+        // Unary calls and health do not share the stream pool.
+        let unary = service.call(to("/sessionstore.v1.SessionStore/GetSession"));
+        assert_eq!(grpc_status(&unary.await.unwrap()), None);
+        let watch = service.call(to(HEALTH_WATCH)).await.unwrap();
+        assert_eq!(grpc_status(&watch), None);
+        let second_watch = service.call(to(HEALTH_WATCH)).await.unwrap();
+        assert_eq!(
+            grpc_status(&second_watch),
+            Some(tonic::Code::ResourceExhausted)
+        );
+        let check = service.call(to("/grpc.health.v1.Health/Check")).await;
+        assert_eq!(grpc_status(&check.unwrap()), None);
+        // The caller goes away: the permit comes back.
+        drop(first);
+        let again = service.call(to(REFLECTION)).await.unwrap();
+        assert_eq!(grpc_status(&again), None);
+    }
+
+    /// The caller's deadline ends a stream that outlives it, with
+    /// DEADLINE_EXCEEDED in the trailers, and frees its permit; without a
+    /// caller deadline a stream outlives REQUEST_TIMEOUT_MS.
+    #[tokio::test(start_paused = true)]
+    async fn the_callers_deadline_ends_a_stream() {
+        let mut service = LimitsLayer::new(8, Duration::from_millis(300))
+            .streaming(vec![REFLECTION.into()], 1, 1)
+            .layer(streaming_service());
+        let mut request = to(REFLECTION);
+        request
+            .headers_mut()
+            .insert("grpc-timeout", "2S".parse().unwrap());
+        let started = tokio::time::Instant::now();
+        let mut body = service.call(request).await.unwrap().into_body();
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        let trailers = frame.into_trailers().unwrap();
+        assert_eq!(
+            tonic::Status::from_header_map(&trailers).map(|s| s.code()),
+            Some(tonic::Code::DeadlineExceeded)
+        );
+        let end = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(end.is_none());
+        // The permit is back even though the body itself is still held.
+        let mut open = service.call(to(REFLECTION)).await.unwrap().into_body();
+        let idle = tokio::time::timeout(
+            Duration::from_secs(60),
+            std::future::poll_fn(|cx| Pin::new(&mut open).poll_frame(cx)),
+        )
+        .await;
+        assert!(idle.is_err(), "a stream without a caller deadline ended");
+    }
+
+    /// Health Check is exempt from the cap but not from the deadline: a probe
+    /// that never finishes cannot hold a task forever.
+    #[tokio::test(start_paused = true)]
+    async fn health_checks_have_a_deadline() {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut service = LimitsLayer::new(1, Duration::from_millis(300))
+            .layer(slow_service(Duration::from_secs(60), finished));
+        let response = service
+            .call(to("/grpc.health.v1.Health/Check"))
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(&response), Some(tonic::Code::DeadlineExceeded));
     }
 
     #[test]

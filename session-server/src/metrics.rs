@@ -49,6 +49,9 @@ pub const READINESS: &str = "sessionstore_readiness";
 /// `redis_evicts` (a master's `maxmemory-policy` is not `noeviction` and
 /// REDIS_ALLOW_EVICTION is off).
 pub const READINESS_STATES: [&str; 3] = ["serving", "redis_down", "redis_evicts"];
+/// AUTH_TOKENS_FILE reloads that kept the previous tokens (the file could not
+/// be read, or changed while it was read). Alert on any increase.
+pub const AUTH_TOKENS_RELOAD_FAILURES: &str = "sessionstore_auth_tokens_reload_failures_total";
 
 /// Latency buckets in seconds: from 100 µs (a local Redis GET) to 5 s.
 const LATENCY_BUCKETS: &[f64] = &[

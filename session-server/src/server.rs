@@ -9,9 +9,9 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    auth::{AuthError, BearerAuth, Tokens},
+    auth::{AuthError, AuthLayer, Tokens},
     config::{Config, read_file},
-    limits::LimitsLayer,
+    limits::{self, LimitsLayer},
     observe::RpcLogLayer,
     service::SessionService,
     store::{
@@ -46,6 +46,36 @@ pub enum ServeError {
     Auth(#[from] AuthError),
 }
 
+/// How long a peer may take to complete the TLS handshake after opening a
+/// connection. Past it the connection is closed, so a peer that connects and
+/// sends nothing (slowloris) holds a socket and a task for this long at most.
+/// A handshake on a healthy network takes a few round trips; 10 s leaves room
+/// for a slow client and a busy server.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds fixed in code rather than configured, gathered so tests can shrink
+/// them; [`run`] uses [`Bounds::default`]. Not part of the supported API.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// [`TLS_HANDSHAKE_TIMEOUT`].
+    pub tls_handshake_timeout: Duration,
+    /// [`limits::MAX_STREAMS`].
+    pub max_streams: usize,
+    /// [`limits::MAX_HEALTH_WATCHES`].
+    pub max_health_watches: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+            max_streams: limits::MAX_STREAMS,
+            max_health_watches: limits::MAX_HEALTH_WATCHES,
+        }
+    }
+}
+
 /// Serves SessionStore, health and reflection on `listener` until `shutdown`
 /// completes; then reports NOT_SERVING, stops accepting connections and waits
 /// for in-flight calls to finish.
@@ -61,6 +91,22 @@ pub async fn run(
     config: &Config,
     store: Store,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run_with_bounds(listener, config, store, shutdown, Bounds::default()).await
+}
+
+/// [`run`] with other [`Bounds`], for tests. Not part of the supported API.
+///
+/// # Errors
+///
+/// As [`run`].
+#[doc(hidden)]
+pub async fn run_with_bounds(
+    listener: TcpListener,
+    config: &Config,
+    store: Store,
+    shutdown: impl Future<Output = ()>,
+    bounds: Bounds,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Readiness starts NOT_SERVING until the first check passes.
@@ -79,30 +125,31 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    // Every method that streams, in every service served here: they hold a
+    // stream permit for their whole life (see `limits`).
+    let streaming = limits::streaming_methods(&[
+        sessionstore::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    ])
+    .map_err(tonic_reflection::server::Error::from)?;
+
     let max_request = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
     let sessions =
         SessionStoreServer::new(SessionService::new(store)).max_decoding_message_size(max_request);
-    // Without AUTH_TOKENS_FILE the interceptor is absent, not a pass-through:
-    // `add_optional_service` keeps one router type either way.
+    // One layer guards every service but health, reflection included.
     let tokens = config
         .auth_tokens_file
         .as_deref()
         .map(Tokens::load)
         .transpose()?;
     let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
-    let (open_sessions, guarded_sessions) = match tokens {
-        Some(tokens) => (
-            None,
-            Some(tonic::service::interceptor::InterceptedService::new(
-                sessions,
-                BearerAuth::new(tokens),
-            )),
-        ),
-        None => (Some(sessions), None),
-    };
+    let max_calls = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
+    let limits = LimitsLayer::new(max_calls, Duration::from_millis(config.request_timeout_ms))
+        .streaming(streaming, bounds.max_streams, bounds.max_health_watches);
 
     let mut builder = tonic::transport::Server::builder();
-    match tls_config(config)? {
+    match tls_config(config, bounds.tls_handshake_timeout)? {
         Some(tls) => {
             builder = builder
                 .tls_config(tls)
@@ -150,15 +197,28 @@ pub async fn run(
         // Dead client connections are noticed and dropped.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Without a limit tonic lets one connection open any number of
+        // streams (hyper's default of 200 is overridden). One connection may
+        // use every permit (session-client multiplexes all its calls over one
+        // connection per server), plus room for probes; more could only be
+        // refused, so the peer is told to wait instead.
+        .max_concurrent_streams(
+            u32::try_from(
+                max_calls
+                    .saturating_add(bounds.max_streams)
+                    .saturating_add(bounds.max_health_watches)
+                    .saturating_add(HTTP2_PROBE_STREAMS),
+            )
+            .unwrap_or(u32::MAX),
+        )
+        // Outermost first: every call is logged; a caller without a token
+        // is refused before it takes a permit.
         .layer(RpcLogLayer)
-        .layer(LimitsLayer::new(
-            usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
-            Duration::from_millis(config.request_timeout_ms),
-        ))
+        .layer(AuthLayer::new(tokens))
+        .layer(limits)
         .add_service(health_service)
         .add_service(reflection)
-        .add_optional_service(open_sessions)
-        .add_optional_service(guarded_sessions)
+        .add_service(sessions)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     readiness.abort();
@@ -203,16 +263,25 @@ where
         .await
 }
 
+/// Streams per connection beyond the caps, for health checks, which no cap
+/// counts.
+const HTTP2_PROBE_STREAMS: usize = 16;
+
 /// The TLS configuration from TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or `None`
-/// for plaintext.
-fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+/// for plaintext. A handshake not done within `handshake_timeout` drops the
+/// connection (tonic runs each handshake in its own task, under this bound).
+fn tls_config(
+    config: &Config,
+    handshake_timeout: Duration,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
     let cert = read_file("TLS_CERT", cert).map_err(ServeError::Tls)?;
     let key = read_file("TLS_KEY", key).map_err(ServeError::Tls)?;
     let mut tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .timeout(handshake_timeout);
     if let Some(ca) = &config.tls_client_ca {
         let ca = read_file("TLS_CLIENT_CA", ca).map_err(ServeError::Tls)?;
         tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
