@@ -173,6 +173,9 @@ struct Health {
     ejected_until: Option<Instant>,
     /// Whether a probe task is running for this member.
     probing: bool,
+    /// Whether the server at this address answered since its last connect
+    /// failure (or ever).
+    confirmed: bool,
 }
 
 impl Member {
@@ -229,6 +232,19 @@ impl Member {
         let mut health = self.health();
         health.failures = 0;
         health.ejected_until = None;
+        health.confirmed = true;
+    }
+
+    /// An attempt got no answer in time. On an address that has not answered
+    /// since it was (re)connected, that is most likely a connection that
+    /// cannot open (a blackholed address: tonic reports it only after the
+    /// connect timeout): ejected like a refused one, so later calls go
+    /// elsewhere meanwhile. A server that merely started slowly is back
+    /// after the first probe.
+    pub(crate) fn timed_out(self: &Arc<Self>) {
+        if !self.health().confirmed {
+            self.connect_failed();
+        }
     }
 
     /// A connection to this address could not be opened: eject it and
@@ -238,11 +254,19 @@ impl Member {
             let mut health = self.health();
             health.failures = health.failures.saturating_add(1);
             health.ejected_until = Some(Instant::now() + eject_backoff(health.failures));
+            health.confirmed = false;
             !std::mem::replace(&mut health.probing, true)
         };
         if spawn {
             tokio::spawn(probe(Arc::downgrade(self)));
         }
+    }
+
+    /// Keeps calls away until `until` while an eager connect is under way,
+    /// so that a call does not open a second connection to an address that
+    /// may be blackholed.
+    pub(crate) fn hold(&self, until: Instant) {
+        self.health().ejected_until = Some(until);
     }
 
     /// A connected channel from an eager connect or a probe: healthy.
@@ -452,6 +476,18 @@ mod tests {
         a.answered();
         assert!(Arc::ptr_eq(&pool.pick(Some(&b)).unwrap(), &a));
         assert!(!pool.has_other_available(&a));
+    }
+
+    /// A timeout ejects an address that never answered (a connect that may
+    /// be stalled), not one that did (a slow call).
+    #[tokio::test]
+    async fn a_timeout_ejects_only_an_unconfirmed_member() {
+        let (a, b) = (member(1), member(2));
+        a.timed_out();
+        assert!(a.ejected_until().is_some());
+        b.answered();
+        b.timed_out();
+        assert!(b.ejected_until().is_none());
     }
 
     /// Power of two choices prefers the member with fewer calls in flight,

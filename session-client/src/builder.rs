@@ -513,7 +513,7 @@ impl Builder {
             .collect();
         let pool = Pool::new(members);
         if !self.lazy {
-            connect_any(&pool).await?;
+            connect_any(&pool, self.connect_timeout).await?;
         }
         if let Some(discovery) = discovery {
             tokio::spawn(discovery.run(Arc::downgrade(&pool)));
@@ -603,11 +603,16 @@ impl fmt::Debug for Builder {
 
 /// Tries every member at once and returns when one connects, so an eager
 /// client with several endpoints fails only when none can be reached, and a
-/// blackholed endpoint does not delay it. Members that connect keep their
-/// connection; those that fail are ejected and probed in the background.
-async fn connect_any(pool: &Pool) -> Result<()> {
+/// blackholed endpoint does not delay it. Until its connect ends, a member
+/// gets no calls; those that connect keep their connection, those that fail
+/// are ejected and probed in the background.
+async fn connect_any(pool: &Pool, connect_timeout: Duration) -> Result<()> {
     let members = pool.members();
     let (sender, mut results) = tokio::sync::mpsc::channel(members.len().max(1));
+    let until = std::time::Instant::now() + connect_timeout;
+    for member in members.iter() {
+        member.hold(until);
+    }
     for member in members.iter() {
         let member = member.clone();
         let sender = sender.clone();

@@ -591,16 +591,25 @@ impl SessionClient {
                     if !error::is_transport_failure(&status) {
                         // The server answered: its connection works.
                         member.answered();
+                    } else if error::is_timeout(&status) {
+                        // tonic's own timer for the grpc-timeout sent.
+                        member.timed_out();
                     }
                     status
                 }
                 Err(_elapsed) => {
+                    member.timed_out();
                     Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis()))
                 }
             };
             let verdict = Verdict::of(&status, kind);
             if verdict == Verdict::NeverSent {
                 member.connect_failed();
+            } else if error::is_transient(&status) {
+                // A sign of trouble on the server side, read or write: the
+                // retry budget drains with these, so retries stop when most
+                // calls fail.
+                shared.throttle.failed();
             }
             let retry = match verdict {
                 Verdict::NeverSent if free_retries > 0 => {
@@ -610,9 +619,6 @@ impl SessionClient {
                 }
                 Verdict::NeverSent => attempts < policy.retry.max_attempts,
                 Verdict::Retry => {
-                    shared.throttle.failed();
-                    // An attempt that used the call's whole budget leaves
-                    // nothing to retry in.
                     attempts < policy.retry.max_attempts && shared.throttle.allows_retry()
                 }
                 Verdict::Final => false,

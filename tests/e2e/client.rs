@@ -1100,6 +1100,6 @@ impl SessionStore for StubService {
 }
 
 /// The `https://` URL of a test server serving TLS.
-fn https_url(server: &TestServer) -> String {
+pub(crate) fn https_url(server: &TestServer) -> String {
     format!("https://127.0.0.1:{}", server.addr.port())
 }

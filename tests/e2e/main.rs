@@ -3,6 +3,7 @@
 //! so the whole stack is linked once.
 
 mod client;
+mod client_resilience;
 mod commands;
 mod common;
 mod eviction;

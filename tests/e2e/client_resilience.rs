@@ -1,0 +1,562 @@
+//! The session-client under failure: an endpoint down and back, DNS
+//! discovery following addresses, one time budget per call, the retry
+//! budget, load shedding, a connection cut mid-call, an eager connect past a
+//! stalled endpoint, and settings refused at connect.
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use session_client::{Code, Error, SessionClient};
+use tokio::net::TcpListener;
+
+use crate::{
+    client::{Behaviour, Running, Stub, error_chain, grpc_timeout, https_url},
+    common::{
+        Pki, PrivateRedis, TempFiles, TestServer, config_on, free_port, test_config, unique_prefix,
+    },
+};
+
+fn no_metadata() -> HashMap<String, String> {
+    HashMap::new()
+}
+
+/// A configuration with room for many sessions of one user, so that a
+/// user's count says how many creates a server took.
+fn roomy_config() -> session_server::Config {
+    let mut config = test_config();
+    config.max_sessions_per_user = 1000;
+    config
+}
+
+/// How many sessions `user` has on the server at `url` (its own key prefix).
+async fn count_on(url: &str, user: &str) -> u32 {
+    let direct = SessionClient::connect(url).await.unwrap();
+    direct.get_user_session_count(user).await.unwrap()
+}
+
+/// With one of two endpoints refusing connections, 200 creates and 200 gets
+/// all succeed (the dead endpoint is ejected; a write that never left is sent
+/// to the other); once a server listens on the dead port again, calls reach
+/// it again while the first one still serves.
+#[tokio::test]
+async fn a_dead_endpoint_is_skipped_and_used_again_once_it_recovers() {
+    let live = TestServer::start_with(roomy_config()).await;
+    let dead_port = free_port();
+    let dead_url = format!("http://127.0.0.1:{dead_port}");
+    let client = SessionClient::builder(live.url())
+        .endpoint(&dead_url)
+        .connect()
+        .await
+        .unwrap();
+
+    for i in 0..200 {
+        let created = client
+            .create_session("dora", format!("dora-{i}"), no_metadata())
+            .await;
+        assert!(matches!(created, Ok(true)), "create {i}: {created:?}");
+    }
+    for i in 0..200 {
+        let found = client.get_session(format!("dora-{i}")).await;
+        assert!(
+            matches!(&found, Ok(Some(s)) if s.user_id == "dora"),
+            "get {i}: {found:?}"
+        );
+    }
+
+    // The same address comes back, as a server with its own key prefix so
+    // that the sessions created through it can be told apart.
+    let mut revived_config = roomy_config();
+    revived_config.key_prefix = unique_prefix();
+    let listener = TcpListener::bind(("127.0.0.1", dead_port)).await.unwrap();
+    let revived = Running::serve(listener, revived_config);
+
+    let start = Instant::now();
+    let mut made = 0;
+    while count_on(&dead_url, "eli").await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the revived endpoint got no call in 15 s"
+        );
+        for _ in 0..10 {
+            client
+                .create_session("eli", format!("eli-{made}"), no_metadata())
+                .await
+                .unwrap();
+            made += 1;
+        }
+    }
+    // Both serve now: calls are spread again, none lost.
+    for _ in 0..50 {
+        client
+            .create_session("eli", format!("eli-{made}"), no_metadata())
+            .await
+            .unwrap();
+        made += 1;
+    }
+    let (on_live, on_revived) = (
+        count_on(&live.url(), "eli").await,
+        count_on(&dead_url, "eli").await,
+    );
+    assert_eq!(on_live + on_revived, made);
+    assert!(on_live > 0 && on_revived > 0, "{on_live} / {on_revived}");
+    revived.stop().await;
+}
+
+/// DNS discovery (a resolver the test controls, as a headless Service's
+/// name): an address added to the answer gets calls, an address removed
+/// gets none.
+#[tokio::test]
+async fn dns_discovery_follows_addresses_added_and_removed() {
+    let first = TestServer::start_with(roomy_config()).await;
+    let second = TestServer::start_with(roomy_config()).await;
+    let answer = Arc::new(Mutex::new(vec![first.addr]));
+    let resolver = {
+        let answer = answer.clone();
+        move |host: String, port: u16| {
+            let addresses = answer.lock().unwrap().clone();
+            async move {
+                assert_eq!((host.as_str(), port), ("sessionstore-headless.test", 50051));
+                Ok::<Vec<SocketAddr>, std::io::Error>(addresses)
+            }
+        }
+    };
+    let client = SessionClient::builder("http://sessionstore-headless.test:50051")
+        .dns_discovery(Duration::from_millis(50))
+        .dns_resolver(resolver)
+        .connect()
+        .await
+        .unwrap();
+    let mut made = 0;
+    let mut create = async |n: u32| {
+        for _ in 0..n {
+            client
+                .create_session("fay", format!("fay-{made}"), no_metadata())
+                .await
+                .unwrap();
+            made += 1;
+        }
+    };
+
+    create(20).await;
+    assert_eq!(count_on(&first.url(), "fay").await, 20);
+    assert_eq!(count_on(&second.url(), "fay").await, 0);
+
+    // Added: the second address starts getting calls.
+    *answer.lock().unwrap() = vec![first.addr, second.addr];
+    let start = Instant::now();
+    while count_on(&second.url(), "fay").await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "added address unused"
+        );
+        create(10).await;
+    }
+
+    // Removed: the first address gets no more calls.
+    *answer.lock().unwrap() = vec![second.addr];
+    let start = Instant::now();
+    loop {
+        let before = count_on(&first.url(), "fay").await;
+        create(10).await;
+        if count_on(&first.url(), "fay").await == before {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "removed address used"
+        );
+    }
+    let (first_before, second_before) = (
+        count_on(&first.url(), "fay").await,
+        count_on(&second.url(), "fay").await,
+    );
+    create(50).await;
+    assert_eq!(count_on(&first.url(), "fay").await, first_before);
+    assert_eq!(count_on(&second.url(), "fay").await, second_before + 50);
+}
+
+/// With Redis paused and many retries allowed, a read with `timeout(300 ms)`
+/// returns within its budget (the old per-attempt timeout took attempts ×
+/// timeout), with a transient error.
+#[tokio::test]
+async fn the_call_budget_holds_with_redis_paused_and_retries_on() {
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    // Each attempt fails fast with UNAVAILABLE, so a per-attempt timeout
+    // would allow 20 of them: about 2 s.
+    config.redis_timeout_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let budget = Duration::from_millis(300);
+    let client = SessionClient::builder(server.url())
+        .timeout(budget)
+        .max_attempts(20)
+        .initial_backoff(Duration::from_millis(10))
+        .max_backoff(Duration::from_millis(20))
+        .retry_throttling(1000, 1.0)
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        client
+            .create_session("gus", "g-1", no_metadata())
+            .await
+            .unwrap()
+    );
+
+    redis.pause(5000).await;
+    let start = Instant::now();
+    let result = client.get_session("g-1").await;
+    let elapsed = start.elapsed();
+    assert!(
+        matches!(
+            &result,
+            Err(Error::Unavailable(_) | Error::DeadlineExceeded(_))
+        ),
+        "{result:?}"
+    );
+    assert!(result.unwrap_err().is_retryable());
+    // A correctness bound, not a speed one: generous for a loaded machine.
+    assert!(elapsed < budget + Duration::from_secs(1), "{elapsed:?}");
+}
+
+/// Each attempt sends the time left of the call's budget as `grpc-timeout`
+/// (shrinking from attempt to attempt), capped by `attempt_timeout`.
+#[tokio::test]
+async fn each_attempt_sends_the_time_left_as_grpc_timeout() {
+    let stub = Stub::start(Behaviour::unavailable_forever()).await;
+    let budget = Duration::from_secs(3);
+    let client = stub
+        .client()
+        .timeout(budget)
+        .max_attempts(4)
+        .initial_backoff(Duration::from_millis(100))
+        .max_backoff(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let result = client.get_user_session_count("u").await;
+    assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+    let sent: Vec<Duration> = stub
+        .metadata()
+        .iter()
+        .map(|m| grpc_timeout(m).expect("grpc-timeout"))
+        .collect();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert!(sent[0] <= budget, "{sent:?}");
+    for pair in sent.windows(2) {
+        // At least half the 100 ms backoff passed between two attempts.
+        assert!(pair[1] + Duration::from_millis(50) <= pair[0], "{sent:?}");
+    }
+
+    let capped = stub
+        .client()
+        .timeout(budget)
+        .attempt_timeout(Duration::from_millis(200))
+        .max_attempts(2)
+        .connect()
+        .await
+        .unwrap();
+    let _ = capped.get_user_session_count("u").await;
+    let sent: Vec<Duration> = stub.metadata()[4..]
+        .iter()
+        .map(|m| grpc_timeout(m).expect("grpc-timeout"))
+        .collect();
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent.iter().all(|t| *t <= Duration::from_millis(200)),
+        "{sent:?}"
+    );
+}
+
+/// The retry budget is shared across calls: once failures drained it, reads
+/// get one attempt each instead of `max_attempts`.
+#[tokio::test]
+async fn the_retry_budget_stops_retries_across_calls() {
+    let stub = Stub::start(Behaviour::unavailable_forever()).await;
+    let client = stub
+        .client()
+        .max_attempts(3)
+        .retry_throttling(4, 0.1)
+        .connect()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let result = client.get_user_session_count("u").await;
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+    }
+    // 4 tokens, retries while more than 2 are left: the first call gets
+    // 2 attempts (4 → 3 → 2), every later one a single attempt.
+    assert_eq!(stub.calls("GetUserSessionCount"), 2 + 4);
+    // A clone shares the budget.
+    let clone = client.clone();
+    let _ = clone.get_user_session_count("u").await;
+    assert_eq!(stub.calls("GetUserSessionCount"), 7);
+}
+
+/// The real server's load shedding (its concurrency cap) is
+/// `Error::Overloaded`, retryable, for reads and writes alike.
+#[tokio::test]
+async fn an_overloaded_server_is_overloaded() {
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.max_concurrent_requests = 1;
+    config.redis_timeout_ms = 7000;
+    config.request_timeout_ms = 9000;
+    let server = TestServer::start_with(config).await;
+    let client = SessionClient::builder(server.url())
+        .timeout(Duration::from_millis(200))
+        .max_attempts(1)
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        client
+            .create_session("hal", "h-1", no_metadata())
+            .await
+            .unwrap()
+    );
+
+    redis.pause(5000).await;
+    // One call holds the only permit, waiting on the paused Redis. It may
+    // itself be shed while a probe below holds the permit: the client
+    // retries it (reads are retried on load shedding) until it gets in.
+    let holder = {
+        let slow = SessionClient::builder(server.url())
+            .timeout(Duration::from_secs(8))
+            .max_attempts(1000)
+            .initial_backoff(Duration::from_millis(1))
+            .max_backoff(Duration::from_millis(5))
+            .retry_throttling(1000, 1.0)
+            .connect()
+            .await
+            .unwrap();
+        tokio::spawn(async move { slow.get_session("h-1").await })
+    };
+    let start = Instant::now();
+    let shed = loop {
+        match client.get_session("h-1").await {
+            Err(err @ Error::Overloaded(_)) => break err,
+            other => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(4),
+                    "never shed: {other:?}"
+                );
+                // A probe that took the permit itself leaves a gap for
+                // the holder's retries to get in.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(shed.code(), Some(Code::ResourceExhausted));
+    assert!(shed.is_retryable());
+    let write = client.create_session("hal", "h-2", no_metadata()).await;
+    assert!(matches!(write, Err(Error::Overloaded(_))), "{write:?}");
+    // The held call completes once Redis resumes.
+    let held = holder.await.unwrap();
+    assert!(matches!(held, Ok(Some(_))), "{held:?}");
+}
+
+/// A connection cut after the request was sent fails the attempt with a
+/// transport error: a read is retried (on a new connection) and succeeds, a
+/// write is not repeated (it may have reached the server) and fails as
+/// `Unavailable`.
+#[tokio::test]
+async fn a_connection_cut_mid_call_is_retried_for_reads_only() {
+    let stub = Stub::start(Behaviour::ok()).await;
+    let proxy = cutting_proxy(stub.addr, 1);
+    let client = SessionClient::builder(format!("http://{proxy}"))
+        .initial_backoff(Duration::from_millis(5))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        client.get_user_session_count("u").await.unwrap(),
+        Stub::COUNT
+    );
+    assert_eq!(stub.calls("GetUserSessionCount"), 1);
+
+    let proxy = cutting_proxy(stub.addr, 1);
+    let client = SessionClient::builder(format!("http://{proxy}"))
+        .initial_backoff(Duration::from_millis(5))
+        .connect()
+        .await
+        .unwrap();
+    let write = client.revoke_all_user_sessions("u").await;
+    match write {
+        Err(err @ Error::Unavailable(_)) => assert!(err.is_retryable()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(stub.calls("RevokeAllUserSessions"), 0);
+    // The next call gets a new connection.
+    client.revoke_all_user_sessions("u").await.unwrap();
+    assert_eq!(stub.calls("RevokeAllUserSessions"), 1);
+}
+
+/// An eager client with a stalled endpoint first (TCP accepted, TLS never
+/// answered) connects through the other one without waiting for the stalled
+/// one's connect timeout, and sends it no calls.
+#[tokio::test]
+async fn an_eager_connect_does_not_wait_for_a_stalled_endpoint() {
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let server = TestServer::start_with(pki.server_config(&files, false)).await;
+    let stalled = StdListener::bind("127.0.0.1:0").unwrap();
+    let stalled_addr = stalled.local_addr().unwrap();
+    // Accepts and never answers; the sockets live as long as the thread.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in stalled.incoming() {
+            held.push(stream);
+        }
+    });
+
+    let start = Instant::now();
+    let client = SessionClient::builder(format!("https://{stalled_addr}"))
+        .endpoint(https_url(&server))
+        .ca_certificate(pki.ca.clone())
+        .tls_domain_name(Pki::SERVER_NAME)
+        .connect_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(5))
+        .lazy(false)
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    for _ in 0..20 {
+        assert_eq!(client.get_user_session_count("ida").await.unwrap(), 0);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// Settings that cannot work fail at connect with `Error::Config`: a path
+/// passed as the CA or the identity, a bearer token to an `http://` server
+/// without the opt-in.
+#[tokio::test]
+async fn misconfiguration_fails_at_connect() {
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let server = TestServer::start_with(pki.server_config(&files, true)).await;
+    let path_as_ca = SessionClient::builder(https_url(&server))
+        .ca_certificate("/etc/sessionstore/ca.pem")
+        .connect()
+        .await;
+    match path_as_ca {
+        Err(Error::Config(cause)) => {
+            assert!(cause.to_string().contains("no PEM certificate"), "{cause}")
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    let path_as_identity = SessionClient::builder(https_url(&server))
+        .ca_certificate(pki.ca.clone())
+        .identity("/etc/client.pem", pki.client_key.clone())
+        .connect()
+        .await;
+    assert!(
+        matches!(path_as_identity, Err(Error::Config(_))),
+        "{path_as_identity:?}"
+    );
+
+    let plain = TestServer::start().await;
+    let token_in_clear = SessionClient::builder(plain.url())
+        .bearer_token("t")
+        .connect()
+        .await;
+    assert!(
+        matches!(&token_in_clear, Err(Error::Config(c)) if c.to_string().contains("allow_plaintext_token")),
+        "{token_in_clear:?}"
+    );
+}
+
+/// A rotated bearer token is used by the client and its clones without a
+/// rebuild; a token that would go out in plaintext cannot be set later
+/// either.
+#[tokio::test]
+async fn a_bearer_token_rotates_without_a_rebuild() {
+    let files = TempFiles::new();
+    let mut config = test_config();
+    config.auth_tokens_file = Some(files.write("tokens", "new-token\n"));
+    let server = TestServer::start_with(config).await;
+    let client = SessionClient::builder(server.url())
+        .bearer_token("old-token")
+        .allow_plaintext_token(true)
+        .connect()
+        .await
+        .unwrap();
+    let clone = client.clone();
+    let refused = clone.get_user_session_count("ivy").await;
+    assert!(
+        matches!(refused, Err(Error::Unauthenticated(_))),
+        "{refused:?}"
+    );
+    client.set_bearer_token("new-token").unwrap();
+    assert_eq!(clone.get_user_session_count("ivy").await.unwrap(), 0);
+    assert!(matches!(
+        client.set_bearer_token("bad\ntoken"),
+        Err(Error::Config(_))
+    ));
+    assert_eq!(client.get_user_session_count("ivy").await.unwrap(), 0);
+
+    let anonymous = SessionClient::connect(server.url()).await.unwrap();
+    let err = anonymous.set_bearer_token("new-token").unwrap_err();
+    assert!(
+        err.to_string().contains("plaintext"),
+        "{}",
+        error_chain(&err)
+    );
+}
+
+/// A TCP proxy to `target` whose first `cut` connections are closed once the
+/// client's request has arrived (after 200 ms without further bytes); later
+/// ones are forwarded. Plain threads: the workspace's tokio has no io-util.
+fn cutting_proxy(target: SocketAddr, cut: usize) -> SocketAddr {
+    let listener = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (n, inbound) in listener.incoming().enumerate() {
+            let Ok(mut inbound) = inbound else { return };
+            if n < cut {
+                inbound
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let mut buf = [0_u8; 4096];
+                let mut got = 0;
+                loop {
+                    match inbound.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(_) if got > 0 => break,
+                        Err(_) => {}
+                    }
+                }
+                drop(inbound);
+                continue;
+            }
+            let Ok(outbound) = StdStream::connect(target) else {
+                return;
+            };
+            for (mut from, mut to) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
