@@ -164,13 +164,15 @@ impl SessionClient {
     /// session (of any user), is still reserved by another user's recently
     /// ended one, or the user is at the session cap under the `reject` policy.
     ///
-    /// Never retried.
+    /// Retried only when the request never left this process (see
+    /// [`SessionClient`]).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] naming `user_id`, `token_id` or `metadata`;
-    /// [`Error::Unavailable`], [`Error::DeadlineExceeded`] (the write may have
-    /// happened), [`Error::Unauthenticated`], [`Error::Other`].
+    /// [`Error::Unavailable`], [`Error::Overloaded`], [`Error::DeadlineExceeded`]
+    /// (the write may have happened), [`Error::Unauthenticated`],
+    /// [`Error::Other`]; see [`Error::is_retryable`].
     ///
     /// # Examples
     ///
@@ -197,7 +199,8 @@ impl SessionClient {
     /// Stores a new session, with its own lifetime when `new.ttl` is set, and
     /// reports the stored session and any sessions evicted to make room.
     ///
-    /// Never retried.
+    /// Retried only when the request never left this process (see
+    /// [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -232,13 +235,14 @@ impl SessionClient {
     /// Looks a session up by token id: `None` when it is expired, revoked or
     /// unknown. The call to make on every authenticated request.
     ///
-    /// Retried on UNAVAILABLE.
+    /// Retried on transient failures (see [`SessionClient`]).
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] naming `token_id`; [`Error::Unavailable`]
-    /// once the attempts are used up; [`Error::DeadlineExceeded`],
-    /// [`Error::Unauthenticated`], [`Error::Other`].
+    /// [`Error::InvalidArgument`] naming `token_id`; [`Error::Unavailable`] or
+    /// [`Error::Overloaded`] once the
+    /// attempts or the budget are used up; [`Error::DeadlineExceeded`],
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
     ///
     /// # Examples
     ///
@@ -260,7 +264,7 @@ impl SessionClient {
     /// Looks a session up by token id and its owner (the JWT's `sub`): one
     /// Redis command instead of two. A session of another user is not found.
     ///
-    /// Retried on UNAVAILABLE.
+    /// Retried on transient failures (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -301,13 +305,14 @@ impl SessionClient {
     /// revoked; once it returns, [`get_session`](Self::get_session) no longer
     /// finds it.
     ///
-    /// Never retried.
+    /// Retried only when the request never left this process (see
+    /// [`SessionClient`]).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] naming `token_id`; [`Error::Unavailable`],
-    /// [`Error::DeadlineExceeded`] (the revocation may have happened),
-    /// [`Error::Unauthenticated`], [`Error::Other`].
+    /// [`Error::Overloaded`], [`Error::DeadlineExceeded`] (the revocation may have happened),
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
     ///
     /// # Examples
     ///
@@ -329,7 +334,8 @@ impl SessionClient {
     /// Revokes one session given its owner too: one Redis command fewer. A
     /// session of another user is left alone (returns `false`).
     ///
-    /// Never retried.
+    /// Retried only when the request never left this process (see
+    /// [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -370,13 +376,14 @@ impl SessionClient {
     /// how many there were. Once it returns, no session of the user that
     /// existed before the call is valid.
     ///
-    /// Never retried.
+    /// Retried only when the request never left this process (see
+    /// [`SessionClient`]).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] naming `user_id`; [`Error::Unavailable`],
-    /// [`Error::DeadlineExceeded`] (some or all may have been revoked),
-    /// [`Error::Unauthenticated`], [`Error::Other`].
+    /// [`Error::Overloaded`], [`Error::DeadlineExceeded`] (some or all may have been revoked),
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
     ///
     /// # Examples
     ///
@@ -402,13 +409,14 @@ impl SessionClient {
     /// Counts a user's live sessions exactly (never an expired or revoked
     /// one).
     ///
-    /// Retried on UNAVAILABLE.
+    /// Retried on transient failures (see [`SessionClient`]).
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] naming `user_id`; [`Error::Unavailable`]
-    /// once the attempts are used up; [`Error::DeadlineExceeded`],
-    /// [`Error::Unauthenticated`], [`Error::Other`].
+    /// [`Error::InvalidArgument`] naming `user_id`; [`Error::Unavailable`] or
+    /// [`Error::Overloaded`] once the
+    /// attempts or the budget are used up; [`Error::DeadlineExceeded`],
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
     ///
     /// # Examples
     ///
@@ -434,7 +442,7 @@ impl SessionClient {
     /// Lists a user's live sessions, newest first (for an "active devices"
     /// page).
     ///
-    /// Retried on UNAVAILABLE.
+    /// Retried on transient failures (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -469,13 +477,15 @@ impl SessionClient {
     /// Counts one login attempt from a client address (IPv4, or IPv6 counted
     /// per /64) and says whether it may proceed.
     ///
-    /// Never retried: each attempt counts.
+    /// Retried only when the request never left (each attempt counts, so a
+    /// repeat after it may have reached the server would count twice).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] naming `ip`; [`Error::Unavailable`],
-    /// [`Error::DeadlineExceeded`] (the attempt may have been counted),
-    /// [`Error::Unauthenticated`], [`Error::Other`].
+    /// [`Error::Overloaded`], [`Error::DeadlineExceeded`] (the attempt may
+    /// have been counted),
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
     ///
     /// # Examples
     ///
@@ -501,7 +511,8 @@ impl SessionClient {
     /// Clears a client address's login attempt counter, typically after a
     /// successful login. Returns whether a counter existed.
     ///
-    /// Never retried.
+    /// Retried only when the request never left this process (see
+    /// [`SessionClient`]).
     ///
     /// # Errors
     ///

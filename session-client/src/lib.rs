@@ -5,18 +5,34 @@
 //! [`SessionClient`] wraps the generated stub the way a driver wraps its wire
 //! protocol: it takes and returns domain types ([`Session`], [`Created`],
 //! [`LoginAttempt`], `SystemTime`, `Duration`) and fails with an [`Error`]
-//! whose variants are the cases a caller branches on. Underneath is one tonic
-//! channel, shared by every clone.
+//! whose variants are the cases a caller branches on, with
+//! [`Error::is_retryable`] and [`Error::code`] for the rest.
+//!
+//! What it does for you:
+//!
+//! - **Balancing that survives a server going away.** One connection per
+//!   endpoint (or per address of a DNS name, re-resolved periodically: see
+//!   [`Builder::dns_discovery`], the way to spread load over a Kubernetes
+//!   headless Service). An endpoint whose connection cannot be opened gets
+//!   no calls until a background probe reconnects it.
+//! - **One budget per call.** [`Builder::timeout`] bounds the whole call,
+//!   retries included; each attempt sends the time left as `grpc-timeout`.
+//! - **Retries that cannot make an outage worse.** Reads are retried on
+//!   transient failures, writes only when the request never left; bounded
+//!   per call and by a retry budget shared across calls.
+//! - **Settings checked at start-up**: a CA that is not PEM, a bearer token
+//!   over plaintext, are [`Error::Config`] from [`Builder::connect`].
 //!
 //! Modules:
 //!
-//! - `builder`: [`Builder`]: endpoints (several are load-balanced), timeouts,
-//!   TLS and mutual TLS, the bearer token, retries, lazy connection.
-//! - `client`: [`SessionClient`] and its calls.
+//! - `builder`: [`Builder`]: endpoints and DNS discovery, timeouts, retries,
+//!   TLS and mutual TLS, the bearer token, lazy or eager connection.
+//! - `client`: [`SessionClient`], its calls, and the attempt loop.
+//! - `balance`: the per-address channels, their health, and the pick.
+//! - `retry`: backoff and the shared retry budget.
 //! - `types`: the domain types and their proto conversions.
 //! - `error`: [`Error`] and its one mapping from gRPC status codes.
-//! - `retry`: exponential backoff for reads that meet UNAVAILABLE.
-//! - `metadata`: the interceptor adding the bearer token and `grpc-timeout`.
+//! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
 //!
 //! The generated code is re-exported as [`proto`] for anything the typed
 //! client does not cover.
@@ -43,7 +59,7 @@
 //!     match client.get_user_session(sub, jti).await {
 //!         Ok(Some(session)) => println!("valid until {:?}", session.expires_at),
 //!         Ok(None) => println!("revoked or expired: 401"),
-//!         Err(Error::Unavailable(_) | Error::DeadlineExceeded(_)) => println!("503, retry later"),
+//!         Err(err) if err.is_retryable() => println!("503, retry later: {err}"),
 //!         Err(err) => return Err(err),
 //!     }
 //!
