@@ -9,11 +9,24 @@ use anyhow::Context;
 use clap::Parser;
 use session_server::{Config, Store, config::LogFormat, server};
 use tokio::net::TcpListener;
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
-/// How long in-flight calls may take to finish after a shutdown signal. Keep
-/// it below the pod's terminationGracePeriodSeconds.
+/// How long in-flight calls may take to finish once the listener has closed
+/// (SHUTDOWN_DELAY_MS after the shutdown signal). Keep SHUTDOWN_DELAY_MS plus
+/// this below the pod's terminationGracePeriodSeconds.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Most log lines waiting for stdout. Lines are written by a thread of their
+/// own, so a slow or blocked stdout (a stalled log collector, a full pipe)
+/// never makes a worker wait: once this many lines are queued, new lines are
+/// dropped and counted (LOG_LINES_DROPPED). At a few hundred bytes a line
+/// this is a few MiB at most, and with the RPC lines rate-limited
+/// (`observe.rs`) it is reached only when stdout stops for a while.
+const LOG_BUFFER_LINES: usize = 8192;
+
+/// How often the count of dropped log lines is copied to its metric.
+const LOG_DROPS_INTERVAL: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -22,7 +35,9 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("error: {message}");
         std::process::exit(2);
     }
-    init_tracing(config.log_format);
+    // Kept to the end of `main`: dropping it flushes the queued lines, so the
+    // last ones (the drain, "stopped") are not lost at exit.
+    let (_log_flush, log_drops) = init_tracing(config.log_format);
     // rustls needs a process-wide crypto provider before the first TLS
     // handshake (gRPC TLS or rediss://); both use ring. An Err means one is
     // already installed, which is as good.
@@ -45,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "listening");
 
     let metrics = session_server::metrics::install().context("installing the metrics recorder")?;
+    tokio::spawn(count_log_drops(log_drops));
     let metrics_listener = TcpListener::bind(config.metrics_addr)
         .await
         .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
@@ -119,9 +135,20 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Installs the log subscriber, writing to stdout through a bounded, lossy
+/// queue (see [`LOG_BUFFER_LINES`]). Returns the guard that flushes the queue
+/// when dropped, and the count of lines dropped because the queue was full.
+fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
+    let drops = writer.error_counter();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -129,5 +156,26 @@ fn init_tracing(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .init(),
+    }
+    (guard, drops)
+}
+
+/// Copies the count of log lines dropped for a full queue to
+/// LOG_LINES_DROPPED, and says so in the log (if there is room) when it grows.
+async fn count_log_drops(drops: ErrorCounter) {
+    let counter = metrics::counter!(session_server::metrics::LOG_LINES_DROPPED);
+    let mut ticker = tokio::time::interval(LOG_DROPS_INTERVAL);
+    let mut reported = 0;
+    loop {
+        ticker.tick().await;
+        let dropped = drops.dropped_lines();
+        if dropped > reported {
+            counter.absolute(u64::try_from(dropped).unwrap_or(u64::MAX));
+            tracing::warn!(
+                dropped = dropped - reported,
+                "log lines dropped: stdout did not keep up"
+            );
+            reported = dropped;
+        }
     }
 }

@@ -14,6 +14,12 @@ use tokio::net::TcpListener;
 pub const RPC_REQUESTS: &str = "sessionstore_rpc_requests_total";
 /// RPC latency in seconds, by `method` and `code`.
 pub const RPC_DURATION: &str = "sessionstore_rpc_duration_seconds";
+/// RPC log lines left out by the per-code rate limit (`observe.rs`), by
+/// `code`; the RPC counters above still count every call.
+pub const RPC_LOG_LINES_SUPPRESSED: &str = "sessionstore_rpc_log_lines_suppressed_total";
+/// Log lines dropped because the log buffer was full (stdout could not keep
+/// up); logging never makes a call wait.
+pub const LOG_LINES_DROPPED: &str = "sessionstore_log_lines_dropped_total";
 /// Latency of one Redis round trip in seconds, by store `op`.
 pub const REDIS_DURATION: &str = "sessionstore_redis_command_duration_seconds";
 /// Failed Redis operations, by store `op` and error `kind`.

@@ -2,6 +2,21 @@
 //! status code, latency) at a level chosen from the code, and the RPC count
 //! and latency metrics.
 //!
+//! Every call is recorded exactly once, when its response future ends: with
+//! the code it answered, or, when the future is dropped first (the caller
+//! cancelled, or tonic's own `grpc-timeout` timer fired outside this layer), as
+//! CANCELLED or DEADLINE_EXCEEDED. A drop guard does the recording, so no path
+//! out of a call skips it.
+//!
+//! Counters are exact; log lines are not. A flood of refusals (calls shed by
+//! the concurrency cap, unauthenticated or invalid calls, probes of unknown
+//! paths) would otherwise write a line per call exactly when the server is
+//! busiest, so lines at INFO and above are rate-limited per gRPC code (see
+//! [`LOG_LINES_PER_SECOND`]); the next line written for a code says how many
+//! were left out, and RPC_LOG_LINES_SUPPRESSED counts them. A path that is not
+//! a known method is logged as method `other`, with at most
+//! [`LOGGED_PATH_CHARS`] printable ASCII characters of it.
+//!
 //! It runs on every call, so it is kept cheap: the method label is a static
 //! string (no copy of the path), and the metric handles of each (method, code)
 //! pair are looked up in the recorder once and then kept, instead of building
@@ -11,18 +26,40 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::Instant,
+    time::Duration,
 };
 
 use metrics::{Counter, Histogram};
+// tokio's clock is the system's monotonic clock, except that tests can pause
+// it to make deadlines exact.
+use tokio::time::Instant;
 
 use tonic::{
     Code,
-    codegen::http::{Request, Response},
+    codegen::http::{HeaderMap, Request, Response},
 };
 use tower::{Layer, Service};
+
+/// Most RPC log lines written per second for one gRPC code at INFO level or
+/// above; the rest are counted, not written. Twenty a second is enough to see
+/// what is happening and who is calling, and bounds a refusal flood to a few
+/// hundred lines a second over all codes, whatever the call rate.
+pub const LOG_LINES_PER_SECOND: u32 = 20;
+
+/// How much of an unknown path a log line shows: enough to recognise a
+/// misconfigured client, too little to fill the logs with an attacker's text.
+pub const LOGGED_PATH_CHARS: usize = 64;
+
+/// A call dropped this close to its deadline (or later) counts as
+/// DEADLINE_EXCEEDED, not CANCELLED: the caller's clock starts before the
+/// request reaches the server, so a caller giving up at its deadline can reset
+/// the stream a moment before the server's own timer would fire.
+const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 
 /// Adds per-RPC logging to a service stack.
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,9 +89,13 @@ pub struct RpcLog<S> {
 const CODES: usize = 17;
 
 /// The RPC counter and latency histogram of each (method, code) pair, made on
-/// first use. Indexed by [`KNOWN`] position (then "other") and code.
+/// first use, and the log rate limit of each code. Slots are indexed by
+/// [`KNOWN`] position (then "other") and code.
 struct Handles {
     slots: Box<[OnceLock<(Counter, Histogram)>]>,
+    samplers: [Sampler; CODES],
+    /// Start of the rate limit's one-second windows.
+    epoch: Instant,
 }
 
 impl Default for Handles {
@@ -63,6 +104,8 @@ impl Default for Handles {
             slots: (0..(KNOWN.len() + 1) * CODES)
                 .map(|_| OnceLock::new())
                 .collect(),
+            samplers: std::array::from_fn(|_| Sampler::default()),
+            epoch: Instant::now(),
         }
     }
 }
@@ -87,6 +130,113 @@ impl Handles {
         requests.increment(1);
         duration.record(elapsed_secs);
     }
+
+    /// Writes the call's log line, unless its code is over its rate limit.
+    fn log(&self, call: &CallRecord, code: Code, now: Instant) {
+        let latency_ms = now.duration_since(call.start).as_secs_f64() * 1e3;
+        let loudness = loudness(call.method.label, code);
+        if loudness == Loudness::Debug {
+            // Not rate-limited: successes and probes log at DEBUG, which is
+            // off unless someone is looking.
+            log_rpc(loudness, call, code, latency_ms, 0);
+            return;
+        }
+        let window = now.duration_since(self.epoch).as_secs();
+        let sampler = &self.samplers[code as usize];
+        match sampler.admit(window) {
+            Some(suppressed) => log_rpc(loudness, call, code, latency_ms, suppressed),
+            None => sampler
+                .suppressed_counter
+                .get_or_init(|| {
+                    metrics::counter!(
+                        crate::metrics::RPC_LOG_LINES_SUPPRESSED,
+                        "code" => code_name(code)
+                    )
+                })
+                .increment(1),
+        }
+    }
+}
+
+/// The log rate limit of one gRPC code: at most [`LOG_LINES_PER_SECOND`]
+/// lines in each one-second window. Lock-free and approximate at a window's
+/// edge (two threads may both start a window); the count of lines left out is
+/// exact.
+#[derive(Default)]
+struct Sampler {
+    /// The window `written` counts in, as whole seconds since the epoch.
+    window: AtomicU64,
+    /// Lines asked for in `window`, written or not.
+    written: AtomicU32,
+    /// Lines left out since the last one written.
+    suppressed: AtomicU64,
+    suppressed_counter: OnceLock<Counter>,
+}
+
+impl Sampler {
+    /// Whether a line may be written in `window`: `Some(n)` when it may, `n`
+    /// being how many were left out since the last one written; `None` when
+    /// the window's budget is spent (the line is counted as left out).
+    fn admit(&self, window: u64) -> Option<u64> {
+        let current = self.window.load(Ordering::Relaxed);
+        if current < window
+            && self
+                .window
+                .compare_exchange(current, window, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.written.store(0, Ordering::Relaxed);
+        }
+        if self.written.fetch_add(1, Ordering::Relaxed) < LOG_LINES_PER_SECOND {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// One call in flight. It records the call when dropped, whether the response
+/// future completed (then `code` is set) or was dropped before, so each call
+/// is counted and logged exactly once.
+struct CallRecord {
+    handles: Arc<Handles>,
+    method: Method,
+    /// The requested path, shortened and made printable, when it is not a
+    /// known method.
+    unknown_path: Option<String>,
+    start: Instant,
+    /// The caller's `grpc-timeout`, which tonic enforces outside this layer by
+    /// dropping the call.
+    deadline: Option<Duration>,
+    /// The answer's code, once the response future has completed.
+    code: Option<Code>,
+}
+
+impl CallRecord {
+    /// The code of a call whose response future was dropped before it
+    /// completed: DEADLINE_EXCEEDED when its deadline had come, else
+    /// CANCELLED (the caller went away, or the connection did).
+    fn dropped_code(&self, now: Instant) -> Code {
+        let elapsed = now.duration_since(self.start);
+        match self.deadline {
+            Some(deadline) if elapsed + DEADLINE_SLACK >= deadline => Code::DeadlineExceeded,
+            _ => Code::Cancelled,
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let code = self.code.unwrap_or_else(|| self.dropped_code(now));
+        self.handles.log(self, code, now);
+        self.handles.record(
+            self.method,
+            code,
+            now.duration_since(self.start).as_secs_f64(),
+        );
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcLog<S>
@@ -105,30 +255,67 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
         let method = Method::of(path);
-        // Only an unknown path is copied, so the log can say what was asked.
-        let unknown_path = (method.index == KNOWN.len()).then(|| path.to_owned());
-        let handles = self.handles.clone();
-        let start = Instant::now();
+        // Only an unknown path is copied (and then only its start), so the
+        // log can say what was asked.
+        let unknown_path = (method.index == KNOWN.len()).then(|| printable_prefix(path));
+        // Made before the inner call and moved into the future, so even a
+        // future dropped before its first poll is recorded.
+        let mut record = CallRecord {
+            handles: self.handles.clone(),
+            method,
+            unknown_path,
+            start: Instant::now(),
+            deadline: caller_deadline(request.headers()),
+            code: None,
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
             let result = response.await;
-            let code = match &result {
+            record.code = Some(match &result {
                 // A unary success carries its status in the trailers; an error
                 // is sent "trailers-only", with grpc-status in the headers.
                 Ok(response) => tonic::Status::from_header_map(response.headers())
                     .map_or(Code::Ok, |status| status.code()),
                 Err(_) => Code::Unknown,
-            };
-            let elapsed = start.elapsed().as_secs_f64();
-            log_rpc(
-                unknown_path.as_deref().unwrap_or(method.label),
-                code,
-                elapsed * 1e3,
-            );
-            handles.record(method, code, elapsed);
+            });
+            drop(record);
             result
         })
     }
+}
+
+/// At most [`LOGGED_PATH_CHARS`] characters of `path`, each printable ASCII
+/// or `?`, so a log line cannot carry control or look-alike characters.
+fn printable_prefix(path: &str) -> String {
+    let mut shown: String = path
+        .chars()
+        .take(LOGGED_PATH_CHARS)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect();
+    if path.chars().nth(LOGGED_PATH_CHARS).is_some() {
+        shown.push_str("...");
+    }
+    shown
+}
+
+/// The caller's deadline from `grpc-timeout` (up to 8 digits and a unit: H, M,
+/// S, m, u, n), as tonic reads it to enforce it; a malformed header means none.
+fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// The methods that keep their path as the metric label.
@@ -228,17 +415,31 @@ fn loudness(method: &str, code: Code) -> Loudness {
     }
 }
 
-fn log_rpc(method: &str, code: Code, latency_ms: f64) {
-    match loudness(method, code) {
-        Loudness::Debug => tracing::debug!(method, code = code_name(code), latency_ms, "rpc"),
-        Loudness::Info => tracing::info!(method, code = code_name(code), latency_ms, "rpc"),
-        Loudness::Warn => tracing::warn!(method, code = code_name(code), latency_ms, "rpc"),
-        Loudness::Error => tracing::error!(method, code = code_name(code), latency_ms, "rpc"),
+/// Writes one RPC line. `path` appears only for an unknown method, and
+/// `suppressed` only when lines of this code were left out before it.
+fn log_rpc(loudness: Loudness, call: &CallRecord, code: Code, latency_ms: f64, suppressed: u64) {
+    let method = call.method.label;
+    let path = call.unknown_path.as_deref();
+    let code = code_name(code);
+    let suppressed = (suppressed > 0).then_some(suppressed);
+    match loudness {
+        Loudness::Debug => tracing::debug!(method, path, code, latency_ms, suppressed, "rpc"),
+        Loudness::Info => tracing::info!(method, path, code, latency_ms, suppressed, "rpc"),
+        Loudness::Warn => tracing::warn!(method, path, code, latency_ms, suppressed, "rpc"),
+        Loudness::Error => tracing::error!(method, path, code, latency_ms, suppressed, "rpc"),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+    use tonic::body::Body;
+
     use super::*;
 
     #[test]
@@ -277,5 +478,252 @@ mod tests {
             loudness("/grpc.health.v1.Health/Check", Code::Unavailable),
             Loudness::Debug
         );
+    }
+
+    /// The sampler lets the first lines of a window through, counts the rest
+    /// exactly, and reports that count with the next line written.
+    #[test]
+    fn the_sampler_bounds_lines_and_counts_the_rest() {
+        let sampler = Sampler::default();
+        let admitted = (0..100).filter(|_| sampler.admit(0).is_some()).count();
+        assert_eq!(admitted, LOG_LINES_PER_SECOND as usize);
+        assert_eq!(
+            sampler.admit(1),
+            Some(100 - u64::from(LOG_LINES_PER_SECOND))
+        );
+        assert_eq!(sampler.admit(1), Some(0));
+        // A late thread with an older window does not reopen the budget.
+        for _ in 0..100 {
+            sampler.admit(0);
+        }
+        assert!(sampler.admit(1).is_none());
+    }
+
+    #[test]
+    fn unknown_paths_are_shortened_and_printable() {
+        assert_eq!(printable_prefix("/a.B/C"), "/a.B/C");
+        assert_eq!(printable_prefix("/x y\u{202e}z"), "/x?y?z");
+        let long = format!("/{}", "a".repeat(500));
+        let shown = printable_prefix(&long);
+        assert_eq!(shown.len(), LOGGED_PATH_CHARS + 3);
+        assert!(shown.ends_with("..."));
+    }
+
+    #[test]
+    fn caller_deadlines_parse_like_tonic() {
+        let header = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", value.parse().unwrap());
+            caller_deadline(&headers)
+        };
+        assert_eq!(header("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(header("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(header("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "+1S", "1.5S"] {
+            assert_eq!(header(bad), None, "{bad:?}");
+        }
+        assert_eq!(caller_deadline(&HeaderMap::new()), None);
+    }
+
+    /// Log lines written through a `tracing` subscriber, for counting.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// Runs `body` on a current-thread runtime with paused time, a private
+    /// metrics recorder and a subscriber writing INFO and above to `lines`;
+    /// returns the rendered metrics.
+    fn observed<F>(lines: &Lines, body: impl FnOnce() -> F) -> String
+    where
+        F: Future<Output = ()>,
+    {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle: PrometheusHandle = recorder.handle();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer({
+                let lines = lines.clone();
+                move || lines.clone()
+            })
+            .finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            metrics::with_local_recorder(&recorder, || runtime.block_on(body()))
+        });
+        handle.render()
+    }
+
+    /// The value of the sample whose line starts with `series`.
+    fn sample(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.rsplit(' ').next())
+            .map_or(0, |v| v.parse().unwrap())
+    }
+
+    fn request(path: &str, timeout: Option<&str>) -> Request<Body> {
+        let mut request = Request::new(Body::empty());
+        *request.uri_mut() = path.parse().unwrap();
+        if let Some(timeout) = timeout {
+            request
+                .headers_mut()
+                .insert("grpc-timeout", timeout.parse().unwrap());
+        }
+        request
+    }
+
+    /// A service that answers after `delay` with `code` (trailers-only).
+    fn answering(
+        code: Code,
+        delay: Duration,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl Future + Send + 'static,
+    > + Clone {
+        tower::service_fn(move |_request: Request<Body>| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, std::convert::Infallible>(tonic::Status::new(code, "x").into_http())
+        })
+    }
+
+    const GET: &str = "/sessionstore.v1.SessionStore/GetSession";
+
+    /// A flood of refusals is counted call by call, while the log gets at
+    /// most the per-second budget of lines, the later ones saying how many
+    /// were left out, and written + left out = calls.
+    #[test]
+    fn a_refusal_flood_is_counted_exactly_and_logged_sparingly() {
+        let lines = Lines::default();
+        let calls = 1000;
+        let metrics = observed(&lines, || async {
+            let mut service = RpcLogLayer.layer(answering(Code::Unauthenticated, Duration::ZERO));
+            for i in 0..calls {
+                if i == calls / 2 {
+                    // A second window opens half way.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                service.call(request(GET, None)).await.unwrap();
+            }
+        });
+        let counted = sample(
+            &metrics,
+            &format!(r#"sessionstore_rpc_requests_total{{method="{GET}",code="UNAUTHENTICATED"}}"#),
+        );
+        assert_eq!(counted, calls);
+        let text = lines.text();
+        let written = text
+            .lines()
+            .filter(|l| l.contains("UNAUTHENTICATED"))
+            .count();
+        assert_eq!(written, 2 * LOG_LINES_PER_SECOND as usize, "{text}");
+        let left_out = sample(
+            &metrics,
+            r#"sessionstore_rpc_log_lines_suppressed_total{code="UNAUTHENTICATED"}"#,
+        );
+        assert_eq!(left_out + written as u64, calls);
+        let reported = calls / 2 - u64::from(LOG_LINES_PER_SECOND);
+        assert!(
+            text.contains(&format!("suppressed={reported}")),
+            "the first line of the second window reports the first's: {text}"
+        );
+    }
+
+    /// A probe of an unknown, long path is labelled "other" and its log line
+    /// shows only a short printable prefix of the path.
+    #[test]
+    fn unknown_paths_are_logged_short() {
+        let lines = Lines::default();
+        let path = format!("/probe/{}", "A".repeat(4000));
+        let metrics = observed(&lines, || async {
+            let mut service = RpcLogLayer.layer(answering(Code::Unimplemented, Duration::ZERO));
+            service.call(request(&path, None)).await.unwrap();
+        });
+        assert_eq!(
+            sample(
+                &metrics,
+                r#"sessionstore_rpc_requests_total{method="other",code="UNIMPLEMENTED"}"#
+            ),
+            1
+        );
+        let text = lines.text();
+        assert!(text.contains("method=\"other\""), "{text}");
+        assert!(!text.contains(&"A".repeat(LOGGED_PATH_CHARS)), "{text}");
+        assert!(text.len() < 600, "{text}");
+    }
+
+    /// A response future dropped before it completes is still counted and
+    /// logged once: CANCELLED before its deadline, DEADLINE_EXCEEDED at it,
+    /// and dropping a future never polled counts too.
+    #[test]
+    fn dropped_calls_are_recorded_with_their_code() {
+        let lines = Lines::default();
+        let metrics = observed(&lines, || async {
+            let mut service = RpcLogLayer.layer(answering(Code::Ok, Duration::from_secs(10)));
+            // The caller goes away after 100 ms of a 1 s deadline.
+            let call = service.call(request(GET, Some("1S")));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), call)
+                    .await
+                    .is_err()
+            );
+            // tonic's grpc-timeout timer drops the call at its deadline.
+            let call = service.call(request(GET, Some("200m")));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), call)
+                    .await
+                    .is_err()
+            );
+            // Never polled.
+            drop(service.call(request(GET, None)));
+        });
+        let count = |code: &str| {
+            sample(
+                &metrics,
+                &format!(r#"sessionstore_rpc_requests_total{{method="{GET}",code="{code}"}}"#),
+            )
+        };
+        assert_eq!(count("CANCELLED"), 2, "{metrics}");
+        assert_eq!(count("DEADLINE_EXCEEDED"), 1, "{metrics}");
+        assert_eq!(count("OK"), 0, "{metrics}");
+        let text = lines.text();
+        assert_eq!(text.matches("CANCELLED").count(), 2, "{text}");
+        assert_eq!(text.matches("DEADLINE_EXCEEDED").count(), 1, "{text}");
+    }
+
+    /// A call that completes is recorded once, with its answer's code.
+    #[test]
+    fn completed_calls_are_recorded_once() {
+        let lines = Lines::default();
+        let metrics = observed(&lines, || async {
+            let mut service =
+                RpcLogLayer.layer(answering(Code::InvalidArgument, Duration::from_millis(5)));
+            service.call(request(GET, Some("1S"))).await.unwrap();
+        });
+        let series =
+            format!(r#"sessionstore_rpc_requests_total{{method="{GET}",code="INVALID_ARGUMENT"}}"#);
+        assert_eq!(sample(&metrics, &series), 1, "{metrics}");
+        assert_eq!(lines.text().lines().count(), 1);
     }
 }

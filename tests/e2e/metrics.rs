@@ -1,17 +1,19 @@
 //! The Prometheus endpoint: scraped after some calls, its counters have moved.
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Duration};
 
 use metrics_exporter_prometheus::PrometheusHandle;
+
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, RevokeSessionRequest,
+    CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
+    RecordLoginAttemptRequest, RevokeSessionRequest,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-use crate::common::TestServer;
+use crate::common::{PrivateRedis, TestServer, config_on};
 
 /// The process-wide recorder: installed once, shared by every test that looks.
 fn recorder() -> PrometheusHandle {
@@ -138,6 +140,84 @@ async fn counters_move_after_calls() {
         );
     }
     assert!(after.contains("sessionstore_redis_up"), "{after}");
+
+    stop.send(()).unwrap();
+    exporter.await.unwrap().unwrap();
+}
+
+/// Calls that never answer are still counted: one whose caller gives up
+/// (drops the call) as CANCELLED, one whose `grpc-timeout` passes (tonic
+/// drops it at the deadline) as DEADLINE_EXCEEDED; each with its latency.
+#[tokio::test]
+async fn cancelled_and_timed_out_calls_are_counted() {
+    let handle = recorder();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
+        let _ = stopped.await;
+    }));
+
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    // Longer than the calls below wait, so Redis's silence does not end them
+    // with UNAVAILABLE first.
+    config.redis_timeout_ms = 3000;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let count = || GetUserSessionCountRequest {
+        user_id: "slow".into(),
+    };
+    let list = || ListUserSessionsRequest {
+        user_id: "slow".into(),
+    };
+    client.get_user_session_count(count()).await.unwrap();
+    client.list_user_sessions(list()).await.unwrap();
+
+    let cancelled = r#"sessionstore_rpc_requests_total{method="/sessionstore.v1.SessionStore/ListUserSessions",code="CANCELLED"}"#;
+    let timed_out = r#"sessionstore_rpc_requests_total{method="/sessionstore.v1.SessionStore/GetUserSessionCount",code="DEADLINE_EXCEEDED"}"#;
+    let timed_out_latency = r#"sessionstore_rpc_duration_seconds_count{method="/sessionstore.v1.SessionStore/GetUserSessionCount",code="DEADLINE_EXCEEDED"}"#;
+    let before = scrape(addr).await;
+
+    // Redis answers nothing for 2 s: both calls are in flight when they end.
+    redis.pause(2000).await;
+    // The caller gives up after 300 ms, with no deadline sent.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        client.list_user_sessions(list()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the call answered: {gave_up:?}");
+    // A 200 ms deadline, enforced by the server.
+    let mut request = tonic::Request::new(count());
+    request.set_timeout(Duration::from_millis(200));
+    let status = client.get_user_session_count(request).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+
+    // Recorded when the server drops each call, which may come a moment
+    // after the client has given up.
+    let started = std::time::Instant::now();
+    let mut after = scrape(addr).await;
+    while !(sample(&after, cancelled) > sample(&before, cancelled)
+        && sample(&after, timed_out) > sample(&before, timed_out))
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(addr).await;
+    }
+    let counted = sample(&after, cancelled) > sample(&before, cancelled)
+        && sample(&after, timed_out) > sample(&before, timed_out);
+    assert!(counted, "not counted:\n{after}");
+    assert!(
+        sample(&after, timed_out_latency) > sample(&before, timed_out_latency),
+        "{after}"
+    );
 
     stop.send(()).unwrap();
     exporter.await.unwrap().unwrap();
