@@ -15,7 +15,7 @@
 #
 # Usage: scripts/check-k8s.sh            (from anywhere; CI=true is fine)
 # Env:   K8S_VERSION (default 1.30.0) - the oldest cluster version supported;
-#        the manifests use the preStop sleep action, new in 1.30.
+#        the manifests are validated against its schemas.
 #        VENV (default <repo>/.venv)
 
 set -euo pipefail

@@ -119,6 +119,16 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub request_timeout_ms: u64,
 
+    /// How long the server keeps serving after SIGTERM or SIGINT, in ms, with
+    /// readiness already NOT_SERVING, before it closes its listener and
+    /// drains: time for Kubernetes to take the pod out of its Services, and
+    /// for clients and load balancers watching gRPC health to stop sending
+    /// new calls. It replaces a preStop sleep; SHUTDOWN_DELAY_MS plus the
+    /// 20 s drain must fit in the pod's terminationGracePeriodSeconds. 0
+    /// closes the listener at once.
+    #[arg(long, env = "SHUTDOWN_DELAY_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=120_000))]
+    pub shutdown_delay_ms: u64,
+
     /// PEM certificate chain for TLS on the gRPC port (with TLS_KEY).
     #[arg(long, env = "TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -281,6 +291,7 @@ impl fmt::Debug for Config {
             health_check_interval_ms,
             max_concurrent_requests,
             request_timeout_ms,
+            shutdown_delay_ms,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -310,6 +321,7 @@ impl fmt::Debug for Config {
             .field("health_check_interval_ms", health_check_interval_ms)
             .field("max_concurrent_requests", max_concurrent_requests)
             .field("request_timeout_ms", request_timeout_ms)
+            .field("shutdown_delay_ms", shutdown_delay_ms)
             .field("tls_cert", tls_cert)
             .field("tls_key", tls_key)
             .field("tls_client_ca", tls_client_ca)

@@ -6,6 +6,8 @@
 //! - [`server`]: the transport: tonic, the logging layer, gRPC health,
 //!   reflection and graceful shutdown. [`server::run`] is the entry point.
 //! - [`observe`]: one log line and the metrics of each RPC.
+//! - `shutdown`: open streams end when the listener closes, so the drain
+//!   does not wait for them.
 //! - [`limits`]: the concurrency cap and per-call deadline.
 //! - [`auth`]: optional bearer-token authentication of callers.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics`.
@@ -34,6 +36,7 @@ pub mod observe;
 mod proptests;
 pub mod server;
 pub mod service;
+mod shutdown;
 pub mod store;
 
 pub use config::Config;

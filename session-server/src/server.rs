@@ -14,6 +14,7 @@ use crate::{
     limits::{self, LimitsLayer},
     observe::RpcLogLayer,
     service::SessionService,
+    shutdown::EndStreamsLayer,
     store::{
         Store,
         health::{MaxmemoryPolicy, NOEVICTION},
@@ -77,8 +78,11 @@ impl Default for Bounds {
 }
 
 /// Serves SessionStore, health and reflection on `listener` until `shutdown`
-/// completes; then reports NOT_SERVING, stops accepting connections and waits
-/// for in-flight calls to finish.
+/// completes; then shuts down in this order: readiness (and the overall
+/// status) turn NOT_SERVING and stay so; new calls are still served for
+/// SHUTDOWN_DELAY_MS, while load balancers and clients notice; the listener
+/// closes and open streams (health watches, reflection) end with
+/// UNAVAILABLE; in-flight calls finish, and `run` returns.
 ///
 /// The listener is bound by the caller, so tests can bind port 0 and know the
 /// address before the server runs.
@@ -162,6 +166,9 @@ pub async fn run_with_bounds(
 
     // Stops the plaintext health port, when there is one, with the main server.
     let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+    // Turns true when the listener closes: open streams then end, on both
+    // ports, so the drain waits only for calls that end by themselves.
+    let (close_streams, closing) = tokio::sync::watch::channel(false);
     let health_port = match config.health_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
@@ -172,24 +179,39 @@ pub async fn run_with_bounds(
                 listener,
                 health_service.clone(),
                 health_stopped,
+                closing.clone(),
             )))
         }
         None => None,
     };
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop_readiness = readiness.abort_handle();
     let shutdown = {
         let health = health.clone();
+        let delay = Duration::from_millis(config.shutdown_delay_ms);
         async move {
             shutdown.await;
-            tracing::info!("shutting down: draining in-flight calls");
-            // Probes see the pod leave before its listener closes.
+            // The Redis watcher stops first and for good (awaited, so it is
+            // not midway through an update): Redis answering again must not
+            // turn readiness back to SERVING during the delay or the drain.
+            readiness.abort();
+            let _ = readiness.await;
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
             health
                 .set_service_status(sessionstore::SERVICE_NAME, ServingStatus::NotServing)
                 .await;
+            tracing::info!(
+                delay_ms = delay.as_millis(),
+                "shutting down: NOT_SERVING; still serving until SHUTDOWN_DELAY_MS has passed"
+            );
+            // Load balancers, clients watching health and Kubernetes (its
+            // endpoints) stop sending new calls meanwhile.
+            tokio::time::sleep(delay).await;
+            tracing::info!("closing the listener: ending open streams, draining in-flight calls");
+            let _ = close_streams.send(true);
         }
     };
 
@@ -213,6 +235,9 @@ pub async fn run_with_bounds(
         )
         // Outermost first: every call is logged; a caller without a token
         // is refused before it takes a permit.
+        // Around everything, so every body of every call can be ended at
+        // shutdown.
+        .layer(EndStreamsLayer::new(closing))
         .layer(RpcLogLayer)
         .layer(AuthLayer::new(tokens))
         .layer(limits)
@@ -221,7 +246,8 @@ pub async fn run_with_bounds(
         .add_service(sessions)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    readiness.abort();
+    // Already stopped if the shutdown signal came; not if the transport failed.
+    stop_readiness.abort();
     if let Some(reloader) = reloader {
         reloader.abort();
     }
@@ -237,11 +263,14 @@ pub async fn run_with_bounds(
 }
 
 /// Serves only `grpc.health.v1` in plaintext on HEALTH_ADDR, for kubelet gRPC
-/// probes (which cannot speak TLS) when the main port requires TLS.
+/// probes (which cannot speak TLS) when the main port requires TLS. It keeps
+/// answering through the main port's drain; its health watches end when
+/// `closing` turns true, with the main port's streams.
 async fn serve_health<S>(
     listener: TcpListener,
     health_service: S,
     mut stopped: tokio::sync::watch::Receiver<bool>,
+    closing: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error>
 where
     S: tower::Service<
@@ -256,6 +285,7 @@ where
     S::Future: Send + 'static,
 {
     tonic::transport::Server::builder()
+        .layer(EndStreamsLayer::new(closing))
         .add_service(health_service)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
             let _ = stopped.wait_for(|stop| *stop).await;

@@ -60,6 +60,9 @@ pub(crate) fn test_config() -> Config {
     config.key_prefix = unique_prefix();
     config.health_check_interval_ms = 50;
     config.redis_timeout_ms = 1000;
+    // Tests that stop a server want it gone at once; the shutdown tests set
+    // their own delay.
+    config.shutdown_delay_ms = 0;
     config
 }
 

@@ -1,9 +1,20 @@
 //! Health, reflection and shutdown: what Kubernetes probes and operators see.
 
-use sessionstore::v1::{CreateSessionRequest, GetSessionRequest};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use std::{net::SocketAddr, time::Duration};
 
-use crate::common::{TestServer, readiness, wait_until};
+use sessionstore::v1::{
+    CreateSessionRequest, GetSessionRequest, session_store_client::SessionStoreClient,
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_client::HealthClient,
+};
+
+use crate::common::{
+    PrivateRedis, TestServer, config_on, free_port, readiness, test_config, wait_until,
+};
 
 /// With Redis answering, both the overall status ("") and the readiness status
 /// of sessionstore.v1.SessionStore are SERVING.
@@ -105,4 +116,257 @@ async fn shutdown_drains_then_stops() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "listener still open"
     );
+}
+
+/// A new connection to `addr`: succeeding proves the listener is open.
+async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the listener is open")
+}
+
+/// Readiness of the SessionStore service, asked on a new connection.
+async fn readiness_at(addr: SocketAddr) -> ServingStatus {
+    let status = HealthClient::new(connect(addr).await)
+        .check(HealthCheckRequest {
+            service: sessionstore::SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
+}
+
+/// Opens a health Watch of `service` at `addr`.
+async fn watch(addr: SocketAddr, service: &str) -> Streaming<HealthCheckResponse> {
+    HealthClient::new(connect(addr).await)
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next status a Watch sends, waiting at most 10 s.
+async fn next_status(stream: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
+    let answer = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("no status within 10 s")
+        .expect("the stream ended")
+        .expect("the stream failed");
+    ServingStatus::try_from(answer.status).unwrap()
+}
+
+/// Asserts that `stream` has ended (at once: the server is gone), either
+/// cleanly or with the UNAVAILABLE that shutdown ends streams with.
+async fn assert_ended<T: std::fmt::Debug>(stream: &mut Streaming<T>) {
+    let last = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream is still open after the server stopped");
+    match last {
+        None => {}
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Some(Ok(message)) => panic!("a message after shutdown: {message:?}"),
+    }
+}
+
+/// Shutdown turns readiness NOT_SERVING first, then keeps serving for
+/// SHUTDOWN_DELAY_MS: new connections are accepted and new calls answered
+/// while probes and watchers see NOT_SERVING. Only then does the server stop.
+#[tokio::test]
+async fn not_serving_first_then_serving_through_the_delay() {
+    let mut config = test_config();
+    // Far longer than the checks below take, so they run inside the delay
+    // (each opens a new connection, which would fail after it).
+    config.shutdown_delay_ms = 3000;
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr;
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            readiness(&server).await == ServingStatus::Serving as i32
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
+    assert_eq!(
+        next_status(&mut readiness_watch).await,
+        ServingStatus::Serving
+    );
+
+    let stopping = tokio::spawn(server.shutdown());
+    // Watchers hear it first...
+    assert_eq!(
+        next_status(&mut readiness_watch).await,
+        ServingStatus::NotServing
+    );
+    // ...and so do probes, on new connections, which are still accepted...
+    assert_eq!(readiness_at(addr).await, ServingStatus::NotServing);
+    let overall = HealthClient::new(connect(addr).await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(overall.status, ServingStatus::NotServing as i32);
+    // ...and served.
+    let created = SessionStoreClient::new(connect(addr).await)
+        .create_session(CreateSessionRequest {
+            user_id: "late".into(),
+            token_id: "late-1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        created.is_ok(),
+        "a call during the delay failed: {created:?}"
+    );
+
+    // Then the listener closes and the server stops.
+    stopping.await.unwrap();
+    assert_ended(&mut readiness_watch).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still open"
+    );
+}
+
+/// Open health watches, on the serving port and on HEALTH_ADDR, and an open
+/// reflection stream do not hold the drain: at shutdown each watch gets
+/// NOT_SERVING and then ends, the reflection stream ends, and the server task
+/// finishes (it would otherwise wait for them forever).
+#[tokio::test]
+async fn open_streams_end_at_shutdown() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+
+    let mut config = test_config();
+    let health_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config.health_addr = Some(health_addr);
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr;
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            readiness(&server).await == ServingStatus::Serving as i32
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
+    assert_eq!(
+        next_status(&mut readiness_watch).await,
+        ServingStatus::Serving
+    );
+    let mut probe_watch = watch(health_addr, "").await;
+    assert_eq!(next_status(&mut probe_watch).await, ServingStatus::Serving);
+
+    // A reflection session whose caller never closes its side.
+    let (requests, request_stream) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(connect(addr).await)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(request_stream))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reflection.next().await.unwrap().is_ok());
+
+    // The server stops (within TestServer::shutdown's 10 s) while all three
+    // streams are still held open by their callers.
+    server.shutdown().await;
+    assert_eq!(
+        next_status(&mut readiness_watch).await,
+        ServingStatus::NotServing
+    );
+    assert_ended(&mut readiness_watch).await;
+    assert_eq!(
+        next_status(&mut probe_watch).await,
+        ServingStatus::NotServing
+    );
+    assert_ended(&mut probe_watch).await;
+    assert_ended(&mut reflection).await;
+    drop(requests);
+}
+
+/// Once shutdown has begun, the Redis watcher never turns readiness back to
+/// SERVING: here Redis is down when the signal comes and back (the server's
+/// calls succeed again) during the delay, yet readiness stays NOT_SERVING
+/// until the server stops.
+#[tokio::test]
+async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
+    let mut redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    // Room for Redis to restart and the pool to reconnect within the delay,
+    // and for many health ticks (50 ms) after that.
+    config.shutdown_delay_ms = 6000;
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr;
+    let client = server.client().await;
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            readiness(&server).await == ServingStatus::Serving as i32
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+    redis.kill();
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            readiness(&server).await == ServingStatus::NotServing as i32
+        })
+        .await,
+        "readiness stayed SERVING with Redis down"
+    );
+    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
+    assert_eq!(
+        next_status(&mut readiness_watch).await,
+        ServingStatus::NotServing
+    );
+
+    let stopping = tokio::spawn(server.shutdown());
+    redis.restart();
+    let get = || GetSessionRequest {
+        token_id: "back".into(),
+        user_id: "back".into(),
+    };
+    assert!(
+        wait_until(Duration::from_secs(4), || {
+            let mut client = client.clone();
+            async move { client.get_session(get()).await.is_ok() }
+        })
+        .await,
+        "the server did not reach Redis again during the delay"
+    );
+    // Redis answers, so before the fix the watcher set SERVING within a tick
+    // or two. Every status until the stream ends must be NOT_SERVING.
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), readiness_watch.next())
+            .await
+            .expect("the watch neither changed nor ended");
+        match next {
+            Some(Ok(answer)) => assert_eq!(
+                answer.status,
+                ServingStatus::NotServing as i32,
+                "readiness went back to SERVING during shutdown"
+            ),
+            Some(Err(status)) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                break;
+            }
+            None => break,
+        }
+    }
+    stopping.await.unwrap();
 }

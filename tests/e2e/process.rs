@@ -5,13 +5,17 @@ use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::mpsc,
     time::Duration,
 };
 
 use sessionstore::v1::{GetSessionRequest, session_store_client::SessionStoreClient};
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
-use crate::common::{PrivateRedis, unique_prefix};
+use crate::common::{PrivateRedis, unique_prefix, wait_until};
 
 /// The server binary, built with the same cargo that runs the tests and the
 /// same command as the Dockerfile, so these tests run the image's binary.
@@ -38,8 +42,12 @@ fn server_binary() -> PathBuf {
     target.join("release/session-server")
 }
 
-/// Starts the binary on port 0 and returns it with the address it logged.
-fn spawn_server(redis_url: &str, extra_env: &[(&str, &str)]) -> (Child, String) {
+/// Starts the binary on port 0 and returns it with the address it logged and
+/// the log lines after that one, as they come.
+fn spawn_server(
+    redis_url: &str,
+    extra_env: &[(&str, &str)],
+) -> (Child, String, mpsc::Receiver<serde_json::Value>) {
     let mut child = Command::new(server_binary())
         .env_clear()
         .env("REDIS_URL", redis_url)
@@ -65,9 +73,16 @@ fn spawn_server(redis_url: &str, extra_env: &[(&str, &str)]) -> (Child, String) 
             break event["addr"].as_str().unwrap().to_string();
         }
     };
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    // Keep draining stdout, whether or not the test reads the lines.
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str(&line) {
+                let _ = sender.send(event);
+            }
+        }
+    });
+    (child, addr, receiver)
 }
 
 fn signal(child: &Child, name: &str) {
@@ -113,7 +128,10 @@ fn bad_configuration_exits_2_naming_the_variable() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_calls_and_exits_0() {
     let redis = PrivateRedis::start();
-    let (mut child, addr) = spawn_server(&redis.url(), &[("REDIS_TIMEOUT_MS", "3000")]);
+    let (mut child, addr, _logs) = spawn_server(
+        &redis.url(),
+        &[("REDIS_TIMEOUT_MS", "3000"), ("SHUTDOWN_DELAY_MS", "0")],
+    );
     let url = format!("http://{addr}");
     let mut client = SessionStoreClient::connect(url.clone()).await.unwrap();
     let get = || GetSessionRequest {
@@ -153,4 +171,88 @@ async fn sigterm_drains_in_flight_calls_and_exits_0() {
         matches!(after.code(), Code::Unavailable | Code::Unknown),
         "{after:?}"
     );
+}
+
+/// Readiness of the SessionStore service on a new connection to `url`, or
+/// `None` when no connection can be made.
+async fn readiness_of(url: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(url.to_string())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest {
+            service: sessionstore::SERVICE_NAME.into(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).ok()
+}
+
+/// SIGTERM as Kubernetes sends it: readiness turns NOT_SERVING at once while
+/// new connections and calls are still served for SHUTDOWN_DELAY_MS; then the
+/// listener closes and the process exits 0, with its last log line
+/// ("stopped") written out by the non-blocking log writer before it exits.
+#[tokio::test]
+async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
+    let redis = PrivateRedis::start();
+    let (mut child, addr, logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("HEALTH_CHECK_INTERVAL_MS", "50"),
+            // Far longer than the checks during the delay take.
+            ("SHUTDOWN_DELAY_MS", "3000"),
+        ],
+    );
+    let url = format!("http://{addr}");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            readiness_of(&url).await == Some(ServingStatus::Serving)
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+
+    signal(&child, "TERM");
+    assert!(
+        wait_until(Duration::from_secs(2), || async {
+            readiness_of(&url).await == Some(ServingStatus::NotServing)
+        })
+        .await,
+        "readiness did not turn NOT_SERVING on a new connection after SIGTERM"
+    );
+    // Still accepting and serving: a new connection, a call answered.
+    let mut late = SessionStoreClient::connect(url.clone())
+        .await
+        .expect("the listener closed before the delay ended");
+    let answer = late
+        .get_session(GetSessionRequest {
+            token_id: "late".into(),
+            user_id: "late".into(),
+        })
+        .await;
+    assert!(answer.is_ok(), "a call during the delay failed: {answer:?}");
+
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(readiness_of(&url).await.is_none(), "still listening");
+    let messages: Vec<String> = logs
+        .try_iter()
+        .filter_map(|event| event["message"].as_str().map(str::to_string))
+        .collect();
+    let position = |start: &str| {
+        messages
+            .iter()
+            .position(|message| message.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} line in {messages:#?}"))
+    };
+    assert!(position("shutting down") < position("closing the listener"));
+    assert_eq!(messages.last().map(String::as_str), Some("stopped"));
 }

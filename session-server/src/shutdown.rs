@@ -1,0 +1,321 @@
+//! Ending open streams when the server closes its listener, so the drain waits
+//! only for calls that end by themselves.
+//!
+//! A graceful HTTP/2 shutdown lets every open stream run to its end, and a
+//! health `Watch`, a reflection session or any other server stream has none:
+//! without this, one idle `grpcurl` or a load balancer's health watch would
+//! hold the drain for its whole timeout. [`EndStreamsLayer`] wraps both
+//! bodies of every call. Once the shutdown sequence signals that the
+//! listener is closing, a body that is waiting for its next message ends
+//! instead, with UNAVAILABLE ("server is shutting down"), which tells the
+//! caller to retry elsewhere: a response body sends that status as its
+//! trailers; a request body (a caller still streaming in, as reflection's
+//! does) fails with it, so the handler stops reading and lets the stream go.
+//! A message being sent is never cut. A unary call is not touched: its
+//! handler has read the whole request before it answers, and its answer
+//! never waits, so it finishes in the drain; only a request still arriving
+//! when the listener closes fails, unexecuted.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::watch;
+use tonic::{
+    body::Body,
+    codegen::{
+        Bytes,
+        http::{HeaderMap, Request, Response},
+    },
+};
+use tower::{Layer, Service};
+
+/// The message open streams end with.
+const SHUTTING_DOWN: &str = "server is shutting down";
+
+/// Wraps response bodies so they end when `closing` turns true (or its sender
+/// is dropped).
+#[derive(Clone, Debug)]
+pub(crate) struct EndStreamsLayer {
+    closing: watch::Receiver<bool>,
+}
+
+impl EndStreamsLayer {
+    /// Ends open streams once `closing` is true.
+    pub(crate) fn new(closing: watch::Receiver<bool>) -> Self {
+        Self { closing }
+    }
+}
+
+impl<S> Layer<S> for EndStreamsLayer {
+    type Service = EndStreams<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EndStreams {
+            inner,
+            closing: self.closing.clone(),
+        }
+    }
+}
+
+/// The service made by [`EndStreamsLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct EndStreams<S> {
+    inner: S,
+    closing: watch::Receiver<bool>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for EndStreams<S>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<tonic::codegen::StdError>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = Response<EndAtShutdown>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let closing = self.closing.clone();
+        let request = request.map(|body| {
+            // The services below take tonic's body type, hence the box.
+            Body::new(EndAtShutdown::new(
+                Body::new(body),
+                closing.clone(),
+                End::Fail,
+            ))
+        });
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            // `Body::new` keeps a tonic body as it is (no new allocation).
+            Ok(response.map(|body| EndAtShutdown::new(Body::new(body), closing, End::Trailers)))
+        })
+    }
+}
+
+/// How a body that is cut short ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// A response: UNAVAILABLE as its trailers, the gRPC way to end a call.
+    Trailers,
+    /// A request: an UNAVAILABLE error, which the handler reads as a broken
+    /// stream, not as a complete one, so it cannot act on partial input.
+    Fail,
+}
+
+/// A body that ends with UNAVAILABLE when the server starts closing while it
+/// waits for its next frame.
+#[derive(Debug)]
+pub(crate) struct EndAtShutdown {
+    inner: Body,
+    closing: watch::Receiver<bool>,
+    end: End,
+    /// Made the first time the body has to wait: most bodies (unary answers)
+    /// never do, and so never allocate it.
+    closed: Option<Closed>,
+    /// The body has been cut short.
+    ended: bool,
+}
+
+/// Completes when the listener starts closing.
+struct Closed(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Closed").finish_non_exhaustive()
+    }
+}
+
+impl EndAtShutdown {
+    fn new(inner: Body, closing: watch::Receiver<bool>, end: End) -> Self {
+        Self {
+            inner,
+            closing,
+            end,
+            closed: None,
+            ended: false,
+        }
+    }
+}
+
+impl HttpBody for EndAtShutdown {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        // `EndAtShutdown` is `Unpin`: its fields are.
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => return Poll::Ready(frame),
+            Poll::Pending => {}
+        }
+        let closing = &this.closing;
+        let closed = this.closed.get_or_insert_with(|| {
+            let mut closing = closing.clone();
+            Closed(Box::pin(async move {
+                // An error means the sender is gone: the server is over.
+                let _ = closing.wait_for(|closing| *closing).await;
+            }))
+        });
+        if closed.0.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.ended = true;
+        let status = tonic::Status::unavailable(SHUTTING_DOWN);
+        Poll::Ready(Some(match this.end {
+            End::Trailers => {
+                let mut trailers = HeaderMap::new();
+                // A code and an ASCII message always make valid headers.
+                let _ = status.add_header(&mut trailers);
+                Ok(Frame::trailers(trailers))
+            }
+            End::Fail => Err(status),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.ended {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::Code;
+
+    use super::*;
+
+    /// A test body: sends `frames`, then waits forever when `endless`, else
+    /// ends.
+    struct Scripted {
+        frames: Vec<&'static str>,
+        endless: bool,
+    }
+
+    impl HttpBody for Scripted {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+            let this = self.get_mut();
+            if this.frames.is_empty() {
+                return if this.endless {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(None)
+                };
+            }
+            let data = this.frames.remove(0);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+        }
+    }
+
+    async fn next(body: &mut EndAtShutdown) -> Option<Result<Frame<Bytes>, tonic::Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    fn wrapped(frames: Vec<&'static str>, endless: bool) -> (watch::Sender<bool>, EndAtShutdown) {
+        let (close, closing) = watch::channel(false);
+        let body = Body::new(Scripted { frames, endless });
+        (close, EndAtShutdown::new(body, closing, End::Trailers))
+    }
+
+    /// A waiting stream ends with UNAVAILABLE once the listener closes, after
+    /// the frames it had.
+    #[tokio::test]
+    async fn a_waiting_stream_ends_when_closing() {
+        let (close, mut body) = wrapped(vec!["first"], true);
+        let first = next(&mut body).await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), next(&mut body))
+                .await
+                .is_err(),
+            "the stream ended before the server closed"
+        );
+        close.send(true).unwrap();
+        let last = next(&mut body).await.unwrap().unwrap();
+        let trailers = last.into_trailers().unwrap();
+        let status = tonic::Status::from_header_map(&trailers).unwrap();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), SHUTTING_DOWN);
+        assert!(next(&mut body).await.is_none());
+        assert!(body.is_end_stream());
+    }
+
+    /// A body that does not wait is passed through whole, closing or not.
+    #[tokio::test]
+    async fn an_answer_that_does_not_wait_is_untouched() {
+        let (close, mut body) = wrapped(vec!["one", "two"], false);
+        close.send(true).unwrap();
+        assert_eq!(
+            next(&mut body).await.unwrap().unwrap().into_data().unwrap(),
+            "one"
+        );
+        assert_eq!(
+            next(&mut body).await.unwrap().unwrap().into_data().unwrap(),
+            "two"
+        );
+        assert!(next(&mut body).await.is_none());
+        let (_close, closing) = watch::channel(true);
+        let refusal = tonic::Status::not_found("x")
+            .into_http::<Body>()
+            .into_body();
+        assert!(EndAtShutdown::new(refusal, closing, End::Trailers).is_end_stream());
+    }
+
+    /// A request still streaming in fails, rather than looking complete.
+    #[tokio::test]
+    async fn a_waiting_request_fails_when_closing() {
+        let (close, closing) = watch::channel(false);
+        let body = Body::new(Scripted {
+            frames: vec!["part"],
+            endless: true,
+        });
+        let mut body = EndAtShutdown::new(body, closing, End::Fail);
+        assert!(next(&mut body).await.unwrap().is_ok());
+        close.send(true).unwrap();
+        let error = next(&mut body).await.unwrap().unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable);
+        assert!(next(&mut body).await.is_none());
+    }
+
+    /// A stream also ends when the shutdown sequence is gone (the server is
+    /// over), not only when told.
+    #[tokio::test]
+    async fn a_stream_ends_when_the_server_is_gone() {
+        let (close, mut body) = wrapped(vec![], true);
+        drop(close);
+        let last = next(&mut body).await.unwrap().unwrap();
+        assert!(last.is_trailers());
+    }
+}
