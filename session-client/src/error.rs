@@ -174,24 +174,41 @@ impl std::error::Error for CallError {
 /// the client's public shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-#[allow(missing_docs)] // The canonical gRPC codes, named as in the gRPC spec.
 pub enum Code {
+    /// Not an error; never in an [`Error`].
     Ok,
+    /// The call was cancelled, typically by the caller.
     Cancelled,
+    /// An error with no better code, such as a transport failure tonic could
+    /// not classify.
     Unknown,
+    /// The request broke the contract.
     InvalidArgument,
+    /// The deadline passed before the call finished.
     DeadlineExceeded,
+    /// Something asked for was not found.
     NotFound,
+    /// Something to create already exists.
     AlreadyExists,
+    /// The caller may not do this.
     PermissionDenied,
+    /// A quota or capacity ran out: the server's concurrency cap, Redis memory.
     ResourceExhausted,
+    /// The system is not in a state the call needs.
     FailedPrecondition,
+    /// The call was aborted, typically by a concurrency conflict.
     Aborted,
+    /// A value was out of range, such as a request above the size limit.
     OutOfRange,
+    /// The server does not implement the method.
     Unimplemented,
+    /// A bug, or a malformed answer.
     Internal,
+    /// The service could not be reached or could not reach Redis.
     Unavailable,
+    /// Unrecoverable data loss.
     DataLoss,
+    /// No valid credentials were presented.
     Unauthenticated,
 }
 
