@@ -609,7 +609,7 @@ impl fmt::Debug for Builder {
 async fn connect_any(pool: &Pool, connect_timeout: Duration) -> Result<()> {
     let members = pool.members();
     let (sender, mut results) = tokio::sync::mpsc::channel(members.len().max(1));
-    let until = std::time::Instant::now() + connect_timeout;
+    let until = crate::client::later(connect_timeout);
     for member in members.iter() {
         member.hold(until);
     }
@@ -794,6 +794,21 @@ mod tests {
                 "{ratio}"
             );
         }
+    }
+
+    /// A timeout of `Duration::MAX` ("no limit") neither overflows the clock
+    /// nor hangs a call to a server that refuses connections.
+    #[tokio::test]
+    async fn a_huge_timeout_is_accepted() {
+        let client = SessionClient::builder("http://127.0.0.1:1")
+            .timeout(Duration::MAX)
+            .connect_timeout(Duration::MAX)
+            .initial_backoff(Duration::from_millis(1))
+            .connect()
+            .await
+            .unwrap();
+        let result = client.get_session("t").await;
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
     }
 
     /// The default (lazy) client is built with nothing listening.

@@ -567,7 +567,7 @@ impl SessionClient {
     {
         let shared = &*self.shared;
         let policy = &shared.policy;
-        let deadline = Instant::now() + policy.timeout;
+        let deadline = later(policy.timeout);
         // Attempts counted against `max_attempts`; requests that never left
         // are retried on other endpoints without counting, at most once per
         // endpoint.
@@ -646,7 +646,7 @@ impl SessionClient {
             } else {
                 policy.retry.backoff(attempts.max(1))
             };
-            if Instant::now() + pause >= deadline {
+            if later(pause) >= deadline {
                 // No attempt could start within the budget.
                 return Err(Error::from(status));
             }
@@ -679,6 +679,13 @@ impl Verdict {
             Kind::Read | Kind::Write => Self::Final,
         }
     }
+}
+
+/// `after` from now; a year at most, so that a huge timeout (`Duration::MAX`
+/// for "no limit") cannot overflow the clock.
+pub(crate) fn later(after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    Instant::now() + after.min(FAR)
 }
 
 /// The error for a call whose budget ran out between attempts: the last
