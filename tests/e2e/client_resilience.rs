@@ -180,6 +180,27 @@ async fn dns_discovery_follows_addresses_added_and_removed() {
     assert_eq!(count_on(&second.url(), "fay").await, second_before + 50);
 }
 
+/// Over TLS, each discovered address is expected to present a certificate
+/// for the DNS name (not its IP address), so mutual TLS works with discovery
+/// and no `tls_domain_name`.
+#[tokio::test]
+async fn dns_discovery_over_tls_checks_the_name() {
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let server = TestServer::start_with(pki.server_config(&files, true)).await;
+    let addr = server.addr;
+    let client = SessionClient::builder(format!("https://{}:50051", Pki::SERVER_NAME))
+        .dns_discovery(Duration::from_secs(60))
+        .dns_resolver(move |_, _| async move { Ok(vec![addr]) })
+        .ca_certificate(pki.ca.clone())
+        .identity(pki.client_cert.clone(), pki.client_key.clone())
+        .lazy(false)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(client.get_user_session_count("jo").await.unwrap(), 0);
+}
+
 /// With Redis paused and many retries allowed, a read with `timeout(300 ms)`
 /// returns within its budget (the old per-attempt timeout took attempts ×
 /// timeout), with a transient error.
