@@ -17,4 +17,5 @@ mod properties;
 mod rate_limit;
 mod security;
 mod sessions;
+mod streams;
 mod validation;

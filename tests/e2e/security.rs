@@ -378,3 +378,44 @@ async fn wait_for_channel(url: String) -> tonic::transport::Channel {
         }
     }
 }
+
+/// Emptying the tokens file (an operator revoking every token after a leak)
+/// refuses every call but health once the reload sees it; the file is
+/// replaced the supported way, written beside it and renamed into place.
+#[tokio::test]
+async fn emptying_the_tokens_file_denies_all() {
+    let file = TokensFile::new("leaked-secret\n");
+    let mut config = test_config();
+    config.auth_tokens_file = Some(file.0.clone());
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    client
+        .get_user_session_count(count_request(Some("leaked-secret")))
+        .await
+        .unwrap();
+
+    let staged = file.0.with_extension("new");
+    std::fs::write(&staged, "# every token revoked\n").unwrap();
+    std::fs::rename(&staged, &file.0).unwrap();
+    let denied = wait_until(Duration::from_secs(20), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_user_session_count(count_request(Some("leaked-secret")))
+                .await
+                .is_err_and(|status| status.code() == Code::Unauthenticated)
+        }
+    })
+    .await;
+    assert!(
+        denied,
+        "the old token was still accepted after the file was emptied"
+    );
+    let mut health = server.health().await;
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health needs no token");
+}

@@ -1,0 +1,351 @@
+//! Guards against callers that hold connections and streams open: streams
+//! behind authentication and their own cap, reflection included, and the TLS
+//! handshake timeout.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use session_server::{Config, Store, server};
+use sessionstore::v1::{GetUserSessionCountRequest, session_store_client::SessionStoreClient};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, ServerReflectionResponse,
+    server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+    server_reflection_response::MessageResponse,
+};
+
+use crate::common::{Pki, TempFiles, test_config, wait_until};
+
+/// A server started with [`server::run_with_bounds`], for bounds too large
+/// (or too long) to reach in a test at their production values.
+struct BoundedServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), server::ServeError>>>,
+}
+
+impl BoundedServer {
+    async fn start(config: Config, bounds: server::Bounds) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let store = Store::new(config.store_settings().unwrap()).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server::run_with_bounds(
+                listener,
+                &config,
+                store,
+                async {
+                    let _ = stopped.await;
+                },
+                bounds,
+            )
+            .await
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("server did not stop within 30 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for BoundedServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A tokens file holding `token`, and a config that requires it.
+fn auth_config(files: &TempFiles, token: &str) -> (Config, PathBuf) {
+    let path = files.write("tokens", &format!("# test\n{token}\n"));
+    let mut config = test_config();
+    config.auth_tokens_file = Some(path.clone());
+    (config, path)
+}
+
+/// `request` with `authorization: <scheme> <token>`.
+fn with_token<T>(mut request: Request<T>, scheme: &str, token: &str) -> Request<T> {
+    let value: MetadataValue<_> = format!("{scheme} {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+fn list_services() -> ServerReflectionRequest {
+    ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    }
+}
+
+/// An open reflection stream: it ends when dropped (the request side ends,
+/// so the server ends the response).
+#[derive(Debug)]
+struct Reflection {
+    responses: tonic::Streaming<ServerReflectionResponse>,
+    _requests: tokio::sync::mpsc::Sender<ServerReflectionRequest>,
+}
+
+/// Opens a reflection stream, with `authorization: <authorization>` when
+/// given, that asks for the service list and then stays open; returns it once
+/// the server answered the headers, or the refusal.
+async fn open_reflection(
+    channel: Channel,
+    authorization: Option<&str>,
+) -> Result<Reflection, Status> {
+    let (requests, receiver) = tokio::sync::mpsc::channel(1);
+    requests.send(list_services()).await.unwrap();
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    if let Some(value) = authorization {
+        let value: MetadataValue<_> = value.parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+    }
+    let responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(request)
+        .await?
+        .into_inner();
+    Ok(Reflection {
+        responses,
+        _requests: requests,
+    })
+}
+
+/// The service names a reflection stream lists first.
+async fn listed(stream: &mut Reflection) -> Vec<String> {
+    let response = stream.responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    list.service.into_iter().map(|s| s.name).collect()
+}
+
+fn count(user: &str) -> Request<GetUserSessionCountRequest> {
+    Request::new(GetUserSessionCountRequest {
+        user_id: user.into(),
+    })
+}
+
+/// With AUTH_TOKENS_FILE set, reflection without a token is UNAUTHENTICATED
+/// (it would show an attacker the whole API); with one, in a lower-case
+/// `bearer` scheme (RFC 6750: case-insensitive), it lists the services.
+#[tokio::test]
+async fn reflection_needs_a_token() {
+    let files = TempFiles::new();
+    let (config, _) = auth_config(&files, "reflect-secret");
+    let server = BoundedServer::start(config, server::Bounds::default()).await;
+    let channel = server.channel().await;
+
+    let refused = open_reflection(channel.clone(), None).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let wrong = open_reflection(channel.clone(), Some("Bearer reflect-secreT"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+
+    let mut stream = open_reflection(channel.clone(), Some("bearer reflect-secret"))
+        .await
+        .unwrap();
+    let names = listed(&mut stream).await;
+    assert!(
+        names.iter().any(|n| n == sessionstore::SERVICE_NAME),
+        "{names:?}"
+    );
+    // The same lower-case scheme works on the session service.
+    SessionStoreClient::new(channel)
+        .get_user_session_count(with_token(count("reflector"), "bearer", "reflect-secret"))
+        .await
+        .unwrap();
+    drop(stream);
+    server.stop().await;
+}
+
+/// With authentication on, 1,000 streams opened at once without a token are
+/// all refused (UNAUTHENTICATED, before taking a permit), and the 1,000 health
+/// watches anyone may open get no more than their own pool: the rest are
+/// refused with RESOURCE_EXHAUSTED, while probes, authenticated streams and
+/// unary calls are still served.
+#[tokio::test]
+async fn a_thousand_unauthenticated_streams_are_refused() {
+    let files = TempFiles::new();
+    let (config, _) = auth_config(&files, "stream-secret");
+    let server = BoundedServer::start(config, server::Bounds::default()).await;
+    let channel = server.channel().await;
+
+    let opened: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(open_reflection(channel.clone(), None)))
+        .collect();
+    for stream in opened {
+        let status = stream.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+
+    let watches: Vec<_> = (0..1000)
+        .map(|_| {
+            let mut health = HealthClient::new(channel.clone());
+            tokio::spawn(async move {
+                health
+                    .watch(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for watch in watches {
+        match watch.await.unwrap() {
+            Ok(stream) => open.push(stream),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("health watches"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(open.len(), session_server::limits::MAX_HEALTH_WATCHES);
+    assert_eq!(refused, 1000 - session_server::limits::MAX_HEALTH_WATCHES);
+
+    // Everything else still works while those watches are open.
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("probes are not counted with watches");
+    let mut authed = open_reflection(channel.clone(), Some("Bearer stream-secret"))
+        .await
+        .unwrap();
+    assert!(!listed(&mut authed).await.is_empty());
+    SessionStoreClient::new(channel.clone())
+        .get_user_session_count(with_token(count("streamer"), "Bearer", "stream-secret"))
+        .await
+        .unwrap();
+    drop((open, authed, channel));
+    server.stop().await;
+}
+
+/// Without authentication, streams past the stream cap get RESOURCE_EXHAUSTED
+/// while the open ones keep their permits (released only when a stream ends,
+/// not when its headers are sent), unary calls are still served, and a
+/// stream that ends makes room for another.
+#[tokio::test]
+async fn streams_past_their_cap_are_refused_and_unary_calls_still_work() {
+    let bounds = server::Bounds {
+        max_streams: 4,
+        ..server::Bounds::default()
+    };
+    let server = BoundedServer::start(test_config(), bounds).await;
+    let channel = server.channel().await;
+
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut stream = open_reflection(channel.clone(), None).await.unwrap();
+        assert!(!listed(&mut stream).await.is_empty());
+        open.push(stream);
+    }
+    for _ in 0..3 {
+        let status = open_reflection(channel.clone(), None).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("limit of 4 concurrent streams"),
+            "{status:?}"
+        );
+    }
+    let mut sessions = SessionStoreClient::new(channel.clone());
+    for _ in 0..10 {
+        let answer = sessions.get_user_session_count(count("unary")).await;
+        assert_eq!(answer.unwrap().into_inner().count, 0);
+    }
+
+    // One stream ends (the caller drops it): its permit comes back.
+    open.pop();
+    let reopened = wait_until(Duration::from_secs(5), || {
+        let channel = channel.clone();
+        async move { open_reflection(channel, None).await.is_ok() }
+    })
+    .await;
+    assert!(reopened, "a closed stream's permit never came back");
+    drop((open, sessions, channel));
+    server.stop().await;
+}
+
+/// A peer that opens a TCP connection to the TLS port and never starts the
+/// handshake is disconnected once the handshake timeout passes, while a
+/// mutual-TLS client (certificate from TLS_CLIENT_CA) is still served.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed() {
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let config = pki.server_config(&files, true);
+    let bound = Duration::from_millis(500);
+    let bounds = server::Bounds {
+        tls_handshake_timeout: bound,
+        ..server::Bounds::default()
+    };
+    let server = BoundedServer::start(config, bounds).await;
+
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut buf))
+        .await
+        .expect("the server never closed a connection that sent nothing");
+    let elapsed = started.elapsed();
+    // Closed (EOF) or reset, with nothing sent: the server gave up.
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(elapsed >= bound - Duration::from_millis(50), "{elapsed:?}");
+    assert!(elapsed < bound * 4, "{elapsed:?}");
+
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&pki.ca))
+        .domain_name(Pki::SERVER_NAME)
+        .identity(tonic::transport::Identity::from_pem(
+            &pki.client_cert,
+            &pki.client_key,
+        ));
+    let channel = Channel::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    SessionStoreClient::new(channel)
+        .get_user_session_count(count("tls"))
+        .await
+        .expect("a mutual-TLS client is served");
+    server.stop().await;
+}
