@@ -91,11 +91,19 @@ async fn main() -> anyhow::Result<()> {
         () = shutdown_signal() => {}
     }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(result) => result?.context("server failed")?,
-        Err(_) => tracing::warn!(
-            ?DRAIN_TIMEOUT,
-            "calls still in flight after the drain timeout"
+    // The server serves on through the delay, then drains. A second signal
+    // (a second Ctrl-C) stops it at once, dropping what is in flight.
+    let limit = Duration::from_millis(config.shutdown_delay_ms) + DRAIN_TIMEOUT;
+    tokio::select! {
+        finished = tokio::time::timeout(limit, &mut server) => match finished {
+            Ok(result) => result?.context("server failed")?,
+            Err(_) => tracing::warn!(
+                ?DRAIN_TIMEOUT,
+                "calls still in flight after the drain timeout"
+            ),
+        },
+        () = shutdown_signal() => tracing::warn!(
+            "second signal: stopping now, without waiting for SHUTDOWN_DELAY_MS or the drain"
         ),
     }
     // Metrics stay up through the drain, so the last scrape sees it.

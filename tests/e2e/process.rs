@@ -256,3 +256,52 @@ async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
     assert!(position("shutting down") < position("closing the listener"));
     assert_eq!(messages.last().map(String::as_str), Some("stopped"));
 }
+
+/// A second signal during the shutdown delay stops the process at once (a
+/// second Ctrl-C), instead of after SHUTDOWN_DELAY_MS and the drain.
+#[tokio::test]
+async fn a_second_signal_stops_at_once() {
+    let redis = PrivateRedis::start();
+    let (mut child, addr, logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("HEALTH_CHECK_INTERVAL_MS", "50"),
+            ("SHUTDOWN_DELAY_MS", "120000"),
+        ],
+    );
+    let url = format!("http://{addr}");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            readiness_of(&url).await == Some(ServingStatus::Serving)
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+    signal(&child, "TERM");
+    assert!(
+        wait_until(Duration::from_secs(2), || async {
+            readiness_of(&url).await == Some(ServingStatus::NotServing)
+        })
+        .await,
+        "the first signal did not start the shutdown"
+    );
+    signal(&child, "INT");
+    // Far below the 120 s delay.
+    let exited = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("still running 30 s after the second signal")
+    .unwrap()
+    .unwrap();
+    assert_eq!(exited.code(), Some(0), "exit status {exited:?}");
+    let messages: Vec<String> = logs
+        .try_iter()
+        .filter_map(|event| event["message"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("second signal")),
+        "{messages:#?}"
+    );
+}
