@@ -233,11 +233,11 @@ pub async fn run_with_bounds(
             )
             .unwrap_or(u32::MAX),
         )
-        // Outermost first: every call is logged; a caller without a token
-        // is refused before it takes a permit.
         // Around everything, so every body of every call can be ended at
         // shutdown.
         .layer(EndStreamsLayer::new(closing))
+        // Outermost first: every call is logged; a caller without a token
+        // is refused before it takes a permit.
         .layer(RpcLogLayer)
         .layer(AuthLayer::new(tokens))
         .layer(limits)
