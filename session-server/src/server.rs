@@ -124,10 +124,15 @@ pub async fn run_with_bounds(
         config.redis_allow_eviction,
     ));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sessionstore::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpc.reflection.v1, and v1alpha for the tools
+    // that still speak only it (older grpcurl, grpcui, desktop clients).
+    let describe = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sessionstore::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = describe().build_v1()?;
+    let reflection_v1alpha = describe().build_v1alpha()?;
 
     // Every method that streams, in every service served here: they hold a
     // stream permit for their whole life (see `limits`).
@@ -135,6 +140,7 @@ pub async fn run_with_bounds(
         sessionstore::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ])
     .map_err(tonic_reflection::server::Error::from)?;
 
@@ -243,6 +249,7 @@ pub async fn run_with_bounds(
         .layer(limits)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(sessions)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

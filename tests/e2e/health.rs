@@ -13,7 +13,7 @@ use tonic_health::pb::{
 };
 
 use crate::common::{
-    PrivateRedis, TestServer, config_on, free_port, readiness, test_config, wait_until,
+    PrivateRedis, TempFiles, TestServer, config_on, free_port, readiness, test_config, wait_until,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -79,6 +79,83 @@ async fn reflection_lists_the_services() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+}
+
+/// Reflection v1alpha, all that older grpcurl releases, grpcui and several
+/// desktop clients speak, lists the same services as v1 (and itself).
+#[tokio::test]
+async fn reflection_v1alpha_lists_the_services() {
+    let server = TestServer::start().await;
+    let names = list_services_v1alpha(server.channel().await, None)
+        .await
+        .unwrap();
+    for service in [
+        sessionstore::SERVICE_NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == service), "{service}: {names:?}");
+    }
+}
+
+/// With AUTH_TOKENS_FILE set, v1alpha reflection is behind the same bearer
+/// token as v1: UNAUTHENTICATED without one or with a wrong one, the service
+/// list with the right one.
+#[tokio::test]
+async fn reflection_v1alpha_needs_a_token() {
+    let files = TempFiles::new();
+    let mut config = test_config();
+    config.auth_tokens_file = Some(files.write("tokens", "alpha-secret\n"));
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+
+    let refused = list_services_v1alpha(channel.clone(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let wrong = list_services_v1alpha(channel.clone(), Some("Bearer alpha-wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+    let names = list_services_v1alpha(channel, Some("Bearer alpha-secret"))
+        .await
+        .unwrap();
+    assert!(
+        names.iter().any(|n| n == sessionstore::SERVICE_NAME),
+        "{names:?}"
+    );
+}
+
+/// The services listed through grpc.reflection.v1alpha, sending
+/// `authorization: <authorization>` when given.
+async fn list_services_v1alpha(
+    channel: Channel,
+    authorization: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut request = tonic::Request::new(tokio_stream::iter([request]));
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(request)
+        .await?
+        .into_inner();
+    let response = responses.next().await.expect("an answer")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    Ok(list.service.into_iter().map(|s| s.name).collect())
 }
 
 /// A shutdown lets an in-flight call finish, then the server stops cleanly and
