@@ -8,7 +8,8 @@ Needs grpcio and grpcio-health-checking, and the stubs that
 `python -m grpc_tools.protoc -Iproto --python_out=OUT --grpc_python_out=OUT
 proto/sessionstore/v1/session_store.proto` writes, on PYTHONPATH.
 scripts/check-polyglot.sh does all of that and starts a server.
-Expects the server's default RATE_LIMIT_MAX_ATTEMPTS (5). Exits 1 on a failure.
+Expects the server's default RATE_LIMIT_MAX_ATTEMPTS (5) and
+RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS (10). Exits 1 on a failure.
 """
 
 import sys
@@ -24,6 +25,7 @@ from sessionstore.v1 import session_store_pb2_grpc as pb_grpc
 SERVICE = "sessionstore.v1.SessionStore"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_ATTEMPTS = 5  # RATE_LIMIT_MAX_ATTEMPTS
+ACCOUNT_MAX_ATTEMPTS = 10  # RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS
 DEADLINE = 5  # seconds, for every call
 
 passed = 0
@@ -163,7 +165,8 @@ def run(channel):
             check(f"RecordLoginAttempt #{attempt}: refused, retry_after {wait / 1000:.1f} s",
                   not verdict.allowed and verdict.attempts == attempt
                   and verdict.remaining == 0
-                  and verdict.HasField("retry_after") and wait > 0)
+                  and verdict.HasField("retry_after") and wait > 0
+                  and verdict.refused_by == pb.LOGIN_LIMIT_ADDRESS)
 
     # ResetLoginAttempts clears the counter.
     reset = store.ResetLoginAttempts(pb.ResetLoginAttemptsRequest(ip=ip), timeout=DEADLINE)
@@ -171,6 +174,46 @@ def run(channel):
     verdict = store.RecordLoginAttempt(pb.RecordLoginAttemptRequest(ip=ip), timeout=DEADLINE)
     check("  and the next attempt is allowed again", verdict.allowed and verdict.attempts == 1)
     store.ResetLoginAttempts(pb.ResetLoginAttemptsRequest(ip=ip), timeout=DEADLINE)
+
+    # With an account: attempts from many addresses are refused at the
+    # account's limit, by the account; a reset with the account clears it.
+    account = f"victim-{run_id}@example.com"
+    for n in range(1, ACCOUNT_MAX_ATTEMPTS + 2):
+        verdict = store.RecordLoginAttempt(
+            pb.RecordLoginAttemptRequest(ip=f"198.51.100.{n}", account=account), timeout=DEADLINE)
+        if n <= ACCOUNT_MAX_ATTEMPTS:
+            check(f"RecordLoginAttempt(account) #{n}: allowed",
+                  verdict.allowed and verdict.refused_by == pb.LOGIN_LIMIT_UNSPECIFIED)
+        else:
+            check(f"RecordLoginAttempt(account) #{n}: refused by the account",
+                  not verdict.allowed and verdict.refused_by == pb.LOGIN_LIMIT_ACCOUNT
+                  and verdict.attempts == n and verdict.HasField("retry_after"))
+    reset = store.ResetLoginAttempts(
+        pb.ResetLoginAttemptsRequest(ip="198.51.100.1", account=account), timeout=DEADLINE)
+    verdict = store.RecordLoginAttempt(
+        pb.RecordLoginAttemptRequest(ip="198.51.100.99", account=account), timeout=DEADLINE)
+    check("ResetLoginAttempts(account) cleared the account", reset.reset and verdict.allowed)
+
+    # A reset with one's own account keeps the guesses against another.
+    attacker = "192.0.2.250"
+    for _ in range(MAX_ATTEMPTS - 1):
+        store.RecordLoginAttempt(
+            pb.RecordLoginAttemptRequest(ip=attacker, account=account), timeout=DEADLINE)
+    own = f"own-{run_id}"
+    store.RecordLoginAttempt(pb.RecordLoginAttemptRequest(ip=attacker, account=own),
+                             timeout=DEADLINE)
+    store.ResetLoginAttempts(pb.ResetLoginAttemptsRequest(ip=attacker, account=own),
+                             timeout=DEADLINE)
+    verdicts = [store.RecordLoginAttempt(
+        pb.RecordLoginAttemptRequest(ip=attacker, account=account), timeout=DEADLINE)
+        for _ in range(2)]
+    check("  and a reset with another account keeps the address's guesses",
+          verdicts[0].allowed and not verdicts[1].allowed
+          and verdicts[1].refused_by == pb.LOGIN_LIMIT_ADDRESS)
+    code, details = error_code(store.RecordLoginAttempt, pb.RecordLoginAttemptRequest(
+        ip=attacker, account="x" * 257))
+    check("RecordLoginAttempt with a 257-byte account: INVALID_ARGUMENT naming account",
+          code == grpc.StatusCode.INVALID_ARGUMENT and "account" in details)
 
     # INVALID_ARGUMENT, with the field named in the message.
     code, details = error_code(

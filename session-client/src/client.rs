@@ -499,7 +499,48 @@ impl SessionClient {
     /// # }
     /// ```
     pub async fn record_login_attempt(&self, ip: impl Into<String>) -> Result<LoginAttempt> {
-        let request = pb::RecordLoginAttemptRequest { ip: ip.into() };
+        self.login_attempt(ip.into(), String::new()).await
+    }
+
+    /// Counts one login attempt from a client address for an account (login
+    /// name, email or user id; any UTF-8 up to 256 bytes, sent as is and
+    /// hashed by the server), against the address's limit and the account's
+    /// together; [`LoginAttempt::refused_by`] says which refused. Call it
+    /// before checking the password, and after a successful login call
+    /// [`reset_login_attempts_for`](Self::reset_login_attempts_for) with the
+    /// same account.
+    ///
+    /// Retried only when the request never left, as
+    /// [`record_login_attempt`](Self::record_login_attempt).
+    ///
+    /// # Errors
+    ///
+    /// As [`record_login_attempt`](Self::record_login_attempt), and
+    /// [`Error::InvalidArgument`] naming `account` when it is over 256 bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let verdict = client
+    ///     .record_login_attempt_for("192.0.2.1", "alice@example.com")
+    ///     .await?;
+    /// if !verdict.allowed {
+    ///     println!("refused by {:?}", verdict.refused_by);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn record_login_attempt_for(
+        &self,
+        ip: impl Into<String>,
+        account: impl Into<String>,
+    ) -> Result<LoginAttempt> {
+        self.login_attempt(ip.into(), account.into()).await
+    }
+
+    async fn login_attempt(&self, ip: String, account: String) -> Result<LoginAttempt> {
+        let request = pb::RecordLoginAttemptRequest { ip, account };
         let response = self
             .write(request, |mut stub, req| async move {
                 stub.record_login_attempt(req).await
@@ -508,8 +549,13 @@ impl SessionClient {
         types::login_attempt_from_proto(response)
     }
 
-    /// Clears a client address's login attempt counter, typically after a
-    /// successful login. Returns whether a counter existed.
+    /// Clears a client address's whole login attempt counter. Returns whether
+    /// a counter existed.
+    ///
+    /// Weaker than [`reset_login_attempts_for`](Self::reset_login_attempts_for):
+    /// a client that owns any account can clear its guesses against other
+    /// accounts by logging in to its own. Use it only when the account is
+    /// unknown.
     ///
     /// Retried only when the request never left this process (see
     /// [`SessionClient`]).
@@ -527,7 +573,37 @@ impl SessionClient {
     /// # }
     /// ```
     pub async fn reset_login_attempts(&self, ip: impl Into<String>) -> Result<bool> {
-        let request = pb::ResetLoginAttemptsRequest { ip: ip.into() };
+        self.reset_login(ip.into(), String::new()).await
+    }
+
+    /// After a successful login: clears the account's counter and the
+    /// address's attempts for that account only; what the address did against
+    /// other accounts stays counted. Returns whether any attempt was cleared.
+    ///
+    /// # Errors
+    ///
+    /// As [`record_login_attempt_for`](Self::record_login_attempt_for).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// client
+    ///     .reset_login_attempts_for("192.0.2.1", "alice@example.com")
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn reset_login_attempts_for(
+        &self,
+        ip: impl Into<String>,
+        account: impl Into<String>,
+    ) -> Result<bool> {
+        self.reset_login(ip.into(), account.into()).await
+    }
+
+    async fn reset_login(&self, ip: String, account: String) -> Result<bool> {
+        let request = pb::ResetLoginAttemptsRequest { ip, account };
         let response = self
             .write(request, |mut stub, req| async move {
                 stub.reset_login_attempts(req).await

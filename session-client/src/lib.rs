@@ -85,4 +85,4 @@ pub use client::SessionClient;
 pub use error::{BoxError, CallError, Code, Error, Result};
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
-pub use types::{CreateOutcome, Created, LoginAttempt, NewSession, Session};
+pub use types::{CreateOutcome, Created, LoginAttempt, LoginLimit, NewSession, Session};

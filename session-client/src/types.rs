@@ -136,13 +136,33 @@ pub enum CreateOutcome {
 pub struct LoginAttempt {
     /// Whether this login attempt may proceed.
     pub allowed: bool,
-    /// Attempts counted in the current window, this one included.
+    /// Attempts of the refusing subject (the address when allowed) in the
+    /// sliding window, this one included.
     pub attempts: u32,
-    /// Attempts still allowed in the current window.
+    /// Attempts still allowed in the window, by every limit that applies.
     pub remaining: u32,
-    /// When refused, how long until the window ends: a value for a
-    /// `Retry-After` header. `None` when allowed.
+    /// When refused, the exact time until an attempt would be allowed again
+    /// (by every limit): a value for a `Retry-After` header. `None` when
+    /// allowed.
     pub retry_after: Option<Duration>,
+    /// When refused, which limit refused (the longer one when both did);
+    /// `None` when allowed.
+    pub refused_by: Option<LoginLimit>,
+}
+
+/// Which limit refused a login attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LoginLimit {
+    /// The client address (or its IPv6 network) is at the server's
+    /// RATE_LIMIT_MAX_ATTEMPTS.
+    Address,
+    /// The account is at the server's RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS: an
+    /// attack spread over many addresses, or its owner mistyping.
+    Account,
+    /// The server did not say: an older server, or a limit newer than this
+    /// client.
+    Unknown,
 }
 
 /// A proto session as a [`Session`].
@@ -209,11 +229,17 @@ pub(crate) fn login_attempt_from_proto(
         .retry_after
         .map(|d| Duration::try_from(d).map_err(|_| Error::malformed("negative retry_after")))
         .transpose()?;
+    let refused_by = (!response.allowed).then(|| match response.refused_by() {
+        pb::LoginLimit::Address => LoginLimit::Address,
+        pb::LoginLimit::Account => LoginLimit::Account,
+        pb::LoginLimit::Unspecified => LoginLimit::Unknown,
+    });
     Ok(LoginAttempt {
         allowed: response.allowed,
         attempts: response.attempts,
         remaining: response.remaining,
         retry_after,
+        refused_by,
     })
 }
 
@@ -272,16 +298,26 @@ mod tests {
                 seconds: 42,
                 nanos: 0,
             }),
+            refused_by: pb::LoginLimit::Account.into(),
         })
         .unwrap();
         assert_eq!(refused.retry_after, Some(Duration::from_secs(42)));
+        assert_eq!(refused.refused_by, Some(LoginLimit::Account));
+        let older_server = login_attempt_from_proto(pb::RecordLoginAttemptResponse {
+            allowed: false,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(older_server.refused_by, Some(LoginLimit::Unknown));
         let allowed = login_attempt_from_proto(pb::RecordLoginAttemptResponse {
             allowed: true,
             attempts: 1,
             remaining: 4,
             retry_after: None,
+            refused_by: 0,
         })
         .unwrap();
         assert_eq!(allowed.retry_after, None);
+        assert_eq!(allowed.refused_by, None);
     }
 }

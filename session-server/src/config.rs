@@ -81,6 +81,16 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_max_attempts: u32,
 
+    /// Login attempts allowed per account per window, from all addresses
+    /// together (for attempts that name the account).
+    #[arg(long, env = "RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_account_max_attempts: u32,
+
+    /// Prefix length by which IPv6 client addresses are grouped for the login
+    /// limit (32 to 128; a client usually holds a whole /64, some a /48).
+    #[arg(long, env = "RATE_LIMIT_IPV6_PREFIX", default_value_t = 64, value_parser = clap::value_parser!(u8).range(32..=128))]
+    pub rate_limit_ipv6_prefix: u8,
+
     /// Prepended to every Redis key, so several deployments can share one Redis.
     /// Must not contain `{` or `}` (they would break the cluster hash tags).
     #[arg(long, env = "KEY_PREFIX", default_value = "", value_parser = parse_key_prefix)]
@@ -252,6 +262,8 @@ impl Config {
             limit_policy: self.session_limit_policy,
             rate_limit_window: Duration::from_secs(self.rate_limit_window),
             rate_limit_max_attempts: self.rate_limit_max_attempts,
+            rate_limit_account_max_attempts: self.rate_limit_account_max_attempts,
+            rate_limit_ipv6_prefix: self.rate_limit_ipv6_prefix,
             pool_size: self.redis_pool_size,
             timeout: Duration::from_millis(self.redis_timeout_ms),
             redis_password,
@@ -284,6 +296,8 @@ impl fmt::Debug for Config {
             session_limit_policy,
             rate_limit_window,
             rate_limit_max_attempts,
+            rate_limit_account_max_attempts,
+            rate_limit_ipv6_prefix,
             key_prefix,
             redis_pool_size,
             redis_timeout_ms,
@@ -314,6 +328,11 @@ impl fmt::Debug for Config {
             .field("session_limit_policy", session_limit_policy)
             .field("rate_limit_window", rate_limit_window)
             .field("rate_limit_max_attempts", rate_limit_max_attempts)
+            .field(
+                "rate_limit_account_max_attempts",
+                rate_limit_account_max_attempts,
+            )
+            .field("rate_limit_ipv6_prefix", rate_limit_ipv6_prefix)
             .field("key_prefix", key_prefix)
             .field("redis_pool_size", redis_pool_size)
             .field("redis_timeout_ms", redis_timeout_ms)

@@ -7,7 +7,7 @@ use sessionstore::v1 as pb;
 
 use crate::{
     error::Error,
-    model::{self, LoginVerdict, NewSession, Session, TokenId, UserId},
+    model::{self, AccountKey, LoginLimit, LoginVerdict, NewSession, Session, TokenId, UserId},
 };
 
 /// A required user id.
@@ -26,6 +26,15 @@ pub fn user_hint(value: String) -> Result<Option<UserId>, Error> {
         Ok(None)
     } else {
         user_id(value).map(Some)
+    }
+}
+
+/// An optional login account: empty means absent.
+pub fn account(value: &str) -> Result<Option<AccountKey>, Error> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        AccountKey::parse(value).map(Some)
     }
 }
 
@@ -88,6 +97,12 @@ pub fn verdict_to_proto(verdict: LoginVerdict) -> pb::RecordLoginAttemptResponse
         attempts: verdict.attempts,
         remaining: verdict.remaining,
         retry_after: verdict.retry_after.map(duration_to_proto),
+        refused_by: match verdict.refused_by {
+            None => pb::LoginLimit::Unspecified,
+            Some(LoginLimit::Address) => pb::LoginLimit::Address,
+            Some(LoginLimit::Account) => pb::LoginLimit::Account,
+        }
+        .into(),
     }
 }
 

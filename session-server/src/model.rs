@@ -199,21 +199,89 @@ pub struct NewSession {
     pub ttl: Option<Duration>,
 }
 
+/// Which limit refused a login attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginLimit {
+    /// The client address (or its IPv6 network) is at RATE_LIMIT_MAX_ATTEMPTS.
+    Address,
+    /// The account is at RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS.
+    Account,
+}
+
 /// The verdict on one login attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoginVerdict {
     /// Whether the attempt may proceed.
     pub allowed: bool,
-    /// Attempts in the current window, this one included.
+    /// Attempts of the refusing subject (the address when allowed) in the
+    /// sliding window, this one included.
     pub attempts: u32,
-    /// Attempts still allowed in the window.
+    /// Attempts still allowed in the window, by every limit that applies.
     pub remaining: u32,
-    /// Time left in the window; set only when not allowed.
+    /// When refused: the time until an attempt would be allowed by every
+    /// limit; `None` when allowed.
     pub retry_after: Option<Duration>,
+    /// When refused: the limit that refused (the longer one when both did).
+    pub refused_by: Option<LoginLimit>,
+    /// The Redis time of the address's decision, in ms since the epoch: what
+    /// the window is measured in (logs and the model test compare against it).
+    pub decided_at_ms: u64,
 }
 
+/// The longest `account` a login attempt may name, in bytes.
+pub const MAX_ACCOUNT_LEN: usize = 256;
+
+/// The account a login attempt is for, reduced to the SHA-256 of its bytes
+/// (lower-case hex): login names and emails are personal data and may hold
+/// any character, so they never appear in a key. The hash is unsalted, so it
+/// hides the name from a casual look at Redis but not from someone who can
+/// guess it; keep Redis private.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountKey(String);
+
+impl AccountKey {
+    /// Validates `account` (1 to 256 bytes of UTF-8; `String` is UTF-8
+    /// already) and hashes it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `account` when it is empty or too long.
+    pub fn parse(account: &str) -> Result<Self, Error> {
+        if account.is_empty() {
+            return Err(Error::invalid("account", "must not be empty"));
+        }
+        if account.len() > MAX_ACCOUNT_LEN {
+            return Err(Error::invalid(
+                "account",
+                format!(
+                    "must be at most {MAX_ACCOUNT_LEN} bytes, got {}",
+                    account.len()
+                ),
+            ));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, account.as_bytes());
+        let hex = digest.as_ref().iter().fold(String::new(), |mut hex, b| {
+            use fmt::Write;
+            // Writing to a String cannot fail.
+            let _ = write!(hex, "{b:02x}");
+            hex
+        });
+        Ok(Self(hex))
+    }
+
+    /// The hex digest used in the Redis keys.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The IPv6 grouping prefix used when none is configured.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 /// A client address as counted by the login rate limit: an IPv4 address, or
-/// the /64 network of an IPv6 address (one client usually holds a whole /64).
+/// the network of an IPv6 address (one client usually holds a whole /64, and
+/// RATE_LIMIT_IPV6_PREFIX can widen that: a /48 holder gets one budget, not
+/// 65,536).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientAddr(String);
 
@@ -224,17 +292,32 @@ impl ClientAddr {
     ///
     /// [`Error::InvalidArgument`] naming `ip` when it is not an address.
     pub fn parse(ip: &str) -> Result<Self, Error> {
+        Self::parse_with_prefix(ip, DEFAULT_IPV6_PREFIX)
+    }
+
+    /// Parses `ip` (IPv4 or IPv6) and reduces IPv6 to its network of
+    /// `ipv6_prefix` bits (clamped to 0..=128).
+    ///
+    /// IPv4-mapped (`::ffff:a.b.c.d`) and the deprecated IPv4-compatible
+    /// (`::a.b.c.d`) forms count as the IPv4 address they carry; without that
+    /// rule every IPv4-compatible address would share `::/64` with `::1`.
+    /// `::` and `::1` themselves stay IPv6.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `ip` when it is not an address.
+    pub fn parse_with_prefix(ip: &str, ipv6_prefix: u8) -> Result<Self, Error> {
         let addr: IpAddr = ip.trim().parse().map_err(|_| {
             Error::invalid("ip", format!("must be an IPv4 or IPv6 address, got {ip:?}"))
         })?;
         let canonical = match addr {
             IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                // An IPv4-mapped address is the IPv4 client it wraps.
+            IpAddr::V6(v6) => match embedded_ipv4(v6) {
                 Some(v4) => v4.to_string(),
                 None => {
-                    let network = u128::from(v6) & (u128::MAX << 64);
-                    format!("{}/64", Ipv6Addr::from(network))
+                    let prefix = u32::from(ipv6_prefix.min(128));
+                    let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                    format!("{}/{prefix}", Ipv6Addr::from(u128::from(v6) & mask))
                 }
             },
         };
@@ -245,6 +328,18 @@ impl ClientAddr {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The IPv4 address an IPv6 address carries: IPv4-mapped (`::ffff:0:0/96`) or
+/// IPv4-compatible (`::/96` but `::` and `::1`).
+pub fn embedded_ipv4(v6: Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let bits = u128::from(v6);
+    // Below 2^32 the value fits a u32.
+    (bits > 1 && bits <= u128::from(u32::MAX))
+        .then(|| std::net::Ipv4Addr::from(u32::try_from(bits).unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -287,6 +382,37 @@ mod tests {
             "192.0.2.1"
         );
         assert!(ClientAddr::parse("300.1.1.1").is_err());
+    }
+
+    #[test]
+    fn ipv6_prefix_is_configurable_and_ipv4_compatible_counts_as_ipv4() {
+        let at = |ip, prefix| ClientAddr::parse_with_prefix(ip, prefix).unwrap();
+        assert_eq!(at("2001:db8:1:2::1", 48).as_str(), "2001:db8:1::/48");
+        assert_eq!(at("2001:db8:1:2::1", 48), at("2001:db8:1:ffff::1", 48));
+        assert_eq!(at("2001:db8::1", 128).as_str(), "2001:db8::1/128");
+        assert_ne!(at("2001:db8::1", 128), at("2001:db8::2", 128));
+        assert_eq!(at("::192.0.2.1", 64).as_str(), "192.0.2.1");
+        assert_eq!(at("::1", 64).as_str(), "::/64");
+        assert_ne!(at("::192.0.2.1", 64), at("::1", 64));
+        assert_eq!(at("::ffff:192.0.2.1", 32).as_str(), "192.0.2.1");
+    }
+
+    #[test]
+    fn accounts_are_hashed_and_bounded() {
+        let a = AccountKey::parse("alice@example.com").unwrap();
+        assert_eq!(a.as_str().len(), 64);
+        assert!(!a.as_str().contains("alice"));
+        assert_ne!(a, AccountKey::parse("Alice@example.com").unwrap());
+        assert!(AccountKey::parse(&"é".repeat(128)).is_ok());
+        let too_long = AccountKey::parse(&"a".repeat(MAX_ACCOUNT_LEN + 1)).unwrap_err();
+        assert!(matches!(
+            too_long,
+            Error::InvalidArgument {
+                field: "account",
+                ..
+            }
+        ));
+        assert!(AccountKey::parse("").is_err());
     }
 
     #[test]

@@ -165,7 +165,7 @@ fn decode_key(prefix: &str, key: &str) -> Option<Key> {
         rest.is_empty().then(|| Key::Owner {
             token: token.into(),
         })
-    } else if let Some(rest) = key.strip_prefix("rate_limit:login:") {
+    } else if let Some(rest) = key.strip_prefix("rate_limit:login:addr:") {
         let (addr, rest) = tagged(rest)?;
         rest.is_empty()
             .then(|| Key::RateLimit { addr: addr.into() })
@@ -330,6 +330,8 @@ proptest! {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => v4.to_string(),
+                // IPv4-compatible (`::a.b.c.d`, but not `::` or `::1`).
+                None if (2..1 << 32).contains(&u128::from(v6)) => v6.to_ipv4().expect("in ::/96").to_string(),
                 None => format!("{}/64", Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
             },
         };
@@ -358,7 +360,7 @@ proptest! {
     ) {
         let n2 = n2.unwrap_or(n1);
         let (a, b) = (v6(n1, h1), v6(n2, h2));
-        prop_assume!(a.to_ipv4_mapped().is_none() && b.to_ipv4_mapped().is_none());
+        prop_assume!(crate::model::embedded_ipv4(a).is_none() && crate::model::embedded_ipv4(b).is_none());
         let store = &*UNPREFIXED;
         let key = |addr: Ipv6Addr| {
             ClientAddr::parse(&addr.to_string()).map(|c| store.rate_limit_key(&c))

@@ -134,8 +134,14 @@ impl SessionStore for SessionService {
         &self,
         request: Request<pb::RecordLoginAttemptRequest>,
     ) -> Result<Response<pb::RecordLoginAttemptResponse>, Status> {
-        let addr = ClientAddr::parse(&request.into_inner().ip)?;
-        let verdict = self.store.record_login_attempt(&addr).await?;
+        let request = request.into_inner();
+        let prefix = self.store.settings().rate_limit_ipv6_prefix;
+        let addr = ClientAddr::parse_with_prefix(&request.ip, prefix)?;
+        let account = convert::account(&request.account)?;
+        let verdict = self
+            .store
+            .record_login_attempt(&addr, account.as_ref())
+            .await?;
         let result = if verdict.allowed {
             "allowed"
         } else {
@@ -149,8 +155,14 @@ impl SessionStore for SessionService {
         &self,
         request: Request<pb::ResetLoginAttemptsRequest>,
     ) -> Result<Response<pb::ResetLoginAttemptsResponse>, Status> {
-        let addr = ClientAddr::parse(&request.into_inner().ip)?;
-        let reset = self.store.reset_login_attempts(&addr).await?;
+        let request = request.into_inner();
+        let prefix = self.store.settings().rate_limit_ipv6_prefix;
+        let addr = ClientAddr::parse_with_prefix(&request.ip, prefix)?;
+        let account = convert::account(&request.account)?;
+        let reset = self
+            .store
+            .reset_login_attempts(&addr, account.as_ref())
+            .await?;
         Ok(Response::new(pb::ResetLoginAttemptsResponse { reset }))
     }
 }

@@ -86,6 +86,7 @@ async fn counters_move_after_calls() {
         client
             .record_login_attempt(RecordLoginAttemptRequest {
                 ip: "203.0.113.77".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -258,7 +258,10 @@ async fn check(
 
     let valid_ip = ip_ok(&ip);
     match client
-        .record_login_attempt(RecordLoginAttemptRequest { ip: ip.clone() })
+        .record_login_attempt(RecordLoginAttemptRequest {
+            ip: ip.clone(),
+            ..Default::default()
+        })
         .await
     {
         Ok(verdict) => {

@@ -1,28 +1,98 @@
-//! Login rate limiting: a fixed window per client address.
+//! Login rate limiting: a sliding window per client address and per account,
+//! resets that clear only what a login proves, and the limits holding against
+//! attackers (reset bypass, many addresses, the window boundary, concurrency).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use proptest::{collection::vec, prelude::*, test_runner::TestRunner};
+use session_server::{
+    Config, Store,
+    model::{AccountKey, ClientAddr, LoginLimit},
+};
 use sessionstore::v1::{
-    RecordLoginAttemptRequest, RecordLoginAttemptResponse, ResetLoginAttemptsRequest,
-    session_store_client::SessionStoreClient,
+    LoginLimit as PbLimit, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
+    ResetLoginAttemptsRequest, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
 use crate::common::{TestServer, inspect, test_config};
 
+/// Buckets per window, as in `session-server/src/store/login.rs`.
+const BUCKETS: u64 = 10;
+
 async fn attempt(c: &mut SessionStoreClient<Channel>, ip: &str) -> RecordLoginAttemptResponse {
-    c.record_login_attempt(RecordLoginAttemptRequest { ip: ip.into() })
-        .await
-        .unwrap()
-        .into_inner()
+    attempt_for(c, ip, "").await
 }
 
-/// RATE_LIMIT_MAX_ATTEMPTS attempts are allowed, the next is refused with the
-/// time left in the window; the counter always has its TTL; reset clears it.
+async fn attempt_for(
+    c: &mut SessionStoreClient<Channel>,
+    ip: &str,
+    account: &str,
+) -> RecordLoginAttemptResponse {
+    c.record_login_attempt(RecordLoginAttemptRequest {
+        ip: ip.into(),
+        account: account.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn reset_for(c: &mut SessionStoreClient<Channel>, ip: &str, account: &str) -> bool {
+    c.reset_login_attempts(ResetLoginAttemptsRequest {
+        ip: ip.into(),
+        account: account.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .reset
+}
+
+fn ms(d: &prost_types::Duration) -> i64 {
+    d.seconds * 1000 + i64::from(d.nanos) / 1_000_000
+}
+
+fn addr_key(config: &Config, ip: &str) -> String {
+    let addr = ClientAddr::parse_with_prefix(ip, config.rate_limit_ipv6_prefix).unwrap();
+    format!(
+        "{}rate_limit:login:addr:{{{}}}",
+        config.key_prefix,
+        addr.as_str()
+    )
+}
+
+fn pair_key(config: &Config, ip: &str, account: &str) -> String {
+    let addr = ClientAddr::parse_with_prefix(ip, config.rate_limit_ipv6_prefix).unwrap();
+    let account = AccountKey::parse(account).unwrap();
+    format!(
+        "{}rate_limit:login:pair:{{{}}}:{}",
+        config.key_prefix,
+        addr.as_str(),
+        account.as_str()
+    )
+}
+
+fn account_key(config: &Config, account: &str) -> String {
+    let account = AccountKey::parse(account).unwrap();
+    format!(
+        "{}rate_limit:login:account:{{{}}}",
+        config.key_prefix,
+        account.as_str()
+    )
+}
+
+/// The key's PTTL: -2 when it does not exist, -1 when it has no TTL.
+async fn pttl(config: &Config, key: &str) -> i64 {
+    inspect(config, redis::cmd("PTTL").arg(key)).await
+}
+
+/// RATE_LIMIT_MAX_ATTEMPTS attempts are allowed, the next is refused by the
+/// address with the exact time until the oldest bucket leaves the window; the
+/// counter always has its TTL; reset without an account clears it.
 #[tokio::test]
 async fn attempts_past_the_limit_are_refused_until_reset() {
     let server = TestServer::start().await;
-    let prefix = server.config.key_prefix.clone();
     let mut c = server.client().await;
     let ip = "192.0.2.10";
     for n in 1..=5 {
@@ -31,42 +101,37 @@ async fn attempts_past_the_limit_are_refused_until_reset() {
         assert_eq!(verdict.attempts, n);
         assert_eq!(verdict.remaining, 5 - n);
         assert_eq!(verdict.retry_after, None);
+        assert_eq!(verdict.refused_by(), PbLimit::Unspecified);
     }
     let refused = attempt(&mut c, ip).await;
     assert!(!refused.allowed);
     assert_eq!(refused.attempts, 6);
     assert_eq!(refused.remaining, 0);
-    let retry = refused.retry_after.expect("refusal says when to retry");
-    assert!(retry.seconds > 890 && retry.seconds <= 900, "{retry:?}");
+    assert_eq!(refused.refused_by(), PbLimit::Address);
+    // Window 900 s in buckets of 90 s: the first attempts' bucket leaves the
+    // span 11 buckets after it began, 900 to 990 s from now.
+    let retry = ms(&refused.retry_after.expect("refusal says when to retry"));
+    assert!((899_000..=990_000).contains(&retry), "{retry}");
+    // Refused attempts are not counted: hammering does not extend the wait.
+    let again = attempt(&mut c, ip).await;
+    assert_eq!(again.attempts, 6);
+    assert!(ms(&again.retry_after.unwrap()) <= retry);
 
-    let key = format!("{prefix}rate_limit:login:{{{ip}}}");
-    let ttl: i64 = inspect(&server.config, redis::cmd("PTTL").arg(&key)).await;
-    assert!(ttl > 0 && ttl <= 900_000, "counter without a ttl: {ttl}");
+    let ttl = pttl(&server.config, &addr_key(&server.config, ip)).await;
+    assert!(ttl > 0 && ttl <= 990_000, "counter without a ttl: {ttl}");
 
-    let reset = c
-        .reset_login_attempts(ResetLoginAttemptsRequest { ip: ip.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(reset.reset);
+    assert!(reset_for(&mut c, ip, "").await);
     assert!(attempt(&mut c, ip).await.allowed);
     assert_eq!(
         attempt(&mut c, "192.0.2.11").await.attempts,
         1,
         "addresses are counted apart"
     );
-    let nothing = c
-        .reset_login_attempts(ResetLoginAttemptsRequest {
-            ip: "192.0.2.99".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!nothing.reset);
+    assert!(!reset_for(&mut c, "192.0.2.99", "").await);
 }
 
-/// IPv6 clients are counted per /64: two addresses in one /64 share a counter,
-/// another /64 has its own.
+/// IPv6 clients are counted per /64 by default: two addresses in one /64
+/// share a counter, another /64 has its own.
 #[tokio::test]
 async fn ipv6_is_counted_per_64() {
     let server = TestServer::start().await;
@@ -82,20 +147,310 @@ async fn ipv6_is_counted_per_64() {
     assert_eq!(attempt(&mut c, "2001:db8:aa:2::1").await.attempts, 1);
 }
 
-/// The window is fixed: once it ends, the counter starts again.
+/// RATE_LIMIT_IPV6_PREFIX=48 groups a whole /48 into one budget; IPv4-mapped
+/// and IPv4-compatible addresses count as their IPv4 address, and the
+/// IPv4-compatible form no longer shares a bucket with `::1`.
 #[tokio::test]
-async fn the_window_ends() {
+async fn ipv6_prefix_is_configurable() {
+    let mut config = test_config();
+    config.rate_limit_ipv6_prefix = 48;
+    let server = TestServer::start_with(config).await;
+    let mut c = server.client().await;
+    assert_eq!(attempt(&mut c, "2001:db8:aa:1::1").await.attempts, 1);
+    assert_eq!(attempt(&mut c, "2001:db8:aa:ffff::9").await.attempts, 2);
+    assert_eq!(attempt(&mut c, "2001:db8:ab::1").await.attempts, 1);
+    assert_eq!(attempt(&mut c, "192.0.2.44").await.attempts, 1);
+    assert_eq!(attempt(&mut c, "::ffff:192.0.2.44").await.attempts, 2);
+    assert_eq!(attempt(&mut c, "::192.0.2.44").await.attempts, 3);
+    assert_eq!(attempt(&mut c, "::1").await.attempts, 1);
+    let key = addr_key(&server.config, "2001:db8:aa:77::1");
+    assert!(key.ends_with("{2001:db8:aa::/48}"), "{key}");
+    assert!(pttl(&server.config, &key).await > 0);
+}
+
+/// retry_after is exact: an attempt just before it is refused, one after it
+/// is allowed.
+#[tokio::test]
+async fn retry_after_is_exact() {
     let mut config = test_config();
     config.rate_limit_window = 1;
     config.rate_limit_max_attempts = 1;
     let server = TestServer::start_with(config).await;
     let mut c = server.client().await;
-    assert!(attempt(&mut c, "198.51.100.7").await.allowed);
-    let refused = attempt(&mut c, "198.51.100.7").await;
+    let ip = "198.51.100.7";
+    assert!(attempt(&mut c, ip).await.allowed);
+    let refused = attempt(&mut c, ip).await;
     assert!(!refused.allowed);
-    assert!(refused.retry_after.unwrap().seconds <= 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let fresh = attempt(&mut c, "198.51.100.7").await;
-    assert!(fresh.allowed);
+    let retry = ms(&refused.retry_after.unwrap());
+    // Buckets of 100 ms: between 1000 and 1100 ms after the first attempt.
+    assert!((800..=1100).contains(&retry), "{retry}");
+    tokio::time::sleep(Duration::from_millis(u64::try_from(retry).unwrap() - 250)).await;
+    assert!(
+        !attempt(&mut c, ip).await.allowed,
+        "allowed before retry_after"
+    );
+    let refused = attempt(&mut c, ip).await;
+    let rest = ms(&refused.retry_after.unwrap());
+    tokio::time::sleep(Duration::from_millis(u64::try_from(rest).unwrap())).await;
+    let fresh = attempt(&mut c, ip).await;
+    assert!(fresh.allowed, "refused after retry_after: {fresh:?}");
     assert_eq!(fresh.attempts, 1);
+}
+
+/// The reset bypass fails: an attacker that guesses against a victim and
+/// logs in to its own account between rounds (reset with its account) never
+/// gets more guesses than the address's limit.
+#[tokio::test]
+async fn reset_with_an_account_does_not_clear_guesses_against_others() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let ip = "198.51.100.20";
+    let mut guesses = 0;
+    let mut refusals = Vec::new();
+    for round in 0..10 {
+        for _ in 0..4 {
+            let verdict = attempt_for(&mut c, ip, "victim@example.com").await;
+            if verdict.allowed {
+                guesses += 1;
+            } else {
+                refusals.push(verdict.refused_by());
+            }
+        }
+        let own = attempt_for(&mut c, ip, "mallory@example.com").await;
+        let cleared = reset_for(&mut c, ip, "mallory@example.com").await;
+        assert_eq!(cleared, own.allowed, "round {round}");
+    }
+    assert_eq!(guesses, 5, "only the address's budget");
+    assert!(
+        refusals.iter().all(|r| *r == PbLimit::Address),
+        "{refusals:?}"
+    );
+    // The victim logging in clears the victim's account and the victim's
+    // address, not the attacker's address.
+    assert!(reset_for(&mut c, "192.0.2.200", "victim@example.com").await);
+    let still = attempt_for(&mut c, ip, "victim@example.com").await;
+    assert!(!still.allowed);
+    assert_eq!(still.refused_by(), PbLimit::Address);
+    // The weaker reset without an account clears the address's counter.
+    assert!(reset_for(&mut c, ip, "").await);
+    assert!(attempt_for(&mut c, ip, "victim@example.com").await.allowed);
+}
+
+/// Guesses against one account spread over 50 addresses are refused at the
+/// account's limit; the refused attempts are given back to their addresses.
+#[tokio::test]
+async fn distributed_attack_is_refused_at_the_account_limit() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let mut allowed = 0;
+    for host in 1..=50 {
+        let ip = format!("203.0.113.{host}");
+        let verdict = attempt_for(&mut c, &ip, "victim").await;
+        if verdict.allowed {
+            allowed += 1;
+            assert_eq!(verdict.remaining, (10 - host).min(4));
+        } else {
+            assert_eq!(verdict.refused_by(), PbLimit::Account, "{ip}");
+            assert_eq!(verdict.attempts, 11);
+            let retry = ms(verdict.retry_after.as_ref().unwrap());
+            assert!((899_000..=990_000).contains(&retry), "{retry}");
+        }
+    }
+    assert_eq!(allowed, 10);
+    // The 50th address's refused attempt left nothing behind.
+    let key = addr_key(&server.config, "203.0.113.50");
+    assert_eq!(pttl(&server.config, &key).await, -2);
+    assert_eq!(
+        attempt_for(&mut c, "203.0.113.50", "other").await.attempts,
+        1
+    );
+    // The owner logging in clears the account's counter.
+    assert!(reset_for(&mut c, "192.0.2.1", "victim").await);
+    assert!(attempt_for(&mut c, "203.0.113.50", "victim").await.allowed);
+}
+
+/// Every counter key an attempt, a give-back or a reset leaves has a TTL no
+/// longer than the window plus one bucket.
+#[tokio::test]
+async fn every_counter_key_has_a_ttl() {
+    let mut config = test_config();
+    config.rate_limit_account_max_attempts = 1;
+    let server = TestServer::start_with(config).await;
+    let cfg = server.config.clone();
+    let mut c = server.client().await;
+    let check = |keys: Vec<String>| {
+        let cfg = cfg.clone();
+        async move {
+            for key in keys {
+                let ttl = pttl(&cfg, &key).await;
+                assert!(ttl == -2 || (1..=990_000).contains(&ttl), "{key}: {ttl}");
+            }
+        }
+    };
+    let ip = "192.0.2.77";
+    assert!(attempt_for(&mut c, ip, "a").await.allowed);
+    for key in [
+        addr_key(&cfg, ip),
+        pair_key(&cfg, ip, "a"),
+        account_key(&cfg, "a"),
+    ] {
+        assert!(pttl(&cfg, &key).await > 0, "{key}");
+    }
+    // Refused by the account: the address's attempt is given back.
+    assert!(!attempt_for(&mut c, ip, "a").await.allowed);
+    assert!(attempt_for(&mut c, ip, "b").await.allowed);
+    assert!(reset_for(&mut c, ip, "a").await);
+    assert_eq!(pttl(&cfg, &pair_key(&cfg, ip, "a")).await, -2);
+    assert_eq!(pttl(&cfg, &account_key(&cfg, "a")).await, -2);
+    check(vec![
+        addr_key(&cfg, ip),
+        pair_key(&cfg, ip, "b"),
+        account_key(&cfg, "b"),
+    ])
+    .await;
+    let left: std::collections::HashMap<String, u32> =
+        inspect(&cfg, redis::cmd("HGETALL").arg(addr_key(&cfg, ip))).await;
+    assert_eq!(left.values().sum::<u32>(), 1, "only b's attempt: {left:?}");
+}
+
+/// At the window boundary no more than the limit is allowed in any
+/// window-long interval, per address and per account: each allowed attempt's
+/// call ends at least a window after the call of the attempt `limit` earlier
+/// began. (A fixed window would let 2 × limit through within a moment.)
+#[tokio::test]
+async fn no_burst_at_the_window_boundary() {
+    let mut config = test_config();
+    config.rate_limit_window = 1;
+    config.rate_limit_max_attempts = 3;
+    config.rate_limit_account_max_attempts = 3;
+    let server = TestServer::start_with(config).await;
+    let mut c = server.client().await;
+    for (subject, account) in [("address", ""), ("account", "boundary")] {
+        let mut allowed: Vec<(Instant, Instant)> = Vec::new();
+        let until = Instant::now() + Duration::from_millis(2600);
+        let mut n = 0u32;
+        while Instant::now() < until {
+            n += 1;
+            // Per account, the attempts come from ever new addresses.
+            let ip = if account.is_empty() {
+                "198.51.100.99".to_string()
+            } else {
+                format!("10.1.{}.{}", n / 250, n % 250)
+            };
+            let start = Instant::now();
+            let verdict = attempt_for(&mut c, &ip, account).await;
+            if verdict.allowed {
+                allowed.push((start, Instant::now()));
+            }
+        }
+        for pair in allowed.windows(4) {
+            let span = pair[3].1 - pair[0].0;
+            assert!(span >= Duration::from_secs(1), "{subject}: 4 in {span:?}");
+        }
+        assert!(
+            allowed.len() >= 6,
+            "{subject}: only {} allowed",
+            allowed.len()
+        );
+    }
+}
+
+/// Concurrent attempts never exceed a limit: 64 at once from one address, and
+/// 64 at once for one account from 64 addresses, allow exactly the limit.
+#[tokio::test]
+async fn concurrent_attempts_never_exceed_the_limit() {
+    let server = TestServer::start().await;
+    let c = server.client().await;
+    for per_account in [false, true] {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let mut c = c.clone();
+                tokio::spawn(async move {
+                    if per_account {
+                        attempt_for(&mut c, &format!("10.9.0.{i}"), "crowd").await
+                    } else {
+                        attempt(&mut c, "10.9.1.1").await
+                    }
+                })
+            })
+            .collect();
+        let mut allowed = 0;
+        for task in tasks {
+            allowed += u32::from(task.await.unwrap().allowed);
+        }
+        let limit = if per_account { 10 } else { 5 };
+        assert_eq!(allowed, limit, "per_account={per_account}");
+    }
+}
+
+/// The limiter agrees with a reference model over random arrival times: a
+/// plain log of allowed attempts, refusing when `limit` of them lie in the
+/// last N + 1 buckets, with retry_after when enough have left. The model also
+/// checks the contract directly: no window-long interval holds more than
+/// `limit` allowed attempts.
+#[test]
+fn limiter_matches_a_reference_model() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 3,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let gaps = vec(0u64..70, 30..45);
+    runner
+        .run(&gaps, |gaps| {
+            runtime.block_on(check_against_model(&gaps));
+            Ok(())
+        })
+        .unwrap();
+}
+
+async fn check_against_model(gaps: &[u64]) {
+    const LIMIT: u32 = 4;
+    const WINDOW_MS: u64 = 1000;
+    let mut config = test_config();
+    config.rate_limit_window = 1;
+    config.rate_limit_max_attempts = LIMIT;
+    config.rate_limit_account_max_attempts = 100;
+    let store = Store::new(config.store_settings().unwrap()).unwrap();
+    let addr = ClientAddr::parse("192.0.2.123").unwrap();
+    let account = AccountKey::parse("model").unwrap();
+    let bucket_ms = WINDOW_MS.div_ceil(BUCKETS);
+    let mut log: Vec<u64> = Vec::new();
+    for (i, gap) in gaps.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(*gap)).await;
+        let verdict = store
+            .record_login_attempt(&addr, Some(&account))
+            .await
+            .unwrap();
+        let now = verdict.decided_at_ms;
+        let oldest = now / bucket_ms - BUCKETS;
+        let in_span: Vec<u64> = log
+            .iter()
+            .copied()
+            .filter(|t| t / bucket_ms >= oldest)
+            .collect();
+        let model_allowed = in_span.len() < LIMIT as usize;
+        assert_eq!(
+            verdict.allowed, model_allowed,
+            "attempt {i} at {now}: {log:?}"
+        );
+        if model_allowed {
+            log.push(now);
+            assert_eq!(verdict.retry_after, None);
+        } else {
+            assert_eq!(verdict.refused_by, Some(LoginLimit::Address));
+            // Enough of the oldest must leave that fewer than LIMIT remain.
+            let last_to_leave = in_span[in_span.len() - LIMIT as usize];
+            let free_at = (last_to_leave / bucket_ms + BUCKETS + 1) * bucket_ms;
+            assert_eq!(
+                verdict.retry_after,
+                Some(Duration::from_millis(free_at - now)),
+                "attempt {i} at {now}: {log:?}"
+            );
+        }
+    }
+    for pair in log.windows(LIMIT as usize + 1) {
+        assert!(pair[LIMIT as usize] - pair[0] >= WINDOW_MS, "{log:?}");
+    }
 }

@@ -205,18 +205,44 @@ async fn login_rpcs_refuse_bad_addresses() {
         "10.0.0.1/8",
     ] {
         assert_invalid(
-            c.record_login_attempt(RecordLoginAttemptRequest { ip: bad.into() })
-                .await,
+            c.record_login_attempt(RecordLoginAttemptRequest {
+                ip: bad.into(),
+                ..Default::default()
+            })
+            .await,
             "ip",
             bad,
         );
         assert_invalid(
-            c.reset_login_attempts(ResetLoginAttemptsRequest { ip: bad.into() })
-                .await,
+            c.reset_login_attempts(ResetLoginAttemptsRequest {
+                ip: bad.into(),
+                ..Default::default()
+            })
+            .await,
             "ip",
             bad,
         );
     }
+    // An account is any UTF-8 up to 256 bytes.
+    let long = "é".repeat(129);
+    assert_invalid(
+        c.record_login_attempt(RecordLoginAttemptRequest {
+            ip: "192.0.2.1".into(),
+            account: long.clone(),
+        })
+        .await,
+        "account",
+        &long,
+    );
+    assert_invalid(
+        c.reset_login_attempts(ResetLoginAttemptsRequest {
+            ip: "192.0.2.1".into(),
+            account: long.clone(),
+        })
+        .await,
+        "account",
+        &long,
+    );
 }
 
 /// A request over the maximum message size is refused with OUT_OF_RANGE before

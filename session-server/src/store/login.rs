@@ -1,50 +1,227 @@
-//! The login rate limiter: attempts per client address in a fixed window.
+//! The login rate limiter: attempts per client address and per account, in a
+//! sliding window, with resets that clear only what a successful login proves.
+//!
+//! # Why a bucketed sliding-window counter
+//!
+//! The contract is "no subject gets more than its limit allowed in any
+//! interval of RATE_LIMIT_WINDOW". A fixed window breaks it at the boundary
+//! (2 × limit within a moment). The usual alternatives break it too:
+//! Cloudflare's weighted two-window counter estimates the previous window's
+//! share and lets limit/2 extra through when those attempts came late in it,
+//! and GCRA with a burst of `limit` lets a full burst through and then one
+//! more every window/limit, up to 2 × limit in one window. An exact sliding
+//! log keeps one entry per attempt. So each subject keeps one hash of N + 1
+//! per-bucket counts (buckets of window/N, N = [`BUCKETS_PER_WINDOW`]), and an
+//! attempt is allowed while the last N + 1 buckets hold fewer than `limit`
+//! allowed attempts: that span always covers the whole window behind the
+//! attempt, so the contract holds exactly, memory is O(1) per subject (at most
+//! N + 1 fields, whatever the attack rate), and `retry_after` is exact (the
+//! moment enough old buckets leave the span). The price is that an attempt
+//! may be refused up to window/N longer than an exact log would refuse it.
+//! Refused attempts are not counted, so hammering does not extend a lockout.
+//!
+//! # Address and account across slots
+//!
+//! The address's keys (its counter and the (address, account) pair counter)
+//! share the address's hash tag; the account's counter has the account's.
+//! Putting all of them in one slot would need one hash tag for every login
+//! key, one hot slot for the whole cluster, so instead the call stays correct
+//! across slots: it takes an attempt from the address (one script), then from
+//! the account (another); when the account refuses, it gives the address's
+//! attempt back. Each take is atomic in its slot and a give-back only lowers a
+//! count, so at every moment a counter holds at least the attempts its
+//! subject was allowed: no subject ever passes its limit, even with calls
+//! racing. A call that fails between the two steps leaves the address's
+//! attempt counted, which errs towards refusing.
+//!
+//! # Reset without the bypass
+//!
+//! Every attempt that names an account is counted twice on the address's
+//! side: in the address's counter and in the pair counter of (address,
+//! account), in the same bucket. Resetting with an account deletes the
+//! account's counter and subtracts the pair's buckets from the address's
+//! counter, so the address keeps every attempt it made against other
+//! accounts: logging in to one's own account no longer wipes the guesses
+//! made against someone else's.
 
 use std::time::Duration;
 
-use super::{Store, millis};
+use super::{Store, connection::Op, millis};
 use crate::{
     error::Error,
-    model::{ClientAddr, LoginVerdict},
+    model::{AccountKey, ClientAddr, LoginLimit, LoginVerdict},
 };
 
+/// Buckets per window (N): the finer, the closer to an exact sliding log (an
+/// attempt is refused at most window/N too long) and the more fields a
+/// counter holds (N + 1).
+pub(crate) const BUCKETS_PER_WINDOW: u64 = 10;
+
+/// What login_attempt.lua answers for one subject.
+#[derive(Clone, Copy, Debug)]
+struct Take {
+    allowed: bool,
+    /// Allowed attempts in the span before this one.
+    before: u64,
+    retry_ms: u64,
+    bucket: i64,
+    now_ms: u64,
+}
+
+impl Take {
+    fn attempts(&self) -> u32 {
+        u32::try_from(self.before.saturating_add(1)).unwrap_or(u32::MAX)
+    }
+
+    fn remaining(&self, max: u32) -> u32 {
+        if self.allowed {
+            max.saturating_sub(self.attempts())
+        } else {
+            0
+        }
+    }
+}
+
 impl Store {
-    /// # Errors
-    ///
-    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
-    pub async fn record_login_attempt(&self, addr: &ClientAddr) -> Result<LoginVerdict, Error> {
-        let settings = self.settings();
-        let mut op = self.op("record_login_attempt").await?;
-        let (attempts, left_ms): (u64, u64) = op
-            .invoke(
-                self.shared
-                    .scripts
-                    .login_attempt
-                    .key(self.rate_limit_key(addr))
-                    .arg(millis(settings.rate_limit_window)),
-            )
-            .await?;
-        let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-        let max = settings.rate_limit_max_attempts;
-        let allowed = attempts <= max;
-        Ok(LoginVerdict {
-            allowed,
-            attempts,
-            remaining: max.saturating_sub(attempts),
-            retry_after: (!allowed).then(|| Duration::from_millis(left_ms)),
+    /// The bucket length: ceil(window / N), so N buckets span at least a window.
+    fn bucket_ms(&self) -> u64 {
+        millis(self.settings().rate_limit_window)
+            .div_ceil(BUCKETS_PER_WINDOW)
+            .max(1)
+    }
+
+    /// Runs login_attempt.lua on one subject's keys.
+    async fn take(
+        &self,
+        op: &mut Op,
+        keys: &[String],
+        limit: u32,
+        take: bool,
+    ) -> Result<Take, Error> {
+        let mut invocation = self.shared.scripts.login_attempt.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(self.bucket_ms())
+            .arg(BUCKETS_PER_WINDOW)
+            .arg(limit)
+            .arg(if take { "take" } else { "peek" });
+        let (allowed, before, retry_ms, bucket, now_ms): (u8, u64, u64, i64, u64) =
+            op.invoke(&invocation).await?;
+        Ok(Take {
+            allowed: allowed == 1,
+            before,
+            retry_ms,
+            bucket,
+            now_ms,
         })
     }
 
-    /// Clears the login attempt counter of `addr`; returns whether one existed.
+    /// Counts one login attempt from `addr`, and for `account` when given,
+    /// and says whether it may proceed (see the module docs for the method).
     ///
     /// # Errors
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
-    pub async fn reset_login_attempts(&self, addr: &ClientAddr) -> Result<bool, Error> {
-        let mut op = self.op("reset_login_attempts").await?;
-        let deleted: i64 = op
-            .query(redis::cmd("DEL").arg(self.rate_limit_key(addr)))
+    pub async fn record_login_attempt(
+        &self,
+        addr: &ClientAddr,
+        account: Option<&AccountKey>,
+    ) -> Result<LoginVerdict, Error> {
+        let settings = self.settings();
+        let addr_max = settings.rate_limit_max_attempts;
+        let account_max = settings.rate_limit_account_max_attempts;
+        let mut addr_keys = vec![self.rate_limit_key(addr)];
+        if let Some(account) = account {
+            addr_keys.push(self.login_pair_key(addr, account));
+        }
+        // One operation, so one deadline, for the whole call.
+        let mut op = self.op("record_login_attempt").await?;
+        let at_addr = self.take(&mut op, &addr_keys, addr_max, true).await?;
+        let Some(account) = account else {
+            return Ok(verdict(at_addr, addr_max, None));
+        };
+        let account_keys = [self.login_account_key(account)];
+        // Taken from the account only when the address allowed it: a refused
+        // attempt counts nowhere. Otherwise the account is only asked how long
+        // it would refuse, so that retry_after covers both limits.
+        let at_account = self
+            .take(&mut op, &account_keys, account_max, at_addr.allowed)
             .await?;
-        Ok(deleted == 1)
+        if at_addr.allowed && !at_account.allowed {
+            let mut undo = self.shared.scripts.login_undo.prepare_invoke();
+            for key in &addr_keys {
+                undo.key(key);
+            }
+            undo.arg(at_addr.bucket);
+            let _: i64 = op.invoke(&undo).await?;
+        }
+        Ok(verdict(at_addr, addr_max, Some((at_account, account_max))))
+    }
+
+    /// Clears login attempts after a successful login: with `account`, the
+    /// account's counter and `addr`'s attempts for that account (its other
+    /// attempts stay counted); without, `addr`'s whole counter. Returns
+    /// whether any counted attempt was cleared.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn reset_login_attempts(
+        &self,
+        addr: &ClientAddr,
+        account: Option<&AccountKey>,
+    ) -> Result<bool, Error> {
+        let mut op = self.op("reset_login_attempts").await?;
+        let Some(account) = account else {
+            let deleted: i64 = op
+                .query(redis::cmd("DEL").arg(self.rate_limit_key(addr)))
+                .await?;
+            return Ok(deleted == 1);
+        };
+        let mut reset = self.shared.scripts.login_reset.prepare_invoke();
+        reset
+            .key(self.rate_limit_key(addr))
+            .key(self.login_pair_key(addr, account));
+        let cleared: i64 = op.invoke(&reset).await?;
+        // The account's counter lives in another slot: a command of its own.
+        let deleted: i64 = op
+            .query(redis::cmd("DEL").arg(self.login_account_key(account)))
+            .await?;
+        Ok(cleared > 0 || deleted == 1)
+    }
+}
+
+/// The call's verdict from the address's answer and, when an account was
+/// named, the account's.
+fn verdict(addr: Take, addr_max: u32, account: Option<(Take, u32)>) -> LoginVerdict {
+    let decided_at_ms = addr.now_ms;
+    let (refusing, refused_by, retry_ms) = match account {
+        None => (addr, LoginLimit::Address, addr.retry_ms),
+        Some((acct, _)) => {
+            let retry_ms = addr.retry_ms.max(acct.retry_ms);
+            if !addr.allowed && (acct.allowed || addr.retry_ms >= acct.retry_ms) {
+                (addr, LoginLimit::Address, retry_ms)
+            } else if addr.allowed && acct.allowed {
+                (addr, LoginLimit::Address, 0)
+            } else {
+                (acct, LoginLimit::Account, retry_ms)
+            }
+        }
+    };
+    let allowed = addr.allowed && account.is_none_or(|(acct, _)| acct.allowed);
+    let remaining = match account {
+        Some((acct, acct_max)) if allowed => addr.remaining(addr_max).min(acct.remaining(acct_max)),
+        _ if allowed => addr.remaining(addr_max),
+        _ => 0,
+    };
+    LoginVerdict {
+        allowed,
+        attempts: refusing.attempts(),
+        remaining,
+        retry_after: (!allowed).then(|| Duration::from_millis(retry_ms)),
+        refused_by: (!allowed).then_some(refused_by),
+        decided_at_ms,
     }
 }

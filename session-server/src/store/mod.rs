@@ -20,7 +20,9 @@
 //! | `P token_owner:{token}` | the token's user id: reserves the token id across users and answers token-only lookups |
 //! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; lives as long as the token's reservation |
 //! | `P reservations:{user}` | sorted set of token ids whose reservation a replayed create extended past their live session, scored by its end (ms) |
-//! | `P rate_limit:login:{ip}` | login attempt counter, expiring with its window |
+//! | `P rate_limit:login:addr:{addr}` | login attempts of a client address (IPv4, or IPv6 network `net/len`): hash of bucket index -> allowed attempts (see `login`); expires when its newest bucket leaves the window |
+//! | `P rate_limit:login:pair:{addr}:acct` | the part of the address's attempts made for one account (`acct` = SHA-256 hex of the account), same buckets and slot as the address's counter, so a reset with the account can subtract exactly it |
+//! | `P rate_limit:login:account:{acct}` | login attempts for one account, from any address; its own slot |
 //!
 //! Whether a session is valid is decided in one place: its `session:` key
 //! exists. The index and the owner reservation only point at it. A reservation
@@ -50,7 +52,7 @@ use redis::FromRedisValue;
 
 use crate::{
     error::Error,
-    model::{ClientAddr, TokenId, UserId},
+    model::{AccountKey, ClientAddr, TokenId, UserId},
 };
 
 use connection::Backend;
@@ -119,8 +121,12 @@ pub struct Settings {
     pub limit_policy: LimitPolicy,
     /// Length of a login rate-limit window.
     pub rate_limit_window: Duration,
-    /// Attempts allowed per window.
+    /// Attempts allowed per client address per window.
     pub rate_limit_max_attempts: u32,
+    /// Attempts allowed per account per window, from all addresses together.
+    pub rate_limit_account_max_attempts: u32,
+    /// The prefix length IPv6 client addresses are grouped by.
+    pub rate_limit_ipv6_prefix: u8,
     /// Number of multiplexed Redis connections.
     pub pool_size: u32,
     /// Bound on each store operation: pool wait, connect and Redis round trips.
@@ -146,6 +152,8 @@ impl fmt::Debug for Settings {
             limit_policy,
             rate_limit_window,
             rate_limit_max_attempts,
+            rate_limit_account_max_attempts,
+            rate_limit_ipv6_prefix,
             pool_size,
             timeout,
             redis_password,
@@ -162,6 +170,11 @@ impl fmt::Debug for Settings {
             .field("limit_policy", limit_policy)
             .field("rate_limit_window", rate_limit_window)
             .field("rate_limit_max_attempts", rate_limit_max_attempts)
+            .field(
+                "rate_limit_account_max_attempts",
+                rate_limit_account_max_attempts,
+            )
+            .field("rate_limit_ipv6_prefix", rate_limit_ipv6_prefix)
             .field("pool_size", pool_size)
             .field("timeout", timeout)
             .field("redis_password", &redis_password.as_ref().map(|_| "***"))
@@ -218,6 +231,8 @@ struct Scripts {
     revoke_sessions: redis::Script,
     count_sessions: redis::Script,
     login_attempt: redis::Script,
+    login_undo: redis::Script,
+    login_reset: redis::Script,
 }
 
 impl fmt::Debug for Scripts {
@@ -234,6 +249,8 @@ impl Scripts {
             revoke_sessions: redis::Script::new(include_str!("scripts/revoke_sessions.lua")),
             count_sessions: redis::Script::new(include_str!("scripts/count_sessions.lua")),
             login_attempt: redis::Script::new(include_str!("scripts/login_attempt.lua")),
+            login_undo: redis::Script::new(include_str!("scripts/login_undo.lua")),
+            login_reset: redis::Script::new(include_str!("scripts/login_reset.lua")),
         }
     }
 }
@@ -348,9 +365,28 @@ impl Store {
 
     pub(crate) fn rate_limit_key(&self, addr: &ClientAddr) -> String {
         format!(
-            "{}rate_limit:login:{{{}}}",
+            "{}rate_limit:login:addr:{{{}}}",
             self.shared.settings.key_prefix,
             addr.as_str()
+        )
+    }
+
+    /// The (address, account) pair counter: tagged by the address, so it
+    /// shares the slot of [`Store::rate_limit_key`].
+    pub(crate) fn login_pair_key(&self, addr: &ClientAddr, account: &AccountKey) -> String {
+        format!(
+            "{}rate_limit:login:pair:{{{}}}:{}",
+            self.shared.settings.key_prefix,
+            addr.as_str(),
+            account.as_str()
+        )
+    }
+
+    pub(crate) fn login_account_key(&self, account: &AccountKey) -> String {
+        format!(
+            "{}rate_limit:login:account:{{{}}}",
+            self.shared.settings.key_prefix,
+            account.as_str()
         )
     }
 }
@@ -437,11 +473,27 @@ mod tests {
                     "the hash tag is the user id"
                 );
             }
-            // claim_token, count_sessions and login_attempt touch one key each.
+            // claim_token and count_sessions touch one key each.
             let token = TokenId::parse("token_id", "tok".into()).unwrap();
             assert_eq!(slot(&store.owner_key(&token)), slot("tok"));
-            let addr = ClientAddr::parse("2001:db8::1").unwrap();
-            assert_eq!(slot(&store.rate_limit_key(&addr)), slot("2001:db8::/64"));
+            // login_attempt, login_undo and login_reset: the address's counter
+            // and its pair counters share the address's slot; the account's
+            // counter is used alone (see `login` for why that is correct).
+            for (ip, tag) in [
+                ("2001:db8::1", "2001:db8::/64"),
+                ("192.0.2.1", "192.0.2.1"),
+                ("::ffff:192.0.2.1", "192.0.2.1"),
+            ] {
+                let addr = ClientAddr::parse(ip).unwrap();
+                let counter = store.rate_limit_key(&addr);
+                assert_eq!(slot(&counter), slot(tag));
+                for account in ["alice", "bob@example.com", "{x}:y"] {
+                    let account = AccountKey::parse(account).unwrap();
+                    assert_eq!(slot(&store.login_pair_key(&addr, &account)), slot(&counter));
+                    let alone = store.login_account_key(&account);
+                    assert_eq!(slot(&alone), slot(account.as_str()));
+                }
+            }
         }
     }
 }
