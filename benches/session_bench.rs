@@ -28,7 +28,7 @@ use std::{
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, RevokeSessionRequest,
+    CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, RevokeSessionRequest,
     session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
@@ -46,6 +46,14 @@ enum Profile {
     Revoke,
     /// 95 % get-hint, 4 % create, 1 % revoke.
     Mixed,
+    /// RecordLoginAttempt without an account, from an address picked at
+    /// random among `--keyspace` (IPv4 `10.x.y.z`): a large keyspace keeps
+    /// most attempts under the limit (allowed counts as a hit, refused as a
+    /// miss). Use a fresh KEY_PREFIX on the server for each run.
+    Login,
+    /// RecordLoginAttempt with an account picked at random among `--users`
+    /// (unique to the run), from an address as in `login`.
+    LoginAccount,
 }
 
 /// Load generator for SessionStore.
@@ -257,6 +265,26 @@ async fn call(
             // Picked at random, a session may have been revoked already: the
             // call costs the same, so it is counted as a miss, not an error.
             Ok(hit(response.into_inner().revoked))
+        }
+        Profile::Login | Profile::LoginAccount => {
+            let host = rng.below(keys.keyspace);
+            let account = if profile == Profile::LoginAccount {
+                format!("bench-{}-{}@example.com", keys.run, rng.below(keys.users))
+            } else {
+                String::new()
+            };
+            let response = client
+                .record_login_attempt(RecordLoginAttemptRequest {
+                    ip: format!(
+                        "10.{}.{}.{}",
+                        host >> 16 & 0xff,
+                        host >> 8 & 0xff,
+                        host & 0xff
+                    ),
+                    account,
+                })
+                .await?;
+            Ok(hit(response.into_inner().allowed))
         }
         Profile::Mixed => unreachable!("mixed picks one of the others above"),
     }
