@@ -370,6 +370,25 @@ proptest! {
         prop_assert_eq!(ka.ok() == kb.ok(), n1 == n2, "{} / {}", a, b);
     }
 
+    /// With any RATE_LIMIT_IPV6_PREFIX, two IPv6 addresses (neither carrying
+    /// an IPv4 address) share a rate-limit key exactly when their first
+    /// `prefix` bits agree.
+    #[test]
+    fn ipv6_shares_a_key_exactly_within_the_prefix(
+        prefix in 32u8..=128,
+        a in any::<u128>(),
+        flip in 0u32..128,
+    ) {
+        let b = a ^ (1u128 << flip);
+        let (a, b) = (Ipv6Addr::from(a), Ipv6Addr::from(b));
+        prop_assume!(crate::model::embedded_ipv4(a).is_none() && crate::model::embedded_ipv4(b).is_none());
+        let key = |addr: Ipv6Addr| ClientAddr::parse_with_prefix(&addr.to_string(), prefix).ok();
+        // Bit `flip` counted from the least significant: inside the prefix
+        // when it is among the top `prefix` bits.
+        let differs_in_prefix = 127 - flip < u32::from(prefix);
+        prop_assert_eq!(key(a) == key(b), !differs_in_prefix, "{} / {} /{}", a, b, prefix);
+    }
+
     /// Distinct IPv4 addresses never share a key, and no IPv4 key is an IPv6 one.
     #[test]
     fn ipv4_keys_are_per_address(a in any::<Ipv4Addr>(), b in any::<Ipv4Addr>(), n in any::<u64>()) {
