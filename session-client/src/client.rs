@@ -475,7 +475,10 @@ impl SessionClient {
     }
 
     /// Counts one login attempt from a client address (IPv4, or IPv6 counted
-    /// per /64) and says whether it may proceed.
+    /// per the server's RATE_LIMIT_IPV6_PREFIX network) and says whether it
+    /// may proceed. Without an account, a reset clears everything the address
+    /// did: prefer [`record_login_attempt_for`](Self::record_login_attempt_for)
+    /// when the account is known.
     ///
     /// Retried only when the request never left (each attempt counts, so a
     /// repeat after it may have reached the server would count twice).

@@ -43,6 +43,13 @@
 //! counter, so the address keeps every attempt it made against other
 //! accounts: logging in to one's own account no longer wipes the guesses
 //! made against someone else's.
+//!
+//! A reset without an account deletes the address's counter and leaves its
+//! pair counters to expire; a later reset with an account then subtracts a
+//! pair's old buckets from the new counter, which can clear up to that many
+//! newer attempts in those buckets. A caller that mixes both resets is
+//! therefore no stronger than the reset without an account, which is already
+//! documented as the weak one.
 
 use std::time::Duration;
 
