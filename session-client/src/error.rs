@@ -137,9 +137,20 @@ impl CallError {
         }
     }
 
-    /// The gRPC status code.
+    /// The gRPC code this failure counts as, always the one of the
+    /// [`Error`] variant holding it: a local timer tonic reports as
+    /// CANCELLED "Timeout expired" is [`Code::DeadlineExceeded`], a broken
+    /// connection tonic reports as UNKNOWN or INTERNAL is
+    /// [`Code::Unavailable`]. The status as tonic produced it, with its own
+    /// code, is the [`source`](std::error::Error::source).
     pub fn code(&self) -> Code {
         self.code
+    }
+
+    /// The same failure counted as `code`, for a status [`Error`] reclassifies.
+    fn counted_as(mut self, code: Code) -> Self {
+        self.code = code;
+        self
     }
 
     /// The message: the server's for an answer, tonic's for a local failure.
@@ -278,7 +289,9 @@ impl From<Status> for Error {
             // tonic reports its own expired timers (the client's per-call
             // timeout, or the server's reading of grpc-timeout) as CANCELLED
             // "Timeout expired"; to the caller that is a missed deadline.
-            tonic::Code::Cancelled if is_timeout(status) => Self::DeadlineExceeded(call),
+            tonic::Code::Cancelled if is_timeout(status) => {
+                Self::DeadlineExceeded(call.counted_as(Code::DeadlineExceeded))
+            }
             tonic::Code::Unauthenticated => Self::Unauthenticated(call),
             tonic::Code::ResourceExhausted if is_load_shedding(status) => Self::Overloaded(call),
             // A connection refused, reset or cut under the call: the server
@@ -286,7 +299,7 @@ impl From<Status> for Error {
             tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
                 if call.transport =>
             {
-                Self::Unavailable(call)
+                Self::Unavailable(call.counted_as(Code::Unavailable))
             }
             tonic::Code::Ok
             | tonic::Code::Cancelled
@@ -448,6 +461,52 @@ mod tests {
 
         let cancelled = Status::cancelled("the caller went away");
         assert!(matches!(Error::from(cancelled), Error::Other(_)));
+    }
+
+    /// `code()` always agrees with the variant, and the status tonic produced
+    /// (with its own code) stays reachable as the source.
+    #[test]
+    fn the_code_agrees_with_the_variant_and_the_source_keeps_the_original() {
+        fn source_code(err: &Error) -> tonic::Code {
+            let call = err.source().expect("a call error");
+            let status = call.source().expect("the status");
+            status.downcast_ref::<Status>().expect("a status").code()
+        }
+        let local = Error::from(Status::from_error(Box::new(tonic::TimeoutExpired(()))));
+        assert!(matches!(local, Error::DeadlineExceeded(_)), "{local:?}");
+        assert_eq!(local.code(), Some(Code::DeadlineExceeded));
+        assert_eq!(source_code(&local), tonic::Code::Cancelled);
+
+        let remote = Error::from(Status::cancelled("Timeout expired"));
+        assert_eq!(remote.code(), Some(Code::DeadlineExceeded));
+
+        // A connection cut mid-call: tonic says UNKNOWN "transport error"
+        // (or INTERNAL, CANCELLED) with its transport error as the source.
+        let transport_status = |code| {
+            let cut = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+            let mut status = Status::new(code, "transport error");
+            status.set_source(std::sync::Arc::new(tonic::ConnectError(Box::new(cut))));
+            status
+        };
+        for code in [
+            tonic::Code::Unknown,
+            tonic::Code::Internal,
+            tonic::Code::Cancelled,
+        ] {
+            let err = Error::from(transport_status(code));
+            assert!(matches!(err, Error::Unavailable(_)), "{code:?}: {err:?}");
+            assert_eq!(err.code(), Some(Code::Unavailable), "{code:?}");
+            assert_eq!(source_code(&err), code);
+        }
+        for code in [
+            tonic::Code::Unknown,
+            tonic::Code::Internal,
+            tonic::Code::Cancelled,
+        ] {
+            let err = Error::from(Status::new(code, "x"));
+            assert!(matches!(err, Error::Other(_)), "{code:?}");
+            assert_eq!(err.code(), Some(Code::from_tonic(code)));
+        }
     }
 
     /// A refused connection is a never-sent transport failure; a server's answer is neither.
