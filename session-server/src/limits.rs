@@ -313,12 +313,17 @@ impl http_body::Body for HeldBody {
     }
 }
 
-/// The caller's deadline from the `grpc-timeout` header: up to 8 digits and a
-/// unit (H, M, S, m, u, n). A malformed header is ignored, as gRPC servers do.
-fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
+/// The caller's deadline from the `grpc-timeout` header: 1 to 8 ASCII digits
+/// and a unit (H, M, S, m, u, n), as the gRPC spec writes it and tonic reads
+/// it to enforce it. Anything else (a sign, a decimal point, a space) is
+/// malformed and ignored, as gRPC servers do. The one parser of the header:
+/// [`crate::observe`] uses it too, so the deadline a call is held to and the
+/// one its metrics judge it by are the same.
+pub(crate) fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
+    // `u64::from_str` alone would accept a leading `+`.
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let amount: u64 = digits.parse().ok()?;
@@ -590,7 +595,18 @@ mod tests {
 
     #[test]
     fn malformed_grpc_timeout_is_ignored() {
-        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+        for bad in [
+            "",
+            "m",
+            "123456789m",
+            "10x",
+            "-1S",
+            "+5S",
+            "+1m",
+            " 5S",
+            "1.5S",
+            "5 S",
+        ] {
             assert_eq!(caller_timeout(&header(bad)), None, "{bad:?}");
         }
         assert_eq!(caller_timeout(&HeaderMap::new()), None);

@@ -41,7 +41,7 @@ use tokio::time::Instant;
 
 use tonic::{
     Code,
-    codegen::http::{HeaderMap, Request, Response},
+    codegen::http::{Request, Response},
 };
 use tower::{Layer, Service};
 
@@ -265,7 +265,7 @@ where
             method,
             unknown_path,
             start: Instant::now(),
-            deadline: caller_deadline(request.headers()),
+            deadline: crate::limits::caller_timeout(request.headers()),
             code: None,
         };
         let response = self.inner.call(request);
@@ -296,26 +296,6 @@ fn printable_prefix(path: &str) -> String {
         shown.push_str("...");
     }
     shown
-}
-
-/// The caller's deadline from `grpc-timeout` (up to 8 digits and a unit: H, M,
-/// S, m, u, n), as tonic reads it to enforce it; a malformed header means none.
-fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
 }
 
 /// The methods that keep their path as the metric label.
@@ -508,22 +488,6 @@ mod tests {
         let shown = printable_prefix(&long);
         assert_eq!(shown.len(), LOGGED_PATH_CHARS + 3);
         assert!(shown.ends_with("..."));
-    }
-
-    #[test]
-    fn caller_deadlines_parse_like_tonic() {
-        let header = |value: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("grpc-timeout", value.parse().unwrap());
-            caller_deadline(&headers)
-        };
-        assert_eq!(header("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(header("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(header("1H"), Some(Duration::from_secs(3600)));
-        for bad in ["", "m", "123456789m", "10x", "-1S", "+1S", "1.5S"] {
-            assert_eq!(header(bad), None, "{bad:?}");
-        }
-        assert_eq!(caller_deadline(&HeaderMap::new()), None);
     }
 
     /// Log lines written through a `tracing` subscriber, for counting.
