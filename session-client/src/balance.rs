@@ -368,45 +368,49 @@ pub(crate) struct Discovery {
     pub(crate) resolver: Resolver,
     pub(crate) dialer: Dialer,
     pub(crate) refresh: Duration,
+    /// Each seed's last non-empty answer (same order as `seeds`), kept when a
+    /// later lookup of that seed fails or finds nothing: each seed is
+    /// resolved on its own, so one name failing freezes only its own
+    /// addresses, never the others'.
+    pub(crate) known: Vec<Vec<(String, Endpoint)>>,
 }
 
 impl Discovery {
-    /// Every address of every seed, as (URL, endpoint); an error when a seed
-    /// cannot be resolved, so the caller keeps the addresses it has.
-    pub(crate) async fn resolve(&self) -> Result<Vec<(String, Endpoint)>> {
-        let mut targets: Vec<(String, Endpoint)> = Vec::new();
-        for seed in &self.seeds {
-            let resolved = tokio::time::timeout(
-                self.dialer.connect_timeout,
-                (self.resolver)(seed.host.clone(), seed.port),
-            )
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "DNS lookup timed out"))
-            .and_then(|result| result)
-            .map_err(|e| {
-                crate::Error::from(tonic::Status::unavailable(format!(
-                    "cannot resolve {}:{}: {e}",
-                    seed.host, seed.port
-                )))
-            })?;
-            for address in resolved {
-                let scheme = if seed.https { "https" } else { "http" };
-                let url = format!("{scheme}://{address}");
-                if targets.iter().any(|(known, _)| *known == url) {
-                    continue;
+    /// Resolves every seed on its own and returns every address known, as
+    /// (URL, endpoint): a seed's fresh answer when its lookup found
+    /// addresses, else its last known ones. An error only when no seed has
+    /// any address (each lookup failed or found nothing, and none ever
+    /// found any), with the first lookup error if there was one.
+    pub(crate) async fn resolve(&mut self) -> Result<Vec<(String, Endpoint)>> {
+        self.known.resize(self.seeds.len(), Vec::new());
+        let mut first_error = None;
+        for (seed, known) in self.seeds.iter().zip(self.known.iter_mut()) {
+            match resolve_seed(&self.resolver, &self.dialer, seed).await {
+                Ok(fresh) if !fresh.is_empty() => *known = fresh,
+                // Nothing found: the seed's last known addresses stay.
+                Ok(_) => {}
+                Err(err) => {
+                    first_error.get_or_insert(err);
                 }
-                let endpoint = self.dialer.endpoint(&url, Some(&seed.host))?;
-                targets.push((url, endpoint));
             }
         }
-        Ok(targets)
+        let mut targets: Vec<(String, Endpoint)> = Vec::new();
+        for (url, endpoint) in self.known.iter().flatten() {
+            if !targets.iter().any(|(known, _)| known == url) {
+                targets.push((url.clone(), endpoint.clone()));
+            }
+        }
+        match first_error {
+            Some(err) if targets.is_empty() => Err(err),
+            _ => Ok(targets),
+        }
     }
 
     /// Re-resolves every `refresh` (sooner while there are no addresses) and
-    /// installs the result, until the pool is dropped. A failed or empty
-    /// answer keeps the addresses the pool has: a DNS hiccup must not take
-    /// every server away.
-    pub(crate) async fn run(self, pool: Weak<Pool>) {
+    /// installs the result, until the pool is dropped. A seed whose lookup
+    /// fails or finds nothing keeps its last known addresses (a DNS hiccup
+    /// must not take servers away); the other seeds are updated regardless.
+    pub(crate) async fn run(mut self, pool: Weak<Pool>) {
         loop {
             let empty = match pool.upgrade() {
                 Some(pool) => pool.members().is_empty(),
@@ -430,6 +434,36 @@ impl Discovery {
             }
         }
     }
+}
+
+/// One seed's addresses, as (URL, endpoint); an error when it cannot be
+/// resolved within the connect timeout.
+async fn resolve_seed(
+    resolver: &Resolver,
+    dialer: &Dialer,
+    seed: &Seed,
+) -> Result<Vec<(String, Endpoint)>> {
+    let resolved = tokio::time::timeout(
+        dialer.connect_timeout,
+        resolver(seed.host.clone(), seed.port),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "DNS lookup timed out"))
+    .and_then(|result| result)
+    .map_err(|e| {
+        crate::Error::from(tonic::Status::unavailable(format!(
+            "cannot resolve {}:{}: {e}",
+            seed.host, seed.port
+        )))
+    })?;
+    let scheme = if seed.https { "https" } else { "http" };
+    let mut targets = Vec::with_capacity(resolved.len());
+    for address in resolved {
+        let url = format!("{scheme}://{address}");
+        let endpoint = dialer.endpoint(&url, Some(&seed.host))?;
+        targets.push((url, endpoint));
+    }
+    Ok(targets)
 }
 
 impl fmt::Debug for Discovery {

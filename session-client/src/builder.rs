@@ -263,8 +263,12 @@ impl Builder {
     /// servers: resolves it to all its addresses (A and AAAA records), keeps
     /// one connection per address, balanced as for [`endpoint`](Self::endpoint),
     /// and resolves it again every `refresh`, adding and removing addresses
-    /// as the answer changes. A lookup that fails or finds nothing keeps the
-    /// addresses already known.
+    /// as the answer changes. Each endpoint's name is resolved on its own: a
+    /// lookup that fails or finds nothing keeps that name's last known
+    /// addresses (an empty answer never removes a server; only an answer
+    /// listing other addresses does), while the other names are updated.
+    /// [`connect`](Self::connect) fails only when no name resolves to
+    /// anything.
     ///
     /// This is how to spread load over the pods of a Kubernetes headless
     /// Service (`clusterIP: None`, whose name resolves to every ready pod):
@@ -456,7 +460,7 @@ impl Builder {
     ///   a header; a timeout, refresh interval or the retry budget is out of
     ///   range.
     /// - [`Error::Unavailable`] when not lazy and no endpoint can be reached,
-    ///   or (DNS discovery) the name cannot be resolved.
+    ///   or (DNS discovery) no endpoint's name resolves to any address.
     pub async fn connect(self) -> Result<SessionClient> {
         self.validate()?;
         let dialer = Dialer {
@@ -492,13 +496,14 @@ impl Builder {
             plaintext.filter(|_| !self.allow_plaintext_token),
         )?;
 
-        let discovery = self.dns_refresh.map(|refresh| Discovery {
+        let mut discovery = self.dns_refresh.map(|refresh| Discovery {
             seeds,
             resolver: self.resolver.clone().unwrap_or_else(system_resolver),
             dialer,
             refresh,
+            known: Vec::new(),
         });
-        let targets = match &discovery {
+        let targets = match discovery.as_mut() {
             None => statics,
             Some(discovery) => match discovery.resolve().await {
                 Ok(targets) => targets,

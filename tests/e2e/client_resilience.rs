@@ -201,6 +201,83 @@ async fn dns_discovery_over_tls_checks_the_name() {
     assert_eq!(client.get_user_session_count("jo").await.unwrap(), 0);
 }
 
+/// DNS discovery with two names: once one name stops resolving, the other's
+/// changes are still followed (a new address gets calls, a removed one gets
+/// none), and the failing name's last known address keeps getting calls.
+#[tokio::test]
+async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
+    let kept = TestServer::start_with(roomy_config()).await;
+    let old = TestServer::start_with(roomy_config()).await;
+    let new = TestServer::start_with(roomy_config()).await;
+    let broken = Arc::new(Mutex::new(false));
+    let answer = Arc::new(Mutex::new(vec![old.addr]));
+    let resolver = {
+        let (broken, answer, kept) = (broken.clone(), answer.clone(), kept.addr);
+        move |host: String, _port: u16| {
+            let result = match host.as_str() {
+                "flaky.test" if *broken.lock().unwrap() => Err(std::io::Error::other("SERVFAIL")),
+                "flaky.test" => Ok(vec![kept]),
+                _ => Ok(answer.lock().unwrap().clone()),
+            };
+            async move { result }
+        }
+    };
+    let client = SessionClient::builder("http://flaky.test:50051")
+        .endpoint("http://steady.test:50051")
+        .dns_discovery(Duration::from_millis(50))
+        .dns_resolver(resolver)
+        .connect()
+        .await
+        .unwrap();
+    *broken.lock().unwrap() = true;
+    *answer.lock().unwrap() = vec![new.addr];
+
+    let mut made = 0;
+    let start = Instant::now();
+    loop {
+        let before = count_on(&old.url(), "ivy").await;
+        for _ in 0..20 {
+            client
+                .create_session("ivy", format!("ivy-{made}"), no_metadata())
+                .await
+                .unwrap();
+            made += 1;
+        }
+        if count_on(&old.url(), "ivy").await == before && count_on(&new.url(), "ivy").await > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the steady name's new answer was not followed while the other failed"
+        );
+    }
+    // Settled: the failing name's address and the new one share the calls.
+    let before = (
+        count_on(&kept.url(), "ivy").await,
+        count_on(&old.url(), "ivy").await,
+        count_on(&new.url(), "ivy").await,
+    );
+    for _ in 0..100 {
+        client
+            .create_session("ivy", format!("ivy-{made}"), no_metadata())
+            .await
+            .unwrap();
+        made += 1;
+    }
+    let after = (
+        count_on(&kept.url(), "ivy").await,
+        count_on(&old.url(), "ivy").await,
+        count_on(&new.url(), "ivy").await,
+    );
+    assert_eq!(after.1, before.1, "the removed address got calls");
+    assert!(
+        after.0 > before.0,
+        "the failing name's last address got none"
+    );
+    assert!(after.2 > before.2, "the new address got none");
+    assert_eq!(after.0 + after.1 + after.2, made);
+}
+
 /// With Redis paused and many retries allowed, a read with `timeout(300 ms)`
 /// returns within its budget (the old per-attempt timeout took attempts ×
 /// timeout), with a transient error.
