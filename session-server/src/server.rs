@@ -184,6 +184,9 @@ pub async fn run_with_bounds(
             Some(tokio::spawn(serve_health(
                 listener,
                 health_service.clone(),
+                // The same layer, so the same pools: see `serve_health`.
+                limits.clone(),
+                bounds.max_health_watches,
                 health_stopped,
                 closing.clone(),
             )))
@@ -223,8 +226,8 @@ pub async fn run_with_bounds(
 
     let result = builder
         // Dead client connections are noticed and dropped.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         // Without a limit tonic lets one connection open any number of
         // streams (hyper's default of 200 is overridden). One connection may
         // use every permit (session-client multiplexes all its calls over one
@@ -273,9 +276,23 @@ pub async fn run_with_bounds(
 /// probes (which cannot speak TLS) when the main port requires TLS. It keeps
 /// answering through the main port's drain; its health watches end when
 /// `closing` turns true, with the main port's streams.
+///
+/// Anyone who can reach the port may call it (health needs no token), so it
+/// has the main port's bounds: `limits` is the main port's [`LimitsLayer`]
+/// (a clone shares its pools), so Check has the same deadline and Watch
+/// streams come out of the same pool of `max_health_watches`. One pool, not
+/// one per port: Watch needs no token on either port, so a second pool would
+/// protect nothing and would double what anonymous callers may hold open;
+/// shared, the process holds at most `max_health_watches` of them whichever
+/// port they came in on, and probes (Check, exempt from the caps) still
+/// answer when the pool is full. HTTP/2 lets one connection open that many
+/// streams plus [`HTTP2_PROBE_STREAMS`]; a peer asking for more is told to
+/// wait instead of holding memory for streams that could only be refused.
 async fn serve_health<S>(
     listener: TcpListener,
     health_service: S,
+    limits: LimitsLayer,
+    max_health_watches: usize,
     mut stopped: tokio::sync::watch::Receiver<bool>,
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error>
@@ -292,13 +309,30 @@ where
     S::Future: Send + 'static,
 {
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(
+            u32::try_from(max_health_watches.saturating_add(HTTP2_PROBE_STREAMS))
+                .unwrap_or(u32::MAX),
+        )
         .layer(EndStreamsLayer::new(closing))
+        .layer(limits)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )
         .await
 }
+
+/// How often an idle connection is pinged, on both ports, so a dead peer's
+/// connection is noticed and dropped.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a ping may go unanswered before its connection is dropped.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Streams per connection beyond the caps, for health checks, which no cap
 /// counts.

@@ -257,6 +257,81 @@ async fn a_thousand_unauthenticated_streams_are_refused() {
     server.stop().await;
 }
 
+/// The plaintext health port (HEALTH_ADDR) has the main port's bounds: of
+/// 1,000 health watches opened on one connection there, no more than the
+/// watch pool are admitted and the rest are refused with RESOURCE_EXHAUSTED;
+/// the pool is the main port's (a watch there is refused too, rather than a
+/// second pool doubling what anonymous callers may hold), probes still
+/// answer on both ports, and a watch that ends makes room for another.
+#[tokio::test]
+async fn the_health_port_caps_watches_with_the_main_port() {
+    let mut config = test_config();
+    let health_addr: SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+        .parse()
+        .unwrap();
+    config.health_addr = Some(health_addr);
+    let server = BoundedServer::start(config, server::Bounds::default()).await;
+    let main = server.channel().await;
+    let endpoint = Channel::from_shared(format!("http://{health_addr}")).unwrap();
+    // HEALTH_ADDR is bound by the server task, which may not have run yet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            Err(err) if Instant::now() > deadline => panic!("health port never accepted: {err}"),
+            Err(_) => tokio::task::yield_now().await,
+        }
+    };
+    let watch = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    };
+
+    let watches: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(watch(channel.clone())))
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for watch in watches {
+        match watch.await.unwrap() {
+            Ok(stream) => open.push(stream),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("health watches"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(open.len(), session_server::limits::MAX_HEALTH_WATCHES);
+    assert_eq!(refused, 1000 - session_server::limits::MAX_HEALTH_WATCHES);
+
+    let status = watch(main.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    for channel in [&channel, &main] {
+        HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("probes are not counted with watches");
+    }
+
+    // A watch that ends gives its permit back.
+    open.pop();
+    let reopened = wait_until(Duration::from_secs(5), || {
+        let channel = channel.clone();
+        async move { watch(channel).await.is_ok() }
+    })
+    .await;
+    assert!(reopened, "an ended watch did not free its permit");
+    drop((open, channel, main));
+    server.stop().await;
+}
+
 /// Without authentication, streams past the stream cap get RESOURCE_EXHAUSTED
 /// while the open ones keep their permits (released only when a stream ends,
 /// not when its headers are sent), unary calls are still served, and a
