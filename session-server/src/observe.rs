@@ -2,11 +2,18 @@
 //! status code, latency) at a level chosen from the code, and the RPC count
 //! and latency metrics.
 //!
-//! Every call is recorded exactly once, when its response future ends: with
-//! the code it answered, or, when the future is dropped first (the caller
-//! cancelled, or tonic's own `grpc-timeout` timer fired outside this layer), as
-//! CANCELLED or DEADLINE_EXCEEDED. A drop guard does the recording, so no path
-//! out of a call skips it.
+//! Every call is recorded exactly once. A unary call is recorded when its
+//! response future ends: with the code it answered, or, when the future is
+//! dropped first (the caller cancelled, or tonic's own `grpc-timeout` timer
+//! fired outside this layer), as CANCELLED or DEADLINE_EXCEEDED. A streaming
+//! call is recorded when its response body ends, since its headers say
+//! nothing of how it will end: with the `grpc-status` of its trailers (OK,
+//! DEADLINE_EXCEEDED from the caller's deadline, UNAVAILABLE at shutdown, a
+//! handler's error), or CANCELLED (DEADLINE_EXCEEDED at its deadline) when
+//! the body is dropped before its end (the caller reset the stream or went
+//! away), and its latency is the stream's whole life. A stream refused
+//! outright (trailers-only) is recorded at once, like a unary call. A drop
+//! guard does the recording, so no path out of a call skips it.
 //!
 //! Counters are exact; log lines are not. A flood of refusals (calls shed by
 //! the concurrency cap, unauthenticated or invalid calls, probes of unknown
@@ -62,8 +69,22 @@ pub const LOGGED_PATH_CHARS: usize = 64;
 const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 
 /// Adds per-RPC logging to a service stack.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RpcLogLayer;
+#[derive(Clone, Debug, Default)]
+pub struct RpcLogLayer {
+    /// Full paths of the streaming methods; a handful, so a linear scan.
+    streaming: Arc<[Box<str>]>,
+}
+
+impl RpcLogLayer {
+    /// Records `methods` (full paths, from [`crate::limits::streaming_methods`])
+    /// when their response body ends rather than when their headers are
+    /// sent. Until this is called every call is recorded as unary.
+    pub fn streaming(self, methods: Vec<String>) -> Self {
+        Self {
+            streaming: methods.into_iter().map(String::into_boxed_str).collect(),
+        }
+    }
+}
 
 impl<S> Layer<S> for RpcLogLayer {
     type Service = RpcLog<S>;
@@ -74,6 +95,7 @@ impl<S> Layer<S> for RpcLogLayer {
         RpcLog {
             inner,
             handles: Arc::new(Handles::default()),
+            streaming: self.streaming.clone(),
         }
     }
 }
@@ -83,6 +105,7 @@ impl<S> Layer<S> for RpcLogLayer {
 pub struct RpcLog<S> {
     inner: S,
     handles: Arc<Handles>,
+    streaming: Arc<[Box<str>]>,
 }
 
 /// How many gRPC codes there are (0 OK to 16 UNAUTHENTICATED).
@@ -196,9 +219,10 @@ impl Sampler {
     }
 }
 
-/// One call in flight. It records the call when dropped, whether the response
-/// future completed (then `code` is set) or was dropped before, so each call
-/// is counted and logged exactly once.
+/// One call in flight. It records the call when dropped, whether the call
+/// ended (then `code` is set) or was dropped before, so each call is counted
+/// and logged exactly once.
+#[derive(Debug)]
 struct CallRecord {
     handles: Arc<Handles>,
     method: Method,
@@ -209,13 +233,14 @@ struct CallRecord {
     /// The caller's `grpc-timeout`, which tonic enforces outside this layer by
     /// dropping the call.
     deadline: Option<Duration>,
-    /// The answer's code, once the response future has completed.
+    /// The answer's code, once the call has ended: its response future
+    /// completed (unary) or its response body ended (streams).
     code: Option<Code>,
 }
 
 impl CallRecord {
-    /// The code of a call whose response future was dropped before it
-    /// completed: DEADLINE_EXCEEDED when its deadline had come, else
+    /// The code of a call dropped before it ended (its response future, or a
+    /// stream's response body): DEADLINE_EXCEEDED when its deadline had come, else
     /// CANCELLED (the caller went away, or the connection did).
     fn dropped_code(&self, now: Instant) -> Code {
         let elapsed = now.duration_since(self.start);
@@ -243,8 +268,10 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcLog<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: http_body::Body + Unpin + Send + 'static,
+    ResBody::Error: 'static,
 {
-    type Response = S::Response;
+    type Response = Response<Observed<ResBody>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -255,6 +282,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
         let method = Method::of(path);
+        let streaming = self.streaming.iter().any(|known| **known == *path);
         // Only an unknown path is copied (and then only its start), so the
         // log can say what was asked.
         let unknown_path = (method.index == KNOWN.len()).then(|| printable_prefix(path));
@@ -270,17 +298,102 @@ where
         };
         let response = self.inner.call(request);
         Box::pin(async move {
-            let result = response.await;
-            record.code = Some(match &result {
-                // A unary success carries its status in the trailers; an error
-                // is sent "trailers-only", with grpc-status in the headers.
-                Ok(response) => tonic::Status::from_header_map(response.headers())
-                    .map_or(Code::Ok, |status| status.code()),
-                Err(_) => Code::Unknown,
-            });
+            let response = match response.await {
+                Ok(response) => response,
+                Err(err) => {
+                    record.code = Some(Code::Unknown);
+                    drop(record);
+                    return Err(err);
+                }
+            };
+            // An error is sent "trailers-only", with grpc-status in the
+            // headers: the call is over, streaming or not.
+            let status = tonic::Status::from_header_map(response.headers());
+            if streaming && status.is_none() {
+                // Recorded when the body ends, or is dropped before.
+                return Ok(response.map(|inner| Observed {
+                    inner,
+                    record: Some(record),
+                }));
+            }
+            // A unary success carries its status in the trailers.
+            record.code = Some(status.map_or(Code::Ok, |status| status.code()));
             drop(record);
-            result
+            Ok(response.map(|inner| Observed {
+                inner,
+                record: None,
+            }))
         })
+    }
+}
+
+/// A response body as [`RpcLog`] passes it on: a unary call's untouched, a
+/// stream's carrying the stream's record until the body ends (its
+/// trailers, an error, its end) or is dropped, which records the call.
+#[derive(Debug)]
+pub struct Observed<B> {
+    inner: B,
+    /// The open stream's record; `None` once recorded, and for unary calls.
+    record: Option<CallRecord>,
+}
+
+impl<B> Observed<B> {
+    /// Records the stream as ended with `code`, once.
+    fn end(&mut self, code: Code) {
+        if let Some(mut record) = self.record.take() {
+            record.code = Some(code);
+            drop(record);
+        }
+    }
+}
+
+impl<B> http_body::Body for Observed<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: 'static,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        // `Observed` is `Unpin`: its fields are.
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if this.record.is_some() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        // Trailers without grpc-status break the protocol;
+                        // the caller reads that as UNKNOWN.
+                        let code = tonic::Status::from_header_map(trailers)
+                            .map_or(Code::Unknown, |status| status.code());
+                        this.end(code);
+                    }
+                }
+                // hyper resets the stream with INTERNAL_ERROR, which the
+                // caller reads as INTERNAL, unless the error says better.
+                Some(Err(err)) => {
+                    let code = (err as &dyn std::any::Any)
+                        .downcast_ref::<tonic::Status>()
+                        .map_or(Code::Internal, tonic::Status::code);
+                    this.end(code);
+                }
+                // Ended without trailers, hence without a status.
+                None => this.end(Code::Unknown),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -583,7 +696,8 @@ mod tests {
         let lines = Lines::default();
         let calls = 1000;
         let metrics = observed(&lines, || async {
-            let mut service = RpcLogLayer.layer(answering(Code::Unauthenticated, Duration::ZERO));
+            let mut service =
+                RpcLogLayer::default().layer(answering(Code::Unauthenticated, Duration::ZERO));
             for i in 0..calls {
                 if i == calls / 2 {
                     // A second window opens half way.
@@ -622,7 +736,8 @@ mod tests {
         let lines = Lines::default();
         let path = format!("/probe/{}", "A".repeat(4000));
         let metrics = observed(&lines, || async {
-            let mut service = RpcLogLayer.layer(answering(Code::Unimplemented, Duration::ZERO));
+            let mut service =
+                RpcLogLayer::default().layer(answering(Code::Unimplemented, Duration::ZERO));
             service.call(request(&path, None)).await.unwrap();
         });
         assert_eq!(
@@ -645,7 +760,8 @@ mod tests {
     fn dropped_calls_are_recorded_with_their_code() {
         let lines = Lines::default();
         let metrics = observed(&lines, || async {
-            let mut service = RpcLogLayer.layer(answering(Code::Ok, Duration::from_secs(10)));
+            let mut service =
+                RpcLogLayer::default().layer(answering(Code::Ok, Duration::from_secs(10)));
             // The caller goes away after 100 ms of a 1 s deadline.
             let call = service.call(request(GET, Some("1S")));
             assert!(
@@ -682,13 +798,169 @@ mod tests {
     fn completed_calls_are_recorded_once() {
         let lines = Lines::default();
         let metrics = observed(&lines, || async {
-            let mut service =
-                RpcLogLayer.layer(answering(Code::InvalidArgument, Duration::from_millis(5)));
+            let mut service = RpcLogLayer::default()
+                .layer(answering(Code::InvalidArgument, Duration::from_millis(5)));
             service.call(request(GET, Some("1S"))).await.unwrap();
         });
         let series =
             format!(r#"sessionstore_rpc_requests_total{{method="{GET}",code="INVALID_ARGUMENT"}}"#);
         assert_eq!(sample(&metrics, &series), 1, "{metrics}");
         assert_eq!(lines.text().lines().count(), 1);
+    }
+
+    /// A response body that yields `frames`, then waits forever when `open`
+    /// (a stream that has not ended) or ends.
+    struct Scripted {
+        frames: std::collections::VecDeque<http_body::Frame<tonic::codegen::Bytes>>,
+        open: bool,
+    }
+
+    impl http_body::Body for Scripted {
+        type Data = tonic::codegen::Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            match self.frames.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None if self.open => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    /// Trailers carrying `code`.
+    fn trailers(code: Code) -> http_body::Frame<tonic::codegen::Bytes> {
+        let (parts, ()) = tonic::Status::new(code, "x").into_http::<()>().into_parts();
+        http_body::Frame::trailers(parts.headers)
+    }
+
+    /// A streaming service answering headers at once, then a message, then
+    /// `end` as trailers, or nothing more (the stream stays open) when
+    /// `end` is `None`.
+    fn streaming(
+        end: Option<Code>,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl Future + Send + 'static,
+    > + Clone {
+        tower::service_fn(move |_request: Request<Body>| async move {
+            let mut frames = std::collections::VecDeque::new();
+            frames.push_back(http_body::Frame::data(tonic::codegen::Bytes::from_static(
+                b"message",
+            )));
+            frames.extend(end.map(trailers));
+            let body = Scripted {
+                frames,
+                open: end.is_none(),
+            };
+            Ok::<_, std::convert::Infallible>(Response::new(Body::new(body)))
+        })
+    }
+
+    const WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+    /// Reads frames until the body ends, or until `limit` passes.
+    async fn drain<B: http_body::Body + Unpin>(body: &mut B, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            while std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+                .await
+                .is_some()
+            {}
+        })
+        .await;
+    }
+
+    /// A stream is recorded when it ends, not when its headers are sent: a
+    /// stream the caller resets after 3 s is CANCELLED with a latency of
+    /// 3 s, one that ends with UNAVAILABLE trailers (shutdown) is
+    /// UNAVAILABLE, one that ends with OK trailers is OK; each exactly once.
+    #[test]
+    fn streams_are_recorded_when_they_end() {
+        let lines = Lines::default();
+        let metrics = observed(&lines, || async {
+            let layer = RpcLogLayer::default().streaming(vec![WATCH.into()]);
+            // Reset by the caller after 3 s.
+            let response = layer
+                .layer(streaming(None))
+                .call(request(WATCH, None))
+                .await
+                .unwrap();
+            let mut body = response.into_body();
+            drain(&mut body, Duration::from_secs(3)).await;
+            drop(body);
+            for end in [Code::Unavailable, Code::Ok] {
+                let response = layer
+                    .layer(streaming(Some(end)))
+                    .call(request(WATCH, None))
+                    .await
+                    .unwrap();
+                let mut body = response.into_body();
+                drain(&mut body, Duration::from_secs(60)).await;
+                drop(body);
+            }
+        });
+        let count = |code: &str| {
+            sample(
+                &metrics,
+                &format!(r#"sessionstore_rpc_requests_total{{method="{WATCH}",code="{code}"}}"#),
+            )
+        };
+        assert_eq!(count("CANCELLED"), 1, "{metrics}");
+        assert_eq!(count("UNAVAILABLE"), 1, "{metrics}");
+        assert_eq!(count("OK"), 1, "{metrics}");
+        let cancelled_secs: f64 = metrics
+            .lines()
+            .find(|line| {
+                line.starts_with(&format!(
+                    r#"sessionstore_rpc_duration_seconds_sum{{method="{WATCH}",code="CANCELLED"}}"#
+                ))
+            })
+            .and_then(|line| line.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+            .expect("no CANCELLED latency");
+        assert!((cancelled_secs - 3.0).abs() < 0.01, "{metrics}");
+    }
+
+    /// Nothing is recorded while a stream is open; a stream refused outright
+    /// (trailers-only) is recorded at once; unary calls are untouched by the
+    /// list of streaming methods.
+    #[test]
+    fn an_open_stream_is_not_yet_recorded() {
+        let lines = Lines::default();
+        let metrics = observed(&lines, || async {
+            let layer = RpcLogLayer::default().streaming(vec![WATCH.into()]);
+            let open = layer
+                .layer(streaming(None))
+                .call(request(WATCH, None))
+                .await
+                .unwrap();
+            layer
+                .layer(answering(Code::ResourceExhausted, Duration::ZERO))
+                .call(request(WATCH, None))
+                .await
+                .unwrap();
+            layer
+                .layer(answering(Code::Ok, Duration::ZERO))
+                .call(request(GET, None))
+                .await
+                .unwrap();
+            // Leaked, so it is never dropped while the metrics are rendered.
+            std::mem::forget(open);
+        });
+        let count = |method: &str, code: &str| {
+            sample(
+                &metrics,
+                &format!(r#"sessionstore_rpc_requests_total{{method="{method}",code="{code}"}}"#),
+            )
+        };
+        assert_eq!(count(WATCH, "RESOURCE_EXHAUSTED"), 1, "{metrics}");
+        assert_eq!(count(WATCH, "OK"), 0, "{metrics}");
+        assert_eq!(count(WATCH, "CANCELLED"), 0, "{metrics}");
+        assert_eq!(count(GET, "OK"), 1, "{metrics}");
     }
 }

@@ -155,6 +155,7 @@ pub async fn run_with_bounds(
         .transpose()?;
     let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
     let max_calls = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
+    let rpc_log = RpcLogLayer::default().streaming(streaming.clone());
     let limits = LimitsLayer::new(max_calls, Duration::from_millis(config.request_timeout_ms))
         .streaming(streaming, bounds.max_streams, bounds.max_health_watches);
 
@@ -242,12 +243,14 @@ pub async fn run_with_bounds(
             )
             .unwrap_or(u32::MAX),
         )
-        // Around everything, so every body of every call can be ended at
+        // Outermost first: every call is logged, with the code its caller
+        // saw (a stream's UNAVAILABLE at shutdown included, hence outside
+        // `EndStreamsLayer`); a caller without a token is refused before it
+        // takes a permit.
+        .layer(rpc_log)
+        // Around every service, so every body of every call can be ended at
         // shutdown.
         .layer(EndStreamsLayer::new(closing))
-        // Outermost first: every call is logged; a caller without a token
-        // is refused before it takes a permit.
-        .layer(RpcLogLayer)
         .layer(AuthLayer::new(tokens))
         .layer(limits)
         .add_service(health_service)

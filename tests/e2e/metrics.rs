@@ -223,3 +223,85 @@ async fn cancelled_and_timed_out_calls_are_counted() {
     stop.send(()).unwrap();
     exporter.await.unwrap().unwrap();
 }
+
+/// Streams are counted when they end, not when their headers are sent: 20
+/// reflection streams, each answered and then reset by the caller, are
+/// counted as CANCELLED, not OK. (v1alpha, which other tests in this binary
+/// end cleanly but never reset, so their calls cannot make up the count.)
+#[tokio::test]
+async fn reset_streams_are_counted_as_cancelled() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+
+    let handle = recorder();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
+        let _ = stopped.await;
+    }));
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+
+    let series = |code: &str| {
+        format!(
+            r#"sessionstore_rpc_requests_total{{method="/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",code="{code}"}}"#
+        )
+    };
+    let (cancelled, ok) = (series("CANCELLED"), series("OK"));
+    let before = scrape(addr).await;
+
+    const STREAMS: usize = 20;
+    let mut open = Vec::new();
+    for _ in 0..STREAMS {
+        // The request side stays open, so only a reset can end the stream.
+        let (requests, receiver) = tokio::sync::mpsc::channel(1);
+        requests
+            .send(ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            })
+            .await
+            .unwrap();
+        let mut responses = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        responses.message().await.unwrap().expect("a service list");
+        open.push((responses, requests));
+    }
+    // Headers and a message sent, the streams are not over: nothing counted.
+    let during = scrape(addr).await;
+    assert!(
+        sample(&during, &cancelled) - sample(&before, &cancelled) < 1.0,
+        "{during}"
+    );
+    // Dropping the response stream resets it (RST_STREAM CANCEL).
+    drop(open);
+
+    let started = std::time::Instant::now();
+    let mut after = scrape(addr).await;
+    while sample(&after, &cancelled) - sample(&before, &cancelled) < STREAMS as f64
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(addr).await;
+    }
+    assert!(
+        sample(&after, &cancelled) - sample(&before, &cancelled) >= STREAMS as f64,
+        "resets not counted as CANCELLED:\n{after}"
+    );
+    // Before streams were counted at their end, each was OK at its headers.
+    assert!(
+        sample(&after, &ok) - sample(&before, &ok) < STREAMS as f64,
+        "resets counted as OK:\n{after}"
+    );
+
+    drop(channel);
+    server.shutdown().await;
+    stop.send(()).unwrap();
+    exporter.await.unwrap().unwrap();
+}
