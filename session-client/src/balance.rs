@@ -5,9 +5,12 @@
 //! endpoint whose connect failed reports itself ready and hands its error to
 //! the next call, and every endpoint reports the same load, so one endpoint
 //! down fails about half of all calls. Here an address whose connection
-//! cannot be opened is *ejected*: no call is sent to it while a background
-//! probe reconnects with exponential backoff, and it rejoins as soon as the
-//! probe connects (or a call through it is answered). Among the addresses not
+//! cannot be opened, or that leaves [`EJECT_AFTER_TIMEOUTS`] attempts in a row
+//! unanswered (a hung server: the port accepts, nothing answers), is
+//! *ejected*: no call is sent to it while a background probe reconnects with
+//! exponential backoff, and it rejoins only when the probe's health check is
+//! answered (a TCP connect alone proves nothing about a hung server), or
+//! when, every address being ejected, a call through it is. Among the addresses not
 //! ejected, each attempt takes the less busy of two picked at random ("power
 //! of two choices" on calls in flight), which spreads load without a shared
 //! queue. With DNS discovery the set of addresses is replaced as the name
@@ -37,8 +40,18 @@ use crate::{builder::Dialer, error::Result, retry::random};
 const EJECT_BASE: Duration = Duration::from_millis(100);
 /// The longest pause between two probes of an ejected address: bounds how
 /// long a recovered server waits to get calls again. A probe is one TCP (and
-/// TLS) connect, so probing every few seconds costs nothing worth saving.
+/// TLS) connect and one health check, so probing every few seconds costs
+/// nothing worth saving.
 const EJECT_MAX: Duration = Duration::from_secs(3);
+/// Attempts in a row that an address that answered before may leave
+/// unanswered (past the attempt's time) before it is ejected. More than one,
+/// so a single slow call does not eject a healthy server; few, because while
+/// the address stays in the pick, writes sent to it fail with an unknown
+/// outcome. An address that never answered is ejected at its first timeout.
+pub(crate) const EJECT_AFTER_TIMEOUTS: u32 = 3;
+/// How long a probe waits for the answer to its health check: a server that
+/// cannot answer one in this time is not given calls back.
+const PROBE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How soon an empty address set (a name that resolved to nothing, or could
 /// not be resolved) is resolved again, when the refresh interval is longer.
 const EMPTY_REFRESH: Duration = Duration::from_secs(1);
@@ -167,14 +180,16 @@ pub(crate) struct Member {
 
 #[derive(Debug, Default)]
 struct Health {
-    /// Connect failures since the last success.
+    /// Connect failures (and ejections for timeouts) since the last success.
     failures: u32,
+    /// Attempts in a row that got no answer in time.
+    timeouts: u32,
     /// No calls before this instant; `None` when healthy.
     ejected_until: Option<Instant>,
     /// Whether a probe task is running for this member.
     probing: bool,
-    /// Whether the server at this address answered since its last connect
-    /// failure (or ever).
+    /// Whether the server at this address answered since it was last
+    /// ejected (or ever).
     confirmed: bool,
 }
 
@@ -219,8 +234,15 @@ impl Member {
         self.health.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether calls may be sent here: not ejected, or its ejection (or
+    /// eager-connect hold) is over and no probe is deciding its fate. An
+    /// ejected address is given calls back by its probe, not by the clock.
     fn available(&self, now: Instant) -> bool {
-        self.health().ejected_until.is_none_or(|until| until <= now)
+        let health = self.health();
+        match health.ejected_until {
+            None => true,
+            Some(until) => until <= now && !health.probing,
+        }
     }
 
     fn ejected_until(&self) -> Option<Instant> {
@@ -231,6 +253,7 @@ impl Member {
     pub(crate) fn answered(&self) {
         let mut health = self.health();
         health.failures = 0;
+        health.timeouts = 0;
         health.ejected_until = None;
         health.confirmed = true;
     }
@@ -238,11 +261,22 @@ impl Member {
     /// An attempt got no answer in time. On an address that has not answered
     /// since it was (re)connected, that is most likely a connection that
     /// cannot open (a blackholed address: tonic reports it only after the
-    /// connect timeout): ejected like a refused one, so later calls go
-    /// elsewhere meanwhile. A server that merely started slowly is back
-    /// after the first probe.
+    /// connect timeout), so it is ejected at once; on one that did, after
+    /// [`EJECT_AFTER_TIMEOUTS`] in a row (a hung server whose port still
+    /// accepts). Either way later calls go elsewhere, and the probe's health
+    /// check brings back a server that was merely slow.
     pub(crate) fn timed_out(self: &Arc<Self>) {
-        if !self.health().confirmed {
+        let eject = {
+            let mut health = self.health();
+            if health.probing {
+                // Already ejected: calls that were in flight when it was
+                // do not lengthen the ejection.
+                return;
+            }
+            health.timeouts = health.timeouts.saturating_add(1);
+            !health.confirmed || health.timeouts >= EJECT_AFTER_TIMEOUTS
+        };
+        if eject {
             self.connect_failed();
         }
     }
@@ -255,6 +289,7 @@ impl Member {
             health.failures = health.failures.saturating_add(1);
             health.ejected_until = Some(Instant::now() + eject_backoff(health.failures));
             health.confirmed = false;
+            health.timeouts = 0;
             !std::mem::replace(&mut health.probing, true)
         };
         if spawn {
@@ -269,10 +304,14 @@ impl Member {
         self.health().ejected_until = Some(until);
     }
 
-    /// A connected channel from an eager connect or a probe: healthy.
+    /// A connected channel from an eager connect: calls may go to it, but
+    /// it counts as answering only once a call (or a probe's health check)
+    /// is answered, so that a hung server is ejected at its first timeout.
     pub(crate) fn connected(&self, channel: Channel) {
         *self.channel.write().unwrap_or_else(PoisonError::into_inner) = channel;
-        self.answered();
+        let mut health = self.health();
+        health.failures = 0;
+        health.ejected_until = None;
     }
 }
 
@@ -304,9 +343,10 @@ fn eject_backoff(failures: u32) -> Duration {
 }
 
 /// Reconnects an ejected member in the background: waits out its ejection,
-/// connects, and installs the connection when it opens (or ejects it for
-/// longer when it does not). Holds only a weak reference between tries, so a
-/// dropped client or a removed address ends it.
+/// connects, sends a health check on the new connection, and installs the
+/// connection when the check is answered (or ejects it for longer when the
+/// connect fails or the check gets no answer). Holds only a weak reference
+/// between tries, so a dropped client or a removed address ends it.
 async fn probe(member: Weak<Member>) {
     loop {
         let wait = {
@@ -334,22 +374,45 @@ async fn probe(member: Weak<Member>) {
             }
             None => return,
         };
-        let result = endpoint.connect().await;
+        let answered = match endpoint.connect().await {
+            Ok(channel) if answers_health_check(channel.clone()).await => Some(channel),
+            Ok(_) | Err(_) => None,
+        };
         let Some(member) = member.upgrade() else {
             return;
         };
-        match result {
-            Ok(channel) => {
-                member.connected(channel);
+        match answered {
+            Some(channel) => {
+                *member.channel.write().unwrap_or_else(PoisonError::into_inner) = channel;
+                member.answered();
                 member.health().probing = false;
                 return;
             }
-            Err(_) => {
+            None => {
                 let mut health = member.health();
                 health.failures = health.failures.saturating_add(1);
                 health.ejected_until = Some(Instant::now() + eject_backoff(health.failures));
             }
         }
+    }
+}
+
+/// Whether the server behind `channel` answers a `grpc.health.v1` check
+/// within [`PROBE_CHECK_TIMEOUT`]. Any answer counts, whatever it says (not
+/// serving while its Redis is down, or UNIMPLEMENTED, UNAUTHENTICATED): the
+/// question is whether the server answers at all; calls to a server that
+/// answers "unavailable" fail fast and are retried elsewhere.
+async fn answers_health_check(channel: Channel) -> bool {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = health.check(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(PROBE_CHECK_TIMEOUT, check).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(status)) => {
+            !crate::error::is_transport_failure(&status) && !crate::error::is_local_timeout(&status)
+        }
+        Err(_elapsed) => false,
     }
 }
 
@@ -513,15 +576,31 @@ mod tests {
     }
 
     /// A timeout ejects an address that never answered (a connect that may
-    /// be stalled), not one that did (a slow call).
+    /// be stalled) at once, one that did only after several in a row (a
+    /// hung server, not one slow call); an answer in between resets the
+    /// count, and an ejected member is not picked while its probe runs.
     #[tokio::test]
-    async fn a_timeout_ejects_only_an_unconfirmed_member() {
+    async fn timeouts_eject_an_unconfirmed_member_at_once_and_others_in_a_row() {
         let (a, b) = (member(1), member(2));
+        let pool = Pool::new(vec![a.clone(), b.clone()]);
         a.timed_out();
         assert!(a.ejected_until().is_some());
         b.answered();
-        b.timed_out();
+        for _ in 1..EJECT_AFTER_TIMEOUTS {
+            b.timed_out();
+        }
+        b.answered();
+        for _ in 1..EJECT_AFTER_TIMEOUTS {
+            b.timed_out();
+        }
         assert!(b.ejected_until().is_none());
+        b.timed_out();
+        assert!(b.ejected_until().is_some());
+        // Past its ejection, with its probe still running, `a` stays out.
+        let later = Instant::now() + EJECT_MAX;
+        assert!(!a.available(later));
+        b.answered();
+        assert!(Arc::ptr_eq(&pool.pick(None).unwrap(), &b));
     }
 
     /// Power of two choices prefers the member with fewer calls in flight,

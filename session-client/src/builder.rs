@@ -250,9 +250,19 @@ impl Builder {
     /// Adds another endpoint (`http://host:port` or `https://host:port`).
     /// Each endpoint gets its own connection; every attempt goes to the less
     /// busy of two endpoints picked at random among those whose connection
-    /// is not failing. An endpoint whose connection cannot be opened is left
-    /// out and reconnected in the background (after 100 ms, doubling up to
-    /// 3 s), and used again once it connects.
+    /// is not failing. An endpoint whose connection cannot be opened, or
+    /// that leaves 3 attempts in a row unanswered past their time (a hung
+    /// server whose port still accepts; its very first timeout, for one that
+    /// never answered), is left out and probed in the background (after
+    /// 100 ms, doubling up to 3 s): used again once a new connection opens
+    /// and answers a `grpc.health.v1` check.
+    ///
+    /// So with one endpoint hung, calls made one at a time lose at most 3
+    /// writes to it (each fails as [`Error::DeadlineExceeded`], outcome
+    /// unknown), plus any call in flight to it at that moment; reads whose
+    /// attempt times out are retried on another endpoint, given an
+    /// [`attempt_timeout`](Self::attempt_timeout) shorter than the call's
+    /// [`timeout`](Self::timeout).
     #[must_use]
     pub fn endpoint(mut self, url: impl Into<String>) -> Self {
         self.endpoints.push(url.into());
@@ -321,8 +331,9 @@ impl Builder {
 
     /// Bound on each attempt, within [`timeout`](Self::timeout): an attempt
     /// still unanswered after it is abandoned, and a read is tried again
-    /// while the call's budget lasts. Default: none, an attempt may use all
-    /// the time left.
+    /// while the call's budget lasts; three in a row on one endpoint eject
+    /// it (see [`endpoint`](Self::endpoint)). Set it for a read to survive a
+    /// hung server. Default: none, an attempt may use all the time left.
     #[must_use]
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);

@@ -678,12 +678,12 @@ impl SessionClient {
                     return Ok(response.into_inner());
                 }
                 Ok(Err(status)) => {
-                    if !error::is_transport_failure(&status) {
+                    if error::is_local_timeout(&status) {
+                        // tonic's own timer: no answer in time, as below.
+                        member.timed_out();
+                    } else if !error::is_transport_failure(&status) {
                         // The server answered: its connection works.
                         member.answered();
-                    } else if error::is_timeout(&status) {
-                        // tonic's own timer for the grpc-timeout sent.
-                        member.timed_out();
                     }
                     status
                 }

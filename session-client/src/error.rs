@@ -326,6 +326,13 @@ pub(crate) fn is_timeout(status: &Status) -> bool {
         || status.message() == tonic::TimeoutExpired(()).to_string()
 }
 
+/// Whether `status` is this side's timer expiring (tonic's own timeout),
+/// rather than the server answering that its reading of `grpc-timeout`
+/// expired: the server at the other end did not answer in time.
+pub(crate) fn is_local_timeout(status: &Status) -> bool {
+    chain_has::<tonic::TimeoutExpired>(status)
+}
+
 /// Whether a read failing with `status` is worth another attempt: the server
 /// or its Redis unreachable, a connection cut mid-call, the server's load
 /// shedding, or an attempt past its own deadline (the call's budget decides

@@ -13,8 +13,10 @@
 //! - **Balancing that survives a server going away.** One connection per
 //!   endpoint (or per address of a DNS name, re-resolved periodically: see
 //!   [`Builder::dns_discovery`], the way to spread load over a Kubernetes
-//!   headless Service). An endpoint whose connection cannot be opened gets
-//!   no calls until a background probe reconnects it.
+//!   headless Service). An endpoint whose connection cannot be opened, or
+//!   that leaves three attempts in a row unanswered (a hung server), gets no
+//!   calls until a background probe reconnects it and its health check is
+//!   answered.
 //! - **One budget per call.** [`Builder::timeout`] bounds the whole call,
 //!   retries included; each attempt sends the time left as `grpc-timeout`.
 //! - **Retries that cannot make an outage worse.** Reads are retried on

@@ -107,6 +107,90 @@ async fn a_dead_endpoint_is_skipped_and_used_again_once_it_recovers() {
     revived.stop().await;
 }
 
+/// With one of two endpoints hung (it answered before; now its port still
+/// accepts but nothing answers, as a SIGSTOPped server), it is ejected after
+/// a few attempt timeouts: 200 gets all succeed (each timed-out attempt is
+/// retried on the healthy endpoint within the call's budget), and of 100
+/// creates only those sent to it before its ejection fail, as
+/// `DeadlineExceeded` (at most 3, one per unanswered attempt in a row, with
+/// calls made one at a time). A brand-new silent endpoint (never answered)
+/// is ejected at its first timeout. The hung endpoint is not given calls back
+/// while its probe's health check goes unanswered.
+#[tokio::test]
+async fn a_hung_endpoint_is_ejected_after_a_few_timeouts() {
+    let config = roomy_config();
+    let healthy = TestServer::start_with(config.clone()).await;
+    let behind = TestServer::start_with(config).await;
+    let (proxy, hung) = hanging_proxy(behind.addr).await;
+    let client = |second: String| {
+        SessionClient::builder(healthy.url())
+            .endpoint(second)
+            .attempt_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(10))
+            .connect()
+    };
+    let reader = client(format!("http://{proxy}")).await.unwrap();
+    let writer = client(format!("http://{proxy}")).await.unwrap();
+    // Both clients see the proxied server answer before it hangs.
+    for i in 0..40 {
+        for (n, client) in [&reader, &writer].into_iter().enumerate() {
+            client
+                .create_session("kim", format!("kim-{i}-{n}"), no_metadata())
+                .await
+                .unwrap();
+        }
+        reader
+            .create_session("kim", format!("kim-w{i}"), no_metadata())
+            .await
+            .unwrap();
+    }
+    assert!(hung.connections() >= 2, "the proxied server got no calls");
+    hung.hang();
+
+    for i in 0..200 {
+        let found = reader.get_session(format!("kim-w{}", i % 40)).await;
+        assert!(
+            matches!(&found, Ok(Some(s)) if s.user_id == "kim"),
+            "get {i}: {found:?}"
+        );
+    }
+
+    let mut failed = 0;
+    for i in 0..100 {
+        match writer
+            .create_session("lee", format!("lee-{i}"), no_metadata())
+            .await
+        {
+            Ok(true) => {}
+            Err(Error::DeadlineExceeded(_)) => failed += 1,
+            other => panic!("create {i}: {other:?}"),
+        }
+    }
+    assert!(failed <= 3, "{failed} creates failed on the hung endpoint");
+
+    // A silent endpoint that never answered: ejected at its first timeout.
+    let silent = StdListener::bind("127.0.0.1:0").unwrap();
+    let fresh = client(format!("http://{}", silent.local_addr().unwrap()))
+        .await
+        .unwrap();
+    let mut failed = 0;
+    for i in 0..100 {
+        match fresh
+            .create_session("mae", format!("mae-{i}"), no_metadata())
+            .await
+        {
+            Ok(true) => {}
+            Err(Error::DeadlineExceeded(_)) => failed += 1,
+            other => panic!("create {i}: {other:?}"),
+        }
+    }
+    assert!(
+        failed <= 1,
+        "{failed} creates failed on the silent endpoint"
+    );
+    drop(silent);
+}
+
 /// DNS discovery (a resolver the test controls, as a headless Service's
 /// name): an address added to the answer gets calls, an address removed
 /// gets none.
@@ -657,4 +741,68 @@ fn cutting_proxy(target: SocketAddr, cut: usize) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A TCP proxy to `target` that forwards until [`Hang::hang`], then stops
+/// forwarding in both directions on every connection, old and new, while
+/// keeping them open: a hung server, as seen from a client.
+async fn hanging_proxy(target: SocketAddr) -> (SocketAddr, Hang) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hang = Hang::default();
+    let state = hang.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else {
+                return;
+            };
+            state
+                .accepted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            let (client_read, client_write) = inbound.into_split();
+            let (server_read, server_write) = outbound.into_split();
+            for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0_u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if state.hung.load(std::sync::atomic::Ordering::Relaxed) {
+                            // Hold both halves open, never forward again.
+                            std::future::pending::<()>().await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, hang)
+}
+
+/// The switch of a [`hanging_proxy`], and what it saw.
+#[derive(Clone, Default)]
+struct Hang {
+    hung: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hang {
+    fn hang(&self) {
+        self.hung.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
