@@ -383,7 +383,10 @@ async fn probe(member: Weak<Member>) {
         };
         match answered {
             Some(channel) => {
-                *member.channel.write().unwrap_or_else(PoisonError::into_inner) = channel;
+                *member
+                    .channel
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = channel;
                 member.answered();
                 member.health().probing = false;
                 return;
