@@ -693,9 +693,20 @@ impl SessionClient {
                 }
             };
             let verdict = Verdict::of(&status, kind);
-            if verdict == Verdict::NeverSent {
+            // The endpoint itself failed (its connection refused, reset or
+            // cut: a server gone) rather than answering: it is ejected, and
+            // a retry on another endpoint is free of the retry budget, so
+            // that one server dying under load (every call in flight on it
+            // failing at once) does not drain the budget and leave those
+            // calls unretried. Once no other endpoint is available (the
+            // whole backend down), these failures are charged like the rest.
+            let endpoint_failed =
+                error::is_transport_failure(&status) && !error::is_local_timeout(&status);
+            if endpoint_failed || verdict == Verdict::NeverSent {
                 member.connect_failed();
-            } else if error::is_transient(&status) {
+            }
+            let elsewhere = endpoint_failed && shared.pool.has_other_available(&member);
+            if verdict != Verdict::NeverSent && error::is_transient(&status) && !elsewhere {
                 // A sign of trouble on the server side, read or write: the
                 // retry budget drains with these, so retries stop when most
                 // calls fail.
@@ -709,7 +720,8 @@ impl SessionClient {
                 }
                 Verdict::NeverSent => attempts < policy.retry.max_attempts,
                 Verdict::Retry => {
-                    attempts < policy.retry.max_attempts && shared.throttle.allows_retry()
+                    attempts < policy.retry.max_attempts
+                        && (elsewhere || shared.throttle.allows_retry())
                 }
                 Verdict::Final => false,
             };

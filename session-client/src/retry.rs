@@ -60,7 +60,8 @@ pub(crate) fn random() -> u64 {
 
 /// The retry budget shared by every call of a client (and its clones), as
 /// gRPC's retry throttling: tokens start full; each attempt that fails with a
-/// retryable failure takes one, each success gives back `ratio` of one; a
+/// retryable failure takes one (except an endpoint's own failure, a broken
+/// connection, retried on another endpoint: `client.rs` decides), each success gives back `ratio` of one; a
 /// retry is made only while more than half the tokens are left. So when most
 /// calls fail (an outage) retries stop, and calls cost one attempt each
 /// instead of `max_attempts`; they resume as successes refill the bucket.

@@ -7,7 +7,10 @@ use std::{
     collections::HashMap,
     io::Read,
     net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -189,6 +192,50 @@ async fn a_hung_endpoint_is_ejected_after_a_few_timeouts() {
         "{failed} creates failed on the silent endpoint"
     );
     drop(silent);
+}
+
+/// A server dying under load (every connection reset at once, then connects
+/// refused) with 40 reads in flight on two servers: the reads whose
+/// connection broke are retried on the other server without draining the
+/// shared retry budget, and all 40 succeed.
+#[tokio::test]
+async fn a_server_dying_under_load_does_not_drain_the_retry_budget() {
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    // Calls wait out the pause below rather than fail.
+    config.redis_timeout_ms = 10_000;
+    let survivor = TestServer::start_with(config.clone()).await;
+    let doomed = TestServer::start_with(config).await;
+    let (proxy, switch) = hanging_proxy(doomed.addr).await;
+    let client = SessionClient::builder(survivor.url())
+        .endpoint(format!("http://{proxy}"))
+        .timeout(Duration::from_secs(20))
+        .lazy(false)
+        .connect()
+        .await
+        .unwrap();
+    // Both connections open, so that the reads spread over both.
+    for _ in 0..20 {
+        assert_eq!(client.get_user_session_count("nia").await.unwrap(), 0);
+    }
+    assert!(switch.connections() >= 1, "the doomed server got no calls");
+
+    // Redis paused: every read stays in flight on one server or the other.
+    redis.pause(2_000).await;
+    let reads: Vec<_> = (0..40)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get_user_session_count("nia").await })
+        })
+        .collect();
+    // Let the reads reach the servers (if some have not, they meet a
+    // refused connect instead, which is retried as well).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    switch.kill();
+    for (i, read) in reads.into_iter().enumerate() {
+        let read = read.await.unwrap();
+        assert!(matches!(read, Ok(0)), "read {i}: {read:?}");
+    }
 }
 
 /// DNS discovery (a resolver the test controls, as a headless Service's
@@ -745,22 +792,31 @@ fn cutting_proxy(target: SocketAddr, cut: usize) -> SocketAddr {
 
 /// A TCP proxy to `target` that forwards until [`Hang::hang`], then stops
 /// forwarding in both directions on every connection, old and new, while
-/// keeping them open: a hung server, as seen from a client.
+/// keeping them open: a hung server, as seen from a client. [`Hang::kill`]
+/// instead closes every connection and the listener: a server that died.
 async fn hanging_proxy(target: SocketAddr) -> (SocketAddr, Hang) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let hang = Hang::default();
+    let hang = Hang {
+        hung: Arc::default(),
+        accepted: Arc::default(),
+        killed: Arc::new(tokio::sync::watch::channel(false).0),
+    };
     let state = hang.clone();
     tokio::spawn(async move {
+        let mut killed = state.killed.subscribe();
         loop {
-            let Ok((inbound, _)) = listener.accept().await else {
-                return;
+            let inbound = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((inbound, _)) => inbound,
+                    Err(_) => return,
+                },
+                // Dropping the listener: connects are refused from now on.
+                _ = killed.wait_for(|k| *k) => return,
             };
-            state
-                .accepted
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.accepted.fetch_add(1, Ordering::Relaxed);
             let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                 return;
             };
@@ -769,15 +825,21 @@ async fn hanging_proxy(target: SocketAddr) -> (SocketAddr, Hang) {
             for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
                 let state = state.clone();
                 tokio::spawn(async move {
+                    let mut killed = state.killed.subscribe();
                     let mut buf = [0_u8; 16 * 1024];
                     loop {
-                        let n = match from.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
+                        let n = tokio::select! {
+                            read = from.read(&mut buf) => match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            },
+                            // Dropping both halves closes the connection.
+                            _ = killed.wait_for(|k| *k) => return,
                         };
-                        if state.hung.load(std::sync::atomic::Ordering::Relaxed) {
+                        if state.hung.load(Ordering::Relaxed) {
                             // Hold both halves open, never forward again.
-                            std::future::pending::<()>().await;
+                            let _ = killed.wait_for(|k| *k).await;
+                            return;
                         }
                         if to.write_all(&buf[..n]).await.is_err() {
                             return;
@@ -790,19 +852,24 @@ async fn hanging_proxy(target: SocketAddr) -> (SocketAddr, Hang) {
     (addr, hang)
 }
 
-/// The switch of a [`hanging_proxy`], and what it saw.
-#[derive(Clone, Default)]
+/// The switches of a [`hanging_proxy`], and what it saw.
+#[derive(Clone)]
 struct Hang {
-    hung: Arc<std::sync::atomic::AtomicBool>,
-    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    hung: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    killed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Hang {
     fn hang(&self) {
-        self.hung.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.hung.store(true, Ordering::Relaxed);
+    }
+
+    fn kill(&self) {
+        self.killed.send_replace(true);
     }
 
     fn connections(&self) -> usize {
-        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+        self.accepted.load(Ordering::Relaxed)
     }
 }
