@@ -1,10 +1,19 @@
 //! The transport: the tonic server with its layers, gRPC health, reflection
 //! and graceful shutdown. No session logic lives here.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use sessionstore::v1::session_store_server::SessionStoreServer;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -54,6 +63,25 @@ pub enum ServeError {
 /// for a slow client and a busy server.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most client connections open at once, on the main port and the health
+/// port each. Past it the server stops accepting (new connections wait in
+/// the kernel's backlog, then time out) until one closes, so a flood of idle
+/// connections cannot exhaust the process's file descriptors (which Redis
+/// connections and the metrics port also need) or its memory. session-client
+/// opens one connection per server per process, so this is thousands of
+/// client processes; keep it below `ulimit -n` (RLIMIT_NOFILE) with room for
+/// the Redis pool.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// How long a connection may send nothing at all before it is closed. Every
+/// live HTTP/2 peer sends something at least every 40 s: the server pings an
+/// idle connection every 30 s and drops it if the PONG is not back within
+/// 10 s. A peer that never finishes the HTTP/2 preface (plaintext, or after
+/// the TLS handshake), or connects and sends nothing, gets no ping, so
+/// without this it would hold a connection (and one of
+/// [`MAX_CONNECTIONS`]) forever.
+pub const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Bounds fixed in code rather than configured, gathered so tests can shrink
 /// them; [`run`] uses [`Bounds::default`]. Not part of the supported API.
 #[doc(hidden)]
@@ -65,6 +93,10 @@ pub struct Bounds {
     pub max_streams: usize,
     /// [`limits::MAX_HEALTH_WATCHES`].
     pub max_health_watches: usize,
+    /// [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// [`CONNECTION_IDLE_TIMEOUT`].
+    pub connection_idle_timeout: Duration,
 }
 
 impl Default for Bounds {
@@ -73,6 +105,8 @@ impl Default for Bounds {
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
             max_streams: limits::MAX_STREAMS,
             max_health_watches: limits::MAX_HEALTH_WATCHES,
+            max_connections: MAX_CONNECTIONS,
+            connection_idle_timeout: CONNECTION_IDLE_TIMEOUT,
         }
     }
 }
@@ -187,7 +221,7 @@ pub async fn run_with_bounds(
                 health_service.clone(),
                 // The same layer, so the same pools: see `serve_health`.
                 limits.clone(),
-                bounds.max_health_watches,
+                bounds,
                 health_stopped,
                 closing.clone(),
             )))
@@ -195,7 +229,7 @@ pub async fn run_with_bounds(
         None => None,
     };
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = guarded(listener, bounds);
     let stop_readiness = readiness.abort_handle();
     let shutdown = {
         let health = health.clone();
@@ -295,7 +329,7 @@ async fn serve_health<S>(
     listener: TcpListener,
     health_service: S,
     limits: LimitsLayer,
-    max_health_watches: usize,
+    bounds: Bounds,
     mut stopped: tokio::sync::watch::Receiver<bool>,
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error>
@@ -315,19 +349,166 @@ where
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(
-            u32::try_from(max_health_watches.saturating_add(HTTP2_PROBE_STREAMS))
-                .unwrap_or(u32::MAX),
+            u32::try_from(
+                bounds
+                    .max_health_watches
+                    .saturating_add(HTTP2_PROBE_STREAMS),
+            )
+            .unwrap_or(u32::MAX),
         )
         .layer(EndStreamsLayer::new(closing))
         .layer(limits)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            },
-        )
+        .serve_with_incoming_shutdown(guarded(listener, bounds), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
         .await
+}
+
+/// The connections accepted on `listener`, at most `bounds.max_connections`
+/// open at once, each closed once it has sent nothing for
+/// `bounds.connection_idle_timeout`.
+fn guarded(listener: TcpListener, bounds: Bounds) -> Guard {
+    Guard {
+        incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
+        permits: Arc::new(Semaphore::new(bounds.max_connections)),
+        acquiring: None,
+        permit: None,
+        idle: bounds.connection_idle_timeout,
+    }
+}
+
+/// The stream of accepted connections made by [`guarded`]: it takes a
+/// connection permit before it accepts, so at the cap it stops accepting
+/// rather than accept and close.
+struct Guard {
+    incoming: TcpIncoming,
+    permits: Arc<Semaphore>,
+    /// The wait for a permit, while none is free.
+    acquiring: Option<Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>>,
+    /// The permit for the next connection accepted.
+    permit: Option<OwnedSemaphorePermit>,
+    idle: Duration,
+}
+
+impl tokio_stream::Stream for Guard {
+    type Item = std::io::Result<Guarded>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // `Guard` is `Unpin`: its fields are.
+        let this = self.get_mut();
+        if this.permit.is_none() {
+            let permits = &this.permits;
+            let acquiring = this.acquiring.get_or_insert_with(|| {
+                let permits = permits.clone();
+                // The semaphore is never closed, so `None` cannot happen;
+                // the stream would end if it did.
+                Box::pin(async move { permits.acquire_owned().await.ok() })
+            });
+            let permit = std::task::ready!(acquiring.as_mut().poll(cx));
+            this.acquiring = None;
+            let Some(permit) = permit else {
+                return Poll::Ready(None);
+            };
+            this.permit = Some(permit);
+        }
+        let accepted = std::task::ready!(Pin::new(&mut this.incoming).poll_next(cx));
+        Poll::Ready(accepted.map(|accepted| {
+            // An accept error keeps the permit for the next connection.
+            let inner = accepted?;
+            let permit = this.permit.take();
+            Ok(Guarded {
+                inner,
+                _permit: permit,
+                idle: this.idle,
+                silent_until: Box::pin(tokio::time::sleep(this.idle)),
+            })
+        }))
+    }
+}
+
+/// An accepted connection: holds its connection permit until it closes,
+/// and fails its next read once the peer has sent nothing for `idle`.
+struct Guarded {
+    inner: tokio::net::TcpStream,
+    /// Always `Some` (taken from [`Guard`], which had one before accepting);
+    /// an `Option` only so no code path has to assert it.
+    _permit: Option<OwnedSemaphorePermit>,
+    idle: Duration,
+    /// When the connection has been silent too long: pushed back by every
+    /// read that brings bytes.
+    silent_until: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // `Guarded` is `Unpin`: its fields are.
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + this.idle;
+                    this.silent_until.as_mut().reset(next);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            // hyper (or the TLS handshake) always has a read waiting, so the
+            // timer is polled for as long as the connection is open.
+            Poll::Pending => match this.silent_until.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer sent nothing within the connection idle timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    // The peer's address, as tonic gives it for a plain `TcpStream`: the
+    // rate limits key on it.
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }
 
 /// How often an idle connection is pinged, on both ports, so a dead peer's

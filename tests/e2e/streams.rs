@@ -424,3 +424,85 @@ async fn a_stalled_tls_handshake_is_closed() {
         .expect("a mutual-TLS client is served");
     server.stop().await;
 }
+
+/// A connection that sends nothing, or stops inside the HTTP/2 preface, is
+/// closed once the connection idle timeout passes (not before), while calls
+/// keep working.
+#[tokio::test]
+async fn silent_and_half_preface_connections_are_closed() {
+    let idle = Duration::from_millis(500);
+    let bounds = server::Bounds {
+        connection_idle_timeout: idle,
+        ..server::Bounds::default()
+    };
+    let server = BoundedServer::start(test_config(), bounds).await;
+
+    for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut peer = TcpStream::connect(server.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut peer, sent)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut byte = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            // Whatever the server wrote (nothing, or its SETTINGS), until it
+            // closes.
+            loop {
+                match peer.read(&mut byte).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection stayed open ({sent:?})");
+        assert!(started.elapsed() >= idle - Duration::from_millis(50));
+    }
+
+    HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+/// At the connection cap the server stops accepting: a new client's call
+/// waits, and is served as soon as another connection closes.
+#[tokio::test]
+async fn connections_past_the_cap_wait_for_a_free_slot() {
+    let bounds = server::Bounds {
+        max_connections: 2,
+        ..server::Bounds::default()
+    };
+    let server = BoundedServer::start(test_config(), bounds).await;
+    let first = TcpStream::connect(server.addr).await.unwrap();
+    let second = TcpStream::connect(server.addr).await.unwrap();
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
+    let check = || {
+        let mut health = HealthClient::new(channel.clone());
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        }
+    };
+    let waiting = tokio::time::timeout(Duration::from_millis(500), check()).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served: {waiting:?}"
+    );
+
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), check())
+        .await
+        .expect("not served once a connection closed")
+        .unwrap();
+    drop((second, channel));
+    server.stop().await;
+}
