@@ -254,15 +254,53 @@ async fn login_attempts_are_counted_refused_and_reset() {
     let third = client.record_login_attempt(ip).await.unwrap();
     assert!(!third.allowed);
     assert_eq!((third.attempts, third.remaining), (3, 0));
+    assert_eq!(third.refused_by, Some(session_client::LoginLimit::Address));
+    // The window plus at most one bucket (a tenth of it).
     let wait = third.retry_after.expect("set when refused");
     assert!(
-        wait > Duration::ZERO && wait <= Duration::from_secs(60),
+        wait > Duration::from_secs(54) && wait <= Duration::from_secs(66),
         "{wait:?}"
     );
 
     assert!(client.reset_login_attempts(ip).await.unwrap());
     assert!(!client.reset_login_attempts(ip).await.unwrap());
     assert_eq!(client.record_login_attempt(ip).await.unwrap().attempts, 1);
+
+    // With an account: a reset for one's own account keeps the address's
+    // attempt for another, and the refusal names the address.
+    let other = client
+        .record_login_attempt_for(ip, "victim@example.com")
+        .await
+        .unwrap();
+    assert!(other.allowed && other.refused_by.is_none());
+    assert_eq!(other.attempts, 2);
+    assert!(
+        !client
+            .reset_login_attempts_for(ip, "me@example.com")
+            .await
+            .unwrap()
+    );
+    let refused = client
+        .record_login_attempt_for(ip, "me@example.com")
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.refused_by,
+        Some(session_client::LoginLimit::Address)
+    );
+    assert!(
+        client
+            .reset_login_attempts_for(ip, "victim@example.com")
+            .await
+            .unwrap()
+    );
+    assert!(
+        client
+            .record_login_attempt_for(ip, "me@example.com")
+            .await
+            .unwrap()
+            .allowed
+    );
 }
 
 /// A bad value is `Error::InvalidArgument` whose message names the field, for
