@@ -305,3 +305,62 @@ async fn reset_streams_are_counted_as_cancelled() {
     stop.send(()).unwrap();
     exporter.await.unwrap().unwrap();
 }
+
+/// A stream that shutdown ends is counted with the code its caller got,
+/// UNAVAILABLE, not as OK at its headers nor CANCELLED.
+#[tokio::test]
+async fn streams_ended_by_shutdown_are_counted_as_unavailable() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+
+    let handle = recorder();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
+        let _ = stopped.await;
+    }));
+    let server = TestServer::start().await;
+    let unavailable = r#"sessionstore_rpc_requests_total{method="/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",code="UNAVAILABLE"}"#;
+    let before = scrape(addr).await;
+
+    let (requests, receiver) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await
+        .unwrap();
+    let mut responses = ServerReflectionClient::new(server.channel().await)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    responses.message().await.unwrap().expect("a service list");
+    let shutdown = tokio::spawn(server.shutdown());
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended with OK"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("shutdown did not end the stream");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    drop((responses, requests));
+    shutdown.await.unwrap();
+
+    let after = scrape(addr).await;
+    assert!(
+        sample(&after, unavailable) - sample(&before, unavailable) >= 1.0,
+        "not counted as UNAVAILABLE:\n{after}"
+    );
+    stop.send(()).unwrap();
+    exporter.await.unwrap().unwrap();
+}
