@@ -5,13 +5,15 @@ use std::collections::HashSet;
 
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
-    CreateOutcome, CreateSessionRequest, CreateSessionResponse, GetSessionRequest,
-    GetUserSessionCountRequest, ListUserSessionsRequest, RevokeAllUserSessionsRequest,
-    RevokeSessionRequest, session_store_client::SessionStoreClient,
+    CreateOutcome, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
+    RevokeAllUserSessionsRequest, RevokeSessionRequest, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, inspect, test_config};
+use crate::{
+    common::{TestServer, inspect, test_config},
+    sessions::{count, get},
+};
 
 type Client = SessionStoreClient<Channel>;
 
@@ -32,16 +34,7 @@ fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
 }
 
 async fn live(client: &mut Client, token: &str, hint: &str) -> bool {
-    client
-        .get_session(GetSessionRequest {
-            token_id: token.into(),
-            user_id: hint.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .is_some()
+    get(client, token, hint).await.is_some()
 }
 
 async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool {
@@ -54,17 +47,6 @@ async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool {
         .unwrap()
         .into_inner()
         .revoked
-}
-
-async fn count(client: &mut Client, user: &str) -> u32 {
-    client
-        .get_user_session_count(GetUserSessionCountRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count
 }
 
 /// Asserts that a replayed create of `token` for `user` is refused as revoked

@@ -3,7 +3,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -15,32 +14,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::common::{PrivateRedis, unique_prefix, wait_until};
-
-/// The server binary, built with the same cargo that runs the tests and the
-/// same command as the Dockerfile, so these tests run the image's binary.
-/// (A test build's feature set differs from a plain build's, so this is a
-/// separate build either way; release shares it with CI's later steps.)
-fn server_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--quiet",
-            "-p",
-            "session-server",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building session-server failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("release/session-server")
-}
+use crate::common::{PrivateRedis, server_binary, unique_prefix, wait_until};
 
 /// Starts the binary on port 0 and returns it with the address it logged and
 /// the log lines after that one, as they come.

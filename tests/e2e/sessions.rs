@@ -35,7 +35,7 @@ async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionRe
         .into_inner()
 }
 
-async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
+pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
     client
         .get_session(GetSessionRequest {
             token_id: token.into(),
@@ -47,7 +47,7 @@ async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
         .session
 }
 
-async fn count(client: &mut Client, user: &str) -> u32 {
+pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
     client
         .get_user_session_count(GetUserSessionCountRequest {
             user_id: user.into(),
