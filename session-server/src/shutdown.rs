@@ -19,6 +19,10 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -87,19 +91,25 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let closing = self.closing.clone();
+        // Set when shutdown cuts this call's request: a handler that then
+        // stops (reflection does) ends its answer with OK, which must reach
+        // the caller (and the metrics) as the UNAVAILABLE it really is.
+        let cut = Arc::new(AtomicBool::new(false));
         let request = request.map(|body| {
             // The services below take tonic's body type, hence the box.
             Body::new(EndAtShutdown::new(
                 Body::new(body),
                 closing.clone(),
                 End::Fail,
+                Arc::clone(&cut),
             ))
         });
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
             // `Body::new` keeps a tonic body as it is (no new allocation).
-            Ok(response.map(|body| EndAtShutdown::new(Body::new(body), closing, End::Trailers)))
+            Ok(response
+                .map(|body| EndAtShutdown::new(Body::new(body), closing, End::Trailers, cut)))
         })
     }
 }
@@ -126,6 +136,8 @@ pub(crate) struct EndAtShutdown {
     closed: Option<Closed>,
     /// The body has been cut short.
     ended: bool,
+    /// Shared by a call's request and response: the request was cut.
+    cut: Arc<AtomicBool>,
 }
 
 /// Completes when the listener starts closing.
@@ -138,14 +150,33 @@ impl std::fmt::Debug for Closed {
 }
 
 impl EndAtShutdown {
-    fn new(inner: Body, closing: watch::Receiver<bool>, end: End) -> Self {
+    fn new(inner: Body, closing: watch::Receiver<bool>, end: End, cut: Arc<AtomicBool>) -> Self {
         Self {
             inner,
             closing,
             end,
             closed: None,
             ended: false,
+            cut,
         }
+    }
+
+    /// Ends the body with UNAVAILABLE, as its end kind does.
+    fn cut_short(&mut self) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        self.ended = true;
+        let status = tonic::Status::unavailable(SHUTTING_DOWN);
+        Poll::Ready(Some(match self.end {
+            End::Trailers => {
+                let mut trailers = HeaderMap::new();
+                // A code and an ASCII message always make valid headers.
+                let _ = status.add_header(&mut trailers);
+                Ok(Frame::trailers(trailers))
+            }
+            End::Fail => {
+                self.cut.store(true, Ordering::Release);
+                Err(status)
+            }
+        }))
     }
 }
 
@@ -163,6 +194,17 @@ impl HttpBody for EndAtShutdown {
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            // The answer ends (trailers, or no more frames) after shutdown
+            // cut its request: whatever the handler said, the call was cut.
+            Poll::Ready(frame)
+                if this.end == End::Trailers
+                    && this.cut.load(Ordering::Acquire)
+                    && frame
+                        .as_ref()
+                        .is_none_or(|f| f.as_ref().is_ok_and(Frame::is_trailers)) =>
+            {
+                return this.cut_short();
+            }
             Poll::Ready(frame) => return Poll::Ready(frame),
             Poll::Pending => {}
         }
@@ -177,17 +219,7 @@ impl HttpBody for EndAtShutdown {
         if closed.0.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        this.ended = true;
-        let status = tonic::Status::unavailable(SHUTTING_DOWN);
-        Poll::Ready(Some(match this.end {
-            End::Trailers => {
-                let mut trailers = HeaderMap::new();
-                // A code and an ASCII message always make valid headers.
-                let _ = status.add_header(&mut trailers);
-                Ok(Frame::trailers(trailers))
-            }
-            End::Fail => Err(status),
-        }))
+        this.cut_short()
     }
 
     fn is_end_stream(&self) -> bool {
@@ -246,7 +278,10 @@ mod tests {
     fn wrapped(frames: Vec<&'static str>, endless: bool) -> (watch::Sender<bool>, EndAtShutdown) {
         let (close, closing) = watch::channel(false);
         let body = Body::new(Scripted { frames, endless });
-        (close, EndAtShutdown::new(body, closing, End::Trailers))
+        (
+            close,
+            EndAtShutdown::new(body, closing, End::Trailers, Arc::default()),
+        )
     }
 
     /// A waiting stream ends with UNAVAILABLE once the listener closes, after
@@ -290,7 +325,9 @@ mod tests {
         let refusal = tonic::Status::not_found("x")
             .into_http::<Body>()
             .into_body();
-        assert!(EndAtShutdown::new(refusal, closing, End::Trailers).is_end_stream());
+        assert!(
+            EndAtShutdown::new(refusal, closing, End::Trailers, Arc::default()).is_end_stream()
+        );
     }
 
     /// A request still streaming in fails, rather than looking complete.
@@ -301,12 +338,50 @@ mod tests {
             frames: vec!["part"],
             endless: true,
         });
-        let mut body = EndAtShutdown::new(body, closing, End::Fail);
+        let mut body = EndAtShutdown::new(body, closing, End::Fail, Arc::default());
         assert!(next(&mut body).await.unwrap().is_ok());
         close.send(true).unwrap();
         let error = next(&mut body).await.unwrap().unwrap_err();
         assert_eq!(error.code(), Code::Unavailable);
         assert!(next(&mut body).await.is_none());
+    }
+
+    /// An answer that ends by itself, with OK, because shutdown cut its
+    /// request (reflection stops when its request stream fails) reaches the
+    /// caller as UNAVAILABLE; an answer of a call whose request was not cut
+    /// keeps its own ending.
+    #[tokio::test]
+    async fn an_answer_ending_after_its_request_was_cut_is_unavailable() {
+        let (close, closing) = watch::channel(false);
+        let cut = Arc::new(AtomicBool::new(false));
+        let request = Body::new(Scripted {
+            frames: vec![],
+            endless: true,
+        });
+        let mut request = EndAtShutdown::new(request, closing.clone(), End::Fail, Arc::clone(&cut));
+        let answer = Body::new(Scripted {
+            frames: vec!["reply"],
+            endless: false,
+        });
+        let mut answer = EndAtShutdown::new(answer, closing.clone(), End::Trailers, cut);
+        assert!(next(&mut answer).await.unwrap().is_ok());
+        close.send(true).unwrap();
+        assert_eq!(
+            next(&mut request).await.unwrap().unwrap_err().code(),
+            Code::Unavailable
+        );
+        let last = next(&mut answer).await.unwrap().unwrap();
+        let trailers = last.into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
+        assert!(next(&mut answer).await.is_none());
+
+        // Not cut: the answer's own end stands, even while closing.
+        let answer = Body::new(Scripted {
+            frames: vec![],
+            endless: false,
+        });
+        let mut answer = EndAtShutdown::new(answer, closing, End::Trailers, Arc::default());
+        assert!(next(&mut answer).await.is_none());
     }
 
     /// A stream also ends when the shutdown sequence is gone (the server is
