@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use session_server::{
     Error, convert,
-    model::{ClientAddr, LoginVerdict, Session},
+    model::{ClientAddr, LoginLimit, LoginVerdict, Session},
 };
 use sessionstore::v1 as pb;
 
@@ -246,6 +246,8 @@ fn responses(bytes: &[u8]) {
         attempts,
         remaining: 5u32.saturating_sub(attempts),
         retry_after: (attempts > 5).then(|| Duration::from_millis(left)),
+        refused_by: (attempts > 5).then_some(LoginLimit::Address),
+        decided_at_ms: left,
     });
     if let Some(after) = verdict.retry_after {
         assert_eq!(
