@@ -454,3 +454,75 @@ async fn check_against_model(gaps: &[u64]) {
         assert!(pair[LIMIT as usize] - pair[0] >= WINDOW_MS, "{log:?}");
     }
 }
+
+/// A give-back (the account refused an attempt the address had counted) that
+/// lands after a reset with that account gives nothing back: the reset already
+/// took the attempt off the address, and a second decrement would erase a
+/// guess the address made against another account. The server's three
+/// scripts, run by hand in the order a race produces.
+#[tokio::test]
+async fn a_give_back_after_a_reset_never_erases_guesses_against_another_account() {
+    const ATTEMPT: &str = include_str!("../../session-server/src/store/scripts/login_attempt.lua");
+    const RESET: &str = include_str!("../../session-server/src/store/scripts/login_reset.lua");
+    const UNDO: &str = include_str!("../../session-server/src/store/scripts/login_undo.lua");
+    let config = test_config();
+    let prefix = &config.key_prefix;
+    let addr = format!("{prefix}race:{{x}}addr");
+    let pair_victim = format!("{prefix}race:{{x}}pair-v");
+    let pair_own = format!("{prefix}race:{{x}}pair-a");
+    let take = |pair: &str| {
+        let mut cmd = redis::cmd("EVAL");
+        // One huge bucket, so every step lands in it; limit 3.
+        cmd.arg(ATTEMPT)
+            .arg(2)
+            .arg(&addr)
+            .arg(pair)
+            .arg(1_000_000_000_u64)
+            .arg(10)
+            .arg(3)
+            .arg("take");
+        cmd
+    };
+    let allowed = |reply: Vec<i64>| reply[0] == 1;
+    // Two guesses against the victim, then an attempt naming the attacker's
+    // own account, which that account's limit will refuse.
+    assert!(allowed(inspect(&config, &take(&pair_victim)).await));
+    assert!(allowed(inspect(&config, &take(&pair_victim)).await));
+    let own: Vec<i64> = inspect(&config, &take(&pair_own)).await;
+    assert!(allowed(own.clone()));
+    let bucket = own[3];
+    // The attacker's successful login resets its own account first...
+    let _: i64 = inspect(
+        &config,
+        redis::cmd("EVAL")
+            .arg(RESET)
+            .arg(2)
+            .arg(&addr)
+            .arg(&pair_own),
+    )
+    .await;
+    // ...then the refused attempt's give-back arrives: nothing to give back.
+    let undone: i64 = inspect(
+        &config,
+        redis::cmd("EVAL")
+            .arg(UNDO)
+            .arg(2)
+            .arg(&addr)
+            .arg(&pair_own)
+            .arg(bucket),
+    )
+    .await;
+    assert_eq!(undone, 0);
+    // The two guesses against the victim still count: one more is allowed,
+    // the next refused.
+    assert!(allowed(inspect(&config, &take(&pair_victim)).await));
+    assert!(!allowed(inspect(&config, &take(&pair_victim)).await));
+    let _: i64 = inspect(
+        &config,
+        redis::cmd("DEL")
+            .arg(&addr)
+            .arg(&pair_victim)
+            .arg(&pair_own),
+    )
+    .await;
+}

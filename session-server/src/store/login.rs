@@ -28,10 +28,12 @@
 //! key, one hot slot for the whole cluster, so instead the call stays correct
 //! across slots: it takes an attempt from the address (one script), then from
 //! the account (another); when the account refuses, it gives the address's
-//! attempt back. Each take is atomic in its slot and a give-back only lowers a
-//! count, so at every moment a counter holds at least the attempts its
-//! subject was allowed: no subject ever passes its limit, even with calls
-//! racing. A call that fails between the two steps leaves the address's
+//! attempt back. Each take is atomic in its slot, and a give-back only lowers
+//! a count and only while the pair counter still holds the attempt (a reset
+//! with that account in between has already taken it off, and a second
+//! decrement would erase a guess against another account), so at every
+//! moment a counter holds at least the attempts its subject was allowed: no
+//! subject ever passes its limit, even with calls racing. A call that fails between the two steps leaves the address's
 //! attempt counted, which errs towards refusing.
 //!
 //! # Reset without the bypass
