@@ -165,4 +165,15 @@ impl SessionStore for SessionService {
             .await?;
         Ok(Response::new(pb::ResetLoginAttemptsResponse { reset }))
     }
+
+    type WatchRevocationsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>,
+    >;
+
+    async fn watch_revocations(
+        &self,
+        _request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        Err(Status::unimplemented("WatchRevocations is not served yet"))
+    }
 }
