@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Renders every kustomize overlay under k8s/overlays/ and checks the result:
+# Renders every kustomize overlay under k8s/overlays/, and every component
+# under k8s/components/ (added to the dev overlay, as `dev+<component>`), and
+# checks the result:
 #   1. kubernetes-validate --strict: every object matches the Kubernetes API
-#      schema of K8S_VERSION (typos and unknown fields are errors);
+#      schema of K8S_VERSION (typos and unknown fields are errors; custom
+#      resources, cert-manager's Certificate and the operator's
+#      ServiceMonitor, have no schema there and are only warned about);
 #   2. checkov --framework kubernetes: every security finding is either fixed
 #      in the manifests or skipped in them with a `checkov.io/skipN:
-#      CKV_K8S_xx=reason` annotation.
-# Exits non-zero on any schema error or unskipped finding.
+#      CKV_K8S_xx=reason` annotation;
+#   3. policy (below, with a self-test that it catches what it must): a
+#      Deployment that a HorizontalPodAutoscaler scales sets no `replicas`
+#      (every apply would reset the HPA's count), and every overlay but dev
+#      (and dev+<component>) serves TLS (TLS_CERT and TLS_KEY) or bearer
+#      tokens (AUTH_TOKENS_FILE) on session-server.
+# Exits non-zero on any schema error, unskipped finding or policy violation.
 #
 # Needs python3 (with venv) and network access to PyPI on the first run only.
 # The Python tools live in .venv/ (created if missing, reused after). The
@@ -123,6 +132,20 @@ find "$work/k8s" -name '*.env.example' -print0 | while IFS= read -r -d '' exampl
     cp "$example" "${example%.example}"
 done
 
+# Each component, added to the dev overlay, so it is rendered and checked like
+# an overlay (components cannot be built alone).
+for component in "$work"/k8s/components/*/; do
+    name=$(basename "$component")
+    [[ -f $component/kustomization.yaml ]] || continue
+    mkdir "$work/k8s/overlays/dev+$name"
+    printf '%s\n' \
+        'apiVersion: kustomize.config.k8s.io/v1beta1' \
+        'kind: Kustomization' \
+        'resources: [../dev]' \
+        "components: [../../components/$name]" \
+        >"$work/k8s/overlays/dev+$name/kustomization.yaml"
+done
+
 mkdir "$work/rendered"
 overlays=()
 for dir in "$work"/k8s/overlays/*/; do
@@ -148,6 +171,74 @@ for name in "${overlays[@]}"; do
         failed=1
     fi
 done
+
+# --- policy -------------------------------------------------------------------
+
+# Reads rendered multi-document YAML files named <overlay>.yaml; prints each
+# violation and exits 1 if there is one. PyYAML comes with checkov.
+cat >"$work/policy.py" <<'EOF'
+import os, sys, yaml
+
+def violations(overlay, docs):
+    found = []
+    scaled = {(d["metadata"].get("namespace"), d["spec"]["scaleTargetRef"]["name"])
+              for d in docs if d.get("kind") == "HorizontalPodAutoscaler"
+              and d["spec"]["scaleTargetRef"].get("kind") == "Deployment"}
+    plaintext_ok = overlay == "dev" or overlay.startswith("dev+")
+    for d in docs:
+        if d.get("kind") != "Deployment":
+            continue
+        name, ns = d["metadata"]["name"], d["metadata"].get("namespace")
+        if (ns, name) in scaled and "replicas" in d["spec"]:
+            found.append(f"{overlay}: Deployment {name} sets replicas while a "
+                         "HorizontalPodAutoscaler scales it (every apply resets the count)")
+        for c in d["spec"]["template"]["spec"].get("containers", []):
+            if c["name"] != "session-server" or plaintext_ok:
+                continue
+            env = {e["name"] for e in c.get("env", [])}
+            if not ({"TLS_CERT", "TLS_KEY"} <= env or "AUTH_TOKENS_FILE" in env):
+                found.append(f"{overlay}: Deployment {name} serves neither TLS (TLS_CERT "
+                             "and TLS_KEY) nor bearer tokens (AUTH_TOKENS_FILE)")
+    return found
+
+def self_test():
+    hpa = {"kind": "HorizontalPodAutoscaler", "metadata": {"name": "h"},
+           "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "d"}}}
+    def deploy(replicas, env):
+        spec = {"template": {"spec": {"containers": [
+            {"name": "session-server", "env": [{"name": n} for n in env]}]}}}
+        if replicas:
+            spec["replicas"] = 3
+        return {"kind": "Deployment", "metadata": {"name": "d"}, "spec": spec}
+    secure = ["TLS_CERT", "TLS_KEY"]
+    cases = [
+        ("production", [hpa, deploy(True, secure)], 1),
+        ("production", [hpa, deploy(False, [])], 1),
+        ("production", [hpa, deploy(False, ["TLS_CERT"])], 1),
+        ("production", [hpa, deploy(False, secure)], 0),
+        ("production", [hpa, deploy(False, ["AUTH_TOKENS_FILE"])], 0),
+        ("dev", [deploy(True, [])], 0),
+        ("dev", [hpa, deploy(True, [])], 1),
+    ]
+    for overlay, docs, want in cases:
+        got = len(violations(overlay, docs))
+        assert got == want, f"policy self-test: {overlay}: {got} violations, want {want}"
+
+self_test()
+failed = False
+for path in sys.argv[1:]:
+    overlay = os.path.basename(path)[: -len(".yaml")]
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    for v in violations(overlay, docs):
+        print(f"FAIL: policy: {v}")
+        failed = True
+print(f"  policy: {len(sys.argv) - 1} rendered overlays checked (self-test passed)")
+sys.exit(1 if failed else 0)
+EOF
+log "policy: no replicas beside an HPA; TLS or bearer tokens outside dev"
+if ! "$VENV/bin/python" "$work/policy.py" "$work"/rendered/*.yaml; then
+    failed=1
+fi
 
 # --- checkov ------------------------------------------------------------------
 
