@@ -10,7 +10,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::{
     balance::{Discovery, Member, Pool, Resolver, Seed, system_resolver},
-    client::{CallPolicy, SessionClient},
+    client::{CallPolicy, NearCacheSettings, SessionClient},
     error::{Error, Result},
     metadata::Auth,
     retry::{RetryPolicy, RetryThrottle},
@@ -64,6 +64,8 @@ pub struct Builder {
     dns_refresh: Option<Duration>,
     resolver: Option<Resolver>,
     tls: TlsSettings,
+    near_cache: Option<usize>,
+    near_cache_max_staleness: Duration,
 }
 
 /// The TLS options as given, turned into tonic's config per endpoint.
@@ -224,6 +226,13 @@ impl Builder {
     /// per ten successes, so in steady state at most about 10 % of calls
     /// are retried.
     pub const DEFAULT_RETRY_TOKEN_RATIO: f64 = 0.1;
+    /// How long the near-cache keeps answering from memory without a message
+    /// on its revocation stream: 3 s, three of the server's heartbeats at
+    /// its default REVOCATION_HEARTBEAT_MS (1000), so one or two late
+    /// heartbeats do not empty the cache, and a server that lost Redis (it
+    /// stops beating) is noticed within 3 s. See
+    /// [`near_cache_max_staleness`](Self::near_cache_max_staleness).
+    pub const DEFAULT_NEAR_CACHE_MAX_STALENESS: Duration = Duration::from_secs(3);
 
     pub(crate) fn new(endpoint: impl Into<String>) -> Self {
         Self {
@@ -244,6 +253,8 @@ impl Builder {
             dns_refresh: None,
             resolver: None,
             tls: TlsSettings::default(),
+            near_cache: None,
+            near_cache_max_staleness: Self::DEFAULT_NEAR_CACHE_MAX_STALENESS,
         }
     }
 
@@ -459,6 +470,78 @@ impl Builder {
         self
     }
 
+    /// Turns on the near-cache: [`get_session`](SessionClient::get_session)
+    /// and [`get_user_session`](SessionClient::get_user_session) answer from
+    /// memory, in well under a microsecond, for up to `max_entries` sessions
+    /// (the least recently used make room), kept true by revocations the
+    /// server pushes (`WatchRevocations`). Off by default.
+    ///
+    /// A session is answered from memory when it was found by an earlier
+    /// call (never "not found": a session created a moment later is found),
+    /// is not past its `expires_at` by this host's clock, belongs to the user
+    /// given (for `get_user_session`), and the revocation stream is healthy:
+    /// its first message arrived, and some message (a revocation or a
+    /// heartbeat, every second by default) within
+    /// [`near_cache_max_staleness`](Self::near_cache_max_staleness).
+    /// Otherwise the call goes to the server as without the cache.
+    ///
+    /// **The bound.** A session revoked by another client or process may be
+    /// answered as alive by this one for at most the stream's delivery
+    /// latency (milliseconds) while the stream is healthy, and never longer
+    /// than `max_staleness` when it is not. Revocations made through this
+    /// client (and its clones) apply to its cache before the call returns.
+    /// A caller that needs "once RevokeSession returns, no process finds the
+    /// session" must not turn the cache on.
+    ///
+    /// The client holds one stream (on one of its endpoints, with its bearer
+    /// token), reopened with backoff (100 ms doubling to 5 s, jittered) after
+    /// it ends; everything cached is dropped when it ends or falls silent,
+    /// and when the server says it may have missed revocations (a reset).
+    /// The stream's task is spawned by [`connect`](Self::connect), lazy or
+    /// not, and stops when the last clone of the client is dropped.
+    ///
+    /// `max_entries` must be above zero (checked by
+    /// [`connect`](Self::connect)); memory is taken as sessions are cached,
+    /// not up front.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use session_client::SessionClient;
+    ///
+    /// # async fn run() -> Result<(), session_client::Error> {
+    /// let client = SessionClient::builder("http://127.0.0.1:50051")
+    ///     .near_cache(100_000)
+    ///     .connect()
+    ///     .await?;
+    /// // The first check calls the server; the next ones are answered from
+    /// // memory until the session is revoked or expires.
+    /// let alive = client.get_user_session("user-42", "jti-7f3a").await?.is_some();
+    /// # let _ = alive;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn near_cache(mut self, max_entries: usize) -> Self {
+        self.near_cache = Some(max_entries);
+        self
+    }
+
+    /// How long the near-cache may go without a message on its revocation
+    /// stream and still answer from memory: past it, lookups go to the
+    /// server, the cache is flushed and the stream reopened. The longest a
+    /// revoked session can be answered as alive when the stream breaks
+    /// silently. Keep it above the server's REVOCATION_HEARTBEAT_MS (two to
+    /// three heartbeats), or the cache will keep emptying itself. Must be
+    /// above zero (checked by [`connect`](Self::connect)); ignored without
+    /// [`near_cache`](Self::near_cache). Default
+    /// [`DEFAULT_NEAR_CACHE_MAX_STALENESS`](Self::DEFAULT_NEAR_CACHE_MAX_STALENESS).
+    #[must_use]
+    pub fn near_cache_max_staleness(mut self, max_staleness: Duration) -> Self {
+        self.near_cache_max_staleness = max_staleness;
+        self
+    }
+
     /// Builds the client; with [`lazy`](Self::lazy) off, also connects.
     ///
     /// Must run inside a Tokio runtime: connections, reconnection probes and
@@ -473,7 +556,7 @@ impl Builder {
     ///   go to an `http://` endpoint without
     ///   [`allow_plaintext_token`](Self::allow_plaintext_token), or cannot be
     ///   a header; a timeout, refresh interval or the retry budget is out of
-    ///   range.
+    ///   range; the near-cache's `max_entries` or `max_staleness` is zero.
     /// - [`Error::Unavailable`] when not lazy and no endpoint can be reached,
     ///   or (DNS discovery) no endpoint's name resolves to any address.
     pub async fn connect(self) -> Result<SessionClient> {
@@ -544,7 +627,11 @@ impl Builder {
             retry: self.retry,
         };
         let throttle = RetryThrottle::new(self.retry_max_tokens, self.retry_token_ratio);
-        Ok(SessionClient::new(pool, auth, policy, throttle))
+        let near_cache = self.near_cache.map(|max_entries| NearCacheSettings {
+            max_entries,
+            max_staleness: self.near_cache_max_staleness,
+        });
+        Ok(SessionClient::new(pool, auth, policy, throttle, near_cache))
     }
 
     /// The checks that need no network.
@@ -564,6 +651,14 @@ impl Builder {
         }
         if self.dns_refresh.is_some_and(|t| t.is_zero()) {
             return Err(Error::config("the DNS refresh interval must be above zero"));
+        }
+        if self.near_cache == Some(0) {
+            return Err(Error::config(
+                "near_cache: max_entries must be above zero (leave near_cache unset to turn it off)",
+            ));
+        }
+        if self.near_cache_max_staleness.is_zero() {
+            return Err(Error::config("near_cache_max_staleness must be above zero"));
         }
         if !(1..=1000).contains(&self.retry_max_tokens) {
             return Err(Error::config(format!(
@@ -617,6 +712,8 @@ impl fmt::Debug for Builder {
                 &self.tls.identity.as_ref().map(|_| "<redacted>"),
             )
             .field("tls_domain_name", &self.tls.domain_name)
+            .field("near_cache", &self.near_cache)
+            .field("near_cache_max_staleness", &self.near_cache_max_staleness)
             .finish_non_exhaustive()
     }
 }
@@ -806,6 +903,15 @@ mod tests {
                 .await
                 .contains("max_tokens")
         );
+        let err = config_error(base().near_cache(0)).await;
+        assert!(err.contains("near_cache: max_entries"), "{err}");
+        let err = config_error(
+            base()
+                .near_cache(10)
+                .near_cache_max_staleness(Duration::ZERO),
+        )
+        .await;
+        assert!(err.contains("near_cache_max_staleness"), "{err}");
         for ratio in [0.0, -1.0, f64::NAN, 11.0] {
             assert!(
                 config_error(base().retry_throttling(10, ratio))
@@ -857,6 +963,8 @@ mod tests {
         assert!(builder.lazy);
         assert_eq!(builder.retry.max_attempts, 1);
         assert_eq!(builder.retry.initial_backoff, Duration::from_millis(50));
+        assert_eq!(builder.near_cache, None, "the near-cache is opt-in");
+        assert_eq!(builder.near_cache_max_staleness, Duration::from_secs(3));
         let debug = format!("{builder:?}");
         assert!(!debug.contains("s3cret") && !debug.contains("PRIVATE KEY BYTES"));
     }

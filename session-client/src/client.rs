@@ -18,6 +18,7 @@ use crate::{
     builder::Builder,
     error::{self, Error, Result},
     metadata::Auth,
+    near_cache::{NearCache, NearCacheStats, Revocation, Watcher},
     retry::{RetryPolicy, RetryThrottle},
     types::{self, Created, LoginAttempt, NewSession, Session},
 };
@@ -76,9 +77,19 @@ pub struct SessionClient {
 /// What every clone of a client shares.
 struct Shared {
     pool: Arc<Pool>,
-    auth: Auth,
+    auth: Arc<Auth>,
     policy: CallPolicy,
     throttle: RetryThrottle,
+    /// The near-cache and its stream task (aborted when the last clone
+    /// drops this), when the builder turned it on.
+    near_cache: Option<(Arc<NearCache>, Watcher)>,
+}
+
+/// The near-cache's settings, from the builder.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NearCacheSettings {
+    pub(crate) max_entries: usize,
+    pub(crate) max_staleness: Duration,
 }
 
 /// The time and attempt bounds of each call.
@@ -116,20 +127,57 @@ impl SessionClient {
         Self::builder(endpoint).connect().await
     }
 
+    /// Must run inside a Tokio runtime when `near_cache` is set: its stream
+    /// task is spawned here.
     pub(crate) fn new(
         pool: Arc<Pool>,
         auth: Auth,
         policy: CallPolicy,
         throttle: RetryThrottle,
+        near_cache: Option<NearCacheSettings>,
     ) -> Self {
+        let auth = Arc::new(auth);
+        let near_cache = near_cache.map(|settings| {
+            let cache = NearCache::new(settings.max_entries, settings.max_staleness);
+            let watcher = Watcher::spawn(cache.clone(), pool.clone(), auth.clone());
+            (cache, watcher)
+        });
         Self {
             shared: Arc::new(Shared {
                 pool,
                 auth,
                 policy,
                 throttle,
+                near_cache,
             }),
         }
+    }
+
+    fn near_cache(&self) -> Option<&Arc<NearCache>> {
+        self.shared.near_cache.as_ref().map(|(cache, _)| cache)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn near_cache_for_tests(&self) -> Option<&Arc<NearCache>> {
+        self.near_cache()
+    }
+
+    /// What the near-cache has done so far (hits, misses, revocations
+    /// applied, resets) and holds now; `None` when it is off (see
+    /// [`Builder::near_cache`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn run(client: session_client::SessionClient) {
+    /// if let Some(stats) = client.near_cache_stats() {
+    ///     let lookups = stats.hits + stats.misses;
+    ///     println!("{} of {lookups} checks answered from memory", stats.hits);
+    /// }
+    /// # }
+    /// ```
+    pub fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.near_cache().map(|cache| cache.stats())
     }
 
     /// Replaces the bearer token for every later call of this client and its
@@ -224,16 +272,29 @@ impl SessionClient {
     /// ```
     pub async fn create_session_with(&self, new: NewSession) -> Result<Created> {
         let request = types::new_session_to_proto(new);
+        let user_id = request.user_id.clone();
         let response = self
             .write(request, |mut stub, req| async move {
                 stub.create_session(req).await
             })
             .await?;
+        // Sessions evicted to make room are ended now for this client's
+        // cache too, not only once the stream says so.
+        for token_id in &response.evicted_token_ids {
+            self.forget(Revocation {
+                user_id: user_id.clone(),
+                token_id: Some(token_id.clone()),
+                revoked_at: None,
+            });
+        }
         types::created_from_proto(response)
     }
 
     /// Looks a session up by token id: `None` when it is expired, revoked or
     /// unknown. The call to make on every authenticated request.
+    ///
+    /// With the [near-cache](Builder::near_cache) on, a session found before
+    /// may be answered from memory, within the staleness bound stated there.
     ///
     /// Retried on transient failures (see [`SessionClient`]).
     ///
@@ -264,6 +325,9 @@ impl SessionClient {
     /// Looks a session up by token id and its owner (the JWT's `sub`): one
     /// Redis command instead of two. A session of another user is not found.
     ///
+    /// With the [near-cache](Builder::near_cache) on, a session found before
+    /// may be answered from memory, within the staleness bound stated there.
+    ///
     /// Retried on transient failures (see [`SessionClient`]).
     ///
     /// # Errors
@@ -292,7 +356,27 @@ impl SessionClient {
         .await
     }
 
+    /// A lookup, answered by the near-cache when it may, else by the server;
+    /// a live answer fills the cache unless a revocation, reset or loss of
+    /// the stream that may concern it arrived while the call was in flight.
     async fn get(&self, request: pb::GetSessionRequest) -> Result<Option<Session>> {
+        let Some(cache) = self.near_cache() else {
+            return self.fetch(request).await;
+        };
+        let user = (!request.user_id.is_empty()).then_some(request.user_id.as_str());
+        if let Some(session) = cache.lookup(&request.token_id, user) {
+            return Ok(Some(session));
+        }
+        // Registered before the call is sent: see `near_cache`.
+        let fill = cache.begin_fill(&request.token_id, user);
+        let found = self.fetch(request).await?;
+        if let Some(session) = &found {
+            fill.complete(session);
+        }
+        Ok(found)
+    }
+
+    async fn fetch(&self, request: pb::GetSessionRequest) -> Result<Option<Session>> {
         let response = self
             .read(request, |mut stub, req| async move {
                 stub.get_session(req).await
@@ -303,7 +387,10 @@ impl SessionClient {
 
     /// Revokes one session (logout). Returns whether a live session was
     /// revoked; once it returns, [`get_session`](Self::get_session) no longer
-    /// finds it.
+    /// finds it: through the server, and through this client's
+    /// [near-cache](Builder::near_cache), which forgets the session before
+    /// the call returns (whatever its outcome). Other clients' near-caches
+    /// learn it from their revocation stream, within the bound stated there.
     ///
     /// Retried only when the request never left this process (see
     /// [`SessionClient`]).
@@ -364,17 +451,35 @@ impl SessionClient {
     }
 
     async fn revoke(&self, request: pb::RevokeSessionRequest) -> Result<bool> {
-        let response = self
+        let revocation = Revocation {
+            user_id: request.user_id.clone(),
+            token_id: Some(request.token_id.clone()),
+            revoked_at: None,
+        };
+        let result = self
             .write(request, |mut stub, req| async move {
                 stub.revoke_session(req).await
             })
-            .await?;
-        Ok(response.revoked)
+            .await;
+        // Whatever the outcome (a failed call may have revoked it), this
+        // client's own cache forgets the session before the call returns.
+        self.forget(revocation);
+        Ok(result?.revoked)
+    }
+
+    /// Applies a revocation made through this client to its near-cache, as
+    /// if the stream had delivered it (which it will, later).
+    fn forget(&self, revocation: Revocation) {
+        if let Some(cache) = self.near_cache() {
+            cache.apply(&[revocation]);
+        }
     }
 
     /// Revokes every live session of a user ("sign out everywhere"); returns
     /// how many there were. Once it returns, no session of the user that
-    /// existed before the call is valid.
+    /// existed before the call is valid, nor found in this client's
+    /// [near-cache](Builder::near_cache) (see
+    /// [`revoke_session`](Self::revoke_session) for other clients').
     ///
     /// Retried only when the request never left this process (see
     /// [`SessionClient`]).
@@ -398,12 +503,20 @@ impl SessionClient {
         let request = pb::RevokeAllUserSessionsRequest {
             user_id: user_id.into(),
         };
-        let response = self
+        // No revoked_at: every cached session of the user is dropped, those
+        // created after the call too (they are fetched again).
+        let revocation = Revocation {
+            user_id: request.user_id.clone(),
+            token_id: None,
+            revoked_at: None,
+        };
+        let result = self
             .write(request, |mut stub, req| async move {
                 stub.revoke_all_user_sessions(req).await
             })
-            .await?;
-        Ok(response.revoked_count)
+            .await;
+        self.forget(revocation);
+        Ok(result?.revoked_count)
     }
 
     /// Counts a user's live sessions exactly (never an expired or revoked
@@ -799,6 +912,7 @@ impl fmt::Debug for SessionClient {
             .field("auth", &shared.auth)
             .field("policy", &shared.policy)
             .field("retry_budget", &shared.throttle)
+            .field("near_cache", &self.near_cache())
             .finish()
     }
 }

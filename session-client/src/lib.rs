@@ -22,6 +22,11 @@
 //! - **Retries that cannot make an outage worse.** Reads are retried on
 //!   transient failures, writes only when the request never left; bounded
 //!   per call and by a retry budget shared across calls.
+//! - **Validity checks at memory speed, opt in.** [`Builder::near_cache`]
+//!   answers repeated checks of a live session from memory, kept true by
+//!   revocations the server pushes; a revoked session may be answered as
+//!   alive for the stream's delivery latency, never longer than
+//!   [`Builder::near_cache_max_staleness`].
 //! - **Settings checked at start-up**: a CA that is not PEM, a bearer token
 //!   over plaintext, are [`Error::Config`] from [`Builder::connect`].
 //!
@@ -35,6 +40,8 @@
 //! - `types`: the domain types and their proto conversions.
 //! - `error`: [`Error`] and its one mapping from gRPC status codes.
 //! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
+//! - `near_cache`: the opt-in near-cache ([`Builder::near_cache`]), the
+//!   revocation stream that keeps it true, and [`NearCacheStats`].
 //!
 //! The generated code is re-exported as [`proto`] for anything the typed
 //! client does not cover.
@@ -79,12 +86,14 @@ mod builder;
 mod client;
 mod error;
 mod metadata;
+mod near_cache;
 mod retry;
 mod types;
 
 pub use builder::Builder;
 pub use client::SessionClient;
 pub use error::{BoxError, CallError, Code, Error, Result};
+pub use near_cache::NearCacheStats;
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
 pub use types::{CreateOutcome, Created, LoginAttempt, LoginLimit, NewSession, Session};

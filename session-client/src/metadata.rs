@@ -1,5 +1,6 @@
 //! What the client adds to every attempt: the bearer token (replaceable at
-//! run time, for rotation) and the attempt's deadline as `grpc-timeout`.
+//! run time, for rotation) and the attempt's deadline as `grpc-timeout`; the
+//! near-cache's revocation stream carries the token alone.
 
 use std::{
     fmt,
@@ -73,6 +74,13 @@ impl Auth {
     /// Adds the token (when there is one) and `timeout` as `grpc-timeout`, so
     /// the server stops working on an attempt its caller has given up on.
     pub(crate) fn prepare<T>(&self, request: &mut Request<T>, timeout: Duration) {
+        self.authorize(request);
+        request.set_timeout(timeout);
+    }
+
+    /// Adds the token (when there is one) and nothing else: for the
+    /// revocation stream, which has no deadline.
+    pub(crate) fn authorize<T>(&self, request: &mut Request<T>) {
         let authorization = self
             .authorization
             .read()
@@ -83,7 +91,6 @@ impl Auth {
                 .metadata_mut()
                 .insert("authorization", authorization);
         }
-        request.set_timeout(timeout);
     }
 }
 

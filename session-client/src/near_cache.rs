@@ -1,0 +1,852 @@
+//! The near-cache ([`Builder::near_cache`](crate::Builder::near_cache)):
+//! sessions the server found, kept in memory and answered without a round
+//! trip while the revocation stream (`WatchRevocations`) proves that nothing
+//! was missed, and the task that holds that stream.
+//!
+//! What may be answered from memory is decided here and nowhere else:
+//!
+//! - an entry is answered only while the stream is *healthy*: its `reset`
+//!   was received (so everything revoked since then reaches us, in order)
+//!   and some message arrived within `max_staleness`;
+//! - a reset, the stream's end or its silence flushes everything;
+//! - a revocation drops its session, or every session of its user created at
+//!   or before `revoked_at` (both Redis's clock), found through a per-user
+//!   index rather than a scan;
+//! - an answer is cached only when no revocation that could concern it, and
+//!   no reset or loss of the stream, arrived while its call was in flight
+//!   (the fill race: a revocation overtaking the read that it makes stale).
+//!   Each call registers a [`PendingFill`] before it is sent; whatever
+//!   arrives meanwhile marks it, and a marked fill is not cached.
+//!
+//! One `std::sync::Mutex` guards the whole state: every operation is a few
+//! hash lookups with no `.await` inside, so a lock held for nanoseconds is
+//! cheaper than any finer scheme (as mini-redis `db.rs` argues for its `Db`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use lru::LruCache;
+use sessionstore::v1::{self as pb, session_store_client::SessionStoreClient};
+use tonic::Request;
+
+use crate::{
+    balance::{Member, Pool},
+    metadata::Auth,
+    retry::RetryPolicy,
+    types::Session,
+};
+
+/// Pauses between two attempts to open the revocation stream: from 100 ms
+/// (a server restarting, a stream dropped for being slow) doubling to 5 s (a
+/// server down, or one that does not serve `WatchRevocations` yet), each
+/// with jitter so that a fleet of clients does not reconnect in step.
+const RECONNECT: RetryPolicy = RetryPolicy {
+    max_attempts: u32::MAX,
+    initial_backoff: Duration::from_millis(100),
+    max_backoff: Duration::from_secs(5),
+};
+
+/// What the near-cache has done so far, from
+/// [`SessionClient::near_cache_stats`](crate::SessionClient::near_cache_stats):
+/// to export as metrics, or to see whether the cache earns its keep.
+///
+/// Counters start at zero when the client is built and are shared by its
+/// clones. Fields may be added in a minor release (`#[non_exhaustive]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NearCacheStats {
+    /// Lookups answered from memory, without a call.
+    pub hits: u64,
+    /// Lookups that called the server: the session was not cached, had
+    /// expired, belonged to another user than the one given, or the stream
+    /// was not healthy.
+    pub misses: u64,
+    /// Revocations applied to the cache: each one received on the stream,
+    /// and each revoke made through this client (they apply at once).
+    pub revocations_applied: u64,
+    /// Resets received on the stream (its first message, and each time the
+    /// server's subscription to Redis was re-established); each flushed the
+    /// cache.
+    pub resets: u64,
+    /// Sessions held now.
+    pub entries: u64,
+    /// Whether lookups may be answered from memory now: the stream's reset
+    /// was received and a message arrived within the maximum staleness.
+    pub healthy: bool,
+}
+
+/// One revocation as the cache applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Revocation {
+    pub(crate) user_id: String,
+    /// `None`: every session of the user created at or before `revoked_at`.
+    pub(crate) token_id: Option<String>,
+    /// By Redis's clock. `None` (not sent, or out of range) for a user-wide
+    /// revocation drops every session of the user, whatever its age.
+    pub(crate) revoked_at: Option<SystemTime>,
+}
+
+impl Revocation {
+    fn from_proto(revocation: pb::Revocation) -> Self {
+        Self {
+            user_id: revocation.user_id,
+            token_id: Some(revocation.token_id).filter(|t| !t.is_empty()),
+            revoked_at: revocation
+                .revoked_at
+                .and_then(|t| SystemTime::try_from(t).ok()),
+        }
+    }
+}
+
+/// The cache, shared by a client's clones and its stream task.
+pub(crate) struct NearCache {
+    max_entries: usize,
+    max_staleness: Duration,
+    state: Mutex<State>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    revocations_applied: AtomicU64,
+    resets: AtomicU64,
+}
+
+struct State {
+    /// Sessions by token id (unique across users). Unbounded as far as the
+    /// crate is concerned (`LruCache::new` would allocate `max_entries`
+    /// slots up front); [`NearCache::insert`] evicts down to the bound.
+    entries: LruCache<String, Session>,
+    /// Token ids cached per user, for user-wide revocations; kept equal to
+    /// `entries` by [`State::remove`], the only way anything leaves it.
+    by_user: HashMap<String, HashSet<String>>,
+    /// The current stream has delivered its reset.
+    synced: bool,
+    /// When the current stream's last message arrived.
+    last_message: Option<Instant>,
+    /// Bumped by every flush (reset, stream lost): a fill registered in an
+    /// earlier epoch is not cached.
+    epoch: u64,
+    /// Calls in flight whose answer may be cached, by id.
+    fills: HashMap<u64, Fill>,
+    next_fill: u64,
+}
+
+/// A call in flight, as registered before it was sent.
+struct Fill {
+    token_id: String,
+    /// The user the caller named (`get_user_session`); `None` for
+    /// `get_session`, whose owner is unknown until it answers.
+    user_id: Option<String>,
+    epoch: u64,
+    /// A revocation that may concern its answer arrived meanwhile.
+    invalidated: bool,
+}
+
+impl State {
+    fn remove(&mut self, token_id: &str) -> Option<Session> {
+        let session = self.entries.pop(token_id)?;
+        self.unindex(&session.user_id, token_id);
+        Some(session)
+    }
+
+    fn unindex(&mut self, user_id: &str, token_id: &str) {
+        if let Some(tokens) = self.by_user.get_mut(user_id) {
+            tokens.remove(token_id);
+            if tokens.is_empty() {
+                self.by_user.remove(user_id);
+            }
+        }
+    }
+
+    /// Drops every entry and every pending fill's chance to be cached.
+    fn flush(&mut self) {
+        self.entries.clear();
+        self.by_user.clear();
+        self.epoch += 1;
+    }
+
+    fn apply(&mut self, revocation: &Revocation) {
+        let user = revocation.user_id.as_str();
+        match &revocation.token_id {
+            Some(token) => {
+                self.remove(token);
+                for fill in self.fills.values_mut() {
+                    if fill.token_id == *token || fill.user_id.as_deref() == Some(user) {
+                        fill.invalidated = true;
+                    }
+                }
+            }
+            None => {
+                let tokens: Vec<String> = self
+                    .by_user
+                    .get(user)
+                    .map(|tokens| tokens.iter().cloned().collect())
+                    .unwrap_or_default();
+                for token in tokens {
+                    let ended = match (self.entries.peek(&token), revocation.revoked_at) {
+                        (Some(session), Some(at)) => session.created_at <= at,
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    };
+                    if ended {
+                        self.remove(&token);
+                    }
+                }
+                // A `get_session` call does not say whose session it asks
+                // for: any user-wide revocation may concern it.
+                for fill in self.fills.values_mut() {
+                    if fill.user_id.as_deref().is_none_or(|u| u == user) {
+                        fill.invalidated = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl NearCache {
+    pub(crate) fn new(max_entries: usize, max_staleness: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            max_entries,
+            max_staleness,
+            state: Mutex::new(State {
+                entries: LruCache::unbounded(),
+                by_user: HashMap::new(),
+                synced: false,
+                last_message: None,
+                epoch: 0,
+                fills: HashMap::new(),
+                next_fill: 0,
+            }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            revocations_applied: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing in this file panics while holding the lock, and every
+        // operation leaves the state consistent before it could.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn healthy(&self, state: &State, now: Instant) -> bool {
+        state.synced
+            && state
+                .last_message
+                .is_some_and(|at| now.saturating_duration_since(at) <= self.max_staleness)
+    }
+
+    /// The cached session for `token_id` (owned by `user_id` when given),
+    /// when it may be answered from memory; `None` means: ask the server.
+    pub(crate) fn lookup(&self, token_id: &str, user_id: Option<&str>) -> Option<Session> {
+        let found = self.lookup_at(token_id, user_id, Instant::now(), SystemTime::now());
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    fn lookup_at(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Option<Session> {
+        let mut state = self.state();
+        if !self.healthy(&state, now) {
+            return None;
+        }
+        let session = state.entries.get(token_id)?;
+        if session.expires_at <= wall {
+            // The server would not find it either; no use keeping it.
+            state.remove(token_id);
+            return None;
+        }
+        if user_id.is_some_and(|user| user != session.user_id) {
+            return None;
+        }
+        Some(session.clone())
+    }
+
+    /// Registers a call about to be sent, whose answer may be cached through
+    /// [`PendingFill::complete`]. Dropping the guard (a failed or cancelled
+    /// call) unregisters it.
+    pub(crate) fn begin_fill(
+        self: &Arc<Self>,
+        token_id: &str,
+        user_id: Option<&str>,
+    ) -> PendingFill {
+        let mut state = self.state();
+        let id = state.next_fill;
+        state.next_fill += 1;
+        let epoch = state.epoch;
+        state.fills.insert(
+            id,
+            Fill {
+                token_id: token_id.to_owned(),
+                user_id: user_id.map(str::to_owned),
+                epoch,
+                invalidated: false,
+            },
+        );
+        PendingFill {
+            cache: self.clone(),
+            id,
+        }
+    }
+
+    fn complete_at(&self, id: u64, session: &Session, now: Instant, wall: SystemTime) -> bool {
+        let mut state = self.state();
+        let Some(fill) = state.fills.remove(&id) else {
+            return false;
+        };
+        let cacheable = !fill.invalidated
+            && fill.epoch == state.epoch
+            && self.healthy(&state, now)
+            && fill.token_id == session.token_id
+            && fill.user_id.as_deref().is_none_or(|u| u == session.user_id)
+            && session.expires_at > wall;
+        if cacheable {
+            self.insert(&mut state, session.clone());
+        }
+        cacheable
+    }
+
+    fn insert(&self, state: &mut State, session: Session) {
+        state.remove(&session.token_id);
+        state
+            .by_user
+            .entry(session.user_id.clone())
+            .or_default()
+            .insert(session.token_id.clone());
+        state.entries.push(session.token_id.clone(), session);
+        while state.entries.len() > self.max_entries {
+            match state.entries.pop_lru() {
+                Some((token_id, evicted)) => state.unindex(&evicted.user_id, &token_id),
+                None => break,
+            }
+        }
+    }
+
+    /// Applies revocations (from the stream, or made through this client).
+    pub(crate) fn apply(&self, revocations: &[Revocation]) {
+        let mut state = self.state();
+        for revocation in revocations {
+            state.apply(revocation);
+        }
+        self.revocations_applied
+            .fetch_add(revocations.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A message arrived on the stream.
+    fn received(&self, message: pb::WatchRevocationsResponse, now: Instant) {
+        let revocations: Vec<Revocation> = message
+            .revocations
+            .into_iter()
+            .map(Revocation::from_proto)
+            .collect();
+        let mut state = self.state();
+        if message.reset {
+            state.flush();
+            state.synced = true;
+            self.resets.fetch_add(1, Ordering::Relaxed);
+        }
+        state.last_message = Some(now);
+        for revocation in &revocations {
+            state.apply(revocation);
+        }
+        self.revocations_applied
+            .fetch_add(revocations.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The stream ended, failed or fell silent: revocations may be missed
+    /// from now on, so nothing cached may be answered or kept.
+    fn lost(&self) {
+        let mut state = self.state();
+        state.synced = false;
+        state.last_message = None;
+        state.flush();
+    }
+
+    pub(crate) fn stats(&self) -> NearCacheStats {
+        let (entries, healthy) = {
+            let state = self.state();
+            (
+                state.entries.len() as u64,
+                self.healthy(&state, Instant::now()),
+            )
+        };
+        NearCacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            revocations_applied: self.revocations_applied.load(Ordering::Relaxed),
+            resets: self.resets.load(Ordering::Relaxed),
+            entries,
+            healthy,
+        }
+    }
+}
+
+impl fmt::Debug for NearCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NearCache")
+            .field("max_entries", &self.max_entries)
+            .field("max_staleness", &self.max_staleness)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A call in flight whose answer may be cached; see
+/// [`NearCache::begin_fill`].
+#[derive(Debug)]
+pub(crate) struct PendingFill {
+    cache: Arc<NearCache>,
+    id: u64,
+}
+
+impl PendingFill {
+    /// Caches the call's answer, unless something that may make it stale
+    /// arrived since the call was registered. Returns whether it was cached.
+    pub(crate) fn complete(self, session: &Session) -> bool {
+        self.complete_at(session, Instant::now(), SystemTime::now())
+    }
+
+    fn complete_at(self, session: &Session, now: Instant, wall: SystemTime) -> bool {
+        self.cache.complete_at(self.id, session, now, wall)
+    }
+}
+
+impl Drop for PendingFill {
+    fn drop(&mut self) {
+        // Already gone when completed.
+        self.cache.state().fills.remove(&self.id);
+    }
+}
+
+/// The stream task of one client: spawned by the builder, aborted when the
+/// last clone of the client is dropped.
+#[derive(Debug)]
+pub(crate) struct Watcher {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// Starts holding the revocation stream for `cache` over the client's
+    /// endpoints, with its bearer token.
+    pub(crate) fn spawn(cache: Arc<NearCache>, pool: Arc<Pool>, auth: Arc<Auth>) -> Self {
+        Self {
+            task: tokio::spawn(watch(cache, pool, auth)),
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Dropping the stream's future cancels the call (RST_STREAM), so
+        // the server lets go of it too.
+        self.task.abort();
+    }
+}
+
+/// Holds the stream forever: opens it, feeds its messages to the cache,
+/// and after it ends (or fails, or falls silent for `max_staleness`) marks
+/// the cache unhealthy, flushes it and opens another after a pause.
+async fn watch(cache: Arc<NearCache>, pool: Arc<Pool>, auth: Arc<Auth>) {
+    let mut failures = 0_u32;
+    let mut last: Option<Arc<Member>> = None;
+    loop {
+        let member = pool.pick(last.as_ref());
+        let synced = match &member {
+            Some(member) => follow(&cache, member, &auth).await,
+            // No address yet (DNS discovery that resolved nothing).
+            None => false,
+        };
+        cache.lost();
+        failures = if synced {
+            1
+        } else {
+            failures.saturating_add(1)
+        };
+        last = member;
+        tokio::time::sleep(RECONNECT.backoff(failures)).await;
+    }
+}
+
+/// One stream, from its opening to its end; returns whether it delivered
+/// its reset (so that a stream that worked is reopened quickly).
+async fn follow(cache: &NearCache, member: &Member, auth: &Auth) -> bool {
+    let mut stub = SessionStoreClient::new(member.channel());
+    let mut request = Request::new(pb::WatchRevocationsRequest {});
+    auth.authorize(&mut request);
+    // Waiting for the headers counts as silence too: a hung server must not
+    // hold the task.
+    let silence = cache.max_staleness;
+    let mut stream = match tokio::time::timeout(silence, stub.watch_revocations(request)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(_)) | Err(_) => return false,
+    };
+    let mut synced = false;
+    loop {
+        match tokio::time::timeout(silence, stream.message()).await {
+            Ok(Ok(Some(message))) => {
+                synced |= message.reset;
+                cache.received(message, Instant::now());
+            }
+            // Ended (shutdown, a slow receiver dropped, a broken connection)
+            // or silent past the bound: reconnect.
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return synced,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STALENESS: Duration = Duration::from_secs(3);
+
+    fn session(user: &str, token: &str, created_at: SystemTime) -> Session {
+        Session {
+            user_id: user.into(),
+            token_id: token.into(),
+            metadata: HashMap::new(),
+            created_at,
+            expires_at: created_at + Duration::from_secs(900),
+        }
+    }
+
+    fn reset() -> pb::WatchRevocationsResponse {
+        pb::WatchRevocationsResponse {
+            revocations: Vec::new(),
+            reset: true,
+        }
+    }
+
+    fn heartbeat() -> pb::WatchRevocationsResponse {
+        pb::WatchRevocationsResponse::default()
+    }
+
+    fn revocations(list: Vec<pb::Revocation>) -> pb::WatchRevocationsResponse {
+        pb::WatchRevocationsResponse {
+            revocations: list,
+            reset: false,
+        }
+    }
+
+    fn revoke_token(user: &str, token: &str) -> pb::Revocation {
+        pb::Revocation {
+            user_id: user.into(),
+            token_id: token.into(),
+            revoked_at: Some(SystemTime::now().into()),
+            reason: pb::RevocationReason::Revoked.into(),
+        }
+    }
+
+    fn revoke_user(user: &str, at: SystemTime) -> pb::Revocation {
+        pb::Revocation {
+            user_id: user.into(),
+            token_id: String::new(),
+            revoked_at: Some(at.into()),
+            reason: pb::RevocationReason::SignedOutEverywhere.into(),
+        }
+    }
+
+    /// A healthy cache (reset received just now) holding `sessions`.
+    fn healthy_with(max_entries: usize, sessions: &[Session]) -> Arc<NearCache> {
+        let cache = NearCache::new(max_entries, STALENESS);
+        cache.received(reset(), Instant::now());
+        for s in sessions {
+            let fill = cache.begin_fill(&s.token_id, Some(&s.user_id));
+            assert!(fill.complete(s), "{} was not cached", s.token_id);
+        }
+        cache
+    }
+
+    fn cached(cache: &NearCache, token: &str) -> bool {
+        cache.state().entries.contains(token)
+    }
+
+    /// The index and the entries hold the same sessions.
+    fn assert_consistent(cache: &NearCache) {
+        let state = cache.state();
+        let indexed: usize = state.by_user.values().map(HashSet::len).sum();
+        assert_eq!(indexed, state.entries.len());
+        for (user, tokens) in &state.by_user {
+            assert!(!tokens.is_empty(), "empty set kept for {user}");
+            for token in tokens {
+                let session = state.entries.peek(token).expect("indexed token cached");
+                assert_eq!(&session.user_id, user);
+            }
+        }
+    }
+
+    /// Nothing is answered or cached before the stream's reset, however
+    /// many heartbeats arrive.
+    #[test]
+    fn nothing_is_served_or_cached_before_the_reset() {
+        let cache = NearCache::new(10, STALENESS);
+        let s = session("alice", "t1", SystemTime::now());
+        cache.received(heartbeat(), Instant::now());
+        let fill = cache.begin_fill("t1", Some("alice"));
+        assert!(!fill.complete(&s));
+        assert_eq!(cache.lookup("t1", None), None);
+        assert!(!cache.stats().healthy);
+
+        cache.received(reset(), Instant::now());
+        let fill = cache.begin_fill("t1", Some("alice"));
+        assert!(fill.complete(&s));
+        assert_eq!(cache.lookup("t1", Some("alice")), Some(s.clone()));
+        assert_eq!(cache.lookup("t1", None), Some(s));
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.resets), (2, 1, 1));
+        assert!(stats.healthy);
+    }
+
+    /// A session asked for with another user's id is not answered from memory.
+    #[test]
+    fn the_user_hint_must_match() {
+        let s = session("alice", "t1", SystemTime::now());
+        let cache = healthy_with(10, std::slice::from_ref(&s));
+        assert_eq!(cache.lookup("t1", Some("mallory")), None);
+        assert_eq!(cache.lookup("t1", Some("alice")), Some(s));
+        // An answer naming another user than the call did is not cached.
+        let other = session("bob", "t2", SystemTime::now());
+        let fill = cache.begin_fill("t2", Some("alice"));
+        assert!(!fill.complete(&other));
+    }
+
+    /// An entry past its expires_at is neither answered nor cached.
+    #[test]
+    fn expired_entries_are_not_answered() {
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
+        let expired = session("alice", "old", long_ago);
+        let cache = healthy_with(10, &[]);
+        let fill = cache.begin_fill("old", None);
+        assert!(!fill.complete(&expired));
+        // One cached while alive, looked up after its expiry.
+        let s = session("alice", "t1", SystemTime::now());
+        let fill = cache.begin_fill("t1", None);
+        assert!(fill.complete(&s));
+        let later = s.expires_at + Duration::from_millis(1);
+        assert_eq!(cache.lookup_at("t1", None, Instant::now(), later), None);
+        assert!(!cached(&cache, "t1"), "an expired entry is dropped");
+        assert_consistent(&cache);
+    }
+
+    /// Silence longer than max_staleness stops answers from memory; the next
+    /// message (no reset needed: delivery is in order) resumes them.
+    #[test]
+    fn a_silent_stream_stops_answers_at_max_staleness() {
+        let s = session("alice", "t1", SystemTime::now());
+        let cache = healthy_with(10, std::slice::from_ref(&s));
+        let synced_at = cache.state().last_message.unwrap();
+        let wall = SystemTime::now();
+        let just_in = synced_at + STALENESS;
+        let too_late = just_in + Duration::from_millis(1);
+        assert!(cache.lookup_at("t1", None, just_in, wall).is_some());
+        assert_eq!(cache.lookup_at("t1", None, too_late, wall), None);
+        // Nor may a call completing then fill the cache.
+        let fill = cache.begin_fill("t2", None);
+        let t2 = session("alice", "t2", SystemTime::now());
+        assert!(!fill.complete_at(&t2, too_late, wall));
+        cache.received(heartbeat(), too_late);
+        assert!(cache.lookup_at("t1", None, too_late, wall).is_some());
+    }
+
+    /// A reset or the stream's loss flushes everything; after a loss nothing
+    /// is answered until the next reset.
+    #[test]
+    fn reset_and_loss_flush() {
+        let now = SystemTime::now();
+        let a = session("alice", "t1", now);
+        let b = session("bob", "t2", now);
+        let cache = healthy_with(10, &[a.clone(), b.clone()]);
+        cache.received(reset(), Instant::now());
+        assert_eq!(cache.stats().entries, 0);
+        assert_eq!(cache.stats().resets, 2);
+        assert_eq!(cache.lookup("t1", None), None);
+
+        let fill = cache.begin_fill("t1", None);
+        assert!(fill.complete(&a));
+        cache.lost();
+        assert_eq!(cache.stats().entries, 0);
+        assert!(!cache.stats().healthy);
+        let fill = cache.begin_fill("t2", None);
+        assert!(!fill.complete(&b), "cached while the stream is down");
+        // Heartbeats on a new stream without its reset do not make it healthy.
+        cache.received(heartbeat(), Instant::now());
+        assert!(!cache.stats().healthy);
+        assert_consistent(&cache);
+    }
+
+    /// A token revocation drops that session only; a user-wide one drops the
+    /// user's sessions created at or before revoked_at, and keeps newer ones
+    /// and other users'.
+    #[test]
+    fn revocations_drop_what_they_end() {
+        let t0 = SystemTime::now();
+        let old = session("alice", "a-old", t0);
+        let edge = session("alice", "a-edge", t0 + Duration::from_secs(1));
+        let newer = session("alice", "a-new", t0 + Duration::from_secs(2));
+        let bob = session("bob", "b-1", t0);
+        let cache = healthy_with(10, &[old, edge, newer, bob.clone()]);
+
+        cache.received(
+            revocations(vec![revoke_token("bob", "b-1")]),
+            Instant::now(),
+        );
+        assert!(!cached(&cache, "b-1"));
+        assert!(cached(&cache, "a-old"));
+
+        cache.received(
+            revocations(vec![revoke_user("alice", t0 + Duration::from_secs(1))]),
+            Instant::now(),
+        );
+        assert!(!cached(&cache, "a-old"));
+        assert!(!cached(&cache, "a-edge"), "created exactly at revoked_at");
+        assert!(cached(&cache, "a-new"), "created after revoked_at");
+        assert_eq!(cache.stats().revocations_applied, 2);
+        assert_consistent(&cache);
+
+        // A user-wide revocation without a usable time drops them all.
+        cache.apply(&[Revocation {
+            user_id: "alice".into(),
+            token_id: None,
+            revoked_at: None,
+        }]);
+        assert_eq!(cache.stats().entries, 0);
+        assert_consistent(&cache);
+    }
+
+    /// Evicting the least recently used entry keeps the per-user index in
+    /// step, so a later user-wide revocation still finds what is cached.
+    #[test]
+    fn lru_eviction_keeps_the_index_consistent() {
+        let now = SystemTime::now();
+        let cache = healthy_with(
+            2,
+            &[
+                session("alice", "a1", now),
+                session("alice", "a2", now),
+                session("bob", "b1", now),
+            ],
+        );
+        assert!(!cached(&cache, "a1"), "the least recently used is evicted");
+        assert!(cached(&cache, "a2") && cached(&cache, "b1"));
+        assert_consistent(&cache);
+        // A lookup makes a2 the most recently used: b1 goes next.
+        assert!(cache.lookup("a2", None).is_some());
+        let fill = cache.begin_fill("c1", None);
+        assert!(fill.complete(&session("carol", "c1", now)));
+        assert!(!cached(&cache, "b1") && cached(&cache, "a2"));
+        assert_consistent(&cache);
+        assert!(!cache.state().by_user.contains_key("bob"));
+        // Re-caching a token replaces it without duplicating its index entry.
+        let fill = cache.begin_fill("a2", None);
+        assert!(fill.complete(&session("alice", "a2", now)));
+        assert_eq!(cache.stats().entries, 2);
+        assert_consistent(&cache);
+    }
+
+    /// The fill race, interleaved by hand: a call registers, the revocation
+    /// that ends its session overtakes its answer, and the answer (read
+    /// before the revocation in Redis) must not be cached. Likewise for a
+    /// user-wide revocation, a reset and the stream's loss. Calls for other
+    /// sessions are unaffected.
+    #[test]
+    fn an_invalidation_that_overtakes_the_read_prevents_the_fill() {
+        let now = SystemTime::now();
+        let alice = session("alice", "a1", now);
+        let bob = session("bob", "b1", now);
+        let cache = healthy_with(10, &[]);
+
+        // Token revocation during a hinted and an unhinted call for it.
+        let hinted = cache.begin_fill("a1", Some("alice"));
+        let unhinted = cache.begin_fill("a1", None);
+        let other = cache.begin_fill("b1", Some("bob"));
+        cache.received(
+            revocations(vec![revoke_token("alice", "a1")]),
+            Instant::now(),
+        );
+        assert!(!hinted.complete(&alice));
+        assert!(!unhinted.complete(&alice));
+        assert!(other.complete(&bob), "bob's call is not concerned");
+        assert_eq!(cache.lookup("a1", None), None);
+
+        // User-wide revocation: the user's calls, and every call that did
+        // not name its user, lose their fill.
+        let hinted = cache.begin_fill("a1", Some("alice"));
+        let unhinted = cache.begin_fill("b2", None);
+        let bobs = cache.begin_fill("b3", Some("bob"));
+        cache.received(revocations(vec![revoke_user("alice", now)]), Instant::now());
+        assert!(!hinted.complete(&alice));
+        assert!(!unhinted.complete(&session("bob", "b2", now)));
+        assert!(bobs.complete(&session("bob", "b3", now)));
+
+        // A reset, or the stream's loss and a new stream's reset.
+        let fill = cache.begin_fill("a1", None);
+        cache.received(reset(), Instant::now());
+        assert!(!fill.complete(&alice));
+        let fill = cache.begin_fill("a1", None);
+        cache.lost();
+        cache.received(reset(), Instant::now());
+        assert!(
+            !fill.complete(&alice),
+            "a new stream must not adopt old fills"
+        );
+
+        // A revocation that arrived before the call was registered does not
+        // concern it: the server answers after it.
+        let fill = cache.begin_fill("a1", None);
+        assert!(fill.complete(&alice));
+        assert_eq!(cache.lookup("a1", Some("alice")), Some(alice));
+        assert!(cache.state().fills.is_empty(), "every fill unregistered");
+    }
+
+    /// A call that fails or is cancelled leaves no pending fill behind.
+    #[test]
+    fn dropped_fills_are_unregistered() {
+        let cache = healthy_with(10, &[]);
+        let fill = cache.begin_fill("t1", None);
+        assert_eq!(cache.state().fills.len(), 1);
+        drop(fill);
+        assert!(cache.state().fills.is_empty());
+    }
+
+    /// The stream task ends (and lets go of the cache) when the last clone
+    /// of the client is dropped, even with nothing to connect to.
+    #[tokio::test]
+    async fn the_task_stops_with_the_last_client() {
+        let client = crate::SessionClient::builder("http://127.0.0.1:1")
+            .near_cache(10)
+            .connect()
+            .await
+            .unwrap();
+        let clone = client.clone();
+        let cache = Arc::downgrade(client.near_cache_for_tests().unwrap());
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(cache.upgrade().is_some(), "a clone still holds it");
+        drop(clone);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.upgrade().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the stream task outlived the client"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
