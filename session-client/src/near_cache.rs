@@ -815,6 +815,25 @@ mod tests {
         assert!(cache.state().fills.is_empty(), "every fill unregistered");
     }
 
+    /// An empty token id is a user-wide revocation; a time that is missing
+    /// or out of range makes it drop the user's sessions whatever their age.
+    #[test]
+    fn revocations_convert_from_the_wire() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let one = Revocation::from_proto(revoke_token("alice", "t1"));
+        assert_eq!(one.token_id.as_deref(), Some("t1"));
+        let all = Revocation::from_proto(revoke_user("alice", at));
+        assert_eq!((all.token_id, all.revoked_at), (None, Some(at)));
+        let timeless = Revocation::from_proto(pb::Revocation {
+            revoked_at: Some(prost_types::Timestamp {
+                seconds: i64::MIN,
+                nanos: 0,
+            }),
+            ..revoke_user("alice", at)
+        });
+        assert_eq!(timeless.revoked_at, None);
+    }
+
     /// A call that fails or is cancelled leaves no pending fill behind.
     #[test]
     fn dropped_fills_are_unregistered() {
