@@ -472,7 +472,7 @@ impl Builder {
 
     /// Turns on the near-cache: [`get_session`](SessionClient::get_session)
     /// and [`get_user_session`](SessionClient::get_user_session) answer from
-    /// memory, in well under a microsecond, for up to `max_entries` sessions
+    /// memory, without a network round trip, for up to `max_entries` sessions
     /// (the least recently used make room), kept true by revocations the
     /// server pushes (`WatchRevocations`). Off by default.
     ///

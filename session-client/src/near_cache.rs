@@ -174,9 +174,15 @@ impl State {
         let user = revocation.user_id.as_str();
         match &revocation.token_id {
             Some(token) => {
-                self.remove(token);
+                // A revoke made here without the user's id names no user:
+                // the cached session may.
+                let owner = self.remove(token).map(|session| session.user_id);
                 for fill in self.fills.values_mut() {
-                    if fill.token_id == *token || fill.user_id.as_deref() == Some(user) {
+                    let for_user = fill
+                        .user_id
+                        .as_deref()
+                        .is_some_and(|u| u == user || owner.as_deref() == Some(u));
+                    if fill.token_id == *token || for_user {
                         fill.invalidated = true;
                     }
                 }
@@ -832,6 +838,26 @@ mod tests {
             ..revoke_user("alice", at)
         });
         assert_eq!(timeless.revoked_at, None);
+    }
+
+    /// A revoke made through the client without the user's id still
+    /// invalidates the calls in flight for that user, found through the
+    /// cached session.
+    #[test]
+    fn an_own_revoke_without_the_user_invalidates_the_users_fills() {
+        let now = SystemTime::now();
+        let cache = healthy_with(10, &[session("alice", "a1", now)]);
+        let alices = cache.begin_fill("a2", Some("alice"));
+        let bobs = cache.begin_fill("b1", Some("bob"));
+        cache.apply(&[Revocation {
+            user_id: String::new(),
+            token_id: Some("a1".into()),
+            revoked_at: None,
+        }]);
+        assert!(!cached(&cache, "a1"));
+        assert!(!alices.complete(&session("alice", "a2", now)));
+        assert!(bobs.complete(&session("bob", "b1", now)));
+        assert_consistent(&cache);
     }
 
     /// A call that fails or is cancelled leaves no pending fill behind.
