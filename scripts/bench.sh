@@ -175,7 +175,7 @@ for repeat in $(seq "$REPEATS"); do
     read -r r_rps r_p99 r_cpu rb_cpu <<<"$(redis_bench "$c" -r "$CREATE_USERS" EVALSHA "$create_sha" 4 \
       'session:{bench-u__rand_int__}:{bench-t__rand_int__}' 'user_sessions:{bench-u__rand_int__}' \
       'revoked:{bench-u__rand_int__}:{bench-t__rand_int__}' 'reservations:{bench-u__rand_int__}' \
-      'bench-t__rand_int__' 900000 10 evict_oldest "$head_json" 61000 86400000)"
+      'bench-t__rand_int__' 900000 10 evict_oldest "$head_json" 61000 86400000 bench-revocations 'bench-u__rand_int__')"
     [[ -n "$r_rps" ]] || exit 1
     rcli flushall >/dev/null
     line="$(service_bench "$c" create "$CREATE_USERS")"

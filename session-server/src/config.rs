@@ -106,6 +106,13 @@ pub struct Config {
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub redis_timeout_ms: u64,
 
+    /// How often, in ms, each server sends a heartbeat through Redis on the
+    /// revocation channel; WatchRevocations streams carry one per beat while
+    /// the server's subscription is alive. Receivers treat a stream silent
+    /// for a few beats as stale (session-client: 3).
+    #[arg(long, env = "REVOCATION_HEARTBEAT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub revocation_heartbeat_ms: u64,
+
     /// Serve even when Redis may evict keys (`maxmemory-policy` other than
     /// `noeviction`). Eviction silently drops session indexes and token
     /// reservations, breaking RevokeAllUserSessions, the per-user cap and
@@ -266,6 +273,7 @@ impl Config {
             rate_limit_ipv6_prefix: self.rate_limit_ipv6_prefix,
             pool_size: self.redis_pool_size,
             timeout: Duration::from_millis(self.redis_timeout_ms),
+            revocation_heartbeat: Duration::from_millis(self.revocation_heartbeat_ms),
             redis_password,
             redis_ca_pem,
         })
@@ -301,6 +309,7 @@ impl fmt::Debug for Config {
             key_prefix,
             redis_pool_size,
             redis_timeout_ms,
+            revocation_heartbeat_ms,
             redis_allow_eviction,
             health_check_interval_ms,
             max_concurrent_requests,
@@ -336,6 +345,7 @@ impl fmt::Debug for Config {
             .field("key_prefix", key_prefix)
             .field("redis_pool_size", redis_pool_size)
             .field("redis_timeout_ms", redis_timeout_ms)
+            .field("revocation_heartbeat_ms", revocation_heartbeat_ms)
             .field("redis_allow_eviction", redis_allow_eviction)
             .field("health_check_interval_ms", health_check_interval_ms)
             .field("max_concurrent_requests", max_concurrent_requests)

@@ -7,7 +7,10 @@ use sessionstore::v1 as pb;
 
 use crate::{
     error::Error,
-    model::{self, AccountKey, LoginLimit, LoginVerdict, NewSession, Session, TokenId, UserId},
+    model::{
+        self, AccountKey, LoginLimit, LoginVerdict, NewSession, Revocation, RevocationReason,
+        Session, TokenId, UserId,
+    },
 };
 
 /// A required user id.
@@ -87,6 +90,21 @@ pub fn session_to_proto(session: Session) -> pb::Session {
         metadata: session.metadata,
         created_at: Some(timestamp(session.created_at_ms)),
         expires_at: Some(timestamp(session.expires_at_ms)),
+    }
+}
+
+/// A revocation as its proto message.
+pub fn revocation_to_proto(revocation: &Revocation) -> pb::Revocation {
+    let reason = match revocation.reason {
+        RevocationReason::Revoked => pb::RevocationReason::Revoked,
+        RevocationReason::SignedOutEverywhere => pb::RevocationReason::SignedOutEverywhere,
+        RevocationReason::Evicted => pb::RevocationReason::Evicted,
+    };
+    pb::Revocation {
+        user_id: revocation.user_id.clone(),
+        token_id: revocation.token_id.clone().unwrap_or_default(),
+        revoked_at: Some(timestamp(revocation.revoked_at_ms)),
+        reason: reason.into(),
     }
 }
 

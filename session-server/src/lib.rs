@@ -12,10 +12,11 @@
 //! - [`auth`]: optional bearer-token authentication of callers.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics`.
 //! - [`service`]: the generated trait's implementation; thin handlers.
+//! - [`watch`]: the WatchRevocations response stream.
 //! - `convert`: proto messages to and from domain types, with validation.
 //! - [`model`]: the domain types; ids are validated on construction.
 //! - [`store`]: Redis: the key layout, the Lua scripts and the pool, one
-//!   concern per file (sessions, login limiter, connection).
+//!   concern per file (sessions, login limiter, connection, revocations).
 //! - [`error`]: the error type and its single mapping to gRPC codes.
 //! - [`config`]: every setting, from the environment or flags.
 
@@ -38,6 +39,7 @@ pub mod server;
 pub mod service;
 mod shutdown;
 pub mod store;
+pub mod watch;
 
 pub use config::Config;
 pub use error::Error;

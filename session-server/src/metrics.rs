@@ -41,6 +41,15 @@ pub const SESSIONS_REVOKED: &str = "sessionstore_sessions_revoked_total";
 pub const SESSIONS_EVICTED: &str = "sessionstore_sessions_evicted_total";
 /// Login attempts, by `result` (allowed, refused).
 pub const LOGIN_ATTEMPTS: &str = "sessionstore_login_attempts_total";
+/// 1 while this process's revocation subscription is up (heartbeats come
+/// back through it), 0 while it is down or nobody watches.
+pub const REVOCATION_SUBSCRIPTION_UP: &str = "sessionstore_revocation_subscription_up";
+/// Events the revocation subscriber received, by `kind` (revocation, reset,
+/// malformed).
+pub const REVOCATION_EVENTS: &str = "sessionstore_revocation_events_total";
+/// WatchRevocations streams ended because their receiver fell
+/// REVOCATION_BACKLOG events behind (it reconnects and resets).
+pub const REVOCATION_WATCHERS_DROPPED: &str = "sessionstore_revocation_watchers_dropped_total";
 /// 1 while Redis answers the readiness PING, else 0.
 pub const REDIS_UP: &str = "sessionstore_redis_up";
 /// Whether Redis keeps every key until it expires: 1 while every master's

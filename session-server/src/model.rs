@@ -161,6 +161,32 @@ pub struct Session {
     pub expires_at_ms: u64,
 }
 
+/// A session, or every session of a user, ended before its expiry: what the
+/// revocation stream carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The user whose session ended.
+    pub user_id: String,
+    /// The session that ended; `None` for every session of the user created
+    /// at or before `revoked_at_ms`.
+    pub token_id: Option<String>,
+    /// When, ms since the epoch by Redis's clock (the clock of `created_at_ms`).
+    pub revoked_at_ms: u64,
+    /// Why.
+    pub reason: RevocationReason,
+}
+
+/// Why a session ended early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevocationReason {
+    /// RevokeSession.
+    Revoked,
+    /// RevokeAllUserSessions.
+    SignedOutEverywhere,
+    /// Evicted at the per-user cap by a newer session.
+    Evicted,
+}
+
 /// What CreateSession did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateOutcome {

@@ -11,6 +11,7 @@ use crate::{
     },
     model::{ClientAddr, CreateOutcome},
     store::Store,
+    watch::RevocationStream,
 };
 
 /// The gRPC service over a [`Store`].
@@ -166,14 +167,14 @@ impl SessionStore for SessionService {
         Ok(Response::new(pb::ResetLoginAttemptsResponse { reset }))
     }
 
-    type WatchRevocationsStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>,
-    >;
+    type WatchRevocationsStream = RevocationStream;
 
     async fn watch_revocations(
         &self,
         _request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        Err(Status::unimplemented("WatchRevocations is not served yet"))
+        Ok(Response::new(RevocationStream::new(
+            self.store.watch_revocations(),
+        )))
     }
 }

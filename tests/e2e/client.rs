@@ -1135,6 +1135,16 @@ impl SessionStore for StubService {
         self.answer("ResetLoginAttempts", &request)?;
         Ok(Response::new(pb::ResetLoginAttemptsResponse::default()))
     }
+    type WatchRevocationsStream =
+        tokio_stream::Pending<Result<pb::WatchRevocationsResponse, Status>>;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        self.answer("WatchRevocations", &request)?;
+        Ok(Response::new(tokio_stream::pending()))
+    }
 }
 
 /// The `https://` URL of a test server serving TLS.

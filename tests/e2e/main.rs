@@ -15,6 +15,7 @@ mod metrics;
 mod process;
 mod properties;
 mod rate_limit;
+mod revocations;
 mod security;
 mod sessions;
 mod streams;

@@ -377,15 +377,43 @@ impl bb8::ManageConnection for RedisManager {
     }
 }
 
+/// A dedicated pub/sub connection (for the revocation subscriber): to the
+/// server in standalone mode, to the master the sentinels name now in
+/// sentinel mode, and to the first seed node that answers in cluster mode
+/// (classic pub/sub messages reach every node of a cluster).
+pub(super) async fn pubsub(settings: &Settings) -> Result<redis::aio::PubSub, Error> {
+    match settings.mode {
+        RedisMode::Standalone => Ok(redis_client(settings)?.get_async_pubsub().await?),
+        RedisMode::Sentinel => {
+            let master = sentinel_client(settings)?.async_get_client().await?;
+            Ok(master.get_async_pubsub().await?)
+        }
+        RedisMode::Cluster => {
+            let mut last = None;
+            for url in split_urls(&settings.redis_url) {
+                match node_client(settings, url)?.get_async_pubsub().await {
+                    Ok(pubsub) => return Ok(pubsub),
+                    Err(err) => last = Some(err),
+                }
+            }
+            Err(last.map_or_else(
+                || Error::invalid("REDIS_URL", "no cluster node given"),
+                Error::from,
+            ))
+        }
+    }
+}
+
 /// A Redis client for the settings' URL, with the password and CA applied.
 pub(super) fn redis_client(settings: &Settings) -> Result<redis::Client, Error> {
+    node_client(settings, &settings.redis_url)
+}
+
+/// A Redis client for `url`, one server, with the settings' password and CA.
+fn node_client(settings: &Settings, url: &str) -> Result<redis::Client, Error> {
     use redis::IntoConnectionInfo;
     let invalid = |e: redis::RedisError| Error::invalid("REDIS_URL", e.to_string());
-    let mut info = settings
-        .redis_url
-        .as_str()
-        .into_connection_info()
-        .map_err(invalid)?;
+    let mut info = url.into_connection_info().map_err(invalid)?;
     if let Some(password) = &settings.redis_password {
         let redis = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(redis);

@@ -6,6 +6,7 @@
 //! - `sessions`: create, look up, revoke, count and list sessions;
 //! - `login`: the login rate limiter;
 //! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
+//! - `revocations`: the revocation stream's subscriber and heartbeats;
 //! - `scripts/`: the Lua scripts, each with a KEYS/ARGV/returns header.
 //!
 //! # Keys
@@ -23,6 +24,9 @@
 //! | `P rate_limit:login:addr:{addr}` | login attempts of a client address (IPv4, or IPv6 network `net/len`): hash of bucket index -> allowed attempts (see `login`); expires when its newest bucket leaves the window |
 //! | `P rate_limit:login:pair:{addr}:acct` | the part of the address's attempts made for one account (`acct` = SHA-256 hex of the account), same buckets and slot as the address's counter, so a reset with the account can subtract exactly it |
 //! | `P rate_limit:login:account:{acct}` | login attempts for one account, from any address; its own slot |
+//!
+//! and one pub/sub channel, `P revocations`: every script that ends a session
+//! early publishes it there in the same step (see `revocations`).
 //!
 //! Whether a session is valid is decided in one place: its `session:` key
 //! exists. The index and the owner reservation only point at it. A reservation
@@ -44,7 +48,10 @@
 mod connection;
 pub mod health;
 mod login;
+mod revocations;
 mod sessions;
+
+pub use revocations::{REVOCATION_BACKLOG, RevocationEvent, RevocationFeed};
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -56,6 +63,14 @@ use crate::{
 };
 
 use connection::Backend;
+
+/// A random number for jitter and instance ids; not for secrets. A fresh
+/// `RandomState` is randomly keyed: its hash of nothing is a random number,
+/// without a dependency on a random number crate.
+fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::RandomState::new().hash_one(())
+}
 
 /// How much longer a token reservation and a revocation marker live than their
 /// session, beyond the operation timeout (which covers the time between
@@ -131,6 +146,9 @@ pub struct Settings {
     pub pool_size: u32,
     /// Bound on each store operation: pool wait, connect and Redis round trips.
     pub timeout: Duration,
+    /// How often each process sends a heartbeat through the revocation
+    /// channel (REVOCATION_HEARTBEAT_MS).
+    pub revocation_heartbeat: Duration,
     /// Password overriding any in the URL (from REDIS_PASSWORD_FILE).
     pub redis_password: Option<String>,
     /// PEM roots to verify a `rediss://` server with (from REDIS_CA_FILE).
@@ -156,6 +174,7 @@ impl fmt::Debug for Settings {
             rate_limit_ipv6_prefix,
             pool_size,
             timeout,
+            revocation_heartbeat,
             redis_password,
             redis_ca_pem,
         } = self;
@@ -177,6 +196,7 @@ impl fmt::Debug for Settings {
             .field("rate_limit_ipv6_prefix", rate_limit_ipv6_prefix)
             .field("pool_size", pool_size)
             .field("timeout", timeout)
+            .field("revocation_heartbeat", revocation_heartbeat)
             .field("redis_password", &redis_password.as_ref().map(|_| "***"))
             .field(
                 "redis_ca_pem",
@@ -204,6 +224,8 @@ struct Shared {
     /// the table stays small. Users sharing a stripe only wait for each
     /// other's eviction round trip.
     create_turns: CreateTurns,
+    /// The revocation subscriber, while a WatchRevocations stream is open.
+    revocations: revocations::Hub,
 }
 
 /// The striped per-user locks of [`Shared::create_turns`].
@@ -279,6 +301,7 @@ impl Store {
                         .map(|_| tokio::sync::Mutex::new(()))
                         .collect(),
                 },
+                revocations: revocations::Hub::default(),
             }),
         }
     }

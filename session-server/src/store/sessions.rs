@@ -91,7 +91,9 @@ impl Store {
                 .arg(settings.limit_policy.as_script_arg())
                 .arg(&head)
                 .arg(self.reservation_slack_ms())
-                .arg(millis(settings.session_ttl_max));
+                .arg(millis(settings.session_ttl_max))
+                .arg(self.revocation_channel())
+                .arg(user.as_str());
             for token in &declared {
                 invocation
                     .key(self.session_key(user, token))
@@ -281,7 +283,9 @@ impl Store {
             .key(self.reservations_key(user))
             .arg(self.reservation_slack_ms())
             .arg(millis(self.settings().session_ttl_max))
-            .arg(reason);
+            .arg(reason)
+            .arg(self.revocation_channel())
+            .arg(user.as_str());
         for token in tokens {
             let token = token.as_ref();
             invocation
@@ -349,12 +353,8 @@ fn session_json_head(new: &NewSession) -> Result<String, Error> {
 /// A pause of up to 2^(round - 3) ms (at most 8 ms), chosen at random so
 /// that creates for one user racing from several processes fall out of step.
 fn jittered_backoff(round: u32) -> Duration {
-    use std::hash::{BuildHasher, RandomState};
     let cap_us = 1000u64 << round.saturating_sub(3).min(3);
-    // A fresh RandomState is randomly keyed: its hash of nothing is a random
-    // number, without a dependency on a random number crate.
-    let random = RandomState::new().hash_one(());
-    Duration::from_micros(100 + random % cap_us)
+    Duration::from_micros(100 + super::random_u64() % cap_us)
 }
 
 fn parse_session(json: &str) -> Result<Session, Error> {

@@ -5,7 +5,7 @@
 -- KEYS[3]   revoked:{<user_id>}:{<token_id>}   the new token's revocation marker, if any
 -- KEYS[4]   reservations:{<user_id>}           token ids whose reservation a replay extended
 --                                              past their session, scored by its end (ms)
--- KEYS[5..] for each ARGV[8..] in order, two keys: its session:{<user_id>}:{<t>}
+-- KEYS[5..] for each ARGV[10..] in order, two keys: its session:{<user_id>}:{<t>}
 --           and its revoked:{<user_id>}:{<t>} (the index members the caller
 --           declared: eviction may only touch these)
 -- ARGV[1]   token id
@@ -18,7 +18,10 @@
 --           in ms (claim_token used ttl + this); markers outlive sessions by it
 -- ARGV[7]   SESSION_TTL_MAX in ms: a marker's base for a session key without a
 --           TTL (never written by this server)
--- ARGV[8..] token ids of declared index members, matching KEYS[5..]
+-- ARGV[8]   the revocation channel: each evicted session is published on it
+--           as `r:<revoked_at_ms>:evicted:<user_id>:<token_id>` (store/revocations.rs)
+-- ARGV[9]   the user id
+-- ARGV[10..] token ids of declared index members, matching KEYS[5..]
 -- Returns {status, created_at_ms, expires_at_ms, more...}:
 --   {1, created, expires, evicted...}  created; evicted lists the sessions revoked for room
 --   {0, 0, 0, json}                    the token already has a live session of this
@@ -69,8 +72,8 @@ if count >= max then
     return {2, 0, 0}
   end
   local declared = {}
-  for i = 8, #ARGV do
-    declared[ARGV[i]] = 2 * (i - 8) + 5
+  for i = 10, #ARGV do
+    declared[ARGV[i]] = 2 * (i - 10) + 5
   end
   -- The oldest (closest to expiry) of the sessions the caller declared: every
   -- member when its create began. Sessions created since, by concurrent
@@ -112,6 +115,10 @@ if count >= max then
       redis.call('SET', KEYS[k + 1],
         string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), 'PX', keep)
       evicted[#evicted + 1] = token
+      -- Published in the step that ends it: no eviction is acknowledged
+      -- without its revocation on the stream.
+      redis.call('PUBLISH', ARGV[8],
+        string.format('r:%.0f:evicted:%s:%s', now, ARGV[9], token))
     end
   end
 end

@@ -1,0 +1,116 @@
+//! The WatchRevocations response stream: one broadcast receiver of the
+//! store's revocation subscriber, turned into messages. Whatever is ready when
+//! the transport asks for the next message goes into one message, so a burst
+//! of revocations costs a receiver a few messages rather than one each.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use sessionstore::v1 as pb;
+use tokio_stream::{
+    Stream,
+    wrappers::{BroadcastStream, errors::BroadcastStreamRecvError},
+};
+use tonic::Status;
+
+use crate::{
+    convert,
+    metrics::REVOCATION_WATCHERS_DROPPED,
+    store::{REVOCATION_BACKLOG, RevocationEvent, RevocationFeed},
+};
+
+/// Most revocations in one message (about 60 bytes each on the wire).
+const MAX_BATCH: usize = 512;
+
+/// A receiver's WatchRevocations responses.
+#[derive(Debug)]
+pub struct RevocationStream {
+    events: BroadcastStream<RevocationEvent>,
+    /// False until the stream's reset was sent: at once when the server's
+    /// subscription was up at open, else with the subscription's next reset.
+    /// Nothing before it is sent.
+    started: bool,
+    /// The first message goes out without waiting for an event.
+    reset_now: bool,
+    done: bool,
+}
+
+impl RevocationStream {
+    /// The stream of `feed`.
+    pub fn new(feed: RevocationFeed) -> Self {
+        Self {
+            events: BroadcastStream::new(feed.events),
+            started: false,
+            reset_now: feed.subscribed,
+            done: false,
+        }
+    }
+}
+
+impl Stream for RevocationStream {
+    type Item = Result<pb::WatchRevocationsResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut message = pb::WatchRevocationsResponse::default();
+        let mut ready = false;
+        if std::mem::take(&mut this.reset_now) {
+            this.started = true;
+            message.reset = true;
+            ready = true;
+        }
+        while message.revocations.len() < MAX_BATCH {
+            match Pin::new(&mut this.events).poll_next(cx) {
+                Poll::Ready(Some(Ok(event))) => match event {
+                    RevocationEvent::Reset => {
+                        // What came before the reset is moot: receivers drop
+                        // everything they cached.
+                        this.started = true;
+                        message.revocations.clear();
+                        message.reset = true;
+                        ready = true;
+                    }
+                    RevocationEvent::Heartbeat => ready |= this.started,
+                    RevocationEvent::Revoked(revocation) if this.started => {
+                        message
+                            .revocations
+                            .push(convert::revocation_to_proto(&revocation));
+                        ready = true;
+                    }
+                    RevocationEvent::Revoked(_) => {}
+                },
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                    this.done = true;
+                    metrics::counter!(REVOCATION_WATCHERS_DROPPED).increment(1);
+                    tracing::info!(
+                        missed,
+                        "revocation stream: dropped a receiver that fell behind"
+                    );
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                        "the revocation stream's receiver fell more than {REVOCATION_BACKLOG} events behind \
+                         and missed {missed}; reconnect (the new stream starts with a reset)"
+                    )))));
+                }
+                // The subscriber never stops while a receiver is open; should
+                // it end, so does the stream, and the receiver reconnects.
+                Poll::Ready(None) => {
+                    this.done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if ready {
+            Poll::Ready(Some(Ok(message)))
+        } else if this.done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! WatchRevocations: every path that ends a session early publishes, in the
+//! order Redis made the revocations; streams start with a reset, beat while
+//! the server's subscription is alive, stop beating when it is lost and reset
+//! when it is back; slow receivers are dropped; authentication and shutdown
+//! apply as to every RPC.
+
+use std::time::{Duration, Instant};
+
+use sessionstore::v1::{
+    CreateSessionRequest, Revocation, RevocationReason, RevokeAllUserSessionsRequest,
+    RevokeSessionRequest, WatchRevocationsRequest, WatchRevocationsResponse,
+    session_store_client::SessionStoreClient,
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
+
+use crate::common::{PrivateRedis, TempFiles, TestServer, config_on, inspect, test_config};
+
+/// How long a test waits for a message that should come.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn watch(client: &mut SessionStoreClient<Channel>) -> Streaming<WatchRevocationsResponse> {
+    client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .expect("WatchRevocations opens")
+        .into_inner()
+}
+
+/// The next message, or None when none came within `limit`; panics on a
+/// stream error or end.
+async fn next_within(
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    limit: Duration,
+) -> Option<WatchRevocationsResponse> {
+    match tokio::time::timeout(limit, stream.next()).await {
+        Ok(Some(Ok(message))) => Some(message),
+        Ok(Some(Err(status))) => panic!("stream failed: {status:?}"),
+        Ok(None) => panic!("stream ended"),
+        Err(_) => None,
+    }
+}
+
+/// Waits for the stream's opening reset.
+async fn started(stream: &mut Streaming<WatchRevocationsResponse>) {
+    let first = next_within(stream, PATIENCE)
+        .await
+        .expect("a first message");
+    assert!(first.reset, "the first message must be a reset: {first:?}");
+}
+
+/// The next `n` revocations, skipping heartbeats; panics on a reset.
+async fn revocations(
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    n: usize,
+) -> Vec<Revocation> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = next_within(stream, left)
+            .await
+            .unwrap_or_else(|| panic!("only {} of {n} revocations came: {seen:?}", seen.len()));
+        assert!(!message.reset, "unexpected reset after {seen:?}");
+        seen.extend(message.revocations);
+    }
+    seen
+}
+
+async fn create(client: &mut SessionStoreClient<Channel>, user: &str, token: &str) -> u64 {
+    let created = client
+        .create_session(CreateSessionRequest {
+            user_id: user.into(),
+            token_id: token.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created, "{user}/{token}: {created:?}");
+    let at = created.session.unwrap().created_at.unwrap();
+    at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
+}
+
+async fn revoke(client: &mut SessionStoreClient<Channel>, user: &str, token: &str) -> bool {
+    client
+        .revoke_session(RevokeSessionRequest {
+            token_id: token.into(),
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked
+}
+
+async fn revoke_all(client: &mut SessionStoreClient<Channel>, user: &str) -> u32 {
+    client
+        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_count
+}
+
+fn millis(revocation: &Revocation) -> u64 {
+    let at = revocation.revoked_at.unwrap();
+    at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
+}
+
+fn summary(r: &Revocation) -> (String, String, RevocationReason) {
+    (r.user_id.clone(), r.token_id.clone(), r.reason())
+}
+
+/// RevokeSession (with and without the user hint), RevokeAllUserSessions and
+/// eviction at the cap each publish, in order, for users spread over every
+/// master on Cluster; calls that revoke nothing publish nothing.
+#[tokio::test]
+async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
+    let mut config = test_config();
+    config.max_sessions_per_user = 2;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+
+    // Eight users: their slots fall on every master of a three-master cluster.
+    for n in 0..8 {
+        let user = format!("pub-{n}");
+        let t = |i: u32| format!("{user}-t{i}");
+        create(&mut client, &user, &t(1)).await;
+        create(&mut client, &user, &t(2)).await;
+        // The cap is 2: the third create evicts the oldest.
+        create(&mut client, &user, &t(3)).await;
+        let evicted = revocations(&mut stream, 1).await;
+        assert_eq!(
+            evicted.iter().map(summary).collect::<Vec<_>>(),
+            [(user.clone(), t(1), RevocationReason::Evicted)]
+        );
+
+        assert!(revoke(&mut client, &user, &t(2)).await);
+        assert!(revoke(&mut client, "", &t(3)).await);
+        let newest = create(&mut client, &user, &t(4)).await;
+        assert_eq!(revoke_all(&mut client, &user).await, 1);
+        let seen = revocations(&mut stream, 3).await;
+        assert_eq!(
+            seen.iter().map(summary).collect::<Vec<_>>(),
+            [
+                (user.clone(), t(2), RevocationReason::Revoked),
+                (user.clone(), t(3), RevocationReason::Revoked),
+                (
+                    user.clone(),
+                    String::new(),
+                    RevocationReason::SignedOutEverywhere
+                ),
+            ],
+        );
+        // The user-wide revocation covers the session created before it.
+        assert!(millis(&seen[2]) >= newest, "{seen:?} vs created {newest}");
+        assert!(millis(&seen[0]) <= millis(&seen[1]));
+    }
+
+    // Nothing to revoke: nothing published. A marker revocation after them
+    // must be the very next one on the stream.
+    assert!(
+        !revoke(&mut client, "pub-0", "pub-0-t1").await,
+        "already evicted"
+    );
+    assert!(!revoke(&mut client, "", "never-existed").await);
+    assert!(
+        !revoke(&mut client, "pub-1", "pub-0-t4").await,
+        "wrong hint"
+    );
+    assert_eq!(revoke_all(&mut client, "pub-0").await, 0);
+    assert_eq!(revoke_all(&mut client, "nobody").await, 0);
+    create(&mut client, "marker", "marker-t").await;
+    assert!(revoke(&mut client, "marker", "marker-t").await);
+    let next = revocations(&mut stream, 1).await;
+    assert_eq!(
+        next.iter().map(summary).collect::<Vec<_>>(),
+        [(
+            "marker".into(),
+            "marker-t".into(),
+            RevocationReason::Revoked
+        )]
+    );
+    drop(stream);
+    server.shutdown().await;
+}
+
+/// Heartbeats come every REVOCATION_HEARTBEAT_MS while the subscription is
+/// alive; with Redis gone they stop, and the stream stays open; when Redis is
+/// back the next message is a reset, and the beats resume.
+#[tokio::test]
+async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
+    let mut redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.revocation_heartbeat_ms = 100;
+    config.redis_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+
+    let mut beats = 0;
+    let counting = Instant::now();
+    while beats < 5 {
+        let message = next_within(&mut stream, Duration::from_secs(2))
+            .await
+            .expect("heartbeats every 100 ms");
+        assert!(
+            !message.reset && message.revocations.is_empty(),
+            "{message:?}"
+        );
+        beats += 1;
+    }
+    assert!(
+        counting.elapsed() >= Duration::from_millis(300),
+        "beats too fast"
+    );
+
+    redis.kill();
+    // A beat already on its way may still arrive; after that, silence.
+    while next_within(&mut stream, Duration::from_millis(500))
+        .await
+        .is_some()
+    {}
+    assert!(
+        next_within(&mut stream, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "a heartbeat came while Redis was down"
+    );
+
+    redis.restart();
+    let back = next_within(&mut stream, PATIENCE)
+        .await
+        .expect("a message once Redis is back");
+    assert!(
+        back.reset,
+        "the first message after the loss must be a reset: {back:?}"
+    );
+    let beat = next_within(&mut stream, Duration::from_secs(2)).await;
+    assert!(
+        beat.is_some_and(|m| !m.reset),
+        "beats resume after the reset"
+    );
+    drop(stream);
+    server.shutdown().await;
+}
+
+/// A subscription that stops delivering while its connection stays open
+/// (Redis paused past the heartbeat patience) is replaced, and the streams
+/// are told with a reset; one killed by Redis (CLIENT KILL) likewise.
+#[tokio::test]
+async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.revocation_heartbeat_ms = 100;
+    config.redis_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+    next_within(&mut stream, Duration::from_secs(2))
+        .await
+        .expect("a heartbeat");
+
+    // Paused for 2 s: heartbeats cannot be published, the subscription's
+    // TCP connection stays up, and the patience (max(3 beats, beat + Redis
+    // timeout) = 400 ms) runs out.
+    redis.pause(2_000).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = next_within(&mut stream, left)
+            .await
+            .expect("a reset after the pause");
+        if message.reset {
+            break;
+        }
+    }
+
+    let mut admin = redis.connection().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the server holds one subscription");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = next_within(&mut stream, left)
+            .await
+            .expect("a reset after the kill");
+        if message.reset {
+            break;
+        }
+    }
+    drop(stream);
+    server.shutdown().await;
+}
+
+/// A receiver that stops reading is dropped with RESOURCE_EXHAUSTED once it
+/// falls REVOCATION_BACKLOG events behind, instead of the server buffering
+/// for it; a new stream works at once.
+#[tokio::test]
+async fn a_receiver_that_stops_reading_is_dropped() {
+    let server = TestServer::start().await;
+    // HTTP/2's smallest windows (hyper's client defaults to 2 MB per stream),
+    // so that what the transport holds is small next to the flood.
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SessionStoreClient::new(channel);
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+
+    // A second receiver on its own connection reads everything: once it has
+    // seen the whole flood, so has the server's subscriber.
+    let mut reader = server.client().await;
+    let mut fast = watch(&mut reader).await;
+    started(&mut fast).await;
+    let flood = 20_000;
+    let fast_reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < flood {
+            let message = next_within(&mut fast, PATIENCE).await.expect("the flood");
+            assert!(!message.reset);
+            got += message.revocations.len();
+        }
+        got
+    });
+
+    // Far more than the backlog plus what the windows and the server's send
+    // buffer hold (about 0.5 MB: ~2,000 revocations of ~230 bytes), published
+    // while the slow stream is not read; in chunks, as on Cluster every
+    // PUBLISH also crosses the cluster bus and a script must end within the
+    // store's timeout.
+    let channel = format!("{}revocations", server.config.key_prefix);
+    let long_token = "t".repeat(200);
+    for chunk in 0..10 {
+        let publish = redis::cmd("EVAL")
+            .arg(
+                "for i = 1, tonumber(ARGV[2]) do \
+                 redis.call('PUBLISH', ARGV[1], 'r:1:revoked:flood:' .. ARGV[3] .. i) end",
+            )
+            .arg(0)
+            .arg(&channel)
+            .arg(flood / 10)
+            .arg(format!("{long_token}-{chunk}-"))
+            .clone();
+        let () = inspect(&server.config, &publish).await;
+    }
+    assert_eq!(
+        fast_reader.await.unwrap(),
+        flood,
+        "the reading receiver got all of it"
+    );
+
+    let deadline = Instant::now() + PATIENCE;
+    let mut got = 0;
+    let status: Status = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.next()).await {
+            Ok(Some(Ok(m))) => {
+                got += m.revocations.len();
+                continue;
+            }
+            Ok(Some(Err(status))) => break status,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(_) => panic!("the lagging stream was not dropped; got {got}"),
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("reconnect"), "{status:?}");
+
+    let mut again = watch(&mut client).await;
+    started(&mut again).await;
+    drop(again);
+    server.shutdown().await;
+}
+
+/// WatchRevocations needs the bearer token like every other RPC, and server
+/// shutdown ends an open stream with UNAVAILABLE.
+#[tokio::test]
+async fn the_stream_is_authenticated_and_ended_by_shutdown() {
+    let files = TempFiles::new();
+    let path = files.write("tokens", "watch-secret\n");
+    let mut config = test_config();
+    config.auth_tokens_file = Some(path);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+
+    let refused = client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    let mut request = Request::new(WatchRevocationsRequest {});
+    let token: MetadataValue<_> = "Bearer watch-secret".parse().unwrap();
+    request.metadata_mut().insert("authorization", token);
+    let mut stream = client
+        .watch_revocations(request)
+        .await
+        .unwrap()
+        .into_inner();
+    started(&mut stream).await;
+
+    server.shutdown().await;
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("shutdown ends the stream");
+    match ended {
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        None => panic!("the stream ended without saying why"),
+        Some(Ok(_)) => unreachable!(),
+    }
+}
