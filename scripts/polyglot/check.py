@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Proves the SessionStore contract from Python: calls every RPC of
-sessionstore.v1.SessionStore, plus the standard grpc.health.v1 checks, through
-stubs generated from proto/ alone, and checks each answer.
+sessionstore.v1.SessionStore (a WatchRevocations subscriber included), plus
+the standard grpc.health.v1 checks, through stubs generated from proto/ alone,
+and checks each answer.
 
 Usage:  python check.py HOST:PORT
 Needs grpcio and grpcio-health-checking, and the stubs that
@@ -214,6 +215,33 @@ def run(channel):
         ip=attacker, account="x" * 257))
     check("RecordLoginAttempt with a 257-byte account: INVALID_ARGUMENT naming account",
           code == grpc.StatusCode.INVALID_ARGUMENT and "account" in details)
+
+    # WatchRevocations: a subscriber sees a revocation made by another call.
+    watcher, watched = f"py-watch-{run_id}", f"jti-{run_id}-watched"
+    store.CreateSession(pb.CreateSessionRequest(user_id=watcher, token_id=watched),
+                        timeout=DEADLINE)
+    stream = store.WatchRevocations(pb.WatchRevocationsRequest(), timeout=30)
+    first = next(stream)
+    check("WatchRevocations starts with a reset", first.reset)
+    store.RevokeSession(pb.RevokeSessionRequest(token_id=watched), timeout=DEADLINE)
+    store.CreateSession(pb.CreateSessionRequest(user_id=watcher, token_id=f"{watched}-2"),
+                        timeout=DEADLINE)
+    store.RevokeAllUserSessions(pb.RevokeAllUserSessionsRequest(user_id=watcher),
+                                timeout=DEADLINE)
+    seen, resets = [], 0
+    for message in stream:
+        resets += message.reset
+        seen.extend(r for r in message.revocations if r.user_id == watcher)
+        if len(seen) >= 2:
+            break
+    stream.cancel()
+    check("  no reset while the server's subscription is up", resets == 0)
+    check("  the RevokeSession arrives: REVOCATION_REASON_REVOKED with its ids",
+          (seen[0].user_id, seen[0].token_id, seen[0].reason)
+          == (watcher, watched, pb.REVOCATION_REASON_REVOKED))
+    check("  then RevokeAllUserSessions, user-wide (empty token_id)",
+          (seen[1].token_id, seen[1].reason) == ("", pb.REVOCATION_REASON_SIGNED_OUT_EVERYWHERE)
+          and seen[1].revoked_at.ToMilliseconds() >= seen[0].revoked_at.ToMilliseconds())
 
     # INVALID_ARGUMENT, with the field named in the message.
     code, details = error_code(
