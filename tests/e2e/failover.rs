@@ -1,15 +1,17 @@
 //! Failover on Redis Cluster and Sentinel: a master is killed mid-run; once a
 //! replica is promoted, calls succeed again without restarting the server, and
-//! every acknowledged session and revocation that reached the replica survives.
+//! every acknowledged session and revocation that reached the replica survives;
+//! a revocation stream opened before the failover carries revocations made after it.
 
 use std::time::Duration;
 
 use session_server::store::RedisMode;
 use sessionstore::v1::{
     CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, RevokeSessionRequest,
-    session_store_client::SessionStoreClient,
+    WatchRevocationsRequest, WatchRevocationsResponse, session_store_client::SessionStoreClient,
 };
-use tonic::transport::Channel;
+use tokio_stream::StreamExt;
+use tonic::{Streaming, transport::Channel};
 
 use crate::common::{TestServer, Topology, redis_cli, wait_until};
 
@@ -117,6 +119,89 @@ async fn assert_survived(
     }
 }
 
+/// Opens a revocation stream and waits for its opening reset.
+async fn watch(client: &mut SessionStoreClient<Channel>) -> Streaming<WatchRevocationsResponse> {
+    let mut stream = client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.reset);
+    stream
+}
+
+/// Revokes fresh sessions of `user` and reads `stream` until a revocation
+/// arrives. A revocation may be missed only with a reset after it (the server
+/// subscribed again, possibly after it was published): then another is made.
+/// Silence (no revocation, no reset) fails the test.
+async fn revocation_arrives(
+    client: &mut SessionStoreClient<Channel>,
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    user: &str,
+    token: &str,
+) {
+    for attempt in 0..10 {
+        let token = format!("{token}-{attempt}");
+        let created = client
+            .create_session(CreateSessionRequest {
+                user_id: user.into(),
+                token_id: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(created.created);
+        let revoked = client
+            .revoke_session(RevokeSessionRequest {
+                token_id: token.clone(),
+                user_id: user.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(revoked.revoked);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(message) = stream.next().await {
+                let message = message.expect("the stream outlives the failover");
+                if message.revocations.iter().any(|r| r.token_id == token) {
+                    return "arrived";
+                }
+                if message.reset {
+                    return "reset";
+                }
+            }
+            "ended"
+        })
+        .await;
+        match outcome {
+            Ok("arrived") => return,
+            Ok("reset") => continue,
+            other => panic!("the revocation of {token} never arrived, and no reset: {other:?}"),
+        }
+    }
+    panic!("ten resets in a row: the subscription never settled");
+}
+
+/// Reads `stream` until a reset arrives: the server subscribed again.
+async fn reset_arrives(stream: &mut Streaming<WatchRevocationsResponse>) {
+    let reset = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = stream.next().await {
+            if message.expect("the stream outlives the failover").reset {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        reset,
+        Ok(true),
+        "no reset after the subscription's node died"
+    );
+}
+
 /// Waits until a read of every user succeeds again after a failover.
 async fn wait_for_recovery(client: &SessionStoreClient<Channel>, users: &[String]) {
     let recovered = wait_until(Duration::from_secs(30), || {
@@ -148,6 +233,7 @@ async fn cluster_master_failover() {
     let server = TestServer::start_with(cluster.config(RedisMode::Cluster)).await;
     let mut client = server.client().await;
     let users: Vec<String> = (0..12).map(|i| format!("fo-user-{i}")).collect();
+    let mut stream = watch(&mut client).await;
     let (live, revoked) = write_sessions(&mut client, &users).await;
 
     // The master serving slot of the first user's keys.
@@ -204,6 +290,16 @@ async fn cluster_master_failover() {
         .unwrap()
         .into_inner();
     assert!(created.created);
+    // Revocations made on the promoted replica reach the stream opened before
+    // the failover (through a new subscription, announced by a reset, when
+    // the killed master held it).
+    revocation_arrives(
+        &mut client,
+        &mut stream,
+        &users[0],
+        "revoked-after-failover",
+    )
+    .await;
     assert!(server.is_running());
 }
 
@@ -216,6 +312,7 @@ async fn sentinel_master_failover() {
     let server = TestServer::start_with(sentinel.config(RedisMode::Sentinel)).await;
     let mut client = server.client().await;
     let users: Vec<String> = (0..4).map(|i| format!("sf-user-{i}")).collect();
+    let mut stream = watch(&mut client).await;
     let (live, revoked) = write_sessions(&mut client, &users).await;
     let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
     wait_for_replication(master).await;
@@ -233,5 +330,16 @@ async fn sentinel_master_failover() {
         .unwrap()
         .into_inner();
     assert!(created.created, "writes go to the promoted replica");
+    // The subscription was on the killed master: the server subscribes to the
+    // promoted one and says so with a reset (what was published before it may
+    // be missed); revocations after it arrive.
+    reset_arrives(&mut stream).await;
+    revocation_arrives(
+        &mut client,
+        &mut stream,
+        &users[0],
+        "revoked-after-failover",
+    )
+    .await;
     assert!(server.is_running());
 }

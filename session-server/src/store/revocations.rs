@@ -272,15 +272,20 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let published = async {
-                let mut op = self.op("publish_heartbeat").await?;
-                let _: i64 = op
-                    .query(redis::cmd("PUBLISH").arg(&channel).arg(&beat))
-                    .await?;
-                Ok::<_, Error>(())
-            };
-            // A failure shows as missing heartbeats; the store records it.
-            let _ = published.await;
+            // On Cluster a keyless PUBLISH goes to a random node, perhaps one
+            // that just failed: one more try (likely elsewhere) before the
+            // beat is counted lost. A failure shows as a missing heartbeat;
+            // the store records it.
+            for _ in 0..2 {
+                let published = async {
+                    let mut op = self.op("publish_heartbeat").await?;
+                    op.query::<i64>(redis::cmd("PUBLISH").arg(&channel).arg(&beat))
+                        .await
+                };
+                if published.await.is_ok() {
+                    break;
+                }
+            }
         }
     }
 }
