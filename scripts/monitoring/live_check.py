@@ -156,7 +156,11 @@ def main():
     env = dict(os.environ, NO_COLOR="1", LISTEN_ADDR=f"127.0.0.1:{grpc_port}",
                METRICS_ADDR=f"127.0.0.1:{metrics_port}", REDIS_URL=f"redis://127.0.0.1:{redis_port}",
                KEY_PREFIX=f"monitoring-{uuid.uuid4().hex[:8]}:", HEALTH_CHECK_INTERVAL_MS="200",
-               REDIS_TIMEOUT_MS="500", MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT),
+               REDIS_TIMEOUT_MS="500",
+               # Readiness follows Redis at once, so stopping Redis flaps it
+               # (by default an outage leaves readiness SERVING).
+               READINESS_FOLLOWS_REDIS="true", READINESS_REDIS_FAILURES="1",
+               MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT),
                MAX_SESSIONS_PER_USER=str(MAX_SESSIONS), RATE_LIMIT_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
                SHUTDOWN_DELAY_MS="0")
     env.pop("AUTH_TOKENS_FILE", None)

@@ -120,6 +120,26 @@ pub struct Config {
     #[arg(long, env = "REDIS_ALLOW_EVICTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub redis_allow_eviction: bool,
 
+    /// Readiness ("sessionstore.v1.SessionStore") turns NOT_SERVING when
+    /// Redis stops answering, after READINESS_REDIS_FAILURES checks in a row
+    /// fail. Off by default: Redis is shared by every pod, so an outage would
+    /// take them all out of their Services at once, gaining nothing (no
+    /// healthy pod is left) while clients get connection refused and back
+    /// off for far longer than the outage. With it off, a pod that has
+    /// reached Redis once stays ready through an outage, calls fail fast with
+    /// UNAVAILABLE, and `sessionstore_redis_up` (and its alert) says why. An
+    /// evicting Redis keeps readiness NOT_SERVING in both modes.
+    #[arg(long, env = "READINESS_FOLLOWS_REDIS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub readiness_follows_redis: bool,
+
+    /// With READINESS_FOLLOWS_REDIS, how many Redis checks in a row must fail
+    /// (one every HEALTH_CHECK_INTERVAL_MS, each bound by REDIS_TIMEOUT_MS)
+    /// before readiness turns NOT_SERVING, so a failover or a blip of a few
+    /// seconds does not empty the Services. One check that answers makes
+    /// the pod ready again.
+    #[arg(long, env = "READINESS_REDIS_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub readiness_redis_failures: u32,
+
     /// How often Redis is pinged for the readiness status, in ms.
     #[arg(long, env = "HEALTH_CHECK_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub health_check_interval_ms: u64,
@@ -145,6 +165,21 @@ pub struct Config {
     /// closes the listener at once.
     #[arg(long, env = "SHUTDOWN_DELAY_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=120_000))]
     pub shutdown_delay_ms: u64,
+
+    /// Age in seconds after which a client connection is asked to close
+    /// (an HTTP/2 GOAWAY: calls in flight finish, new ones go to a new
+    /// connection), so long-lived gRPC connections rebalance over the pods:
+    /// without it a client stays on the pod it first reached, and pods added
+    /// by the autoscaler get no load. 0 never closes a connection for its age.
+    #[arg(long, env = "MAX_CONNECTION_AGE", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub max_connection_age: u64,
+
+    /// Seconds a connection past MAX_CONNECTION_AGE may stay open for its
+    /// calls and streams to finish; then it is closed, cutting what is left
+    /// (a health Watch, a revocation stream: their callers reconnect). At
+    /// least REQUEST_TIMEOUT_MS, so no unary call is cut.
+    #[arg(long, env = "MAX_CONNECTION_AGE_GRACE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_connection_age_grace: u64,
 
     /// PEM certificate chain for TLS on the gRPC port (with TLS_KEY).
     #[arg(long, env = "TLS_CERT")]
@@ -225,6 +260,15 @@ impl Config {
             if let Some(path) = path {
                 read_file(variable, path)?;
             }
+        }
+        if self.max_connection_age > 0
+            && self.max_connection_age_grace.saturating_mul(1000) < self.request_timeout_ms
+        {
+            return Err(format!(
+                "MAX_CONNECTION_AGE_GRACE ({} s) must be at least REQUEST_TIMEOUT_MS ({} ms), so \
+                 a call in flight when its connection ages out is never cut",
+                self.max_connection_age_grace, self.request_timeout_ms
+            ));
         }
         if self.redis_timeout_ms >= self.request_timeout_ms {
             return Err(format!(
@@ -311,10 +355,14 @@ impl fmt::Debug for Config {
             redis_timeout_ms,
             revocation_heartbeat_ms,
             redis_allow_eviction,
+            readiness_follows_redis,
+            readiness_redis_failures,
             health_check_interval_ms,
             max_concurrent_requests,
             request_timeout_ms,
             shutdown_delay_ms,
+            max_connection_age,
+            max_connection_age_grace,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -347,10 +395,14 @@ impl fmt::Debug for Config {
             .field("redis_timeout_ms", redis_timeout_ms)
             .field("revocation_heartbeat_ms", revocation_heartbeat_ms)
             .field("redis_allow_eviction", redis_allow_eviction)
+            .field("readiness_follows_redis", readiness_follows_redis)
+            .field("readiness_redis_failures", readiness_redis_failures)
             .field("health_check_interval_ms", health_check_interval_ms)
             .field("max_concurrent_requests", max_concurrent_requests)
             .field("request_timeout_ms", request_timeout_ms)
             .field("shutdown_delay_ms", shutdown_delay_ms)
+            .field("max_connection_age", max_connection_age)
+            .field("max_connection_age_grace", max_connection_age_grace)
             .field("tls_cert", tls_cert)
             .field("tls_key", tls_key)
             .field("tls_client_ca", tls_client_ca)

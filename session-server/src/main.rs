@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use session_server::{Config, Store, config::LogFormat, server};
-use tokio::net::TcpListener;
 use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
@@ -54,15 +53,14 @@ async fn main() -> anyhow::Result<()> {
     if let Err(err) = store.ping().await {
         tracing::warn!(error = %err, "redis does not answer yet; starting NOT_SERVING");
     }
-    let listener = TcpListener::bind(config.listen_addr)
-        .await
+    // `server::bind`: `[::]` (the manifests' setting) takes IPv4 too.
+    let listener = server::bind(config.listen_addr)
         .with_context(|| format!("binding LISTEN_ADDR {}", config.listen_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
 
     let metrics = session_server::metrics::install().context("installing the metrics recorder")?;
     tokio::spawn(count_log_drops(log_drops));
-    let metrics_listener = TcpListener::bind(config.metrics_addr)
-        .await
+    let metrics_listener = server::bind(config.metrics_addr)
         .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
     tracing::info!(addr = %metrics_listener.local_addr()?, "metrics at /metrics");
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();

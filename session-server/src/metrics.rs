@@ -60,10 +60,22 @@ pub const REDIS_EVICTION_POLICY_OK: &str = "sessionstore_redis_eviction_policy_o
 /// Why readiness is what it is: a state set with label `state`, one of
 /// [`READINESS_STATES`], exactly one series at 1 and the others at 0.
 pub const READINESS: &str = "sessionstore_readiness";
-/// The `state` values of [`READINESS`]: `serving`; `redis_down` (PING fails);
+/// The `state` values of [`READINESS`]: `serving`; `redis_down` (Redis has
+/// not answered since the start, or, with READINESS_FOLLOWS_REDIS,
+/// READINESS_REDIS_FAILURES checks in a row failed; by default an outage
+/// later leaves `serving`, and [`REDIS_UP`] says Redis is down);
 /// `redis_evicts` (a master's `maxmemory-policy` is not `noeviction` and
 /// REDIS_ALLOW_EVICTION is off).
 pub const READINESS_STATES: [&str; 3] = ["serving", "redis_down", "redis_evicts"];
+/// When the TLS certificate in use expires, in seconds since the Unix epoch
+/// (its `notAfter`). Alert while it is near: a renewal that is not being
+/// picked up (see TLS_RELOAD_FAILURES) ends in failed handshakes.
+pub const TLS_CERT_EXPIRY: &str = "sessionstore_tls_cert_expiry_timestamp_seconds";
+/// Changed TLS files that could not be used (unreadable, a key that is not
+/// the certificate's, bad PEM): the previous certificate stays in use.
+pub const TLS_RELOAD_FAILURES: &str = "sessionstore_tls_reload_failures_total";
+/// TLS certificate reloads that took effect.
+pub const TLS_RELOADS: &str = "sessionstore_tls_reloads_total";
 /// AUTH_TOKENS_FILE reloads that kept the previous tokens (the file could not
 /// be read, or changed while it was read). Alert on any increase.
 pub const AUTH_TOKENS_RELOAD_FAILURES: &str = "sessionstore_auth_tokens_reload_failures_total";

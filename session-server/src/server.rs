@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+mod tls;
+
 use sessionstore::v1::session_store_server::SessionStoreServer;
 use tokio::{
     net::TcpListener,
@@ -19,7 +21,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     auth::{AuthError, AuthLayer, Tokens},
-    config::{Config, read_file},
+    config::Config,
     limits::{self, LimitsLayer},
     observe::RpcLogLayer,
     service::SessionService,
@@ -97,6 +99,8 @@ pub struct Bounds {
     pub max_connections: usize,
     /// [`CONNECTION_IDLE_TIMEOUT`].
     pub connection_idle_timeout: Duration,
+    /// How often the TLS files are read again for a changed certificate.
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for Bounds {
@@ -107,6 +111,7 @@ impl Default for Bounds {
             max_health_watches: limits::MAX_HEALTH_WATCHES,
             max_connections: MAX_CONNECTIONS,
             connection_idle_timeout: CONNECTION_IDLE_TIMEOUT,
+            tls_reload_interval: tls::RELOAD_INTERVAL,
         }
     }
 }
@@ -155,7 +160,12 @@ pub async fn run_with_bounds(
         store.clone(),
         health.clone(),
         Duration::from_millis(config.health_check_interval_ms),
-        config.redis_allow_eviction,
+        ReadinessPolicy {
+            allow_eviction: config.redis_allow_eviction,
+            follows_redis: config
+                .readiness_follows_redis
+                .then_some(config.readiness_redis_failures),
+        },
     ));
 
     // Both reflection versions: grpc.reflection.v1, and v1alpha for the tools
@@ -194,16 +204,20 @@ pub async fn run_with_bounds(
         .streaming(streaming, bounds.max_streams, bounds.max_health_watches);
 
     let mut builder = tonic::transport::Server::builder();
-    match tls_config(config, bounds.tls_handshake_timeout)? {
-        Some(tls) => {
-            builder = builder
-                .tls_config(tls)
-                .map_err(|e| ServeError::Tls(format!("TLS_CERT/TLS_KEY: {e}")))?;
+    // TLS is done by `tls`, not tonic's `tls_config`, so the certificate can
+    // be reloaded when its files change.
+    let tls = match tls::TlsFiles::from_config(config) {
+        Some(files) => Some(tls::ReloadingTls::load(files).map_err(ServeError::Tls)?),
+        None => {
+            tracing::warn!(
+                "TLS_CERT and TLS_KEY are not set: serving plaintext gRPC; use TLS or a mesh outside a trusted network"
+            );
+            None
         }
-        None => tracing::warn!(
-            "TLS_CERT and TLS_KEY are not set: serving plaintext gRPC; use TLS or a mesh outside a trusted network"
-        ),
-    }
+    };
+    let tls_reloader = tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(bounds.tls_reload_interval)));
 
     // Stops the plaintext health port, when there is one, with the main server.
     let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
@@ -212,9 +226,8 @@ pub async fn run_with_bounds(
     let (close_streams, closing) = tokio::sync::watch::channel(false);
     let health_port = match config.health_addr {
         Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::HealthListener { addr, source })?;
+            let listener =
+                bind(addr).map_err(|source| ServeError::HealthListener { addr, source })?;
             tracing::info!(addr = %listener.local_addr().map_err(|source| ServeError::HealthListener { addr, source })?, "plaintext health port");
             Some(tokio::spawn(serve_health(
                 listener,
@@ -229,7 +242,22 @@ pub async fn run_with_bounds(
         None => None,
     };
 
-    let incoming = guarded(listener, bounds);
+    // MAX_CONNECTION_AGE: tonic sends the GOAWAY (hyper's graceful
+    // shutdown of the connection: calls in flight finish, the client opens a
+    // new connection for the next ones, through the Service, to any pod).
+    // The grace is enforced below, by `Guarded`, not with tonic's
+    // `max_connection_age_grace`: in tonic 0.14.9 setting that replaces the
+    // GOAWAY at MAX_CONNECTION_AGE with an abrupt close at age + grace
+    // (`connection_timeout_future` returns only ForcefulShutdown then), so
+    // every aged connection would be cut, not drained.
+    let max_age =
+        (config.max_connection_age > 0).then(|| Duration::from_secs(config.max_connection_age));
+    if let Some(age) = max_age {
+        builder = builder.max_connection_age(age);
+    }
+    let closed_at_age =
+        max_age.map(|age| age + Duration::from_secs(config.max_connection_age_grace));
+    let incoming = guarded(listener, bounds, closed_at_age);
     let stop_readiness = readiness.abort_handle();
     let shutdown = {
         let health = health.clone();
@@ -259,7 +287,7 @@ pub async fn run_with_bounds(
         }
     };
 
-    let result = builder
+    let router = builder
         // Dead client connections are noticed and dropped.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -290,12 +318,28 @@ pub async fn run_with_bounds(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(sessions)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(sessions);
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    tls::accept(incoming, tls, bounds.tls_handshake_timeout),
+                    shutdown,
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     // Already stopped if the shutdown signal came; not if the transport failed.
     stop_readiness.abort();
     if let Some(reloader) = reloader {
+        reloader.abort();
+    }
+    if let Some(reloader) = tls_reloader {
         reloader.abort();
     }
     let _ = stop_health.send(true);
@@ -307,6 +351,31 @@ pub async fn run_with_bounds(
         }
     }
     result.map_err(ServeError::from)
+}
+
+/// Binds a listener on `addr`. An unspecified IPv6 address (`[::]`) listens
+/// on IPv4 too (IPV6_V6ONLY off, whatever the host's default,
+/// `net.ipv6.bindv6only`), so one setting serves IPv4, IPv6-only and
+/// dual-stack clusters; IPv4 peers then appear as `::ffff:a.b.c.d`.
+///
+/// # Errors
+///
+/// The I/O error of creating, configuring or binding the socket.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    // As std and tokio do: a restarted server can bind while old
+    // connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // The backlog tokio's `TcpListener::bind` uses.
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Serves only `grpc.health.v1` in plaintext on HEALTH_ADDR, for kubelet gRPC
@@ -359,7 +428,9 @@ where
         .layer(EndStreamsLayer::new(closing))
         .layer(limits)
         .add_service(health_service)
-        .serve_with_incoming_shutdown(guarded(listener, bounds), async move {
+        // No MAX_CONNECTION_AGE here: probes open a connection each, and
+        // nothing needs balancing.
+        .serve_with_incoming_shutdown(guarded(listener, bounds, None), async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         })
         .await
@@ -367,14 +438,16 @@ where
 
 /// The connections accepted on `listener`, at most `bounds.max_connections`
 /// open at once, each closed once it has sent nothing for
-/// `bounds.connection_idle_timeout`.
-fn guarded(listener: TcpListener, bounds: Bounds) -> Guard {
+/// `bounds.connection_idle_timeout`, or once it has been open for
+/// `closed_at_age` (MAX_CONNECTION_AGE plus its grace) when that is set.
+fn guarded(listener: TcpListener, bounds: Bounds, closed_at_age: Option<Duration>) -> Guard {
     Guard {
         incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
         permits: Arc::new(Semaphore::new(bounds.max_connections)),
         acquiring: None,
         permit: None,
         idle: bounds.connection_idle_timeout,
+        closed_at_age,
     }
 }
 
@@ -389,6 +462,7 @@ struct Guard {
     /// The permit for the next connection accepted.
     permit: Option<OwnedSemaphorePermit>,
     idle: Duration,
+    closed_at_age: Option<Duration>,
 }
 
 impl tokio_stream::Stream for Guard {
@@ -422,13 +496,17 @@ impl tokio_stream::Stream for Guard {
                 _permit: permit,
                 idle: this.idle,
                 silent_until: Box::pin(tokio::time::sleep(this.idle)),
+                too_old_at: this
+                    .closed_at_age
+                    .map(|age| Box::pin(tokio::time::sleep(age))),
             })
         }))
     }
 }
 
 /// An accepted connection: holds its connection permit until it closes,
-/// and fails its next read once the peer has sent nothing for `idle`.
+/// and fails its next read once the peer has sent nothing for `idle`, or
+/// once it is older than MAX_CONNECTION_AGE plus its grace.
 struct Guarded {
     inner: tokio::net::TcpStream,
     /// Always `Some` (taken from [`Guard`], which had one before accepting);
@@ -438,6 +516,9 @@ struct Guarded {
     /// When the connection has been silent too long: pushed back by every
     /// read that brings bytes.
     silent_until: Pin<Box<tokio::time::Sleep>>,
+    /// When the connection, asked to close at MAX_CONNECTION_AGE, has had
+    /// its grace: what is still open on it then (a stream) is cut.
+    too_old_at: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tokio::io::AsyncRead for Guarded {
@@ -460,13 +541,25 @@ impl tokio::io::AsyncRead for Guarded {
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             // hyper (or the TLS handshake) always has a read waiting, so the
             // timer is polled for as long as the connection is open.
-            Poll::Pending => match this.silent_until.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the peer sent nothing within the connection idle timeout",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if this
+                    .too_old_at
+                    .as_mut()
+                    .is_some_and(|at| at.as_mut().poll(cx).is_ready())
+                {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the connection outlived MAX_CONNECTION_AGE and its grace",
+                    )));
+                }
+                match this.silent_until.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer sent nothing within the connection idle timeout",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }
@@ -522,35 +615,37 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// counts.
 const HTTP2_PROBE_STREAMS: usize = 16;
 
-/// The TLS configuration from TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or `None`
-/// for plaintext. A handshake not done within `handshake_timeout` drops the
-/// connection (tonic runs each handshake in its own task, under this bound).
-fn tls_config(
-    config: &Config,
-    handshake_timeout: Duration,
-) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let cert = read_file("TLS_CERT", cert).map_err(ServeError::Tls)?;
-    let key = read_file("TLS_KEY", key).map_err(ServeError::Tls)?;
-    let mut tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key))
-        .timeout(handshake_timeout);
-    if let Some(ca) = &config.tls_client_ca {
-        let ca = read_file("TLS_CLIENT_CA", ca).map_err(ServeError::Tls)?;
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
-    }
-    Ok(Some(tls))
+/// What readiness asks of Redis, from the configuration.
+#[derive(Clone, Copy, Debug)]
+struct ReadinessPolicy {
+    /// REDIS_ALLOW_EVICTION: an evicting Redis does not block readiness.
+    allow_eviction: bool,
+    /// READINESS_FOLLOWS_REDIS: `Some(n)` turns readiness NOT_SERVING after
+    /// `n` failed checks in a row (READINESS_REDIS_FAILURES); `None` leaves
+    /// it SERVING through an outage.
+    follows_redis: Option<u32>,
 }
 
 /// Keeps the readiness status ("sessionstore.v1.SessionStore") in step with
-/// whether Redis can be trusted with sessions: SERVING only while Redis
-/// answers a PING and no master may evict keys (`maxmemory-policy` is
-/// `noeviction` on every master), unless `allow_eviction`
-/// (REDIS_ALLOW_EVICTION) accepts the risk. The overall status ("") stays
-/// SERVING: a Redis outage or a wrong policy must take pods out of the
-/// Service, not get them restarted.
+/// whether this pod should get calls. The overall status ("") stays SERVING:
+/// nothing here is fixed by restarting the process.
+///
+/// Readiness is NOT_SERVING
+/// - until Redis has answered once since the start, in both modes: a pod
+///   that has never reached Redis may be misconfigured (a wrong REDIS_URL or
+///   password), and a rollout must stop at it rather than replace every
+///   working pod with one;
+/// - while a master may evict keys (`maxmemory-policy` is not `noeviction`),
+///   unless `allow_eviction` (REDIS_ALLOW_EVICTION) accepts the risk, in
+///   both modes: that is a misconfiguration, not an outage;
+/// - with READINESS_FOLLOWS_REDIS only, once READINESS_REDIS_FAILURES checks
+///   in a row have failed, until one answers.
+///
+/// By default a Redis outage leaves readiness SERVING: Redis is shared, so
+/// it would take every pod out of every endpoint list at once, and clients
+/// would see connection refused and back off (up to 120 s with gRPC's
+/// default backoff) instead of a fast UNAVAILABLE they retry. REDIS_UP says
+/// Redis is down, for the alert.
 ///
 /// The policy is read with `INFO memory` on every tick that PING answers: one
 /// more round trip per master per HEALTH_CHECK_INTERVAL_MS, which costs Redis
@@ -567,7 +662,7 @@ async fn watch_redis(
     store: Store,
     health: HealthReporter,
     interval: Duration,
-    allow_eviction: bool,
+    policy: ReadinessPolicy,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -575,15 +670,29 @@ async fn watch_redis(
     let mut eviction = Eviction::Unknown;
     let mut info_failing = false;
     let mut readiness = None;
+    // Whether Redis has answered since the start, and the failed checks since
+    // it last did.
+    let mut reached = false;
+    let mut failures: u32 = 0;
     loop {
         ticker.tick().await;
         let ping = store.ping().await;
         let up = ping.is_ok();
+        if up {
+            reached = true;
+            failures = 0;
+        } else {
+            failures = failures.saturating_add(1);
+        }
         metrics::gauge!(crate::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
         store.record_pool_metrics();
         if was_up != Some(up) {
             match &ping {
                 Ok(()) => tracing::info!("redis answers"),
+                Err(err) if policy.follows_redis.is_none() && reached => tracing::warn!(
+                    error = %err,
+                    "redis does not answer: calls fail with UNAVAILABLE; readiness stays SERVING (READINESS_FOLLOWS_REDIS is off)"
+                ),
                 Err(err) => tracing::warn!(error = %err, "redis does not answer"),
             }
             was_up = Some(up);
@@ -600,7 +709,7 @@ async fn watch_redis(
                     }
                     let now = Eviction::from_policies(policies);
                     if now != eviction {
-                        now.log(allow_eviction);
+                        now.log(policy.allow_eviction);
                         eviction = now;
                     }
                 }
@@ -617,10 +726,10 @@ async fn watch_redis(
         }
         metrics::gauge!(crate::metrics::REDIS_EVICTION_POLICY_OK).set(eviction.gauge());
 
-        let now = if !up {
-            Readiness::RedisDown
-        } else if matches!(eviction, Eviction::Possible(_)) && !allow_eviction {
+        let now = if matches!(eviction, Eviction::Possible(_)) && !policy.allow_eviction {
             Readiness::RedisEvicts
+        } else if !reached || policy.follows_redis.is_some_and(|limit| failures >= limit) {
+            Readiness::RedisDown
         } else {
             Readiness::Serving
         };

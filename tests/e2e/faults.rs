@@ -9,13 +9,16 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::common::{PrivateRedis, TestServer, config_on, readiness, test_config, wait_until};
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
-/// goes NOT_SERVING while liveness stays SERVING; after Redis restarts the same
-/// server serves again by itself.
+/// (following Redis, READINESS_FOLLOWS_REDIS) goes NOT_SERVING while liveness
+/// stays SERVING; after Redis restarts the same server serves again by itself.
+/// (The default, readiness staying SERVING: `kubernetes::`.)
 #[tokio::test]
 async fn redis_down_gives_unavailable_then_recovers() {
     let mut redis = PrivateRedis::start();
     let mut config = config_on(&redis);
     config.redis_timeout_ms = 500;
+    config.readiness_follows_redis = true;
+    config.readiness_redis_failures = 1;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
     let create = |token: &str| CreateSessionRequest {

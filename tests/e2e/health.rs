@@ -388,6 +388,9 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     // Room for Redis to restart and the pool to reconnect within the delay,
     // and for many health ticks (50 ms) after that.
     config.shutdown_delay_ms = 6000;
+    // Readiness must go NOT_SERVING with Redis down, before the signal.
+    config.readiness_follows_redis = true;
+    config.readiness_redis_failures = 1;
     let server = TestServer::start_with(config).await;
     let addr = server.addr;
     let client = server.client().await;

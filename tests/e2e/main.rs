@@ -11,6 +11,7 @@ mod failover;
 mod faults;
 mod finality;
 mod health;
+mod kubernetes;
 mod metrics;
 mod process;
 mod properties;

@@ -18,7 +18,7 @@ use crate::common::{PrivateRedis, server_binary, unique_prefix, wait_until};
 
 /// Starts the binary on port 0 and returns it with the address it logged and
 /// the log lines after that one, as they come.
-fn spawn_server(
+pub(crate) fn spawn_server(
     redis_url: &str,
     extra_env: &[(&str, &str)],
 ) -> (Child, String, mpsc::Receiver<serde_json::Value>) {

@@ -1,0 +1,543 @@
+//! The real `session-server` binary facing what Kubernetes does to it: a
+//! shared Redis going away (readiness must not empty every Service at once),
+//! connections aged out so load spreads over new pods, and a certificate
+//! renewed on a mounted Secret volume.
+//!
+//! Each test starts its own server process and, where it stops Redis, its
+//! own private Redis; `scripts/test-topologies.sh` skips this module (it
+//! uses no shared topology).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Child,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use sessionstore::v1::{GetSessionRequest, session_store_client::SessionStoreClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{
+    Code,
+    codegen::{Bytes, http},
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::common::{Pki, PrivateRedis, TempFiles, wait_until};
+use crate::process::spawn_server;
+
+/// Kills the server process when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Readiness of the SessionStore service, asked on a new connection (as the
+/// kubelet does), or `None` when no connection can be made.
+async fn readiness(url: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(url.to_string())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: sessionstore::SERVICE_NAME.into(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).ok()
+}
+
+fn get() -> GetSessionRequest {
+    GetSessionRequest {
+        token_id: "k8s".into(),
+        user_id: "k8s".into(),
+    }
+}
+
+/// The metrics address the server logged after "listening".
+fn metrics_addr(logs: &mpsc::Receiver<serde_json::Value>) -> SocketAddr {
+    loop {
+        let event = logs
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no \"metrics at /metrics\" line");
+        if event["message"] == "metrics at /metrics" {
+            return event["addr"].as_str().unwrap().parse().unwrap();
+        }
+    }
+}
+
+/// The value of one series in the server's `/metrics` text, if present.
+async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Defaults: Redis stopped for 10 s leaves readiness SERVING on every check
+/// (new connections accepted, as kubelet probes and clients make them), while
+/// every call answers UNAVAILABLE within REDIS_TIMEOUT_MS; `redis_up` says
+/// why. A Redis that hangs (paused) instead of refusing: the same, each call
+/// bounded by REDIS_TIMEOUT_MS. Calls succeed again when Redis is back.
+#[tokio::test]
+async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
+    const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
+    let mut redis = PrivateRedis::start();
+    let (child, addr, logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("HEALTH_CHECK_INTERVAL_MS", "100"),
+            ("REDIS_TIMEOUT_MS", "1000"),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    );
+    let _server = Running(child);
+    let metrics = metrics_addr(&logs);
+    let url = format!("http://{addr}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            readiness(&url).await == Some(ServingStatus::Serving)
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+    let mut client = SessionStoreClient::connect(url.clone()).await.unwrap();
+    client.get_session(get()).await.unwrap();
+
+    redis.kill();
+    let down = Instant::now();
+    let (mut calls, mut slowest) = (0, Duration::ZERO);
+    while down.elapsed() < Duration::from_secs(10) {
+        let started = Instant::now();
+        let status = client.get_session(get()).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        slowest = slowest.max(took);
+        calls += 1;
+        assert_eq!(
+            readiness(&url).await,
+            Some(ServingStatus::Serving),
+            "readiness left SERVING {:?} into the outage",
+            down.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        slowest < REDIS_TIMEOUT,
+        "slowest of {calls} calls with Redis stopped: {slowest:?}"
+    );
+    eprintln!("Redis stopped 10 s: {calls} calls UNAVAILABLE, slowest {slowest:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            metric(metrics, "sessionstore_redis_up").await == Some(0.0)
+        })
+        .await,
+        "sessionstore_redis_up is not 0 with Redis stopped"
+    );
+    assert_eq!(
+        metric(metrics, "sessionstore_readiness{state=\"serving\"}").await,
+        Some(1.0)
+    );
+
+    redis.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move { client.get_session(get()).await.is_ok() }
+        })
+        .await,
+        "calls did not succeed again after Redis came back"
+    );
+
+    // Hung rather than gone: every command waits (CLIENT PAUSE) for 3 s.
+    redis.pause(3000).await;
+    let paused = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while paused.elapsed() < Duration::from_millis(2500) {
+        let started = Instant::now();
+        let status = client.get_session(get()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(readiness(&url).await, Some(ServingStatus::Serving));
+    }
+    // The bound plus scheduling on a loaded test machine.
+    assert!(
+        slowest < REDIS_TIMEOUT + Duration::from_millis(500),
+        "slowest call with Redis hung: {slowest:?}"
+    );
+    eprintln!("Redis hung: slowest call {slowest:?} (REDIS_TIMEOUT_MS 1000)");
+}
+
+/// READINESS_FOLLOWS_REDIS=true: readiness turns NOT_SERVING once
+/// READINESS_REDIS_FAILURES checks in a row have failed (here 5, 200 ms
+/// apart: never sooner than 800 ms after Redis stopped), and SERVING again
+/// when Redis answers.
+#[tokio::test]
+async fn readiness_follows_redis_only_after_the_debounce() {
+    let mut redis = PrivateRedis::start();
+    let (child, addr, _logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("READINESS_FOLLOWS_REDIS", "true"),
+            ("READINESS_REDIS_FAILURES", "5"),
+            ("HEALTH_CHECK_INTERVAL_MS", "200"),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    );
+    let _server = Running(child);
+    let url = format!("http://{addr}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            readiness(&url).await == Some(ServingStatus::Serving)
+        })
+        .await,
+        "readiness never became SERVING"
+    );
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+
+    redis.kill();
+    let down = Instant::now();
+    let not_serving_after = loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: sessionstore::SERVICE_NAME.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break down.elapsed();
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(15),
+            "still SERVING 15 s after Redis stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Five failed checks need four intervals between them at least.
+    assert!(
+        not_serving_after >= Duration::from_millis(800),
+        "NOT_SERVING after {not_serving_after:?}: before the debounce"
+    );
+    eprintln!("READINESS_FOLLOWS_REDIS: NOT_SERVING {not_serving_after:?} after Redis stopped");
+
+    redis.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            readiness(&url).await == Some(ServingStatus::Serving)
+        })
+        .await,
+        "readiness did not come back with Redis"
+    );
+}
+
+/// An HTTP/2 connection to `addr` made by hand, so the test sees what the
+/// server does to it (GOAWAY, close) rather than a channel hiding it by
+/// reconnecting. Returns the sender and the connection's task, which ends
+/// with the connection: `Ok` when closed cleanly.
+async fn h2_connect(
+    addr: &str,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
+/// Starts a grpc.health.v1 call (`Check` or `Watch`) for the overall status
+/// on `send`; `Err` when the connection takes no new streams.
+async fn health_call(
+    send: &h2::client::SendRequest<Bytes>,
+    method: &str,
+) -> Result<h2::RecvStream, h2::Error> {
+    let mut send = send.clone().ready().await?;
+    let request = http::Request::post(format!(
+        "http://session-store/grpc.health.v1.Health/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut body) = send.send_request(request, false)?;
+    // One empty HealthCheckRequest: uncompressed, 0 bytes long.
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    let response = response.await?;
+    assert_eq!(response.status(), 200);
+    Ok(response.into_body())
+}
+
+/// MAX_CONNECTION_AGE=1 s with a 5 s grace: the server sends GOAWAY once the
+/// connection is a second old (new streams refused, NO_ERROR: the client
+/// reconnects), lets a stream already open run on through the grace, and
+/// closes the connection when the grace ends. A connection with nothing open
+/// closes cleanly right after the GOAWAY.
+#[tokio::test]
+async fn connections_are_closed_gracefully_after_max_connection_age() {
+    let redis = PrivateRedis::start();
+    let (child, addr, _logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("MAX_CONNECTION_AGE", "1"),
+            ("MAX_CONNECTION_AGE_GRACE", "5"),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    );
+    let _server = Running(child);
+
+    // Idle: GOAWAY at 1 s, then a clean close.
+    let opened = Instant::now();
+    let (send, connection) = h2_connect(&addr).await;
+    let mut check = health_call(&send, "Check").await.unwrap();
+    assert!(check.data().await.is_some());
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("an idle connection was not closed 10 s after MAX_CONNECTION_AGE")
+        .unwrap();
+    let idle_closed_after = opened.elapsed();
+    assert!(closed.is_ok(), "not a clean close: {closed:?}");
+    assert!(
+        idle_closed_after >= Duration::from_millis(950)
+            && idle_closed_after < Duration::from_secs(4),
+        "idle connection closed after {idle_closed_after:?}"
+    );
+
+    // A stream open across the age: it outlives the GOAWAY, then the grace
+    // ends the connection.
+    let opened = Instant::now();
+    let (send, connection) = h2_connect(&addr).await;
+    let mut watch = health_call(&send, "Watch").await.unwrap();
+    assert!(watch.data().await.is_some(), "no first status on the watch");
+    let goaway_after = loop {
+        match health_call(&send, "Check").await {
+            Ok(_) => {}
+            Err(err) => {
+                assert!(err.is_go_away(), "{err:?}");
+                assert_eq!(err.reason(), Some(h2::Reason::NO_ERROR), "{err:?}");
+                break opened.elapsed();
+            }
+        }
+        assert!(
+            opened.elapsed() < Duration::from_secs(5),
+            "no GOAWAY within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        goaway_after >= Duration::from_millis(950),
+        "GOAWAY after {goaway_after:?}, before MAX_CONNECTION_AGE"
+    );
+    // The open stream is not cut by the GOAWAY.
+    let ended = tokio::time::timeout(Duration::from_secs(15), watch.data()).await;
+    let cut_after = opened.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the stream outlived MAX_CONNECTION_AGE plus its grace by far"
+    );
+    assert!(
+        cut_after >= Duration::from_millis(5900),
+        "the open stream was cut after {cut_after:?}, within the grace"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), connection)
+            .await
+            .is_ok(),
+        "the connection outlived its grace"
+    );
+    eprintln!(
+        "MAX_CONNECTION_AGE 1 s, grace 5 s: idle closed after {idle_closed_after:?}, GOAWAY after \
+         {goaway_after:?}, open stream cut after {cut_after:?}"
+    );
+}
+
+/// A Secret volume as the kubelet writes it: files in a timestamped
+/// directory, `..data` pointing at it, and each key a symlink through
+/// `..data`; an update writes a new directory and swaps `..data` at once.
+struct SecretVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    fn new(files: &TempFiles, keys: &[(&str, &str)]) -> Self {
+        let dir = files.write("secret-volume-marker", "");
+        let dir = dir.parent().unwrap().join("tls-volume");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut volume = Self { dir, generation: 0 };
+        volume.update(keys);
+        for (key, _) in keys {
+            std::os::unix::fs::symlink(Path::new("..data").join(key), volume.dir.join(key))
+                .unwrap();
+        }
+        volume
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    fn update(&mut self, keys: &[(&str, &str)]) {
+        self.generation += 1;
+        let data = format!("..{}", self.generation);
+        std::fs::create_dir_all(self.dir.join(&data)).unwrap();
+        for (key, contents) in keys {
+            std::fs::write(self.dir.join(&data).join(key), contents).unwrap();
+        }
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&data, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+/// A new TLS connection to `addr` trusting only `ca`, served: whether the
+/// server's certificate now comes from that CA.
+async fn handshake_trusting(addr: &str, ca: &str) -> bool {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(Pki::SERVER_NAME);
+    let Ok(endpoint) = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+    else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok()
+}
+
+/// A certificate renewed on a Secret volume (the kubelet's symlink swap) is
+/// served to the next handshake without a restart; a connection made before
+/// keeps working; a broken update (a key that is not the certificate's)
+/// keeps the certificate in use and counts a reload failure; the expiry
+/// gauge follows the certificate served.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let (first, second) = (Pki::new(), Pki::new());
+    let files = TempFiles::new();
+    let mut volume = SecretVolume::new(
+        &files,
+        &[
+            ("tls.crt", &first.server_cert),
+            ("tls.key", &first.server_key),
+        ],
+    );
+    let cert = volume.path("tls.crt");
+    let key = volume.path("tls.key");
+    let redis = PrivateRedis::start();
+    let (child, addr, logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("TLS_CERT", cert.to_str().unwrap()),
+            ("TLS_KEY", key.to_str().unwrap()),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    );
+    let _server = Running(child);
+    let metrics = metrics_addr(&logs);
+    assert!(handshake_trusting(&addr, &first.ca).await);
+    assert!(!handshake_trusting(&addr, &second.ca).await);
+    let expiry_before = metric(metrics, "sessionstore_tls_cert_expiry_timestamp_seconds")
+        .await
+        .expect("no certificate expiry metric");
+    let earlier = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&first.ca))
+                .domain_name(Pki::SERVER_NAME),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // A broken update: the second certificate with the first key.
+    volume.update(&[
+        ("tls.crt", &second.server_cert),
+        ("tls.key", &first.server_key),
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            metric(metrics, "sessionstore_tls_reload_failures_total").await >= Some(1.0)
+        })
+        .await,
+        "a key that is not the certificate's was not reported"
+    );
+    assert!(
+        handshake_trusting(&addr, &first.ca).await,
+        "the old pair was dropped"
+    );
+
+    // The renewal proper.
+    volume.update(&[
+        ("tls.crt", &second.server_cert),
+        ("tls.key", &second.server_key),
+    ]);
+    let swapped = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || handshake_trusting(
+            &addr, &second.ca
+        ))
+        .await,
+        "the renewed certificate was not served within 20 s"
+    );
+    eprintln!(
+        "renewed certificate served {:?} after the swap",
+        swapped.elapsed()
+    );
+    assert!(!handshake_trusting(&addr, &first.ca).await);
+    assert_eq!(
+        metric(metrics, "sessionstore_tls_reloads_total").await,
+        Some(1.0)
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry_after = metric(metrics, "sessionstore_tls_cert_expiry_timestamp_seconds")
+        .await
+        .expect("no certificate expiry metric after the reload");
+    assert!(
+        expiry_before > now && expiry_after > now,
+        "{expiry_before} {expiry_after}"
+    );
+    // The connection made before the renewal still works.
+    HealthClient::new(earlier)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("a connection made before the renewal broke");
+}
