@@ -843,3 +843,36 @@ impl Eviction {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[::]` takes IPv4 connections too (the manifests' LISTEN_ADDR), and an
+    /// IPv4 address binds as before.
+    #[tokio::test]
+    async fn unspecified_ipv6_listens_on_ipv4_too() {
+        let listener = match bind("[::]:0".parse().unwrap()) {
+            Ok(listener) => listener,
+            // A kernel without IPv6 (ipv6.disable=1) cannot test this.
+            Err(err) if err.raw_os_error() == Some(97) => {
+                eprintln!("skipped: no IPv6 here ({err})");
+                return;
+            }
+            Err(err) => panic!("binding [::]:0: {err}"),
+        };
+        let port = listener.local_addr().unwrap().port();
+        let accepted = tokio::spawn(async move { listener.accept().await.map(|(_, peer)| peer) });
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("an IPv4 client could not connect to [::]");
+        let peer = accepted.await.unwrap().unwrap();
+        assert_eq!(
+            peer.ip(),
+            "::ffff:127.0.0.1".parse::<std::net::IpAddr>().unwrap()
+        );
+
+        let v4 = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(v4.local_addr().unwrap().is_ipv4());
+    }
+}

@@ -200,10 +200,11 @@ impl ReloadingTls {
                 Ok(read) => read,
                 Err(err) => Err(format!("reading the TLS files: {err}")),
             };
-            if let Some(previous) = &failing {
-                if previous_matches(previous, &read) {
-                    continue;
-                }
+            if failing
+                .as_ref()
+                .is_some_and(|previous| previous_matches(previous, &read))
+            {
+                continue;
             }
             let contents = match &read {
                 Ok(contents) => contents,
