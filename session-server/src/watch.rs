@@ -29,8 +29,9 @@ const MAX_BATCH: usize = 512;
 pub struct RevocationStream {
     events: BroadcastStream<RevocationEvent>,
     /// False until the stream's reset was sent: at once when the server's
-    /// subscription was up at open, else with the subscription's next reset.
-    /// Nothing before it is sent.
+    /// subscription was proven alive at open (a heartbeat came back within
+    /// the last one and a half beats), else with the next proof (a reset or a
+    /// heartbeat). Nothing before it is sent.
     started: bool,
     /// The first message goes out without waiting for an event.
     reset_now: bool,
@@ -75,7 +76,14 @@ impl Stream for RevocationStream {
                         message.reset = true;
                         ready = true;
                     }
-                    RevocationEvent::Heartbeat => ready |= this.started,
+                    // A stream opened while the subscription was unproven
+                    // starts with the first proof that it works.
+                    RevocationEvent::Heartbeat if !this.started => {
+                        this.started = true;
+                        message.reset = true;
+                        ready = true;
+                    }
+                    RevocationEvent::Heartbeat => ready = true,
                     RevocationEvent::Revoked(revocation) if this.started => {
                         message
                             .revocations

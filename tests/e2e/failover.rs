@@ -343,3 +343,186 @@ async fn sentinel_master_failover() {
     .await;
     assert!(server.is_running());
 }
+
+/// The ports of a topology's nodes, in `TEST_REDIS_URL` order.
+fn ports(topology: &Topology) -> Vec<u16> {
+    topology.env["TEST_REDIS_URL"]
+        .split(',')
+        .map(|u| u.rsplit(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// A comma-separated URL list of `first`, then the other ports.
+fn seeds_starting_with(first: u16, all: &[u16]) -> String {
+    std::iter::once(first)
+        .chain(all.iter().copied().filter(|p| *p != first))
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A process stopped with SIGSTOP, continued when dropped (also on panic).
+struct Stopped(String);
+
+impl Stopped {
+    fn node(port: u16) -> Self {
+        let pid = redis_cli(port, &["info", "server"])
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
+/// The first message of a new stream (its reset) arrives within `limit`.
+async fn stream_starts(
+    client: &mut SessionStoreClient<Channel>,
+    limit: Duration,
+) -> Streaming<WatchRevocationsResponse> {
+    let mut stream = client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(limit, stream.next())
+        .await
+        .expect("the stream starts although the first node is unusable")
+        .unwrap()
+        .unwrap();
+    assert!(first.reset);
+    stream
+}
+
+/// Cluster: the bus from one master to the subscription's node drops
+/// messages (a partial partition: that node FORGETs the master, and ignores
+/// its PUBLISH frames for a minute). Heartbeats go through every master, so
+/// the stream stops beating and the server subscribes elsewhere, with a
+/// reset; revocations made on the cut-off master after that arrive. Before,
+/// every beat went through one master and the stream beat on while that
+/// master's revocations were lost.
+#[tokio::test]
+async fn cluster_partition_from_one_master_stops_the_beat() {
+    let cluster = Topology::start("cluster");
+    let all = ports(&cluster);
+    let role = |port: u16| redis_cli(port, &["role"]);
+    let masters: Vec<u16> = all
+        .iter()
+        .copied()
+        .filter(|p| role(*p).starts_with("master"))
+        .collect();
+    let slot_of = |name: &str| -> u16 {
+        redis_cli(masters[0], &["cluster", "keyslot", name])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let nodes = redis_cli(masters[0], &["cluster", "nodes"]);
+    let owner = |slot: u16| -> u16 {
+        nodes
+            .lines()
+            .filter(|line| line.contains("master"))
+            .find(|line| {
+                line.split_whitespace().skip(8).any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    (lo.parse().unwrap_or(u16::MAX)..=hi.parse().unwrap_or(0)).contains(&slot)
+                })
+            })
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|addr| addr.split(['@', ':']).nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut config = cluster.config(RedisMode::Cluster);
+    // Cut off a master that does not own the channel name's slot: a PUBLISH
+    // routed by the channel name never goes through it.
+    let channel_owner = owner(slot_of(&format!("{}revocations", config.key_prefix)));
+    let cut_off = *masters.iter().find(|m| **m != channel_owner).unwrap();
+    // The subscription's node: a replica of another master.
+    let subscriber = *all
+        .iter()
+        .find(|p| role(**p).starts_with("slave") && !role(**p).contains(&format!("\n{cut_off}\n")))
+        .expect("a replica of another master");
+    config.redis_url = seeds_starting_with(subscriber, &all);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = stream_starts(&mut client, Duration::from_secs(10)).await;
+
+    let id = redis_cli(cut_off, &["cluster", "myid"]).trim().to_owned();
+    assert!(redis_cli(subscriber, &["cluster", "forget", &id]).starts_with("OK"));
+    // A user whose sessions live on the cut-off master.
+    let user = (0..)
+        .map(|n| format!("cut-{n}"))
+        .find(|user| owner(slot_of(user)) == cut_off)
+        .unwrap();
+    revocation_arrives(&mut client, &mut stream, &user, "cut-off").await;
+    assert!(server.is_running());
+}
+
+/// Cluster: the first seed leaves the cluster but keeps running (CLUSTER RESET
+/// and FORGET): it still accepts the subscription, but no heartbeat comes back
+/// through it, so no reset is announced for it; the server moves on to the
+/// next seed, and revocations flow.
+#[tokio::test]
+async fn cluster_seed_removed_from_the_cluster_is_left_behind() {
+    let cluster = Topology::start("cluster");
+    let all = ports(&cluster);
+    let removed = *all
+        .iter()
+        .find(|p| redis_cli(**p, &["role"]).starts_with("slave"))
+        .expect("a replica");
+    let mut config = cluster.config(RedisMode::Cluster);
+    config.redis_url = seeds_starting_with(removed, &all);
+    let id = redis_cli(removed, &["cluster", "myid"]).trim().to_owned();
+    assert!(redis_cli(removed, &["cluster", "reset", "hard"]).starts_with("OK"));
+    for port in all.iter().filter(|p| **p != removed) {
+        redis_cli(*port, &["cluster", "forget", &id]);
+    }
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = stream_starts(&mut client, Duration::from_secs(20)).await;
+    // Proven: heartbeats follow the reset.
+    let beat = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a heartbeat")
+        .unwrap()
+        .unwrap();
+    assert!(!beat.reset && beat.revocations.is_empty(), "{beat:?}");
+    revocation_arrives(&mut client, &mut stream, "left-behind", "left").await;
+}
+
+/// Sentinel: the first sentinel hangs (SIGSTOP: it accepts connections and
+/// never answers). Each sentinel gets its own timeout and the next attempt
+/// starts from the next one, so the stream still starts.
+#[tokio::test]
+async fn sentinel_hung_first_sentinel_is_skipped() {
+    let sentinel = Topology::start("sentinel");
+    let config = sentinel.config(RedisMode::Sentinel);
+    let first = ports(&sentinel)[0];
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    client
+        .get_user_session_count(GetUserSessionCountRequest {
+            user_id: "hung".into(),
+        })
+        .await
+        .unwrap();
+    let _hung = Stopped::node(first);
+    let mut stream = stream_starts(&mut client, Duration::from_secs(15)).await;
+    revocation_arrives(&mut client, &mut stream, "hung-user", "hung").await;
+}

@@ -434,3 +434,155 @@ async fn the_stream_is_authenticated_and_ended_by_shutdown() {
         Some(Ok(_)) => unreachable!(),
     }
 }
+
+/// A Redis user without the revocation channel (Redis 7 denies channels by
+/// default): a revoke or an evicting create fails with INTERNAL having changed
+/// nothing (the PUBLISH comes before any write), so no revocation is ever done
+/// without being published, and a retry after the grant succeeds.
+#[tokio::test]
+async fn a_redis_user_without_the_channel_changes_nothing() {
+    let redis = PrivateRedis::start();
+    let mut admin = redis.connection().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "app",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "resetchannels",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut config = config_on(&redis);
+    config.redis_url = format!("redis://app:pw@127.0.0.1:{}", redis.port);
+    config.max_sessions_per_user = 1;
+    let channel = format!("{}revocations", config.key_prefix);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let alive = |client: &mut SessionStoreClient<Channel>, token: &'static str| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_session(sessionstore::v1::GetSessionRequest {
+                    token_id: token.into(),
+                    user_id: "acl-user".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .session
+                .is_some()
+        }
+    };
+
+    create(&mut client, "acl-user", "acl-1").await;
+    let refused = client
+        .revoke_session(RevokeSessionRequest {
+            token_id: "acl-1".into(),
+            user_id: "acl-user".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    assert!(
+        alive(&mut client, "acl-1").await,
+        "a refused revoke changed nothing"
+    );
+    let evicting = client
+        .create_session(CreateSessionRequest {
+            user_id: "acl-user".into(),
+            token_id: "acl-2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(evicting.code(), Code::Internal, "{evicting:?}");
+    assert!(
+        alive(&mut client, "acl-1").await,
+        "a refused eviction changed nothing"
+    );
+    assert!(!alive(&mut client, "acl-2").await);
+
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "app", &format!("&{channel}")])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(revoke(&mut client, "acl-user", "acl-1").await);
+    assert!(!alive(&mut client, "acl-1").await);
+    server.shutdown().await;
+}
+
+/// A user-wide revocation's `revoked_at` covers every session it ended, even
+/// one whose `created_at` is later than the revoking master's clock (created
+/// by a master whose clock ran ahead, before a failover): receivers that drop
+/// sessions created at or before it drop that one too.
+#[tokio::test]
+async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let created = create(&mut client, "clock-user", "clock-t").await;
+    let key = format!(
+        "{}session:{{clock-user}}:{{clock-t}}",
+        server.config.key_prefix
+    );
+    let json: String = inspect(&server.config, redis::cmd("GET").arg(&key)).await;
+    let ahead = created + 5_000;
+    let moved = json.replace(
+        &format!("\"created_at_ms\":{created}"),
+        &format!("\"created_at_ms\":{ahead}"),
+    );
+    assert_ne!(moved, json);
+    let () = inspect(
+        &server.config,
+        redis::cmd("SET").arg(&key).arg(&moved).arg("KEEPTTL"),
+    )
+    .await;
+
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+    assert_eq!(revoke_all(&mut client, "clock-user").await, 1);
+    let seen = revocations(&mut stream, 1).await;
+    assert_eq!(seen[0].token_id, "");
+    assert!(
+        millis(&seen[0]) >= ahead,
+        "revoked_at {} is before the session's created_at {ahead}",
+        millis(&seen[0])
+    );
+    drop(stream);
+    server.shutdown().await;
+}
+
+/// Pub/sub ignores database numbers: two deployments on one Redis in
+/// databases 1 and 2 with the same KEY_PREFIX get separate channels, so one's
+/// stream never carries the other's revocations.
+#[tokio::test]
+async fn deployments_in_other_databases_have_their_own_channel() {
+    let redis = PrivateRedis::start();
+    let prefix = crate::common::unique_prefix();
+    let mut a = config_on(&redis);
+    a.redis_url = format!("{}/1", redis.url());
+    a.key_prefix = prefix.clone();
+    let mut b = config_on(&redis);
+    b.redis_url = format!("{}/2", redis.url());
+    b.key_prefix = prefix;
+    let server_a = TestServer::start_with(a).await;
+    let server_b = TestServer::start_with(b).await;
+    let mut client_a = server_a.client().await;
+    let mut client_b = server_b.client().await;
+    let mut stream = watch(&mut client_a).await;
+    started(&mut stream).await;
+
+    create(&mut client_b, "db-user", "db-b").await;
+    assert!(revoke(&mut client_b, "db-user", "db-b").await);
+    create(&mut client_a, "db-user", "db-a").await;
+    assert!(revoke(&mut client_a, "db-user", "db-a").await);
+    let seen = revocations(&mut stream, 1).await;
+    assert_eq!(seen[0].token_id, "db-a", "{seen:?}");
+    drop(stream);
+    server_a.shutdown().await;
+    server_b.shutdown().await;
+}

@@ -178,6 +178,52 @@ impl Op {
         self.settle(start, result)
     }
 
+    /// PUBLISHes `message` on `channel` through every master (the one server
+    /// in standalone and sentinel modes, each master of a cluster), so that
+    /// it travels every path a script's PUBLISH can take; answers how many
+    /// masters published it.
+    ///
+    /// # Errors
+    ///
+    /// As [`query`](Self::query), and when any master refused or failed.
+    pub(super) async fn publish_on_every_master(
+        &mut self,
+        channel: &str,
+        message: &str,
+    ) -> Result<usize, Error> {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(channel).arg(message);
+        let start = std::time::Instant::now();
+        let Link::Cluster(cluster) = &mut self.conn else {
+            let result =
+                timeout_at(self.deadline, publish.query_async::<i64>(&mut self.conn)).await;
+            return self.settle(start, result).map(|_| 1);
+        };
+        // Without a response policy redis-rs answers a map from each master's
+        // address to its reply (a refusal as a ServerError value).
+        let routing = redis::cluster_routing::RoutingInfo::MultiNode((
+            redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+            None,
+        ));
+        let result = timeout_at(self.deadline, cluster.route_command(publish, routing)).await;
+        match self.settle(start, result)? {
+            Value::Map(replies) => {
+                if let Some((node, refusal)) = replies
+                    .iter()
+                    .find(|(_, reply)| matches!(reply, Value::ServerError(_)))
+                {
+                    return Err(Error::Internal(
+                        format!("PUBLISH on {node:?} was refused: {refusal:?}").into(),
+                    ));
+                }
+                Ok(replies.len())
+            }
+            other => Err(Error::Internal(
+                format!("PUBLISH on every master answered {other:?}").into(),
+            )),
+        }
+    }
+
     /// Runs `work` (a wait that is not a Redis round trip) within the
     /// operation's deadline.
     pub(super) async fn within<F: std::future::Future>(&self, work: F) -> Result<F::Output, Error> {
@@ -379,28 +425,67 @@ impl bb8::ManageConnection for RedisManager {
 
 /// A dedicated pub/sub connection (for the revocation subscriber): to the
 /// server in standalone mode, to the master the sentinels name now in
-/// sentinel mode, and to the first seed node that answers in cluster mode
-/// (classic pub/sub messages reach every node of a cluster).
-pub(super) async fn pubsub(settings: &Settings) -> Result<redis::aio::PubSub, Error> {
+/// sentinel mode, and to a seed node in cluster mode (classic pub/sub messages
+/// reach every node of a cluster). `attempt` rotates the sentinel or seed
+/// tried first, so a hung or removed node costs one attempt, not all of them;
+/// each node gets its own `timeout`.
+pub(super) async fn pubsub(
+    settings: &Settings,
+    attempt: usize,
+) -> Result<redis::aio::PubSub, Error> {
+    let timeout = settings.timeout;
     match settings.mode {
-        RedisMode::Standalone => Ok(redis_client(settings)?.get_async_pubsub().await?),
+        RedisMode::Standalone => {
+            let client = redis_client(settings)?;
+            bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
+        }
         RedisMode::Sentinel => {
-            let master = sentinel_client(settings)?.async_get_client().await?;
-            Ok(master.get_async_pubsub().await?)
+            let mut sentinels = split_urls(&settings.redis_url);
+            let turn = attempt % sentinels.len().max(1);
+            sentinels.rotate_left(turn);
+            let mut sentinel = sentinel_client_for(settings, sentinels)?;
+            bounded(timeout, async move {
+                let master = sentinel.async_get_client().await?;
+                Ok(master.get_async_pubsub().await?)
+            })
+            .await
         }
         RedisMode::Cluster => {
-            let mut last = None;
-            for url in split_urls(&settings.redis_url) {
-                match node_client(settings, url)?.get_async_pubsub().await {
+            let seeds = split_urls(&settings.redis_url);
+            let mut last = Error::invalid("REDIS_URL", "no cluster node given");
+            for i in 0..seeds.len() {
+                let client = node_client(settings, seeds[(attempt + i) % seeds.len()])?;
+                match bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await {
                     Ok(pubsub) => return Ok(pubsub),
-                    Err(err) => last = Some(err),
+                    Err(err) => last = err,
                 }
             }
-            Err(last.map_or_else(
-                || Error::invalid("REDIS_URL", "no cluster node given"),
-                Error::from,
-            ))
+            Err(last)
         }
+    }
+}
+
+/// `work`, or [`Error::Timeout`] when it takes longer than `timeout`.
+async fn bounded<T>(
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Err(Error::Timeout(timeout)))
+}
+
+/// The database number of the settings' URL (0 in cluster and sentinel
+/// modes, which always use database 0, and for a URL that does not parse).
+pub(super) fn database(settings: &Settings) -> i64 {
+    use redis::IntoConnectionInfo;
+    match settings.mode {
+        RedisMode::Standalone => settings
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_or(0, |info| info.redis_settings().db()),
+        RedisMode::Sentinel | RedisMode::Cluster => 0,
     }
 }
 
@@ -433,7 +518,11 @@ fn node_client(settings: &Settings, url: &str) -> Result<redis::Client, Error> {
 
 /// A sentinel client for the settings' comma-separated sentinel URLs.
 pub(super) fn sentinel_client(settings: &Settings) -> Result<SentinelClient, Error> {
-    let sentinels = split_urls(&settings.redis_url);
+    sentinel_client_for(settings, split_urls(&settings.redis_url))
+}
+
+/// A sentinel client asking `sentinels`, in order.
+fn sentinel_client_for(settings: &Settings, sentinels: Vec<&str>) -> Result<SentinelClient, Error> {
     let mut node = redis::RedisConnectionInfo::default();
     if let Some(password) = &settings.redis_password {
         node = node.set_password(password);

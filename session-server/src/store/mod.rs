@@ -226,6 +226,8 @@ struct Shared {
     create_turns: CreateTurns,
     /// The revocation subscriber, while a WatchRevocations stream is open.
     revocations: revocations::Hub,
+    /// See [`Store::revocation_channel`].
+    revocation_channel: String,
 }
 
 /// The striped per-user locks of [`Shared::create_turns`].
@@ -290,6 +292,10 @@ impl Store {
     }
 
     fn with_backend(backend: Backend, settings: Settings) -> Self {
+        let revocation_channel = match connection::database(&settings) {
+            0 => format!("{}revocations", settings.key_prefix),
+            db => format!("{}revocations:db{db}", settings.key_prefix),
+        };
         Self {
             shared: Arc::new(Shared {
                 backend,
@@ -302,6 +308,7 @@ impl Store {
                         .collect(),
                 },
                 revocations: revocations::Hub::default(),
+                revocation_channel,
             }),
         }
     }

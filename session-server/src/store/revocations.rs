@@ -79,9 +79,11 @@ pub(super) struct Hub {
 
 struct Running {
     events: broadcast::Sender<RevocationEvent>,
-    /// Whether the subscription is up right now (a stream opened while it is
-    /// down waits for the next reset before its first message).
-    up: Arc<std::sync::atomic::AtomicBool>,
+    /// When a heartbeat last came back complete through the current
+    /// subscription; `None` until the first one did (or since it was lost).
+    proven: Arc<Mutex<Option<Instant>>>,
+    /// REVOCATION_HEARTBEAT_MS.
+    beat: Duration,
 }
 
 impl fmt::Debug for Hub {
@@ -92,49 +94,51 @@ impl fmt::Debug for Hub {
 }
 
 /// One stream's view of the revocations: its receiver, and whether the
-/// subscription was up when it was opened.
+/// subscription was proven alive when it was opened.
 #[derive(Debug)]
 pub struct RevocationFeed {
     /// Every event from the moment the stream was opened.
     pub events: broadcast::Receiver<RevocationEvent>,
-    /// True when the subscription was up as the receiver was made: the stream
-    /// may start with its reset at once. Otherwise the next
-    /// [`RevocationEvent::Reset`] is its start.
+    /// True when a heartbeat came back within the last one and a half beats:
+    /// the stream may start with its reset at once. Otherwise its start is
+    /// the next [`RevocationEvent::Reset`] or [`RevocationEvent::Heartbeat`].
     pub subscribed: bool,
 }
 
+/// Locks `mutex`, ignoring poisoning: every value behind these locks is
+/// replaced whole, so a panic elsewhere cannot leave it half written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Store {
-    /// The channel the scripts publish revocations on.
-    pub(crate) fn revocation_channel(&self) -> String {
-        format!("{}revocations", self.shared.settings.key_prefix)
+    /// The channel the scripts publish revocations on: `P revocations`, with
+    /// the database number appended (`P revocations:db3`) when it is not 0,
+    /// because pub/sub channels are shared by every database of a server.
+    pub(crate) fn revocation_channel(&self) -> &str {
+        &self.shared.revocation_channel
     }
 
     /// Opens a feed of revocations, starting the subscriber if no stream had
     /// one running.
     pub fn watch_revocations(&self) -> RevocationFeed {
-        use std::sync::atomic::Ordering;
-        // A poisoned lock only means a panic elsewhere while holding it; the
-        // state is an Option swapped whole, so it is still consistent.
-        let mut state = self
-            .shared
-            .revocations
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = lock(&self.shared.revocations.state);
         if let Some(running) = state.as_ref() {
             let events = running.events.subscribe();
-            return RevocationFeed {
-                events,
-                subscribed: running.up.load(Ordering::Acquire),
-            };
+            let fresh = running.beat * 3 / 2;
+            let subscribed = lock(&running.proven).is_some_and(|at| at.elapsed() < fresh);
+            return RevocationFeed { events, subscribed };
         }
         let (events, receiver) = broadcast::channel(REVOCATION_BACKLOG);
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let proven = Arc::new(Mutex::new(None));
         *state = Some(Running {
             events: events.clone(),
-            up: Arc::clone(&up),
+            proven: Arc::clone(&proven),
+            beat: self.shared.settings.revocation_heartbeat,
         });
-        tokio::spawn(self.clone().subscribe_revocations(events, up));
+        tokio::spawn(self.clone().subscribe_revocations(events, proven));
         RevocationFeed {
             events: receiver,
             subscribed: false,
@@ -145,12 +149,7 @@ impl Store {
     /// a stream opened at the same moment either finds it running or starts
     /// a new one.
     fn retire_if_unwatched(&self, events: &broadcast::Sender<RevocationEvent>) -> bool {
-        let mut state = self
-            .shared
-            .revocations
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = lock(&self.shared.revocations.state);
         if events.receiver_count() > 0 {
             return false;
         }
@@ -158,134 +157,220 @@ impl Store {
         true
     }
 
-    /// The subscriber: subscribe, announce a reset, forward what arrives;
-    /// on loss (or missed heartbeats) subscribe again, with backoff.
+    /// The subscriber: subscribe, prove the subscription with a heartbeat
+    /// that comes back through every master, announce a reset, then forward
+    /// what arrives; on loss (or heartbeats that stop coming back complete)
+    /// subscribe again, starting from the next node, with backoff.
     async fn subscribe_revocations(
         self,
         events: broadcast::Sender<RevocationEvent>,
-        up: Arc<std::sync::atomic::AtomicBool>,
+        proven: Arc<Mutex<Option<Instant>>>,
     ) {
-        use std::sync::atomic::Ordering;
         let settings = &self.shared.settings;
         let beat = settings.revocation_heartbeat;
         // A heartbeat that has not come back after this long is lost: three
         // beats, and never less than one beat plus a Redis timeout.
         let patience = (beat * 3).max(beat + settings.timeout);
-        let channel = self.revocation_channel();
-        let instance = format!("{:016x}", super::random_u64());
-        let own_beat = format!("h:{instance}");
+        let channel = self.revocation_channel().to_owned();
+        let own = format!("h:{:016x}:", super::random_u64());
         let mut backoff = Backoff::new();
+        let mut attempt = 0usize;
         metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(0);
 
-        'subscribe: loop {
+        loop {
             if self.retire_if_unwatched(&events) {
                 return;
             }
-            let subscribed = tokio::time::timeout(settings.timeout, async {
-                let mut pubsub = connection::pubsub(settings).await?;
-                pubsub.subscribe(&channel).await.map_err(Error::from)?;
+            let subscribed = async {
+                let mut pubsub = connection::pubsub(settings, attempt).await?;
+                tokio::time::timeout(settings.timeout, pubsub.subscribe(&channel))
+                    .await
+                    .map_err(|_| Error::Timeout(settings.timeout))??;
                 Ok::<_, Error>(pubsub)
-            })
-            .await
-            .unwrap_or(Err(Error::Timeout(settings.timeout)));
-            let pubsub = match subscribed {
+            };
+            let pubsub = match subscribed.await {
                 Ok(pubsub) => pubsub,
                 Err(err) => {
                     if backoff.attempts == 0 {
                         tracing::warn!(error = %err, "revocation stream: cannot subscribe to Redis; retrying");
                     }
+                    attempt = attempt.wrapping_add(1);
                     tokio::time::sleep(backoff.next()).await;
                     continue;
                 }
             };
-            if backoff.attempts > 0 {
-                tracing::info!("revocation stream: subscribed to Redis again");
-            }
-            backoff = Backoff::new();
             let mut messages = pubsub.into_on_message();
-            up.store(true, Ordering::Release);
-            metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(1);
-            let _ = events.send(RevocationEvent::Reset);
-            metrics::counter!(REVOCATION_EVENTS, "kind" => "reset").increment(1);
 
             // Heartbeats are published by their own task so that a slow
-            // PUBLISH never holds up reading the subscription.
+            // PUBLISH never holds up reading the subscription; it reports how
+            // many masters published each one, so a beat counts only once a
+            // copy came back from each.
+            let (published_tx, mut published) = tokio::sync::mpsc::channel(16);
             let publisher = AbortOnDrop(tokio::spawn(self.clone().publish_heartbeats(
                 channel.clone(),
-                own_beat.clone(),
+                own.clone(),
                 beat,
+                published_tx,
             )));
-            let mut last_beat = Instant::now();
+            let mut beats = Beats::default();
+            let mut last_beat: Option<Instant> = None;
+            let subscribed_at = Instant::now();
             let mut tick = tokio::time::interval(beat);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let lost = loop {
-                tokio::select! {
+                let completed = tokio::select! {
                     message = messages.next() => {
                         let Some(message) = message else {
                             break "the connection closed";
                         };
                         let payload = message.get_payload_bytes();
-                        if payload == own_beat.as_bytes() {
-                            last_beat = Instant::now();
-                            let _ = events.send(RevocationEvent::Heartbeat);
-                            continue;
-                        }
-                        match parse(payload) {
-                            Some(Parsed::Revoked(revocation)) => {
-                                metrics::counter!(REVOCATION_EVENTS, "kind" => "revocation").increment(1);
-                                let _ = events.send(RevocationEvent::Revoked(Arc::new(revocation)));
+                        if let Some(seq) = own_beat(payload, &own) {
+                            beats.arrived(seq)
+                        } else {
+                            match parse(payload) {
+                                Some(Parsed::Revoked(revocation)) => {
+                                    metrics::counter!(REVOCATION_EVENTS, "kind" => "revocation").increment(1);
+                                    let _ = events.send(RevocationEvent::Revoked(Arc::new(revocation)));
+                                }
+                                // Another process's heartbeat.
+                                Some(Parsed::Heartbeat) => {}
+                                None => {
+                                    metrics::counter!(REVOCATION_EVENTS, "kind" => "malformed").increment(1);
+                                    tracing::debug!(len = payload.len(), "revocation stream: ignored a malformed message");
+                                }
                             }
-                            // Another process's heartbeat.
-                            Some(Parsed::Heartbeat) => {}
-                            None => {
-                                metrics::counter!(REVOCATION_EVENTS, "kind" => "malformed").increment(1);
-                                tracing::debug!(len = payload.len(), "revocation stream: ignored a malformed message");
-                            }
+                            false
                         }
                     }
+                    Some((seq, masters)) = published.recv() => beats.published(seq, masters),
                     _ = tick.tick() => {
                         if self.retire_if_unwatched(&events) {
-                            up.store(false, Ordering::Release);
+                            *lock(&proven) = None;
                             metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(0);
                             return;
                         }
-                        if last_beat.elapsed() > patience {
+                        if last_beat.unwrap_or(subscribed_at).elapsed() > patience {
                             break "its heartbeats stopped coming back";
                         }
+                        false
+                    }
+                };
+                if completed {
+                    let now = Instant::now();
+                    *lock(&proven) = Some(now);
+                    if last_beat.replace(now).is_none() {
+                        // Proven: what is published from now on arrives.
+                        if backoff.attempts > 0 || attempt > 0 {
+                            tracing::info!("revocation stream: subscribed to Redis again");
+                        }
+                        backoff = Backoff::new();
+                        metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(1);
+                        metrics::counter!(REVOCATION_EVENTS, "kind" => "reset").increment(1);
+                        let _ = events.send(RevocationEvent::Reset);
+                    } else {
+                        let _ = events.send(RevocationEvent::Heartbeat);
                     }
                 }
             };
             drop(publisher);
-            up.store(false, Ordering::Release);
+            *lock(&proven) = None;
             metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(0);
             tracing::warn!(
                 "revocation stream: lost the Redis subscription ({lost}); streams stop beating until it is back, then reset"
             );
-            continue 'subscribe;
+            // The next subscription starts from the next seed or sentinel,
+            // after a pause when this one never worked.
+            attempt = attempt.wrapping_add(1);
+            if last_beat.is_none() {
+                tokio::time::sleep(backoff.next()).await;
+            }
         }
     }
 
-    /// Publishes `beat` on `channel` every `every`, through the store's own
-    /// connection, as revocations are.
-    async fn publish_heartbeats(self, channel: String, beat: String, every: Duration) {
+    /// Publishes a numbered heartbeat (`<own><seq>`) on `channel` every
+    /// `every` through every master, as the scripts publish revocations, and
+    /// reports each one that every master published with their number.
+    async fn publish_heartbeats(
+        self,
+        channel: String,
+        own: String,
+        every: Duration,
+        published: tokio::sync::mpsc::Sender<(u64, usize)>,
+    ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let mut refused_logged = false;
+        for seq in 0u64.. {
             tick.tick().await;
-            // On Cluster a keyless PUBLISH goes to a random node, perhaps one
-            // that just failed: one more try (likely elsewhere) before the
-            // beat is counted lost. A failure shows as a missing heartbeat;
-            // the store records it.
-            for _ in 0..2 {
-                let published = async {
-                    let mut op = self.op("publish_heartbeat").await?;
-                    op.query::<i64>(redis::cmd("PUBLISH").arg(&channel).arg(&beat))
-                        .await
-                };
-                if published.await.is_ok() {
-                    break;
+            let beat = format!("{own}{seq}");
+            let sent = async {
+                let mut op = self.op("publish_heartbeat").await?;
+                op.publish_on_every_master(&channel, &beat).await
+            };
+            // A failed beat shows as a missing heartbeat; the store records
+            // the error. A refusal is a misconfiguration worth saying once.
+            match sent.await {
+                Ok(masters) => {
+                    if published.send((seq, masters)).await.is_err() {
+                        return;
+                    }
                 }
+                Err(Error::Internal(cause)) if !refused_logged => {
+                    refused_logged = true;
+                    tracing::error!(
+                        channel = %channel,
+                        error = %cause,
+                        "revocation stream: Redis refused a PUBLISH on the revocation channel; \
+                         revocations fail the same way: grant the Redis user `&<channel>`"
+                    );
+                }
+                Err(_) => {}
             }
+        }
+    }
+}
+
+/// The sequence number of one of this process's heartbeats (`own` is its
+/// `h:<instance>:` prefix).
+fn own_beat(payload: &[u8], own: &str) -> Option<u64> {
+    let seq = payload.strip_prefix(own.as_bytes())?;
+    std::str::from_utf8(seq).ok()?.parse().ok()
+}
+
+/// Heartbeats in flight: how many masters published each (once known) and
+/// how many copies came back. A beat is complete when a copy came back from
+/// every master that published it.
+#[derive(Default)]
+struct Beats {
+    /// seq -> (masters that published it, copies arrived).
+    pending: std::collections::BTreeMap<u64, (Option<usize>, usize)>,
+}
+
+impl Beats {
+    /// Most beats remembered; older ones are given up.
+    const KEPT: usize = 16;
+
+    fn published(&mut self, seq: u64, masters: usize) -> bool {
+        self.pending.entry(seq).or_default().0 = Some(masters);
+        self.complete(seq)
+    }
+
+    fn arrived(&mut self, seq: u64) -> bool {
+        self.pending.entry(seq).or_default().1 += 1;
+        self.complete(seq)
+    }
+
+    fn complete(&mut self, seq: u64) -> bool {
+        while self.pending.len() > Self::KEPT {
+            self.pending.pop_first();
+        }
+        match self.pending.get(&seq) {
+            Some((Some(masters), arrived)) if arrived >= masters => {
+                // Older beats are moot once a later one completed.
+                self.pending = self.pending.split_off(&(seq + 1));
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -400,6 +485,31 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn a_beat_completes_when_every_master_sent_a_copy_back() {
+        let mut beats = Beats::default();
+        // The copies may come back before the publisher's count.
+        assert!(!beats.arrived(1));
+        assert!(!beats.arrived(1));
+        assert!(!beats.published(1, 3));
+        assert!(beats.arrived(1));
+        // One master short: never complete; a later complete beat is.
+        assert!(!beats.published(2, 3));
+        assert!(!beats.arrived(2));
+        assert!(!beats.arrived(2));
+        assert!(!beats.published(3, 1));
+        assert!(beats.arrived(3));
+        // A straggler of an older beat does not count.
+        assert!(!beats.arrived(2));
+        assert!(beats.pending.len() <= Beats::KEPT);
+        for seq in 10..100 {
+            beats.arrived(seq);
+        }
+        assert!(beats.pending.len() <= Beats::KEPT);
+        assert_eq!(own_beat(b"h:ab:42", "h:ab:"), Some(42));
+        assert_eq!(own_beat(b"h:cd:42", "h:ab:"), None);
     }
 
     #[test]

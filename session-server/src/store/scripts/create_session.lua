@@ -96,6 +96,14 @@ if count >= max then
     end
     return answer
   end
+  -- Published before any write, as revoke_sessions.lua: a refused PUBLISH
+  -- fails the create having changed nothing.
+  for _, token in ipairs(victims) do
+    if redis.call('EXISTS', KEYS[declared[token]]) == 1 then
+      redis.call('PUBLISH', ARGV[8],
+        string.format('r:%.0f:evicted:%s:%s', now, ARGV[9], token))
+    end
+  end
   for _, token in ipairs(victims) do
     local k = declared[token]
     -- Each evicted session leaves a revocation marker, as revoke_sessions.lua.
@@ -115,10 +123,6 @@ if count >= max then
       redis.call('SET', KEYS[k + 1],
         string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), 'PX', keep)
       evicted[#evicted + 1] = token
-      -- Published in the step that ends it: no eviction is acknowledged
-      -- without its revocation on the stream.
-      redis.call('PUBLISH', ARGV[8],
-        string.format('r:%.0f:evicted:%s:%s', now, ARGV[9], token))
     end
   end
 end

@@ -17,31 +17,61 @@
 --           each revoked session is published on it as
 --           `r:<revoked_at_ms>:revoked:<user_id>:<token_id>`; with
 --           signed_out_everywhere, one message for the whole user,
---           `r:<revoked_at_ms>:signed_out_everywhere:<user_id>:`, when any
---           session was revoked
+--           `r:<cut_ms>:signed_out_everywhere:<user_id>:`, when any session was
+--           revoked, with cut_ms the later of now and the latest created_at_ms
+--           among them
 -- ARGV[5]   the user id
 -- ARGV[6..] token ids
 -- Returns   how many of them were live (their key still existed); nothing is
 --           written (or published) for the others but the removal of stale
 --           index entries.
--- Each session is deleted before its marker is written: once a script has
--- written, Redis lets it finish even past maxmemory, so a revocation is never
--- half done for want of memory.
 local slack = tonumber(ARGV[1])
 local longest = tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local marker = string.format('{"revoked_at_ms":%.0f,"reason":"%s"}', now, ARGV[3])
-local revoked = 0
 local whole_user = ARGV[3] == 'signed_out_everywhere'
+
+-- First, without writing: which sessions are live, and publish them. A
+-- PUBLISH refused (an ACL without the channel) fails the script before any
+-- write, so a revocation is never done without being published. Subscribers
+-- see the messages only once the script has ended: Redis is single-threaded.
+local live = {}
+local cut = now
+for i = 1, #ARGV - 5 do
+  local left = redis.call('PTTL', KEYS[2 * i + 1])
+  if left ~= -2 then
+    live[i] = left
+    if whole_user then
+      -- The user-wide message says "every session created at or before
+      -- revoked_at": make sure that covers each session revoked here, even
+      -- one created by a master whose clock was ahead (before a failover).
+      local json = redis.call('GET', KEYS[2 * i + 1])
+      local created = json and tonumber(string.match(json, '"created_at_ms":(%d+)'))
+      if created and created > cut then
+        cut = created
+      end
+    else
+      redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:revoked:%s:%s', now, ARGV[5], ARGV[i + 5]))
+    end
+  end
+end
+if whole_user and next(live) ~= nil then
+  redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:signed_out_everywhere:%s:', cut, ARGV[5]))
+end
+
+-- Then the writes. Each session is deleted before its marker is written: once
+-- a script has written, Redis lets it finish even past maxmemory, so a
+-- revocation is never half done for want of memory.
+local revoked = 0
 for i = 1, #ARGV - 5 do
   local token, session, tomb = ARGV[i + 5], KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local left = redis.call('PTTL', session)
   redis.call('ZREM', KEYS[1], token)
-  if left == -1 then
-    left = longest
-  end
-  if left >= 0 then
+  local left = live[i]
+  if left then
+    if left == -1 then
+      left = longest
+    end
     local keep = left + slack
     local floor = redis.call('ZSCORE', KEYS[2], token)
     if floor then
@@ -51,15 +81,6 @@ for i = 1, #ARGV - 5 do
     redis.call('DEL', session)
     redis.call('SET', tomb, marker, 'PX', keep)
     revoked = revoked + 1
-    if not whole_user then
-      redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:revoked:%s:%s', now, ARGV[5], token))
-    end
   end
-end
--- Published in the step that revokes: no revocation is acknowledged without
--- being on the stream. One user-wide message covers every session created at
--- or before `now`, including any created after the caller read the index.
-if whole_user and revoked > 0 then
-  redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:signed_out_everywhere:%s:', now, ARGV[5]))
 end
 return revoked
