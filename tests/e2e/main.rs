@@ -13,6 +13,7 @@ mod finality;
 mod health;
 mod kubernetes;
 mod metrics;
+mod near_cache;
 mod process;
 mod properties;
 mod rate_limit;

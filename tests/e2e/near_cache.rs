@@ -1,0 +1,682 @@
+//! The client's near-cache end to end: answers from memory that Redis never
+//! sees, revocations by other clients arriving over the real
+//! `WatchRevocations` stream, flushes on reset and on the stream's end, the
+//! staleness bound, and the fill race, made deterministic by a relay that
+//! holds one GetSession answer until the revocation that overtakes it has
+//! been delivered.
+//!
+//! Timings are never asserted: each test waits for a condition with a
+//! deadline far beyond what it needs, and what it checks could only hold
+//! through the mechanism it names (e.g. a revocation is seen through the
+//! stream while the staleness bound is far away).
+
+use std::{collections::BTreeMap, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use session_client::{Error, NearCacheStats, SessionClient};
+use sessionstore::v1::{
+    self as pb,
+    session_store_client::SessionStoreClient,
+    session_store_server::{SessionStore, SessionStoreServer},
+};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, oneshot, watch},
+};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, transport::Channel, transport::server::TcpIncoming};
+
+use crate::common::{PrivateRedis, TempFiles, TestServer, config_on, test_config, wait_until};
+
+/// Far beyond any delivery latency, so a test that sees a revocation within
+/// it saw the stream deliver it, not the staleness bound expire.
+const LONG_STALENESS: Duration = Duration::from_secs(60);
+/// How long a test waits for something that takes milliseconds.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+/// A client of `url` with the near-cache on.
+async fn cached_client(url: String, max_staleness: Duration) -> SessionClient {
+    SessionClient::builder(url)
+        .near_cache(1000)
+        .near_cache_max_staleness(max_staleness)
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn stats(client: &SessionClient) -> NearCacheStats {
+    client.near_cache_stats().expect("the near-cache is on")
+}
+
+/// Waits until the client's stream delivered its reset and is healthy.
+async fn healthy(client: &SessionClient) {
+    assert!(
+        wait_until(PATIENCE, || async { stats(client).healthy }).await,
+        "the revocation stream never became healthy: {:?}",
+        client.near_cache_stats()
+    );
+}
+
+/// Creates a session through `client` and checks it was stored.
+async fn create(client: &SessionClient, user: &str, token: &str) {
+    assert!(
+        client
+            .create_session(user, token, Default::default())
+            .await
+            .unwrap(),
+        "{token} was not created"
+    );
+}
+
+/// A first lookup (a miss that fills the cache), then a second one
+/// answered from memory.
+async fn cache(client: &SessionClient, user: &str, token: &str) {
+    let before = stats(client);
+    let found = client.get_user_session(user, token).await.unwrap();
+    assert_eq!(found.map(|s| s.token_id).as_deref(), Some(token));
+    let found = client.get_user_session(user, token).await.unwrap();
+    assert_eq!(found.map(|s| s.token_id).as_deref(), Some(token));
+    let after = stats(client);
+    assert_eq!(
+        (after.misses - before.misses, after.hits - before.hits),
+        (1, 1),
+        "one call, then one answer from memory: {after:?}"
+    );
+}
+
+/// Hits are answered without a single Redis command, where the same lookups
+/// without the cache cost one each (counted by Redis's `INFO commandstats`
+/// on a private Redis, heartbeats and health PINGs aside).
+#[tokio::test]
+async fn hits_do_not_touch_redis() {
+    const SESSIONS: usize = 10;
+    const LOOKUPS: usize = 1000;
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.health_check_interval_ms = 3_600_000;
+    config.revocation_heartbeat_ms = 60_000;
+    let server = TestServer::start_with(config).await;
+    let cached = cached_client(server.url(), Duration::from_secs(600)).await;
+    let plain = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    let session = |i: usize| (format!("user-{}", i % 3), format!("token-{i}"));
+    for i in 0..SESSIONS {
+        let (user, token) = session(i);
+        create(&plain, &user, &token).await;
+        cache(&cached, &user, &token).await;
+    }
+
+    let mut conn = redis.connection().await;
+    let before = command_calls(&mut conn).await;
+    let hits_before = stats(&cached).hits;
+    for i in 0..LOOKUPS {
+        let (user, token) = session(i % SESSIONS);
+        let found = if i % 2 == 0 {
+            cached.get_user_session(&user, &token).await
+        } else {
+            cached.get_session(&token).await
+        };
+        assert!(found.unwrap().is_some(), "{token} not found");
+    }
+    let during = delta(&before, &command_calls(&mut conn).await);
+    assert_eq!(
+        stats(&cached).hits - hits_before,
+        LOOKUPS as u64,
+        "every lookup answered from memory"
+    );
+    assert!(
+        during.is_empty(),
+        "{LOOKUPS} cached lookups sent Redis commands: {during:?}"
+    );
+
+    // The same lookups through a client without the cache reach Redis: the
+    // counting above would have seen them.
+    let before = command_calls(&mut conn).await;
+    for i in 0..SESSIONS {
+        let (user, token) = session(i);
+        assert!(
+            plain
+                .get_user_session(&user, &token)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    let uncached: u64 = delta(&before, &command_calls(&mut conn).await)
+        .values()
+        .sum();
+    assert!(
+        uncached >= SESSIONS as u64,
+        "{SESSIONS} uncached lookups sent {uncached} commands"
+    );
+    server.shutdown().await;
+}
+
+/// The calls Redis has answered so far, by command (`INFO commandstats`).
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    // Lines look like `cmdstat_get:calls=100,usec=250,usec_per_call=2.50,...`.
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The commands called between two snapshots, without INFO itself and the
+/// server's own heartbeats (PUBLISH) and health checks (PING), which run
+/// whatever the clients do.
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "publish" | "spublish" | "ping"))
+        .map(|(name, n)| (name.clone(), n - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// A session revoked by another client (one, then all of a user's) leaves
+/// the cache through the stream: seen as a revocation applied, with no
+/// flush, while the staleness bound is a minute away.
+#[tokio::test]
+async fn a_revocation_by_another_client_drops_the_entry() {
+    let server = TestServer::start().await;
+    let cached = cached_client(server.url(), LONG_STALENESS).await;
+    let other = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    create(&other, "alice", "a-1").await;
+    create(&other, "alice", "a-2").await;
+    create(&other, "bob", "b-1").await;
+    cache(&cached, "alice", "a-1").await;
+    cache(&cached, "alice", "a-2").await;
+    cache(&cached, "bob", "b-1").await;
+    let before = stats(&cached);
+    assert_eq!(before.entries, 3);
+
+    assert!(other.revoke_session("a-1").await.unwrap());
+    assert!(
+        wait_until(PATIENCE, || async { stats(&cached).entries == 2 }).await,
+        "the revocation never reached the cache: {:?}",
+        stats(&cached)
+    );
+    assert_eq!(cached.get_user_session("alice", "a-1").await.unwrap(), None);
+    assert!(cached.get_session("a-2").await.unwrap().is_some());
+
+    assert_eq!(other.revoke_all_user_sessions("alice").await.unwrap(), 1);
+    assert!(
+        wait_until(PATIENCE, || async { stats(&cached).entries == 1 }).await,
+        "the user-wide revocation never reached the cache: {:?}",
+        stats(&cached)
+    );
+    assert_eq!(cached.get_session("a-2").await.unwrap(), None);
+    // Bob's session is untouched, and still answered from memory.
+    let hits = stats(&cached).hits;
+    assert!(
+        cached
+            .get_user_session("bob", "b-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let after = stats(&cached);
+    assert_eq!(after.hits, hits + 1);
+    assert!(after.revocations_applied >= before.revocations_applied + 2);
+    assert_eq!(after.resets, before.resets, "no flush explains it");
+    assert!(after.healthy);
+    server.shutdown().await;
+}
+
+/// "Not found" is never cached: a session created right after a lookup
+/// missed it is found by the next lookup.
+#[tokio::test]
+async fn not_found_is_never_cached() {
+    let server = TestServer::start().await;
+    let cached = cached_client(server.url(), LONG_STALENESS).await;
+    let other = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    assert_eq!(cached.get_user_session("carol", "c-1").await.unwrap(), None);
+    assert_eq!(cached.get_session("c-1").await.unwrap(), None);
+    assert_eq!(stats(&cached).entries, 0);
+    create(&other, "carol", "c-1").await;
+    cache(&cached, "carol", "c-1").await;
+    server.shutdown().await;
+}
+
+/// Revocations made through the caching client itself apply before the call
+/// returns, even when the stream delivers nothing (a relay drops its
+/// messages).
+#[tokio::test]
+async fn own_revocations_apply_before_the_call_returns() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(&server).await;
+    let cached = cached_client(relay.url(), LONG_STALENESS).await;
+    healthy(&cached).await;
+    create(&cached, "dave", "d-1").await;
+    create(&cached, "dave", "d-2").await;
+    create(&cached, "dave", "d-3").await;
+    for token in ["d-1", "d-2", "d-3"] {
+        cache(&cached, "dave", token).await;
+    }
+    relay.mute();
+
+    assert!(cached.revoke_session("d-1").await.unwrap());
+    assert_eq!(cached.get_session("d-1").await.unwrap(), None);
+    assert!(cached.revoke_user_session("dave", "d-2").await.unwrap());
+    assert_eq!(cached.get_user_session("dave", "d-2").await.unwrap(), None);
+    assert!(
+        cached
+            .get_user_session("dave", "d-3")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(cached.revoke_all_user_sessions("dave").await.unwrap(), 1);
+    assert_eq!(cached.get_user_session("dave", "d-3").await.unwrap(), None);
+    let after = stats(&cached);
+    assert_eq!(after.entries, 0);
+    assert!(
+        after.healthy,
+        "answered by the revocations, not by staleness"
+    );
+    server.shutdown().await;
+}
+
+/// A reset flushes the cache: Redis restarted under the server (with its
+/// data kept), the server's subscription is re-established and says so,
+/// and the next lookup goes to the server again.
+#[tokio::test]
+async fn a_reset_flushes_the_cache() {
+    let mut redis = PrivateRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut config = config_on(&redis);
+    config.revocation_heartbeat_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let cached = cached_client(server.url(), LONG_STALENESS).await;
+    healthy(&cached).await;
+    create(&cached, "erin", "e-1").await;
+    cache(&cached, "erin", "e-1").await;
+    let before = stats(&cached);
+    assert_eq!(before.entries, 1);
+
+    redis.restart();
+    assert!(
+        wait_until(PATIENCE, || async {
+            let now = stats(&cached);
+            now.resets > before.resets && now.healthy
+        })
+        .await,
+        "no reset after Redis restarted: {:?}",
+        stats(&cached)
+    );
+    assert_eq!(stats(&cached).entries, 0, "flushed");
+    let misses = stats(&cached).misses;
+    let found = cached.get_user_session("erin", "e-1").await.unwrap();
+    assert!(
+        found.is_some(),
+        "the session survived in the append-only file"
+    );
+    assert_eq!(stats(&cached).misses, misses + 1, "asked the server");
+    server.shutdown().await;
+}
+
+/// A stream that goes silent (a relay drops its messages) stops answers
+/// from memory after max_staleness: a session revoked meanwhile, whose
+/// revocation never arrives, is then answered "not found" by the server.
+#[tokio::test]
+async fn a_silent_stream_stops_answers_after_max_staleness() {
+    let mut config = test_config();
+    config.revocation_heartbeat_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let relay = Relay::start(&server).await;
+    // 20 heartbeats: a loaded test machine does not make it stale early.
+    let cached = cached_client(relay.url(), Duration::from_secs(2)).await;
+    let other = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    create(&other, "frank", "f-1").await;
+    cache(&cached, "frank", "f-1").await;
+
+    relay.mute();
+    let applied = stats(&cached).revocations_applied;
+    assert!(other.revoke_session("f-1").await.unwrap());
+    assert!(
+        wait_until(PATIENCE, || async {
+            cached
+                .get_user_session("frank", "f-1")
+                .await
+                .unwrap()
+                .is_none()
+        })
+        .await,
+        "still answered from memory long after max_staleness"
+    );
+    let after = stats(&cached);
+    assert_eq!(
+        after.revocations_applied, applied,
+        "the revocation never arrived: staleness ended the answers"
+    );
+    assert!(!after.healthy);
+    assert_eq!(after.entries, 0, "a silent stream flushes the cache");
+    server.shutdown().await;
+}
+
+/// When the server goes away the stream ends: the cache is flushed at once
+/// and lookups go to the (absent) server and fail, rather than being
+/// answered from memory.
+#[tokio::test]
+async fn a_lost_stream_flushes_and_lookups_fail() {
+    let server = TestServer::start().await;
+    let cached = SessionClient::builder(server.url())
+        .near_cache(10)
+        .near_cache_max_staleness(LONG_STALENESS)
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    healthy(&cached).await;
+    create(&cached, "grace", "g-1").await;
+    cache(&cached, "grace", "g-1").await;
+
+    server.shutdown().await;
+    assert!(
+        wait_until(PATIENCE, || async {
+            let now = stats(&cached);
+            !now.healthy && now.entries == 0
+        })
+        .await,
+        "the stream's end went unnoticed: {:?}",
+        stats(&cached)
+    );
+    match cached.get_user_session("grace", "g-1").await {
+        Err(Error::Unavailable(_) | Error::DeadlineExceeded(_)) => {}
+        other => panic!("expected the absent server's failure, got {other:?}"),
+    }
+}
+
+/// The fill race, made deterministic: a lookup's answer (alive, read before
+/// the revocation) is held by a relay until the revocation made meanwhile
+/// has been delivered to the cache; that answer is returned but not cached,
+/// so the next lookup asks the server and finds nothing. Once for a token
+/// revocation and a lookup naming its user, once for a user-wide revocation
+/// and a lookup that does not.
+#[tokio::test]
+async fn an_answer_overtaken_by_its_revocation_is_not_cached() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(&server).await;
+    let cached = cached_client(relay.url(), LONG_STALENESS).await;
+    let other = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    create(&other, "heidi", "h-1").await;
+    create(&other, "heidi", "h-2").await;
+
+    for hinted in [true, false] {
+        let token = if hinted { "h-1" } else { "h-2" };
+        let mut held = relay.hold_next_get();
+        let lookup = tokio::spawn({
+            let cached = cached.clone();
+            async move {
+                if hinted {
+                    cached.get_user_session("heidi", token).await
+                } else {
+                    cached.get_session(token).await
+                }
+            }
+        });
+        held.read().await;
+        // The server has answered "alive"; now the revocation overtakes it.
+        let applied = stats(&cached).revocations_applied;
+        if hinted {
+            assert!(other.revoke_session(token).await.unwrap());
+        } else {
+            assert_eq!(other.revoke_all_user_sessions("heidi").await.unwrap(), 1);
+        }
+        assert!(
+            wait_until(PATIENCE, || async {
+                stats(&cached).revocations_applied > applied
+            })
+            .await,
+            "the revocation never arrived"
+        );
+        held.release();
+        let answer = lookup.await.unwrap().unwrap();
+        assert!(answer.is_some(), "the relay returns what Redis said then");
+        assert_eq!(stats(&cached).entries, 0, "the overtaken answer was cached");
+        let misses = stats(&cached).misses;
+        assert_eq!(cached.get_session(token).await.unwrap(), None);
+        assert_eq!(stats(&cached).misses, misses + 1);
+    }
+    server.shutdown().await;
+}
+
+/// The stream carries the client's bearer token like every call: against a
+/// server that requires one, the client with the right token gets a healthy
+/// stream and answers from memory; one with a wrong token never does.
+#[tokio::test]
+async fn the_stream_carries_the_bearer_token() {
+    let files = TempFiles::new();
+    let mut config = test_config();
+    config.auth_tokens_file = Some(files.write("tokens", "right-token\n"));
+    let server = TestServer::start_with(config).await;
+    let with_token = |token: &str| {
+        SessionClient::builder(server.url())
+            .bearer_token(token)
+            .allow_plaintext_token(true)
+            .near_cache(10)
+            .connect()
+    };
+    let right = with_token("right-token").await.unwrap();
+    healthy(&right).await;
+    create(&right, "ivan", "i-1").await;
+    cache(&right, "ivan", "i-1").await;
+
+    let wrong = with_token("wrong-token").await.unwrap();
+    assert!(
+        !wait_until(Duration::from_secs(1), || async { stats(&wrong).healthy }).await,
+        "a stream opened with a wrong token became healthy"
+    );
+    let refused = wrong.get_user_session("ivan", "i-1").await;
+    assert!(
+        matches!(refused, Err(Error::Unauthenticated(_))),
+        "{refused:?}"
+    );
+    server.shutdown().await;
+}
+
+/// A SessionStore in front of the real server that forwards lookups and the
+/// revocation stream, and can hold one lookup's answer (already read from
+/// the server) or drop the stream's messages while keeping it open: a stream
+/// that silently stopped delivering.
+struct Relay {
+    addr: SocketAddr,
+    state: Arc<RelayState>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+struct RelayState {
+    upstream: SessionStoreClient<Channel>,
+    muted: watch::Sender<bool>,
+    hold: std::sync::Mutex<Option<Hold>>,
+}
+
+/// The relay's side of a held lookup.
+struct Hold {
+    read: oneshot::Sender<()>,
+    release: Arc<Semaphore>,
+}
+
+/// The test's side of a held lookup.
+struct Held {
+    read: Option<oneshot::Receiver<()>>,
+    release: Arc<Semaphore>,
+}
+
+impl Held {
+    /// Waits until the server has answered the held lookup.
+    async fn read(&mut self) {
+        let read = self.read.take().expect("read once");
+        tokio::time::timeout(PATIENCE, read)
+            .await
+            .expect("no lookup reached the relay")
+            .unwrap();
+    }
+
+    /// Lets the held answer go to the client.
+    fn release(&self) {
+        self.release.add_permits(1);
+    }
+}
+
+impl Relay {
+    async fn start(server: &TestServer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(RelayState {
+            upstream: server.client().await,
+            muted: watch::channel(false).0,
+            hold: std::sync::Mutex::new(None),
+        });
+        let service = SessionStoreServer::new(RelayService(state.clone()));
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(stop),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// From now on, the stream's messages are dropped.
+    fn mute(&self) {
+        self.state.muted.send_replace(true);
+    }
+
+    /// Holds the next lookup's answer until [`Held::release`].
+    fn hold_next_get(&self) -> Held {
+        let (read, read_rx) = oneshot::channel();
+        let release = Arc::new(Semaphore::new(0));
+        *self.state.hold.lock().unwrap() = Some(Hold {
+            read,
+            release: release.clone(),
+        });
+        Held {
+            read: Some(read_rx),
+            release,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+struct RelayService(Arc<RelayState>);
+
+type RevocationStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SessionStore for RelayService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        upstream.create_session(request.into_inner()).await
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        let answer = upstream.get_session(request.into_inner()).await?;
+        let hold = self.0.hold.lock().unwrap().take();
+        if let Some(hold) = hold {
+            let _ = hold.read.send(());
+            hold.release.acquire().await.unwrap().forget();
+        }
+        Ok(answer)
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        upstream.revoke_session(request.into_inner()).await
+    }
+
+    async fn revoke_all_user_sessions(
+        &self,
+        request: Request<pb::RevokeAllUserSessionsRequest>,
+    ) -> Result<Response<pb::RevokeAllUserSessionsResponse>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        upstream
+            .revoke_all_user_sessions(request.into_inner())
+            .await
+    }
+
+    async fn get_user_session_count(
+        &self,
+        _request: Request<pb::GetUserSessionCountRequest>,
+    ) -> Result<Response<pb::GetUserSessionCountResponse>, Status> {
+        Err(Status::unimplemented("relay"))
+    }
+
+    async fn list_user_sessions(
+        &self,
+        _request: Request<pb::ListUserSessionsRequest>,
+    ) -> Result<Response<pb::ListUserSessionsResponse>, Status> {
+        Err(Status::unimplemented("relay"))
+    }
+
+    async fn record_login_attempt(
+        &self,
+        _request: Request<pb::RecordLoginAttemptRequest>,
+    ) -> Result<Response<pb::RecordLoginAttemptResponse>, Status> {
+        Err(Status::unimplemented("relay"))
+    }
+
+    async fn reset_login_attempts(
+        &self,
+        _request: Request<pb::ResetLoginAttemptsRequest>,
+    ) -> Result<Response<pb::ResetLoginAttemptsResponse>, Status> {
+        Err(Status::unimplemented("relay"))
+    }
+
+    type WatchRevocationsStream = RevocationStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        let messages = upstream
+            .watch_revocations(request.into_inner())
+            .await?
+            .into_inner();
+        let muted = self.0.muted.subscribe();
+        let relayed = messages.filter(move |_| !*muted.borrow());
+        Ok(Response::new(Box::pin(relayed)))
+    }
+}
