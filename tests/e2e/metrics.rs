@@ -43,8 +43,9 @@ fn sample(text: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
-/// After creates, gets, a revoke and login attempts, a scrape of /metrics shows
-/// the RPC, session, login, Redis latency and pool series moved.
+/// After creates, gets, a revoke (seen on a revocation stream) and login
+/// attempts, a scrape of /metrics shows the RPC, session, login, revocation
+/// stream, Redis latency and pool series moved.
 #[tokio::test]
 async fn counters_move_after_calls() {
     let handle = recorder();
@@ -58,6 +59,13 @@ async fn counters_move_after_calls() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let before = scrape(addr).await;
+    // A revocation stream, proven (its reset) before the calls below.
+    let mut watch = client
+        .watch_revocations(sessionstore::v1::WatchRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().unwrap().reset);
     for i in 0..3 {
         client
             .create_session(CreateSessionRequest {
@@ -98,6 +106,13 @@ async fn counters_move_after_calls() {
         })
         .await;
     assert!(bad.is_err());
+    // The revocation reached the stream, so the subscriber has counted it.
+    loop {
+        let message = watch.message().await.unwrap().unwrap();
+        if message.revocations.iter().any(|r| r.token_id == "m-1") {
+            break;
+        }
+    }
     let after = scrape(addr).await;
 
     let moved = |series: &str, at_least: f64| {
@@ -141,6 +156,16 @@ async fn counters_move_after_calls() {
         );
     }
     assert!(after.contains("sessionstore_redis_up"), "{after}");
+    moved(
+        r#"sessionstore_revocation_events_total{kind="revocation"}"#,
+        1.0,
+    );
+    moved(r#"sessionstore_revocation_events_total{kind="reset"}"#, 1.0);
+    assert!(
+        after.contains("sessionstore_revocation_subscription_up"),
+        "{after}"
+    );
+    drop(watch);
 
     stop.send(()).unwrap();
     exporter.await.unwrap().unwrap();
