@@ -14,22 +14,31 @@
 //! the latency at a fixed arrival rate. Sessions the profile reads or revokes
 //! are created before the warm-up, under user ids unique to the run, so runs
 //! against one Redis never see each other's data.
+//!
+//! Three profiles measure the near-cache and its revocation stream (#12)
+//! instead of one RPC: `cached-get` (session-client's near-cache answering
+//! from memory, closed loop like the others), `visibility` (how long after
+//! RevokeSession returns on one client another client's near-cache stops
+//! answering the session) and `revoke-fanout` (each session revoked once
+//! while `--subscribers` WatchRevocations streams listen: the server's CPU
+//! per revocation and subscriber).
 
 use std::{
     collections::BTreeMap,
     process::ExitCode,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use session_client::SessionClient;
 use sessionstore::v1::{
     CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, RevokeSessionRequest,
-    session_store_client::SessionStoreClient,
+    WatchRevocationsRequest, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
@@ -54,6 +63,22 @@ enum Profile {
     /// RecordLoginAttempt with an account picked at random among `--users`
     /// (unique to the run), from an address as in `login`.
     LoginAccount,
+    /// `get_user_session` of session-client with its near-cache on, every
+    /// session cached before the warm-up: checks answered from memory. The
+    /// tasks run on `--threads` workers and never wait for the network, so
+    /// `--concurrency` should equal `--threads`.
+    CachedGet,
+    /// Revocation visibility, one session at a time (`--keyspace` of them):
+    /// a near-cache client caches the session, a thread polls it there, a
+    /// second connection revokes it; the time from RevokeSession returning
+    /// to the cache no longer answering it. `--subscribers` more streams
+    /// listen meanwhile. Ignores `--concurrency`, `--warmup`, `--duration`.
+    Visibility,
+    /// Every pre-populated session revoked exactly once, by `--concurrency`
+    /// tasks, while `--subscribers` WatchRevocations streams (one HTTP/2
+    /// connection each) listen; measured from the first revoke until every
+    /// stream received every revocation. Ignores `--warmup`, `--duration`.
+    RevokeFanout,
 }
 
 /// Load generator for SessionStore.
@@ -104,6 +129,20 @@ struct Args {
     /// Printed as `label=` so a script can tell its runs apart.
     #[arg(long, default_value = "")]
     label: String,
+    /// WatchRevocations streams held open besides the load (`visibility`,
+    /// `revoke-fanout`), each on its own HTTP/2 connection like separate
+    /// client processes, each reading every message.
+    #[arg(long, default_value_t = 0)]
+    subscribers: u32,
+    /// `visibility`: microseconds the polling thread sleeps between two
+    /// looks at the cache; 0 spins (yielding the CPU between looks).
+    #[arg(long, default_value_t = 0)]
+    poll_interval_us: u64,
+    /// `revoke-fanout`: microseconds each task pauses after each revoke.
+    /// Spaced out, each revocation reaches the streams as a message of its
+    /// own (as logouts do); back to back, the server batches them.
+    #[arg(long, default_value_t = 0)]
+    pause_us: u64,
 }
 
 fn parse_watch(value: &str) -> Result<(String, u32), String> {
@@ -175,7 +214,8 @@ impl Rng {
 /// What one task saw in the measured window.
 #[derive(Debug)]
 struct Tally {
-    latency_us: Histogram<u64>,
+    /// Nanoseconds: a near-cache hit takes about a microsecond.
+    latency_ns: Histogram<u64>,
     errors: BTreeMap<String, u64>,
     /// Gets that found no session, revokes that revoked nothing, creates
     /// that created nothing: a sign the benchmark measures the wrong thing.
@@ -185,21 +225,35 @@ struct Tally {
 impl Tally {
     fn new() -> Self {
         Self {
-            // 1 µs to 60 s with 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("the bounds are valid"),
+            // 1 ns to 60 s with 3 significant digits.
+            latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                .expect("the bounds are valid"),
             errors: BTreeMap::new(),
             misses: 0,
         }
     }
 
     fn merge(&mut self, other: Self) {
-        self.latency_us
-            .add(other.latency_us)
+        self.latency_ns
+            .add(other.latency_ns)
             .expect("histograms share their bounds");
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
         }
         self.misses += other.misses;
+    }
+
+    fn record(&mut self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_ns.saturating_record(nanos.max(1));
+    }
+
+    fn error(&mut self, status: &tonic::Status) {
+        self.error_named(format!("{:?}", status.code()).to_lowercase());
+    }
+
+    fn error_named(&mut self, name: String) {
+        *self.errors.entry(name).or_default() += 1;
     }
 }
 
@@ -287,6 +341,9 @@ async fn call(
             Ok(hit(response.into_inner().allowed))
         }
         Profile::Mixed => unreachable!("mixed picks one of the others above"),
+        Profile::CachedGet | Profile::Visibility | Profile::RevokeFanout => {
+            unreachable!("run() measures these itself")
+        }
     }
 }
 
@@ -311,17 +368,11 @@ async fn worker(
         if start < measure_from || end > measure_until {
             continue;
         }
-        let micros = u64::try_from((end - start).as_micros()).unwrap_or(u64::MAX);
-        tally.latency_us.saturating_record(micros.max(1));
+        tally.record(end - start);
         match outcome {
             Ok(Outcome::Hit) => {}
             Ok(Outcome::Miss) => tally.misses += 1,
-            Err(status) => {
-                *tally
-                    .errors
-                    .entry(format!("{:?}", status.code()).to_lowercase())
-                    .or_default() += 1;
-            }
+            Err(status) => tally.error(&status),
         }
     }
     tally
@@ -436,13 +487,7 @@ async fn run(args: Args) -> Result<String, String> {
     for _ in 0..args.connections {
         // One Channel is one HTTP/2 connection; tasks share them like the
         // callers of a real service share theirs.
-        let channel = Channel::from_shared(args.url.clone())
-            .map_err(|e| format!("--url: {e}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", args.url))?;
-        clients.push(SessionStoreClient::new(channel));
+        clients.push(SessionStoreClient::new(connect(&args.url).await?));
     }
 
     let run_id = args.run_id.clone().unwrap_or_else(|| {
@@ -463,7 +508,13 @@ async fn run(args: Args) -> Result<String, String> {
     let needs_sessions = !args.no_populate
         && matches!(
             args.profile,
-            Profile::GetHint | Profile::GetNohint | Profile::Revoke | Profile::Mixed
+            Profile::GetHint
+                | Profile::GetNohint
+                | Profile::Revoke
+                | Profile::Mixed
+                | Profile::CachedGet
+                | Profile::Visibility
+                | Profile::RevokeFanout
         );
     if needs_sessions {
         let started = Instant::now();
@@ -476,6 +527,127 @@ async fn run(args: Args) -> Result<String, String> {
         );
     }
 
+    let watched = Watched::new(&args);
+    let measured = match args.profile {
+        Profile::CachedGet => cached_get(&args, &keys, &watched).await?,
+        Profile::Visibility => visibility(&args, &clients, &keys, &watched).await?,
+        Profile::RevokeFanout => revoke_fanout(&args, &clients, &keys, &watched).await?,
+        _ => closed_loop(&args, &clients, &keys, &watched).await?,
+    };
+    Ok(report(&args, &watched, &measured))
+}
+
+/// One HTTP/2 connection to the server.
+async fn connect(url: &str) -> Result<Channel, String> {
+    Channel::from_shared(url.to_string())
+        .map_err(|e| format!("--url: {e}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to {url}: {e}"))
+}
+
+/// The processes whose CPU time and memory a run reports: this one, and the
+/// ones named with `--watch`.
+#[derive(Debug)]
+struct Watched(Vec<(String, String)>);
+
+impl Watched {
+    fn new(args: &Args) -> Self {
+        let self_pid = std::process::id().to_string();
+        Self(
+            std::iter::once(("loadgen".to_string(), self_pid))
+                .chain(
+                    args.watch
+                        .iter()
+                        .map(|(name, pid)| (name.clone(), pid.to_string())),
+                )
+                .collect(),
+        )
+    }
+
+    fn sample(&self) -> Vec<Option<ProcSample>> {
+        self.0.iter().map(|(_, pid)| sample(pid)).collect()
+    }
+}
+
+/// What a profile measured: every call's latency and outcome, over how long,
+/// the `/proc` samples framing the measurement, and `key=value` fields only
+/// this profile reports (each with a leading space).
+#[derive(Debug)]
+struct Measured {
+    tally: Tally,
+    duration: Duration,
+    before: Vec<Option<ProcSample>>,
+    after: Vec<Option<ProcSample>>,
+    extra: String,
+}
+
+/// The result line.
+fn report(args: &Args, watched: &Watched, measured: &Measured) -> String {
+    let h = &measured.tally.latency_ns;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    let errors: u64 = measured.tally.errors.values().sum();
+    let seconds = measured.duration.as_secs_f64();
+    let mut line = format!(
+        "label={} profile={} connections={} concurrency={} requests={} duration_s={:.3} rps={:.0} \
+         p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} mean_ms={:.3} \
+         p50_us={:.3} p99_us={:.3} p999_us={:.3} max_us={:.3} errors={} misses={}",
+        if args.label.is_empty() {
+            "-"
+        } else {
+            &args.label
+        },
+        args.profile
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default(),
+        args.connections,
+        args.concurrency,
+        h.len(),
+        seconds,
+        h.len() as f64 / seconds,
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1e6,
+        h.mean() / 1e6,
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        h.max() as f64 / 1e3,
+        errors,
+        measured.tally.misses,
+    );
+    line.push_str(&measured.extra);
+    for (code, n) in &measured.tally.errors {
+        line.push_str(&format!(" error_{code}={n}"));
+    }
+    for ((name, _), (before, after)) in watched
+        .0
+        .iter()
+        .zip(measured.before.iter().zip(&measured.after))
+    {
+        if let (Some(before), Some(after)) = (before, after) {
+            let cpu = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_SECOND;
+            line.push_str(&format!(
+                " cpu_{name}_s={cpu:.2} rss_{name}_start_kib={} rss_{name}_end_kib={} hwm_{name}_kib={}",
+                before.rss_kib, after.rss_kib, after.hwm_kib
+            ));
+        }
+    }
+    line
+}
+
+/// The RPC profiles: `concurrency` closed-loop tasks for `warmup`, then
+/// `duration` measured.
+async fn closed_loop(
+    args: &Args,
+    clients: &[SessionStoreClient<Channel>],
+    keys: &Keys,
+    watched: &Watched,
+) -> Result<Measured, String> {
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
     let now = Instant::now();
@@ -496,63 +668,557 @@ async fn run(args: Args) -> Result<String, String> {
     }
 
     tokio::time::sleep_until(measure_from.into()).await;
-    let self_pid = std::process::id().to_string();
-    let watched: Vec<(String, String)> = std::iter::once(("loadgen".to_string(), self_pid))
-        .chain(
-            args.watch
-                .iter()
-                .map(|(name, pid)| (name.clone(), pid.to_string())),
-        )
-        .collect();
-    let before: Vec<Option<ProcSample>> = watched.iter().map(|(_, pid)| sample(pid)).collect();
+    let before = watched.sample();
     tokio::time::sleep_until(measure_until.into()).await;
-    let after: Vec<Option<ProcSample>> = watched.iter().map(|(_, pid)| sample(pid)).collect();
+    let after = watched.sample();
     stop.store(true, Ordering::Relaxed);
 
-    let mut total = Tally::new();
-    while let Some(tally) = tasks.join_next().await {
-        total.merge(tally.map_err(|e| e.to_string())?);
+    let mut tally = Tally::new();
+    while let Some(task) = tasks.join_next().await {
+        tally.merge(task.map_err(|e| e.to_string())?);
+    }
+    Ok(Measured {
+        tally,
+        duration,
+        before,
+        after,
+        extra: String::new(),
+    })
+}
+
+/// A session-client with its near-cache on, as an application would build it.
+async fn near_cache_client(url: &str, max_entries: usize) -> Result<SessionClient, String> {
+    SessionClient::builder(url)
+        .near_cache(max_entries)
+        .connect()
+        .await
+        .map_err(|e| format!("near-cache client of {url}: {e}"))
+}
+
+/// Waits until the client's revocation stream delivered its reset: before
+/// that, nothing is answered from memory or cached.
+async fn wait_healthy(client: &SessionClient) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.near_cache_stats().is_some_and(|s| s.healthy) {
+        if Instant::now() > deadline {
+            return Err("the near-cache's stream is not healthy after 10 s".to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn client_error(err: &session_client::Error) -> String {
+    match err.code() {
+        Some(code) => format!("{code:?}").to_lowercase(),
+        None => "client".to_string(),
+    }
+}
+
+/// `cached-get`: caches every session through one near-cache client (its
+/// clones share the cache, as an application's tasks would), then checks
+/// sessions picked at random, closed loop.
+async fn cached_get(args: &Args, keys: &Keys, watched: &Watched) -> Result<Measured, String> {
+    let client = near_cache_client(&args.url, keys.keyspace as usize).await?;
+    wait_healthy(&client).await?;
+    let pairs: Arc<Vec<(String, String)>> = Arc::new(
+        (0..keys.keyspace)
+            .map(|session| (keys.owner(session), keys.token(session)))
+            .collect(),
+    );
+
+    // Every session once through the client: a miss, which caches it.
+    let next = Arc::new(AtomicU32::new(0));
+    let mut fills = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (client, pairs, next) = (client.clone(), pairs.clone(), next.clone());
+        fills.spawn(async move {
+            loop {
+                let Some((user, token)) = pairs.get(next.fetch_add(1, Ordering::Relaxed) as usize)
+                else {
+                    return Ok(());
+                };
+                match client.get_user_session(user.as_str(), token.as_str()).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(format!("filling the near-cache: {token} not found")),
+                    Err(err) => return Err(format!("filling the near-cache: {err}")),
+                }
+            }
+        });
+    }
+    while let Some(fill) = fills.join_next().await {
+        fill.map_err(|e| e.to_string())??;
+    }
+    let cached = client.near_cache_stats().map_or(0, |s| s.entries);
+    if cached != u64::from(keys.keyspace) {
+        return Err(format!(
+            "{cached} of {} sessions cached after filling",
+            keys.keyspace
+        ));
     }
 
-    let h = &total.latency_us;
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-    let errors: u64 = total.errors.values().sum();
-    let mut line = format!(
-        "label={} profile={} connections={} concurrency={} requests={} duration_s={:.3} rps={:.0} \
-         p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} mean_ms={:.3} errors={} misses={}",
-        if args.label.is_empty() {
-            "-"
-        } else {
-            &args.label
-        },
-        args.profile
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default(),
-        args.connections,
-        args.concurrency,
-        h.len(),
-        duration.as_secs_f64(),
-        h.len() as f64 / duration.as_secs_f64(),
-        ms(0.5),
-        ms(0.99),
-        ms(0.999),
-        h.max() as f64 / 1e3,
-        h.mean() / 1e3,
-        errors,
-        total.misses,
-    );
-    for (code, n) in &total.errors {
-        line.push_str(&format!(" error_{code}={n}"));
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let duration = Duration::from_secs_f64(args.duration);
+    let measure_from = Instant::now() + warmup;
+    let measure_until = measure_from + duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..args.concurrency {
+        tasks.spawn(cached_worker(
+            client.clone(),
+            pairs.clone(),
+            task,
+            measure_from,
+            measure_until,
+            stop.clone(),
+        ));
     }
-    for ((name, _), (before, after)) in watched.iter().zip(before.iter().zip(&after)) {
-        if let (Some(before), Some(after)) = (before, after) {
-            let cpu = after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_SECOND;
-            line.push_str(&format!(
-                " cpu_{name}_s={cpu:.2} rss_{name}_start_kib={} rss_{name}_end_kib={} hwm_{name}_kib={}",
-                before.rss_kib, after.rss_kib, after.hwm_kib
-            ));
+    tokio::time::sleep_until(measure_from.into()).await;
+    let stats_before = client.near_cache_stats().unwrap_or_default();
+    let before = watched.sample();
+    tokio::time::sleep_until(measure_until.into()).await;
+    let after = watched.sample();
+    let stats_after = client.near_cache_stats().unwrap_or_default();
+    stop.store(true, Ordering::Relaxed);
+    let mut tally = Tally::new();
+    while let Some(task) = tasks.join_next().await {
+        tally.merge(task.map_err(|e| e.to_string())?);
+    }
+    Ok(Measured {
+        tally,
+        duration,
+        before,
+        after,
+        // From the cache's own counters over the window: misses went to the
+        // server, resets flushed the cache.
+        extra: format!(
+            " cache_hits={} cache_misses={} cache_resets={} cache_entries={}",
+            stats_after.hits - stats_before.hits,
+            stats_after.misses - stats_before.misses,
+            stats_after.resets - stats_before.resets,
+            stats_after.entries,
+        ),
+    })
+}
+
+/// One closed-loop task of `cached-get`.
+async fn cached_worker(
+    client: SessionClient,
+    pairs: Arc<Vec<(String, String)>>,
+    task: u32,
+    measure_from: Instant,
+    measure_until: Instant,
+    stop: Arc<AtomicBool>,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut rng = Rng::new(u64::from(task) + 1);
+    let count = u32::try_from(pairs.len()).unwrap_or(u32::MAX);
+    let mut calls = 0_u32;
+    while !stop.load(Ordering::Relaxed) {
+        let (user, token) = &pairs[rng.below(count) as usize];
+        let start = Instant::now();
+        let outcome = client.get_user_session(user.as_str(), token.as_str()).await;
+        let end = Instant::now();
+        calls = calls.wrapping_add(1);
+        if calls.is_multiple_of(64) {
+            // A hit never waits, so without this the task would keep its
+            // worker thread for good and starve the revocation stream's task
+            // (and the timers) of it.
+            tokio::task::yield_now().await;
+        }
+        if start < measure_from || end > measure_until {
+            continue;
+        }
+        tally.record(end - start);
+        match outcome {
+            Ok(Some(_)) => {}
+            Ok(None) => tally.misses += 1,
+            Err(err) => tally.error_named(client_error(&err)),
         }
     }
-    Ok(line)
+    tally
+}
+
+/// What the subscriber streams of `visibility` and `revoke-fanout` received,
+/// summed over the streams.
+#[derive(Debug, Default)]
+struct Subscribers {
+    /// Streams that delivered their first message (a reset).
+    started: AtomicU32,
+    /// Streams that ended (an error status or end of stream).
+    ended: AtomicU32,
+    messages: AtomicU64,
+    revocations: AtomicU64,
+    resets: AtomicU64,
+}
+
+/// Opens `count` WatchRevocations streams, each on its own connection, reads
+/// them until the returned tasks are dropped, and waits for every first
+/// message.
+async fn subscribe(
+    url: &str,
+    count: u32,
+) -> Result<(Arc<Subscribers>, tokio::task::JoinSet<()>), String> {
+    let subscribers = Arc::new(Subscribers::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let mut stub = SessionStoreClient::new(connect(url).await?);
+        let mut stream = stub
+            .watch_revocations(WatchRevocationsRequest {})
+            .await
+            .map_err(|s| format!("WatchRevocations: {s}"))?
+            .into_inner();
+        let subscribers = subscribers.clone();
+        tasks.spawn(async move {
+            let mut started = false;
+            loop {
+                match stream.message().await {
+                    Ok(Some(message)) => {
+                        if !started {
+                            started = true;
+                            subscribers.started.fetch_add(1, Ordering::Relaxed);
+                        }
+                        subscribers.messages.fetch_add(1, Ordering::Relaxed);
+                        subscribers
+                            .revocations
+                            .fetch_add(message.revocations.len() as u64, Ordering::Relaxed);
+                        if message.reset {
+                            subscribers.resets.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(None) => {
+                        eprintln!("subscriber: the stream ended");
+                        break;
+                    }
+                    Err(status) => {
+                        eprintln!("subscriber: {status}");
+                        break;
+                    }
+                }
+            }
+            subscribers.ended.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscribers.started.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline || subscribers.ended.load(Ordering::Relaxed) > 0 {
+            return Err(format!(
+                "{} of {count} subscriber streams started",
+                subscribers.started.load(Ordering::Relaxed)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((subscribers, tasks))
+}
+
+/// A signed difference in nanoseconds: `a - b`.
+fn signed_nanos(a: Instant, b: Instant) -> i64 {
+    let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    if a >= b { nanos(a - b) } else { -nanos(b - a) }
+}
+
+/// `p50 p99 max min` of signed nanoseconds, as `{name}_p50_ms=...` fields.
+fn quantile_fields(name: &str, values: &mut [i64]) -> String {
+    if values.is_empty() {
+        return String::new();
+    }
+    values.sort_unstable();
+    let at = |q: f64| {
+        let rank = (q * values.len() as f64).ceil() as usize;
+        values[rank.clamp(1, values.len()) - 1] as f64 / 1e6
+    };
+    format!(
+        " {name}_p50_ms={:.3} {name}_p99_ms={:.3} {name}_max_ms={:.3} {name}_min_ms={:.3}",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        values[0] as f64 / 1e6
+    )
+}
+
+/// A session the polling thread watches in the near-cache.
+#[derive(Debug)]
+struct Probe {
+    user: String,
+    token: String,
+    /// Sent once the session is seen answered from memory; dropped when it
+    /// is not (the measurement of this session is void).
+    armed: tokio::sync::oneshot::Sender<()>,
+    done: tokio::sync::oneshot::Sender<Seen>,
+}
+
+/// How a probe ended.
+#[derive(Debug)]
+enum Seen {
+    /// The cache stopped answering the session: `gone_at` is the start of
+    /// the first lookup it did not answer (the call then asked the server,
+    /// which did not find it); `applied_at` the first look at the cache's
+    /// counters that showed a revocation applied.
+    Gone {
+        gone_at: Instant,
+        applied_at: Instant,
+    },
+    /// The cache was flushed or unhealthy meanwhile: not a measurement.
+    Flushed,
+    /// Still answered after 5 s, or a lookup failed.
+    Failed,
+}
+
+/// The polling thread of `visibility`: for each probe, looks the session up
+/// through the near-cache client as fast as it can (spinning, or sleeping
+/// `interval` between looks) until the cache stops answering it. A thread of
+/// its own, so that polling never waits for, nor holds up, the runtime's
+/// workers that carry the revocation stream.
+fn poll_cache(
+    client: &SessionClient,
+    runtime: &tokio::runtime::Handle,
+    interval: Duration,
+    probes: &std::sync::mpsc::Receiver<Probe>,
+) {
+    let stats = || client.near_cache_stats().unwrap_or_default();
+    while let Ok(probe) = probes.recv() {
+        let lookup = || {
+            let start = Instant::now();
+            let found = runtime
+                .block_on(client.get_user_session(probe.user.as_str(), probe.token.as_str()));
+            (start, found)
+        };
+        // Armed only when the session is answered from memory right now.
+        let base = stats();
+        let (_, found) = lookup();
+        if !matches!(found, Ok(Some(_))) || stats().hits != base.hits + 1 {
+            continue;
+        }
+        let base = stats();
+        if probe.armed.send(()).is_err() {
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut applied_at = None;
+        let seen = loop {
+            let look = Instant::now();
+            let now = stats();
+            if now.resets != base.resets || !now.healthy {
+                break Seen::Flushed;
+            }
+            if applied_at.is_none() && now.revocations_applied > base.revocations_applied {
+                applied_at = Some(look);
+            }
+            match lookup() {
+                (_, Ok(Some(_))) if look < deadline => {}
+                (start, Ok(None)) => {
+                    let now = stats();
+                    break if now.resets != base.resets || !now.healthy {
+                        Seen::Flushed
+                    } else {
+                        Seen::Gone {
+                            gone_at: start,
+                            applied_at: applied_at.unwrap_or(start),
+                        }
+                    };
+                }
+                _ => break Seen::Failed,
+            }
+            if interval.is_zero() {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(interval);
+            }
+        };
+        let _ = probe.done.send(seen);
+    }
+}
+
+/// `visibility`: for each session in turn, caches it in a near-cache
+/// client, arms the polling thread, revokes the session over another
+/// connection, and records when the cache stopped answering it, relative to
+/// RevokeSession returning. The revokes are the calls of the result line.
+async fn visibility(
+    args: &Args,
+    clients: &[SessionStoreClient<Channel>],
+    keys: &Keys,
+    watched: &Watched,
+) -> Result<Measured, String> {
+    let (subscribers, _streams) = subscribe(&args.url, args.subscribers).await?;
+    let cache = near_cache_client(&args.url, 1024).await?;
+    wait_healthy(&cache).await?;
+    let (probes, receiver) = std::sync::mpsc::channel::<Probe>();
+    let poller = {
+        let (client, runtime) = (cache.clone(), tokio::runtime::Handle::current());
+        let interval = Duration::from_micros(args.poll_interval_us);
+        std::thread::spawn(move || poll_cache(&client, &runtime, interval, &receiver))
+    };
+    let mut revoker = clients[0].clone();
+    let mut tally = Tally::new();
+    let (mut visible, mut applied, mut from_call) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut not_cached, mut flushed, mut failed) = (0_u32, 0_u32, 0_u32);
+    let base = subscribers.revocations.load(Ordering::Relaxed);
+    let before = watched.sample();
+    let started = Instant::now();
+    for session in 0..keys.keyspace {
+        let (user, token) = (keys.owner(session), keys.token(session));
+        // A miss, which caches it.
+        match cache.get_user_session(user.as_str(), token.as_str()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                not_cached += 1;
+                continue;
+            }
+            Err(err) => {
+                tally.error_named(client_error(&err));
+                continue;
+            }
+        }
+        let (armed, armed_rx) = tokio::sync::oneshot::channel();
+        let (done, done_rx) = tokio::sync::oneshot::channel();
+        probes
+            .send(Probe {
+                user: user.clone(),
+                token: token.clone(),
+                armed,
+                done,
+            })
+            .map_err(|_| "the polling thread ended".to_string())?;
+        if armed_rx.await.is_err() {
+            not_cached += 1;
+            continue;
+        }
+        let sent = Instant::now();
+        let response = revoker
+            .revoke_session(RevokeSessionRequest {
+                token_id: token,
+                user_id: user,
+            })
+            .await;
+        let returned = Instant::now();
+        tally.record(returned - sent);
+        match response {
+            Ok(response) if response.get_ref().revoked => {}
+            Ok(_) => tally.misses += 1,
+            Err(status) => tally.error(&status),
+        }
+        match done_rx.await {
+            Ok(Seen::Gone {
+                gone_at,
+                applied_at,
+            }) => {
+                visible.push(signed_nanos(gone_at, returned));
+                applied.push(signed_nanos(applied_at, returned));
+                from_call.push(signed_nanos(gone_at, sent));
+            }
+            Ok(Seen::Flushed) => flushed += 1,
+            Ok(Seen::Failed) | Err(_) => failed += 1,
+        }
+    }
+    let duration = started.elapsed();
+    let after = watched.sample();
+    drop(probes);
+    poller
+        .join()
+        .map_err(|_| "the polling thread panicked".to_string())?;
+    let before_return = visible.iter().filter(|&&v| v <= 0).count();
+    let mut extra = format!(
+        " revocations={} subscribers={} visible_before_return={before_return} not_cached={not_cached} \
+         flushed={flushed} unseen={failed} subscriber_revocations={} subscribers_ended={}",
+        visible.len(),
+        args.subscribers,
+        subscribers.revocations.load(Ordering::Relaxed) - base,
+        subscribers.ended.load(Ordering::Relaxed),
+    );
+    extra.push_str(&quantile_fields("visible", &mut visible));
+    extra.push_str(&quantile_fields("applied", &mut applied));
+    extra.push_str(&quantile_fields("from_call", &mut from_call));
+    Ok(Measured {
+        tally,
+        duration,
+        before,
+        after,
+        extra,
+    })
+}
+
+/// `revoke-fanout`: revokes every session once, `concurrency` at a time,
+/// with `subscribers` streams open, and measures until every stream has
+/// received every revocation (or one ended, or 60 s passed).
+async fn revoke_fanout(
+    args: &Args,
+    clients: &[SessionStoreClient<Channel>],
+    keys: &Keys,
+    watched: &Watched,
+) -> Result<Measured, String> {
+    let (subscribers, _streams) = subscribe(&args.url, args.subscribers).await?;
+    let base_messages = subscribers.messages.load(Ordering::Relaxed);
+    let base_revocations = subscribers.revocations.load(Ordering::Relaxed);
+    let base_resets = subscribers.resets.load(Ordering::Relaxed);
+    let next = Arc::new(AtomicU32::new(0));
+    let pause = Duration::from_micros(args.pause_us);
+    let before = watched.sample();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..args.concurrency {
+        let mut client = clients[task as usize % clients.len()].clone();
+        let (keys, next) = (keys.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            loop {
+                let session = next.fetch_add(1, Ordering::Relaxed);
+                if session >= keys.keyspace {
+                    return tally;
+                }
+                let sent = Instant::now();
+                let response = client
+                    .revoke_session(RevokeSessionRequest {
+                        token_id: keys.token(session),
+                        user_id: keys.owner(session),
+                    })
+                    .await;
+                tally.record(sent.elapsed());
+                match response {
+                    Ok(response) if response.get_ref().revoked => {}
+                    Ok(_) => tally.misses += 1,
+                    Err(status) => tally.error(&status),
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        });
+    }
+    let mut tally = Tally::new();
+    while let Some(task) = tasks.join_next().await {
+        tally.merge(task.map_err(|e| e.to_string())?);
+    }
+    let revoked_in = started.elapsed();
+    let errors: u64 = tally.errors.values().sum();
+    let revoked = tally.latency_ns.len() - tally.misses - errors;
+    let expected = base_revocations + revoked * u64::from(args.subscribers);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subscribers.revocations.load(Ordering::Relaxed) < expected
+        && subscribers.ended.load(Ordering::Relaxed) == 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let delivered_in = started.elapsed();
+    let after = watched.sample();
+    let extra = format!(
+        " revoked={revoked} subscribers={} pause_us={} revoke_s={:.3} delivered_s={:.3} subscriber_messages={} \
+         subscriber_revocations={} subscriber_resets={} subscribers_ended={}",
+        args.subscribers,
+        args.pause_us,
+        revoked_in.as_secs_f64(),
+        delivered_in.as_secs_f64(),
+        subscribers.messages.load(Ordering::Relaxed) - base_messages,
+        subscribers.revocations.load(Ordering::Relaxed) - base_revocations,
+        subscribers.resets.load(Ordering::Relaxed) - base_resets,
+        subscribers.ended.load(Ordering::Relaxed),
+    );
+    Ok(Measured {
+        tally,
+        duration: revoked_in,
+        before,
+        after,
+        extra,
+    })
 }
