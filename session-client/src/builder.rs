@@ -496,7 +496,10 @@ impl Builder {
     /// The client holds one stream (on one of its endpoints, with its bearer
     /// token), reopened with backoff (100 ms doubling to 5 s, jittered) after
     /// it ends; everything cached is dropped when it ends or falls silent,
-    /// and when the server says it may have missed revocations (a reset).
+    /// and when the server says it may have missed revocations (a reset,
+    /// which also opens every new stream: the cache starts cold each time
+    /// its stream is reopened, such as when the server's MAX_CONNECTION_AGE
+    /// closes the connection).
     /// The stream's task is spawned by [`connect`](Self::connect), lazy or
     /// not, and stops when the last clone of the client is dropped.
     ///
