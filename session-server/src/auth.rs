@@ -24,9 +24,8 @@
 //! `sessionstore_auth_tokens_reload_failures_total`.
 
 use std::{
-    future::Future,
+    marker::PhantomData,
     path::{Path, PathBuf},
-    pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
     time::{Duration, SystemTime},
@@ -37,7 +36,10 @@ use tonic::{
     Status,
     codegen::http::{HeaderMap, Request, Response},
 };
-use tower::{Layer, Service};
+use tower::{
+    Layer, Service,
+    util::{Either, future::EitherResponseFuture},
+};
 
 /// How often the tokens file is checked for changes. A change is installed
 /// once the file looked the same on two checks, so within two intervals.
@@ -344,7 +346,9 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    // The inner future as it is, not boxed: one allocation less per call.
+    type Future =
+        EitherResponseFuture<std::future::Ready<Result<Self::Response, Self::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -358,9 +362,29 @@ where
                 .starts_with(crate::limits::HEALTH_PREFIX)
             && let Err(status) = tokens.check(request.headers())
         {
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+            let mut refusal = Either::<_, &mut S>::Left(Refusal(status.into_http(), PhantomData));
+            return refusal.call(request);
         }
-        Box::pin(self.inner.call(request))
+        Either::<Refusal<Self::Response, Self::Error>, _>::Right(&mut self.inner).call(request)
+    }
+}
+
+/// Answers with the refusal it holds, without calling the service below: the
+/// refused side of [`Auth`]'s future.
+struct Refusal<T, E>(T, PhantomData<fn() -> E>);
+
+impl<R, T: Default, E> Service<R> for Refusal<T, E> {
+    type Response = T;
+    type Error = E;
+    type Future = std::future::Ready<Result<T, E>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), E>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: R) -> Self::Future {
+        // Made for one call: nothing is left behind that is used again.
+        std::future::ready(Ok(std::mem::take(&mut self.0)))
     }
 }
 

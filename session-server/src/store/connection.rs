@@ -5,12 +5,13 @@
 use std::{
     fmt,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
+use metrics::Histogram;
 use redis::{
     AsyncConnectionConfig, FromRedisValue, RedisFuture, Value,
     aio::{ConnectionLike, MultiplexedConnection},
@@ -32,6 +33,8 @@ pub(super) enum Backend {
         pool: bb8::Pool<RedisManager>,
         /// Shared with the pool's manager.
         failures: Arc<ConnectFailures>,
+        /// See [`OpDurations`].
+        durations: OpDurations,
     },
     /// Cluster: one cluster connection (itself multiplexed over every node),
     /// made on first use so the server can start while the cluster is down.
@@ -39,6 +42,8 @@ pub(super) enum Backend {
         /// Boxed: the client is large, and there is one per process.
         client: Box<ClusterClient>,
         connection: tokio::sync::OnceCell<ClusterConnection>,
+        /// See [`OpDurations`].
+        durations: OpDurations,
     },
 }
 
@@ -54,6 +59,7 @@ impl Backend {
                 let backend = Backend::Cluster {
                     client: Box::new(cluster_client(settings)?),
                     connection: tokio::sync::OnceCell::new(),
+                    durations: OpDurations::default(),
                 };
                 return Ok(backend);
             }
@@ -78,7 +84,11 @@ impl Backend {
             // once with its error instead of waiting out the timeout.
             .retry_connection(false)
             .build_unchecked(manager);
-        Ok(Self::Pool { pool, failures })
+        Ok(Self::Pool {
+            pool,
+            failures,
+            durations: OpDurations::default(),
+        })
     }
 }
 
@@ -103,7 +113,7 @@ impl Store {
                 // operations share connections and redis-rs batches their
                 // commands into one write. Holding the checkout for the whole
                 // operation let each connection carry one command at a time.
-                Backend::Pool { pool, failures } => loop {
+                Backend::Pool { pool, failures, .. } => loop {
                     // bb8 hands a failed connect attempt to its error sink and
                     // lets the waiting checkout run into the timeout; listen
                     // for the failure (registered before the checkout starts)
@@ -131,7 +141,9 @@ impl Store {
                         Err(bb8::RunError::TimedOut) => break Err(Error::Timeout(timeout)),
                     }
                 },
-                Backend::Cluster { client, connection } => connection
+                Backend::Cluster {
+                    client, connection, ..
+                } => connection
                     .get_or_try_init(|| client.get_async_connection())
                     .await
                     .map(|conn| Link::Cluster(conn.clone()))
@@ -143,12 +155,54 @@ impl Store {
             Ok(Err(err)) => return Err(record_error(name, err)),
             Err(_) => return Err(record_error(name, Error::Timeout(timeout))),
         };
+        let (Backend::Pool { durations, .. } | Backend::Cluster { durations, .. }) =
+            &self.shared.backend;
         Ok(Op {
             conn,
             deadline,
             timeout,
             name,
+            duration: durations.of(name),
         })
+    }
+}
+
+/// The Redis latency histogram of each store operation, looked up in the
+/// metrics registry once per store rather than on every round trip (the
+/// lookup hashes the label set and takes a lock), as observe.rs does for the
+/// RPC series. Per store, not per process: a handle is bound to the recorder
+/// in force when it is made.
+#[derive(Default)]
+pub(super) struct OpDurations {
+    /// Indexed like [`OPS`].
+    slots: [OnceLock<Histogram>; OPS.len()],
+}
+
+/// The operations whose histograms are kept; any other name is looked up on
+/// each use, which is only slower.
+const OPS: [&str; 12] = [
+    "get_session",
+    "create_session",
+    "revoke_session",
+    "record_login_attempt",
+    "reset_login_attempts",
+    "revoke_all_user_sessions",
+    "count_user_sessions",
+    "list_user_sessions",
+    "ping",
+    "maxmemory_policy",
+    "publish_heartbeat",
+    "raw_command",
+];
+
+impl OpDurations {
+    /// The histogram of operation `name`.
+    fn of(&self, name: &'static str) -> Histogram {
+        let make = || metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => name);
+        match OPS.iter().position(|op| *op == name) {
+            Some(index) => self.slots[index].get_or_init(make).clone(),
+            None => make(),
+        }
     }
 }
 
@@ -160,6 +214,8 @@ pub(super) struct Op {
     timeout: Duration,
     /// The store operation, as the `op` metric label.
     name: &'static str,
+    /// The operation's Redis latency histogram.
+    duration: Histogram,
 }
 
 impl Op {
@@ -250,8 +306,7 @@ impl Op {
         start: std::time::Instant,
         result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, Error> {
-        metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => self.name)
-            .record(start.elapsed().as_secs_f64());
+        self.duration.record(start.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {

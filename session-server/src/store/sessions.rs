@@ -156,11 +156,20 @@ impl Store {
         owner: Option<&UserId>,
     ) -> Result<Option<Session>, Error> {
         let mut op = self.op("get_session").await?;
-        let Some(owner) = self.resolve_owner(&mut op, token, owner).await? else {
-            return Ok(None);
+        // The hint is used as it is: no copy of it on the hot path.
+        let found;
+        let owner = match owner {
+            Some(user) => user,
+            None => match self.find_owner(&mut op, token).await? {
+                Some(user) => {
+                    found = user;
+                    &found
+                }
+                None => return Ok(None),
+            },
         };
         let json: Option<String> = op
-            .query(redis::cmd("GET").arg(self.session_key(&owner, token.as_str())))
+            .query(redis::cmd("GET").arg(self.session_key(owner, token.as_str())))
             .await?;
         json.map(|json| parse_session(&json)).transpose()
     }
@@ -358,7 +367,7 @@ fn jittered_backoff(round: u32) -> Duration {
 }
 
 fn parse_session(json: &str) -> Result<Session, Error> {
-    serde_json::from_str(json)
+    Session::from_stored_json(json)
         .map_err(|e| Error::Internal(format!("corrupt session JSON: {e}").into()))
 }
 
