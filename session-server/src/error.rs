@@ -173,13 +173,17 @@ impl From<Error> for tonic::Status {
         match err {
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(err.to_string()),
             Error::Unavailable(ref cause) => {
-                tracing::warn!(error = %cause, "redis unavailable");
+                if let Some(suppressed) = REDIS_FAILURE_LOG.admit() {
+                    tracing::warn!(error = %cause, suppressed, "redis unavailable");
+                }
                 tonic::Status::unavailable(
                     "session store unavailable: redis is unreachable or failing",
                 )
             }
             Error::Timeout(limit) => {
-                tracing::warn!(?limit, "redis timed out");
+                if let Some(suppressed) = REDIS_FAILURE_LOG.admit() {
+                    tracing::warn!(?limit, suppressed, "redis timed out");
+                }
                 tonic::Status::unavailable(format!(
                     "session store unavailable: redis did not answer within {} ms",
                     limit.as_millis()
@@ -197,6 +201,57 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// The "redis unavailable" and "redis timed out" lines: one per failed call
+/// would be a flood exactly when Redis is down (20,000 lines a second at
+/// 20,000 calls a second), so at most one a second is written, carrying how
+/// many were left out since the last (`suppressed`). The calls are still
+/// counted exactly (`sessionstore_redis_errors_total`,
+/// `sessionstore_rpc_requests_total`), and each still gets its own
+/// (separately rate-limited) RPC log line.
+static REDIS_FAILURE_LOG: LogGate = LogGate::new();
+
+/// Admits at most one log line per second; lock-free and approximate at a
+/// second's edge, exact in the count of lines left out.
+struct LogGate {
+    /// The second (since the process's first line) the last line was written.
+    last: std::sync::atomic::AtomicU64,
+    /// Lines left out since the last one written.
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogGate {
+    const fn new() -> Self {
+        Self {
+            last: std::sync::atomic::AtomicU64::new(u64::MAX),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be written now, `n` being how many were left
+    /// out before it; `None` (and one more left out) otherwise.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let second = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs();
+        let last = self.last.load(Relaxed);
+        let due = last == u64::MAX || second > last;
+        if due
+            && self
+                .last
+                .compare_exchange(last, second, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
@@ -205,6 +260,28 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    /// The gate writes at most one line per second that passes, and the
+    /// lines it writes plus those it reports left out are all of them.
+    #[test]
+    fn redis_failure_lines_are_limited_and_counted() {
+        let gate = LogGate::new();
+        let started = std::time::Instant::now();
+        let (mut written, mut reported) = (0u64, 0u64);
+        for _ in 0..10_000 {
+            if let Some(suppressed) = gate.admit() {
+                written += 1;
+                reported += suppressed;
+            }
+        }
+        let pending = gate.suppressed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(written >= 1);
+        assert!(
+            written <= started.elapsed().as_secs() + 1,
+            "{written} lines"
+        );
+        assert_eq!(written + reported + pending, 10_000);
+    }
 
     /// A Redis error reply as it comes off the wire (`-CODE detail`).
     fn reply(line: &str) -> RedisError {

@@ -123,7 +123,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
 
     redis.kill();
     let down = Instant::now();
-    let (mut calls, mut slowest) = (0, Duration::ZERO);
+    let (mut calls, mut slowest) = (0u64, Duration::ZERO);
     while down.elapsed() < Duration::from_secs(10) {
         let started = Instant::now();
         let status = client.get_session(get()).await.unwrap_err();
@@ -144,6 +144,27 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
         "slowest of {calls} calls with Redis stopped: {slowest:?}"
     );
     eprintln!("Redis stopped 10 s: {calls} calls UNAVAILABLE, slowest {slowest:?}");
+    // One "redis unavailable" line a second at most, however many calls fail,
+    // each saying how many it stands for.
+    let failure_lines: Vec<u64> = logs
+        .try_iter()
+        .filter(|event| event["message"] == "redis unavailable")
+        .map(|event| event["suppressed"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        !failure_lines.is_empty() && failure_lines.len() <= 12,
+        "{} \"redis unavailable\" lines for {calls} failed calls in 10 s",
+        failure_lines.len()
+    );
+    let stood_for: u64 = failure_lines.iter().map(|n| n + 1).sum();
+    eprintln!(
+        "{} \"redis unavailable\" lines standing for {stood_for} of {calls} failed calls",
+        failure_lines.len()
+    );
+    assert!(
+        stood_for >= calls / 2,
+        "the lines account for {stood_for} of {calls} calls"
+    );
     assert!(
         wait_until(Duration::from_secs(5), || async {
             metric(metrics, "sessionstore_redis_up").await == Some(0.0)
@@ -166,11 +187,13 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
         "calls did not succeed again after Redis came back"
     );
 
-    // Hung rather than gone: every command waits (CLIENT PAUSE) for 3 s.
-    redis.pause(3000).await;
+    // Hung rather than gone: every command waits (CLIENT PAUSE) for 5 s.
+    // Calls start only while more than REDIS_TIMEOUT_MS (plus a margin) of
+    // the pause is left, so none can be answered by the pause ending.
+    redis.pause(5000).await;
     let paused = Instant::now();
     let mut slowest = Duration::ZERO;
-    while paused.elapsed() < Duration::from_millis(2500) {
+    while paused.elapsed() < Duration::from_millis(3000) {
         let started = Instant::now();
         let status = client.get_session(get()).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
