@@ -376,3 +376,4 @@ if [[ "$NEAR_CACHE" == 1 ]]; then
   done
 fi
 if [[ -n "${BENCH_RAW:-}" ]]; then cp "$results" "$BENCH_RAW"; fi
+command -v h2load >/dev/null && SERVER_BIN="$server_bin" scripts/bench-h2load.sh --repeats "$REPEATS" --duration "$DURATION" || log "no h2load table (#15: needs h2load from nghttp2-client, or scripts/bench-h2load.sh failed)"
