@@ -346,14 +346,15 @@ if [[ "$NEAR_CACHE" == 1 ]]; then
   echo
   echo "What subscribers cost the server: sessions revoked once each, from the first revoke until every stream received every revocation."
   echo
-  echo "| revoking tasks | pause after each µs | streams | revoked | revokes/s | delivered in s | CPU s server | server CPU µs per revocation | messages per revocation per stream | CPU s loadgen | streams ended | errors |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| revoking tasks | pause after each µs | streams | revoked | revokes/s | RevokeSession p50 / p99 / max ms | delivered in s | CPU s server | server CPU µs per revocation | messages per revocation per stream | CPU s loadgen | streams ended | errors |"
+  echo "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
   for run in $NC_FANOUT_RUNS; do
     IFS=: read -r c pause _ <<<"$run"
     for subs in 0 1 "$NC_SUBSCRIBERS"; do
       l="$(grep "^nc-fan $run $subs " "$results" | tail -n1)"
       [[ -n "$l" ]] || continue
-      awk -v c="$c | $pause" -v s="$subs" -v n="$(field "$l" revoked)" -v rps="$(field "$l" rps)" \
+      awk -v c="$c | $pause" -v s="$subs" -v n="$(field "$l" revoked)" \
+        -v rps="$(field "$l" rps) | $(field "$l" p50_ms) / $(field "$l" p99_ms) / $(field "$l" max_ms)" \
         -v d="$(field "$l" delivered_s)" -v cpu="$(field "$l" cpu_server_s)" -v m="$(field "$l" subscriber_messages)" \
         -v lg="$(field "$l" cpu_loadgen_s)" -v e="$(field "$l" subscribers_ended)" -v err="$(field "$l" errors)" \
         'BEGIN { printf "| %s | %s | %s | %s | %s | %s | %.1f | %s | %s | %s | %s |\n", c, s, n, rps, d, cpu,
