@@ -389,7 +389,8 @@ impl SessionClient {
     /// revoked; once it returns, [`get_session`](Self::get_session) no longer
     /// finds it: through the server, and through this client's
     /// [near-cache](Builder::near_cache), which forgets the session before
-    /// the call returns (whatever its outcome). Other clients' near-caches
+    /// the request is sent and again when the call returns (whatever its
+    /// outcome) or its future is dropped. Other clients' near-caches
     /// learn it from their revocation stream, within the bound stated there.
     ///
     /// Retried only when the request never left this process (see
@@ -456,14 +457,12 @@ impl SessionClient {
             token_id: Some(request.token_id.clone()),
             revoked_at: None,
         };
+        let _forget = self.forget_around(revocation);
         let result = self
             .write(request, |mut stub, req| async move {
                 stub.revoke_session(req).await
             })
             .await;
-        // Whatever the outcome (a failed call may have revoked it), this
-        // client's own cache forgets the session before the call returns.
-        self.forget(revocation);
         Ok(result?.revoked)
     }
 
@@ -473,6 +472,23 @@ impl SessionClient {
         if let Some(cache) = self.near_cache() {
             cache.apply(&[revocation]);
         }
+    }
+
+    /// Applies a revocation about to be sent to the near-cache now, and again
+    /// when the returned guard is dropped: when the call returns, whatever
+    /// its outcome (a failed call may have revoked), or when its future is
+    /// dropped mid-call (a caller's timeout, a `select!`), since the request
+    /// may have reached the server either way.
+    ///
+    /// Before: the entry is gone and the calls in flight for it lose their
+    /// fill even if the caller never sees the answer. After: a lookup that
+    /// read the session in Redis before the revoke and filled the cache while
+    /// it was in flight is dropped too (the stream would drop it, but only
+    /// within its delivery latency).
+    fn forget_around(&self, revocation: Revocation) -> Option<ForgetOnDrop> {
+        let cache = self.near_cache()?.clone();
+        cache.apply(std::slice::from_ref(&revocation));
+        Some(ForgetOnDrop { cache, revocation })
     }
 
     /// Revokes every live session of a user ("sign out everywhere"); returns
@@ -510,12 +526,12 @@ impl SessionClient {
             token_id: None,
             revoked_at: None,
         };
+        let _forget = self.forget_around(revocation);
         let result = self
             .write(request, |mut stub, req| async move {
                 stub.revoke_all_user_sessions(req).await
             })
             .await;
-        self.forget(revocation);
         Ok(result?.revoked_count)
     }
 
@@ -857,6 +873,20 @@ impl SessionClient {
             tokio::time::sleep(pause).await;
             last = Some((member, status));
         }
+    }
+}
+
+/// Applies its revocation to the near-cache when dropped; see
+/// [`SessionClient::forget_around`].
+struct ForgetOnDrop {
+    cache: Arc<NearCache>,
+    revocation: Revocation,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.cache
+            .apply_again(std::slice::from_ref(&self.revocation));
     }
 }
 

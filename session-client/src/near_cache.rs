@@ -347,12 +347,18 @@ impl NearCache {
 
     /// Applies revocations (from the stream, or made through this client).
     pub(crate) fn apply(&self, revocations: &[Revocation]) {
+        self.apply_again(revocations);
+        self.revocations_applied
+            .fetch_add(revocations.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Applies revocations already counted by [`apply`](Self::apply): an own
+    /// revoke applied again once its call is over.
+    pub(crate) fn apply_again(&self, revocations: &[Revocation]) {
         let mut state = self.state();
         for revocation in revocations {
             state.apply(revocation);
         }
-        self.revocations_applied
-            .fetch_add(revocations.len() as u64, Ordering::Relaxed);
     }
 
     /// A message arrived on the stream.

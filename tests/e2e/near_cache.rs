@@ -287,6 +287,40 @@ async fn own_revocations_apply_before_the_call_returns() {
     server.shutdown().await;
 }
 
+/// A revoke made through the caching client whose future is dropped after
+/// the request left (a caller's timeout, a `select!`) still drops the entry
+/// from its own cache, with the stream muted so that only the client itself
+/// can have dropped it.
+#[tokio::test]
+async fn a_cancelled_own_revoke_still_drops_the_entry() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(&server).await;
+    let cached = cached_client(relay.url(), LONG_STALENESS).await;
+    healthy(&cached).await;
+    create(&cached, "judy", "j-1").await;
+    cache(&cached, "judy", "j-1").await;
+    relay.mute();
+
+    let mut held = relay.hold_next_revoke();
+    let revoke = tokio::spawn({
+        let cached = cached.clone();
+        async move { cached.revoke_session("j-1").await }
+    });
+    // The server has revoked it; its answer is held: the caller gives up.
+    held.read().await;
+    revoke.abort();
+    assert!(revoke.await.unwrap_err().is_cancelled());
+    held.release();
+
+    let misses = stats(&cached).misses;
+    assert_eq!(cached.get_user_session("judy", "j-1").await.unwrap(), None);
+    let after = stats(&cached);
+    assert_eq!(after.misses, misses + 1, "asked the server, not the cache");
+    assert_eq!(after.entries, 0);
+    assert!(after.healthy, "dropped by the revoke, not by staleness");
+    server.shutdown().await;
+}
+
 /// A reset flushes the cache: Redis restarted under the server (with its
 /// data kept), the server's subscription is re-established and says so,
 /// and the next lookup goes to the server again.
@@ -500,6 +534,7 @@ struct RelayState {
     upstream: SessionStoreClient<Channel>,
     muted: watch::Sender<bool>,
     hold: std::sync::Mutex<Option<Hold>>,
+    hold_revoke: std::sync::Mutex<Option<Hold>>,
 }
 
 /// The relay's side of a held lookup.
@@ -538,6 +573,7 @@ impl Relay {
             upstream: server.client().await,
             muted: watch::channel(false).0,
             hold: std::sync::Mutex::new(None),
+            hold_revoke: std::sync::Mutex::new(None),
         });
         let service = SessionStoreServer::new(RelayService(state.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -568,9 +604,19 @@ impl Relay {
 
     /// Holds the next lookup's answer until [`Held::release`].
     fn hold_next_get(&self) -> Held {
+        Self::hold_next(&self.state.hold)
+    }
+
+    /// Holds the next RevokeSession's answer (the server has revoked)
+    /// until [`Held::release`].
+    fn hold_next_revoke(&self) -> Held {
+        Self::hold_next(&self.state.hold_revoke)
+    }
+
+    fn hold_next(slot: &std::sync::Mutex<Option<Hold>>) -> Held {
         let (read, read_rx) = oneshot::channel();
         let release = Arc::new(Semaphore::new(0));
-        *self.state.hold.lock().unwrap() = Some(Hold {
+        *slot.lock().unwrap() = Some(Hold {
             read,
             release: release.clone(),
         });
@@ -591,6 +637,15 @@ impl Drop for Relay {
 
 struct RelayService(Arc<RelayState>);
 
+/// Waits for the test's release when `slot` holds a [`Hold`] (taken: once).
+async fn held(slot: &std::sync::Mutex<Option<Hold>>) {
+    let hold = slot.lock().unwrap().take();
+    if let Some(hold) = hold {
+        let _ = hold.read.send(());
+        hold.release.acquire().await.unwrap().forget();
+    }
+}
+
 type RevocationStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
 
@@ -610,11 +665,7 @@ impl SessionStore for RelayService {
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
         let mut upstream = self.0.upstream.clone();
         let answer = upstream.get_session(request.into_inner()).await?;
-        let hold = self.0.hold.lock().unwrap().take();
-        if let Some(hold) = hold {
-            let _ = hold.read.send(());
-            hold.release.acquire().await.unwrap().forget();
-        }
+        held(&self.0.hold).await;
         Ok(answer)
     }
 
@@ -623,7 +674,9 @@ impl SessionStore for RelayService {
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         let mut upstream = self.0.upstream.clone();
-        upstream.revoke_session(request.into_inner()).await
+        let answer = upstream.revoke_session(request.into_inner()).await?;
+        held(&self.0.hold_revoke).await;
+        Ok(answer)
     }
 
     async fn revoke_all_user_sessions(
