@@ -51,7 +51,8 @@ start_node() { # DIR PORT EXTRA-ARGS...
   shift 2
   mkdir -p "${dir}/${port}"
   redis-server --daemonize yes --bind 127.0.0.1 --port "${port}" --dir "${dir}/${port}" \
-    --pidfile "${dir}/${port}.pid" --logfile "${dir}/${port}.log" --save "" --appendonly no "$@"
+    --pidfile "${dir}/${port}.pid" --logfile "${dir}/${port}.log" --save "" --appendonly no \
+    --enable-debug-command local "$@"
   wait_for "redis on ${port}" 10 answers "${port}"
 }
 

@@ -17,6 +17,7 @@ use redis::{
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
 use tokio::time::{Instant, timeout_at};
@@ -234,49 +235,77 @@ impl Op {
         self.settle(start, result)
     }
 
-    /// PUBLISHes `message` on `channel` through every master (the one server
-    /// in standalone and sentinel modes, each master of a cluster), so that
-    /// it travels every path a script's PUBLISH can take; answers how many
-    /// masters published it.
+    /// The masters of a cluster ("host:port", sorted) as redis-rs sees them
+    /// now; `None` in standalone and sentinel modes (one master, reached
+    /// through the pool).
     ///
     /// # Errors
     ///
-    /// As [`query`](Self::query), and when any master refused or failed.
-    pub(super) async fn publish_on_every_master(
+    /// As [`query`](Self::query), and when a master does not answer.
+    pub(super) async fn cluster_masters(&mut self) -> Result<Option<Vec<String>>, Error> {
+        let Link::Cluster(cluster) = &mut self.conn else {
+            return Ok(None);
+        };
+        // Without a response policy redis-rs answers a map from each master's
+        // address to its reply.
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let start = std::time::Instant::now();
+        let result = timeout_at(
+            self.deadline,
+            cluster.route_command(redis::cmd("PING"), routing),
+        )
+        .await;
+        match self.settle(start, result)? {
+            Value::Map(replies) => {
+                let mut masters = Vec::with_capacity(replies.len());
+                for (node, reply) in replies {
+                    if let Value::ServerError(refusal) = reply {
+                        return Err(Error::Internal(
+                            format!("PING on {node:?} failed: {refusal:?}").into(),
+                        ));
+                    }
+                    let node = String::from_redis_value(node).map_err(|e| {
+                        Error::Internal(format!("a cluster node address: {e}").into())
+                    })?;
+                    masters.push(node);
+                }
+                masters.sort();
+                Ok(Some(masters))
+            }
+            other => Err(Error::Internal(
+                format!("PING on every master answered {other:?}").into(),
+            )),
+        }
+    }
+
+    /// PUBLISHes `message` on `channel` on the master `master` ("host:port",
+    /// from [`cluster_masters`](Self::cluster_masters)) of a cluster, or on
+    /// the one master when `None`.
+    pub(super) async fn publish_on(
         &mut self,
+        master: Option<&str>,
         channel: &str,
         message: &str,
-    ) -> Result<usize, Error> {
+    ) -> Result<(), Error> {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(channel).arg(message);
         let start = std::time::Instant::now();
-        let Link::Cluster(cluster) = &mut self.conn else {
+        let (Link::Cluster(cluster), Some(master)) = (&mut self.conn, master) else {
             let result =
                 timeout_at(self.deadline, publish.query_async::<i64>(&mut self.conn)).await;
-            return self.settle(start, result).map(|_| 1);
+            return self.settle(start, result).map(|_| ());
         };
-        // Without a response policy redis-rs answers a map from each master's
-        // address to its reply (a refusal as a ServerError value).
-        let routing = redis::cluster_routing::RoutingInfo::MultiNode((
-            redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
-            None,
-        ));
+        let (host, port) = split_host_port(master)?;
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_owned(),
+            port,
+        });
         let result = timeout_at(self.deadline, cluster.route_command(publish, routing)).await;
         match self.settle(start, result)? {
-            Value::Map(replies) => {
-                if let Some((node, refusal)) = replies
-                    .iter()
-                    .find(|(_, reply)| matches!(reply, Value::ServerError(_)))
-                {
-                    return Err(Error::Internal(
-                        format!("PUBLISH on {node:?} was refused: {refusal:?}").into(),
-                    ));
-                }
-                Ok(replies.len())
-            }
-            other => Err(Error::Internal(
-                format!("PUBLISH on every master answered {other:?}").into(),
+            Value::ServerError(refusal) => Err(Error::Internal(
+                format!("PUBLISH on {master} was refused: {refusal:?}").into(),
             )),
+            _ => Ok(()),
         }
     }
 
@@ -480,21 +509,18 @@ impl bb8::ManageConnection for RedisManager {
 
 /// A dedicated pub/sub connection (for the revocation subscriber): to the
 /// server in standalone mode, to the master the sentinels name now in
-/// sentinel mode, and to a seed node in cluster mode (classic pub/sub messages
-/// reach every node of a cluster). `attempt` rotates the sentinel or seed
-/// tried first, so a hung or removed node costs one attempt, not all of them;
-/// each node gets its own `timeout`.
+/// sentinel mode (`attempt` rotates the sentinel asked first, so a hung one
+/// costs one attempt, not all of them), and in cluster mode to `master`
+/// ("host:port", one of [`Op::cluster_masters`]), with the scheme, user,
+/// password and CA of the first seed. Bound by the settings' timeout.
 pub(super) async fn pubsub(
     settings: &Settings,
+    master: Option<&str>,
     attempt: usize,
 ) -> Result<redis::aio::PubSub, Error> {
     let timeout = settings.timeout;
-    match settings.mode {
-        RedisMode::Standalone => {
-            let client = redis_client(settings)?;
-            bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
-        }
-        RedisMode::Sentinel => {
+    match (settings.mode, master) {
+        (RedisMode::Sentinel, _) => {
             let mut sentinels = split_urls(&settings.redis_url);
             let turn = attempt % sentinels.len().max(1);
             sentinels.rotate_left(turn);
@@ -505,19 +531,42 @@ pub(super) async fn pubsub(
             })
             .await
         }
-        RedisMode::Cluster => {
-            let seeds = split_urls(&settings.redis_url);
-            let mut last = Error::invalid("REDIS_URL", "no cluster node given");
-            for i in 0..seeds.len() {
-                let client = node_client(settings, seeds[(attempt + i) % seeds.len()])?;
-                match bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await {
-                    Ok(pubsub) => return Ok(pubsub),
-                    Err(err) => last = err,
-                }
-            }
-            Err(last)
+        (RedisMode::Cluster, Some(master)) => {
+            use redis::{ConnectionAddr, IntoConnectionInfo};
+            let seed = split_urls(&settings.redis_url)
+                .first()
+                .copied()
+                .unwrap_or_default()
+                .into_connection_info()
+                .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))?;
+            let (host, port) = split_host_port(master)?;
+            let addr = match seed.addr() {
+                ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                    host: host.to_owned(),
+                    port,
+                    insecure: *insecure,
+                    tls_params: None,
+                },
+                _ => ConnectionAddr::Tcp(host.to_owned(), port),
+            };
+            let client = client_for(settings, seed.set_addr(addr))?;
+            bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
+        }
+        (RedisMode::Standalone | RedisMode::Cluster, _) => {
+            let client = redis_client(settings)?;
+            bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
         }
     }
+}
+
+/// `host:port` as its parts.
+fn split_host_port(address: &str) -> Result<(&str, u16), Error> {
+    address
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse().ok()?)))
+        .ok_or_else(|| {
+            Error::Internal(format!("a cluster node address without a port: {address:?}").into())
+        })
 }
 
 /// `work`, or [`Error::Timeout`] when it takes longer than `timeout`.
@@ -552,8 +601,18 @@ pub(super) fn redis_client(settings: &Settings) -> Result<redis::Client, Error> 
 /// A Redis client for `url`, one server, with the settings' password and CA.
 fn node_client(settings: &Settings, url: &str) -> Result<redis::Client, Error> {
     use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()
+        .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))?;
+    client_for(settings, info)
+}
+
+/// A Redis client for `info`, with the settings' password and CA applied.
+fn client_for(
+    settings: &Settings,
+    mut info: redis::ConnectionInfo,
+) -> Result<redis::Client, Error> {
     let invalid = |e: redis::RedisError| Error::invalid("REDIS_URL", e.to_string());
-    let mut info = url.into_connection_info().map_err(invalid)?;
     if let Some(password) = &settings.redis_password {
         let redis = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(redis);

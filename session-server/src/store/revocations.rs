@@ -15,13 +15,19 @@
 //! # Why heartbeats go through Redis
 //!
 //! A subscription can die without its TCP connection closing (a partitioned
-//! or failed-over master). Each process publishes its own heartbeat on the
-//! channel and forwards a heartbeat to its streams only when that message
-//! comes back through its subscription, so streams stop beating exactly when
-//! revocations may have stopped flowing; a subscription that misses its own
-//! heartbeats is dropped and made again. Every (re)subscription is announced
-//! to the streams as a reset, because anything published while it was down
-//! may have been missed.
+//! or failed-over master), and on a cluster a message crossing the cluster bus
+//! can be dropped in a link's reconnect while every connection of ours stays
+//! up. So the subscriber connects to every master (the one master of
+//! standalone and sentinel modes; each master of a cluster, over which that
+//! master's own publishes arrive without crossing the bus), and each process
+//! publishes its own numbered heartbeat on each master. A beat counts only
+//! when it came back from every master over that master's own connection;
+//! streams get a heartbeat only then, so they stop beating exactly when
+//! revocations may have stopped flowing. A subscription is announced to the
+//! streams as a reset only once its first beat came back (what is published
+//! from then on arrives); one that misses its beats for the patience
+//! (three beats, at least one beat plus REDIS_TIMEOUT_MS), or whose cluster
+//! changed masters, is dropped and made again.
 //!
 //! # Cost when nobody watches
 //!
@@ -32,11 +38,12 @@
 //! # Topologies
 //!
 //! Standalone: the one server. Sentinel: the master the sentinels name at
-//! subscription time; after a failover the old connection breaks (or misses
-//! its heartbeats) and the next subscription goes to the new master. Cluster:
-//! the first seed node that answers; classic (not sharded) pub/sub messages
-//! are broadcast over the cluster bus, so a revocation published by a script
-//! on any master reaches a subscriber on any node.
+//! subscription time (each attempt asks the next sentinel first, each with
+//! its own timeout); after a failover the old connection breaks or misses its
+//! heartbeats, and the next subscription goes to the new master. Cluster: one
+//! connection per master, as redis-rs's cluster connection sees the masters;
+//! a revocation arrives once over its own master's connection and again over
+//! the bus on the others, and the copies are dropped.
 
 use std::{
     fmt,
@@ -45,7 +52,7 @@ use std::{
 };
 
 use tokio::{sync::broadcast, time::Instant};
-use tokio_stream::StreamExt;
+use tokio_stream::{StreamExt, StreamMap};
 
 use super::{Store, connection};
 use crate::{
@@ -157,10 +164,12 @@ impl Store {
         true
     }
 
-    /// The subscriber: subscribe, prove the subscription with a heartbeat
-    /// that comes back through every master, announce a reset, then forward
-    /// what arrives; on loss (or heartbeats that stop coming back complete)
-    /// subscribe again, starting from the next node, with backoff.
+    /// The subscriber: subscribe (on every master of a cluster), prove the
+    /// subscription with a heartbeat that comes back from every master over
+    /// that master's own connection, announce a reset, then forward what
+    /// arrives; on loss (a connection closed, heartbeats that stop coming
+    /// back complete, the cluster's masters changed) subscribe again, with
+    /// backoff when the last subscription never worked.
     async fn subscribe_revocations(
         self,
         events: broadcast::Sender<RevocationEvent>,
@@ -181,15 +190,8 @@ impl Store {
             if self.retire_if_unwatched(&events) {
                 return;
             }
-            let subscribed = async {
-                let mut pubsub = connection::pubsub(settings, attempt).await?;
-                tokio::time::timeout(settings.timeout, pubsub.subscribe(&channel))
-                    .await
-                    .map_err(|_| Error::Timeout(settings.timeout))??;
-                Ok::<_, Error>(pubsub)
-            };
-            let pubsub = match subscribed.await {
-                Ok(pubsub) => pubsub,
+            let mut messages = match self.subscribe_everywhere(&channel, attempt).await {
+                Ok(subscription) => subscription,
                 Err(err) => {
                     if backoff.attempts == 0 {
                         tracing::warn!(error = %err, "revocation stream: cannot subscribe to Redis; retrying");
@@ -199,34 +201,46 @@ impl Store {
                     continue;
                 }
             };
-            let mut messages = pubsub.into_on_message();
 
             // Heartbeats are published by their own task so that a slow
-            // PUBLISH never holds up reading the subscription; it reports how
-            // many masters published each one, so a beat counts only once a
-            // copy came back from each.
-            let (published_tx, mut published) = tokio::sync::mpsc::channel(16);
+            // PUBLISH never holds up reading the subscriptions; it also
+            // watches the cluster's masters and says when they changed.
+            let (changed_tx, mut changed) = tokio::sync::mpsc::channel(1);
             let publisher = AbortOnDrop(tokio::spawn(self.clone().publish_heartbeats(
                 channel.clone(),
                 own.clone(),
                 beat,
-                published_tx,
+                messages.masters.clone(),
+                changed_tx,
             )));
-            let mut beats = Beats::default();
+            let mut beats = Beats::new(messages.masters.len());
+            let mut recent = Recent::default();
             let mut last_beat: Option<Instant> = None;
             let subscribed_at = Instant::now();
             let mut tick = tokio::time::interval(beat);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let lost = loop {
                 let completed = tokio::select! {
-                    message = messages.next() => {
+                    next = messages.streams.next() => {
+                        let Some((source, message)) = next else {
+                            break "every connection closed".to_owned();
+                        };
                         let Some(message) = message else {
-                            break "the connection closed";
+                            break format!("the connection to {} closed", messages.name(source));
                         };
                         let payload = message.get_payload_bytes();
-                        if let Some(seq) = own_beat(payload, &own) {
-                            beats.arrived(seq)
+                        if let Some((seq, from)) = own_beat(payload, &own) {
+                            // Only the copy that came over its own master's
+                            // connection proves that connection (copies of
+                            // other masters' beats come over the cluster bus).
+                            from == source && beats.arrived(seq, source)
                         } else {
+                            // On a cluster each revocation arrives once per
+                            // master: over its own master's connection, and
+                            // over the bus on the others.
+                            if !recent.first_time(payload) {
+                                continue;
+                            }
                             match parse(payload) {
                                 Some(Parsed::Revoked(revocation)) => {
                                     metrics::counter!(REVOCATION_EVENTS, "kind" => "revocation").increment(1);
@@ -242,7 +256,7 @@ impl Store {
                             false
                         }
                     }
-                    Some((seq, masters)) = published.recv() => beats.published(seq, masters),
+                    Some(()) = changed.recv() => break "the cluster's masters changed".to_owned(),
                     _ = tick.tick() => {
                         if self.retire_if_unwatched(&events) {
                             *lock(&proven) = None;
@@ -250,7 +264,7 @@ impl Store {
                             return;
                         }
                         if last_beat.unwrap_or(subscribed_at).elapsed() > patience {
-                            break "its heartbeats stopped coming back";
+                            break "its heartbeats stopped coming back".to_owned();
                         }
                         false
                     }
@@ -278,8 +292,8 @@ impl Store {
             tracing::warn!(
                 "revocation stream: lost the Redis subscription ({lost}); streams stop beating until it is back, then reset"
             );
-            // The next subscription starts from the next seed or sentinel,
-            // after a pause when this one never worked.
+            // The next subscription starts from the next sentinel, after a
+            // pause when this one never worked.
             attempt = attempt.wrapping_add(1);
             if last_beat.is_none() {
                 tokio::time::sleep(backoff.next()).await;
@@ -287,91 +301,178 @@ impl Store {
         }
     }
 
-    /// Publishes a numbered heartbeat (`<own><seq>`) on `channel` every
-    /// `every` through every master, as the scripts publish revocations, and
-    /// reports each one that every master published with their number.
+    /// Subscribes to `channel` on the master (on each master of a cluster:
+    /// a message that crosses the cluster bus can be lost in a link's
+    /// reconnect without any connection of ours breaking, while one a
+    /// master delivers to its own subscribers cannot).
+    async fn subscribe_everywhere(
+        &self,
+        channel: &str,
+        attempt: usize,
+    ) -> Result<Subscription, Error> {
+        let settings = &self.shared.settings;
+        let masters: Vec<Option<String>> =
+            match self.op("cluster_masters").await?.cluster_masters().await? {
+                Some(masters) => masters.into_iter().map(Some).collect(),
+                None => vec![None],
+            };
+        let mut streams = StreamMap::new();
+        for (source, master) in masters.iter().enumerate() {
+            let mut pubsub = connection::pubsub(settings, master.as_deref(), attempt).await?;
+            tokio::time::timeout(settings.timeout, pubsub.subscribe(channel))
+                .await
+                .map_err(|_| Error::Timeout(settings.timeout))??;
+            // Each message as `Some`, then one `None` when the connection
+            // closes, so a loss is seen (StreamMap drops ended streams
+            // silently).
+            let messages: SourceStream = Box::pin(
+                pubsub
+                    .into_on_message()
+                    .map(Some)
+                    .chain(tokio_stream::once(None)),
+            );
+            streams.insert(source, messages);
+        }
+        Ok(Subscription { masters, streams })
+    }
+
+    /// Publishes a numbered heartbeat on `channel` every `every`, on each
+    /// master in `masters` (`<own><seq>:<index>`), as the scripts publish
+    /// revocations; on a cluster also checks that the masters are still
+    /// those, and says on `changed` when they are not.
     async fn publish_heartbeats(
         self,
         channel: String,
         own: String,
         every: Duration,
-        published: tokio::sync::mpsc::Sender<(u64, usize)>,
+        masters: Vec<Option<String>>,
+        changed: tokio::sync::mpsc::Sender<()>,
     ) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refused_logged = false;
+        let cluster = masters.iter().any(Option::is_some);
         for seq in 0u64.. {
             tick.tick().await;
-            let beat = format!("{own}{seq}");
-            let sent = async {
-                let mut op = self.op("publish_heartbeat").await?;
-                op.publish_on_every_master(&channel, &beat).await
+            let Ok(mut op) = self.op("publish_heartbeat").await else {
+                continue;
             };
-            // A failed beat shows as a missing heartbeat; the store records
-            // the error. A refusal is a misconfiguration worth saying once.
-            match sent.await {
-                Ok(masters) => {
-                    if published.send((seq, masters)).await.is_err() {
-                        return;
+            if cluster
+                && let Ok(Some(now)) = op.cluster_masters().await
+                && now.iter().map(Some).ne(masters.iter().map(Option::as_ref))
+            {
+                let _ = changed.try_send(());
+                return;
+            }
+            for (index, master) in masters.iter().enumerate() {
+                let beat = format!("{own}{seq}:{index}");
+                // A failed beat shows as a missing heartbeat; the store
+                // records the error. A refusal is a misconfiguration worth
+                // saying once.
+                match op.publish_on(master.as_deref(), &channel, &beat).await {
+                    Err(Error::Internal(cause)) if !refused_logged => {
+                        refused_logged = true;
+                        tracing::error!(
+                            channel = %channel,
+                            error = %cause,
+                            "revocation stream: Redis refused a PUBLISH on the revocation channel; \
+                             revocations fail the same way: grant the Redis user `&<channel>`"
+                        );
                     }
+                    _ => {}
                 }
-                Err(Error::Internal(cause)) if !refused_logged => {
-                    refused_logged = true;
-                    tracing::error!(
-                        channel = %channel,
-                        error = %cause,
-                        "revocation stream: Redis refused a PUBLISH on the revocation channel; \
-                         revocations fail the same way: grant the Redis user `&<channel>`"
-                    );
-                }
-                Err(_) => {}
             }
         }
     }
 }
 
-/// The sequence number of one of this process's heartbeats (`own` is its
-/// `h:<instance>:` prefix).
-fn own_beat(payload: &[u8], own: &str) -> Option<u64> {
-    let seq = payload.strip_prefix(own.as_bytes())?;
-    std::str::from_utf8(seq).ok()?.parse().ok()
+/// One message stream per master, each ending with `None` when its
+/// connection closes.
+type SourceStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Option<redis::Msg>> + Send>>;
+
+/// The subscriber's connections: one per master, keyed by index in
+/// `masters` (`None`: the one master of standalone and sentinel modes).
+struct Subscription {
+    masters: Vec<Option<String>>,
+    streams: StreamMap<usize, SourceStream>,
 }
 
-/// Heartbeats in flight: how many masters published each (once known) and
-/// how many copies came back. A beat is complete when a copy came back from
-/// every master that published it.
-#[derive(Default)]
+impl Subscription {
+    fn name(&self, source: usize) -> &str {
+        self.masters
+            .get(source)
+            .and_then(Option::as_deref)
+            .unwrap_or("Redis")
+    }
+}
+
+/// One of this process's heartbeats: its sequence number and the index of
+/// the master it was published on (`own` is the `h:<instance>:` prefix).
+fn own_beat(payload: &[u8], own: &str) -> Option<(u64, usize)> {
+    let rest = std::str::from_utf8(payload.strip_prefix(own.as_bytes())?).ok()?;
+    let (seq, source) = rest.split_once(':')?;
+    Some((seq.parse().ok()?, source.parse().ok()?))
+}
+
+/// Heartbeats in flight: from which masters each came back. A beat is
+/// complete when it came back from every master over that master's own
+/// connection.
 struct Beats {
-    /// seq -> (masters that published it, copies arrived).
-    pending: std::collections::BTreeMap<u64, (Option<usize>, usize)>,
+    masters: usize,
+    /// seq -> the masters it came back from.
+    pending: std::collections::BTreeMap<u64, std::collections::BTreeSet<usize>>,
 }
 
 impl Beats {
     /// Most beats remembered; older ones are given up.
     const KEPT: usize = 16;
 
-    fn published(&mut self, seq: u64, masters: usize) -> bool {
-        self.pending.entry(seq).or_default().0 = Some(masters);
-        self.complete(seq)
+    fn new(masters: usize) -> Self {
+        Self {
+            masters,
+            pending: std::collections::BTreeMap::new(),
+        }
     }
 
-    fn arrived(&mut self, seq: u64) -> bool {
-        self.pending.entry(seq).or_default().1 += 1;
-        self.complete(seq)
-    }
-
-    fn complete(&mut self, seq: u64) -> bool {
+    fn arrived(&mut self, seq: u64, master: usize) -> bool {
+        let from = self.pending.entry(seq).or_default();
+        from.insert(master);
+        let complete = from.len() >= self.masters;
+        if complete {
+            // Older beats are moot once a later one completed.
+            self.pending = self.pending.split_off(&(seq + 1));
+        }
         while self.pending.len() > Self::KEPT {
             self.pending.pop_first();
         }
-        match self.pending.get(&seq) {
-            Some((Some(masters), arrived)) if arrived >= masters => {
-                // Older beats are moot once a later one completed.
-                self.pending = self.pending.split_off(&(seq + 1));
-                true
-            }
-            _ => false,
+        complete
+    }
+}
+
+/// Revocation messages seen in the last 10 to 20 s: on a cluster each
+/// arrives once per master connection. No two revocations have the same
+/// message (a session is revoked once), so a repeat is a copy.
+#[derive(Default)]
+struct Recent {
+    current: std::collections::HashSet<Box<[u8]>>,
+    previous: std::collections::HashSet<Box<[u8]>>,
+    since: Option<Instant>,
+}
+
+impl Recent {
+    const SPAN: Duration = Duration::from_secs(10);
+
+    fn first_time(&mut self, payload: &[u8]) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Self::SPAN {
+            self.previous = std::mem::take(&mut self.current);
+            self.since = Some(Instant::now());
         }
+        if self.current.contains(payload) || self.previous.contains(payload) {
+            return false;
+        }
+        self.current.insert(payload.into());
+        true
     }
 }
 
@@ -488,28 +589,35 @@ mod tests {
     }
 
     #[test]
-    fn a_beat_completes_when_every_master_sent_a_copy_back() {
-        let mut beats = Beats::default();
-        // The copies may come back before the publisher's count.
-        assert!(!beats.arrived(1));
-        assert!(!beats.arrived(1));
-        assert!(!beats.published(1, 3));
-        assert!(beats.arrived(1));
+    fn a_beat_completes_when_every_master_sent_it_back() {
+        let mut beats = Beats::new(3);
+        assert!(!beats.arrived(1, 0));
+        assert!(!beats.arrived(1, 0), "a copy from the same master twice");
+        assert!(!beats.arrived(1, 2));
+        assert!(beats.arrived(1, 1));
         // One master short: never complete; a later complete beat is.
-        assert!(!beats.published(2, 3));
-        assert!(!beats.arrived(2));
-        assert!(!beats.arrived(2));
-        assert!(!beats.published(3, 1));
-        assert!(beats.arrived(3));
+        assert!(!beats.arrived(2, 0));
+        assert!(!beats.arrived(2, 1));
+        for master in 0..3 {
+            assert_eq!(beats.arrived(3, master), master == 2);
+        }
         // A straggler of an older beat does not count.
-        assert!(!beats.arrived(2));
-        assert!(beats.pending.len() <= Beats::KEPT);
+        assert!(!beats.arrived(2, 2));
         for seq in 10..100 {
-            beats.arrived(seq);
+            beats.arrived(seq, 0);
         }
         assert!(beats.pending.len() <= Beats::KEPT);
-        assert_eq!(own_beat(b"h:ab:42", "h:ab:"), Some(42));
-        assert_eq!(own_beat(b"h:cd:42", "h:ab:"), None);
+        assert_eq!(own_beat(b"h:ab:42:1", "h:ab:"), Some((42, 1)));
+        assert_eq!(own_beat(b"h:cd:42:1", "h:ab:"), None);
+        assert_eq!(own_beat(b"h:ab:42", "h:ab:"), None);
+    }
+
+    #[test]
+    fn copies_of_a_revocation_pass_once() {
+        let mut recent = Recent::default();
+        assert!(recent.first_time(b"r:1:revoked:u:t"));
+        assert!(!recent.first_time(b"r:1:revoked:u:t"));
+        assert!(recent.first_time(b"r:1:revoked:u:t2"));
     }
 
     #[test]
