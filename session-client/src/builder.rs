@@ -66,6 +66,7 @@ pub struct Builder {
     tls: TlsSettings,
     near_cache: Option<usize>,
     near_cache_max_staleness: Duration,
+    near_cache_stream_lifetime: Duration,
 }
 
 /// The TLS options as given, turned into tonic's config per endpoint.
@@ -233,6 +234,11 @@ impl Builder {
     /// stops beating) is noticed within 3 s. See
     /// [`near_cache_max_staleness`](Self::near_cache_max_staleness).
     pub const DEFAULT_NEAR_CACHE_MAX_STALENESS: Duration = Duration::from_secs(3);
+    /// How long the near-cache uses one revocation stream before replacing
+    /// it: 4 minutes, a minute under the server's default MAX_CONNECTION_AGE
+    /// (300 s), so the server never closes the stream's connection; see
+    /// [`near_cache_stream_lifetime`](Self::near_cache_stream_lifetime).
+    pub const DEFAULT_NEAR_CACHE_STREAM_LIFETIME: Duration = Duration::from_secs(240);
 
     pub(crate) fn new(endpoint: impl Into<String>) -> Self {
         Self {
@@ -255,6 +261,7 @@ impl Builder {
             tls: TlsSettings::default(),
             near_cache: None,
             near_cache_max_staleness: Self::DEFAULT_NEAR_CACHE_MAX_STALENESS,
+            near_cache_stream_lifetime: Self::DEFAULT_NEAR_CACHE_STREAM_LIFETIME,
         }
     }
 
@@ -493,13 +500,16 @@ impl Builder {
     /// A caller that needs "once RevokeSession returns, no process finds the
     /// session" must not turn the cache on.
     ///
-    /// The client holds one stream (on one of its endpoints, with its bearer
-    /// token), reopened with backoff (100 ms doubling to 5 s, jittered) after
-    /// it ends; everything cached is dropped when it ends or falls silent,
-    /// and when the server says it may have missed revocations (a reset,
-    /// which also opens every new stream: the cache starts cold each time
-    /// its stream is reopened, such as when the server's MAX_CONNECTION_AGE
-    /// closes the connection).
+    /// The client holds one stream (on one of its endpoints, on a connection
+    /// of its own, with its bearer token), replaced every
+    /// [`near_cache_stream_lifetime`](Self::near_cache_stream_lifetime)
+    /// without emptying the cache (the new stream takes over while the old
+    /// one still works), and reopened with backoff (100 ms doubling to 5 s,
+    /// jittered) after it ends. Everything cached is dropped when the
+    /// stream ends or falls silent without a replacement in place, and when
+    /// the server says it may have missed revocations (a reset; every new
+    /// stream opens with one, so the cache starts cold when its stream had
+    /// to be reopened, such as after a server restart).
     /// The stream's task is spawned by [`connect`](Self::connect), lazy or
     /// not, and stops when the last clone of the client is dropped.
     ///
@@ -542,6 +552,28 @@ impl Builder {
     #[must_use]
     pub fn near_cache_max_staleness(mut self, max_staleness: Duration) -> Self {
         self.near_cache_max_staleness = max_staleness;
+        self
+    }
+
+    /// How long the near-cache uses one revocation stream before it opens a
+    /// replacement beside it. The replacement takes over without emptying
+    /// the cache when its first message arrives while the old stream still
+    /// works; the old one's revocations keep being applied for
+    /// `max_staleness` more, then it is closed (a revocation in flight on it
+    /// is not lost).
+    ///
+    /// Why: the server closes every connection at its MAX_CONNECTION_AGE
+    /// (300 s by default: a GOAWAY, then an abrupt close after
+    /// MAX_CONNECTION_AGE_GRACE), and a stream the server cuts empties the
+    /// cache. Each stream has a connection of its own, so keep this plus
+    /// `max_staleness` plus a connect below the server's MAX_CONNECTION_AGE
+    /// (or at most below age plus grace) and the server never has to cut it.
+    /// Must be above zero (checked by [`connect`](Self::connect)); ignored
+    /// without [`near_cache`](Self::near_cache). Default
+    /// [`DEFAULT_NEAR_CACHE_STREAM_LIFETIME`](Self::DEFAULT_NEAR_CACHE_STREAM_LIFETIME).
+    #[must_use]
+    pub fn near_cache_stream_lifetime(mut self, lifetime: Duration) -> Self {
+        self.near_cache_stream_lifetime = lifetime;
         self
     }
 
@@ -633,6 +665,7 @@ impl Builder {
         let near_cache = self.near_cache.map(|max_entries| NearCacheSettings {
             max_entries,
             max_staleness: self.near_cache_max_staleness,
+            stream_lifetime: self.near_cache_stream_lifetime,
         });
         Ok(SessionClient::new(pool, auth, policy, throttle, near_cache))
     }
@@ -662,6 +695,11 @@ impl Builder {
         }
         if self.near_cache_max_staleness.is_zero() {
             return Err(Error::config("near_cache_max_staleness must be above zero"));
+        }
+        if self.near_cache_stream_lifetime.is_zero() {
+            return Err(Error::config(
+                "near_cache_stream_lifetime must be above zero",
+            ));
         }
         if !(1..=1000).contains(&self.retry_max_tokens) {
             return Err(Error::config(format!(
@@ -717,6 +755,10 @@ impl fmt::Debug for Builder {
             .field("tls_domain_name", &self.tls.domain_name)
             .field("near_cache", &self.near_cache)
             .field("near_cache_max_staleness", &self.near_cache_max_staleness)
+            .field(
+                "near_cache_stream_lifetime",
+                &self.near_cache_stream_lifetime,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -915,6 +957,13 @@ mod tests {
         )
         .await;
         assert!(err.contains("near_cache_max_staleness"), "{err}");
+        let err = config_error(
+            base()
+                .near_cache(10)
+                .near_cache_stream_lifetime(Duration::ZERO),
+        )
+        .await;
+        assert!(err.contains("near_cache_stream_lifetime"), "{err}");
         for ratio in [0.0, -1.0, f64::NAN, 11.0] {
             assert!(
                 config_error(base().retry_throttling(10, ratio))
@@ -968,6 +1017,7 @@ mod tests {
         assert_eq!(builder.retry.initial_backoff, Duration::from_millis(50));
         assert_eq!(builder.near_cache, None, "the near-cache is opt-in");
         assert_eq!(builder.near_cache_max_staleness, Duration::from_secs(3));
+        assert_eq!(builder.near_cache_stream_lifetime, Duration::from_secs(240));
         let debug = format!("{builder:?}");
         assert!(!debug.contains("s3cret") && !debug.contains("PRIVATE KEY BYTES"));
     }

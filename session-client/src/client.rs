@@ -90,6 +90,7 @@ struct Shared {
 pub(crate) struct NearCacheSettings {
     pub(crate) max_entries: usize,
     pub(crate) max_staleness: Duration,
+    pub(crate) stream_lifetime: Duration,
 }
 
 /// The time and attempt bounds of each call.
@@ -139,7 +140,12 @@ impl SessionClient {
         let auth = Arc::new(auth);
         let near_cache = near_cache.map(|settings| {
             let cache = NearCache::new(settings.max_entries, settings.max_staleness);
-            let watcher = Watcher::spawn(cache.clone(), pool.clone(), auth.clone());
+            let watcher = Watcher::spawn(
+                cache.clone(),
+                pool.clone(),
+                auth.clone(),
+                settings.stream_lifetime,
+            );
             (cache, watcher)
         });
         Self {

@@ -8,7 +8,9 @@
 //! - an entry is answered only while the stream is *healthy*: its `reset`
 //!   was received (so everything revoked since then reaches us, in order)
 //!   and some message arrived within `max_staleness`;
-//! - a reset, the stream's end or its silence flushes everything;
+//! - a reset, the stream's end or its silence flushes everything, except
+//!   when the stream is replaced by a newer one while it still works (see
+//!   *Replacing the stream* below);
 //! - a revocation drops its session, or every session of its user created at
 //!   or before `revoked_at` (both Redis's clock), found through a per-user
 //!   index rather than a scan;
@@ -24,6 +26,50 @@
 //! One `std::sync::Mutex` guards the whole state: every operation is a few
 //! hash lookups with no `.await` inside, so a lock held for nanoseconds is
 //! cheaper than any finer scheme (as mini-redis `db.rs` argues for its `Db`).
+//!
+//! # Replacing the stream
+//!
+//! The server closes every connection at its MAX_CONNECTION_AGE (a GOAWAY,
+//! then an abrupt close once its grace is over), and tonic does not tell a
+//! caller that its connection got a GOAWAY. Reopening the stream after the
+//! close would cost a flush each time (every new stream starts with a reset,
+//! and revocations published between the old stream's end and the new one's
+//! start are on neither), so the client never lets the server close the
+//! stream's connection: each stream has a connection of its own, opened with
+//! it, and after
+//! [`Builder::near_cache_stream_lifetime`](crate::Builder::near_cache_stream_lifetime)
+//! (below the server's
+//! MAX_CONNECTION_AGE) a replacement is opened beside it, make before break:
+//!
+//! 1. While the replacement (`candidate`) has not sent its reset, the old
+//!    stream (`current`) alone keeps the cache, as before.
+//! 2. When the replacement's reset arrives and the old stream is healthy (a
+//!    message within `max_staleness`), the cache *switches* without a flush:
+//!    the replacement becomes `current`, and the old one is *drained*: its
+//!    revocations are still applied for `max_staleness` after the switch,
+//!    then it is closed.
+//! 3. Otherwise (the old stream silent, ended, or absent) the reset flushes,
+//!    as every reset used to.
+//!
+//! Why no revocation is missed by a switch. The reset of the replacement
+//! is sent once its receiver is attached to its server's subscription:
+//! every revocation published after that point reaches the replacement. A
+//! revocation published before it was published before the reset arrived,
+//! and the old stream, subscribed since long before, carries it in order;
+//! it arrives there within the old stream's delivery latency, which the
+//! drain (`max_staleness`, itself at least two heartbeats) covers with a
+//! wide margin (milliseconds against seconds: the same assumption the
+//! staleness bound already makes of a stream that keeps beating). What
+//! could break it is the old stream not being read for the whole drain, so
+//! anything that stops it early flushes: the old stream ending or falling
+//! silent before the drain is over, or sending a reset of its own (its
+//! server lost its subscription: what it missed may be older than the
+//! replacement). A stream's end while no replacement has taken over is a
+//! loss and flushes, as before. Both streams' revocations only ever drop
+//! entries and invalidate fills, so applying one twice, or late, is
+//! harmless; and a fill registered before the switch may still be cached
+//! after it, because whatever concerns it arrives on one of the two streams
+//! while they overlap, or flushes.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -72,17 +118,24 @@ pub struct NearCacheStats {
     /// was not healthy.
     pub misses: u64,
     /// Revocations applied to the cache: each one received on the stream,
-    /// and each revoke made through this client (they apply at once).
+    /// and each revoke made through this client (they apply at once). While
+    /// a replaced stream drains, a revocation that both streams carry counts
+    /// twice.
     pub revocations_applied: u64,
-    /// Resets received on the stream (its first message, and each time the
-    /// server's subscription to Redis was re-established); each flushed the
-    /// cache.
+    /// Resets received on the stream that flushed the cache: the first
+    /// message of a stream that did not replace a working one, and each time
+    /// the server's subscription to Redis was re-established. A replacement's
+    /// reset that did not flush counts in `switches` instead.
     pub resets: u64,
     /// Sessions held now.
     pub entries: u64,
     /// Whether lookups may be answered from memory now: the stream's reset
     /// was received and a message arrived within the maximum staleness.
     pub healthy: bool,
+    /// Streams replaced by a newer one without a flush (see
+    /// [`Builder::near_cache_stream_lifetime`](crate::Builder::near_cache_stream_lifetime)):
+    /// the new stream's reset arrived while the old one still worked.
+    pub switches: u64,
 }
 
 /// One revocation as the cache applies it.
@@ -113,10 +166,36 @@ pub(crate) struct NearCache {
     max_entries: usize,
     max_staleness: Duration,
     state: Mutex<State>,
+    /// Wakes the stream task when the streams' roles change (a switch, a
+    /// stream ended), so it closes the streams no longer needed and opens
+    /// the next one.
+    roles_changed: tokio::sync::Notify,
     hits: AtomicU64,
     misses: AtomicU64,
     revocations_applied: AtomicU64,
     resets: AtomicU64,
+    switches: AtomicU64,
+}
+
+/// The streams the cache listens to, by the ids the stream task gave them;
+/// see *Replacing the stream* above.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Roles {
+    /// The stream whose reset the cache is synced to.
+    pub(crate) current: Option<u64>,
+    /// A stream opened to replace it (or to be the first), before its reset.
+    pub(crate) candidate: Option<u64>,
+    /// The stream replaced by `current`, whose revocations still apply until
+    /// the instant given.
+    pub(crate) draining: Option<(u64, Instant)>,
+}
+
+impl Roles {
+    fn knows(&self, id: u64) -> bool {
+        self.current == Some(id)
+            || self.candidate == Some(id)
+            || self.draining.is_some_and(|(d, _)| d == id)
+    }
 }
 
 struct State {
@@ -127,8 +206,9 @@ struct State {
     /// Token ids cached per user, for user-wide revocations; kept equal to
     /// `entries` by [`State::remove`], the only way anything leaves it.
     by_user: HashMap<String, HashSet<String>>,
-    /// The current stream has delivered its reset.
-    synced: bool,
+    /// The streams listened to; the cache is synced when `roles.current` is
+    /// set (its reset was received).
+    roles: Roles,
     /// When the current stream's last message arrived.
     last_message: Option<Instant>,
     /// Calls in flight whose answer may still be cached, by id. Whatever may
@@ -297,7 +377,7 @@ impl NearCache {
             state: Mutex::new(State {
                 entries: LruCache::unbounded(),
                 by_user: HashMap::new(),
-                synced: false,
+                roles: Roles::default(),
                 last_message: None,
                 fills: HashMap::new(),
                 fills_by_token: HashMap::new(),
@@ -305,10 +385,12 @@ impl NearCache {
                 unhinted_fills: HashSet::new(),
                 next_fill: 0,
             }),
+            roles_changed: tokio::sync::Notify::new(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             revocations_applied: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            switches: AtomicU64::new(0),
         })
     }
 
@@ -319,7 +401,7 @@ impl NearCache {
     }
 
     fn healthy(&self, state: &State, now: Instant) -> bool {
-        state.synced
+        state.roles.current.is_some()
             && state
                 .last_message
                 .is_some_and(|at| now.saturating_duration_since(at) <= self.max_staleness)
@@ -424,34 +506,100 @@ impl NearCache {
         }
     }
 
-    /// A message arrived on the stream.
-    fn received(&self, message: pb::WatchRevocationsResponse, now: Instant) {
+    /// The stream task opened stream `id`: it becomes the candidate (a
+    /// replacement for the current stream, or the first one), which takes
+    /// over at its reset.
+    fn open(&self, id: u64) {
+        self.state().roles.candidate = Some(id);
+    }
+
+    /// The streams listened to now.
+    fn roles(&self) -> Roles {
+        self.state().roles
+    }
+
+    /// A message arrived on stream `id`. Returns whether the cache still
+    /// listens to that stream.
+    fn received(&self, id: u64, message: pb::WatchRevocationsResponse, now: Instant) -> bool {
         let revocations: Vec<Revocation> = message
             .revocations
             .into_iter()
             .map(Revocation::from_proto)
             .collect();
         let mut state = self.state();
-        if message.reset {
-            state.flush();
-            state.synced = true;
-            self.resets.fetch_add(1, Ordering::Relaxed);
+        let roles = state.roles;
+        if roles.current == Some(id) {
+            if message.reset {
+                state.flush();
+                self.resets.fetch_add(1, Ordering::Relaxed);
+            }
+            state.last_message = Some(now);
+        } else if roles.candidate == Some(id) {
+            if !message.reset {
+                // The server sends nothing before a stream's reset.
+                return true;
+            }
+            // Make before break: no flush when the stream it replaces still
+            // works and no earlier drain is cut short (see the module docs).
+            let drained = roles.draining.is_none_or(|(_, until)| until <= now);
+            let warm = self.healthy(&state, now) && drained;
+            if warm {
+                state.roles.draining = roles.current.map(|old| (old, now + self.max_staleness));
+                self.switches.fetch_add(1, Ordering::Relaxed);
+            } else {
+                state.flush();
+                state.roles.draining = None;
+                self.resets.fetch_add(1, Ordering::Relaxed);
+            }
+            state.roles.current = Some(id);
+            state.roles.candidate = None;
+            state.last_message = Some(now);
+            self.roles_changed.notify_one();
+        } else if roles.draining.is_some_and(|(d, _)| d == id) {
+            if message.reset {
+                // The old stream's server lost its subscription: what it
+                // missed may predate the replacement's reset.
+                state.flush();
+                state.roles.draining = None;
+                self.resets.fetch_add(1, Ordering::Relaxed);
+                self.roles_changed.notify_one();
+            }
+            // Its heartbeats say nothing of the current stream's health.
+        } else {
+            return false;
         }
-        state.last_message = Some(now);
         for revocation in &revocations {
             state.apply(revocation);
         }
         self.revocations_applied
             .fetch_add(revocations.len() as u64, Ordering::Relaxed);
+        true
     }
 
-    /// The stream ended, failed or fell silent: revocations may be missed
-    /// from now on, so nothing cached may be answered or kept.
-    fn lost(&self) {
+    /// Stream `id` ended, failed, fell silent, or was closed by the stream
+    /// task. The current stream's end is a loss: revocations may be missed
+    /// from now on, so nothing cached may be answered or kept. A drained
+    /// stream's end before its drain is over may have lost revocations in
+    /// flight: flushed too (the current stream keeps the cache healthy).
+    fn ended(&self, id: u64, now: Instant) {
         let mut state = self.state();
-        state.synced = false;
-        state.last_message = None;
-        state.flush();
+        let roles = state.roles;
+        if roles.current == Some(id) {
+            state.roles.current = None;
+            state.roles.draining = None;
+            state.last_message = None;
+            state.flush();
+        } else if let Some((_, until)) = roles.draining.filter(|(d, _)| *d == id) {
+            if now < until {
+                state.flush();
+            }
+            state.roles.draining = None;
+        } else if roles.candidate == Some(id) {
+            state.roles.candidate = None;
+        } else {
+            return;
+        }
+        self.roles_changed.notify_one();
     }
 
     pub(crate) fn stats(&self) -> NearCacheStats {
@@ -469,6 +617,7 @@ impl NearCache {
             resets: self.resets.load(Ordering::Relaxed),
             entries,
             healthy,
+            switches: self.switches.load(Ordering::Relaxed),
         }
     }
 }
@@ -519,70 +668,151 @@ pub(crate) struct Watcher {
 
 impl Watcher {
     /// Starts holding the revocation stream for `cache` over the client's
-    /// endpoints, with its bearer token.
-    pub(crate) fn spawn(cache: Arc<NearCache>, pool: Arc<Pool>, auth: Arc<Auth>) -> Self {
+    /// endpoints, with its bearer token, each stream replaced after
+    /// `lifetime`.
+    pub(crate) fn spawn(
+        cache: Arc<NearCache>,
+        pool: Arc<Pool>,
+        auth: Arc<Auth>,
+        lifetime: Duration,
+    ) -> Self {
         Self {
-            task: tokio::spawn(watch(cache, pool, auth)),
+            task: tokio::spawn(watch(cache, pool, auth, lifetime)),
         }
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        // Dropping the stream's future cancels the call (RST_STREAM), so
-        // the server lets go of it too.
+        // Dropping the task drops its `JoinSet`, which aborts every stream's
+        // task: their calls are cancelled (RST_STREAM) and their connections
+        // closed, so the server lets go of them too.
         self.task.abort();
     }
 }
 
-/// Holds the stream forever: opens it, feeds its messages to the cache,
-/// and after it ends (or fails, or falls silent for `max_staleness`) marks
-/// the cache unhealthy, flushes it and opens another after a pause.
-async fn watch(cache: Arc<NearCache>, pool: Arc<Pool>, auth: Arc<Auth>) {
+/// Holds the stream forever: opens one (each in a task of its own, on a
+/// connection of its own), lets the cache decide what each stream's
+/// messages mean ([`NearCache::received`]), closes the streams the cache no
+/// longer listens to, and opens the next one: `lifetime` after the current
+/// one took over (make before break, see the module docs), or after a pause
+/// once a stream ended or failed to start (100 ms doubling to 5 s).
+async fn watch(cache: Arc<NearCache>, pool: Arc<Pool>, auth: Arc<Auth>, lifetime: Duration) {
+    let mut tasks: tokio::task::JoinSet<Followed> = tokio::task::JoinSet::new();
+    let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+    let mut next_id = 0_u64;
     let mut failures = 0_u32;
+    let mut retry_at = Instant::now();
+    let mut current_since: Option<(u64, Instant)> = None;
     let mut last: Option<Arc<Member>> = None;
     loop {
-        let member = pool.pick(last.as_ref());
-        let synced = match &member {
-            Some(member) => follow(&cache, member, &auth).await,
-            // No address yet (DNS discovery that resolved nothing).
-            None => false,
+        let roles = cache.roles();
+        running.retain(|id, task| {
+            let keep = roles.knows(*id);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        if roles.current != current_since.map(|(id, _)| id) {
+            current_since = roles.current.map(|id| (id, Instant::now()));
+        }
+        let drain_until = roles.draining.map(|(_, until)| until);
+        let open_at = match (roles.candidate, current_since) {
+            (Some(_), _) => None,
+            // One replacement at a time, once the last drain is over.
+            (None, Some((_, since))) => Some(
+                (since + lifetime)
+                    .max(retry_at)
+                    .max(drain_until.unwrap_or(retry_at)),
+            ),
+            (None, None) => Some(retry_at),
         };
-        cache.lost();
-        failures = if synced {
-            1
-        } else {
-            failures.saturating_add(1)
+        let sleep_until = |at: Option<Instant>| async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
         };
-        last = member;
-        tokio::time::sleep(RECONNECT.backoff(failures)).await;
+        tokio::select! {
+            () = cache.roles_changed.notified() => {}
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                // Aborted tasks (streams the cache let go of) report nothing.
+                // The end is told to the cache here rather than by the task,
+                // so that the next stream is never opened before the pause
+                // this end calls for is known.
+                if let Ok(followed) = joined {
+                    running.remove(&followed.id);
+                    cache.ended(followed.id, followed.ended_at);
+                    failures = if followed.synced { 1 } else { failures.saturating_add(1) };
+                    retry_at = Instant::now() + RECONNECT.backoff(failures);
+                }
+            }
+            () = sleep_until(open_at) => {
+                match pool.pick(last.as_ref()) {
+                    Some(member) => {
+                        let id = next_id;
+                        next_id += 1;
+                        cache.open(id);
+                        let task = tasks.spawn(follow(cache.clone(), id, member.clone(), auth.clone()));
+                        running.insert(id, task);
+                        last = Some(member);
+                    }
+                    // No address yet (DNS discovery that resolved nothing).
+                    None => {
+                        failures = failures.saturating_add(1);
+                        retry_at = Instant::now() + RECONNECT.backoff(failures);
+                    }
+                }
+            }
+            () = sleep_until(drain_until) => {
+                if let Some((id, _)) = roles.draining {
+                    cache.ended(id, Instant::now());
+                }
+            }
+        }
     }
 }
 
-/// One stream, from its opening to its end; returns whether it delivered
-/// its reset (so that a stream that worked is reopened quickly).
-async fn follow(cache: &NearCache, member: &Member, auth: &Auth) -> bool {
-    let mut stub = SessionStoreClient::new(member.channel());
-    let mut request = Request::new(pb::WatchRevocationsRequest {});
-    auth.authorize(&mut request);
-    // Waiting for the headers counts as silence too: a hung server must not
-    // hold the task.
-    let silence = cache.max_staleness;
-    let mut stream = match tokio::time::timeout(silence, stub.watch_revocations(request)).await {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(_)) | Err(_) => return false,
-    };
+/// How a stream's task ended.
+struct Followed {
+    id: u64,
+    /// It delivered its reset: a stream that worked is reopened quickly.
+    synced: bool,
+    /// When its end (or silence, or failure to open) was seen.
+    ended_at: Instant,
+}
+
+/// One stream, from its opening to its end, on a connection of its own (so
+/// that its age is the stream's: see the module docs).
+async fn follow(cache: Arc<NearCache>, id: u64, member: Arc<Member>, auth: Arc<Auth>) -> Followed {
     let mut synced = false;
-    loop {
-        match tokio::time::timeout(silence, stream.message()).await {
-            Ok(Ok(Some(message))) => {
-                synced |= message.reset;
-                cache.received(message, Instant::now());
+    let silence = cache.max_staleness;
+    let run = async {
+        let mut stub = SessionStoreClient::new(member.endpoint().connect_lazy());
+        let mut request = Request::new(pb::WatchRevocationsRequest {});
+        auth.authorize(&mut request);
+        // Waiting for the headers counts as silence too: a hung server must
+        // not hold the task.
+        let mut stream = match tokio::time::timeout(silence, stub.watch_revocations(request)).await
+        {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(_)) | Err(_) => return,
+        };
+        // Ended (shutdown, a slow receiver dropped, a broken connection),
+        // silent past the bound, or no longer listened to: done.
+        while let Ok(Ok(Some(message))) = tokio::time::timeout(silence, stream.message()).await {
+            synced |= message.reset;
+            if !cache.received(id, message, Instant::now()) {
+                return;
             }
-            // Ended (shutdown, a slow receiver dropped, a broken connection)
-            // or silent past the bound: reconnect.
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return synced,
         }
+    };
+    run.await;
+    Followed {
+        id,
+        synced,
+        ended_at: Instant::now(),
     }
 }
 
@@ -638,10 +868,24 @@ mod tests {
         }
     }
 
+    /// A message on stream 0, the one stream of the tests that do not
+    /// replace it: a reset opens it first when it is not the current one.
+    fn recv(cache: &NearCache, message: pb::WatchRevocationsResponse, now: Instant) {
+        if message.reset && cache.roles().current != Some(0) {
+            cache.open(0);
+        }
+        cache.received(0, message, now);
+    }
+
+    /// Stream 0 ended.
+    fn lose(cache: &NearCache) {
+        cache.ended(0, Instant::now());
+    }
+
     /// A healthy cache (reset received just now) holding `sessions`.
     fn healthy_with(max_entries: usize, sessions: &[Session]) -> Arc<NearCache> {
         let cache = NearCache::new(max_entries, STALENESS);
-        cache.received(reset(), Instant::now());
+        recv(&cache, reset(), Instant::now());
         for s in sessions {
             let fill = cache.begin_fill(&s.token_id, Some(&s.user_id));
             assert!(fill.complete(s), "{} was not cached", s.token_id);
@@ -685,13 +929,13 @@ mod tests {
     fn nothing_is_served_or_cached_before_the_reset() {
         let cache = NearCache::new(10, STALENESS);
         let s = session("alice", "t1", SystemTime::now());
-        cache.received(heartbeat(), Instant::now());
+        recv(&cache, heartbeat(), Instant::now());
         let fill = cache.begin_fill("t1", Some("alice"));
         assert!(!fill.complete(&s));
         assert_eq!(cache.lookup("t1", None), None);
         assert!(!cache.stats().healthy);
 
-        cache.received(reset(), Instant::now());
+        recv(&cache, reset(), Instant::now());
         let fill = cache.begin_fill("t1", Some("alice"));
         assert!(fill.complete(&s));
         assert_eq!(cache.lookup("t1", Some("alice")), Some(s.clone()));
@@ -748,7 +992,7 @@ mod tests {
         let fill = cache.begin_fill("t2", None);
         let t2 = session("alice", "t2", SystemTime::now());
         assert!(!fill.complete_at(&t2, too_late, wall));
-        cache.received(heartbeat(), too_late);
+        recv(&cache, heartbeat(), too_late);
         assert!(cache.lookup_at("t1", None, too_late, wall).is_some());
     }
 
@@ -760,20 +1004,20 @@ mod tests {
         let a = session("alice", "t1", now);
         let b = session("bob", "t2", now);
         let cache = healthy_with(10, &[a.clone(), b.clone()]);
-        cache.received(reset(), Instant::now());
+        recv(&cache, reset(), Instant::now());
         assert_eq!(cache.stats().entries, 0);
         assert_eq!(cache.stats().resets, 2);
         assert_eq!(cache.lookup("t1", None), None);
 
         let fill = cache.begin_fill("t1", None);
         assert!(fill.complete(&a));
-        cache.lost();
+        lose(&cache);
         assert_eq!(cache.stats().entries, 0);
         assert!(!cache.stats().healthy);
         let fill = cache.begin_fill("t2", None);
         assert!(!fill.complete(&b), "cached while the stream is down");
         // Heartbeats on a new stream without its reset do not make it healthy.
-        cache.received(heartbeat(), Instant::now());
+        recv(&cache, heartbeat(), Instant::now());
         assert!(!cache.stats().healthy);
         assert_consistent(&cache);
     }
@@ -790,14 +1034,16 @@ mod tests {
         let bob = session("bob", "b-1", t0);
         let cache = healthy_with(10, &[old, edge, newer, bob.clone()]);
 
-        cache.received(
+        recv(
+            &cache,
             revocations(vec![revoke_token("bob", "b-1")]),
             Instant::now(),
         );
         assert!(!cached(&cache, "b-1"));
         assert!(cached(&cache, "a-old"));
 
-        cache.received(
+        recv(
+            &cache,
             revocations(vec![revoke_user("alice", t0 + Duration::from_secs(1))]),
             Instant::now(),
         );
@@ -863,7 +1109,8 @@ mod tests {
         let hinted = cache.begin_fill("a1", Some("alice"));
         let unhinted = cache.begin_fill("a1", None);
         let other = cache.begin_fill("b1", Some("bob"));
-        cache.received(
+        recv(
+            &cache,
             revocations(vec![revoke_token("alice", "a1")]),
             Instant::now(),
         );
@@ -877,18 +1124,22 @@ mod tests {
         let hinted = cache.begin_fill("a1", Some("alice"));
         let unhinted = cache.begin_fill("b2", None);
         let bobs = cache.begin_fill("b3", Some("bob"));
-        cache.received(revocations(vec![revoke_user("alice", now)]), Instant::now());
+        recv(
+            &cache,
+            revocations(vec![revoke_user("alice", now)]),
+            Instant::now(),
+        );
         assert!(!hinted.complete(&alice));
         assert!(!unhinted.complete(&session("bob", "b2", now)));
         assert!(bobs.complete(&session("bob", "b3", now)));
 
         // A reset, or the stream's loss and a new stream's reset.
         let fill = cache.begin_fill("a1", None);
-        cache.received(reset(), Instant::now());
+        recv(&cache, reset(), Instant::now());
         assert!(!fill.complete(&alice));
         let fill = cache.begin_fill("a1", None);
-        cache.lost();
-        cache.received(reset(), Instant::now());
+        lose(&cache);
+        recv(&cache, reset(), Instant::now());
         assert!(
             !fill.complete(&alice),
             "a new stream must not adopt old fills"
@@ -946,9 +1197,8 @@ mod tests {
     /// token revocations for other sessions is applied in well under the
     /// 100 ms asserted (0.5 ms measured; a scan of every fill per revocation
     /// took 470 ms here in a debug build, 306 ms in release). A user-wide
-    /// revocation then
-    /// invalidates exactly the fills it concerns: its user's, and every one
-    /// that named no user.
+    /// revocation then invalidates exactly the fills it concerns: its
+    /// user's, and every one that named no user.
     #[test]
     fn revocations_find_the_fills_they_concern_through_an_index() {
         const FILLS: usize = 20_000;
@@ -967,13 +1217,14 @@ mod tests {
             .map(|i| revoke_token(&format!("other-{i}"), &format!("gone-{i}")))
             .collect();
         let started = Instant::now();
-        cache.received(revocations(message), Instant::now());
+        recv(&cache, revocations(message), Instant::now());
         let took = started.elapsed();
         eprintln!("{FILLS} fills in flight, 512 token revocations applied in {took:?}");
         assert!(took < Duration::from_millis(100), "took {took:?}");
         assert_eq!(cache.state().fills.len(), FILLS, "none concerned");
 
-        cache.received(
+        recv(
+            &cache,
             revocations(vec![revoke_user("u0", SystemTime::now())]),
             Instant::now(),
         );
@@ -989,6 +1240,130 @@ mod tests {
         assert_eq!(cached, left);
         assert_consistent(&cache);
         assert!(cache.state().fills.is_empty());
+    }
+
+    /// Make before break: a replacement's reset while the old stream works
+    /// switches without a flush; revocations still in flight on the old
+    /// stream apply while it drains, a call in flight across the switch is
+    /// cached, the old stream's heartbeats no longer keep the cache healthy,
+    /// and its end once the drain is over flushes nothing.
+    #[test]
+    fn a_replacement_takes_over_a_working_stream_without_a_flush() {
+        let t0 = SystemTime::now();
+        let sessions = [
+            session("alice", "a1", t0),
+            session("bob", "b1", t0),
+            session("carol", "c1", t0),
+        ];
+        let cache = healthy_with(10, &sessions);
+        let across = cache.begin_fill("d1", Some("dave"));
+        let doomed = cache.begin_fill("a2", Some("alice"));
+        cache.open(1);
+        // Nothing from the replacement counts before its reset.
+        let early = revocations(vec![revoke_token("bob", "b1")]);
+        assert!(cache.received(1, early, Instant::now()));
+        assert!(cached(&cache, "b1"));
+
+        let at = Instant::now();
+        assert!(cache.received(1, reset(), at));
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.resets, stats.switches), (3, 1, 1));
+        assert!(stats.healthy);
+        let drained_at = at + STALENESS;
+        assert_eq!(
+            cache.roles(),
+            Roles {
+                current: Some(1),
+                candidate: None,
+                draining: Some((0, drained_at)),
+            }
+        );
+        // A revocation published before the new stream's reset, still in
+        // flight on the old one, applies; so do the new stream's.
+        let old = revocations(vec![revoke_token("alice", "a1")]);
+        assert!(cache.received(0, old, at));
+        assert!(!cached(&cache, "a1"));
+        assert!(!doomed.complete(&session("alice", "a2", t0)));
+        cache.received(1, revocations(vec![revoke_token("bob", "b1")]), at);
+        assert!(!cached(&cache, "b1"));
+        assert!(across.complete(&session("dave", "d1", t0)));
+        // Liveness is the new stream's alone.
+        let late = at + STALENESS + Duration::from_millis(1);
+        assert!(cache.received(0, heartbeat(), late));
+        assert_eq!(cache.lookup_at("c1", None, late, SystemTime::now()), None);
+
+        cache.ended(0, drained_at);
+        assert_eq!(cache.roles().draining, None);
+        assert_eq!(cache.stats().entries, 2, "c1 and d1 kept");
+        let gone = revocations(vec![revoke_token("carol", "c1")]);
+        assert!(!cache.received(0, gone, late), "no longer listened to");
+        assert!(cached(&cache, "c1"));
+        assert_consistent(&cache);
+    }
+
+    /// Whatever stops the old stream before its drain is over flushes, since
+    /// a revocation in flight on it may be lost: its end (or silence), or a
+    /// reset of its own. The new stream keeps the cache healthy.
+    #[test]
+    fn an_old_stream_cut_short_flushes() {
+        let now = SystemTime::now();
+        for reset_of_its_own in [false, true] {
+            let cache = healthy_with(10, &[session("alice", "a1", now)]);
+            cache.open(1);
+            let at = Instant::now();
+            cache.received(1, reset(), at);
+            let fill = cache.begin_fill("a2", None);
+            if reset_of_its_own {
+                cache.received(0, reset(), at);
+            } else {
+                cache.ended(0, at + STALENESS - Duration::from_millis(1));
+            }
+            let stats = cache.stats();
+            assert_eq!(stats.entries, 0);
+            assert!(stats.healthy);
+            assert!(!fill.complete(&session("alice", "a2", now)));
+            let roles = cache.roles();
+            assert_eq!((roles.current, roles.draining), (Some(1), None));
+            assert_consistent(&cache);
+        }
+    }
+
+    /// A replacement whose reset arrives when the old stream no longer works
+    /// (silent past max_staleness, or ended) starts cold, as every stream
+    /// used to; so does one whose reset would cut an earlier drain short.
+    #[test]
+    fn a_replacement_for_a_stream_that_stopped_starts_cold() {
+        let now = SystemTime::now();
+        let a = session("alice", "a1", now);
+
+        let cache = healthy_with(10, std::slice::from_ref(&a));
+        let synced_at = cache.state().last_message.unwrap();
+        cache.open(1);
+        cache.received(1, reset(), synced_at + STALENESS + Duration::from_millis(1));
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.resets, stats.switches), (0, 2, 0));
+        assert_eq!(cache.roles().draining, None);
+
+        let cache = healthy_with(10, std::slice::from_ref(&a));
+        cache.open(1);
+        cache.ended(0, Instant::now());
+        assert!(!cache.stats().healthy);
+        assert_eq!(cache.stats().entries, 0);
+        cache.received(1, reset(), Instant::now());
+        let stats = cache.stats();
+        assert!(stats.healthy);
+        assert_eq!((stats.resets, stats.switches), (2, 0));
+
+        let cache = healthy_with(10, std::slice::from_ref(&a));
+        cache.open(1);
+        let at = Instant::now();
+        cache.received(1, reset(), at);
+        cache.open(2);
+        cache.received(2, reset(), at + Duration::from_millis(1));
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.resets, stats.switches), (0, 2, 1));
+        let roles = cache.roles();
+        assert_eq!((roles.current, roles.draining), (Some(2), None));
     }
 
     /// A call that fails or is cancelled leaves no pending fill behind.

@@ -321,6 +321,97 @@ async fn a_cancelled_own_revoke_still_drops_the_entry() {
     server.shutdown().await;
 }
 
+/// The server's MAX_CONNECTION_AGE (3 s here, 1 s grace: every stream it
+/// lets run would be cut at 4 s) no longer empties the cache: the client
+/// replaces its stream every second, make before break, so over 10 s a
+/// session looked up every few milliseconds is answered from memory every
+/// time, the cache never stops being healthy, no reset flushes it, and
+/// every revocation made meanwhile by another client still reaches it.
+#[tokio::test]
+async fn streams_are_replaced_without_a_flush() {
+    const SESSIONS: usize = 20;
+    let mut config = test_config();
+    config.max_connection_age = 3;
+    config.max_connection_age_grace = 1;
+    config.revocation_heartbeat_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let cached = SessionClient::builder(server.url())
+        .near_cache(1000)
+        .near_cache_max_staleness(Duration::from_secs(1))
+        .near_cache_stream_lifetime(Duration::from_secs(1))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let other = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    create(&other, "kim", "k-hot").await;
+    cache(&cached, "kim", "k-hot").await;
+    for i in 0..SESSIONS {
+        // A user each: a user's session cap must not evict any.
+        create(&other, &format!("kim-{i}"), &format!("k-{i}")).await;
+        cache(&cached, &format!("kim-{i}"), &format!("k-{i}")).await;
+    }
+    let before = stats(&cached);
+
+    let started = std::time::Instant::now();
+    let mut revoked = 0;
+    let mut samples = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        let hot = cached.get_user_session("kim", "k-hot").await.unwrap();
+        assert!(hot.is_some());
+        let now = stats(&cached);
+        assert!(
+            now.healthy,
+            "unhealthy after {:?}: {now:?}",
+            started.elapsed()
+        );
+        samples += 1;
+        // A revocation by another client every half second.
+        if revoked < SESSIONS && started.elapsed() > Duration::from_millis(500 * revoked as u64) {
+            revoke_through_age_outs(&other, &format!("k-{revoked}")).await;
+            revoked += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = stats(&cached);
+    assert_eq!(after.misses, before.misses, "a lookup missed: {after:?}");
+    assert_eq!(after.hits - before.hits, samples);
+    assert_eq!(after.resets, before.resets, "a reset flushed: {after:?}");
+    assert!(
+        after.switches >= before.switches + 5,
+        "the stream was not replaced every second: {after:?}"
+    );
+    // Every revocation reached the cache, across the switches.
+    assert!(
+        wait_until(PATIENCE, || async {
+            stats(&cached).entries == (SESSIONS - revoked + 1) as u64
+        })
+        .await,
+        "{revoked} revoked, cache holds {:?}",
+        stats(&cached)
+    );
+    for i in 0..revoked {
+        assert_eq!(cached.get_session(format!("k-{i}")).await.unwrap(), None);
+    }
+    eprintln!("{samples} lookups over 10 s with MAX_CONNECTION_AGE 3 s: {after:?}");
+    server.shutdown().await;
+}
+
+/// Revokes `token` through a client without the near-cache, repeating the
+/// call when its connection, aged out by the server, failed it (a write is
+/// not retried once it may have left; repeating a revoke is safe).
+async fn revoke_through_age_outs(client: &SessionClient, token: &str) {
+    for _ in 0..5 {
+        match client.revoke_session(token).await {
+            Ok(_) => return,
+            Err(Error::Unavailable(_)) => {}
+            Err(other) => panic!("revoking {token}: {other:?}"),
+        }
+    }
+    panic!("{token} could not be revoked");
+}
+
 /// A reset flushes the cache: Redis restarted under the server (with its
 /// data kept), the server's subscription is re-established and says so,
 /// and the next lookup goes to the server again.
