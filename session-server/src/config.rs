@@ -292,11 +292,7 @@ impl Config {
             .as_ref()
             .map(|path| read_file("REDIS_PASSWORD_FILE", path))
             .transpose()?
-            .map(|bytes| {
-                String::from_utf8_lossy(&bytes)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string()
-            });
+            .map(|bytes| password_from_file(&bytes));
         let redis_ca_pem = self
             .redis_ca_file
             .as_ref()
@@ -320,6 +316,8 @@ impl Config {
             revocation_heartbeat: Duration::from_millis(self.revocation_heartbeat_ms),
             redis_password,
             redis_ca_pem,
+            redis_password_file: self.redis_password_file.clone(),
+            redis_ca_file: self.redis_ca_file.clone(),
         })
     }
 
@@ -479,6 +477,14 @@ fn redact_after_userinfo(tail: &str) -> String {
         None => String::new(),
     };
     format!("{location}{query}{fragment}")
+}
+
+/// The password a REDIS_PASSWORD_FILE holds: its text without the trailing
+/// line break editors and `echo` add.
+pub fn password_from_file(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .trim_end_matches(['\r', '\n'])
+        .to_string()
 }
 
 /// Reads a file named by a setting, naming the setting on failure.

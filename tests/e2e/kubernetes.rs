@@ -564,3 +564,55 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         .await
         .expect("a connection made before the renewal broke");
 }
+
+/// The Redis password rotated the way a mounted Secret is (the file replaced
+/// in place, Redis told the new one, old connections cut): new connections
+/// use the new password without a restart, so calls succeed again.
+#[tokio::test]
+async fn a_rotated_redis_password_is_used_by_new_connections() {
+    let redis = PrivateRedis::start();
+    let mut setup = redis.connection().await;
+    let () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "first-secret"])
+        .query_async(&mut setup)
+        .await
+        .unwrap();
+    drop(setup);
+    let files = TempFiles::new();
+    let password = files.write("redis-password", "first-secret\n");
+    let mut config = crate::common::config_on(&redis);
+    config.redis_password_file = Some(password.clone());
+    let server = crate::common::TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    client
+        .get_session(get())
+        .await
+        .expect("served with the first password");
+
+    // Rotate: the new file first (written beside, renamed over), then Redis.
+    let staged = files.write("redis-password.new", "second-secret\n");
+    std::fs::rename(&staged, &password).unwrap();
+    let mut admin = redis::Client::open(format!("redis://:first-secret@127.0.0.1:{}", redis.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "second-secret"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let served = wait_until(Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { client.get_session(get()).await.is_ok() }
+    })
+    .await;
+    assert!(served, "new connections did not use the rotated password");
+    server.shutdown().await;
+}

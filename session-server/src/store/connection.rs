@@ -51,11 +51,16 @@ pub(super) enum Backend {
 impl Backend {
     /// The connection source for `settings`; nothing is dialled yet.
     pub(super) fn new(settings: &Settings) -> Result<Self, Error> {
+        let credentials = Credentials::of(settings);
         let connector = match settings.mode {
-            RedisMode::Standalone => Connector::Direct(redis_client(settings)?),
-            RedisMode::Sentinel => {
-                Connector::Sentinel(tokio::sync::Mutex::new(sentinel_client(settings)?))
-            }
+            RedisMode::Standalone => Connector::Direct(std::sync::Mutex::new((
+                credentials,
+                redis_client(settings)?,
+            ))),
+            RedisMode::Sentinel => Connector::Sentinel(tokio::sync::Mutex::new((
+                credentials,
+                sentinel_client(settings)?,
+            ))),
             RedisMode::Cluster => {
                 let backend = Backend::Cluster {
                     client: Box::new(cluster_client(settings)?),
@@ -68,6 +73,7 @@ impl Backend {
         let failures = Arc::new(ConnectFailures::default());
         let manager = RedisManager {
             connector,
+            settings: settings.clone(),
             failures: Arc::clone(&failures),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(settings.timeout))
@@ -425,6 +431,8 @@ pub(super) struct PooledRedis {
 /// connect timeout, and drops those that failed.
 pub(super) struct RedisManager {
     connector: Connector,
+    /// To rebuild the connector when the password or CA files change.
+    settings: Settings,
     config: AsyncConnectionConfig,
     failures: Arc<ConnectFailures>,
 }
@@ -457,12 +465,55 @@ impl ConnectFailures {
     }
 }
 
-/// Where a new pooled connection goes.
+/// Where a new pooled connection goes, and the credentials its client was
+/// built with.
 pub(super) enum Connector {
     /// Straight to the one server.
-    Direct(redis::Client),
+    Direct(std::sync::Mutex<(Credentials, redis::Client)>),
     /// To whichever master the sentinels name at connect time.
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Sentinel(tokio::sync::Mutex<(Credentials, SentinelClient)>),
+}
+
+/// The Redis password and CA as REDIS_PASSWORD_FILE and REDIS_CA_FILE hold
+/// them now, so that new connections use rotated secrets without a restart
+/// (Kubernetes updates a mounted Secret in place). Read at each new
+/// connection, which is rare: the pool keeps its connections. A file that
+/// cannot be read keeps what was read before (logged).
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Credentials {
+    password: Option<String>,
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl Credentials {
+    /// The settings' credentials, re-read from their files when set.
+    pub(super) fn of(settings: &Settings) -> Self {
+        let read = |path: &Option<std::path::PathBuf>, variable: &str| {
+            let path = path.as_ref()?;
+            std::fs::read(path)
+                .inspect_err(|e| {
+                    tracing::warn!(%variable, path = %path.display(), error = %e,
+                        "cannot re-read a Redis secret; new connections use the one read before");
+                })
+                .ok()
+        };
+        Self {
+            password: read(&settings.redis_password_file, "REDIS_PASSWORD_FILE")
+                .map(|bytes| crate::config::password_from_file(&bytes))
+                .or_else(|| settings.redis_password.clone()),
+            ca_pem: read(&settings.redis_ca_file, "REDIS_CA_FILE")
+                .or_else(|| settings.redis_ca_pem.clone()),
+        }
+    }
+
+    /// `settings` with these credentials.
+    fn apply(&self, settings: &Settings) -> Settings {
+        Settings {
+            redis_password: self.password.clone(),
+            redis_ca_pem: self.ca_pem.clone(),
+            ..settings.clone()
+        }
+    }
 }
 
 impl fmt::Debug for RedisManager {
@@ -477,16 +528,42 @@ impl bb8::ManageConnection for RedisManager {
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let now = Credentials::of(&self.settings);
+        let rebuild_failed = |err: Error| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "the rotated Redis password or CA is unusable",
+                err.to_string(),
+            ))
+        };
         let connected = match &self.connector {
-            Connector::Direct(client) => {
+            Connector::Direct(direct) => {
+                let client = {
+                    let mut direct = direct.lock().unwrap_or_else(|e| e.into_inner());
+                    if direct.0 != now {
+                        let client = redis_client(&now.apply(&self.settings))
+                            .map_err(rebuild_failed)
+                            .inspect_err(|err| self.failures.record(err))?;
+                        tracing::info!("Redis credentials changed: new connections use them");
+                        *direct = (now, client);
+                    }
+                    direct.1.clone()
+                };
                 client
                     .get_multiplexed_async_connection_with_config(&self.config)
                     .await
             }
             Connector::Sentinel(sentinel) => {
+                let mut sentinel = sentinel.lock().await;
+                if sentinel.0 != now {
+                    let client = sentinel_client(&now.apply(&self.settings))
+                        .map_err(rebuild_failed)
+                        .inspect_err(|err| self.failures.record(err))?;
+                    tracing::info!("Redis credentials changed: new connections use them");
+                    *sentinel = (now, client);
+                }
                 sentinel
-                    .lock()
-                    .await
+                    .1
                     .get_async_connection_with_config(&self.config)
                     .await
             }
@@ -518,6 +595,7 @@ pub(super) async fn pubsub(
     master: Option<&str>,
     attempt: usize,
 ) -> Result<redis::aio::PubSub, Error> {
+    let settings = &Credentials::of(settings).apply(settings);
     let timeout = settings.timeout;
     match (settings.mode, master) {
         (RedisMode::Sentinel, _) => {

@@ -149,6 +149,13 @@ pub struct Settings {
     /// How often each process sends a heartbeat through the revocation
     /// channel (REVOCATION_HEARTBEAT_MS).
     pub revocation_heartbeat: Duration,
+    /// REDIS_PASSWORD_FILE and REDIS_CA_FILE: re-read for each new pooled
+    /// or pub/sub connection (standalone and sentinel modes), so rotated
+    /// secrets need no restart; a cluster connection keeps what it started
+    /// with.
+    pub redis_password_file: Option<std::path::PathBuf>,
+    /// See `redis_password_file`.
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Password overriding any in the URL (from REDIS_PASSWORD_FILE).
     pub redis_password: Option<String>,
     /// PEM roots to verify a `rediss://` server with (from REDIS_CA_FILE).
@@ -175,6 +182,8 @@ impl fmt::Debug for Settings {
             pool_size,
             timeout,
             revocation_heartbeat,
+            redis_password_file,
+            redis_ca_file,
             redis_password,
             redis_ca_pem,
         } = self;
@@ -197,6 +206,8 @@ impl fmt::Debug for Settings {
             .field("pool_size", pool_size)
             .field("timeout", timeout)
             .field("revocation_heartbeat", revocation_heartbeat)
+            .field("redis_password_file", redis_password_file)
+            .field("redis_ca_file", redis_ca_file)
             .field("redis_password", &redis_password.as_ref().map(|_| "***"))
             .field(
                 "redis_ca_pem",
