@@ -235,8 +235,15 @@ scrape_configs:
     call("RecordLoginAttempt", pb.RecordLoginAttemptRequest(ip="not an address"))  # INVALID_ARGUMENT
 
     # A burst while Redis sleeps: MAX_CONCURRENT_REQUESTS calls wait (slow
-    # calls for the latency panels), the rest are shed at once.
-    for _ in range(3):
+    # calls for the latency panels), the rest are shed at once. The shed
+    # counter only appears with the first burst, and Prometheus sees no
+    # increase before its first sample: so the later bursts wait until it
+    # was scraped (with a faster server all three fit between two scrapes).
+    for burst in range(3):
+        if burst == 1:
+            wait_for("the shed counter is scraped",
+                     lambda: instant('sessionstore_rpc_requests_total{code="RESOURCE_EXHAUSTED"}'), 20)
+            time.sleep(1.5)  # one more scrape at this value
         sleeper = threading.Thread(target=redis_cli, args=("debug", "sleep", "0.4"))
         sleeper.start()
         time.sleep(0.05)
