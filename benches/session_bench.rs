@@ -64,9 +64,8 @@ enum Profile {
     /// (unique to the run), from an address as in `login`.
     LoginAccount,
     /// `get_user_session` of session-client with its near-cache on, every
-    /// session cached before the warm-up: checks answered from memory. The
-    /// tasks run on `--threads` workers and never wait for the network, so
-    /// `--concurrency` should equal `--threads`.
+    /// session cached before the warm-up: checks answered from memory. Each
+    /// of the `--concurrency` tasks runs on an OS thread of its own.
     CachedGet,
     /// Revocation visibility, one session at a time (`--keyspace` of them):
     /// a near-cache client caches the session, a thread polls it there, a
@@ -762,16 +761,28 @@ async fn cached_get(args: &Args, keys: &Keys, watched: &Watched) -> Result<Measu
     let measure_from = Instant::now() + warmup;
     let measure_until = measure_from + duration;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut threads = Vec::new();
     for task in 0..args.concurrency {
-        tasks.spawn(cached_worker(
-            client.clone(),
-            pairs.clone(),
-            task,
-            measure_from,
-            measure_until,
-            stop.clone(),
-        ));
+        let (client, pairs, stop) = (client.clone(), pairs.clone(), stop.clone());
+        // A thread and a runtime of its own per task: tasks that never wait
+        // stay on the worker that runs them, and on one multi-thread runtime
+        // two of them were seen sharing one worker (one core's CPU time).
+        threads.push(std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|runtime| {
+                    runtime.block_on(cached_worker(
+                        client,
+                        pairs,
+                        task,
+                        measure_from,
+                        measure_until,
+                        stop,
+                    ))
+                })
+                .map_err(|e| format!("a checking thread's runtime: {e}"))
+        }));
     }
     tokio::time::sleep_until(measure_from.into()).await;
     let stats_before = client.near_cache_stats().unwrap_or_default();
@@ -781,8 +792,12 @@ async fn cached_get(args: &Args, keys: &Keys, watched: &Watched) -> Result<Measu
     let stats_after = client.near_cache_stats().unwrap_or_default();
     stop.store(true, Ordering::Relaxed);
     let mut tally = Tally::new();
-    while let Some(task) = tasks.join_next().await {
-        tally.merge(task.map_err(|e| e.to_string())?);
+    for thread in threads {
+        tally.merge(
+            thread
+                .join()
+                .map_err(|_| "a checking thread panicked".to_string())??,
+        );
     }
     Ok(Measured {
         tally,
@@ -821,9 +836,9 @@ async fn cached_worker(
         let end = Instant::now();
         calls = calls.wrapping_add(1);
         if calls.is_multiple_of(64) {
-            // A hit never waits, so without this the task would keep its
-            // worker thread for good and starve the revocation stream's task
-            // (and the timers) of it.
+            // A hit never waits: on a runtime shared with other tasks (the
+            // stream's, the timers) this loop would keep its worker for good.
+            // Each runs on a runtime of its own now; the yield costs little.
             tokio::task::yield_now().await;
         }
         if start < measure_from || end > measure_until {

@@ -371,7 +371,7 @@ if [[ "$NEAR_CACHE" == 1 ]]; then
     awk -v c="$c task(s), pausing $pause µs" -v s="$NC_SUBSCRIBERS" -v n0="$(field "$l0" revoked)" -v c0="$(field "$l0" cpu_server_s)" \
       -v n1="$(field "$l1" revoked)" -v c1="$(field "$l1" cpu_server_s)" \
       -v ns="$(field "$ls" revoked)" -v cs="$(field "$ls" cpu_server_s)" -v ms="$(field "$ls" subscriber_messages)" 'BEGIN {
-        printf "%s: server CPU per revocation per stream with %s streams: %.2f µs against none open, %.2f µs against one (a first stream adds %.1f µs per revocation); %.2f µs per message per stream\n",
+        printf "- %s: server CPU per revocation per stream with %s streams: %.2f µs against none open, %.2f µs against one (a first stream adds %.1f µs per revocation); %.2f µs per message per stream\n",
           c, s, (cs / ns - c0 / n0) * 1e6 / s, (cs / ns - c1 / n1) * 1e6 / (s - 1), (c1 / n1 - c0 / n0) * 1e6,
           ms ? (cs / ns - c0 / n0) * ns * 1e6 / ms : 0 }'
   done
