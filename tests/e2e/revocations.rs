@@ -15,6 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 
 use crate::common::{PrivateRedis, TempFiles, TestServer, config_on, inspect, test_config};
+use crate::sessions::get;
 
 /// How long a test waits for a message that should come.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -464,18 +465,7 @@ async fn a_redis_user_without_the_channel_changes_nothing() {
     let mut client = server.client().await;
     let alive = |client: &mut SessionStoreClient<Channel>, token: &'static str| {
         let mut client = client.clone();
-        async move {
-            client
-                .get_session(sessionstore::v1::GetSessionRequest {
-                    token_id: token.into(),
-                    user_id: "acl-user".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .session
-                .is_some()
-        }
+        async move { get(&mut client, token, "acl-user").await.is_some() }
     };
 
     create(&mut client, "acl-user", "acl-1").await;
