@@ -630,7 +630,10 @@ pub(super) async fn pubsub(
             let client = client_for(settings, seed.set_addr(addr))?;
             bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
         }
-        (RedisMode::Standalone | RedisMode::Cluster, _) => {
+        (RedisMode::Cluster, None) => Err(Error::Internal(
+            "a cluster pub/sub connection needs the master to connect to".into(),
+        )),
+        (RedisMode::Standalone, _) => {
             let client = redis_client(settings)?;
             bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
         }
