@@ -48,9 +48,19 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/sessionstore-h2load.XXXXXX")"
 redis_pid=""
 server_pid=""
+# Stops both processes this script started, by pid, whatever state each is
+# in, then removes $work. Nothing here may fail under `set -e`: `kill` fails
+# for a process that has exited already, and `wait` returns the signal's
+# status (143) for one it killed, which used to end the trap before Redis
+# was stopped.
 cleanup() {
-  [[ -n "$server_pid" ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-  [[ -n "$redis_pid" ]] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
+  local pid
+  for pid in "$server_pid" "$redis_pid"; do
+    [[ -z "$pid" ]] || kill "$pid" 2>/dev/null || true
+  done
+  for pid in "$server_pid" "$redis_pid"; do
+    [[ -z "$pid" ]] || wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
