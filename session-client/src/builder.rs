@@ -376,12 +376,16 @@ impl Builder {
     /// server unreachable, a connection cut mid-call), on the server's load
     /// shedding ([`Error::Overloaded`]) and on an attempt that ran out of its
     /// [`attempt_timeout`](Self::attempt_timeout). Writes (create, revoke,
-    /// login attempts) are retried only when the request provably never left
-    /// this process (its connection could not be opened): any other failure
-    /// may come after the write took effect. Retries also need the shared
-    /// retry budget ([`retry_throttling`](Self::retry_throttling)), except
-    /// those of requests that never left and of reads whose connection broke
-    /// while another endpoint is available. Default
+    /// login attempts) are retried only when the server provably never
+    /// processed the request (its connection could not be opened; or the
+    /// server turned it away unprocessed: a connection it was closing with a
+    /// GOAWAY, as at its `MAX_CONNECTION_AGE`, or `REFUSED_STREAM`): any
+    /// other failure may come after the write took effect. Retries also need
+    /// the shared retry budget ([`retry_throttling`](Self::retry_throttling)),
+    /// except those of requests that never left, the first retry of a call
+    /// the server turned away unprocessed (which is not counted here either),
+    /// and those of reads whose connection broke while another endpoint is
+    /// available. Default
     /// [`DEFAULT_MAX_ATTEMPTS`](Self::DEFAULT_MAX_ATTEMPTS).
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
@@ -413,10 +417,12 @@ impl Builder {
     /// with a retryable failure takes one, each success gives back
     /// `token_ratio`; retries are made only while more than half are left.
     /// So retries cannot multiply load during an outage: once most calls
-    /// fail, each costs one attempt. Exempt: a request that never left, and
-    /// a read whose connection broke (an endpoint that died) retried while
-    /// another endpoint is available; one server dying must not spend the
-    /// budget once per call in flight on it. `max_tokens` must be 1 to 1000 and
+    /// fail, each costs one attempt. Exempt: a request that never left, the
+    /// first retry of a call the server turned away unprocessed (a connection
+    /// aged out fails every call queued on it at once), and a read whose
+    /// connection broke (an endpoint that died) retried while another
+    /// endpoint is available; one server dying must not spend the budget
+    /// once per call in flight on it. `max_tokens` must be 1 to 1000 and
     /// `token_ratio` above 0 and at most `max_tokens` (checked by
     /// [`connect`](Self::connect)). Defaults
     /// [`DEFAULT_RETRY_MAX_TOKENS`](Self::DEFAULT_RETRY_MAX_TOKENS) and

@@ -37,10 +37,17 @@ type Stub = SessionStoreClient<Channel>;
 /// UNAVAILABLE (the server or its Redis unreachable, a connection cut
 /// mid-call), on the server's load shedding and on an attempt past its
 /// [`attempt_timeout`](Builder::attempt_timeout). Writes are retried only
-/// when the request provably never left this process (its connection could
-/// not be opened), usually on another endpoint. Retries are bounded per call
-/// ([`max_attempts`](Builder::max_attempts)) and across calls (the retry
-/// budget, [`retry_throttling`](Builder::retry_throttling)).
+/// when the server provably never processed the request: its connection
+/// could not be opened (retried on another endpoint when there is one), or
+/// the server turned it away before any processing: a request queued on, or
+/// opened past the last stream of, a connection the server was closing (its
+/// GOAWAY: every connection it ages out at `MAX_CONNECTION_AGE`, or a
+/// graceful shutdown), or a stream it refused (`REFUSED_STREAM`). The first
+/// of those turn-aways in a call is retried at once on a new connection,
+/// without counting as an attempt or taking from the retry budget (gRPC's
+/// "transparent retry"); any later one is an ordinary retry. Retries are
+/// bounded per call ([`max_attempts`](Builder::max_attempts)) and across
+/// calls (the retry budget, [`retry_throttling`](Builder::retry_throttling)).
 ///
 /// # Writes whose outcome is unknown
 ///
@@ -218,8 +225,8 @@ impl SessionClient {
     /// session (of any user), is still reserved by another user's recently
     /// ended one, or the user is at the session cap under the `reject` policy.
     ///
-    /// Retried only when the request never left this process (see
-    /// [`SessionClient`]).
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -253,8 +260,8 @@ impl SessionClient {
     /// Stores a new session, with its own lifetime when `new.ttl` is set, and
     /// reports the stored session and any sessions evicted to make room.
     ///
-    /// Retried only when the request never left this process (see
-    /// [`SessionClient`]).
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -399,8 +406,8 @@ impl SessionClient {
     /// outcome) or its future is dropped. Other clients' near-caches
     /// learn it from their revocation stream, within the bound stated there.
     ///
-    /// Retried only when the request never left this process (see
-    /// [`SessionClient`]).
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -428,8 +435,8 @@ impl SessionClient {
     /// Revokes one session given its owner too: one Redis command fewer. A
     /// session of another user is left alone (returns `false`).
     ///
-    /// Retried only when the request never left this process (see
-    /// [`SessionClient`]).
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -503,8 +510,8 @@ impl SessionClient {
     /// [near-cache](Builder::near_cache) (see
     /// [`revoke_session`](Self::revoke_session) for other clients').
     ///
-    /// Retried only when the request never left this process (see
-    /// [`SessionClient`]).
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -615,8 +622,9 @@ impl SessionClient {
     /// did: prefer [`record_login_attempt_for`](Self::record_login_attempt_for)
     /// when the account is known.
     ///
-    /// Retried only when the request never left (each attempt counts, so a
-    /// repeat after it may have reached the server would count twice).
+    /// Retried only when the server provably never processed the request
+    /// (each attempt counts, so a repeat after it may have reached the
+    /// server would count twice).
     ///
     /// # Errors
     ///
@@ -648,7 +656,7 @@ impl SessionClient {
     /// [`reset_login_attempts_for`](Self::reset_login_attempts_for) with the
     /// same account.
     ///
-    /// Retried only when the request never left, as
+    /// Retried only when the server provably never processed the request, as
     /// [`record_login_attempt`](Self::record_login_attempt).
     ///
     /// # Errors
@@ -695,8 +703,8 @@ impl SessionClient {
     /// accounts by logging in to its own. Use it only when the account is
     /// unknown.
     ///
-    /// Retried only when the request never left this process (see
-    /// [`SessionClient`]).
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
     ///
     /// # Errors
     ///
@@ -787,6 +795,13 @@ impl SessionClient {
         // endpoint.
         let mut attempts = 0;
         let mut free_retries = shared.pool.members().len();
+        // gRPC's transparent retry: the first attempt the server provably
+        // never processed is repeated at once, free of the attempt count and
+        // of the retry budget (a connection aged out under load fails every
+        // call queued on it at once: charging those would drain the budget
+        // for nothing). Another such failure in the same call is an ordinary
+        // retry: counted, charged, paced.
+        let mut transparent_retry = true;
         let mut last: Option<(Arc<Member>, Status)> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -835,13 +850,23 @@ impl SessionClient {
             // failing at once) does not drain the budget and leave those
             // calls unretried. Once no other endpoint is available (the
             // whole backend down), these failures are charged like the rest.
-            let endpoint_failed =
-                error::is_transport_failure(&status) && !error::is_local_timeout(&status);
+            // A request the server refused or a connection it was closing
+            // (its GOAWAY) is not that: the server is there, tonic opens a
+            // new connection for the next attempt, and a server that is in
+            // fact gone fails that connect (and is ejected then).
+            let endpoint_failed = error::is_transport_failure(&status)
+                && !error::is_local_timeout(&status)
+                && verdict != Verdict::Unprocessed;
             if endpoint_failed || verdict == Verdict::NeverSent {
                 member.connect_failed();
             }
             let elsewhere = endpoint_failed && shared.pool.has_other_available(&member);
-            if verdict != Verdict::NeverSent && error::is_transient(&status) && !elsewhere {
+            let transparent = verdict == Verdict::Unprocessed && transparent_retry;
+            if verdict != Verdict::NeverSent
+                && !transparent
+                && error::is_transient(&status)
+                && !elsewhere
+            {
                 // A sign of trouble on the server side, read or write: the
                 // retry budget drains with these, so retries stop when most
                 // calls fail.
@@ -854,7 +879,12 @@ impl SessionClient {
                     true
                 }
                 Verdict::NeverSent => attempts < policy.retry.max_attempts,
-                Verdict::Retry => {
+                Verdict::Unprocessed if transparent => {
+                    transparent_retry = false;
+                    attempts -= 1;
+                    true
+                }
+                Verdict::Unprocessed | Verdict::Retry => {
                     attempts < policy.retry.max_attempts
                         && (elsewhere || shared.throttle.allows_retry())
                 }
@@ -864,9 +894,11 @@ impl SessionClient {
                 return Err(Error::from(status));
             }
             // A request that never left goes straight to another endpoint
-            // when there is one; anything else waits, so a struggling server
+            // when there is one, and the transparent retry goes at once (to
+            // a new connection); anything else waits, so a struggling server
             // is not hammered.
-            let pause = if verdict == Verdict::NeverSent && shared.pool.has_other_available(&member)
+            let pause = if transparent
+                || (verdict == Verdict::NeverSent && shared.pool.has_other_available(&member))
             {
                 Duration::ZERO
             } else {
@@ -902,6 +934,9 @@ enum Verdict {
     /// The request never left this process (its connection could not be
     /// opened): safe to repeat, read or write.
     NeverSent,
+    /// The request may have left, but the server provably never processed
+    /// it (see [`error::never_processed`]): safe to repeat, read or write.
+    Unprocessed,
     /// A transient failure after the request may have reached the server:
     /// repeated for reads only.
     Retry,
@@ -913,6 +948,9 @@ impl Verdict {
     fn of(status: &Status, kind: Kind) -> Self {
         if error::never_sent(status) {
             return Self::NeverSent;
+        }
+        if error::never_processed(status) {
+            return Self::Unprocessed;
         }
         match kind {
             Kind::Read if error::is_transient(status) => Self::Retry,

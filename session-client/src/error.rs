@@ -30,8 +30,9 @@ pub enum Error {
     InvalidArgument(#[source] CallError),
     /// SessionStore, or the Redis behind it, could not be reached, or the
     /// connection failed mid-call. Reads were already retried (see
-    /// [`Builder::max_attempts`](crate::Builder::max_attempts)); a write may
-    /// have taken effect unless it never left this process.
+    /// [`Builder::max_attempts`](crate::Builder::max_attempts)), and so were
+    /// writes the server provably never processed; any other failed write
+    /// may have taken effect.
     #[error("session store unavailable: {}", .0.message())]
     Unavailable(#[source] CallError),
     /// The server refused the call before doing any work because it was at
@@ -382,10 +383,53 @@ pub(crate) fn never_sent(status: &Status) -> bool {
     chain_has::<tonic::ConnectError>(status)
 }
 
+/// Whether the server provably never processed the request, on a connection
+/// that was open: the case of gRPC's "transparent retry", safe to repeat for
+/// any method, writes included. Three failures prove it, each found by its
+/// type in the status's source chain (tonic keeps hyper's error there, and
+/// hyper keeps h2's):
+///
+/// - hyper's `Canceled`: the request was still in hyper's queue for the
+///   connection, never handed to HTTP/2, when the connection closed
+///   ("connection closed"), or the connection was already closed when it was
+///   queued ("connection was not ready"). On an HTTP/2 client connection
+///   hyper makes no other `Canceled` (hyper `client/dispatch.rs`,
+///   `client/conn/http2.rs`). This is what a GOAWAY does to the calls
+///   queued behind it: hyper's dispatcher ends as soon as h2 reports the
+///   connection going away, and drops its queue.
+/// - h2's error for a GOAWAY received from the server: h2 gives it to the
+///   streams whose id is above the GOAWAY's last-stream-id (RFC 9113 6.8:
+///   the server did not and will not process them) and to any stream opened
+///   after the GOAWAY arrived (never sent). A stream the server accepted and
+///   then lost to the connection closing fails with an I/O error instead.
+/// - h2's `REFUSED_STREAM` reset from the server: the stream was closed
+///   "prior to any processing" (RFC 9113 8.7), as a server over its
+///   concurrent stream limit does.
+///
+/// MAX_CONNECTION_AGE makes the first two on every connection it ages out
+/// under load.
+pub(crate) fn never_processed(status: &Status) -> bool {
+    chain_any(status, |err| {
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            return hyper.is_canceled();
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        false
+    })
+}
+
 fn chain_has<E: std::error::Error + 'static>(status: &Status) -> bool {
+    chain_any(status, |err| err.is::<E>())
+}
+
+/// Whether `check` holds for the status or any error in its source chain.
+fn chain_any(status: &Status, check: impl Fn(&(dyn std::error::Error + 'static)) -> bool) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(err) = source {
-        if err.is::<E>() {
+        if check(err) {
             return true;
         }
         source = err.source();
@@ -526,5 +570,88 @@ mod tests {
 
         let answer = Status::unavailable("redis is down");
         assert!(!never_sent(&answer) && !is_transport_failure(&answer));
+    }
+
+    /// The status tonic makes of a transport error (it keeps the error as
+    /// the source).
+    fn tonic_status(err: impl std::error::Error + Send + Sync + 'static) -> Status {
+        Status::from_error(Box::new(err))
+    }
+
+    /// Real hyper and h2 errors, made over an in-memory HTTP/2 connection:
+    /// a request hyper never handed to the connection, a stream the server
+    /// refused and one opened after its GOAWAY were never processed; a
+    /// stream the server accepted and then cancelled, or lost to the
+    /// connection closing after its GOAWAY, may have been; an answer or a
+    /// plain cancel is neither.
+    #[tokio::test]
+    async fn only_failures_the_server_never_processed_are_unprocessed() {
+        // hyper: the connection's dispatcher is gone before the request is
+        // queued, as when a GOAWAY ends it with calls still queued.
+        let (io, _peer) = tokio::io::duplex(64 * 1024);
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(io),
+        )
+        .await
+        .unwrap();
+        drop(connection);
+        let canceled = sender
+            .send_request(http::Request::new(String::new()))
+            .await
+            .unwrap_err();
+        assert!(canceled.is_canceled(), "{canceled:?}");
+        let status = tonic_status(canceled);
+        assert_eq!(status.message(), "operation was canceled");
+        assert!(never_processed(&status) && !never_sent(&status));
+
+        // h2: a server that refuses stream 1, cancels stream 3 after taking
+        // it, and closes the connection (GOAWAY, last stream 5) with stream
+        // 5 taken and unanswered.
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            let (_, mut refused) = connection.accept().await.unwrap().unwrap();
+            refused.send_reset(h2::Reason::REFUSED_STREAM);
+            let (_, mut cancelled) = connection.accept().await.unwrap().unwrap();
+            cancelled.send_reset(h2::Reason::CANCEL);
+            let (_, _taken) = connection.accept().await.unwrap().unwrap();
+            connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+            while connection.accept().await.is_some() {}
+        });
+        let (send, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut send = send.ready().await.unwrap();
+        let mut call = || -> Result<h2::client::ResponseFuture, h2::Error> {
+            let request = http::Request::post("http://test/m").body(()).unwrap();
+            Ok(send.send_request(request, true)?.0)
+        };
+        let refused = call().unwrap().await.unwrap_err();
+        assert_eq!(refused.reason(), Some(h2::Reason::REFUSED_STREAM));
+        assert!(never_processed(&tonic_status(refused)));
+
+        let cancelled = call().unwrap().await.unwrap_err();
+        assert_eq!(cancelled.reason(), Some(h2::Reason::CANCEL));
+        assert!(!never_processed(&tonic_status(cancelled)));
+
+        let lost = call().unwrap().await.unwrap_err();
+        assert!(lost.is_io(), "accepted, then cut: {lost:?}");
+        assert!(!never_processed(&tonic_status(lost)));
+
+        let after_goaway = call().unwrap_err();
+        assert!(
+            after_goaway.is_go_away() && after_goaway.is_remote(),
+            "{after_goaway:?}"
+        );
+        assert!(never_processed(&tonic_status(after_goaway)));
+        server.await.unwrap();
+
+        for status in [
+            Status::unavailable("redis is down"),
+            Status::cancelled("the caller went away"),
+            Status::internal("h2 protocol error: http2 error"),
+        ] {
+            assert!(!never_processed(&status), "{status:?}");
+        }
     }
 }

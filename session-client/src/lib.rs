@@ -20,8 +20,10 @@
 //! - **One budget per call.** [`Builder::timeout`] bounds the whole call,
 //!   retries included; each attempt sends the time left as `grpc-timeout`.
 //! - **Retries that cannot make an outage worse.** Reads are retried on
-//!   transient failures, writes only when the request never left; bounded
-//!   per call and by a retry budget shared across calls.
+//!   transient failures, writes only when the server provably never
+//!   processed them (a connection that could not be opened, one the server
+//!   was closing at `MAX_CONNECTION_AGE`); bounded per call and by a retry
+//!   budget shared across calls.
 //! - **Validity checks at memory speed, opt in.** [`Builder::near_cache`]
 //!   answers repeated checks of a live session from memory, kept true by
 //!   revocations the server pushes; a revoked session may be answered as
