@@ -6,6 +6,7 @@ mod client;
 mod client_resilience;
 mod commands;
 mod common;
+mod connection_age;
 mod eviction;
 mod failover;
 mod faults;
