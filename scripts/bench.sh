@@ -13,8 +13,8 @@
 # and repeats the lot. CPU time of the server, Redis and the load generator
 # comes from /proc/PID/stat; the server's RSS from /proc/PID/status.
 #
-# Usage: scripts/bench.sh [--long] [--near-cache] [--repeats N] [--duration S]
-#                         [--concurrency "1 16 64 256"]
+# Usage: scripts/bench.sh [--long] [--near-cache] [--compare] [--repeats N]
+#                         [--duration S] [--concurrency "1 16 64 256"]
 #   --long  also runs 60 s of mixed load at c=256 and reports the server's RSS
 #           at its start and end.
 #   --near-cache  also measures the near-cache and its revocation stream (#12),
@@ -26,6 +26,10 @@
 #           revocation with 0, 1 and NC_SUBSCRIBERS streams open, for each
 #           tasks:pause_us:revocations in NC_FANOUT_RUNS (spaced out, one
 #           at a time back to back, 16 at a time).
+#   --compare  also prints the "How we compare" table (#15) at the end, by
+#           scripts/bench-compare.sh with this run's binaries and --repeats
+#           and --duration: GetSession next to Redis GET and a bare tonic
+#           echo (examples/echo_floor.rs), c=64, by h2load and session_bench.
 # Server settings (REDIS_POOL_SIZE, TOKIO_WORKER_THREADS, ...) pass through
 # the environment; BENCH_THREADS sets the load generator's worker threads.
 # BENCH_PRIO is a command prefix for Redis, the server and both load
@@ -45,6 +49,7 @@ GET_USERS=2000
 CREATE_USERS=100000
 BENCH_THREADS="${BENCH_THREADS:-1}"
 NEAR_CACHE=0
+COMPARE=0
 NC_REVOCATIONS="${NC_REVOCATIONS:-2000}"
 NC_SUBSCRIBERS="${NC_SUBSCRIBERS:-100}"
 NC_POLL_US="${NC_POLL_US:-20}"
@@ -54,10 +59,11 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --long) LONG=1 ;;
     --near-cache) NEAR_CACHE=1 ;;
+    --compare) COMPARE=1 ;;
     --repeats) REPEATS="$2"; shift ;;
     --duration) DURATION="$2"; shift ;;
     --concurrency) CONCURRENCIES="$2"; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -388,3 +394,7 @@ if [[ "$NEAR_CACHE" == 1 ]]; then
 fi
 if [[ -n "${BENCH_RAW:-}" ]]; then cp "$results" "$BENCH_RAW"; fi
 command -v h2load >/dev/null && SERVER_BIN="$server_bin" scripts/bench-h2load.sh --repeats "$REPEATS" --duration "$DURATION" || log "no h2load table (#15: needs h2load from nghttp2-client, or scripts/bench-h2load.sh failed)"
+if [[ "$COMPARE" == 1 ]]; then
+  SERVER_BIN="$server_bin" BENCH_BIN="$bench_bin" BENCH_RAW="${BENCH_RAW:+$BENCH_RAW.compare}" scripts/bench-compare.sh --repeats "$REPEATS" --duration "$DURATION" \
+    || log "no compare table (scripts/bench-compare.sh failed)"
+fi
