@@ -22,19 +22,40 @@
 //! token means "refuse every call" (revoking every token after a leak); one
 //! that cannot be read keeps the previous tokens and counts in
 //! `sessionstore_auth_tokens_reload_failures_total`.
+//!
+//! A streaming call (WatchRevocations, reflection) is checked when it opens
+//! like any other, and then ends, with UNAUTHENTICATED in its trailers, as
+//! soon as a reload removes the token it opened with: revoking a token stops
+//! what it is streaming, not only its next call. Each accepted token carries
+//! a signal for this, kept with the token set, that only streaming calls
+//! subscribe to (their methods are given by [`AuthLayer::streaming`]); a
+//! reload keeps the signal of every token still in the file, so the streams
+//! of those are untouched, and fires the signals of the tokens it removed. A
+//! reload that fails keeps every token, and so every stream; a file emptied
+//! removes every token, and so ends every stream. A unary call pays only
+//! the lookup of its path among the few streaming methods: no allocation,
+//! no lock beyond the token check's.
 
 use std::{
+    future::Future,
     marker::PhantomData,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
-use subtle::ConstantTimeEq;
+use http_body::Frame;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+use tokio::sync::watch;
 use tonic::{
     Status,
-    codegen::http::{HeaderMap, Request, Response},
+    body::Body,
+    codegen::{
+        Bytes,
+        http::{HeaderMap, Request, Response},
+    },
 };
 use tower::{
     Layer, Service,
@@ -51,6 +72,10 @@ const LOAD_ATTEMPTS: usize = 3;
 
 /// A token as kept in memory: its SHA-256 digest.
 type Digest = [u8; 32];
+
+/// The message a stream ends with when its token is removed.
+const TOKEN_REMOVED: &str = "the bearer token this stream was opened with is no longer accepted \
+     (removed from the server's tokens file); reopen it with a current token";
 
 /// Errors reading the tokens file.
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +125,75 @@ impl Stamp {
     }
 }
 
+/// The accepted tokens, each with the signal that ends the streams opened
+/// with it when a reload removes it.
+#[derive(Debug)]
+struct Accepted {
+    /// Sorted and without duplicates, so a token listed twice has one signal
+    /// and a reload can match the old set with the new in one pass.
+    digests: Vec<Digest>,
+    /// One per token, at the same index: set to `true` (once, for good) when
+    /// a reload removes the token. Streaming calls subscribe; nothing else
+    /// does, so a token no stream uses costs one small allocation.
+    removed: Vec<watch::Sender<bool>>,
+}
+
+impl Accepted {
+    fn new(mut digests: Vec<Digest>) -> Self {
+        digests.sort_unstable();
+        digests.dedup();
+        let removed = digests.iter().map(|_| watch::channel(false).0).collect();
+        Self { digests, removed }
+    }
+
+    /// Installs `next` in place of the current tokens. A token in both keeps
+    /// its signal, so its streams never notice the reload; the signals of the
+    /// tokens not in `next` are returned, for the caller to fire.
+    fn replace(&mut self, next: Vec<Digest>) -> Vec<watch::Sender<bool>> {
+        let next = Self::new(next);
+        let old_digests = std::mem::take(&mut self.digests);
+        let old_removed = std::mem::take(&mut self.removed);
+        let mut old = old_digests.into_iter().zip(old_removed).peekable();
+        let mut gone = Vec::new();
+        let mut removed = Vec::with_capacity(next.digests.len());
+        // Both lists are sorted: a merge.
+        for (digest, fresh) in next.digests.iter().zip(next.removed) {
+            while let Some((_, signal)) = old.next_if(|(old, _)| old < digest) {
+                gone.push(signal);
+            }
+            match old.next_if(|(old, _)| old == digest) {
+                Some((_, kept)) => removed.push(kept),
+                None => removed.push(fresh),
+            }
+        }
+        gone.extend(old.map(|(_, signal)| signal));
+        self.digests = next.digests;
+        self.removed = removed;
+        gone
+    }
+
+    /// The index of `presented` among the tokens, found in constant time as
+    /// [`Tokens::accepts`] does (every token compared, the index selected
+    /// without a branch).
+    fn position(&self, presented: &Digest) -> Option<usize> {
+        let mut found = subtle::Choice::from(0);
+        let mut index: u64 = 0;
+        for (candidate, token) in (0_u64..).zip(&self.digests) {
+            let equal = token.as_slice().ct_eq(presented.as_slice());
+            index.conditional_assign(&candidate, equal);
+            found |= equal;
+        }
+        bool::from(found)
+            .then(|| usize::try_from(index).ok())
+            .flatten()
+    }
+}
+
 /// The accepted tokens, shared by the layer and the reloader.
 #[derive(Clone)]
 pub struct Tokens {
     path: PathBuf,
-    accepted: Arc<RwLock<Vec<Digest>>>,
+    accepted: Arc<RwLock<Accepted>>,
     /// The version of the file loaded at start, so the watcher notices a
     /// change made before it first looks.
     loaded: Stamp,
@@ -139,14 +228,15 @@ impl Tokens {
         }
         Ok(Self {
             path: path.to_owned(),
-            accepted: Arc::new(RwLock::new(accepted)),
+            accepted: Arc::new(RwLock::new(Accepted::new(accepted))),
             loaded,
         })
     }
 
     /// Reads the file again and installs what it holds, an empty set
-    /// included (every call is then refused). On failure the previous tokens
-    /// stay in force, the failure is logged and counted.
+    /// included (every call is then refused), ending the streams of the
+    /// tokens it no longer holds. On failure the previous tokens stay in
+    /// force, streams included, and the failure is logged and counted.
     fn reload(&self) -> Result<Stamp, AuthError> {
         let result = self.reload_with(read_file);
         match &result {
@@ -166,8 +256,29 @@ impl Tokens {
         read: impl FnOnce(&Path) -> std::io::Result<String>,
     ) -> Result<Stamp, AuthError> {
         let (tokens, stamp) = read_tokens(&self.path, read)?;
-        let count = tokens.len();
-        *self.accepted.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+        let (count, removed) = {
+            let mut accepted = self.accepted.write().unwrap_or_else(|e| e.into_inner());
+            let removed = accepted.replace(tokens);
+            (accepted.digests.len(), removed)
+        };
+        // The removed tokens are out of the set: new calls with them are
+        // refused, and a stream that subscribed before the swap (under the
+        // read lock, see `check_stream`) sees this.
+        if !removed.is_empty() {
+            let streams: usize = removed
+                .iter()
+                .map(|signal| {
+                    signal.send_replace(true);
+                    signal.receiver_count()
+                })
+                .sum();
+            tracing::info!(
+                path = %self.path.display(),
+                tokens_removed = removed.len(),
+                streams_ended = streams,
+                "auth tokens removed: ending the streams opened with them"
+            );
+        }
         if count == 0 {
             tracing::warn!(path = %self.path.display(), "auth tokens file holds no token: every call but health is refused");
         } else {
@@ -226,6 +337,7 @@ impl Tokens {
         // tell which (or whether an earlier) token matched. Digests all have
         // the same length, so neither does a token's length.
         accepted
+            .digests
             .iter()
             .fold(subtle::Choice::from(0), |found, token| {
                 found | token.as_slice().ct_eq(presented.as_slice())
@@ -235,18 +347,45 @@ impl Tokens {
 
     /// Whether the call may proceed: `Err` is the UNAUTHENTICATED answer.
     fn check(&self, headers: &HeaderMap) -> Result<(), Status> {
-        let presented = headers
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer_token);
-        match presented {
-            Some(token) if self.accepts(token.as_bytes()) => Ok(()),
-            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated(
-                "missing bearer token: send `authorization: Bearer <token>`",
-            )),
+        let token = presented(headers)?;
+        if self.accepts(token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(invalid())
         }
     }
+
+    /// [`Tokens::check`] for a streaming call: `Ok` is the signal that a
+    /// reload removed the token. Checked and subscribed under one read lock,
+    /// so a reload removing the token comes either before (the call is
+    /// refused) or after (the signal fires).
+    fn check_stream(&self, headers: &HeaderMap) -> Result<watch::Receiver<bool>, Status> {
+        let token = presented(headers)?;
+        let presented = digest(token.as_bytes());
+        let accepted = self.accepted.read().unwrap_or_else(|e| e.into_inner());
+        accepted
+            .position(&presented)
+            .and_then(|index| accepted.removed.get(index))
+            .map(watch::Sender::subscribe)
+            .ok_or_else(invalid)
+    }
+}
+
+/// The bearer token a call presents, or the UNAUTHENTICATED answer when it
+/// sends none.
+fn presented(headers: &HeaderMap) -> Result<&str, Status> {
+    headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token)
+        .ok_or_else(|| {
+            Status::unauthenticated("missing bearer token: send `authorization: Bearer <token>`")
+        })
+}
+
+/// The answer to a token that is not (or no longer) accepted.
+fn invalid() -> Status {
+    Status::unauthenticated("invalid bearer token")
 }
 
 /// Whether the watcher should reload: the file differs from the installed
@@ -308,14 +447,46 @@ fn read_tokens(
 /// type does not depend on the configuration).
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
-    tokens: Option<Tokens>,
+    guard: Option<Arc<Guard>>,
+}
+
+/// What [`Auth`] checks calls against; one `Arc`, so the per-call clone of
+/// the service stack costs one reference count.
+#[derive(Debug)]
+struct Guard {
+    tokens: Tokens,
+    /// Full paths of the streaming methods, whose answers end when their
+    /// token is removed; a handful, so a linear scan.
+    streaming: Box<[Box<str>]>,
 }
 
 impl AuthLayer {
     /// Requires one of `tokens` on every call but health; `None` lets every
     /// call through.
     pub fn new(tokens: Option<Tokens>) -> Self {
-        Self { tokens }
+        Self {
+            guard: tokens.map(|tokens| {
+                Arc::new(Guard {
+                    tokens,
+                    streaming: Box::default(),
+                })
+            }),
+        }
+    }
+
+    /// Ends the calls of `methods` (full paths, from
+    /// [`crate::limits::streaming_methods`]) with UNAUTHENTICATED when a
+    /// reload removes the token they were opened with. Until this is called
+    /// every call is checked only when it opens.
+    pub fn streaming(self, methods: Vec<String>) -> Self {
+        Self {
+            guard: self.guard.map(|guard| {
+                Arc::new(Guard {
+                    tokens: guard.tokens.clone(),
+                    streaming: methods.into_iter().map(String::into_boxed_str).collect(),
+                })
+            }),
+        }
     }
 }
 
@@ -325,7 +496,7 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Auth {
             inner,
-            tokens: self.tokens.clone(),
+            guard: self.guard.clone(),
         }
     }
 }
@@ -334,38 +505,172 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone, Debug)]
 pub struct Auth<S> {
     inner: S,
-    tokens: Option<Tokens>,
+    guard: Option<Arc<Guard>>,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Auth<S>
+/// A call's answer.
+type Answer<E> = Result<Response<Body>, E>;
+
+/// The future of an accepted streaming call: boxed, as only streams pay it.
+type StreamFuture<E> = Pin<Box<dyn Future<Output = Answer<E>> + Send>>;
+
+impl<S, ReqBody> Service<Request<ReqBody>> for Auth<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
 {
-    type Response = S::Response;
+    type Response = Response<Body>;
     type Error = S::Error;
-    // The inner future as it is, not boxed: one allocation less per call.
-    type Future =
-        EitherResponseFuture<std::future::Ready<Result<Self::Response, Self::Error>>, S::Future>;
+    // A unary call's inner future as it is, not boxed: one allocation less
+    // per call.
+    type Future = EitherResponseFuture<
+        std::future::Ready<Answer<S::Error>>,
+        EitherResponseFuture<S::Future, StreamFuture<S::Error>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if let Some(tokens) = &self.tokens
-            && !request
-                .uri()
-                .path()
-                .starts_with(crate::limits::HEALTH_PREFIX)
-            && let Err(status) = tokens.check(request.headers())
-        {
-            let mut refusal = Either::<_, &mut S>::Left(Refusal(status.into_http(), PhantomData));
-            return refusal.call(request);
+        let checked = match &self.guard {
+            None => Ok(None),
+            Some(guard) => {
+                let path = request.uri().path();
+                if path.starts_with(crate::limits::HEALTH_PREFIX) {
+                    Ok(None)
+                } else if guard.streaming.iter().any(|method| **method == *path) {
+                    guard.tokens.check_stream(request.headers()).map(Some)
+                } else {
+                    guard.tokens.check(request.headers()).map(|()| None)
+                }
+            }
+        };
+        let inner = match checked {
+            Ok(None) => Either::Left(&mut self.inner),
+            Ok(Some(removed)) => Either::Right(UntilRemovedService {
+                inner: &mut self.inner,
+                removed,
+            }),
+            Err(status) => {
+                let mut refusal = Either::<_, Either<&mut S, UntilRemovedService<'_, S>>>::Left(
+                    Refusal(status.into_http(), PhantomData),
+                );
+                return refusal.call(request);
+            }
+        };
+        Either::<Refusal<Self::Response, Self::Error>, _>::Right(inner).call(request)
+    }
+}
+
+/// Calls the service below for a streaming call, and wraps its answer in
+/// [`UntilRemoved`]: the accepted-stream side of [`Auth`]'s future.
+struct UntilRemovedService<'a, S> {
+    inner: &'a mut S,
+    removed: watch::Receiver<bool>,
+}
+
+impl<S, R> Service<R> for UntilRemovedService<'_, S>
+where
+    S: Service<R, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = StreamFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let response = self.inner.call(request);
+        let removed = self.removed.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| Body::new(UntilRemoved::new(body, removed))))
+        })
+    }
+}
+
+/// A streaming call's response body, ended with UNAUTHENTICATED (as its
+/// trailers, between two messages, never inside one) once a reload removes
+/// the token the call was opened with.
+struct UntilRemoved {
+    inner: Body,
+    /// Completes when the token is removed; never, if the tokens are dropped
+    /// without removing it (the server is over).
+    removed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Trailers end a gRPC response; nothing may follow them.
+    ended: bool,
+}
+
+impl std::fmt::Debug for UntilRemoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UntilRemoved")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UntilRemoved {
+    fn new(inner: Body, mut removed: watch::Receiver<bool>) -> Self {
+        Self {
+            inner,
+            removed: Box::pin(async move {
+                if removed.wait_for(|removed| *removed).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }),
+            ended: false,
         }
-        Either::<Refusal<Self::Response, Self::Error>, _>::Right(&mut self.inner).call(request)
+    }
+}
+
+impl http_body::Body for UntilRemoved {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        // `UntilRemoved` is `Unpin`: its fields are.
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        // First, so nothing more is sent once the token is gone, even from a
+        // stream that always has a message ready.
+        if this.removed.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            // Dropping the inner body ends the stream's work and gives back
+            // its stream permit.
+            this.inner = Body::empty();
+            let mut trailers = HeaderMap::new();
+            // A code and an ASCII message always make valid headers.
+            let _ = Status::unauthenticated(TOKEN_REMOVED).add_header(&mut trailers);
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) if !frame.is_trailers() => {}
+            _ => this.ended = true,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.ended {
+            http_body::SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
@@ -390,6 +695,8 @@ impl<R, T: Default, E> Service<R> for Refusal<T, E> {
 
 #[cfg(test)]
 mod tests {
+    use http_body::Body as _;
+
     use super::*;
 
     fn file(contents: &str) -> tempfile_like::TempFile {
@@ -543,6 +850,176 @@ mod tests {
         }
         let missing = tokens.check(&HeaderMap::new()).unwrap_err();
         assert!(missing.message().contains("missing bearer token"));
+    }
+
+    fn digests(tokens: &[&str]) -> Vec<Digest> {
+        tokens.iter().map(|t| digest(t.as_bytes())).collect()
+    }
+
+    /// A subscription to `token`'s removal, as a stream opened with it has.
+    fn subscribe(accepted: &Accepted, token: &str) -> watch::Receiver<bool> {
+        let index = accepted.position(&digest(token.as_bytes())).unwrap();
+        accepted.removed[index].subscribe()
+    }
+
+    /// A reload keeps the signal of every token still listed, whatever else
+    /// changed, and hands back exactly the signals of the tokens it removed:
+    /// rotation (old and new both listed, then old removed), an unchanged
+    /// file, duplicates, an emptied file.
+    #[test]
+    fn a_reload_signals_exactly_the_removed_tokens() {
+        let mut accepted = Accepted::new(digests(&["old", "other", "old"]));
+        assert_eq!(accepted.digests.len(), 2, "a duplicate is one token");
+        let old = subscribe(&accepted, "old");
+        let other = subscribe(&accepted, "other");
+
+        // Rotation, first step: the new token is added.
+        assert!(
+            accepted
+                .replace(digests(&["other", "new", "old"]))
+                .is_empty()
+        );
+        let new = subscribe(&accepted, "new");
+        // The same file again.
+        assert!(
+            accepted
+                .replace(digests(&["old", "new", "other"]))
+                .is_empty()
+        );
+        assert!(!old.has_changed().unwrap() && !other.has_changed().unwrap());
+        assert!(accepted.position(&digest(b"old")).is_some());
+
+        // Rotation, second step: the old token is removed.
+        let removed = accepted.replace(digests(&["new", "other"]));
+        assert_eq!(removed.len(), 1);
+        assert!(removed[0].subscribe().same_channel(&old));
+        assert!(accepted.position(&digest(b"old")).is_none());
+        assert!(accepted.position(&digest(b"nope")).is_none());
+        for signal in removed {
+            signal.send_replace(true);
+        }
+        assert!(*old.borrow(), "the old token's streams are told");
+        assert!(!*other.borrow() && !*new.borrow());
+        assert!(!other.has_changed().unwrap() && !new.has_changed().unwrap());
+
+        // Emptied: every token goes.
+        let removed = accepted.replace(Vec::new());
+        assert_eq!(removed.len(), 2);
+        assert!(removed.iter().any(|s| s.subscribe().same_channel(&other)));
+        assert!(removed.iter().any(|s| s.subscribe().same_channel(&new)));
+        assert!(accepted.digests.is_empty() && accepted.removed.is_empty());
+    }
+
+    /// The index found is the presented token's, wherever it sits.
+    #[test]
+    fn position_finds_each_token() {
+        let tokens = ["a", "b", "c", "d", "e"];
+        let accepted = Accepted::new(digests(&tokens));
+        for token in tokens {
+            let index = accepted.position(&digest(token.as_bytes())).unwrap();
+            assert_eq!(accepted.digests[index], digest(token.as_bytes()));
+        }
+        assert!(Accepted::new(Vec::new()).position(&digest(b"a")).is_none());
+    }
+
+    /// A body that never ends, like an idle WatchRevocations stream.
+    struct Endless;
+
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Pending
+        }
+    }
+
+    async fn next_frame(body: &mut Body) -> Option<Result<Frame<Bytes>, Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    /// Whether `body` is still open (waiting) after a moment.
+    async fn still_open(body: &mut Body) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), next_frame(body))
+            .await
+            .is_err()
+    }
+
+    const WATCH: &str = "/sessionstore.v1.SessionStore/WatchRevocations";
+
+    fn call_to(path: &str, token: &str) -> Request<()> {
+        let mut request = Request::new(());
+        *request.uri_mut() = path.parse().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    }
+
+    /// Streams opened with a token end with UNAUTHENTICATED when a reload
+    /// removes it, and only those: a reload of the same file, one that adds
+    /// a token, one that fails, leave every stream open; a unary answer is
+    /// not wrapped; emptying the file ends every stream.
+    #[tokio::test]
+    async fn a_removed_token_ends_its_streams_and_only_those() {
+        let f = file("kappa\nlambda\n");
+        let tokens = Tokens::load(&f.0).unwrap();
+        let endless = tower::service_fn(|_request: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Body::new(Endless)))
+        });
+        let mut service = AuthLayer::new(Some(tokens.clone()))
+            .streaming(vec![WATCH.into()])
+            .layer(endless);
+        let open = |service: &mut Auth<_>, token| service.call(call_to(WATCH, token));
+        let mut kappa = open(&mut service, "kappa").await.unwrap().into_body();
+        let mut kappa_too = open(&mut service, "kappa").await.unwrap().into_body();
+        let mut lambda = open(&mut service, "lambda").await.unwrap().into_body();
+        let mut unary = service
+            .call(call_to("/sessionstore.v1.SessionStore/GetSession", "kappa"))
+            .await
+            .unwrap()
+            .into_body();
+
+        tokens.reload().unwrap();
+        std::fs::write(&f.0, "lambda\nkappa\nmu\n").unwrap();
+        tokens.reload().unwrap();
+        std::fs::remove_file(&f.0).unwrap();
+        assert!(tokens.reload().is_err());
+        for body in [&mut kappa, &mut kappa_too, &mut lambda] {
+            assert!(
+                still_open(body).await,
+                "a reload keeping the token ended a stream"
+            );
+        }
+
+        std::fs::write(&f.0, "lambda\nmu\n").unwrap();
+        tokens.reload().unwrap();
+        for body in [&mut kappa, &mut kappa_too] {
+            let last = next_frame(body).await.unwrap().unwrap();
+            let status = Status::from_header_map(&last.into_trailers().unwrap()).unwrap();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            assert_eq!(status.message(), TOKEN_REMOVED);
+            assert!(next_frame(body).await.is_none());
+            assert!(body.is_end_stream());
+        }
+        assert!(
+            still_open(&mut lambda).await,
+            "another token's stream ended"
+        );
+        assert!(still_open(&mut unary).await, "a unary answer was wrapped");
+        let refused = service.call(call_to(WATCH, "kappa")).await.unwrap();
+        assert_eq!(
+            Status::from_header_map(refused.headers()).map(|s| s.code()),
+            Some(tonic::Code::Unauthenticated)
+        );
+
+        std::fs::write(&f.0, "# all revoked\n").unwrap();
+        tokens.reload().unwrap();
+        let last = next_frame(&mut lambda).await.unwrap().unwrap();
+        assert!(last.is_trailers());
     }
 
     #[tokio::test]

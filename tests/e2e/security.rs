@@ -5,8 +5,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sessionstore::v1::{GetSessionRequest, GetUserSessionCountRequest};
-use tonic::{Code, Request, metadata::MetadataValue};
+use sessionstore::v1::{
+    CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, RevokeSessionRequest,
+    WatchRevocationsRequest, WatchRevocationsResponse, session_store_client::SessionStoreClient,
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::common::{Pki, PrivateRedis, TempFiles, TestServer, config_on, test_config, wait_until};
@@ -418,4 +422,177 @@ async fn emptying_the_tokens_file_denies_all() {
         })
         .await
         .expect("health needs no token");
+}
+
+/// `request` with `authorization: Bearer <token>`.
+fn bearer<T>(mut request: Request<T>, token: &str) -> Request<T> {
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// Replaces the tokens file the supported way: written beside it, renamed
+/// into place.
+fn replace_tokens(file: &TokensFile, contents: &str) {
+    let staged = file.0.with_extension("new");
+    std::fs::write(&staged, contents).unwrap();
+    std::fs::rename(&staged, &file.0).unwrap();
+}
+
+/// Opens WatchRevocations with `token` and waits for its opening reset.
+async fn watch_with(
+    client: &mut SessionStoreClient<Channel>,
+    token: &str,
+) -> Streaming<WatchRevocationsResponse> {
+    let mut stream = client
+        .watch_revocations(bearer(Request::new(WatchRevocationsRequest {}), token))
+        .await
+        .expect("WatchRevocations opens")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a first message")
+        .expect("the stream is open")
+        .expect("the first message");
+    assert!(first.reset, "the first message must be a reset: {first:?}");
+    stream
+}
+
+/// Creates a session and revokes it, with `token`; returns its token id.
+async fn create_and_revoke(client: &mut SessionStoreClient<Channel>, token: &str, id: &str) {
+    let created = client
+        .create_session(bearer(
+            Request::new(CreateSessionRequest {
+                user_id: "stream-user".into(),
+                token_id: id.into(),
+                ..Default::default()
+            }),
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created, "{created:?}");
+    let revoked = client
+        .revoke_session(bearer(
+            Request::new(RevokeSessionRequest {
+                token_id: id.into(),
+                user_id: "stream-user".into(),
+            }),
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+}
+
+/// Reads `stream` until the revocation of session `id` arrives, skipping
+/// heartbeats; panics if the stream fails or ends first.
+async fn receives(stream: &mut Streaming<WatchRevocationsResponse>, id: &str) {
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(message)) => {
+                    assert!(!message.reset, "unexpected reset: {message:?}");
+                    if message.revocations.iter().any(|r| r.token_id == id) {
+                        return;
+                    }
+                }
+                Some(Err(status)) => panic!("the stream failed: {status:?}"),
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the revocation of {id} did not arrive");
+}
+
+/// The status `stream` ends with, skipping the messages before it; `None`
+/// if it is still open after `limit`.
+async fn ends_within(
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    limit: Duration,
+) -> Option<Status> {
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => break status,
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// A WatchRevocations stream opened with a token ends with UNAUTHENTICATED
+/// ("no longer accepted") at the reload that removes the token from
+/// AUTH_TOKENS_FILE, the one that refuses its unary calls; a stream opened
+/// with a token still listed is untouched, by that reload and by one that
+/// only adds a token (a rotation's first step), and still receives the
+/// revocations made afterwards.
+#[tokio::test]
+async fn removing_a_token_ends_the_streams_opened_with_it() {
+    let file = TokensFile::new("stream-a\nstream-b\n");
+    let mut config = test_config();
+    config.auth_tokens_file = Some(file.0.clone());
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut a = watch_with(&mut client, "stream-a").await;
+    let mut b = watch_with(&mut client, "stream-b").await;
+
+    // A reload that keeps both tokens (a third is added) ends neither.
+    replace_tokens(&file, "stream-a\nstream-b\nstream-c\n");
+    let added = wait_until(Duration::from_secs(20), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_user_session_count(count_request(Some("stream-c")))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(added, "the added token was not accepted");
+    create_and_revoke(&mut client, "stream-c", "kept-1").await;
+    receives(&mut a, "kept-1").await;
+    receives(&mut b, "kept-1").await;
+
+    // Remove A: a change is installed once the file looked the same on two
+    // checks one reload interval (5 s) apart, so within 10 s.
+    let removed_at = Instant::now();
+    replace_tokens(&file, "stream-b\nstream-c\n");
+    let status = ends_within(&mut a, Duration::from_secs(20))
+        .await
+        .expect("the removed token's stream is still open");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("no longer accepted"),
+        "{status:?}"
+    );
+    assert!(
+        removed_at.elapsed() < Duration::from_secs(12),
+        "ended {:?} after the file changed",
+        removed_at.elapsed()
+    );
+    // The same reload refuses A's calls: the stream did not end early or
+    // for another reason.
+    let refused = client
+        .get_user_session_count(count_request(Some("stream-a")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let reopened = client
+        .watch_revocations(bearer(Request::new(WatchRevocationsRequest {}), "stream-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(reopened.code(), Code::Unauthenticated);
+
+    // B's stream is untouched and still receives what is revoked after.
+    create_and_revoke(&mut client, "stream-b", "after-removal").await;
+    receives(&mut b, "after-removal").await;
+    drop(b);
+    server.shutdown().await;
 }
