@@ -35,7 +35,7 @@ use std::{
 use http_body::Frame;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
-    time::{Instant, Sleep},
+    time::{Instant, Sleep, Timeout},
 };
 use tonic::codegen::{
     Bytes,
@@ -193,14 +193,12 @@ pub struct Limits<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Limits<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<tonic::codegen::StdError>,
 {
     type Response = Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = LimitsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -221,39 +219,97 @@ where
             None => None,
             Some(pool) => match pool.permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
-                Err(_) => return Box::pin(std::future::ready(Ok(pool.refusal()))),
+                Err(_) => {
+                    return LimitsFuture {
+                        call: None,
+                        refusal: Some(pool.refusal()),
+                        permit: None,
+                        stream_deadline: None,
+                        timeout: shared.timeout,
+                    };
+                }
             },
         };
         let caller = caller_timeout(request.headers());
         let timeout = caller.map_or(shared.timeout, |t| t.min(shared.timeout));
         // A stream's whole life is bounded only by the caller's deadline.
-        let stream_deadline = caller
-            .filter(|_| stream)
-            .and_then(|t| Instant::now().checked_add(t));
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let result = tokio::time::timeout(timeout, response).await;
-            match result {
-                // The unary permit goes back here: the work is done, the body
-                // only carries what it produced.
-                Ok(Ok(response)) if !stream => Ok(response.map(tonic::body::Body::new)),
-                Ok(Ok(response)) => Ok(response.map(|body| {
+        let stream_deadline = if stream {
+            Some(caller.and_then(|t| Instant::now().checked_add(t)))
+        } else {
+            None
+        };
+        LimitsFuture {
+            call: Some(tokio::time::timeout(timeout, self.inner.call(request))),
+            refusal: None,
+            permit,
+            stream_deadline,
+            timeout,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Limits`]: the call under its deadline,
+    /// holding its permit, or a refusal. Not boxed: it is polled inside the
+    /// future of the layer around it.
+    #[derive(Debug)]
+    pub struct LimitsFuture<F> {
+        // `None` when the call was refused.
+        #[pin]
+        call: Option<Timeout<F>>,
+        refusal: Option<Response<tonic::body::Body>>,
+        // A unary call's permit goes back when the answer comes; a stream's
+        // goes into its body.
+        permit: Option<OwnedSemaphorePermit>,
+        // `Some` for a stream: the caller's deadline, if it gave one.
+        stream_deadline: Option<Option<Instant>>,
+        timeout: Duration,
+    }
+}
+
+impl<F, B, E> Future for LimitsFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Output = Result<Response<tonic::body::Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(call) = this.call.as_pin_mut() else {
+            // Taken only here, when the future completes; a future may not be
+            // polled after that (the `Future` contract).
+            let refusal = this
+                .refusal
+                .take()
+                .expect("LimitsFuture polled after completion");
+            return Poll::Ready(Ok(refusal));
+        };
+        let result = std::task::ready!(call.poll(cx));
+        // The unary permit goes back here: the work is done, the body only
+        // carries what it produced.
+        let permit = this.permit.take();
+        Poll::Ready(match result {
+            Ok(Ok(response)) => match this.stream_deadline.take() {
+                None => Ok(response.map(tonic::body::Body::new)),
+                Some(deadline) => Ok(response.map(|body| {
                     tonic::body::Body::new(HeldBody {
                         inner: tonic::body::Body::new(body),
                         permit,
-                        deadline: stream_deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                        deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
                         trailers_sent: false,
                     })
                 })),
-                Ok(Err(err)) => Err(err),
-                // Dropping the inner future cancels the work, Redis round trip
-                // included.
-                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                    "deadline of {} ms exceeded",
-                    timeout.as_millis()
-                ))
-                .into_http()),
-            }
+            },
+            Ok(Err(err)) => Err(err),
+            // Dropping the inner future cancels the work, Redis round trip
+            // included.
+            Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                "deadline of {} ms exceeded",
+                this.timeout.as_millis()
+            ))
+            .into_http()),
         })
     }
 }
@@ -379,7 +435,9 @@ mod tests {
         Request<()>,
         Response = Response<tonic::body::Body>,
         Error = std::convert::Infallible,
-        Future = impl Future + Send + 'static,
+        Future = impl Future<Output = Result<Response<tonic::body::Body>, std::convert::Infallible>>
+                 + Send
+                 + 'static,
     > + Clone {
         tower::service_fn(move |_request: Request<()>| {
             let finished = finished.clone();
@@ -469,7 +527,9 @@ mod tests {
         Request<()>,
         Response = Response<tonic::body::Body>,
         Error = std::convert::Infallible,
-        Future = impl Future + Send + 'static,
+        Future = impl Future<Output = Result<Response<tonic::body::Body>, std::convert::Infallible>>
+                 + Send
+                 + 'static,
     > + Clone {
         tower::service_fn(|_request: Request<()>| async {
             Ok::<_, std::convert::Infallible>(Response::new(tonic::body::Body::new(Endless)))

@@ -267,13 +267,12 @@ impl Drop for CallRecord {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcLog<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
     ResBody: http_body::Body + Unpin + Send + 'static,
     ResBody::Error: 'static,
 {
     type Response = Response<Observed<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = RpcLogFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -288,7 +287,7 @@ where
         let unknown_path = (method.index == KNOWN.len()).then(|| printable_prefix(path));
         // Made before the inner call and moved into the future, so even a
         // future dropped before its first poll is recorded.
-        let mut record = CallRecord {
+        let record = CallRecord {
             handles: self.handles.clone(),
             method,
             unknown_path,
@@ -296,34 +295,73 @@ where
             deadline: crate::limits::caller_timeout(request.headers()),
             code: None,
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = match response.await {
-                Ok(response) => response,
-                Err(err) => {
-                    record.code = Some(Code::Unknown);
-                    drop(record);
-                    return Err(err);
-                }
-            };
-            // An error is sent "trailers-only", with grpc-status in the
-            // headers: the call is over, streaming or not.
-            let status = tonic::Status::from_header_map(response.headers());
-            if streaming && status.is_none() {
-                // Recorded when the body ends, or is dropped before.
-                return Ok(response.map(|inner| Observed {
+        RpcLogFuture {
+            inner: self.inner.call(request),
+            record: Some(record),
+            streaming,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`RpcLog`]: the inner future and the call's
+    /// record, which records the call when the answer comes or when the
+    /// future is dropped first. Not boxed: it is polled inside the future of
+    /// the layer around it.
+    #[derive(Debug)]
+    pub struct RpcLogFuture<F> {
+        #[pin]
+        inner: F,
+        // `None` once the answer has come.
+        record: Option<CallRecord>,
+        streaming: bool,
+    }
+}
+
+impl<F, B, E> Future for RpcLogFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Observed<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        // `None` only if polled again after completing, which futures may
+        // not be; nothing is recorded twice.
+        let Some(mut record) = this.record.take() else {
+            return Poll::Ready(result.map(|response| {
+                response.map(|inner| Observed {
                     inner,
-                    record: Some(record),
-                }));
+                    record: None,
+                })
+            }));
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                record.code = Some(Code::Unknown);
+                drop(record);
+                return Poll::Ready(Err(err));
             }
-            // A unary success carries its status in the trailers.
-            record.code = Some(status.map_or(Code::Ok, |status| status.code()));
-            drop(record);
-            Ok(response.map(|inner| Observed {
+        };
+        // An error is sent "trailers-only", with grpc-status in the
+        // headers: the call is over, streaming or not.
+        let status = tonic::Status::from_header_map(response.headers());
+        if *this.streaming && status.is_none() {
+            // Recorded when the body ends, or is dropped before.
+            return Poll::Ready(Ok(response.map(|inner| Observed {
                 inner,
-                record: None,
-            }))
-        })
+                record: Some(record),
+            })));
+        }
+        // A unary success carries its status in the trailers.
+        record.code = Some(status.map_or(Code::Ok, |status| status.code()));
+        drop(record);
+        Poll::Ready(Ok(response.map(|inner| Observed {
+            inner,
+            record: None,
+        })))
     }
 }
 
@@ -678,7 +716,7 @@ mod tests {
         Request<Body>,
         Response = Response<Body>,
         Error = std::convert::Infallible,
-        Future = impl Future + Send + 'static,
+        Future = impl Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
     > + Clone {
         tower::service_fn(move |_request: Request<Body>| async move {
             tokio::time::sleep(delay).await;
@@ -846,7 +884,7 @@ mod tests {
         Request<Body>,
         Response = Response<Body>,
         Error = std::convert::Infallible,
-        Future = impl Future + Send + 'static,
+        Future = impl Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
     > + Clone {
         tower::service_fn(move |_request: Request<Body>| async move {
             let mut frames = std::collections::VecDeque::new();

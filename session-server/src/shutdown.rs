@@ -75,7 +75,6 @@ pub(crate) struct EndStreams<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for EndStreams<S>
 where
     S: Service<Request<Body>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
     ReqBody: HttpBody<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<tonic::codegen::StdError>,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
@@ -83,14 +82,13 @@ where
 {
     type Response = Response<EndAtShutdown>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = EndStreamsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let closing = self.closing.clone();
         // Set when shutdown cuts this call's request: a handler that then
         // stops (reflection does) ends its answer with OK, which must reach
         // the caller (and the metrics) as the UNAVAILABLE it really is.
@@ -99,18 +97,52 @@ where
             // The services below take tonic's body type, hence the box.
             Body::new(EndAtShutdown::new(
                 Body::new(body),
-                closing.clone(),
+                self.closing.clone(),
                 End::Fail,
                 Arc::clone(&cut),
             ))
         });
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            // `Body::new` keeps a tonic body as it is (no new allocation).
-            Ok(response
-                .map(|body| EndAtShutdown::new(Body::new(body), closing, End::Trailers, cut)))
-        })
+        EndStreamsFuture {
+            inner: self.inner.call(request),
+            end: Some((self.closing.clone(), cut)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`EndStreams`]: wraps the answer's body once it
+    /// comes. Not boxed: it is polled inside the future of the layer around
+    /// it.
+    #[derive(Debug)]
+    pub(crate) struct EndStreamsFuture<F> {
+        #[pin]
+        inner: F,
+        // What the answer's body needs; `None` once the answer has come.
+        end: Option<(watch::Receiver<bool>, Arc<AtomicBool>)>,
+    }
+}
+
+impl<F, B, E> Future for EndStreamsFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Output = Result<Response<EndAtShutdown>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        // Taken only here, when the future completes; a future may not be
+        // polled after that (the `Future` contract), so it is still there.
+        let (closing, cut) = this
+            .end
+            .take()
+            .expect("EndStreamsFuture polled after completion");
+        // `Body::new` keeps a tonic body as it is (no new allocation).
+        Poll::Ready(Ok(response.map(|body| {
+            EndAtShutdown::new(Body::new(body), closing, End::Trailers, cut)
+        })))
     }
 }
 
