@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+mod routes;
 mod tls;
 
 use sessionstore::v1::session_store_server::SessionStoreServer;
@@ -200,8 +201,6 @@ pub async fn run_with_bounds(
     let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
     let max_calls = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
     let rpc_log = RpcLogLayer::default().streaming(streaming.clone());
-    // Streams end when a reload removes their token (see `auth`).
-    let auth = AuthLayer::new(tokens).streaming(streaming.clone());
     let limits = LimitsLayer::new(max_calls, Duration::from_millis(config.request_timeout_ms))
         .streaming(streaming, bounds.max_streams, bounds.max_health_watches);
 
@@ -289,7 +288,18 @@ pub async fn run_with_bounds(
         }
     };
 
-    let router = builder
+    // tonic's `Router` (axum) is bypassed: see `routes`.
+    let routes = routes::route(
+        sessions,
+        routes::route(
+            health_service,
+            routes::route(
+                reflection,
+                routes::route(reflection_v1alpha, routes::Unimplemented),
+            ),
+        ),
+    );
+    let server = builder
         // Dead client connections are noticed and dropped.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -315,24 +325,21 @@ pub async fn run_with_bounds(
         // Around every service, so every body of every call can be ended at
         // shutdown.
         .layer(EndStreamsLayer::new(closing))
-        .layer(auth)
-        .layer(limits)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(sessions);
+        .layer(AuthLayer::new(tokens))
+        .layer(limits);
     let result = match tls {
         Some(tls) => {
-            router
+            server
                 .serve_with_incoming_shutdown(
+                    routes,
                     tls::accept(incoming, tls, bounds.tls_handshake_timeout),
                     shutdown,
                 )
                 .await
         }
         None => {
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
+            server
+                .serve_with_incoming_shutdown(routes, incoming, shutdown)
                 .await
         }
     };
