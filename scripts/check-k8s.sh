@@ -12,8 +12,10 @@
 #   3. policy (below, with a self-test that it catches what it must): a
 #      Deployment that a HorizontalPodAutoscaler scales sets no `replicas`
 #      (every apply would reset the HPA's count), and every overlay but dev
-#      (and dev+<component>) serves TLS (TLS_CERT and TLS_KEY) or bearer
-#      tokens (AUTH_TOKENS_FILE) on session-server.
+#      (and dev+<component>) authenticates callers on session-server: mutual
+#      TLS (TLS_CERT, TLS_KEY and TLS_CLIENT_CA) or bearer tokens
+#      (AUTH_TOKENS_FILE), each set to a non-empty value. Server-only TLS
+#      encrypts but authenticates no one, so it does not pass alone.
 # Exits non-zero on any schema error, unskipped finding or policy violation.
 #
 # Needs python3 (with venv) and network access to PyPI on the first run only.
@@ -195,10 +197,16 @@ def violations(overlay, docs):
         for c in d["spec"]["template"]["spec"].get("containers", []):
             if c["name"] != "session-server" or plaintext_ok:
                 continue
-            env = {e["name"] for e in c.get("env", [])}
-            if not ({"TLS_CERT", "TLS_KEY"} <= env or "AUTH_TOKENS_FILE" in env):
-                found.append(f"{overlay}: Deployment {name} serves neither TLS (TLS_CERT "
-                             "and TLS_KEY) nor bearer tokens (AUTH_TOKENS_FILE)")
+            # Set means a non-empty value or a valueFrom: an empty path
+            # configures no authentication.
+            env = {e["name"] for e in c.get("env", [])
+                   if e.get("value") or e.get("valueFrom")}
+            mutual_tls = {"TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"} <= env
+            if not (mutual_tls or "AUTH_TOKENS_FILE" in env):
+                found.append(f"{overlay}: Deployment {name} authenticates no caller: it "
+                             "needs mutual TLS (TLS_CERT, TLS_KEY and TLS_CLIENT_CA) or "
+                             "bearer tokens (AUTH_TOKENS_FILE); server-only TLS "
+                             "authenticates no one")
     return found
 
 def self_test():
@@ -206,17 +214,27 @@ def self_test():
            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "d"}}}
     def deploy(replicas, env):
         spec = {"template": {"spec": {"containers": [
-            {"name": "session-server", "env": [{"name": n} for n in env]}]}}}
+            {"name": "session-server",
+             "env": [{"name": n, "value": v} for n, v in
+                     (e if isinstance(e, tuple) else (e, f"/run/{e}") for e in env)]}]}}}
         if replicas:
             spec["replicas"] = 3
         return {"kind": "Deployment", "metadata": {"name": "d"}, "spec": spec}
-    secure = ["TLS_CERT", "TLS_KEY"]
+    server_tls = ["TLS_CERT", "TLS_KEY"]
+    secure = server_tls + ["TLS_CLIENT_CA"]
     cases = [
         ("production", [hpa, deploy(True, secure)], 1),
         ("production", [hpa, deploy(False, [])], 1),
         ("production", [hpa, deploy(False, ["TLS_CERT"])], 1),
         ("production", [hpa, deploy(False, secure)], 0),
         ("production", [hpa, deploy(False, ["AUTH_TOKENS_FILE"])], 0),
+        # Server-only TLS encrypts but authenticates no one.
+        ("production", [hpa, deploy(False, server_tls)], 1),
+        ("production", [hpa, deploy(False, server_tls + ["AUTH_TOKENS_FILE"])], 0),
+        ("production", [hpa, deploy(False, ["TLS_CLIENT_CA"])], 1),
+        # An empty value is unset.
+        ("production", [hpa, deploy(False, server_tls + [("TLS_CLIENT_CA", "")])], 1),
+        ("production", [hpa, deploy(False, server_tls + [("AUTH_TOKENS_FILE", "")])], 1),
         ("dev", [deploy(True, [])], 0),
         ("dev", [hpa, deploy(True, [])], 1),
     ]
@@ -235,7 +253,7 @@ for path in sys.argv[1:]:
 print(f"  policy: {len(sys.argv) - 1} rendered overlays checked (self-test passed)")
 sys.exit(1 if failed else 0)
 EOF
-log "policy: no replicas beside an HPA; TLS or bearer tokens outside dev"
+log "policy: no replicas beside an HPA; mutual TLS or bearer tokens outside dev"
 if ! "$VENV/bin/python" "$work/policy.py" "$work"/rendered/*.yaml; then
     failed=1
 fi
