@@ -201,6 +201,8 @@ pub async fn run_with_bounds(
     let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
     let max_calls = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
     let rpc_log = RpcLogLayer::default().streaming(streaming.clone());
+    // Streams end when a reload removes their token (see `auth`).
+    let auth = AuthLayer::new(tokens).streaming(streaming.clone());
     let limits = LimitsLayer::new(max_calls, Duration::from_millis(config.request_timeout_ms))
         .streaming(streaming, bounds.max_streams, bounds.max_health_watches);
 
@@ -325,7 +327,7 @@ pub async fn run_with_bounds(
         // Around every service, so every body of every call can be ended at
         // shutdown.
         .layer(EndStreamsLayer::new(closing))
-        .layer(AuthLayer::new(tokens))
+        .layer(auth)
         .layer(limits);
     let result = match tls {
         Some(tls) => {
