@@ -6,7 +6,9 @@ use sessionstore::v1::{CreateSessionRequest, GetSessionRequest, GetUserSessionCo
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{PrivateRedis, TestServer, config_on, readiness, test_config, wait_until};
+use crate::common::{
+    PrivateRedis, TempFiles, TestServer, config_on, readiness, redis_cli, test_config, wait_until,
+};
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
 /// (following Redis, READINESS_FOLLOWS_REDIS) goes NOT_SERVING while liveness
@@ -276,7 +278,8 @@ fn get_request(token: &str) -> GetSessionRequest {
 }
 
 /// A Redis that refuses writes (a read-only replica) gives UNAVAILABLE for
-/// writes, saying so, while reads still answer; the server does not crash.
+/// writes, saying so, while reads still answer; the server does not crash,
+/// and it never turns ready: the access check's write meets READONLY.
 #[tokio::test]
 async fn a_read_only_replica_refuses_writes_cleanly() {
     let primary = PrivateRedis::start();
@@ -306,6 +309,166 @@ async fn a_read_only_replica_refuses_writes_cleanly() {
         .into_inner();
     assert!(found.session.is_none());
     assert!(server.is_running());
+    never_ready(&server, ACCESS_CHECK_TICKS).await;
+}
+
+/// How long a test watches a server that must not turn ready: 20 health
+/// ticks (HEALTH_CHECK_INTERVAL_MS is 50 in tests).
+const ACCESS_CHECK_TICKS: Duration = Duration::from_secs(1);
+
+/// Asserts that readiness answers NOT_SERVING on every look for `during`.
+async fn never_ready(server: &TestServer, during: Duration) {
+    let start = Instant::now();
+    let mut looks = 0;
+    while start.elapsed() < during {
+        assert_eq!(
+            readiness(server).await,
+            ServingStatus::NotServing as i32,
+            "ready after {:?} although calls cannot work",
+            start.elapsed()
+        );
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(looks > 5, "{looks}");
+}
+
+/// A Redis user that can PING and INFO but not touch KEY_PREFIX keys: every
+/// call fails, and the server never turns ready (PING alone would make it
+/// ready); once the ACL grants the keys, it turns SERVING without a restart.
+#[tokio::test]
+async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
+    let redis = PrivateRedis::start();
+    let acl = |keys: &str| {
+        let answer = redis_cli(
+            redis.port,
+            &[
+                "acl",
+                "setuser",
+                "app",
+                "on",
+                ">apppw",
+                "resetkeys",
+                keys,
+                "+@all",
+            ],
+        );
+        assert_eq!(answer.trim(), "OK");
+    };
+    acl("~other:*");
+    let mut config = config_on(&redis);
+    config.redis_url = format!("redis://app:apppw@127.0.0.1:{}", redis.port);
+    config.key_prefix = "sessionstore:".into();
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let status = client.get_session(get_request("t")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    never_ready(&server, ACCESS_CHECK_TICKS).await;
+    assert_eq!(
+        readiness_of(&server, "").await,
+        ServingStatus::Serving as i32,
+        "liveness stays SERVING"
+    );
+
+    acl("~*");
+    let ready = wait_until(Duration::from_secs(10), || async {
+        readiness(&server).await == ServingStatus::Serving as i32
+    })
+    .await;
+    assert!(ready, "not ready once the ACL grants the keys");
+    client
+        .get_session(get_request("t"))
+        .await
+        .expect("calls work once the ACL grants the keys");
+    server.shutdown().await;
+}
+
+/// The health answer for `service` ("" is liveness).
+async fn readiness_of(server: &TestServer, service: &str) -> i32 {
+    server
+        .health()
+        .await
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// The Redis password rotated (P1 to P2: file replaced, Redis told, old
+/// connections cut), then the file briefly unreadable while connections are
+/// cut again: new connections use P2, the last password read, not P1 from
+/// the start, so calls still succeed.
+#[tokio::test]
+async fn an_unreadable_password_file_keeps_the_last_password_read() {
+    let redis = PrivateRedis::start();
+    // Set after the start: the harness's readiness PING sends no password.
+    let answer = redis_cli(
+        redis.port,
+        &["config", "set", "requirepass", "first-secret"],
+    );
+    assert_eq!(answer.trim(), "OK");
+    let files = TempFiles::new();
+    let password = files.write("redis-password", "first-secret\n");
+    let mut config = config_on(&redis);
+    config.redis_password_file = Some(password.clone());
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    client
+        .get_session(get_request("t"))
+        .await
+        .expect("served with the first password");
+    let cut_connections = |secret: &str| {
+        let output = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port.to_string(),
+                "--no-auth-warning",
+                "-a",
+                secret,
+            ])
+            .args(["client", "kill", "type", "normal"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    let served = || {
+        let client = client.clone();
+        wait_until(Duration::from_secs(5), move || {
+            let mut client = client.clone();
+            async move { client.get_session(get_request("t")).await.is_ok() }
+        })
+    };
+
+    // Rotate: the new file renamed over the old one, then Redis.
+    let staged = files.write("redis-password.new", "second-secret\n");
+    std::fs::rename(&staged, &password).unwrap();
+    let answer = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--no-auth-warning",
+            "-a",
+            "first-secret",
+        ])
+        .args(["config", "set", "requirepass", "second-secret"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), "OK");
+    cut_connections("second-secret");
+    assert!(served().await, "not served with the rotated password");
+
+    // The file is gone for a moment (a Secret update in progress): new
+    // connections keep the second password.
+    std::fs::rename(&password, files.write("elsewhere", "")).unwrap();
+    cut_connections("second-secret");
+    assert!(
+        served().await,
+        "an unreadable password file brought back the first password"
+    );
+    server.shutdown().await;
 }
 
 /// A Redis out of memory (maxmemory, noeviction) gives RESOURCE_EXHAUSTED for

@@ -482,7 +482,7 @@ pub(super) enum Connector {
 /// them now, so that new connections use rotated secrets without a restart
 /// (Kubernetes updates a mounted Secret in place). Read at each new
 /// connection, which is rare: the pool keeps its connections. A file that
-/// cannot be read keeps what was read before (logged).
+/// cannot be read keeps what was last read from it (logged).
 #[derive(Clone, PartialEq, Eq)]
 pub(super) struct Credentials {
     password: Option<String>,
@@ -490,8 +490,22 @@ pub(super) struct Credentials {
 }
 
 impl Credentials {
-    /// The settings' credentials, re-read from their files when set.
+    /// The settings' credentials, re-read from their files when set; a file
+    /// that cannot be read gives what was read at start.
     pub(super) fn of(settings: &Settings) -> Self {
+        Self {
+            password: settings.redis_password.clone(),
+            ca_pem: settings.redis_ca_pem.clone(),
+        }
+        .reread(settings)
+    }
+
+    /// The settings' credentials, re-read from their files when set; a file
+    /// that cannot be read (a Secret briefly swapped, a rename in progress)
+    /// gives these, the last read: after a rotation, falling back to the
+    /// value read at start would bring back the old password, which Redis
+    /// now refuses.
+    pub(super) fn reread(&self, settings: &Settings) -> Self {
         let read = |path: &Option<std::path::PathBuf>, variable: &str| {
             let path = path.as_ref()?;
             std::fs::read(path)
@@ -502,11 +516,11 @@ impl Credentials {
                 .ok()
         };
         Self {
-            password: read(&settings.redis_password_file, "REDIS_PASSWORD_FILE")
-                .map(|bytes| crate::config::password_from_file(&bytes))
-                .or_else(|| settings.redis_password.clone()),
-            ca_pem: read(&settings.redis_ca_file, "REDIS_CA_FILE")
-                .or_else(|| settings.redis_ca_pem.clone()),
+            password: match read(&settings.redis_password_file, "REDIS_PASSWORD_FILE") {
+                Some(bytes) => Some(crate::config::password_from_file(&bytes)),
+                None => self.password.clone(),
+            },
+            ca_pem: read(&settings.redis_ca_file, "REDIS_CA_FILE").or_else(|| self.ca_pem.clone()),
         }
     }
 
@@ -532,7 +546,6 @@ impl bb8::ManageConnection for RedisManager {
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let now = Credentials::of(&self.settings);
         let rebuild_failed = |err: Error| {
             redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
@@ -544,6 +557,9 @@ impl bb8::ManageConnection for RedisManager {
             Connector::Direct(direct) => {
                 let client = {
                     let mut direct = direct.lock().unwrap_or_else(|e| e.into_inner());
+                    // The files are small and local: read under the lock, so
+                    // concurrent connects agree on the last credentials read.
+                    let now = direct.0.reread(&self.settings);
                     if direct.0 != now {
                         let client = redis_client(&now.apply(&self.settings))
                             .map_err(rebuild_failed)
@@ -559,6 +575,7 @@ impl bb8::ManageConnection for RedisManager {
             }
             Connector::Sentinel(sentinel) => {
                 let mut sentinel = sentinel.lock().await;
+                let now = sentinel.0.reread(&self.settings);
                 if sentinel.0 != now {
                     let client = sentinel_client(&now.apply(&self.settings))
                         .map_err(rebuild_failed)
