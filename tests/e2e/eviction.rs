@@ -1,5 +1,6 @@
 //! Refusing an evicting Redis: readiness stays NOT_SERVING while any master's
-//! `maxmemory-policy` is not `noeviction` (liveness stays SERVING), comes back
+//! `maxmemory-policy` is not `noeviction` and its `maxmemory` is set (with no
+//! limit Redis never evicts) (liveness stays SERVING), comes back
 //! without a restart once the policy is fixed, and REDIS_ALLOW_EVICTION=true
 //! opts out. Standalone, Cluster and Sentinel each run on a deployment of the
 //! test's own, since the tests change the policy under the server.
@@ -28,9 +29,12 @@ use crate::common::{
 /// How soon a fixed policy must make the server ready again (issue #10).
 const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 
-/// `redis-server` arguments: an evicting policy, and a slow log that records
-/// every command, so a test can see the server's policy reads happen.
-const EVICTING_REDIS: [&str; 6] = [
+/// `redis-server` arguments: an evicting policy with a memory limit to evict
+/// at, and a slow log that records every command, so a test can see the
+/// server's policy reads happen.
+const EVICTING_REDIS: [&str; 8] = [
+    "--maxmemory",
+    "1gb",
     "--maxmemory-policy",
     "volatile-lru",
     "--slowlog-log-slower-than",
@@ -42,6 +46,12 @@ const EVICTING_REDIS: [&str; 6] = [
 fn set_policy(port: u16, policy: &str) {
     let answer = redis_cli(port, &["config", "set", "maxmemory-policy", policy]);
     assert_eq!(answer.trim(), "OK", "CONFIG SET on {port}");
+}
+
+/// Sets `maxmemory` (bytes, or `1gb`; `0` is no limit) on the node on `port`.
+fn set_maxmemory(port: u16, maxmemory: &str) {
+    let answer = redis_cli(port, &["config", "set", "maxmemory", maxmemory]);
+    assert_eq!(answer.trim(), "OK", "CONFIG SET maxmemory on {port}");
 }
 
 /// Makes the node on `port` log every command in its slow log, from now on.
@@ -159,6 +169,7 @@ async fn standalone_evicting_redis_is_refused_until_fixed() {
 async fn sentinel_evicting_master_is_refused_until_fixed() {
     let sentinel = Topology::start("sentinel");
     let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
+    set_maxmemory(master, "1gb");
     set_policy(master, "volatile-lru");
     record_commands(master);
     let recovery = refuses_until_fixed(sentinel.config(RedisMode::Sentinel), master).await;
@@ -197,6 +208,7 @@ async fn cluster_one_evicting_master_is_refused_until_fixed() {
         .unwrap()
         .clone();
     let port: u16 = victim.rsplit(':').next().unwrap().parse().unwrap();
+    set_maxmemory(port, "1gb");
     set_policy(port, "volatile-lru");
     record_commands(port);
 
@@ -221,6 +233,41 @@ async fn cluster_one_evicting_master_is_refused_until_fixed() {
 
     let recovery = refuses_until_fixed(config, port).await;
     eprintln!("cluster: ready {recovery:?} after the fix");
+}
+
+/// Standalone, in process: `allkeys-lru` with `maxmemory 0` (no limit, so
+/// nothing is ever evicted) leaves readiness SERVING through several policy
+/// reads; setting `maxmemory` makes it NOT_SERVING, as before.
+#[tokio::test]
+async fn allkeys_lru_without_a_limit_stays_ready() {
+    let redis = PrivateRedis::start_with(&[
+        "--maxmemory",
+        "0",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--slowlog-log-slower-than",
+        "0",
+        "--slowlog-max-len",
+        "4096",
+    ]);
+    let server = TestServer::start_with(config_on(&redis)).await;
+    let ready = wait_until(RECOVERY_LIMIT, || async {
+        readiness(&server).await == ServingStatus::Serving as i32
+    })
+    .await;
+    assert!(ready, "not ready on allkeys-lru without maxmemory");
+    let reads = policy_reads(redis.port).await;
+    wait_for_policy_reads(redis.port, reads + 3).await;
+    assert_eq!(readiness(&server).await, ServingStatus::Serving as i32);
+
+    set_maxmemory(redis.port, "64mb");
+    let refused = wait_until(RECOVERY_LIMIT, || async {
+        readiness(&server).await == ServingStatus::NotServing as i32
+    })
+    .await;
+    assert!(refused, "still ready with allkeys-lru and maxmemory 64mb");
+    assert_eq!(liveness(&server).await, ServingStatus::Serving as i32);
+    server.shutdown().await;
 }
 
 /// INFO forbidden by an ACL while PING works: an unknown policy does not block
@@ -435,10 +482,12 @@ async fn binary_logs_the_policy_once_and_exports_why() {
     assert_eq!(errors.len(), 1, "{errors:#?}");
     let error = &errors[0];
     assert_eq!(error["maxmemory_policy"], "volatile-lru", "{error}");
+    assert_eq!(error["maxmemory"], 1_u64 << 30, "{error}");
     assert_eq!(error["node"], "master", "{error}");
     let message = error["message"].as_str().unwrap();
     for needle in [
-        "maxmemory-policy",
+        "maxmemory-policy volatile-lru",
+        "maxmemory is 1073741824 bytes",
         "CONFIG SET maxmemory-policy noeviction",
         "redis.conf",
         "REDIS_ALLOW_EVICTION=true",
@@ -483,4 +532,61 @@ async fn allow_eviction_serves_on_an_evicting_redis() {
         .filter(|e| e["maxmemory_policy"] == "volatile-lru")
         .collect();
     assert_eq!(warned.len(), 1, "{warned:#?}");
+}
+
+/// With `maxmemory` 0 (no limit) Redis never evicts, whatever its policy: the
+/// binary on `allkeys-lru` without a limit is ready, its policy metric reads
+/// 1 and nothing is logged at ERROR; once `maxmemory` is set the same policy
+/// makes it NOT_SERVING, with one ERROR giving both values; back to no limit,
+/// it is ready again.
+#[tokio::test]
+async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
+    let redis = PrivateRedis::start_with(&[
+        "--maxmemory",
+        "0",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--slowlog-log-slower-than",
+        "0",
+        "--slowlog-max-len",
+        "4096",
+    ]);
+    let server = ServerProcess::spawn(&redis, &[]);
+    let metrics = server.logged_addr("metrics at /metrics").await;
+    let evicts = readiness_state("redis_evicts");
+    let serving = readiness_state("serving");
+    wait_for_samples(
+        &metrics,
+        &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
+    )
+    .await;
+    let listen = server.logged_addr("listening").await;
+    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+    let reads = policy_reads(redis.port).await;
+    wait_for_policy_reads(redis.port, reads + 3).await;
+    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+    assert_eq!(server.events_at("ERROR"), Vec::<serde_json::Value>::new());
+
+    set_maxmemory(redis.port, "64mb");
+    wait_for_samples(
+        &metrics,
+        &[(POLICY_OK, 0.0), (&evicts, 1.0), (&serving, 0.0)],
+    )
+    .await;
+    assert_eq!(
+        readiness_at(&listen).await,
+        ServingStatus::NotServing as i32
+    );
+    let errors = server.events_at("ERROR");
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0]["maxmemory_policy"], "allkeys-lru", "{errors:?}");
+    assert_eq!(errors[0]["maxmemory"], 64_u64 << 20, "{errors:?}");
+
+    set_maxmemory(redis.port, "0");
+    wait_for_samples(
+        &metrics,
+        &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
+    )
+    .await;
+    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
 }
