@@ -400,8 +400,14 @@ pub(crate) fn never_sent(status: &Status) -> bool {
 /// - h2's error for a GOAWAY received from the server: h2 gives it to the
 ///   streams whose id is above the GOAWAY's last-stream-id (RFC 9113 6.8:
 ///   the server did not and will not process them) and to any stream opened
-///   after the GOAWAY arrived (never sent). A stream the server accepted and
-///   then lost to the connection closing fails with an I/O error instead.
+///   after the GOAWAY arrived (never sent). hyper also gives it to a request
+///   whose stream h2 opened just as the GOAWAY arrived (`poll_ready` failing
+///   right after `send_request`, hyper `proto/h2/client.rs`): its HEADERS
+///   may have left, but never its body, which hyper drops (h2 then resets
+///   the stream); a gRPC request without its message (tonic always sends
+///   one) cannot be processed. A stream the server accepted, with its body,
+///   and then lost to the connection closing fails with an I/O error
+///   instead.
 /// - h2's `REFUSED_STREAM` reset from the server: the stream was closed
 ///   "prior to any processing" (RFC 9113 8.7), as a server over its
 ///   concurrent stream limit does.
