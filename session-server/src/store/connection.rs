@@ -123,16 +123,12 @@ impl Store {
                 Backend::Pool { pool, failures, .. } => loop {
                     // bb8 hands a failed connect attempt to its error sink and
                     // lets the waiting checkout run into the timeout; listen
-                    // for the failure and answer with its error: UNAVAILABLE
-                    // for a refused connection, INTERNAL for wrong
-                    // credentials. `notify_waiters` completes every
-                    // `Notified` made before it, polled or not, so making it
-                    // before the checkout starts is enough: it joins the
-                    // waiter list (a lock, twice) only when the checkout has
-                    // to wait, not on the usual path where a connection is
-                    // idle.
+                    // for the failure (registered before the checkout starts)
+                    // and answer with its error: UNAVAILABLE for a refused
+                    // connection, INTERNAL for wrong credentials.
                     let failed = failures.notify.notified();
                     tokio::pin!(failed);
+                    failed.as_mut().enable();
                     let checkout = tokio::select! {
                         biased;
                         checkout = pool.get() => checkout,
