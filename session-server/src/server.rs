@@ -642,13 +642,16 @@ struct ReadinessPolicy {
 /// nothing here is fixed by restarting the process.
 ///
 /// Readiness is NOT_SERVING
-/// - until Redis has answered once since the start, in both modes: a pod
-///   that has never reached Redis may be misconfigured (a wrong REDIS_URL or
-///   password), and a rollout must stop at it rather than replace every
-///   working pod with one;
-/// - while a master may evict keys (`maxmemory-policy` is not `noeviction`),
-///   unless `allow_eviction` (REDIS_ALLOW_EVICTION) accepts the risk, in
-///   both modes: that is a misconfiguration, not an outage;
+/// - until Redis has answered once since the start, and answered the access
+///   check (`Store::check_access`: a script and a harmless write on a key
+///   under KEY_PREFIX, and `role:master`), in both modes: a pod that has
+///   never reached Redis, or cannot use its keys (an ACL without them, a
+///   REDIS_URL naming a replica), is misconfigured, and a rollout must stop
+///   at it rather than replace every working pod with one;
+/// - while a master may evict keys (`maxmemory-policy` is not `noeviction`
+///   and `maxmemory` is set: with no limit Redis never evicts), unless
+///   `allow_eviction` (REDIS_ALLOW_EVICTION) accepts the risk, in both
+///   modes: that is a misconfiguration, not an outage;
 /// - with READINESS_FOLLOWS_REDIS only, once READINESS_REDIS_FAILURES checks
 ///   in a row have failed, until one answers.
 ///
@@ -669,6 +672,17 @@ struct ReadinessPolicy {
 /// the policy is unknown and does not block readiness: refusing to serve
 /// because a diagnostic is forbidden would turn a locked-down Redis into an
 /// outage. A warning says so once, and REDIS_EVICTION_POLICY_OK reads -1.
+///
+/// The access check runs on the ticks where PING answers only until it first
+/// passes, not on every tick: it exists to stop a misconfigured pod from ever
+/// turning ready, which one success disproves. After that, a Redis that
+/// starts refusing (an ACL changed at run time, a failover) is shared by
+/// every pod, like an outage: taking them all out of the endpoints at once
+/// would turn fast call errors into connection refused, the reason
+/// READINESS_FOLLOWS_REDIS is off by default; and a demoted master's
+/// connections are replaced on READONLY anyway (`connection.rs`). It also
+/// keeps the steady state at PING and INFO: three more round trips per tick
+/// would be spent on an answer that does not change.
 async fn watch_redis(
     store: Store,
     health: HealthReporter,
@@ -681,16 +695,42 @@ async fn watch_redis(
     let mut eviction = Eviction::Unknown;
     let mut info_failing = false;
     let mut readiness = None;
-    // Whether Redis has answered since the start, and the failed checks since
-    // it last did.
+    // Whether Redis has answered (and passed the access check) since the
+    // start, and the failed checks since it last answered.
     let mut reached = false;
     let mut failures: u32 = 0;
+    // The cause of the access check's last failure, so each is logged once.
+    let mut access_refused: Option<&'static str> = None;
     loop {
         ticker.tick().await;
         let ping = store.ping().await;
         let up = ping.is_ok();
+        if up && !reached {
+            match store.check_access().await {
+                Ok(()) => {
+                    if access_refused.is_some() {
+                        tracing::info!("redis access check passes");
+                    }
+                    reached = true;
+                }
+                Err(Ok(refused)) => {
+                    if access_refused != Some(refused.cause()) {
+                        tracing::error!(
+                            cause = refused.cause(),
+                            error = %refused,
+                            fix = refused.fix(),
+                            "redis answers PING but refuses what calls need ({}): readiness stays NOT_SERVING. Fix: {}",
+                            refused.cause(),
+                            refused.fix()
+                        );
+                        access_refused = Some(refused.cause());
+                    }
+                }
+                // Not an access problem: the next tick tries again.
+                Err(Err(err)) => tracing::debug!(error = %err, "redis access check did not answer"),
+            }
+        }
         if up {
-            reached = true;
             failures = 0;
         } else {
             failures = failures.saturating_add(1);
@@ -787,7 +827,7 @@ impl Readiness {
 enum Eviction {
     /// Never read: INFO has not answered yet (or is forbidden).
     Unknown,
-    /// Every master keeps its keys (`noeviction`).
+    /// Every master keeps its keys (`noeviction`, or `maxmemory` 0).
     Never,
     /// These masters may evict keys.
     Possible(Vec<MaxmemoryPolicy>),
@@ -831,7 +871,7 @@ impl Eviction {
             Self::Unknown => {}
             Self::Never => tracing::info!(
                 maxmemory_policy = NOEVICTION,
-                "every Redis master keeps its keys (maxmemory-policy noeviction)"
+                "every Redis master keeps its keys (maxmemory-policy noeviction, or no maxmemory limit)"
             ),
             Self::Possible(masters) => {
                 for master in masters {
@@ -840,13 +880,19 @@ impl Eviction {
                         tracing::warn!(
                             node,
                             maxmemory_policy = %master.policy,
-                            "Redis may evict keys (maxmemory-policy is not noeviction); serving anyway because REDIS_ALLOW_EVICTION=true: evicted session indexes and token reservations break RevokeAllUserSessions, the per-user session cap and token uniqueness"
+                            maxmemory = master.maxmemory,
+                            "Redis may evict keys (maxmemory-policy {} is not noeviction and maxmemory is {} bytes); serving anyway because REDIS_ALLOW_EVICTION=true: evicted session indexes and token reservations break RevokeAllUserSessions, the per-user session cap and token uniqueness",
+                            master.policy,
+                            master.maxmemory
                         );
                     } else {
                         tracing::error!(
                             node,
                             maxmemory_policy = %master.policy,
-                            "Redis may evict keys (maxmemory-policy is not noeviction): evicted session indexes and token reservations silently break RevokeAllUserSessions, the per-user session cap and token uniqueness, so readiness stays NOT_SERVING. Fix: run `CONFIG SET maxmemory-policy noeviction` on this master and set `maxmemory-policy noeviction` in its redis.conf (or the managed service's parameters) so a restart keeps it; or set REDIS_ALLOW_EVICTION=true to serve anyway and accept the risk"
+                            maxmemory = master.maxmemory,
+                            "Redis may evict keys (maxmemory-policy {} is not noeviction and maxmemory is {} bytes): evicted session indexes and token reservations silently break RevokeAllUserSessions, the per-user session cap and token uniqueness, so readiness stays NOT_SERVING. Fix: run `CONFIG SET maxmemory-policy noeviction` on this master and set `maxmemory-policy noeviction` in its redis.conf (or the managed service's parameters) so a restart keeps it; or set REDIS_ALLOW_EVICTION=true to serve anyway and accept the risk",
+                            master.policy,
+                            master.maxmemory
                         );
                     }
                 }
