@@ -110,6 +110,9 @@ def start_redis():
     redis_proc = spawn("redis", [
         "redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
         "--appendonly", "no", "--dir", WORK, "--maxmemory-policy", "noeviction",
+        # A limit, so that an evicting policy really evicts (the server
+        # ignores the policy while maxmemory is 0).
+        "--maxmemory", "256mb",
         "--enable-debug-command", "local",
     ])
     wait_for("redis-server answers", lambda: redis_cli("ping") == "PONG", 10)
