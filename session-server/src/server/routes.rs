@@ -32,11 +32,10 @@ use tower::Service;
 type CallFuture = BoxFuture<Response<Body>, Infallible>;
 
 /// The calls whose path starts with `/{S::NAME}/` go to `service`; the
-/// others to `next`.
+/// others to `next`. No field but the two services: tonic clones the whole
+/// stack for every call, so a stored prefix would be an allocation per call.
 #[derive(Clone, Debug)]
 pub(crate) struct Route<S, Next> {
-    /// `/{package.Service}/`.
-    prefix: Box<str>,
     service: S,
     next: Next,
 }
@@ -44,16 +43,20 @@ pub(crate) struct Route<S, Next> {
 /// A route to `service`, by its gRPC service name, before the routes of
 /// `next`.
 pub(crate) fn route<S: NamedService, Next>(service: S, next: Next) -> Route<S, Next> {
-    Route {
-        prefix: format!("/{}/", S::NAME).into_boxed_str(),
-        service,
-        next,
-    }
+    Route { service, next }
+}
+
+/// Whether `path` is `/{name}/…`.
+fn names(path: &str, name: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|rest| rest.strip_prefix(name))
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 impl<S, Next> Service<Request<Body>> for Route<S, Next>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = CallFuture>,
+    S: NamedService
+        + Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = CallFuture>,
     Next:
         Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = CallFuture>,
 {
@@ -71,7 +74,7 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        if request.uri().path().starts_with(&*self.prefix) {
+        if names(request.uri().path(), S::NAME) {
             self.service.call(request)
         } else {
             self.next.call(request)
