@@ -31,7 +31,8 @@
 #           and --duration: GetSession next to Redis GET and a bare tonic
 #           echo (examples/echo_floor.rs), c=64, by h2load and session_bench.
 # Server settings (REDIS_POOL_SIZE, TOKIO_WORKER_THREADS, ...) pass through
-# the environment; BENCH_THREADS sets the load generator's worker threads.
+# the environment; BENCH_THREADS sets the load generator's worker threads;
+# BENCH_BIN names a load generator built before (only the server is built).
 # BENCH_PRIO is a command prefix for Redis, the server and both load
 # generators alike, e.g. BENCH_PRIO="chrt -r 1" (root) so that other work on
 # a shared machine does not take their CPU; the table header records it.
@@ -63,7 +64,7 @@ while [[ $# -gt 0 ]]; do
     --repeats) REPEATS="$2"; shift ;;
     --duration) DURATION="$2"; shift ;;
     --concurrency) CONCURRENCIES="$2"; shift ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -121,8 +122,9 @@ log "building (release)"
 executable() { sed -n "s/.*\"executable\":\"\([^\"]*$1[^\"]*\)\".*/\1/p" | tail -n1; }
 server_bin="$(cargo build --release --locked -p session-server --bin session-server \
   --message-format=json-render-diagnostics | executable session-server)"
-bench_bin="$(cargo build --release --locked -p sessionstore --bench session_bench \
-  --message-format=json-render-diagnostics | executable session_bench)"
+# BENCH_BIN: a load generator built before (it need not change with the server).
+bench_bin="${BENCH_BIN:-$(cargo build --release --locked -p sessionstore --bench session_bench \
+  --message-format=json-render-diagnostics | executable session_bench)}"
 [[ -x "$bench_bin" && -x "$server_bin" ]] || { log "build produced no binaries"; exit 1; }
 
 redis_port="$(free_port)"
