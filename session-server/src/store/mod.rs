@@ -364,23 +364,32 @@ impl Store {
     }
 }
 
+/// `parts` joined: the keys are built on every call, and `format!` cost
+/// about 700 instructions a key (its formatting machinery and a growing
+/// buffer) where one exact allocation and a few copies do (BENCHMARKS.md, #15).
+fn key(parts: &[&str]) -> String {
+    let mut key = String::with_capacity(parts.iter().map(|part| part.len()).sum());
+    for part in parts {
+        key.push_str(part);
+    }
+    key
+}
+
 impl Store {
+    fn prefix(&self) -> &str {
+        &self.shared.settings.key_prefix
+    }
+
     pub(crate) fn session_key(&self, user: &UserId, token: &str) -> String {
-        format!(
-            "{}session:{{{user}}}:{{{token}}}",
-            self.shared.settings.key_prefix
-        )
+        key(&[self.prefix(), "session:{", user.as_str(), "}:{", token, "}"])
     }
 
     pub(crate) fn revoked_key(&self, user: &UserId, token: &str) -> String {
-        format!(
-            "{}revoked:{{{user}}}:{{{token}}}",
-            self.shared.settings.key_prefix
-        )
+        key(&[self.prefix(), "revoked:{", user.as_str(), "}:{", token, "}"])
     }
 
     pub(crate) fn reservations_key(&self, user: &UserId) -> String {
-        format!("{}reservations:{{{user}}}", self.shared.settings.key_prefix)
+        key(&[self.prefix(), "reservations:{", user.as_str(), "}"])
     }
 
     /// Waits for this process's turn to run an evicting create for `user`.
@@ -394,41 +403,36 @@ impl Store {
     }
 
     pub(crate) fn index_key(&self, user: &UserId) -> String {
-        format!(
-            "{}user_sessions:{{{user}}}",
-            self.shared.settings.key_prefix
-        )
+        key(&[self.prefix(), "user_sessions:{", user.as_str(), "}"])
     }
 
     pub(crate) fn owner_key(&self, token: &TokenId) -> String {
-        format!("{}token_owner:{{{token}}}", self.shared.settings.key_prefix)
+        key(&[self.prefix(), "token_owner:{", token.as_str(), "}"])
     }
 
     pub(crate) fn rate_limit_key(&self, addr: &ClientAddr) -> String {
-        format!(
-            "{}rate_limit:login:addr:{{{}}}",
-            self.shared.settings.key_prefix,
-            addr.as_str()
-        )
+        key(&[self.prefix(), "rate_limit:login:addr:{", addr.as_str(), "}"])
     }
 
     /// The (address, account) pair counter: tagged by the address, so it
     /// shares the slot of [`Store::rate_limit_key`].
     pub(crate) fn login_pair_key(&self, addr: &ClientAddr, account: &AccountKey) -> String {
-        format!(
-            "{}rate_limit:login:pair:{{{}}}:{}",
-            self.shared.settings.key_prefix,
+        key(&[
+            self.prefix(),
+            "rate_limit:login:pair:{",
             addr.as_str(),
-            account.as_str()
-        )
+            "}:",
+            account.as_str(),
+        ])
     }
 
     pub(crate) fn login_account_key(&self, account: &AccountKey) -> String {
-        format!(
-            "{}rate_limit:login:account:{{{}}}",
-            self.shared.settings.key_prefix,
-            account.as_str()
-        )
+        key(&[
+            self.prefix(),
+            "rate_limit:login:account:{",
+            account.as_str(),
+            "}",
+        ])
     }
 }
 
