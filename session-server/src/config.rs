@@ -15,6 +15,12 @@ use crate::store::{LimitPolicy, RedisMode, Settings};
 /// within Redis's `PX` limits.
 const MAX_TTL_SECS: u64 = 365 * 24 * 60 * 60;
 
+/// MAX_CONNECTIONS by default: what fits the shipped memory limit (256 MiB,
+/// `k8s/base`) with both ports full, at the measured 43 KiB per TLS
+/// connection and 32 KiB per plaintext one: 48 MiB + 2000 x 75 KiB = 195
+/// MiB.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 2000;
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -177,9 +183,24 @@ pub struct Config {
     /// Seconds a connection past MAX_CONNECTION_AGE may stay open for its
     /// calls and streams to finish; then it is closed, cutting what is left
     /// (a health Watch, a revocation stream: their callers reconnect). At
-    /// least REQUEST_TIMEOUT_MS, so no unary call is cut.
+    /// least REQUEST_TIMEOUT_MS, so no unary call is cut. With TLS both
+    /// clocks start when the handshake completes, so a slow handshake does
+    /// not eat into the grace.
     #[arg(long, env = "MAX_CONNECTION_AGE_GRACE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub max_connection_age_grace: u64,
+
+    /// Most client connections open at once, on the gRPC port and on
+    /// HEALTH_ADDR each (1 to 1000000). Past it the server stops accepting
+    /// (new connections wait in the kernel's backlog) until one closes, so a
+    /// flood of idle connections cannot exhaust the process's memory or file
+    /// descriptors. Each open connection costs about 32 KiB (plaintext
+    /// HTTP/2) to 43 KiB (TLS) of memory: keep 48 MiB plus MAX_CONNECTIONS x
+    /// 75 KiB (both ports full) under the memory limit, and twice this plus
+    /// the Redis pool under `ulimit -n`. Also the most health Watch streams
+    /// open at once (one per connection, as gRPC clients' health checking
+    /// opens them).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 
     /// PEM certificate chain for TLS on the gRPC port (with TLS_KEY).
     #[arg(long, env = "TLS_CERT")]
@@ -361,6 +382,7 @@ impl fmt::Debug for Config {
             shutdown_delay_ms,
             max_connection_age,
             max_connection_age_grace,
+            max_connections,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -401,6 +423,7 @@ impl fmt::Debug for Config {
             .field("shutdown_delay_ms", shutdown_delay_ms)
             .field("max_connection_age", max_connection_age)
             .field("max_connection_age_grace", max_connection_age_grace)
+            .field("max_connections", max_connections)
             .field("tls_cert", tls_cert)
             .field("tls_key", tls_key)
             .field("tls_client_ca", tls_client_ca)
@@ -550,6 +573,19 @@ mod tests {
                 let message = err.to_string();
                 assert!(message.contains(&format!("<{variable}>")), "{message}");
             }
+        }
+    }
+
+    /// MAX_CONNECTIONS is a setting, 1..=1000000, defaulting to what fits
+    /// the shipped memory limit; out of range, the error names it.
+    #[test]
+    fn max_connections_is_bounded() {
+        assert_eq!(Config::defaults().max_connections, DEFAULT_MAX_CONNECTIONS);
+        let config = Config::try_parse_from(["s", "--max-connections", "1000000"]).unwrap();
+        assert_eq!(config.max_connections, 1_000_000);
+        for bad in ["0", "1000001", "many"] {
+            let err = Config::try_parse_from(["s", "--max-connections", bad]).unwrap_err();
+            assert!(err.to_string().contains("MAX_CONNECTIONS"), "{err}");
         }
     }
 

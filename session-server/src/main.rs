@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     // Kept to the end of `main`: dropping it flushes the queued lines, so the
     // last ones (the drain, "stopped") are not lost at exit.
     let (_log_flush, log_drops) = init_tracing(config.log_format);
+    raise_fd_limit(&config);
     // rustls needs a process-wide crypto provider before the first TLS
     // handshake (gRPC TLS or rediss://); both use ring. An Err means one is
     // already installed, which is as good.
@@ -117,6 +118,66 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// File descriptors the process needs besides its client connections: the
+/// standard streams, the runtime's epoll and wakers, the three listeners,
+/// metrics scrapes, the revocation subscription, the TLS and token files
+/// read again, Redis connections being replaced. The Redis pool is counted
+/// apart.
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft limit on open files (RLIMIT_NOFILE) to the hard limit, as
+/// Go's runtime does: the soft limit is often 1024 while MAX_CONNECTIONS
+/// per port needs far more, and a process out of descriptors cannot accept
+/// even a health probe. Logs the limit in force, and warns when
+/// MAX_CONNECTIONS on every port, the Redis pool and [`FD_RESERVE`] do not
+/// fit under it (the server then runs out of descriptors before it reaches
+/// MAX_CONNECTIONS, and pauses accepting, with a warning, whenever it does).
+fn raise_fd_limit(config: &Config) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+
+    let before = getrlimit(Resource::Nofile);
+    if before.current.is_some() && before.current != before.maximum {
+        let raised = rustix::process::Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        if let Err(err) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(
+                error = %err,
+                soft = before.current,
+                hard = before.maximum,
+                "cannot raise the open file limit (RLIMIT_NOFILE) to its hard limit"
+            );
+        }
+    }
+    // `None` is unlimited.
+    let limit = getrlimit(Resource::Nofile).current;
+    let ports: u64 = if config.health_addr.is_some() { 2 } else { 1 };
+    let needed = ports
+        .saturating_mul(u64::from(config.max_connections))
+        .saturating_add(u64::from(config.redis_pool_size))
+        .saturating_add(FD_RESERVE);
+    tracing::info!(
+        soft = limit,
+        hard = before.maximum,
+        was = before.current,
+        needed,
+        "open file limit (RLIMIT_NOFILE)"
+    );
+    if let Some(limit) = limit.filter(|&limit| limit < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections = config.max_connections,
+            ports,
+            "the open file limit is below MAX_CONNECTIONS on every port plus the Redis pool \
+             and a reserve: the server will run out of file descriptors before it reaches \
+             MAX_CONNECTIONS (accepting then pauses). Fix: raise the hard limit (ulimit -Hn, \
+             the container runtime's nofile) or lower MAX_CONNECTIONS"
+        );
+    }
 }
 
 /// Completes on SIGTERM (Kubernetes) or SIGINT (a terminal).

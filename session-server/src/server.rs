@@ -66,27 +66,17 @@ pub enum ServeError {
 /// for a slow client and a busy server.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most client connections open at once, on the main port and the health
-/// port each. Past it the server stops accepting (new connections wait in
-/// the kernel's backlog, then time out) until one closes, so a flood of idle
-/// connections cannot exhaust the process's file descriptors (which Redis
-/// connections and the metrics port also need) or its memory. session-client
-/// opens one connection per server per process, so this is thousands of
-/// client processes; keep it below `ulimit -n` (RLIMIT_NOFILE) with room for
-/// the Redis pool.
-pub const MAX_CONNECTIONS: usize = 10_000;
-
 /// How long a connection may send nothing at all before it is closed. Every
 /// live HTTP/2 peer sends something at least every 40 s: the server pings an
 /// idle connection every 30 s and drops it if the PONG is not back within
 /// 10 s. A peer that never finishes the HTTP/2 preface (plaintext, or after
 /// the TLS handshake), or connects and sends nothing, gets no ping, so
-/// without this it would hold a connection (and one of
-/// [`MAX_CONNECTIONS`]) forever.
+/// without this it would hold a connection (and one of MAX_CONNECTIONS)
+/// forever.
 pub const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bounds fixed in code rather than configured, gathered so tests can shrink
-/// them; [`run`] uses [`Bounds::default`]. Not part of the supported API.
+/// Bounds on what peers may hold, gathered so tests can shrink them; [`run`]
+/// uses [`Bounds::from_config`]. Not part of the supported API.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
@@ -94,9 +84,11 @@ pub struct Bounds {
     pub tls_handshake_timeout: Duration,
     /// [`limits::MAX_STREAMS`].
     pub max_streams: usize,
+    /// Most health Watch streams open at once, both ports together; [`run`]
+    /// makes it MAX_CONNECTIONS, [`Bounds::default`]
     /// [`limits::MAX_HEALTH_WATCHES`].
     pub max_health_watches: usize,
-    /// [`MAX_CONNECTIONS`].
+    /// MAX_CONNECTIONS: most connections open at once, per port.
     pub max_connections: usize,
     /// [`CONNECTION_IDLE_TIMEOUT`].
     pub connection_idle_timeout: Duration,
@@ -110,9 +102,28 @@ impl Default for Bounds {
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
             max_streams: limits::MAX_STREAMS,
             max_health_watches: limits::MAX_HEALTH_WATCHES,
-            max_connections: MAX_CONNECTIONS,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
             connection_idle_timeout: CONNECTION_IDLE_TIMEOUT,
             tls_reload_interval: tls::RELOAD_INTERVAL,
+        }
+    }
+}
+
+impl Bounds {
+    /// The bounds [`run`] serves with: the defaults, with MAX_CONNECTIONS
+    /// connections per port and as many health Watch streams. gRPC clients'
+    /// own health checking opens one Watch per connection and needs no
+    /// token, so a smaller pool would let the connections past it (or one
+    /// anonymous caller filling it) make healthy pods look unhealthy to
+    /// those clients; a Watch costs less memory than the connection it
+    /// needs, so this pool adds little to what MAX_CONNECTIONS already
+    /// allows.
+    pub fn from_config(config: &Config) -> Self {
+        let max_connections = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
+        Self {
+            max_connections,
+            max_health_watches: max_connections,
+            ..Self::default()
         }
     }
 }
@@ -136,7 +147,14 @@ pub async fn run(
     store: Store,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    run_with_bounds(listener, config, store, shutdown, Bounds::default()).await
+    run_with_bounds(
+        listener,
+        config,
+        store,
+        shutdown,
+        Bounds::from_config(config),
+    )
+    .await
 }
 
 /// [`run`] with other [`Bounds`], for tests. Not part of the supported API.
@@ -260,7 +278,7 @@ pub async fn run_with_bounds(
     }
     let closed_at_age =
         max_age.map(|age| age + Duration::from_secs(config.max_connection_age_grace));
-    let incoming = guarded(listener, bounds, closed_at_age);
+    let incoming = guarded(listener, bounds, closed_at_age, "grpc");
     let stop_readiness = readiness.abort_handle();
     let shutdown = {
         let health = health.clone();
@@ -441,7 +459,7 @@ where
         .add_service(health_service)
         // No MAX_CONNECTION_AGE here: probes open a connection each, and
         // nothing needs balancing.
-        .serve_with_incoming_shutdown(guarded(listener, bounds, None), async move {
+        .serve_with_incoming_shutdown(guarded(listener, bounds, None, "health"), async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         })
         .await
@@ -451,7 +469,13 @@ where
 /// open at once, each closed once it has sent nothing for
 /// `bounds.connection_idle_timeout`, or once it has been open for
 /// `closed_at_age` (MAX_CONNECTION_AGE plus its grace) when that is set.
-fn guarded(listener: TcpListener, bounds: Bounds, closed_at_age: Option<Duration>) -> Guard {
+/// `port` names the port in the accept warnings ("grpc" or "health").
+fn guarded(
+    listener: TcpListener,
+    bounds: Bounds,
+    closed_at_age: Option<Duration>,
+    port: &'static str,
+) -> Guard {
     Guard {
         incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
         permits: Arc::new(Semaphore::new(bounds.max_connections)),
@@ -459,6 +483,71 @@ fn guarded(listener: TcpListener, bounds: Bounds, closed_at_age: Option<Duration
         permit: None,
         idle: bounds.connection_idle_timeout,
         closed_at_age,
+        port,
+        max_connections: bounds.max_connections,
+        paused: None,
+        exhausted: AcceptErrors::default(),
+    }
+}
+
+/// How long accepting pauses after an accept fails for want of a resource
+/// (file descriptors, kernel memory). tonic retries a failed accept at once
+/// and logs it only at trace level, so without a pause the accept loop spins
+/// on EMFILE at 100 % of a core, starving the health port and the calls on
+/// open connections, until a connection closes. Connections wait in the
+/// kernel's backlog meanwhile. hyper 0.14 paused 1 s (`sleep_on_errors`);
+/// 100 ms costs nothing (ten failed `accept` calls a second) and takes up
+/// the waiting connections soon after a descriptor is freed.
+const ACCEPT_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// The least time between two warnings about failed accepts on one port.
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Whether a failed accept means the process or the host is out of a
+/// resource (file descriptors, memory): retrying at once cannot succeed.
+/// Other errors (ECONNABORTED: the peer gave up while queued) concern one
+/// connection, and the next accept may succeed at once.
+fn is_resource_exhaustion(err: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(err).is_some_and(|errno| {
+        [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS].contains(&errno)
+    })
+}
+
+/// The accepts that failed for want of a resource since the last warning.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    /// When the last warning was logged.
+    warned_at: Option<tokio::time::Instant>,
+    /// Failures since then, not yet reported.
+    unreported: u64,
+}
+
+impl AcceptErrors {
+    /// Counts `err` and logs a warning, naming the cause and the fix, unless
+    /// one was logged within [`ACCEPT_WARNING_INTERVAL`].
+    fn record(&mut self, err: &std::io::Error, port: &'static str, max_connections: usize) {
+        self.unreported = self.unreported.saturating_add(1);
+        let now = tokio::time::Instant::now();
+        if self
+            .warned_at
+            .is_some_and(|at| now.duration_since(at) < ACCEPT_WARNING_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            port,
+            error = %err,
+            failed_accepts = self.unreported,
+            pause_ms = ACCEPT_EXHAUSTED_PAUSE.as_millis(),
+            max_connections,
+            "cannot accept connections: the process is out of file descriptors or memory; \
+             pausing accepts (connections wait in the backlog). Fix: raise the file \
+             descriptor limit (ulimit -n, the container runtime's nofile) above twice \
+             MAX_CONNECTIONS plus the Redis pool, or lower MAX_CONNECTIONS"
+        );
+        self.warned_at = Some(now);
+        self.unreported = 0;
     }
 }
 
@@ -474,6 +563,14 @@ struct Guard {
     permit: Option<OwnedSemaphorePermit>,
     idle: Duration,
     closed_at_age: Option<Duration>,
+    /// The port's name, for the warnings.
+    port: &'static str,
+    /// MAX_CONNECTIONS, for the warnings.
+    max_connections: usize,
+    /// Set after an accept failed for want of a resource: no accept until
+    /// it fires (see [`ACCEPT_EXHAUSTED_PAUSE`]).
+    paused: Option<Pin<Box<tokio::time::Sleep>>>,
+    exhausted: AcceptErrors,
 }
 
 impl tokio_stream::Stream for Guard {
@@ -482,36 +579,57 @@ impl tokio_stream::Stream for Guard {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         // `Guard` is `Unpin`: its fields are.
         let this = self.get_mut();
-        if this.permit.is_none() {
-            let permits = &this.permits;
-            let acquiring = this.acquiring.get_or_insert_with(|| {
-                let permits = permits.clone();
-                // The semaphore is never closed, so `None` cannot happen;
-                // the stream would end if it did.
-                Box::pin(async move { permits.acquire_owned().await.ok() })
-            });
-            let permit = std::task::ready!(acquiring.as_mut().poll(cx));
-            this.acquiring = None;
-            let Some(permit) = permit else {
-                return Poll::Ready(None);
+        loop {
+            if let Some(paused) = this.paused.as_mut() {
+                std::task::ready!(paused.as_mut().poll(cx));
+                this.paused = None;
+            }
+            if this.permit.is_none() {
+                let permits = &this.permits;
+                let acquiring = this.acquiring.get_or_insert_with(|| {
+                    let permits = permits.clone();
+                    // The semaphore is never closed, so `None` cannot happen;
+                    // the stream would end if it did.
+                    Box::pin(async move { permits.acquire_owned().await.ok() })
+                });
+                let permit = std::task::ready!(acquiring.as_mut().poll(cx));
+                this.acquiring = None;
+                let Some(permit) = permit else {
+                    return Poll::Ready(None);
+                };
+                this.permit = Some(permit);
+            }
+            let accepted = match std::task::ready!(Pin::new(&mut this.incoming).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                // Not handed to tonic, which would only retry at once: the
+                // pause is polled on the next turn of the loop, so this
+                // task wakes when it ends. The permit is kept for the next
+                // connection.
+                Some(Err(err)) if is_resource_exhaustion(&err) => {
+                    this.exhausted.record(&err, this.port, this.max_connections);
+                    this.paused = Some(Box::pin(tokio::time::sleep(ACCEPT_EXHAUSTED_PAUSE)));
+                    continue;
+                }
+                Some(accepted) => accepted,
             };
-            this.permit = Some(permit);
-        }
-        let accepted = std::task::ready!(Pin::new(&mut this.incoming).poll_next(cx));
-        Poll::Ready(accepted.map(|accepted| {
-            // An accept error keeps the permit for the next connection.
-            let inner = accepted?;
+            // Any other accept error goes to tonic, which retries at once;
+            // the permit is kept for the next connection.
+            let inner = match accepted {
+                Ok(inner) => inner,
+                Err(err) => return Poll::Ready(Some(Err(err))),
+            };
             let permit = this.permit.take();
-            Ok(Guarded {
+            return Poll::Ready(Some(Ok(Guarded {
                 inner,
                 _permit: permit,
                 idle: this.idle,
                 silent_until: Box::pin(tokio::time::sleep(this.idle)),
+                closed_at_age: this.closed_at_age,
                 too_old_at: this
                     .closed_at_age
                     .map(|age| Box::pin(tokio::time::sleep(age))),
-            })
-        }))
+            })));
+        }
     }
 }
 
@@ -527,9 +645,25 @@ struct Guarded {
     /// When the connection has been silent too long: pushed back by every
     /// read that brings bytes.
     silent_until: Pin<Box<tokio::time::Sleep>>,
+    /// MAX_CONNECTION_AGE plus its grace, when set.
+    closed_at_age: Option<Duration>,
     /// When the connection, asked to close at MAX_CONNECTION_AGE, has had
-    /// its grace: what is still open on it then (a stream) is cut.
+    /// its grace: what is still open on it then (a stream) is cut. Counted
+    /// from the accept, and again from the end of the TLS handshake (see
+    /// [`Guarded::start_age_clock`]).
     too_old_at: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tls::AgeClock for Guarded {
+    /// tonic starts its MAX_CONNECTION_AGE clock when it is handed the
+    /// connection: at once in plaintext, after the handshake with TLS. The
+    /// grace is counted from the same moment, so a slow handshake does not
+    /// eat into it and cut a call before the GOAWAY.
+    fn start_age_clock(&mut self) {
+        if let (Some(age), Some(at)) = (self.closed_at_age, self.too_old_at.as_mut()) {
+            at.as_mut().reset(tokio::time::Instant::now() + age);
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Guarded {
@@ -904,6 +1038,37 @@ impl Eviction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The accept errors that pause accepting are those of an exhausted
+    /// resource; a connection aborted while queued is retried at once.
+    #[test]
+    fn only_resource_exhaustion_pauses_accepting() {
+        for errno in [24, 23, 12, 105] {
+            assert!(
+                is_resource_exhaustion(&std::io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [103, 104, 71, 110] {
+            assert!(
+                !is_resource_exhaustion(&std::io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(!is_resource_exhaustion(&std::io::Error::other("x")));
+    }
+
+    /// `run` serves with MAX_CONNECTIONS connections per port and as many
+    /// health watches: one Watch per connection always fits.
+    #[test]
+    fn bounds_follow_max_connections() {
+        let mut config = Config::defaults();
+        config.max_connections = 3000;
+        let bounds = Bounds::from_config(&config);
+        assert_eq!(bounds.max_connections, 3000);
+        assert_eq!(bounds.max_health_watches, 3000);
+        assert_eq!(bounds.max_streams, limits::MAX_STREAMS);
+    }
 
     /// `[::]` takes IPv4 connections too (the manifests' LISTEN_ADDR), and an
     /// IPv4 address binds as before.

@@ -616,3 +616,249 @@ async fn a_rotated_redis_password_is_used_by_new_connections() {
     assert!(served, "new connections did not use the rotated password");
     server.shutdown().await;
 }
+
+/// Starts the binary as [`spawn_server`] does, under a file descriptor limit
+/// (soft `soft`, hard `hard`, set by the shell that then execs it), with
+/// `HEALTH_ADDR` on `health`. Returns the log lines up to "listening", the
+/// address and the lines after it.
+fn spawn_with_fd_limit(
+    redis_url: &str,
+    soft: u32,
+    hard: u32,
+    health: &str,
+) -> (
+    Child,
+    Vec<serde_json::Value>,
+    String,
+    mpsc::Receiver<serde_json::Value>,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\""),
+        ])
+        .arg(crate::common::server_binary())
+        .env_clear()
+        .env("REDIS_URL", redis_url)
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("HEALTH_ADDR", health)
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("KEY_PREFIX", crate::common::unique_prefix())
+        .env("REDIS_POOL_SIZE", "2")
+        .env("SHUTDOWN_DELAY_MS", "0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut early = Vec::new();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if event["message"] == "listening" {
+            break event["addr"].as_str().unwrap().to_string();
+        }
+        early.push(event);
+    };
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str(&line) {
+                let _ = sender.send(event);
+            }
+        }
+    });
+    (child, early, addr, receiver)
+}
+
+/// Whether a health check on a new connection to `url` answers.
+async fn answers(url: String) -> bool {
+    readiness(&url).await.is_some()
+}
+
+/// CPU time (user plus system) the process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: utime and stime are the 14th and 15th of the line.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = String::from_utf8(
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Out of file descriptors (a flood of idle connections past `ulimit -n`),
+/// the server pauses accepting instead of retrying the failing accept at
+/// once: its CPU stays near idle (a spin burns a core), a warning names the
+/// cause and the fix, and once the flood closes both ports answer health
+/// checks again. At start it raises the soft limit to the hard one and
+/// warns that MAX_CONNECTIONS cannot fit under it.
+#[tokio::test]
+async fn running_out_of_file_descriptors_does_not_spin() {
+    let redis = PrivateRedis::start();
+    let health = format!("127.0.0.1:{}", crate::common::free_port());
+    let (child, early, addr, logs) = spawn_with_fd_limit(&redis.url(), 32, 64, &health);
+    let server = Running(child);
+    let pid = server.0.id();
+
+    let limit = early
+        .iter()
+        .find(|event| event["message"] == "open file limit (RLIMIT_NOFILE)")
+        .expect("the fd limit is not logged");
+    assert_eq!(limit["soft"], 64, "the soft limit was not raised: {limit}");
+    assert_eq!(limit["was"], 32, "{limit}");
+    assert!(
+        early.iter().any(|event| event["level"] == "WARN"
+            && event["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("below MAX_CONNECTIONS"))),
+        "no warning that MAX_CONNECTIONS cannot fit: {early:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || answers(format!(
+            "http://{health}"
+        )))
+        .await,
+        "the health port never answered"
+    );
+
+    // More idle connections than descriptors: the kernel completes them
+    // (the backlog), the server runs out of descriptors accepting them.
+    let flood: Vec<_> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let warning = loop {
+        let event = logs
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no warning about failed accepts");
+        if event["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("cannot accept connections"))
+        {
+            break event;
+        }
+    };
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert_eq!(warning["port"], "grpc", "{warning}");
+    assert!(
+        warning["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Too many open files")),
+        "{warning}"
+    );
+
+    // A spinning accept loop burns about a second of CPU per second.
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_time(pid) - before;
+    eprintln!("CPU used in 3 s out of file descriptors: {used:?}");
+    assert!(
+        used < Duration::from_millis(300),
+        "the server used {used:?} of CPU in 3 s while out of file descriptors"
+    );
+
+    drop(flood);
+    for url in [format!("http://{health}"), format!("http://{addr}")] {
+        assert!(
+            wait_until(Duration::from_secs(10), || answers(url.clone())).await,
+            "{url} does not answer health checks after the flood closed"
+        );
+    }
+}
+
+/// A TCP relay to `target` for one connection, which holds the client's
+/// first bytes (a TLS ClientHello) for `delay`: the server accepts the
+/// connection at once, the handshake ends `delay` later.
+async fn slow_handshake_relay(target: &str, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = target.to_string();
+    tokio::spawn(async move {
+        let (mut client, _) = listener.accept().await.unwrap();
+        let mut server = tokio::net::TcpStream::connect(&target).await.unwrap();
+        tokio::time::sleep(delay).await;
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
+    addr
+}
+
+/// With TLS, MAX_CONNECTION_AGE_GRACE counts from the end of the handshake,
+/// as tonic's MAX_CONNECTION_AGE does: a handshake that takes 1.5 s does not
+/// shorten the grace, so a stream open on the connection is cut only age
+/// plus grace after the handshake (after the GOAWAY), not 1.5 s earlier
+/// (before any GOAWAY, which would cut calls without warning).
+#[tokio::test]
+async fn a_slow_tls_handshake_does_not_eat_the_grace() {
+    let redis = PrivateRedis::start();
+    let pki = Pki::new();
+    let files = TempFiles::new();
+    let cert = files.write("server.pem", &pki.server_cert);
+    let key = files.write("server.key", &pki.server_key);
+    let (child, addr, _logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("TLS_CERT", cert.to_str().unwrap()),
+            ("TLS_KEY", key.to_str().unwrap()),
+            ("MAX_CONNECTION_AGE", "2"),
+            ("MAX_CONNECTION_AGE_GRACE", "1"),
+            ("REQUEST_TIMEOUT_MS", "1000"),
+            ("REDIS_TIMEOUT_MS", "500"),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    );
+    let _server = Running(child);
+
+    let relay = slow_handshake_relay(&addr, Duration::from_millis(1500)).await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name(Pki::SERVER_NAME);
+    let started = Instant::now();
+    let channel = Channel::from_shared(format!("https://{relay}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let connected = Instant::now();
+    assert!(
+        connected - started >= Duration::from_millis(1400),
+        "the handshake was not slowed: {:?}",
+        connected - started
+    );
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+    // The watch sends nothing more until the connection is cut.
+    let ended = tokio::time::timeout(Duration::from_secs(15), watch.message()).await;
+    let cut_after = connected.elapsed();
+    assert!(ended.is_ok(), "the stream outlived age plus grace by far");
+    eprintln!("TLS handshake 1.5 s, age 2 s, grace 1 s: stream cut {cut_after:?} after it");
+    assert!(
+        cut_after >= Duration::from_millis(2700),
+        "the stream was cut {cut_after:?} after the handshake, before age plus grace (3 s)"
+    );
+}

@@ -25,7 +25,7 @@ use tonic_reflection::pb::v1::{
     server_reflection_response::MessageResponse,
 };
 
-use crate::common::{Pki, TempFiles, test_config, wait_until};
+use crate::common::{Pki, TempFiles, TestServer, test_config, wait_until};
 
 /// A server started with [`server::run_with_bounds`], for bounds too large
 /// (or too long) to reach in a test at their production values.
@@ -505,4 +505,75 @@ async fn connections_past_the_cap_wait_for_a_free_slot() {
         .unwrap();
     drop((second, channel));
     server.stop().await;
+}
+
+/// The connection cap is the MAX_CONNECTIONS setting, as `server::run`
+/// serves it: with 2, a third client waits until a connection closes.
+#[tokio::test]
+async fn max_connections_setting_caps_connections() {
+    let mut config = test_config();
+    config.max_connections = 2;
+    let server = TestServer::start_with(config).await;
+    let first = TcpStream::connect(server.addr).await.unwrap();
+    let second = TcpStream::connect(server.addr).await.unwrap();
+    let channel = Channel::from_shared(server.url()).unwrap().connect_lazy();
+    let check = || {
+        let mut health = HealthClient::new(channel.clone());
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        }
+    };
+    let waiting = tokio::time::timeout(Duration::from_millis(500), check()).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served: {waiting:?}"
+    );
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), check())
+        .await
+        .expect("not served once a connection closed")
+        .unwrap();
+    drop((second, channel));
+    server.shutdown().await;
+}
+
+/// Health watches (no token needed; gRPC clients' own health checking opens
+/// one per connection) are bounded by MAX_CONNECTIONS, not by a fixed 256
+/// that clients beyond it would find full: with MAX_CONNECTIONS=300 all 300
+/// watches are served, and the one past the bound is refused.
+#[tokio::test]
+async fn health_watches_are_sized_to_max_connections() {
+    let mut config = test_config();
+    config.max_connections = 300;
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let watch = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: sessionstore::SERVICE_NAME.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    let watches: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(watch(channel.clone())))
+        .collect();
+    let mut open = Vec::new();
+    for watch in watches {
+        open.push(
+            watch
+                .await
+                .unwrap()
+                .expect("a watch within MAX_CONNECTIONS was refused"),
+        );
+    }
+    let status = watch(channel.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("health watches"), "{status:?}");
+    drop(open);
+    server.shutdown().await;
 }

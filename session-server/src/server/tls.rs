@@ -271,10 +271,22 @@ fn record_expiry(not_after: i64) {
     metrics::gauge!(crate::metrics::TLS_CERT_EXPIRY).set(not_after as f64);
 }
 
+/// A connection whose MAX_CONNECTION_AGE grace is counted by the connection
+/// itself (`Guarded` in `server.rs`).
+pub(crate) trait AgeClock {
+    /// Restarts the clock: called when the handshake is done and the
+    /// connection is handed to tonic, which starts its own MAX_CONNECTION_AGE
+    /// clock then.
+    fn start_age_clock(&mut self);
+}
+
 /// The TLS connections made from `incoming`'s: each handshake runs in a task
 /// of its own, dropped if not done within `handshake_timeout`, with the
 /// configuration current when it starts. Accepting stops (and the listener
 /// closes) when the returned stream is dropped, as tonic does at shutdown.
+/// Accept errors are passed on to tonic as they come: `incoming` pauses
+/// itself when accepts fail for want of file descriptors or memory, so this
+/// loop never spins on them.
 pub(crate) fn accept<S, IO>(
     mut incoming: S,
     tls: ReloadingTls,
@@ -282,7 +294,7 @@ pub(crate) fn accept<S, IO>(
 ) -> Handshaken<IO>
 where
     S: Stream<Item = std::io::Result<IO>> + Unpin + Send + 'static,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + AgeClock + Unpin + Send + 'static,
 {
     // Room for handshakes finishing while tonic is busy; a full channel
     // makes a finished handshake wait, not fail.
@@ -328,10 +340,17 @@ pub(crate) struct Handshaken<IO> {
     connections: mpsc::Receiver<std::io::Result<TlsStream<IO>>>,
 }
 
-impl<IO> Stream for Handshaken<IO> {
+impl<IO: AgeClock> Stream for Handshaken<IO> {
     type Item = std::io::Result<TlsStream<IO>>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().connections.poll_recv(cx)
+        let mut next = std::task::ready!(self.get_mut().connections.poll_recv(cx));
+        // tonic serves the connection from now on, and its MAX_CONNECTION_AGE
+        // starts now: so does the grace (not at the TCP accept, which a slow
+        // handshake would leave far behind).
+        if let Some(Ok(stream)) = next.as_mut() {
+            stream.get_mut().0.start_age_clock();
+        }
+        Poll::Ready(next)
     }
 }
