@@ -56,7 +56,9 @@ pub const MAX_STREAMS: usize = 1024;
 /// have their own pool: an anonymous caller filling it refuses only other
 /// Watch streams, never probes (Check) or authenticated streams. Kubelet and
 /// load balancers probe with Check; Watch is for gRPC clients' own health
-/// checking, one stream per connection.
+/// checking, one stream per connection. The server sizes the pool to
+/// MAX_CONNECTIONS (`server::Bounds`); this is the default of `Bounds`
+/// only, which in-process tests use.
 pub const MAX_HEALTH_WATCHES: usize = 256;
 
 /// The full paths (`/package.Service/Method`) of the methods that stream,

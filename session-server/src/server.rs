@@ -623,6 +623,7 @@ impl tokio_stream::Stream for Guard {
                 inner,
                 _permit: permit,
                 idle: this.idle,
+                last_read: tokio::time::Instant::now(),
                 silent_until: Box::pin(tokio::time::sleep(this.idle)),
                 closed_at_age: this.closed_at_age,
                 too_old_at: this
@@ -642,8 +643,12 @@ struct Guarded {
     /// an `Option` only so no code path has to assert it.
     _permit: Option<OwnedSemaphorePermit>,
     idle: Duration,
-    /// When the connection has been silent too long: pushed back by every
-    /// read that brings bytes.
+    /// When the last read that brought bytes returned.
+    last_read: tokio::time::Instant,
+    /// Fires at the earliest moment the connection can have been silent for
+    /// `idle`; when it fires it is pushed to `last_read + idle` if bytes came
+    /// since. Moving the timer on every read instead cost a timer-wheel
+    /// removal and insertion per read (BENCHMARKS.md, #15).
     silent_until: Pin<Box<tokio::time::Sleep>>,
     /// MAX_CONNECTION_AGE plus its grace, when set.
     closed_at_age: Option<Duration>,
@@ -678,8 +683,7 @@ impl tokio::io::AsyncRead for Guarded {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    let next = tokio::time::Instant::now() + this.idle;
-                    this.silent_until.as_mut().reset(next);
+                    this.last_read = tokio::time::Instant::now();
                 }
                 Poll::Ready(Ok(()))
             }
@@ -697,13 +701,18 @@ impl tokio::io::AsyncRead for Guarded {
                         "the connection outlived MAX_CONNECTION_AGE and its grace",
                     )));
                 }
-                match this.silent_until.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the peer sent nothing within the connection idle timeout",
-                    ))),
-                    Poll::Pending => Poll::Pending,
+                while this.silent_until.as_mut().poll(cx).is_ready() {
+                    let due = this.last_read + this.idle;
+                    if due <= tokio::time::Instant::now() {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the peer sent nothing within the connection idle timeout",
+                        )));
+                    }
+                    // Bytes came since it was set: wait for the rest.
+                    this.silent_until.as_mut().reset(due);
                 }
+                Poll::Pending
             }
         }
     }

@@ -468,6 +468,47 @@ async fn silent_and_half_preface_connections_are_closed() {
     server.stop().await;
 }
 
+/// The idle timeout counts from the last byte received: a peer that keeps
+/// sending (here the preface, a byte every 150 ms) stays open well past it,
+/// and is closed once it stops, the timeout after its last byte.
+#[tokio::test]
+async fn the_idle_timeout_counts_from_the_last_byte() {
+    let idle = Duration::from_millis(500);
+    let bounds = server::Bounds {
+        connection_idle_timeout: idle,
+        ..server::Bounds::default()
+    };
+    let server = BoundedServer::start(test_config(), bounds).await;
+    let mut peer = TcpStream::connect(server.addr).await.unwrap();
+    let mut byte = [0u8; 64];
+    // 12 bytes over 1.8 s: more than three idle timeouts.
+    for b in &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..12] {
+        tokio::io::AsyncWriteExt::write_all(&mut peer, std::slice::from_ref(b))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        match peer.try_read(&mut byte) {
+            Ok(0) => panic!("a peer still sending was closed"),
+            Ok(_) => {}
+            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}"),
+        }
+    }
+    let last_byte = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match peer.read(&mut byte).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open once silent");
+    // The last byte went out 150 ms before `last_byte`.
+    assert!(last_byte.elapsed() >= idle - Duration::from_millis(200));
+    server.stop().await;
+}
+
 /// At the connection cap the server stops accepting: a new client's call
 /// waits, and is served as soon as another connection closes.
 #[tokio::test]
