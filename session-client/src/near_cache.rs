@@ -1366,57 +1366,6 @@ mod tests {
         assert_eq!((roles.current, roles.draining), (Some(2), None));
     }
 
-    /// Hits per second on 1, 2 and 4 threads, each looking up its own
-    /// sessions (with a session's usual metadata) in one shared cache: a
-    /// measurement, not a check. `cargo test --release -p session-client --
-    /// --ignored --nocapture hit_throughput`.
-    ///
-    /// Measured on 2 shared cores (load average 4.6), M hits/s on 1, 2 and 4
-    /// threads, two runs: 4.42/4.47/4.08 and 4.45/4.35/3.58. Entries held as
-    /// `Arc<Session>`, copied after the lock is released: 4.33/3.62/2.75 and
-    /// 3.72/4.31/3.73, no gain beyond the noise, so not kept.
-    #[test]
-    #[ignore = "a measurement: run it in release"]
-    fn hit_throughput() {
-        const SESSIONS: usize = 1000;
-        let now = SystemTime::now();
-        let sessions: Vec<Session> = (0..SESSIONS)
-            .map(|i| {
-                let mut s = session(&format!("user-{i}"), &format!("token-{i}"), now);
-                s.metadata = HashMap::from([
-                    ("ip".to_string(), "192.0.2.1".to_string()),
-                    ("user_agent".to_string(), "x".repeat(104)),
-                    ("device".to_string(), "laptop".to_string()),
-                ]);
-                s
-            })
-            .collect();
-        let cache = healthy_with(SESSIONS, &sessions);
-        for threads in [1, 2, 4] {
-            let per_thread = 2_000_000 / threads;
-            // Healthy for the next STALENESS (3 s): each run takes about 1 s.
-            recv(&cache, heartbeat(), Instant::now());
-            let started = Instant::now();
-            std::thread::scope(|scope| {
-                for t in 0..threads {
-                    let cache = &cache;
-                    scope.spawn(move || {
-                        let tokens: Vec<(String, String)> = (0..SESSIONS)
-                            .map(|i| (format!("user-{i}"), format!("token-{i}")))
-                            .collect();
-                        for i in 0..per_thread {
-                            let (user, token) = &tokens[(i * 7 + t) % SESSIONS];
-                            let found = cache.lookup(token, Some(user));
-                            assert!(found.is_some());
-                        }
-                    });
-                }
-            });
-            let rate = (per_thread * threads) as f64 / started.elapsed().as_secs_f64();
-            eprintln!("{threads} thread(s): {:.2} M hits/s", rate / 1e6);
-        }
-    }
-
     /// A call that fails or is cancelled leaves no pending fill behind.
     #[test]
     fn dropped_fills_are_unregistered() {
