@@ -17,6 +17,8 @@
 # Needs valgrind (apt-get install valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 PROFILES="get-hint create revoke login"
 DURATION=10
@@ -51,20 +53,7 @@ cleanup() {
 trap cleanup EXIT
 log() { printf 'bench-callgrind: %s\n' "$*" >&2; }
 
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
-field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n1; }
-
 log "building (release)"
-executable() { sed -n "s/.*\"executable\":\"\([^\"]*$1[^\"]*\)\".*/\1/p" | tail -n1; }
 server_bin="$(cargo build --release --locked -p session-server --bin session-server \
   --message-format=json-render-diagnostics | executable session-server)"
 # BENCH_BIN: a load generator built before (it need not change with the server).

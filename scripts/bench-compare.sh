@@ -36,6 +36,8 @@
 # redis-tools nghttp2-client curl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 REPEATS=3
 DURATION=5
@@ -83,36 +85,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A port nothing listens on right now (a connect to it is refused).
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
-
-# The value of key $2 in a line of key=value pairs $1.
-field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n1; }
-
-# CPU seconds (user + system) a process has used so far.
-cpu_of() { awk '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / 100 }' "/proc/$1/stat"; }
-
 # Built the way scripts/bench.sh builds them, the server on its own and the
 # root package's targets together: packages built in one cargo call unify
 # their dependencies' features, so another grouping would compile (and link,
 # with fat LTO) other binaries.
-build() { # $1 = the executable's name, the rest cargo build arguments
-  local name="$1"; shift
-  cargo build --release --locked "$@" --message-format=json-render-diagnostics \
-    | sed -n "s/.*\"executable\":\"\([^\"]*\/$name[^\"/]*\)\".*/\1/p" | tail -n1
-}
 if [[ -z "${SERVER_BIN:-}" ]]; then
   log "building session-server (release)"
-  SERVER_BIN="$(build session-server -p session-server --bin session-server)"
+  SERVER_BIN="$(cargo build --release --locked -p session-server --bin session-server \
+    --message-format=json-render-diagnostics | executable session-server)"
 fi
 if [[ -z "${BENCH_BIN:-}" || -z "${ECHO_BIN:-}" || -z "${FRAME_BIN:-}" ]]; then
   log "building session_bench, echo_floor and grpc_frame (release)"

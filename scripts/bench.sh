@@ -38,6 +38,8 @@
 # a shared machine does not take their CPU; the table header records it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 LONG=0
 REPEATS=2
@@ -99,27 +101,7 @@ trap cleanup EXIT
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 
-# A port nothing listens on right now (a connect to it is refused).
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
-
-# The value of key $2 in a line of key=value pairs $1.
-field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n1; }
-
-# CPU seconds (user + system) a process has used so far.
-cpu_of() { awk '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / 100 }' "/proc/$1/stat"; }
-
 log "building (release)"
-# The executables' paths come from cargo, so CARGO_TARGET_DIR is honoured.
-executable() { sed -n "s/.*\"executable\":\"\([^\"]*$1[^\"]*\)\".*/\1/p" | tail -n1; }
 server_bin="$(cargo build --release --locked -p session-server --bin session-server \
   --message-format=json-render-diagnostics | executable session-server)"
 # BENCH_BIN: a load generator built before (it need not change with the server).
