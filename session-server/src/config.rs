@@ -335,6 +335,7 @@ impl Config {
             pool_size: self.redis_pool_size,
             timeout: Duration::from_millis(self.redis_timeout_ms),
             revocation_heartbeat: Duration::from_millis(self.revocation_heartbeat_ms),
+            owner_grace: crate::store::OWNER_GRACE,
             redis_password,
             redis_ca_pem,
             redis_password_file: self.redis_password_file.clone(),

@@ -244,25 +244,8 @@ async fn cluster_master_failover() {
         .unwrap()
         .parse()
         .unwrap();
-    let slot: u16 = redis_cli(seed, &["cluster", "keyslot", &users[0]])
-        .trim()
-        .parse()
-        .unwrap();
+    let victim = master_of(seed, &users[0]);
     let nodes = redis_cli(seed, &["cluster", "nodes"]);
-    let victim: u16 = nodes
-        .lines()
-        .filter(|line| line.contains("master") && !line.contains("fail"))
-        .find(|line| {
-            line.split_whitespace().skip(8).any(|range| {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                (lo.parse::<u16>().unwrap_or(u16::MAX)..=hi.parse().unwrap_or(0)).contains(&slot)
-            })
-        })
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|addr| addr.split(['@', ':']).nth(1))
-        .expect("a master owns the slot")
-        .parse()
-        .unwrap();
     for line in nodes.lines().filter(|l| l.contains("master")) {
         let port: u16 = line
             .split_whitespace()
@@ -342,6 +325,111 @@ async fn sentinel_master_failover() {
     )
     .await;
     assert!(server.is_running());
+}
+
+/// The port of the master that serves the slot of hash tag `tag`, as the
+/// cluster node on `seed` sees it.
+fn master_of(seed: u16, tag: &str) -> u16 {
+    let slot: u16 = redis_cli(seed, &["cluster", "keyslot", tag])
+        .trim()
+        .parse()
+        .unwrap();
+    redis_cli(seed, &["cluster", "nodes"])
+        .lines()
+        .filter(|line| line.contains("master") && !line.contains("fail"))
+        .find(|line| {
+            line.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                (lo.parse::<u16>().unwrap_or(u16::MAX)..=hi.parse().unwrap_or(0)).contains(&slot)
+            })
+        })
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|addr| addr.split(['@', ':']).nth(1))
+        .expect("a master owns the slot")
+        .parse()
+        .unwrap()
+}
+
+/// Redis Cluster, #21: a day-long replay of a revoked token while the user's
+/// master is stopped and the token's master answers; the stopped master is
+/// then killed and its replica promoted, so whatever the replay sent it never
+/// runs. The token's reservation must not outlive the revocation marker on
+/// the promoted replica, and the token stays revoked. On the old protocol the
+/// claim on the token's master ran first and lengthened the reservation to a
+/// day while the marker kept about a minute.
+#[tokio::test]
+async fn cluster_replay_cut_off_by_the_users_master_failing_leaves_the_token_revoked() {
+    let cluster = Topology::start("cluster");
+    let mut config = cluster.config(RedisMode::Cluster);
+    config.session_ttl_max = 86_400;
+    let prefix = config.key_prefix.clone();
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let all = ports(&cluster);
+    let user = "halt-user";
+    let user_master = master_of(all[0], user);
+    let token = (0..)
+        .map(|i| format!("halt-token-{i}"))
+        .find(|token| master_of(all[0], token) != user_master)
+        .unwrap();
+    let token_master = master_of(all[0], &token);
+    let request = |seconds| CreateSessionRequest {
+        user_id: user.into(),
+        token_id: token.clone(),
+        ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    let created = client
+        .create_session(request(2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created);
+    let revoked = client
+        .revoke_session(RevokeSessionRequest {
+            token_id: token.clone(),
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+    wait_for_replication(user_master).await;
+
+    let stopped = Stopped::node(user_master);
+    let replay = client.create_session(request(86_400)).await;
+    assert!(replay.is_err(), "{replay:?}");
+    cluster.kill(user_master);
+    drop(stopped);
+    wait_for_recovery(&client, &[user.to_owned()]).await;
+
+    let alive = all.iter().copied().find(|p| *p != user_master).unwrap();
+    let new_master = master_of(alive, user);
+    assert_ne!(new_master, user_master);
+    let pttl = |port: u16, key: String| -> i64 {
+        redis_cli(port, &["pttl", &key]).trim().parse().unwrap()
+    };
+    let reservation = pttl(token_master, format!("{prefix}token_owner:{{{token}}}"));
+    let marker = pttl(
+        new_master,
+        format!("{prefix}revoked:{{{user}}}:{{{token}}}"),
+    );
+    eprintln!("reservation {reservation} ms, marker {marker} ms");
+    assert!(marker > 0, "no marker: {marker}");
+    assert!(
+        marker >= reservation,
+        "the marker ({marker} ms) ends before the reservation ({reservation} ms)"
+    );
+    let replay = client
+        .create_session(request(86_400))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!replay.created, "{replay:?}");
+    assert_eq!(
+        replay.outcome,
+        sessionstore::v1::CreateOutcome::TokenRevoked as i32
+    );
 }
 
 /// The ports of a topology's nodes, in `TEST_REDIS_URL` order.

@@ -20,7 +20,7 @@
 //! | `P user_sessions:{user}` | sorted set of token ids scored by expiry (ms); expires with its newest member |
 //! | `P token_owner:{token}` | the token's user id: reserves the token id across users and answers token-only lookups |
 //! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; lives as long as the token's reservation |
-//! | `P reservations:{user}` | sorted set of token ids whose reservation a replayed create extended past their live session, scored by its end (ms) |
+//! | `P reservations:{user}` | sorted set of token ids scored by the latest end (ms) a create's token claim may give their reservation, recorded before the claim runs |
 //! | `P rate_limit:login:addr:{addr}` | login attempts of a client address (IPv4, or IPv6 network `net/len`): hash of bucket index -> allowed attempts (see `login`); expires when its newest bucket leaves the window |
 //! | `P rate_limit:login:pair:{addr}:acct` | the part of the address's attempts made for one account (`acct` = SHA-256 hex of the account), same buckets and slot as the address's counter, so a reset with the account can subtract exactly it |
 //! | `P rate_limit:login:account:{acct}` | login attempts for one account, from any address; its own slot |
@@ -31,17 +31,25 @@
 //! Whether a session is valid is decided in one place: its `session:` key
 //! exists. The index and the owner reservation only point at it. A reservation
 //! is never deleted early (only extended); it lasts the ttl asked for plus
-//! `OWNER_GRACE` plus the operation timeout (the longest the create script
-//! may run after the claim), so it outlives every session of its token by at
-//! least `OWNER_GRACE`, and a token id revoked for one user cannot be taken by
+//! `OWNER_GRACE` plus the operation timeout (the create script refuses to
+//! create a session more than that after the create's first step, which ran
+//! before the claim), so it outlives every session of its token by at least
+//! `OWNER_GRACE`, and a token id revoked for one user cannot be taken by
 //! another while a JWT carrying it could still be presented.
 //!
 //! Revocation is final. Every script that ends a session early (revoke one,
 //! revoke all, eviction at the cap) replaces it with a `revoked:` marker in the
-//! same atomic step, and the create script refuses a token id with a marker;
-//! the marker lives at least as long as the reservation (the session's
-//! remaining life plus the same slack, or longer when a replay with a longer
-//! ttl extended the reservation: `reservations:` remembers that), in the user's
+//! same atomic step, and the create script refuses a token id with a marker.
+//! The invariant: for every token id, while any reservation of it exists, a
+//! revocation of it is remembered at least as long. It holds by construction,
+//! whichever round trip of a create fails, is cancelled or never runs: a
+//! create is three steps (see `sessions`): `prepare_create.lua` in the user's
+//! slot answers replays of a revoked or live session (claiming nothing) and
+//! otherwise records in `reservations:` the latest end the claim may give the
+//! reservation; `claim_token.lua` in the token's slot refuses to run past the
+//! deadline that step set; `create_session.lua` in the user's slot creates the
+//! session. A revocation keeps its marker until the recorded end (or the
+//! session's remaining life plus the slack, if later). All of it lives in the user's
 //! slot beside the session, so one script sees both. None of this survives key eviction, which is
 //! why readiness requires `maxmemory-policy noeviction`.
 
@@ -76,7 +84,7 @@ fn random_u64() -> u64 {
 /// session, beyond the operation timeout (which covers the time between
 /// reserving the token and creating the session): clock skew between the
 /// JWT's issuer and Redis.
-const OWNER_GRACE: Duration = Duration::from_secs(60);
+pub const OWNER_GRACE: Duration = Duration::from_secs(60);
 
 /// What to do when a user already has MAX_SESSIONS_PER_USER live sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -149,6 +157,10 @@ pub struct Settings {
     /// How often each process sends a heartbeat through the revocation
     /// channel (REVOCATION_HEARTBEAT_MS).
     pub revocation_heartbeat: Duration,
+    /// How much longer a token's reservation and a revocation marker live
+    /// than their session, beyond the operation timeout: [`OWNER_GRACE`],
+    /// not a setting. Tests shorten it to see reservations and markers end.
+    pub owner_grace: Duration,
     /// REDIS_PASSWORD_FILE and REDIS_CA_FILE: re-read for each new pooled
     /// or pub/sub connection (standalone and sentinel modes), so rotated
     /// secrets need no restart; a cluster connection keeps what it started
@@ -182,6 +194,7 @@ impl fmt::Debug for Settings {
             pool_size,
             timeout,
             revocation_heartbeat,
+            owner_grace,
             redis_password_file,
             redis_ca_file,
             redis_password,
@@ -206,6 +219,7 @@ impl fmt::Debug for Settings {
             .field("pool_size", pool_size)
             .field("timeout", timeout)
             .field("revocation_heartbeat", revocation_heartbeat)
+            .field("owner_grace", owner_grace)
             .field("redis_password_file", redis_password_file)
             .field("redis_ca_file", redis_ca_file)
             .field("redis_password", &redis_password.as_ref().map(|_| "***"))
@@ -261,6 +275,7 @@ const CREATE_TURN_STRIPES: usize = 1024;
 /// The Lua scripts, hashed once; `redis::Script` runs them with EVALSHA and
 /// loads them on a NOSCRIPT answer.
 struct Scripts {
+    prepare_create: redis::Script,
     claim_token: redis::Script,
     create_session: redis::Script,
     revoke_sessions: redis::Script,
@@ -279,6 +294,7 @@ impl fmt::Debug for Scripts {
 impl Scripts {
     fn load() -> Self {
         Self {
+            prepare_create: redis::Script::new(include_str!("scripts/prepare_create.lua")),
             claim_token: redis::Script::new(include_str!("scripts/claim_token.lua")),
             create_session: redis::Script::new(include_str!("scripts/create_session.lua")),
             revoke_sessions: redis::Script::new(include_str!("scripts/revoke_sessions.lua")),

@@ -5,7 +5,7 @@ use redis::{FromRedisValue, Value};
 
 use std::time::Duration;
 
-use super::{OWNER_GRACE, Store, connection::Op, millis};
+use super::{Store, connection::Op, millis};
 use crate::{
     error::Error,
     model::{CreateOutcome, NewSession, Session, TokenId, UserId},
@@ -47,22 +47,132 @@ impl Store {
             Some(ttl) => ttl,
         };
         let ttl_ms = millis(ttl);
-        let scripts = &self.shared.scripts;
         let mut op = self.op("create_session").await?;
+        let prepared_at = match self.prepare_create(&mut op, &new, ttl_ms).await? {
+            Prepared::Ready { now_ms } => now_ms,
+            Prepared::Revoked => return Ok(CreateOutcome::TokenRevoked),
+            Prepared::Exists(session) => return Ok(CreateOutcome::AlreadyExists { session }),
+        };
+        if !self.claim_token(&mut op, &new, ttl_ms, prepared_at).await? {
+            return Ok(CreateOutcome::TokenTaken);
+        }
+        self.commit_create(&mut op, new, ttl_ms, prepared_at).await
+    }
 
+    /// A create's first step, in the user's slot: answers a replay of a
+    /// revoked or live session, and otherwise records how long the claim
+    /// that follows may make the token's reservation last, before it can.
+    ///
+    /// This order is what makes revocation final whatever step fails: a
+    /// revocation reads the recorded end into its marker, so no reservation
+    /// outlives the marker of a revoked token, and a later create of that
+    /// token id finds the marker instead of a reservation to reuse.
+    pub(super) async fn prepare_create(
+        &self,
+        op: &mut Op,
+        new: &NewSession,
+        ttl_ms: u64,
+    ) -> Result<Prepared, Error> {
+        let user = &new.user_id;
+        let token = new.token_id.as_str();
+        let reply: Vec<Value> = op
+            .invoke(
+                self.shared
+                    .scripts
+                    .prepare_create
+                    .key(self.session_key(user, token))
+                    .key(self.revoked_key(user, token))
+                    .key(self.reservations_key(user))
+                    .arg(token)
+                    .arg(self.claim_lifetime_ms(ttl_ms))
+                    .arg(self.reservation_slack_ms()),
+            )
+            .await?;
+        let malformed = || Error::Internal("prepare_create.lua returned a malformed reply".into());
+        let mut values = reply.into_iter();
+        let mut int = || -> Result<i64, Error> {
+            values
+                .next()
+                .map(i64::from_redis_value)
+                .transpose()
+                .map_err(|e| Error::Internal(e.into()))?
+                .ok_or_else(malformed)
+        };
+        let status = int()?;
+        let now_ms = u64::try_from(int()?).map_err(|_| malformed())?;
+        match status {
+            1 => Ok(Prepared::Ready { now_ms }),
+            4 => Ok(Prepared::Revoked),
+            0 => {
+                let json = values
+                    .next()
+                    .map(String::from_redis_value)
+                    .transpose()
+                    .map_err(|e| Error::Internal(e.into()))?
+                    .ok_or_else(malformed)?;
+                Ok(Prepared::Exists(parse_session(&json)?))
+            }
+            other => Err(Error::Internal(
+                format!("prepare_create.lua returned status {other}").into(),
+            )),
+        }
+    }
+
+    /// A create's second step, in the token's slot: reserves the token id for
+    /// the user, until the deadline [`prepare_create`](Self::prepare_create)
+    /// set. Returns whether the user holds the reservation.
+    pub(super) async fn claim_token(
+        &self,
+        op: &mut Op,
+        new: &NewSession,
+        ttl_ms: u64,
+        prepared_at_ms: u64,
+    ) -> Result<bool, Error> {
         let reserved: i64 = op
             .invoke(
-                scripts
+                self.shared
+                    .scripts
                     .claim_token
                     .key(self.owner_key(&new.token_id))
                     .arg(new.user_id.as_str())
-                    .arg(ttl_ms.saturating_add(self.reservation_slack_ms())),
+                    .arg(self.claim_lifetime_ms(ttl_ms))
+                    .arg(prepared_at_ms.saturating_add(self.reservation_slack_ms())),
             )
             .await?;
-        if reserved == 0 {
-            return Ok(CreateOutcome::TokenTaken);
+        match reserved {
+            1 => Ok(true),
+            0 => Ok(false),
+            -1 => {
+                // Either the claim waited in flight longer than the slack, or
+                // the token's master's clock is that far ahead of the user's.
+                tracing::error!(
+                    slack_ms = self.reservation_slack_ms(),
+                    "create refused: the token's claim ran after its deadline; \
+                     if this repeats, the Redis masters' clocks disagree by more than the slack"
+                );
+                Err(Error::Unavailable(
+                    "the token's reservation was claimed too late after the create began \
+                     (a delayed round trip, or Redis masters' clocks that disagree); retry"
+                        .into(),
+                ))
+            }
+            other => Err(Error::Internal(
+                format!("claim_token.lua returned {other}").into(),
+            )),
         }
+    }
 
+    /// A create's last step, in the user's slot: the session itself, with the
+    /// cap enforced (evicting or refusing) and revocation checked again.
+    pub(super) async fn commit_create(
+        &self,
+        op: &mut Op,
+        new: NewSession,
+        ttl_ms: u64,
+        prepared_at_ms: u64,
+    ) -> Result<CreateOutcome, Error> {
+        let settings = self.settings();
+        let scripts = &self.shared.scripts;
         let head = session_json_head(&new)?;
         let user = &new.user_id;
         let session_key = self.session_key(user, new.token_id.as_str());
@@ -93,7 +203,8 @@ impl Store {
                 .arg(self.reservation_slack_ms())
                 .arg(millis(settings.session_ttl_max))
                 .arg(self.revocation_channel())
-                .arg(user.as_str());
+                .arg(user.as_str())
+                .arg(prepared_at_ms);
             for token in &declared {
                 invocation
                     .key(self.session_key(user, token))
@@ -135,6 +246,13 @@ impl Store {
                         // step with them.
                         op.pause(jittered_backoff(round)).await?;
                     }
+                }
+                5 => {
+                    return Err(Error::Unavailable(
+                        "the create took longer than its reservation allows between its first \
+                         and last step; nothing was stored; retry"
+                            .into(),
+                    ));
                 }
                 other => {
                     return Err(Error::Internal(
@@ -308,9 +426,16 @@ impl Store {
     /// How much longer a token's reservation lives than the ttl it was
     /// claimed for, and so a revocation marker than its session: the time the
     /// create script may still run after the claim (the operation's timeout)
-    /// plus the grace period.
+    /// plus the grace period. It is also the claim's window after
+    /// [`prepare_create`](Self::prepare_create), and the longest a create may
+    /// take from its first step to its last.
     fn reservation_slack_ms(&self) -> u64 {
-        millis(OWNER_GRACE).saturating_add(millis(self.settings().timeout))
+        millis(self.settings().owner_grace).saturating_add(millis(self.settings().timeout))
+    }
+
+    /// How long a claim makes a token's reservation last.
+    fn claim_lifetime_ms(&self, ttl_ms: u64) -> u64 {
+        ttl_ms.saturating_add(self.reservation_slack_ms())
     }
 
     /// Every token id in the user's index, live or not yet pruned.
@@ -337,6 +462,21 @@ impl Store {
             })
             .transpose()
     }
+}
+
+/// What [`Store::prepare_create`] found.
+#[derive(Debug)]
+pub(super) enum Prepared {
+    /// The claim may proceed; `now_ms` is the user's master's clock, from
+    /// which the claim's deadline and the create's lateness are measured.
+    Ready {
+        /// When the step ran, by the user's master's clock.
+        now_ms: u64,
+    },
+    /// The token id was revoked for this user.
+    Revoked,
+    /// The user already has this live session (a replay).
+    Exists(Session),
 }
 
 /// The session JSON up to its timestamps, which the create script appends from

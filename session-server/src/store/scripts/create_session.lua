@@ -3,9 +3,10 @@
 -- KEYS[1]   session:{<user_id>}:{<token_id>}   the new session
 -- KEYS[2]   user_sessions:{<user_id>}          the user's index: token ids scored by expiry (ms)
 -- KEYS[3]   revoked:{<user_id>}:{<token_id>}   the new token's revocation marker, if any
--- KEYS[4]   reservations:{<user_id>}           token ids whose reservation a replay extended
---                                              past their session, scored by its end (ms)
--- KEYS[5..] for each ARGV[10..] in order, two keys: its session:{<user_id>}:{<t>}
+-- KEYS[4]   reservations:{<user_id>}           token ids scored by the latest end (ms) a
+--                                              claim may give their reservation
+--                                              (prepare_create.lua)
+-- KEYS[5..] for each ARGV[11..] in order, two keys: its session:{<user_id>}:{<t>}
 --           and its revoked:{<user_id>}:{<t>} (the index members the caller
 --           declared: eviction may only touch these)
 -- ARGV[1]   token id
@@ -21,16 +22,21 @@
 -- ARGV[8]   the revocation channel: each evicted session is published on it
 --           as `r:<revoked_at_ms>:evicted:<user_id>:<token_id>` (store/revocations.rs)
 -- ARGV[9]   the user id
--- ARGV[10..] token ids of declared index members, matching KEYS[5..]
+-- ARGV[10]  when prepare_create.lua ran, ms by this master's clock: the claim ran
+--           after it, so a session created within ARGV[6] of it ends before the
+--           reservation the claim made (ttl + ARGV[6] from the claim)
+-- ARGV[11..] token ids of declared index members, matching KEYS[5..]
 -- Returns {status, created_at_ms, expires_at_ms, more...}:
 --   {1, created, expires, evicted...}  created; evicted lists the sessions revoked for room
 --   {0, 0, 0, json}                    the token already has a live session of this
---                                      user (json); only its reservation's end is noted
+--                                      user (json), created since prepare_create.lua ran
 --   {4, 0, 0}                          the token was revoked: only its marker is kept
 --                                      as long as the reservation this call extended
 --   {2, 0, 0}                          the cap is reached and the policy is 'reject'
 --   {3, 0, 0, members...}              eviction needs more declared sessions: call
 --                                      again declaring these (every current member)
+--   {5, 0, 0}                          more than ARGV[6] passed since prepare_create.lua
+--                                      ran: nothing is written; start the create again
 -- Every check runs before the first write but the pruning of expired index
 -- members (a change complete in itself), so a refusal changes nothing else.
 local time = redis.call('TIME')
@@ -39,11 +45,14 @@ local ttl = tonumber(ARGV[2])
 local max = tonumber(ARGV[3])
 local slack = tonumber(ARGV[6])
 local longest = tonumber(ARGV[7])
--- claim_token made the token's reservation last at least this long from now.
+-- The reservation claim_token made (before this script ran) ends at most
+-- this long from now.
 local reserved = ttl + slack
 
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  -- Revocation is final: the marker must last as long as the reservation.
+  -- Revoked since prepare_create.lua ran: the revocation took the recorded
+  -- end of this claim into its marker; lengthening it to the claim's own
+  -- lifetime from now costs nothing and needs no other key.
   if redis.call('PTTL', KEYS[3]) < reserved then
     redis.call('PEXPIRE', KEYS[3], reserved)
   end
@@ -51,14 +60,13 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 local existing = redis.call('GET', KEYS[1])
 if existing then
-  -- A replay may ask for a longer ttl than the live session has: claim_token
-  -- extended the reservation, so a later revocation must keep its marker as
-  -- long. The session itself is left as it is.
-  redis.call('ZADD', KEYS[4], 'GT', now + reserved, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. now)
-  local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', KEYS[4], last[2])
+  -- Created by a concurrent create since prepare_create.lua ran, which
+  -- recorded how long the claim may have extended the reservation.
   return {0, 0, 0, existing}
+end
+if now - tonumber(ARGV[10]) > slack then
+  -- The reservation might end before a session created now would.
+  return {5, 0, 0}
 end
 
 -- Expired sessions are already gone (key TTL); they leave the index here, so
@@ -72,8 +80,8 @@ if count >= max then
     return {2, 0, 0}
   end
   local declared = {}
-  for i = 10, #ARGV do
-    declared[ARGV[i]] = 2 * (i - 10) + 5
+  for i = 11, #ARGV do
+    declared[ARGV[i]] = 2 * (i - 11) + 5
   end
   -- The oldest (closest to expiry) of the sessions the caller declared: every
   -- member when its create began. Sessions created since, by concurrent

@@ -3,9 +3,9 @@
 -- session is deleted and leaves a revocation marker in the same step, so that
 -- CreateSession never brings its token id back while its reservation lasts.
 -- KEYS[1]   user_sessions:{<user_id>}
--- KEYS[2]   reservations:{<user_id>}   token ids whose reservation a replay
---                                      extended past their session (see
---                                      create_session.lua), scored by its end (ms)
+-- KEYS[2]   reservations:{<user_id>}   token ids scored by the latest end (ms)
+--                                      a claim may give their reservation
+--                                      (prepare_create.lua)
 -- KEYS[3..] for each ARGV[i + 5] in order, two keys: session:{<user_id>}:{<t>}
 --           at KEYS[2i + 1] and revoked:{<user_id>}:{<t>} at KEYS[2i + 2]
 -- ARGV[1]   how much longer a marker lives than its session, in ms: as much as
