@@ -54,6 +54,8 @@
 //! why readiness requires `maxmemory-policy noeviction`.
 
 mod connection;
+#[cfg(test)]
+mod finality_model;
 pub mod health;
 mod login;
 mod revocations;
