@@ -28,6 +28,11 @@ pub enum Error {
     /// Redis did not answer within REDIS_TIMEOUT_MS.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// REDIS_TIMEOUT_MS ran out while the operation waited for this
+    /// process's other calls, not for Redis: the cause is load on this
+    /// server, and a retry (here later, or on another instance) can pass.
+    #[error("session store busy: {0}")]
+    Busy(Contention),
     /// Redis refused a write because it is out of memory (`maxmemory`).
     #[error("redis is out of memory")]
     OutOfMemory(#[source] BoxError),
@@ -36,6 +41,42 @@ pub enum Error {
     /// logged with its cause, sent as a generic message.
     #[error("internal error: {0}")]
     Internal(#[source] BoxError),
+}
+
+/// What an operation waited for when it ran out of time without Redis being
+/// slow ([`Error::Busy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contention {
+    /// Every pooled Redis connection was checked out by other operations.
+    Pool {
+        /// REDIS_TIMEOUT_MS.
+        timeout: Duration,
+        /// REDIS_POOL_SIZE.
+        size: u32,
+    },
+    /// Other creates for the same user held its turn (creates that must
+    /// evict take turns per user, and back off from other instances').
+    UserCreates {
+        /// REDIS_TIMEOUT_MS.
+        timeout: Duration,
+    },
+}
+
+impl std::fmt::Display for Contention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pool { timeout, size } => write!(
+                f,
+                "no Redis connection free within {} ms (pool of {size}); retry",
+                timeout.as_millis()
+            ),
+            Self::UserCreates { timeout } => write!(
+                f,
+                "concurrent creates for this user did not let this one run within {} ms; retry",
+                timeout.as_millis()
+            ),
+        }
+    }
 }
 
 impl Error {
@@ -189,6 +230,12 @@ impl From<Error> for tonic::Status {
                     limit.as_millis()
                 ))
             }
+            Error::Busy(contention) => {
+                if let Some(suppressed) = BUSY_LOG.admit() {
+                    tracing::warn!(%contention, suppressed, "session store busy");
+                }
+                tonic::Status::unavailable(format!("session store busy: {contention}"))
+            }
             Error::OutOfMemory(ref cause) => {
                 tracing::error!(error = %cause, "redis out of memory");
                 tonic::Status::resource_exhausted("session store is out of memory")
@@ -209,6 +256,10 @@ impl From<Error> for tonic::Status {
 /// `sessionstore_rpc_requests_total`), and each still gets its own
 /// (separately rate-limited) RPC log line.
 static REDIS_FAILURE_LOG: LogGate = LogGate::new();
+
+/// The "session store busy" lines, limited for the same reason: contention
+/// comes in floods.
+static BUSY_LOG: LogGate = LogGate::new();
 
 /// Admits at most one log line per second; lock-free and approximate at a
 /// second's edge, exact in the count of lines left out.
@@ -301,6 +352,7 @@ mod tests {
             Error::InvalidArgument { .. } => "InvalidArgument",
             Error::Unavailable(_) => "Unavailable",
             Error::Timeout(_) => "Timeout",
+            Error::Busy(_) => "Busy",
             Error::OutOfMemory(_) => "OutOfMemory",
             Error::Internal(_) => "Internal",
         };
@@ -435,6 +487,33 @@ mod tests {
             assert!(logged.contains("REDIS_PASSWORD_FILE"), "{logged}");
             assert!(logged.contains("REDIS_URL"), "{logged}");
         }
+    }
+
+    /// Contention is UNAVAILABLE (a retry can pass) and says it is not
+    /// Redis: the pool's size and the user's concurrent creates are named.
+    #[test]
+    fn contention_is_unavailable_and_does_not_blame_redis() {
+        let timeout = Duration::from_millis(250);
+        let status = tonic::Status::from(Error::Busy(Contention::Pool { timeout, size: 4 }));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "session store busy: no Redis connection free within 250 ms (pool of 4); retry"
+        );
+        let status = tonic::Status::from(Error::Busy(Contention::UserCreates { timeout }));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status
+                .message()
+                .starts_with("session store busy: concurrent creates for this user"),
+            "{}",
+            status.message()
+        );
+        let status = tonic::Status::from(Error::Timeout(timeout));
+        assert_eq!(
+            status.message(),
+            "session store unavailable: redis did not answer within 250 ms"
+        );
     }
 
     #[test]

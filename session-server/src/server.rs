@@ -75,6 +75,32 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// forever.
 pub const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Most streams a peer may have opened and already reset (RST_STREAM) while
+/// the server has not yet taken them from the connection (h2's "pending
+/// accept" queue) before the connection is closed with GOAWAY
+/// ENHANCE_YOUR_CALM: the rapid-reset defence (CVE-2023-44487). Set here
+/// rather than left to h2's default (20, which tonic passes through): a
+/// legitimate client cancels only calls it started, and the server takes
+/// streams off the queue between reads of the socket, so its count stays at
+/// the cancels that arrive in one read. session-client multiplexes every call
+/// over one connection per server, so one burst of cancellations (a fan-out
+/// whose caller gave up) past the limit would fail all its calls in flight;
+/// 256 leaves it room for a quarter of MAX_CONCURRENT_REQUESTS (1,024)
+/// cancelled at once. An attacker's flood writes thousands of open-and-reset
+/// pairs per read and is cut off after at most 256 streams queued for
+/// nothing (`security::a_rapid_reset_flood_is_cut_off_with_goaway`).
+pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 256;
+
+/// Most streams the server itself may reset for a peer's protocol errors
+/// (malformed headers, a stream refused past `max_concurrent_streams`, ...)
+/// over a connection's life before it is closed with GOAWAY
+/// ENHANCE_YOUR_CALM. hyper's default is 1,024 (RUSTSEC-2024-0003), but
+/// tonic 0.14 passes `None` when the builder leaves it unset, which hyper
+/// takes as no limit at all; 1,024 restores it. A correct client (tonic,
+/// session-client, grpc-go) causes none: its cancels are its own resets,
+/// not counted here.
+pub const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
 /// Bounds on what peers may hold, gathered so tests can shrink them; [`run`]
 /// uses [`Bounds::from_config`]. Not part of the supported API.
 #[doc(hidden)]
@@ -323,6 +349,9 @@ pub async fn run_with_bounds(
         // Dead client connections are noticed and dropped.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        // See `HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS`.
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS))
         // Without a limit tonic lets one connection open any number of
         // streams (hyper's default of 200 is overridden). One connection may
         // use every permit (session-client multiplexes all its calls over one
@@ -446,6 +475,8 @@ where
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS))
         .max_concurrent_streams(
             u32::try_from(
                 bounds

@@ -247,6 +247,18 @@ impl PrivateRedis {
             .unwrap();
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the process: stopped, Redis keeps
+    /// its sockets open and answers nothing, as a hung host does.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Kills the process (SIGKILL: no chance to save), and waits for it to die.
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -377,6 +389,18 @@ pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs `redis-cli -p PORT -a PASSWORD ARGS...` (a Redis with `requirepass`)
+/// and returns its standard output.
+pub(crate) fn redis_cli_with_password(port: u16, password: &str, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--no-auth-warning", "-a", password])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
     String::from_utf8(output.stdout).unwrap()
 }
 

@@ -508,3 +508,119 @@ async fn redis_out_of_memory_is_resource_exhausted() {
     assert!(found.session.is_some(), "reads still work");
     assert!(server.is_running());
 }
+
+/// A Redis that stops answering altogether (SIGSTOP: its sockets stay open,
+/// nothing is read) answers UNAVAILABLE saying Redis did not answer within
+/// REDIS_TIMEOUT_MS, and never that the store is busy; once it runs again
+/// (SIGCONT) calls succeed.
+#[tokio::test]
+async fn a_stopped_redis_is_blamed_not_contention() {
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.redis_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    client.get_session(get_request("s")).await.unwrap();
+
+    redis.signal("STOP");
+    let status = client.get_session(get_request("s")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "session store unavailable: redis did not answer within 300 ms"
+    );
+    // The next calls reconnect to the stopped Redis: a connect that gets no
+    // answer, still not contention.
+    for token in ["s1", "s2"] {
+        let status = client
+            .create_session(CreateSessionRequest {
+                user_id: "stopped".into(),
+                token_id: token.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(!status.message().contains("busy"), "{status:?}");
+        assert!(status.message().contains("redis"), "{status:?}");
+    }
+    redis.signal("CONT");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let mut client = client.clone();
+            async move { client.get_session(get_request("s")).await.is_ok() }
+        })
+        .await,
+        "not served after SIGCONT"
+    );
+    server.shutdown().await;
+}
+
+/// Creates for one user at its cap (each must evict, so they take turns in
+/// the server) that outwait REDIS_TIMEOUT_MS for their turn answer
+/// UNAVAILABLE naming the contention, not Redis; Redis answered all along.
+#[tokio::test]
+async fn creates_outwaiting_their_turn_say_busy_not_redis() {
+    let mut config = test_config();
+    config.max_sessions_per_user = 1;
+    // Round trips of a few ms at most, even with CROWD calls in flight on
+    // two cores; CROWD turns of one round trip each take longer.
+    config.redis_timeout_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    // The pool's connection made, and the user at its cap.
+    client
+        .create_session(CreateSessionRequest {
+            user_id: "crowd".into(),
+            token_id: "crowd-first".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..CROWD)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .create_session(CreateSessionRequest {
+                        user_id: "crowd".into(),
+                        token_id: format!("crowd-{i}"),
+                        ..Default::default()
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let (mut created, mut busy, mut redis_blamed) = (0, 0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(answer) => {
+                assert!(answer.into_inner().created);
+                created += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                if status
+                    .message()
+                    .starts_with("session store busy: concurrent creates for this user")
+                {
+                    busy += 1;
+                } else {
+                    assert!(
+                        status.message().contains("redis did not answer"),
+                        "{status:?}"
+                    );
+                    redis_blamed += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{CROWD} creates: {created} created, {busy} busy, {redis_blamed} blamed on redis");
+    assert!(
+        busy > 0,
+        "no create outwaited its turn: {redis_blamed} blamed on redis"
+    );
+}
+
+/// How many creates race in `creates_outwaiting_their_turn_say_busy_not_redis`.
+const CROWD: usize = 300;

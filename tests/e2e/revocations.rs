@@ -7,14 +7,17 @@
 use std::time::{Duration, Instant};
 
 use sessionstore::v1::{
-    CreateSessionRequest, Revocation, RevocationReason, RevokeAllUserSessionsRequest,
-    RevokeSessionRequest, WatchRevocationsRequest, WatchRevocationsResponse,
-    session_store_client::SessionStoreClient,
+    CreateSessionRequest, GetSessionRequest, Revocation, RevocationReason,
+    RevokeAllUserSessionsRequest, RevokeSessionRequest, WatchRevocationsRequest,
+    WatchRevocationsResponse, session_store_client::SessionStoreClient,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 
-use crate::common::{PrivateRedis, TempFiles, TestServer, config_on, inspect, test_config};
+use crate::common::{
+    PrivateRedis, TempFiles, TestServer, config_on, inspect, redis_cli, redis_cli_with_password,
+    test_config, wait_until,
+};
 use crate::sessions::get;
 
 /// How long a test waits for a message that should come.
@@ -303,6 +306,102 @@ async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
             break;
         }
     }
+    drop(stream);
+    server.shutdown().await;
+}
+
+/// Reads the stream until a reset comes, failing the test if none comes
+/// within [`PATIENCE`]; `after` names what the reset should follow.
+async fn reset_within_patience(stream: &mut Streaming<WatchRevocationsResponse>, after: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = next_within(stream, left)
+            .await
+            .unwrap_or_else(|| panic!("no reset after {after}"));
+        if message.reset {
+            return;
+        }
+    }
+}
+
+/// The Redis password rotated (P1 to P2: file replaced, Redis told, every
+/// connection cut, the subscription's included), then the file briefly
+/// unreadable while the subscription is cut again: the subscriber reconnects
+/// with P2, the password the pool uses (the last read), not P1 from the
+/// start, so the stream gets its reset again and the revocations made after
+/// the rotation. (The pool's side: `faults::an_unreadable_password_file_...`.)
+#[tokio::test]
+async fn the_subscription_follows_a_rotated_password_like_the_pool() {
+    let redis = PrivateRedis::start();
+    // Set after the start: the harness's readiness PING sends no password.
+    let answer = redis_cli(redis.port, &["config", "set", "requirepass", "first"]);
+    assert_eq!(answer.trim(), "OK");
+    let files = TempFiles::new();
+    let password = files.write("redis-password", "first\n");
+    let mut config = config_on(&redis);
+    config.redis_password_file = Some(password.clone());
+    config.revocation_heartbeat_ms = 100;
+    config.redis_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+    let cut = |kind: &str| {
+        let killed =
+            redis_cli_with_password(redis.port, "second", &["client", "kill", "type", kind]);
+        assert_ne!(killed.trim(), "0", "no {kind} connection to cut");
+    };
+    let revoked_after = |token: &'static str| {
+        let mut client = client.clone();
+        async move {
+            // The pool's connections may just have been cut: the first call
+            // after a cut can meet the dead connection.
+            let served = wait_until(Duration::from_secs(5), || {
+                let mut client = client.clone();
+                async move {
+                    let probe = GetSessionRequest {
+                        token_id: "probe".into(),
+                        user_id: String::new(),
+                    };
+                    client.get_session(probe).await.is_ok()
+                }
+            })
+            .await;
+            assert!(
+                served,
+                "the pool did not reconnect with the rotated password"
+            );
+            create(&mut client, "rotated", token).await;
+            assert!(revoke(&mut client, "rotated", token).await);
+        }
+    };
+
+    // Rotate: the new file renamed over the old one, then Redis; every
+    // connection is cut, the subscription's too.
+    let staged = files.write("redis-password.new", "second\n");
+    std::fs::rename(&staged, &password).unwrap();
+    let answer = redis_cli_with_password(
+        redis.port,
+        "first",
+        &["config", "set", "requirepass", "second"],
+    );
+    assert_eq!(answer.trim(), "OK");
+    cut("normal");
+    cut("pubsub");
+    reset_within_patience(&mut stream, "the rotation").await;
+    revoked_after("after-rotation").await;
+    let seen = revocations(&mut stream, 1).await;
+    assert_eq!(seen[0].token_id, "after-rotation", "{seen:?}");
+
+    // The file is gone for a moment (a Secret update in progress) while the
+    // subscription is cut: it comes back with the second password.
+    std::fs::rename(&password, files.write("elsewhere", "")).unwrap();
+    cut("pubsub");
+    reset_within_patience(&mut stream, "a cut with the file unreadable").await;
+    revoked_after("file-unreadable").await;
+    let seen = revocations(&mut stream, 1).await;
+    assert_eq!(seen[0].token_id, "file-unreadable", "{seen:?}");
     drop(stream);
     server.shutdown().await;
 }

@@ -596,3 +596,190 @@ async fn removing_a_token_ends_the_streams_opened_with_it() {
     drop(b);
     server.shutdown().await;
 }
+
+/// One client connection (as session-client keeps per server) issuing 5,000
+/// GetSession and CreateSession calls, about 1,000 of them cancelled at
+/// random (the future dropped: RST_STREAM CANCEL), keeps its
+/// connection: the server's HTTP/2 reset limits do not take a cancelling
+/// client for a rapid-reset attack, and every call not cancelled succeeds.
+#[tokio::test]
+async fn a_client_cancelling_calls_at_random_keeps_its_connection() {
+    const CALLS: u64 = 5_000;
+    const IN_FLIGHT: usize = 512;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut calls = Vec::new();
+    for i in 0..CALLS {
+        // A fixed pseudo-random sequence (SplitMix64), so a failure repeats.
+        let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let random = z ^ (z >> 31);
+        // One call in five: half after a few µs to 2 ms (the timer rounds up
+        // to its millisecond), half after 1 to 30 polls (finer: often while
+        // its HEADERS are still on the way).
+        let cancel = (random % 5 == 0).then_some(random >> 8);
+        let permit = std::sync::Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .unwrap();
+        let mut client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let call = async {
+                if i % 2 == 0 {
+                    client
+                        .get_session(GetSessionRequest {
+                            token_id: format!("cancel-{i}"),
+                            user_id: String::new(),
+                        })
+                        .await
+                        .map(drop)
+                } else {
+                    client
+                        .create_session(CreateSessionRequest {
+                            user_id: format!("cancel-{i}"),
+                            token_id: format!("cancel-{i}"),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(drop)
+                }
+            };
+            let outcome = match cancel {
+                Some(r) if r % 2 == 0 => {
+                    tokio::time::timeout(Duration::from_micros(r % 2_000), call)
+                        .await
+                        .ok()
+                }
+                Some(r) => cancelled_after_polls(call, 1 + r % 30).await,
+                None => Some(call.await),
+            };
+            drop(permit);
+            (cancel.is_some(), outcome)
+        }));
+    }
+    let (mut cancelled, mut failed) = (0, Vec::new());
+    for call in calls {
+        match call.await.unwrap() {
+            (_, Some(Ok(()))) => {}
+            (true, None) => cancelled += 1,
+            (_, Some(Err(status))) => failed.push(status),
+            (false, None) => unreachable!("only calls given a timeout can time out"),
+        }
+    }
+    eprintln!(
+        "{CALLS} calls: {cancelled} cancelled, {} failed",
+        failed.len()
+    );
+    assert!(cancelled >= 500, "only {cancelled} calls were cancelled");
+    // Every call on the one connection failed together if it was closed.
+    assert!(
+        failed.is_empty(),
+        "{} calls failed, the first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
+/// `call`, polled `polls` times (yielding to the runtime between polls, so
+/// its request gets on the wire) and dropped if not done by then: a cancel
+/// finer than the timer's millisecond.
+async fn cancelled_after_polls<F: std::future::Future>(call: F, polls: u64) -> Option<F::Output> {
+    let mut call = std::pin::pin!(call);
+    for _ in 0..polls.max(1) {
+        let poll = std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(output) = poll {
+            return Some(output);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+/// A rapid-reset flood in CVE-2023-44487's pattern (streams opened with
+/// HEADERS and at once cancelled with RST_STREAM, written in bursts of 1,000
+/// pairs, as an attacker's client does) gets its connection closed by the
+/// server with GOAWAY ENHANCE_YOUR_CALM long before 100,000 streams. (The
+/// `h2` crate's client cannot be made to burst: it writes as the server
+/// reads, and the server, accepting each stream before the next arrives,
+/// never has a reset one waiting; so the frames are written by hand.)
+#[tokio::test]
+async fn a_rapid_reset_flood_is_cut_off_with_goaway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BURST: u32 = 1_000;
+    const MOST_STREAMS: u32 = 100_000;
+    let server = TestServer::start().await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let flood = tokio::spawn(async move {
+        let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+            let mut frame = Vec::with_capacity(9 + payload.len());
+            frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+            frame.extend_from_slice(&[kind, flags]);
+            frame.extend_from_slice(&stream.to_be_bytes());
+            frame.extend_from_slice(payload);
+            frame
+        };
+        let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        preface.extend(frame(0x4, 0, 0, &[]));
+        writer.write_all(&preface).await?;
+        let mut next = 1u32;
+        let started = Instant::now();
+        while next / 2 < MOST_STREAMS {
+            let mut burst = Vec::new();
+            for _ in 0..BURST {
+                // HEADERS, END_HEADERS: :method POST, :scheme http, :path /
+                // (HPACK static table entries 3, 6 and 4).
+                burst.extend(frame(0x1, 0x4, next, &[0x83, 0x86, 0x84]));
+                // RST_STREAM CANCEL.
+                burst.extend(frame(0x3, 0, next, &8u32.to_be_bytes()));
+                next += 2;
+            }
+            if writer.write_all(&burst).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>((next / 2, started.elapsed()))
+    });
+    // The server's frames, until its GOAWAY: (type, payload).
+    let mut buffer = Vec::new();
+    let goaway = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            while buffer.len() >= 9 {
+                let length = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;
+                if buffer.len() < 9 + length {
+                    break;
+                }
+                let kind = buffer[3];
+                let payload = buffer[9..9 + length].to_vec();
+                buffer.drain(..9 + length);
+                if kind == 0x7 {
+                    return Some(payload);
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server sent no GOAWAY and kept the connection open for 10 s");
+    let sent = flood.await.unwrap();
+    eprintln!("rapid reset: {sent:?} (streams, time) sent; GOAWAY payload {goaway:?}");
+    let goaway = goaway.expect("a GOAWAY before the connection closed");
+    let code = u32::from_be_bytes([goaway[4], goaway[5], goaway[6], goaway[7]]);
+    assert_eq!(
+        code, 0xb,
+        "GOAWAY with ENHANCE_YOUR_CALM, got code {code:#x}"
+    );
+    // The last stream the server processed: the flood was cut off early,
+    // not after the server had taken most of it.
+    let last = u32::from_be_bytes([goaway[0], goaway[1], goaway[2], goaway[3]]);
+    assert!(
+        last / 2 < MOST_STREAMS / 10,
+        "cut off only after stream {last}"
+    );
+}

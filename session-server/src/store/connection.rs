@@ -23,7 +23,7 @@ use redis::{
 use tokio::time::{Instant, timeout_at};
 
 use super::{RedisMode, Settings, Store, record_error};
-use crate::error::Error;
+use crate::error::{Contention, Error};
 
 /// How connections are had: one store, one connection type chosen at start.
 pub(super) enum Backend {
@@ -49,9 +49,10 @@ pub(super) enum Backend {
 }
 
 impl Backend {
-    /// The connection source for `settings`; nothing is dialled yet.
-    pub(super) fn new(settings: &Settings) -> Result<Self, Error> {
-        let credentials = Credentials::of(settings);
+    /// The connection source for `settings`, with the credentials `secrets`
+    /// holds now; nothing is dialled yet.
+    pub(super) fn new(settings: &Settings, secrets: &Arc<Secrets>) -> Result<Self, Error> {
+        let credentials = secrets.current(settings);
         let connector = match settings.mode {
             RedisMode::Standalone => Connector::Direct(std::sync::Mutex::new((
                 credentials,
@@ -74,6 +75,7 @@ impl Backend {
         let manager = RedisManager {
             connector,
             settings: settings.clone(),
+            secrets: Arc::clone(secrets),
             failures: Arc::clone(&failures),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(settings.timeout))
@@ -145,7 +147,9 @@ impl Store {
                             });
                         }
                         Err(bb8::RunError::User(err)) => break Err(Error::from(err)),
-                        Err(bb8::RunError::TimedOut) => break Err(Error::Timeout(timeout)),
+                        Err(bb8::RunError::TimedOut) => {
+                            break Err(checkout_expired(pool, &self.shared.settings));
+                        }
                     }
                 },
                 Backend::Cluster {
@@ -160,7 +164,15 @@ impl Store {
         let conn = match timeout_at(deadline, checkout).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(err)) => return Err(record_error(name, err)),
-            Err(_) => return Err(record_error(name, Error::Timeout(timeout))),
+            Err(_) => {
+                let err = match &self.shared.backend {
+                    Backend::Pool { pool, .. } => checkout_expired(pool, &self.shared.settings),
+                    // Waiting for the cluster connection is waiting for the
+                    // cluster to answer.
+                    Backend::Cluster { .. } => Error::Timeout(timeout),
+                };
+                return Err(record_error(name, err));
+            }
         };
         let (Backend::Pool { durations, .. } | Backend::Cluster { durations, .. }) =
             &self.shared.backend;
@@ -170,7 +182,27 @@ impl Store {
             timeout,
             name,
             duration: durations.of(name),
+            contended: None,
         })
+    }
+}
+
+/// Why a pool checkout ran out of time: contention ([`Contention::Pool`])
+/// when every connection the pool may hold is open and checked out by other
+/// operations; otherwise a connection is being made and Redis has not
+/// answered it ([`Error::Timeout`]). Operations hand their checkout back as
+/// soon as they have cloned the multiplexed connection, so the first is rare:
+/// it takes more operations than connections all between checkout and
+/// return at once, which only a starved runtime does.
+fn checkout_expired(pool: &bb8::Pool<RedisManager>, settings: &Settings) -> Error {
+    let state = pool.state();
+    if state.connections >= settings.pool_size && state.idle_connections == 0 {
+        Error::Busy(Contention::Pool {
+            timeout: settings.timeout,
+            size: settings.pool_size,
+        })
+    } else {
+        Error::Timeout(settings.timeout)
     }
 }
 
@@ -223,6 +255,10 @@ pub(super) struct Op {
     name: &'static str,
     /// The operation's Redis latency histogram.
     duration: Histogram,
+    /// How long the operation has waited for other calls of this process
+    /// (not for Redis), and for what: when the deadline passes in a round
+    /// trip shorter than that wait, the wait is the cause.
+    contended: Option<(Duration, Contention)>,
 }
 
 impl Op {
@@ -315,23 +351,43 @@ impl Op {
         }
     }
 
-    /// Runs `work` (a wait that is not a Redis round trip) within the
-    /// operation's deadline.
-    pub(super) async fn within<F: std::future::Future>(&self, work: F) -> Result<F::Output, Error> {
-        timeout_at(self.deadline, work)
-            .await
-            .map_err(|_| record_error(self.name, Error::Timeout(self.timeout)))
+    /// Waits for `turn` (this user's turn among concurrent creates: a wait
+    /// for other calls, not for Redis) within the operation's deadline, or
+    /// fails with [`Error::Busy`].
+    pub(super) async fn wait_for_turn<F: std::future::Future>(
+        &mut self,
+        turn: F,
+    ) -> Result<F::Output, Error> {
+        let start = Instant::now();
+        let outcome = timeout_at(self.deadline, turn).await;
+        let contention = self.contend(start);
+        outcome.map_err(|_| record_error(self.name, Error::Busy(contention)))
     }
 
-    /// Waits `pause` before the operation's next round trip, or fails with
-    /// [`Error::Timeout`] when that would pass its deadline.
+    /// Waits `pause` (a backoff from concurrent creates for the same user on
+    /// other instances) before the operation's next round trip, or fails with
+    /// [`Error::Busy`] when that would pass its deadline.
     pub(super) async fn pause(&mut self, pause: Duration) -> Result<(), Error> {
-        let until = Instant::now() + pause;
+        let start = Instant::now();
+        let until = start + pause;
         if until >= self.deadline {
-            return Err(record_error(self.name, Error::Timeout(self.timeout)));
+            let contention = self.contend(start);
+            return Err(record_error(self.name, Error::Busy(contention)));
         }
         tokio::time::sleep_until(until).await;
+        self.contend(start);
         Ok(())
+    }
+
+    /// Adds the wait since `start` for concurrent creates of one user to
+    /// [`Op::contended`].
+    fn contend(&mut self, start: Instant) -> Contention {
+        let contention = Contention::UserCreates {
+            timeout: self.timeout,
+        };
+        let before = self.contended.map_or(Duration::ZERO, |(waited, _)| waited);
+        self.contended = Some((before + start.elapsed(), contention));
+        contention
     }
 
     /// Maps a round trip's outcome, marking the connection broken when it can
@@ -355,12 +411,20 @@ impl Op {
                 }
                 Err(err.into())
             }
-            Err(_elapsed) => {
-                // A silent peer (host gone, network partition) never resets the
-                // socket: reconnect rather than queue behind it.
-                self.conn.mark_broken();
-                Err(Error::Timeout(self.timeout))
-            }
+            Err(_elapsed) => match self.contended {
+                // The deadline passed in a round trip shorter than the time
+                // the operation had waited for other calls: they took most of
+                // REDIS_TIMEOUT_MS, not Redis; the connection is fine.
+                Some((waited, contention)) if waited >= start.elapsed() => {
+                    Err(Error::Busy(contention))
+                }
+                _ => {
+                    // A silent peer (host gone, network partition) never
+                    // resets the socket: reconnect rather than queue behind it.
+                    self.conn.mark_broken();
+                    Err(Error::Timeout(self.timeout))
+                }
+            },
         };
         outcome.map_err(|err| record_error(self.name, err))
     }
@@ -433,6 +497,8 @@ pub(super) struct RedisManager {
     connector: Connector,
     /// To rebuild the connector when the password or CA files change.
     settings: Settings,
+    /// The credentials as last read, shared with the revocation subscriber.
+    secrets: Arc<Secrets>,
     config: AsyncConnectionConfig,
     failures: Arc<ConnectFailures>,
 }
@@ -474,34 +540,65 @@ pub(super) enum Connector {
     Sentinel(tokio::sync::Mutex<(Credentials, SentinelClient)>),
 }
 
-/// The Redis password and CA as REDIS_PASSWORD_FILE and REDIS_CA_FILE hold
-/// them now, so that new connections use rotated secrets without a restart
-/// (Kubernetes updates a mounted Secret in place). Read at each new
-/// connection, which is rare: the pool keeps its connections. A file that
-/// cannot be read keeps what was last read from it (logged).
+/// The one reloader of REDIS_PASSWORD_FILE and REDIS_CA_FILE, shared by the
+/// pool's connector and the revocation subscriber's pub/sub connections, so
+/// that both use the same credentials: those read last by either. Each new
+/// connection asks it (rare: the pool keeps its connections, the subscriber
+/// keeps its subscription), so a rotated Secret needs no restart.
+#[derive(Debug)]
+pub(super) struct Secrets {
+    /// What the files held at the last read that succeeded.
+    last: std::sync::Mutex<Credentials>,
+}
+
+impl Secrets {
+    /// The credentials `settings` were built with (read at start).
+    pub(super) fn new(settings: &Settings) -> Self {
+        Self {
+            last: std::sync::Mutex::new(Credentials {
+                password: settings.redis_password.clone(),
+                ca_pem: settings.redis_ca_pem.clone(),
+            }),
+        }
+    }
+
+    /// The credentials the files hold now, remembered as the last read; a
+    /// file that cannot be read gives what was last read from it.
+    pub(super) fn current(&self, settings: &Settings) -> Credentials {
+        // A poisoned lock only means another thread panicked mid-read; the
+        // value is plain data, replaced as a whole, and still usable. The
+        // files are small and local: read under the lock, so that concurrent
+        // connections agree on the last credentials read.
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = last.reread(settings);
+        *last = now.clone();
+        now
+    }
+}
+
+/// The Redis password and CA as REDIS_PASSWORD_FILE and REDIS_CA_FILE held
+/// them at one read (see [`Secrets`]). A file that cannot be read keeps what
+/// was last read from it (logged).
 #[derive(Clone, PartialEq, Eq)]
 pub(super) struct Credentials {
     password: Option<String>,
     ca_pem: Option<Vec<u8>>,
 }
 
-impl Credentials {
-    /// The settings' credentials, re-read from their files when set; a file
-    /// that cannot be read gives what was read at start.
-    pub(super) fn of(settings: &Settings) -> Self {
-        Self {
-            password: settings.redis_password.clone(),
-            ca_pem: settings.redis_ca_pem.clone(),
-        }
-        .reread(settings)
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the password.
+        f.debug_struct("Credentials").finish_non_exhaustive()
     }
+}
 
+impl Credentials {
     /// The settings' credentials, re-read from their files when set; a file
     /// that cannot be read (a Secret briefly swapped, a rename in progress)
     /// gives these, the last read: after a rotation, falling back to the
     /// value read at start would bring back the old password, which Redis
     /// now refuses.
-    pub(super) fn reread(&self, settings: &Settings) -> Self {
+    fn reread(&self, settings: &Settings) -> Self {
         let read = |path: &Option<std::path::PathBuf>, variable: &str| {
             let path = path.as_ref()?;
             std::fs::read(path)
@@ -553,9 +650,10 @@ impl bb8::ManageConnection for RedisManager {
             Connector::Direct(direct) => {
                 let client = {
                     let mut direct = direct.lock().unwrap_or_else(|e| e.into_inner());
-                    // The files are small and local: read under the lock, so
-                    // concurrent connects agree on the last credentials read.
-                    let now = direct.0.reread(&self.settings);
+                    // Read under the connector's lock, so that a connect that
+                    // read earlier cannot rebuild the client with older
+                    // credentials after one that read later.
+                    let now = self.secrets.current(&self.settings);
                     if direct.0 != now {
                         let client = redis_client(&now.apply(&self.settings))
                             .map_err(rebuild_failed)
@@ -571,7 +669,7 @@ impl bb8::ManageConnection for RedisManager {
             }
             Connector::Sentinel(sentinel) => {
                 let mut sentinel = sentinel.lock().await;
-                let now = sentinel.0.reread(&self.settings);
+                let now = self.secrets.current(&self.settings);
                 if sentinel.0 != now {
                     let client = sentinel_client(&now.apply(&self.settings))
                         .map_err(rebuild_failed)
@@ -606,13 +704,15 @@ impl bb8::ManageConnection for RedisManager {
 /// sentinel mode (`attempt` rotates the sentinel asked first, so a hung one
 /// costs one attempt, not all of them), and in cluster mode to `master`
 /// ("host:port", one of [`Op::cluster_masters`]), with the scheme, user,
-/// password and CA of the first seed. Bound by the settings' timeout.
+/// password and CA of the first seed. The password and CA are those the pool
+/// would use now ([`Secrets`]). Bound by the settings' timeout.
 pub(super) async fn pubsub(
     settings: &Settings,
+    secrets: &Secrets,
     master: Option<&str>,
     attempt: usize,
 ) -> Result<redis::aio::PubSub, Error> {
-    let settings = &Credentials::of(settings).apply(settings);
+    let settings = &secrets.current(settings).apply(settings);
     let timeout = settings.timeout;
     match (settings.mode, master) {
         (RedisMode::Sentinel, _) => {
@@ -773,4 +873,57 @@ fn split_urls(urls: &str) -> Vec<&str> {
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Store settings for the Redis at `url`, with a pool of one connection
+    /// and a short timeout.
+    fn settings(url: &str) -> Settings {
+        let mut config = crate::config::Config::defaults();
+        config.redis_url = url.into();
+        config.redis_pool_size = 1;
+        config.redis_timeout_ms = 200;
+        config
+            .store_settings()
+            .expect("the test configuration is valid")
+    }
+
+    /// A checkout that runs out of time while every pooled connection is
+    /// held elsewhere is contention naming the pool, not Redis failing to
+    /// answer; one that runs out of time while a connection is being made to
+    /// a peer that never answers is not contention. Against the local Redis.
+    #[tokio::test]
+    async fn a_checkout_timeout_names_its_cause() {
+        let store = Store::new(settings("redis://127.0.0.1:6379")).unwrap();
+        store.ping().await.expect("the local Redis answers");
+        let Backend::Pool { pool, .. } = &store.shared.backend else {
+            unreachable!("standalone mode is pooled");
+        };
+        let held = pool.get().await.expect("the pool's one connection");
+        let err = store.ping().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Busy(Contention::Pool { size: 1, timeout }) if timeout == Duration::from_millis(200)
+            ),
+            "{err:?}"
+        );
+        drop(held);
+        store.ping().await.expect("the connection is free again");
+
+        // Accepted by the kernel, never read: the connect gets no answer.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://{}", silent.local_addr().unwrap());
+        let store = Store::new(settings(&url)).unwrap();
+        let err = store.ping().await.unwrap_err();
+        assert!(
+            matches!(err, Error::Timeout(_) | Error::Unavailable(_)),
+            "{err:?}"
+        );
+    }
 }

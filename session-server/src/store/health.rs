@@ -153,7 +153,10 @@ impl Store {
             Some(redis::ServerErrorKind::ReadOnly) => Ok(AccessRefused::ReadOnly(err.to_string())),
             _ => match err {
                 Error::Internal(_) | Error::InvalidArgument { .. } => Ok(AccessRefused::Other(err)),
-                Error::Unavailable(_) | Error::Timeout(_) | Error::OutOfMemory(_) => Err(err),
+                Error::Unavailable(_)
+                | Error::Timeout(_)
+                | Error::Busy(_)
+                | Error::OutOfMemory(_) => Err(err),
             },
         };
         let key = format!(
@@ -203,7 +206,7 @@ fn redis_kind(err: &Error) -> Option<redis::ServerErrorKind> {
         Error::Internal(source) | Error::Unavailable(source) | Error::OutOfMemory(source) => {
             source.as_ref()
         }
-        Error::InvalidArgument { .. } | Error::Timeout(_) => return None,
+        Error::InvalidArgument { .. } | Error::Timeout(_) | Error::Busy(_) => return None,
     };
     match source.downcast_ref::<redis::RedisError>()?.kind() {
         redis::ErrorKind::Server(kind) => Some(kind),

@@ -244,6 +244,9 @@ pub struct Store {
 #[derive(Debug)]
 struct Shared {
     backend: Backend,
+    /// The Redis password and CA as last read, for the pool's new connections
+    /// and the revocation subscriber's alike.
+    secrets: Arc<connection::Secrets>,
     settings: Settings,
     scripts: Scripts,
     /// Creates for one user that must evict take turns within this process
@@ -316,11 +319,16 @@ impl Store {
     ///
     /// [`Error::InvalidArgument`] naming `REDIS_URL` when the URL does not parse.
     pub fn new(settings: Settings) -> Result<Self, Error> {
-        let backend = Backend::new(&settings)?;
-        Ok(Self::with_backend(backend, settings))
+        let secrets = Arc::new(connection::Secrets::new(&settings));
+        let backend = Backend::new(&settings, &secrets)?;
+        Ok(Self::with_backend(backend, secrets, settings))
     }
 
-    fn with_backend(backend: Backend, settings: Settings) -> Self {
+    fn with_backend(
+        backend: Backend,
+        secrets: Arc<connection::Secrets>,
+        settings: Settings,
+    ) -> Self {
         let revocation_channel = match connection::database(&settings) {
             0 => format!("{}revocations", settings.key_prefix),
             db => format!("{}revocations:db{db}", settings.key_prefix),
@@ -328,6 +336,7 @@ impl Store {
         Self {
             shared: Arc::new(Shared {
                 backend,
+                secrets,
                 settings,
                 scripts: Scripts::load(),
                 create_turns: CreateTurns {
@@ -460,6 +469,7 @@ fn record_error(op: &'static str, err: Error) -> Error {
         Error::InvalidArgument { .. } => "invalid_argument",
         Error::Unavailable(_) => "unavailable",
         Error::Timeout(_) => "timeout",
+        Error::Busy(_) => "busy",
         Error::OutOfMemory(_) => "out_of_memory",
         Error::Internal(_) => "internal",
     };

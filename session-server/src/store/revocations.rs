@@ -318,7 +318,9 @@ impl Store {
             };
         let mut streams = StreamMap::new();
         for (source, master) in masters.iter().enumerate() {
-            let mut pubsub = connection::pubsub(settings, master.as_deref(), attempt).await?;
+            let mut pubsub =
+                connection::pubsub(settings, &self.shared.secrets, master.as_deref(), attempt)
+                    .await?;
             tokio::time::timeout(settings.timeout, pubsub.subscribe(channel))
                 .await
                 .map_err(|_| Error::Timeout(settings.timeout))??;

@@ -20,7 +20,7 @@ impl Store {
     /// SESSION_TTL_MAX; Redis failures as [`Error::Unavailable`],
     /// [`Error::Timeout`] or [`Error::OutOfMemory`]. Concurrent creates for
     /// the same user are not an error: they are retried within the
-    /// operation's deadline.
+    /// operation's deadline, past which they are [`Error::Busy`].
     pub async fn create_session(&self, new: NewSession) -> Result<CreateOutcome, Error> {
         let settings = self.settings();
         let ttl = match new.ttl {
@@ -240,7 +240,7 @@ impl Store {
                     declared = rest;
                     round = round.saturating_add(1);
                     if turn.is_none() {
-                        turn = Some(op.within(self.create_turn(user)).await?);
+                        turn = Some(op.wait_for_turn(self.create_turn(user)).await?);
                     } else if round >= 3 {
                         // Creates racing from several processes: fall out of
                         // step with them.
