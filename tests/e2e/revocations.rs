@@ -118,6 +118,62 @@ fn summary(r: &Revocation) -> (String, String, RevocationReason) {
     (r.user_id.clone(), r.token_id.clone(), r.reason())
 }
 
+/// Two user-wide revocations of one user in the same Redis millisecond publish
+/// the same text: both reach the stream (a session created and cached between
+/// them is dropped by the second), while on Cluster the copies of each that
+/// arrive over every master's connection still pass once. Published by one
+/// script, so the two are certainly in one millisecond; then a marker
+/// revocation, so nothing else is pending.
+#[tokio::test]
+async fn two_user_wide_revocations_in_one_millisecond_both_arrive() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client).await;
+    started(&mut stream).await;
+
+    let channel = format!("{}revocations", server.config.key_prefix);
+    let twice = redis::cmd("EVAL")
+        .arg(
+            "redis.call('PUBLISH', ARGV[1], ARGV[2]) \
+             redis.call('PUBLISH', ARGV[1], ARGV[2]) \
+             redis.call('PUBLISH', ARGV[1], ARGV[3])",
+        )
+        .arg(0)
+        .arg(&channel)
+        .arg("r:1700000000000:signed_out_everywhere:twice:")
+        .arg("r:1700000000001:revoked:twice:last")
+        .clone();
+    let () = inspect(&server.config, &twice).await;
+    let seen = revocations(&mut stream, 3).await;
+    let seen: Vec<_> = seen.iter().map(summary).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "twice".into(),
+                String::new(),
+                RevocationReason::SignedOutEverywhere
+            ),
+            (
+                "twice".into(),
+                String::new(),
+                RevocationReason::SignedOutEverywhere
+            ),
+            ("twice".into(), "last".into(), RevocationReason::Revoked),
+        ]
+    );
+    // Nothing more within a second: no copy got through.
+    let quiet_until = Instant::now() + Duration::from_secs(1);
+    while let Some(message) = next_within(
+        &mut stream,
+        quiet_until.saturating_duration_since(Instant::now()),
+    )
+    .await
+    {
+        assert!(message.revocations.is_empty(), "{message:?}");
+    }
+}
+
 /// RevokeSession (with and without the user hint), RevokeAllUserSessions and
 /// eviction at the cap each publish, in order, for users spread over every
 /// master on Cluster; calls that revoke nothing publish nothing.

@@ -238,7 +238,7 @@ impl Store {
                             // On a cluster each revocation arrives once per
                             // master: over its own master's connection, and
                             // over the bus on the others.
-                            if !recent.first_time(payload) {
+                            if !recent.first_time(payload, source) {
                                 continue;
                             }
                             match parse(payload) {
@@ -451,30 +451,58 @@ impl Beats {
     }
 }
 
-/// Revocation messages seen in the last 10 to 20 s: on a cluster each
-/// arrives once per master connection. No two revocations have the same
-/// message (a session is revoked once), so a repeat is a copy.
+/// Revocation messages seen in the last 10 to 20 s, with how many times each
+/// came over each master's connection. On a cluster one PUBLISH arrives once
+/// per master (over its own master's connection, and over the bus on the
+/// others), and two publishes can carry the same text (two
+/// RevokeAllUserSessions of one user in one Redis millisecond). So the n-th
+/// arrival of a text over any one connection is the n-th publish of it: a
+/// message passes when some connection delivers it more often than any had
+/// before, and only the copies of one publish are dropped.
 #[derive(Default)]
 struct Recent {
-    current: std::collections::HashSet<Box<[u8]>>,
-    previous: std::collections::HashSet<Box<[u8]>>,
+    current: std::collections::HashMap<Box<[u8]>, Arrivals>,
+    previous: std::collections::HashMap<Box<[u8]>, Arrivals>,
     since: Option<Instant>,
+}
+
+/// How often one text arrived: per source (master index), and the most over
+/// any source, which is how many publishes of it passed.
+#[derive(Default)]
+struct Arrivals {
+    by_source: Vec<u32>,
+    passed: u32,
 }
 
 impl Recent {
     const SPAN: Duration = Duration::from_secs(10);
 
-    fn first_time(&mut self, payload: &[u8]) -> bool {
+    /// Whether `payload`, arriving over `source`'s connection, is a publish
+    /// not passed on yet.
+    fn first_time(&mut self, payload: &[u8], source: usize) -> bool {
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() > Self::SPAN {
             self.previous = std::mem::take(&mut self.current);
             self.since = Some(Instant::now());
         }
-        if self.current.contains(payload) || self.previous.contains(payload) {
-            return false;
+        if !self.current.contains_key(payload) {
+            let carried = self.previous.remove(payload).unwrap_or_default();
+            self.current.insert(payload.into(), carried);
         }
-        self.current.insert(payload.into());
-        true
+        let Some(arrivals) = self.current.get_mut(payload) else {
+            return true;
+        };
+        if arrivals.by_source.len() <= source {
+            arrivals.by_source.resize(source + 1, 0);
+        }
+        let count = &mut arrivals.by_source[source];
+        *count = count.saturating_add(1);
+        if *count > arrivals.passed {
+            arrivals.passed = *count;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -617,9 +645,31 @@ mod tests {
     #[test]
     fn copies_of_a_revocation_pass_once() {
         let mut recent = Recent::default();
-        assert!(recent.first_time(b"r:1:revoked:u:t"));
-        assert!(!recent.first_time(b"r:1:revoked:u:t"));
-        assert!(recent.first_time(b"r:1:revoked:u:t2"));
+        // One publish, arriving over three masters' connections.
+        assert!(recent.first_time(b"r:1:revoked:u:t", 0));
+        assert!(!recent.first_time(b"r:1:revoked:u:t", 2));
+        assert!(!recent.first_time(b"r:1:revoked:u:t", 1));
+        assert!(recent.first_time(b"r:1:revoked:u:t2", 1));
+    }
+
+    /// Two publishes of one text (two user-wide revocations in one Redis
+    /// millisecond) both pass, in any order of their copies; their copies
+    /// do not; and on one connection (standalone) every publish passes.
+    #[test]
+    fn two_publishes_of_one_text_pass_twice() {
+        let text = b"r:5:signed_out_everywhere:u:";
+        for order in [[0, 1, 0, 1], [0, 0, 1, 1], [1, 0, 0, 1]] {
+            let mut recent = Recent::default();
+            let passed = order
+                .iter()
+                .filter(|source| recent.first_time(text, **source))
+                .count();
+            assert_eq!(passed, 2, "{order:?}");
+        }
+        let mut recent = Recent::default();
+        assert!(recent.first_time(text, 0));
+        assert!(recent.first_time(text, 0));
+        assert!(recent.first_time(text, 0));
     }
 
     #[test]
