@@ -836,6 +836,7 @@ mod tests {
         pb::WatchRevocationsResponse {
             revocations: Vec::new(),
             reset: true,
+            redis_time: None,
         }
     }
 
@@ -847,6 +848,7 @@ mod tests {
         pb::WatchRevocationsResponse {
             revocations: list,
             reset: false,
+            redis_time: None,
         }
     }
 
