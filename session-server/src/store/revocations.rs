@@ -10,14 +10,15 @@
 //! - `r:<revoked_at_ms>:<reason>:<user_id>:<token_id>`: a revocation; an empty
 //!   token id means every session of the user created at or before
 //!   `revoked_at_ms` (RevokeAllUserSessions);
-//! - `h:<instance>:<seq>:<master index>:<redis_time_ms>`: a heartbeat,
-//!   published by each server process for itself, numbered, on each master,
-//!   with that master's clock (`TIME`) read in the same script that publishes
-//!   it (`scripts/heartbeat.lua`). Older versions published `h:<instance>`
-//!   and then `h:<instance>:<seq>:<master index>` without the time: during a
-//!   rolling upgrade old and new processes share the channel, and every
-//!   message starting with `h:` is another process's heartbeat to each of
-//!   them (only a process's own beats are read further).
+//! - `h:<id>:<seq>:<master index>:<redis_time_ms>`: a heartbeat, published
+//!   by each server process for itself (`id` random for each subscription),
+//!   numbered, on each master, with that master's clock (`TIME`) read in the
+//!   same script that publishes it (`scripts/heartbeat.lua`). Earlier
+//!   versions published `h:<id>`, `h:<id>:<seq>`, then
+//!   `h:<id>:<seq>:<master index>`, without the time: during a rolling
+//!   upgrade old and new processes share the channel, and to each of them
+//!   every message starting with `h:` is another process's heartbeat (only
+//!   a process's own beats, found by its id, are read further).
 //!
 //! # Redis's clock on the stream
 //!
@@ -32,7 +33,10 @@
 //! own clock; the latest of those times is kept, so a receiver's estimate is
 //! never behind any master's clock by more than that delay (it may be ahead
 //! of a master whose clock is behind the others: a cache then stops
-//! answering a session early, which is safe).
+//! answering a session early, which is safe). Within a subscription the
+//! clock only moves forward, and each subscription's beats carry a new id,
+//! so someone else who may PUBLISH on the channel cannot set it back with a
+//! forged beat (one forged ahead only makes caches ask the server sooner).
 //!
 //! # Why heartbeats go through Redis
 //!
@@ -251,7 +255,6 @@ impl Store {
         // beats, and never less than one beat plus a Redis timeout.
         let patience = (beat * 3).max(beat + settings.timeout);
         let channel = self.revocation_channel().to_owned();
-        let own = format!("h:{:016x}:", super::random_u64());
         let mut backoff = Backoff::new();
         let mut attempt = 0usize;
         metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(0);
@@ -272,6 +275,10 @@ impl Store {
                 }
             };
 
+            // A new id for each subscription: its first beat, whose clock
+            // the reset carries, cannot be forged ahead of time by someone
+            // else who may PUBLISH on the channel (see `Proof`'s clock).
+            let own = format!("h:{:016x}:", super::random_u64());
             // Heartbeats are published by their own task so that a slow
             // PUBLISH never holds up reading the subscriptions; it also
             // watches the cluster's masters and says when they changed.
@@ -286,6 +293,7 @@ impl Store {
             let mut beats = Beats::new(messages.masters.len());
             let mut recent = Recent::default();
             let mut last_beat: Option<Instant> = None;
+            let mut last_clock: Option<RedisClock> = None;
             let subscribed_at = Instant::now();
             let mut tick = tokio::time::interval(beat);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,6 +359,11 @@ impl Store {
                 };
                 // A beat that came back from every master, with its clock.
                 if let Some(clock) = completed {
+                    // Forward only within a subscription: a beat forged with
+                    // an earlier time (by someone else who may PUBLISH on the
+                    // channel and read this one's id) cannot set it back.
+                    let clock = clock.map(|clock| clock.latest(last_clock));
+                    last_clock = clock.or(last_clock);
                     let now = Instant::now();
                     *lock(&proven) = Some(Proof { at: now, clock });
                     if last_beat.replace(now).is_none() {
@@ -511,7 +524,7 @@ struct OwnBeat {
     redis_time: Option<SystemTime>,
 }
 
-/// One of this process's heartbeats (`own` is the `h:<instance>:` prefix):
+/// One of this process's heartbeats (`own` is the `h:<id>:` prefix):
 /// `<seq>:<master index>`, then `:<redis_time_ms>`.
 fn own_beat(payload: &[u8], own: &str) -> Option<OwnBeat> {
     let rest = std::str::from_utf8(payload.strip_prefix(own.as_bytes())?).ok()?;
