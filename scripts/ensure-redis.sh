@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure redis-server is installed (the tests start private ones) and that a
 # Redis answers at 127.0.0.1:6379, starting one when none does. Idempotent.
+# Also installs faketime (libfaketime), which the near-cache's clock-skew test
+# runs a client under (tests/e2e/near_cache.rs); that test fails without it.
 set -euo pipefail
 
 REDIS_PORT="${REDIS_PORT:-6379}"
@@ -19,10 +21,17 @@ as_root() {
   if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi
 }
 
+missing=()
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  echo "ensure-redis: installing redis-server with apt-get"
+  missing+=(redis-server)
+fi
+if ! command -v faketime >/dev/null; then
+  missing+=(faketime)
+fi
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "ensure-redis: installing ${missing[*]} with apt-get"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if redis_answers; then

@@ -491,12 +491,23 @@ impl Builder {
     ///
     /// A session is answered from memory when it was found by an earlier
     /// call (never "not found": a session created a moment later is found),
-    /// is not past its `expires_at` by this host's clock, belongs to the user
+    /// is not past its `expires_at` by Redis's clock, belongs to the user
     /// given (for `get_user_session`), and the revocation stream is healthy:
     /// its first message arrived, and some message (a revocation or a
     /// heartbeat, every second by default) within
     /// [`near_cache_max_staleness`](Self::near_cache_max_staleness).
     /// Otherwise the call goes to the server as without the cache.
+    ///
+    /// **Expiry by Redis's clock.** This host's wall clock is never used:
+    /// the stream's resets and heartbeats tell Redis's time, and the cache
+    /// counts on from the latest with the monotonic clock ([`Instant`]). A
+    /// session is therefore answered from memory at most the stream's
+    /// delivery latency after Redis's `expires_at` (milliseconds), however
+    /// far this host's wall clock is off. A server too old to tell Redis's
+    /// time (no `redis_time` on its stream) never has lookups answered from
+    /// memory: every call goes to it, as without the cache.
+    ///
+    /// [`Instant`]: std::time::Instant
     ///
     /// **The bound.** A session revoked by another client or process may be
     /// answered as alive by this one for at most the stream's delivery

@@ -7,7 +7,11 @@
 //!
 //! - an entry is answered only while the stream is *healthy*: its `reset`
 //!   was received (so everything revoked since then reaches us, in order)
-//!   and some message arrived within `max_staleness`;
+//!   and some message arrived within `max_staleness`; and only while the
+//!   current stream's server tells Redis's clock (see *Expiry by Redis's
+//!   clock* below);
+//! - an entry is answered only before its `expires_at` by Redis's clock as
+//!   the stream tells it, never by this host's wall clock;
 //! - a reset, the stream's end or its silence flushes everything, except
 //!   when the stream is replaced by a newer one while it still works (see
 //!   *Replacing the stream* below);
@@ -26,6 +30,48 @@
 //! One `std::sync::Mutex` guards the whole state: every operation is a few
 //! hash lookups with no `.await` inside, so a lock held for nanoseconds is
 //! cheaper than any finer scheme (as mini-redis `db.rs` argues for its `Db`).
+//!
+//! # Expiry by Redis's clock
+//!
+//! A session's `expires_at` is a time on Redis's clock, and Redis deletes the
+//! session when its own clock passes it. This host's wall clock may be
+//! minutes off (no NTP, a VM restored from a snapshot): judged by it, a host
+//! behind Redis would answer a session alive after Redis had expired it, and
+//! natural expiry publishes no revocation that could correct it. So the
+//! wall clock is never read here. Every reset and heartbeat of the stream
+//! carries Redis's clock (`redis_time`: the time Redis read as it published
+//! the heartbeat, advanced by the server's monotonic clock while it held it);
+//! the cache keeps the latest reading with the [`Instant`] it arrived, and
+//! estimates Redis's now as `redis_time + (Instant::now() - arrived)`, by
+//! this host's monotonic clock, which a wrong or stepped wall clock does not
+//! move.
+//!
+//! **The bound.** The estimate is late by the delivery time of the message it
+//! came from: from the heartbeat's PUBLISH in Redis to the server (one
+//! pub/sub hop), plus from the server to this client, the same delivery
+//! latency that already bounds revocations (milliseconds on a working
+//! stream; see the revocation bound in
+//! [`Builder::near_cache`](crate::Builder::near_cache)), plus under a
+//! millisecond of rounding and the two monotonic clocks' drift over the
+//! second between heartbeats. So a session is answered from memory at most
+//! that long after Redis's `expires_at`, whatever this host's wall clock
+//! says. On a cluster the server sends the latest of the masters' clocks:
+//! a master whose clock is behind the others expires its sessions later
+//! than the estimate says, which only ends their answers from memory early.
+//!
+//! Readings only move the estimate forward while the same stream lasts: one
+//! that arrives later than the one before (a stream that stalled) would set
+//! it back, and is ignored. A reset that flushes starts from its own reading
+//! (a new subscription may be on another master, after a failover); a
+//! switch to a replacement stream keeps the later of the two. A Redis clock
+//! stepped backwards therefore ends answers from memory early until the
+//! next flush, never extends them.
+//!
+//! **Fail safe.** Until a reading arrives, and whenever the current stream
+//! carries none (a server older than `redis_time`, or a replacement stream
+//! from one during a rolling upgrade), nothing is answered or cached from
+//! memory: every lookup goes to the server, as without the cache, and
+//! [`NearCacheStats::healthy`] is false.
 //!
 //! # Replacing the stream
 //!
@@ -130,7 +176,9 @@ pub struct NearCacheStats {
     /// Sessions held now.
     pub entries: u64,
     /// Whether lookups may be answered from memory now: the stream's reset
-    /// was received and a message arrived within the maximum staleness.
+    /// was received, a message arrived within the maximum staleness, and
+    /// the stream's server told Redis's clock (a server older than that
+    /// never makes the cache healthy: every lookup goes to it).
     pub healthy: bool,
     /// Streams replaced by a newer one without a flush (see
     /// [`Builder::near_cache_stream_lifetime`](crate::Builder::near_cache_stream_lifetime)):
@@ -199,6 +247,10 @@ impl Roles {
 }
 
 struct State {
+    /// The latest reading of Redis's clock from the current stream; `None`
+    /// before one arrived or when the current stream carries none (then
+    /// nothing is answered or cached: see *Expiry by Redis's clock*).
+    clock: Option<Clock>,
     /// Sessions by token id (unique across users). Unbounded as far as the
     /// crate is concerned (`LruCache::new` would allocate `max_entries`
     /// slots up front); [`NearCache::insert`] evicts down to the bound.
@@ -224,6 +276,34 @@ struct State {
     /// user-wide revocation may concern them.
     unhinted_fills: HashSet<u64>,
     next_fill: u64,
+}
+
+/// A reading of Redis's clock: a message's `redis_time` and when it arrived
+/// by this host's monotonic clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Clock {
+    redis: SystemTime,
+    arrived: Instant,
+}
+
+impl Clock {
+    /// Redis's time at `now` by this reading.
+    fn at(&self, now: Instant) -> SystemTime {
+        self.redis + now.saturating_duration_since(self.arrived)
+    }
+
+    /// The reading whose estimate of Redis's now is the later at `now`:
+    /// `self` (the last one), or `reading`, which arrived at `now`.
+    fn advanced(self, reading: SystemTime, now: Instant) -> Self {
+        if reading >= self.at(now) {
+            Clock {
+                redis: reading,
+                arrived: now,
+            }
+        } else {
+            self
+        }
+    }
 }
 
 /// A call in flight, as registered before it was sent.
@@ -378,6 +458,7 @@ impl NearCache {
                 entries: LruCache::unbounded(),
                 by_user: HashMap::new(),
                 roles: Roles::default(),
+                clock: None,
                 last_message: None,
                 fills: HashMap::new(),
                 fills_by_token: HashMap::new(),
@@ -407,10 +488,19 @@ impl NearCache {
                 .is_some_and(|at| now.saturating_duration_since(at) <= self.max_staleness)
     }
 
+    /// Redis's time at `now` when the cache may answer from memory: the
+    /// stream is healthy and told Redis's clock. `None`: ask the server.
+    fn serving(&self, state: &State, now: Instant) -> Option<SystemTime> {
+        if !self.healthy(state, now) {
+            return None;
+        }
+        state.clock.map(|clock| clock.at(now))
+    }
+
     /// The cached session for `token_id` (owned by `user_id` when given),
     /// when it may be answered from memory; `None` means: ask the server.
     pub(crate) fn lookup(&self, token_id: &str, user_id: Option<&str>) -> Option<Session> {
-        let found = self.lookup_at(token_id, user_id, Instant::now(), SystemTime::now());
+        let found = self.lookup_at(token_id, user_id, Instant::now());
         let counter = if found.is_some() {
             &self.hits
         } else {
@@ -420,19 +510,11 @@ impl NearCache {
         found
     }
 
-    fn lookup_at(
-        &self,
-        token_id: &str,
-        user_id: Option<&str>,
-        now: Instant,
-        wall: SystemTime,
-    ) -> Option<Session> {
+    fn lookup_at(&self, token_id: &str, user_id: Option<&str>, now: Instant) -> Option<Session> {
         let mut state = self.state();
-        if !self.healthy(&state, now) {
-            return None;
-        }
+        let redis_now = self.serving(&state, now)?;
         let session = state.entries.get(token_id)?;
-        if session.expires_at <= wall {
+        if session.expires_at <= redis_now {
             // The server would not find it either; no use keeping it.
             state.remove(token_id);
             return None;
@@ -458,16 +540,17 @@ impl NearCache {
         }
     }
 
-    fn complete_at(&self, id: u64, session: &Session, now: Instant, wall: SystemTime) -> bool {
+    fn complete_at(&self, id: u64, session: &Session, now: Instant) -> bool {
         let mut state = self.state();
         // Gone when something that may concern it arrived meanwhile.
         let Some(fill) = state.take_fill(id) else {
             return false;
         };
-        let cacheable = self.healthy(&state, now)
+        let cacheable = self
+            .serving(&state, now)
+            .is_some_and(|redis_now| session.expires_at > redis_now)
             && fill.token_id == session.token_id
-            && fill.user_id.as_deref().is_none_or(|u| u == session.user_id)
-            && session.expires_at > wall;
+            && fill.user_id.as_deref().is_none_or(|u| u == session.user_id);
         if cacheable {
             self.insert(&mut state, session.clone());
         }
@@ -526,12 +609,27 @@ impl NearCache {
             .into_iter()
             .map(Revocation::from_proto)
             .collect();
+        // Out of range reads as none: fail safe.
+        let reading = message
+            .redis_time
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map(|redis| Clock {
+                redis,
+                arrived: now,
+            });
         let mut state = self.state();
         let roles = state.roles;
         if roles.current == Some(id) {
             if message.reset {
                 state.flush();
+                // A new subscription, perhaps on another master: its clock.
+                state.clock = reading;
                 self.resets.fetch_add(1, Ordering::Relaxed);
+            } else if let Some(reading) = reading {
+                state.clock = Some(match state.clock {
+                    Some(clock) => clock.advanced(reading.redis, now),
+                    None => reading,
+                });
             }
             state.last_message = Some(now);
         } else if roles.candidate == Some(id) {
@@ -545,9 +643,17 @@ impl NearCache {
             let warm = self.healthy(&state, now) && drained;
             if warm {
                 state.roles.draining = roles.current.map(|old| (old, now + self.max_staleness));
+                // The same Redis: the later of the two streams' readings.
+                // A replacement that tells no time (an older server) leaves
+                // the cache without a clock: nothing answered from memory.
+                state.clock = match (state.clock, reading) {
+                    (Some(clock), Some(reading)) => Some(clock.advanced(reading.redis, now)),
+                    (_, reading) => reading,
+                };
                 self.switches.fetch_add(1, Ordering::Relaxed);
             } else {
                 state.flush();
+                state.clock = reading;
                 state.roles.draining = None;
                 self.resets.fetch_add(1, Ordering::Relaxed);
             }
@@ -588,6 +694,7 @@ impl NearCache {
             state.roles.current = None;
             state.roles.draining = None;
             state.last_message = None;
+            state.clock = None;
             state.flush();
         } else if let Some((_, until)) = roles.draining.filter(|(d, _)| *d == id) {
             if now < until {
@@ -607,7 +714,7 @@ impl NearCache {
             let state = self.state();
             (
                 state.entries.len() as u64,
-                self.healthy(&state, Instant::now()),
+                self.serving(&state, Instant::now()).is_some(),
             )
         };
         NearCacheStats {
@@ -644,11 +751,11 @@ impl PendingFill {
     /// Caches the call's answer, unless something that may make it stale
     /// arrived since the call was registered. Returns whether it was cached.
     pub(crate) fn complete(self, session: &Session) -> bool {
-        self.complete_at(session, Instant::now(), SystemTime::now())
+        self.complete_at(session, Instant::now())
     }
 
-    fn complete_at(self, session: &Session, now: Instant, wall: SystemTime) -> bool {
-        self.cache.complete_at(self.id, session, now, wall)
+    fn complete_at(self, session: &Session, now: Instant) -> bool {
+        self.cache.complete_at(self.id, session, now)
     }
 }
 
@@ -832,21 +939,36 @@ mod tests {
         }
     }
 
+    /// A reset telling Redis's clock: this host's, in the tests that are
+    /// not about the clock.
     fn reset() -> pb::WatchRevocationsResponse {
+        reset_at(Some(SystemTime::now()))
+    }
+
+    /// A reset telling `redis_time` (`None`: a server older than the field).
+    fn reset_at(redis_time: Option<SystemTime>) -> pb::WatchRevocationsResponse {
         pb::WatchRevocationsResponse {
             revocations: Vec::new(),
             reset: true,
+            redis_time: redis_time.map(Into::into),
         }
     }
 
     fn heartbeat() -> pb::WatchRevocationsResponse {
-        pb::WatchRevocationsResponse::default()
+        heartbeat_at(Some(SystemTime::now()))
+    }
+
+    fn heartbeat_at(redis_time: Option<SystemTime>) -> pb::WatchRevocationsResponse {
+        pb::WatchRevocationsResponse {
+            redis_time: redis_time.map(Into::into),
+            ..Default::default()
+        }
     }
 
     fn revocations(list: Vec<pb::Revocation>) -> pb::WatchRevocationsResponse {
         pb::WatchRevocationsResponse {
             revocations: list,
-            reset: false,
+            ..Default::default()
         }
     }
 
@@ -958,22 +1080,144 @@ mod tests {
         assert!(!fill.complete(&other));
     }
 
-    /// An entry past its expires_at is neither answered nor cached.
+    /// An entry past its expires_at (by Redis's clock) is neither answered
+    /// nor cached.
     #[test]
     fn expired_entries_are_not_answered() {
         let long_ago = SystemTime::now() - Duration::from_secs(3600);
         let expired = session("alice", "old", long_ago);
-        let cache = healthy_with(10, &[]);
+        let cache = NearCache::new(10, STALENESS);
+        let synced = Instant::now();
+        let redis = SystemTime::now();
+        recv(&cache, reset_at(Some(redis)), synced);
         let fill = cache.begin_fill("old", None);
-        assert!(!fill.complete(&expired));
+        assert!(!fill.complete_at(&expired, synced));
         // One cached while alive, looked up after its expiry.
-        let s = session("alice", "t1", SystemTime::now());
+        let s = Session {
+            expires_at: redis + Duration::from_secs(2),
+            ..session("alice", "t1", redis)
+        };
         let fill = cache.begin_fill("t1", None);
-        assert!(fill.complete(&s));
-        let later = s.expires_at + Duration::from_millis(1);
-        assert_eq!(cache.lookup_at("t1", None, Instant::now(), later), None);
+        assert!(fill.complete_at(&s, synced));
+        let before = synced + Duration::from_millis(1999);
+        assert!(cache.lookup_at("t1", None, before).is_some());
+        let at_expiry = synced + Duration::from_secs(2);
+        assert_eq!(cache.lookup_at("t1", None, at_expiry), None);
         assert!(!cached(&cache, "t1"), "an expired entry is dropped");
         assert_consistent(&cache);
+    }
+
+    /// Expiry is judged by Redis's clock as the stream tells it, advanced by
+    /// the monotonic clock, whatever this host's wall clock says: with Redis
+    /// ten minutes ahead of this host or ten minutes behind it, a session
+    /// with 2 s to live by Redis's clock is cached and answered for 2 s of
+    /// monotonic time after the reading, and not one millisecond longer.
+    #[test]
+    fn expiry_follows_redis_clock_not_this_hosts() {
+        for skew in [-600_i64, 600] {
+            let wall = SystemTime::now();
+            let redis = if skew < 0 {
+                wall - Duration::from_secs(skew.unsigned_abs())
+            } else {
+                wall + Duration::from_secs(skew.unsigned_abs())
+            };
+            let cache = NearCache::new(10, STALENESS);
+            let t0 = Instant::now();
+            recv(&cache, reset_at(Some(redis)), t0);
+            let s = Session {
+                created_at: redis,
+                expires_at: redis + Duration::from_secs(2),
+                ..session("alice", "t1", redis)
+            };
+            let fill = cache.begin_fill("t1", Some("alice"));
+            assert!(fill.complete_at(&s, t0), "skew {skew} s: not cached");
+            // A heartbeat a second later keeps the same clock.
+            let t1 = t0 + Duration::from_secs(1);
+            recv(
+                &cache,
+                heartbeat_at(Some(redis + Duration::from_secs(1))),
+                t1,
+            );
+            let just_alive = t0 + Duration::from_millis(1999);
+            assert_eq!(cache.lookup_at("t1", None, just_alive), Some(s.clone()));
+            let expired = t0 + Duration::from_secs(2);
+            assert_eq!(
+                cache.lookup_at("t1", None, expired),
+                None,
+                "skew {skew} s: answered after Redis expired it"
+            );
+            // Nor is it cached again from a late answer.
+            let fill = cache.begin_fill("t1", None);
+            assert!(!fill.complete_at(&s, expired));
+        }
+    }
+
+    /// Without a reading of Redis's clock (a server older than
+    /// `redis_time`) nothing is answered or cached from memory, however
+    /// healthy the stream; the first reset that tells the time lets the
+    /// cache work, and a replacement stream that tells none stops it again.
+    #[test]
+    fn without_redis_clock_nothing_is_served_from_memory() {
+        let cache = NearCache::new(10, STALENESS);
+        let s = session("alice", "t1", SystemTime::now());
+        recv(&cache, reset_at(None), Instant::now());
+        recv(&cache, heartbeat_at(None), Instant::now());
+        let fill = cache.begin_fill("t1", Some("alice"));
+        assert!(!fill.complete(&s), "cached without Redis's clock");
+        assert_eq!(cache.lookup("t1", None), None);
+        assert!(!cache.stats().healthy);
+
+        recv(&cache, reset(), Instant::now());
+        let fill = cache.begin_fill("t1", Some("alice"));
+        assert!(fill.complete(&s));
+        // Heartbeats without a time keep the reading (the estimate runs on).
+        recv(&cache, heartbeat_at(None), Instant::now());
+        assert_eq!(cache.lookup("t1", None), Some(s.clone()));
+        assert!(cache.stats().healthy);
+
+        // A make-before-break switch to a stream of an older server.
+        cache.open(1);
+        assert!(cache.received(1, reset_at(None), Instant::now()));
+        assert_eq!(cache.stats().switches, 1);
+        assert_eq!(cache.lookup("t1", None), None);
+        assert!(!cache.stats().healthy);
+        let fill = cache.begin_fill("t2", None);
+        assert!(!fill.complete(&session("alice", "t2", SystemTime::now())));
+    }
+
+    /// Within one stream a reading only moves the estimate forward: a
+    /// heartbeat that spent longer on its way than the one before (a stall)
+    /// does not set Redis's clock back, which would keep a session answered
+    /// past its expiry. A flushing reset starts from its own reading.
+    #[test]
+    fn a_late_reading_does_not_set_the_clock_back() {
+        let cache = NearCache::new(10, STALENESS);
+        let t0 = Instant::now();
+        let redis = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        recv(&cache, reset_at(Some(redis)), t0);
+        let s = Session {
+            created_at: redis,
+            expires_at: redis + Duration::from_millis(1200),
+            ..session("alice", "t1", redis)
+        };
+        let fill = cache.begin_fill("t1", None);
+        assert!(fill.complete_at(&s, t0));
+        // Arrives 1 s later telling a time 0.5 s after the first: 0.5 s late.
+        let t1 = t0 + Duration::from_secs(1);
+        let late = heartbeat_at(Some(redis + Duration::from_millis(500)));
+        recv(&cache, late, t1);
+        assert_eq!(
+            cache.lookup_at("t1", None, t0 + Duration::from_millis(1200)),
+            None,
+            "the late reading set the clock back"
+        );
+        assert_eq!(
+            cache.state().clock.map(|c| c.at(t1)),
+            Some(redis + Duration::from_secs(1))
+        );
+        // An earlier time after a flushing reset is taken as it is.
+        recv(&cache, reset_at(Some(redis)), t1);
+        assert_eq!(cache.state().clock.map(|c| c.at(t1)), Some(redis));
     }
 
     /// Silence longer than max_staleness stops answers from memory; the next
@@ -983,17 +1227,16 @@ mod tests {
         let s = session("alice", "t1", SystemTime::now());
         let cache = healthy_with(10, std::slice::from_ref(&s));
         let synced_at = cache.state().last_message.unwrap();
-        let wall = SystemTime::now();
         let just_in = synced_at + STALENESS;
         let too_late = just_in + Duration::from_millis(1);
-        assert!(cache.lookup_at("t1", None, just_in, wall).is_some());
-        assert_eq!(cache.lookup_at("t1", None, too_late, wall), None);
+        assert!(cache.lookup_at("t1", None, just_in).is_some());
+        assert_eq!(cache.lookup_at("t1", None, too_late), None);
         // Nor may a call completing then fill the cache.
         let fill = cache.begin_fill("t2", None);
         let t2 = session("alice", "t2", SystemTime::now());
-        assert!(!fill.complete_at(&t2, too_late, wall));
+        assert!(!fill.complete_at(&t2, too_late));
         recv(&cache, heartbeat(), too_late);
-        assert!(cache.lookup_at("t1", None, too_late, wall).is_some());
+        assert!(cache.lookup_at("t1", None, too_late).is_some());
     }
 
     /// A reset or the stream's loss flushes everything; after a loss nothing
@@ -1290,7 +1533,7 @@ mod tests {
         // Liveness is the new stream's alone.
         let late = at + STALENESS + Duration::from_millis(1);
         assert!(cache.received(0, heartbeat(), late));
-        assert_eq!(cache.lookup_at("c1", None, late, SystemTime::now()), None);
+        assert_eq!(cache.lookup_at("c1", None, late), None);
 
         cache.ended(0, drained_at);
         assert_eq!(cache.roles().draining, None);

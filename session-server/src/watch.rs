@@ -2,6 +2,9 @@
 //! store's revocation subscriber, turned into messages. Whatever is ready when
 //! the transport asks for the next message goes into one message, so a burst
 //! of revocations costs a receiver a few messages rather than one each.
+//! Resets and heartbeats carry Redis's clock (`redis_time`), read from the
+//! heartbeat that proved the subscription as the message is built (see
+//! `store::RedisClock`).
 
 use std::{
     pin::Pin,
@@ -18,7 +21,7 @@ use tonic::Status;
 use crate::{
     convert,
     metrics::REVOCATION_WATCHERS_DROPPED,
-    store::{REVOCATION_BACKLOG, RevocationEvent, RevocationFeed},
+    store::{REVOCATION_BACKLOG, RedisClock, RevocationEvent, RevocationFeed},
 };
 
 /// Most revocations in one message (about 60 bytes each on the wire).
@@ -35,6 +38,8 @@ pub struct RevocationStream {
     started: bool,
     /// The first message goes out without waiting for an event.
     reset_now: bool,
+    /// The clock of the proof behind `reset_now`.
+    clock: Option<RedisClock>,
     done: bool,
 }
 
@@ -45,6 +50,7 @@ impl RevocationStream {
             events: BroadcastStream::new(feed.events),
             started: false,
             reset_now: feed.subscribed,
+            clock: feed.clock,
             done: false,
         }
     }
@@ -60,30 +66,40 @@ impl Stream for RevocationStream {
         }
         let mut message = pb::WatchRevocationsResponse::default();
         let mut ready = false;
+        // The latest clock reading among the events taken into this message.
+        let mut clock = None;
         if std::mem::take(&mut this.reset_now) {
             this.started = true;
             message.reset = true;
+            clock = this.clock.take();
             ready = true;
         }
         while message.revocations.len() < MAX_BATCH {
             match Pin::new(&mut this.events).poll_next(cx) {
                 Poll::Ready(Some(Ok(event))) => match event {
-                    RevocationEvent::Reset => {
+                    RevocationEvent::Reset(reading) => {
                         // What came before the reset is moot: receivers drop
                         // everything they cached.
                         this.started = true;
                         message.revocations.clear();
                         message.reset = true;
+                        // The new subscription's clock (perhaps another
+                        // master's, after a failover) replaces the old one's.
+                        clock = reading;
                         ready = true;
                     }
                     // A stream opened while the subscription was unproven
                     // starts with the first proof that it works.
-                    RevocationEvent::Heartbeat if !this.started => {
+                    RevocationEvent::Heartbeat(reading) if !this.started => {
                         this.started = true;
                         message.reset = true;
+                        clock = reading;
                         ready = true;
                     }
-                    RevocationEvent::Heartbeat => ready = true,
+                    RevocationEvent::Heartbeat(reading) => {
+                        clock = reading.or(clock);
+                        ready = true;
+                    }
                     RevocationEvent::Revoked(revocation) if this.started => {
                         message
                             .revocations
@@ -114,6 +130,7 @@ impl Stream for RevocationStream {
             }
         }
         if ready {
+            message.redis_time = clock.map(|clock| clock.now().into());
             Poll::Ready(Some(Ok(message)))
         } else if this.done {
             Poll::Ready(None)

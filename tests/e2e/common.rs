@@ -428,6 +428,72 @@ pub(crate) fn server_binary() -> PathBuf {
     target.join("release/session-server")
 }
 
+/// An example of session-client (`session-client/examples/<name>.rs`), built
+/// (debug) by the same cargo that runs the tests, for tests that must run a
+/// client in a process of its own (under libfaketime, say).
+pub(crate) fn client_example(name: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Without the variables cargo sets for this test binary: ring's build
+    // script tracks CARGO_MANIFEST_DIR and OUT_DIR (among others), so
+    // inheriting them would rebuild ring
+    // and its dependents here, and again at the next `cargo test` (about
+    // 25 s each way measured).
+    let leaked = std::env::vars().map(|(key, _)| key).filter(|key| {
+        key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key.as_str(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "OUT_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+    });
+    let mut build = Command::new(cargo);
+    for key in leaked {
+        build.env_remove(key);
+    }
+    let status = build
+        .args([
+            "build",
+            "--locked",
+            "--quiet",
+            "-p",
+            "session-client",
+            "--example",
+            name,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the example {name} failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("debug/examples").join(name)
+}
+
+/// `faketime` (Debian's package of that name, libfaketime's wrapper), which
+/// `scripts/ensure-redis.sh` installs. Missing, the test fails saying so
+/// rather than skipping: a skipped clock test would hide the regression it
+/// is there for.
+pub(crate) fn faketime() -> &'static str {
+    let found = Command::new("faketime")
+        .args(["-f", "+0", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        found,
+        "faketime is not installed: run scripts/ensure-redis.sh (or `apt-get install faketime`)"
+    );
+    "faketime"
+}
+
 /// A port nobody listens on right now.
 pub(crate) fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")

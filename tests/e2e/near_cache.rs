@@ -25,7 +25,10 @@ use tokio::{
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, transport::Channel, transport::server::TcpIncoming};
 
-use crate::common::{PrivateRedis, TempFiles, TestServer, config_on, test_config, wait_until};
+use crate::common::{
+    PrivateRedis, TempFiles, TestServer, client_example, config_on, faketime, test_config,
+    wait_until,
+};
 
 /// Far beyond any delivery latency, so a test that sees a revocation within
 /// it saw the stream deliver it, not the staleness bound expire.
@@ -170,12 +173,19 @@ async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap
 }
 
 /// The commands called between two snapshots, without INFO itself and the
-/// server's own heartbeats (PUBLISH) and health checks (PING), which run
-/// whatever the clients do.
+/// server's own heartbeats (an EVAL of a script that calls TIME and
+/// PUBLISH; Redis 7 counts the script's commands too) and health checks
+/// (PING), which run whatever the clients do. The request path runs its
+/// scripts with EVALSHA, which stays counted.
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     after
         .iter()
-        .filter(|(name, _)| !matches!(name.as_str(), "info" | "publish" | "spublish" | "ping"))
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "info" | "eval" | "time" | "publish" | "spublish" | "ping"
+            )
+        })
         .map(|(name, n)| (name.clone(), n - before.get(name).copied().unwrap_or(0)))
         .filter(|(_, n)| *n > 0)
         .collect()
@@ -611,6 +621,167 @@ async fn the_stream_carries_the_bearer_token() {
     server.shutdown().await;
 }
 
+/// Runs session-client's `near_cache_expiry` example against the server at `url` with
+/// the wall clock `offset` off (libfaketime's `-f` format, e.g. `-120`: two
+/// minutes behind) and the monotonic clock left real, and returns what it
+/// printed, checking that its wall clock was indeed that far off Redis's.
+fn skewed_expiry(url: &str, offset: &str, token: &str) -> BTreeMap<String, String> {
+    let output = std::process::Command::new(faketime())
+        .args(["-f", offset])
+        .arg(client_example("near_cache_expiry"))
+        .args([url, "skewed-user", token, "2000"])
+        // Instant (CLOCK_MONOTONIC) stays real: only the wall clock is off.
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .output()
+        .expect("faketime runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "the example failed under faketime {offset}: {}{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: BTreeMap<String, String> = stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let skew_ms: i128 = printed["wall_minus_redis_ms"].parse().unwrap();
+    let wanted_ms = i128::from(offset.parse::<i64>().unwrap()) * 1000;
+    assert!(
+        (skew_ms - wanted_ms).abs() < 5_000,
+        "faketime {offset} did not skew the example's wall clock: {printed:?}"
+    );
+    printed
+}
+
+/// A caching client whose host clock is two minutes behind Redis's stops
+/// answering a session from memory once Redis expired it (judged by the
+/// wall clock it would answer it for two more minutes), and one ten minutes
+/// ahead still caches and answers a live session (judged by the wall clock
+/// it would think it long expired): expiry follows Redis's clock as the
+/// stream tells it, measured on from there by the monotonic clock. Each
+/// client runs in a process of its own under libfaketime.
+#[tokio::test]
+async fn expiry_follows_redis_clock_whatever_the_hosts_clock_says() {
+    let server = TestServer::start().await;
+    // Both at once, off the runtime that serves them (a blocking wait here
+    // would stall the in-process server).
+    let runs = [("-120", "behind-1"), ("+600", "ahead-1")].map(|(offset, token)| {
+        let url = server.url();
+        tokio::task::spawn_blocking(move || (offset, skewed_expiry(&url, offset, token)))
+    });
+    let mut done = Vec::new();
+    for run in runs {
+        done.push(run.await.unwrap());
+    }
+    let runs = done;
+    // Every failure of both runs at once, to see which directions broke.
+    let mut failures = Vec::new();
+    for (offset, printed) in &runs {
+        for (key, wanted, what) in [
+            (
+                "hit_while_alive",
+                "true",
+                "a live session was not answered from memory",
+            ),
+            (
+                "found_after_expiry",
+                "false",
+                "found a second after Redis expired it",
+            ),
+            (
+                "hit_after_expiry",
+                "false",
+                "answered from memory after Redis expired it",
+            ),
+        ] {
+            if printed[key] != wanted {
+                failures.push(format!("clock {offset} s: {what}: {printed:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    server.shutdown().await;
+}
+
+/// With the host's clock right (the test's own process, on Redis's host), a
+/// cached session is answered from memory up to its `expires_at` and not
+/// after it by more than the stream's delivery delay: looked up every
+/// millisecond, its last answer from memory comes at most 200 ms after
+/// `expires_at` (a few milliseconds measured), and the first answer after
+/// that is the server's "not found".
+#[tokio::test]
+async fn answers_from_memory_end_at_redis_expiry() {
+    let server = TestServer::start().await;
+    let cached = cached_client(server.url(), LONG_STALENESS).await;
+    healthy(&cached).await;
+    let ttl = Duration::from_millis(1500);
+    let created = cached
+        .create_session_with(session_client::NewSession::new("erin", "e-1").ttl(ttl))
+        .await
+        .unwrap();
+    let expires_at = created.session.unwrap().expires_at;
+    cache(&cached, "erin", "e-1").await;
+    let mut last_hit = None;
+    let deadline = std::time::Instant::now() + ttl + PATIENCE;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        let hits = stats(&cached).hits;
+        let found = cached.get_user_session("erin", "e-1").await.unwrap();
+        let answered_at = std::time::SystemTime::now();
+        if stats(&cached).hits > hits {
+            assert!(found.is_some());
+            last_hit = Some(answered_at);
+        } else if found.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let last_hit = last_hit.expect("answered from memory at least once");
+    // Positive: after expires_at.
+    let late_ms: i128 = match last_hit.duration_since(expires_at) {
+        Ok(after) => i128::try_from(after.as_millis()).unwrap(),
+        Err(before) => -i128::try_from(before.duration().as_millis()).unwrap(),
+    };
+    eprintln!("last answer from memory {late_ms} ms after expires_at");
+    assert!(
+        late_ms <= 200,
+        "answered from memory {late_ms} ms past expires_at"
+    );
+    server.shutdown().await;
+}
+
+/// A server that tells no Redis clock on its stream (older than
+/// `redis_time`, stood for by a relay that strips it) gets every lookup:
+/// its stream's resets and heartbeats arrive, yet the near-cache never calls
+/// itself healthy, caches nothing and answers nothing from memory.
+#[tokio::test]
+async fn without_redis_clock_every_lookup_goes_to_the_server() {
+    let server = TestServer::start().await;
+    let relay = Relay::start_timeless(&server).await;
+    let cached = cached_client(relay.url(), LONG_STALENESS).await;
+    assert!(
+        wait_until(PATIENCE, || async { stats(&cached).resets >= 1 }).await,
+        "the stream's reset never arrived: {:?}",
+        stats(&cached)
+    );
+    create(&cached, "frank", "f-1").await;
+    for _ in 0..3 {
+        assert!(
+            cached
+                .get_user_session("frank", "f-1")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    let after = stats(&cached);
+    assert_eq!((after.hits, after.misses, after.entries), (0, 3, 0));
+    assert!(!after.healthy, "{after:?}");
+    server.shutdown().await;
+}
+
 /// A SessionStore in front of the real server that forwards lookups and the
 /// revocation stream, and can hold one lookup's answer (already read from
 /// the server) or drop the stream's messages while keeping it open: a stream
@@ -624,6 +795,9 @@ struct Relay {
 struct RelayState {
     upstream: SessionStoreClient<Channel>,
     muted: watch::Sender<bool>,
+    /// The stream's messages lose `redis_time`, as from a server older than
+    /// the field.
+    timeless: bool,
     hold: std::sync::Mutex<Option<Hold>>,
     hold_revoke: std::sync::Mutex<Option<Hold>>,
 }
@@ -658,11 +832,22 @@ impl Held {
 
 impl Relay {
     async fn start(server: &TestServer) -> Self {
+        Self::start_with(server, false).await
+    }
+
+    /// A relay whose stream tells no Redis clock, as a server older than
+    /// `redis_time`.
+    async fn start_timeless(server: &TestServer) -> Self {
+        Self::start_with(server, true).await
+    }
+
+    async fn start_with(server: &TestServer, timeless: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(RelayState {
             upstream: server.client().await,
             muted: watch::channel(false).0,
+            timeless,
             hold: std::sync::Mutex::new(None),
             hold_revoke: std::sync::Mutex::new(None),
         });
@@ -820,7 +1005,17 @@ impl SessionStore for RelayService {
             .await?
             .into_inner();
         let muted = self.0.muted.subscribe();
-        let relayed = messages.filter(move |_| !*muted.borrow());
+        let timeless = self.0.timeless;
+        let relayed = messages
+            .filter(move |_| !*muted.borrow())
+            .map(move |message| {
+                message.map(|mut message| {
+                    if timeless {
+                        message.redis_time = None;
+                    }
+                    message
+                })
+            });
         Ok(Response::new(Box::pin(relayed)))
     }
 }

@@ -1,7 +1,7 @@
 //! WatchRevocations: every path that ends a session early publishes, in the
 //! order Redis made the revocations; streams start with a reset, beat while
-//! the server's subscription is alive, stop beating when it is lost and reset
-//! when it is back; slow receivers are dropped; authentication and shutdown
+//! the server's subscription is alive (each reset and beat with Redis's
+//! clock), stop beating when it is lost and reset when it is back; slow receivers are dropped; authentication and shutdown
 //! apply as to every RPC.
 
 use std::time::{Duration, Instant};
@@ -698,6 +698,110 @@ async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
         millis(&seen[0])
     );
     drop(stream);
+    server.shutdown().await;
+}
+
+/// Every reset and heartbeat carries Redis's clock (`redis_time`), within a
+/// second of what `TIME` answers around it and never going back, including
+/// while heartbeats of other server versions arrive on the channel (a
+/// rolling upgrade: `h:<id>`, `h:<id>:<seq>`, `h:<id>:<seq>:<index>`), and
+/// when someone else who may PUBLISH copies the server's own heartbeat id
+/// with a time an hour back. A private standalone Redis, so that one
+/// PUBLISH is a whole beat.
+#[tokio::test]
+async fn resets_and_heartbeats_carry_redis_clock() {
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.revocation_heartbeat_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = watch(&mut client).await;
+    let mut conn = redis.connection().await;
+    let timer = conn.clone();
+    let redis_time = || {
+        let mut conn = timer.clone();
+        async move {
+            let (seconds, micros): (u64, u64) =
+                redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+            std::time::UNIX_EPOCH + Duration::from_micros(seconds * 1_000_000 + micros)
+        }
+    };
+    let clock = |message: &WatchRevocationsResponse| {
+        std::time::SystemTime::try_from(
+            message
+                .redis_time
+                .unwrap_or_else(|| panic!("no redis_time on {message:?}")),
+        )
+        .unwrap()
+    };
+    let second = Duration::from_secs(1);
+    let before = redis_time().await;
+    let first = next_within(&mut stream, PATIENCE).await.expect("a reset");
+    let after = redis_time().await;
+    assert!(first.reset);
+    let mut last = clock(&first);
+    assert!(
+        last + second >= before && last <= after + second,
+        "{last:?} not within {before:?}..{after:?}"
+    );
+
+    // The server's own heartbeat, as anyone subscribed sees it.
+    let channel = format!("{}revocations", server.config.key_prefix);
+    let mut spy = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    spy.subscribe(&channel).await.unwrap();
+    let own: String = tokio::time::timeout(PATIENCE, spy.on_message().next())
+        .await
+        .expect("a heartbeat on the channel")
+        .unwrap()
+        .get_payload()
+        .unwrap();
+    let mut parts = own.split(':');
+    let (id, seq) = (parts.nth(1).unwrap(), parts.next().unwrap());
+    let seq: u64 = seq.parse().unwrap();
+    assert_eq!(
+        own.split(':').count(),
+        5,
+        "h:<id>:<seq>:<index>:<ms>: {own}"
+    );
+    let an_hour_ago = (before - Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let mut beats = vec![
+        "h:00000000000000aa".to_owned(),
+        "h:00000000000000aa:7".to_owned(),
+        "h:00000000000000aa:7:0".to_owned(),
+        format!("h:00000000000000aa:7:0:{an_hour_ago}"),
+    ];
+    // Beats of the server's own id, ahead of its sequence, an hour back.
+    beats.extend((1..=5).map(|k| format!("h:{id}:{}:0:{an_hour_ago}", seq + k)));
+    for beat in &beats {
+        let _receivers: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(beat)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for _ in 0..10 {
+        let before = redis_time().await;
+        let message = next_within(&mut stream, PATIENCE)
+            .await
+            .expect("a heartbeat");
+        let after = redis_time().await;
+        assert!(!message.reset, "{message:?}");
+        let now = clock(&message);
+        assert!(now >= last, "went back from {last:?} to {now:?}");
+        assert!(
+            now + second >= before && now <= after + second,
+            "{now:?} not within {before:?}..{after:?}"
+        );
+        last = now;
+    }
     server.shutdown().await;
 }
 

@@ -320,21 +320,24 @@ impl Op {
         }
     }
 
-    /// PUBLISHes `message` on `channel` on the master `master` ("host:port",
-    /// from [`cluster_masters`](Self::cluster_masters)) of a cluster, or on
-    /// the one master when `None`.
-    pub(super) async fn publish_on(
+    /// Runs `cmd`, whose reply is an integer (not kept), on one master
+    /// (`master`, "host:port", on a cluster; the one master otherwise). The
+    /// revocation stream's
+    /// heartbeats use it: each must leave from a given master (see
+    /// `revocations`), which the cluster's key-slot routing cannot express.
+    ///
+    /// # Errors
+    ///
+    /// As [`query`](Self::query); [`Error::Internal`] when the master
+    /// refuses the command (an ACL without the channel, a script error).
+    pub(super) async fn run_on(
         &mut self,
         master: Option<&str>,
-        channel: &str,
-        message: &str,
+        cmd: &redis::Cmd,
     ) -> Result<(), Error> {
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(channel).arg(message);
         let start = std::time::Instant::now();
         let (Link::Cluster(cluster), Some(master)) = (&mut self.conn, master) else {
-            let result =
-                timeout_at(self.deadline, publish.query_async::<i64>(&mut self.conn)).await;
+            let result = timeout_at(self.deadline, cmd.query_async::<i64>(&mut self.conn)).await;
             return self.settle(start, result).map(|_| ());
         };
         let (host, port) = split_host_port(master)?;
@@ -342,10 +345,10 @@ impl Op {
             host: host.to_owned(),
             port,
         });
-        let result = timeout_at(self.deadline, cluster.route_command(publish, routing)).await;
+        let result = timeout_at(self.deadline, cluster.route_command(cmd.clone(), routing)).await;
         match self.settle(start, result)? {
             Value::ServerError(refusal) => Err(Error::Internal(
-                format!("PUBLISH on {master} was refused: {refusal:?}").into(),
+                format!("a command on {master} was refused: {refusal:?}").into(),
             )),
             _ => Ok(()),
         }

@@ -61,7 +61,7 @@ mod login;
 mod revocations;
 mod sessions;
 
-pub use revocations::{REVOCATION_BACKLOG, RevocationEvent, RevocationFeed};
+pub use revocations::{REVOCATION_BACKLOG, RedisClock, RevocationEvent, RevocationFeed};
 
 use std::{fmt, sync::Arc, time::Duration};
 

@@ -10,7 +10,33 @@
 //! - `r:<revoked_at_ms>:<reason>:<user_id>:<token_id>`: a revocation; an empty
 //!   token id means every session of the user created at or before
 //!   `revoked_at_ms` (RevokeAllUserSessions);
-//! - `h:<instance>`: a heartbeat, published by each server process for itself.
+//! - `h:<id>:<seq>:<master index>:<redis_time_ms>`: a heartbeat, published
+//!   by each server process for itself (`id` random for each subscription),
+//!   numbered, on each master, with that master's clock (`TIME`) read in the
+//!   same script that publishes it (`scripts/heartbeat.lua`). Earlier
+//!   versions published `h:<id>`, `h:<id>:<seq>`, then
+//!   `h:<id>:<seq>:<master index>`, without the time: during a rolling
+//!   upgrade old and new processes share the channel, and to each of them
+//!   every message starting with `h:` is another process's heartbeat (only
+//!   a process's own beats, found by its id, are read further).
+//!
+//! # Redis's clock on the stream
+//!
+//! The near-cache of session-client judges a session's expiry (`expires_at`,
+//! Redis's clock) by Redis's clock, not its host's, so every reset and
+//! heartbeat a stream sends carries Redis's time ([`RedisClock`]). It comes
+//! from the heartbeat that proved the subscription: the time the master read
+//! as it published the beat, advanced by this process's monotonic clock from
+//! the beat's arrival until the message is built. So it lags Redis's clock by
+//! the beat's delivery from Redis to this process only (one pub/sub hop). On a
+//! cluster a beat counts once it came back from every master, each with its
+//! own clock; the latest of those times is kept, so a receiver's estimate is
+//! never behind any master's clock by more than that delay (it may be ahead
+//! of a master whose clock is behind the others: a cache then stops
+//! answering a session early, which is safe). Within a subscription the
+//! clock only moves forward, and each subscription's beats carry a new id,
+//! so someone else who may PUBLISH on the channel cannot set it back with a
+//! forged beat (one forged ahead only makes caches ask the server sooner).
 //!
 //! # Why heartbeats go through Redis
 //!
@@ -48,7 +74,7 @@
 use std::{
     fmt,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{sync::broadcast, time::Instant};
@@ -65,12 +91,43 @@ use crate::{
 #[derive(Clone, Debug)]
 pub enum RevocationEvent {
     /// The subscription was (re)established: anything before may have been
-    /// missed.
-    Reset,
-    /// This process's heartbeat came back through the subscription.
-    Heartbeat,
+    /// missed. With the clock of the heartbeat that proved it.
+    Reset(Option<RedisClock>),
+    /// This process's heartbeat came back through the subscription, with
+    /// Redis's clock as it left (`None` only for a beat without a time,
+    /// which this version never publishes).
+    Heartbeat(Option<RedisClock>),
     /// A session, or every session of a user, ended.
     Revoked(Arc<Revocation>),
+}
+
+/// A reading of Redis's clock: the time a master's `TIME` gave as it
+/// published a heartbeat, and when (by this process's monotonic clock) that
+/// heartbeat came back. Streams send [`now`](Self::now), so the time a
+/// message spends queued here is accounted for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedisClock {
+    /// Redis's clock when the heartbeat left Redis.
+    pub at: SystemTime,
+    /// When the heartbeat arrived here.
+    pub seen: Instant,
+}
+
+impl RedisClock {
+    /// Redis's time now, as estimated from this reading: its time plus the
+    /// time elapsed here since it arrived (a monotonic clock, whatever this
+    /// host's wall clock says).
+    pub fn now(&self) -> SystemTime {
+        self.at + self.seen.elapsed()
+    }
+
+    /// The later of two readings, compared as estimates of Redis's now.
+    fn latest(self, other: Option<Self>) -> Self {
+        match other {
+            Some(other) if other.now() > self.now() => other,
+            _ => self,
+        }
+    }
 }
 
 /// How many events a stream may fall behind before it is dropped. A stream
@@ -87,8 +144,9 @@ pub(super) struct Hub {
 struct Running {
     events: broadcast::Sender<RevocationEvent>,
     /// When a heartbeat last came back complete through the current
-    /// subscription; `None` until the first one did (or since it was lost).
-    proven: Arc<Mutex<Option<Instant>>>,
+    /// subscription, and its clock; `None` until the first one did (or since
+    /// it was lost).
+    proven: Arc<Mutex<Option<Proof>>>,
     /// REVOCATION_HEARTBEAT_MS.
     beat: Duration,
 }
@@ -98,6 +156,15 @@ impl fmt::Debug for Hub {
         let running = self.state.lock().map(|s| s.is_some()).unwrap_or(false);
         f.debug_struct("Hub").field("running", &running).finish()
     }
+}
+
+/// The last complete heartbeat of a subscription.
+#[derive(Clone, Copy, Debug)]
+struct Proof {
+    /// When it came back.
+    at: Instant,
+    /// Redis's clock it carried.
+    clock: Option<RedisClock>,
 }
 
 /// One stream's view of the revocations: its receiver, and whether the
@@ -110,6 +177,8 @@ pub struct RevocationFeed {
     /// the stream may start with its reset at once. Otherwise its start is
     /// the next [`RevocationEvent::Reset`] or [`RevocationEvent::Heartbeat`].
     pub subscribed: bool,
+    /// When `subscribed`, the clock of that heartbeat, for the reset.
+    pub clock: Option<RedisClock>,
 }
 
 /// Locks `mutex`, ignoring poisoning: every value behind these locks is
@@ -135,8 +204,12 @@ impl Store {
         if let Some(running) = state.as_ref() {
             let events = running.events.subscribe();
             let fresh = running.beat * 3 / 2;
-            let subscribed = lock(&running.proven).is_some_and(|at| at.elapsed() < fresh);
-            return RevocationFeed { events, subscribed };
+            let proof = lock(&running.proven).filter(|proof| proof.at.elapsed() < fresh);
+            return RevocationFeed {
+                events,
+                subscribed: proof.is_some(),
+                clock: proof.and_then(|proof| proof.clock),
+            };
         }
         let (events, receiver) = broadcast::channel(REVOCATION_BACKLOG);
         let proven = Arc::new(Mutex::new(None));
@@ -149,6 +222,7 @@ impl Store {
         RevocationFeed {
             events: receiver,
             subscribed: false,
+            clock: None,
         }
     }
 
@@ -173,7 +247,7 @@ impl Store {
     async fn subscribe_revocations(
         self,
         events: broadcast::Sender<RevocationEvent>,
-        proven: Arc<Mutex<Option<Instant>>>,
+        proven: Arc<Mutex<Option<Proof>>>,
     ) {
         let settings = &self.shared.settings;
         let beat = settings.revocation_heartbeat;
@@ -181,7 +255,6 @@ impl Store {
         // beats, and never less than one beat plus a Redis timeout.
         let patience = (beat * 3).max(beat + settings.timeout);
         let channel = self.revocation_channel().to_owned();
-        let own = format!("h:{:016x}:", super::random_u64());
         let mut backoff = Backoff::new();
         let mut attempt = 0usize;
         metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(0);
@@ -202,6 +275,10 @@ impl Store {
                 }
             };
 
+            // A new id for each subscription: its first beat, whose clock
+            // the reset carries, cannot be forged ahead of time by someone
+            // else who may PUBLISH on the channel (see `Proof`'s clock).
+            let own = format!("h:{:016x}:", super::random_u64());
             // Heartbeats are published by their own task so that a slow
             // PUBLISH never holds up reading the subscriptions; it also
             // watches the cluster's masters and says when they changed.
@@ -216,6 +293,7 @@ impl Store {
             let mut beats = Beats::new(messages.masters.len());
             let mut recent = Recent::default();
             let mut last_beat: Option<Instant> = None;
+            let mut last_clock: Option<RedisClock> = None;
             let subscribed_at = Instant::now();
             let mut tick = tokio::time::interval(beat);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -229,11 +307,21 @@ impl Store {
                             break format!("the connection to {} closed", messages.name(source));
                         };
                         let payload = message.get_payload_bytes();
-                        if let Some((seq, from)) = own_beat(payload, &own) {
+                        if let Some(beat) = own_beat(payload, &own) {
                             // Only the copy that came over its own master's
                             // connection proves that connection (copies of
                             // other masters' beats come over the cluster bus).
-                            from == source && beats.arrived(seq, source)
+                            if beat.master != source {
+                                continue;
+                            }
+                            let clock = beat.redis_time.map(|at| RedisClock {
+                                at,
+                                seen: Instant::now(),
+                            });
+                            match beats.arrived(beat.seq, source, clock) {
+                                Some(clock) => Some(clock),
+                                None => continue,
+                            }
                         } else {
                             // On a cluster each revocation arrives once per
                             // master: over its own master's connection, and
@@ -253,7 +341,7 @@ impl Store {
                                     tracing::debug!(len = payload.len(), "revocation stream: ignored a malformed message");
                                 }
                             }
-                            false
+                            None
                         }
                     }
                     Some(()) = changed.recv() => break "the cluster's masters changed".to_owned(),
@@ -266,12 +354,18 @@ impl Store {
                         if last_beat.unwrap_or(subscribed_at).elapsed() > patience {
                             break "its heartbeats stopped coming back".to_owned();
                         }
-                        false
+                        None
                     }
                 };
-                if completed {
+                // A beat that came back from every master, with its clock.
+                if let Some(clock) = completed {
+                    // Forward only within a subscription: a beat forged with
+                    // an earlier time (by someone else who may PUBLISH on the
+                    // channel and read this one's id) cannot set it back.
+                    let clock = clock.map(|clock| clock.latest(last_clock));
+                    last_clock = clock.or(last_clock);
                     let now = Instant::now();
-                    *lock(&proven) = Some(now);
+                    *lock(&proven) = Some(Proof { at: now, clock });
                     if last_beat.replace(now).is_none() {
                         // Proven: what is published from now on arrives.
                         if backoff.attempts > 0 || attempt > 0 {
@@ -280,9 +374,9 @@ impl Store {
                         backoff = Backoff::new();
                         metrics::gauge!(REVOCATION_SUBSCRIPTION_UP).set(1);
                         metrics::counter!(REVOCATION_EVENTS, "kind" => "reset").increment(1);
-                        let _ = events.send(RevocationEvent::Reset);
+                        let _ = events.send(RevocationEvent::Reset(clock));
                     } else {
-                        let _ = events.send(RevocationEvent::Heartbeat);
+                        let _ = events.send(RevocationEvent::Heartbeat(clock));
                     }
                 }
             };
@@ -339,9 +433,10 @@ impl Store {
     }
 
     /// Publishes a numbered heartbeat on `channel` every `every`, on each
-    /// master in `masters` (`<own><seq>:<index>`), as the scripts publish
-    /// revocations; on a cluster also checks that the masters are still
-    /// those, and says on `changed` when they are not.
+    /// master in `masters` (`<own><seq>:<index>:<redis_time_ms>`, the time
+    /// read by the master in the script that publishes it), as the scripts
+    /// publish revocations; on a cluster also checks that the masters are
+    /// still those, and says on `changed` when they are not.
     async fn publish_heartbeats(
         self,
         channel: String,
@@ -367,11 +462,20 @@ impl Store {
                 return;
             }
             for (index, master) in masters.iter().enumerate() {
-                let beat = format!("{own}{seq}:{index}");
+                // EVAL rather than EVALSHA: once a beat per master, the
+                // script's hashing costs Redis nothing worth a NOSCRIPT
+                // round trip after each restart or failover, and EVAL is
+                // told apart from the request path's EVALSHA in Redis's
+                // command statistics.
+                let mut beat = redis::cmd("EVAL");
+                beat.arg(HEARTBEAT_SCRIPT)
+                    .arg(0)
+                    .arg(&channel)
+                    .arg(format!("{own}{seq}:{index}"));
                 // A failed beat shows as a missing heartbeat; the store
                 // records the error. A refusal is a misconfiguration worth
                 // saying once.
-                match op.publish_on(master.as_deref(), &channel, &beat).await {
+                match op.run_on(master.as_deref(), &beat).await {
                     Err(Error::Internal(cause)) if !refused_logged => {
                         refused_logged = true;
                         tracing::error!(
@@ -408,12 +512,36 @@ impl Subscription {
     }
 }
 
-/// One of this process's heartbeats: its sequence number and the index of
-/// the master it was published on (`own` is the `h:<instance>:` prefix).
-fn own_beat(payload: &[u8], own: &str) -> Option<(u64, usize)> {
+/// The heartbeat script (`scripts/heartbeat.lua`).
+const HEARTBEAT_SCRIPT: &str = include_str!("scripts/heartbeat.lua");
+
+/// One of this process's heartbeats, as it came back.
+#[derive(Debug, PartialEq, Eq)]
+struct OwnBeat {
+    seq: u64,
+    /// The index of the master it was published on.
+    master: usize,
+    /// That master's clock as it published the beat; `None` for a beat
+    /// without one (the format before the time was added).
+    redis_time: Option<SystemTime>,
+}
+
+/// One of this process's heartbeats (`own` is the `h:<id>:` prefix):
+/// `<seq>:<master index>`, then `:<redis_time_ms>`.
+fn own_beat(payload: &[u8], own: &str) -> Option<OwnBeat> {
     let rest = std::str::from_utf8(payload.strip_prefix(own.as_bytes())?).ok()?;
-    let (seq, source) = rest.split_once(':')?;
-    Some((seq.parse().ok()?, source.parse().ok()?))
+    let mut parts = rest.splitn(3, ':');
+    let seq = parts.next()?.parse().ok()?;
+    let master = parts.next()?.parse().ok()?;
+    let redis_time = match parts.next() {
+        Some(ms) => Some(UNIX_EPOCH + Duration::from_millis(ms.parse().ok()?)),
+        None => None,
+    };
+    Some(OwnBeat {
+        seq,
+        master,
+        redis_time,
+    })
 }
 
 /// Heartbeats in flight: from which masters each came back. A beat is
@@ -421,8 +549,15 @@ fn own_beat(payload: &[u8], own: &str) -> Option<(u64, usize)> {
 /// connection.
 struct Beats {
     masters: usize,
-    /// seq -> the masters it came back from.
-    pending: std::collections::BTreeMap<u64, std::collections::BTreeSet<usize>>,
+    /// seq -> the masters it came back from, and the latest of their clocks.
+    pending: std::collections::BTreeMap<u64, Pending>,
+}
+
+/// One heartbeat not yet back from every master.
+#[derive(Default)]
+struct Pending {
+    from: std::collections::BTreeSet<usize>,
+    clock: Option<RedisClock>,
 }
 
 impl Beats {
@@ -436,11 +571,22 @@ impl Beats {
         }
     }
 
-    fn arrived(&mut self, seq: u64, master: usize) -> bool {
-        let from = self.pending.entry(seq).or_default();
-        from.insert(master);
-        let complete = from.len() >= self.masters;
-        if complete {
+    /// Beat `seq` came back from `master`, with that master's clock.
+    /// `Some` when that completes it, with the latest of its masters'
+    /// clocks (see the module docs: the safe side for a cache).
+    fn arrived(
+        &mut self,
+        seq: u64,
+        master: usize,
+        clock: Option<RedisClock>,
+    ) -> Option<Option<RedisClock>> {
+        let pending = self.pending.entry(seq).or_default();
+        pending.from.insert(master);
+        if let Some(clock) = clock {
+            pending.clock = Some(clock.latest(pending.clock));
+        }
+        let complete = (pending.from.len() >= self.masters).then_some(pending.clock);
+        if complete.is_some() {
             // Older beats are moot once a later one completed.
             self.pending = self.pending.split_off(&(seq + 1));
         }
@@ -621,25 +767,78 @@ mod tests {
     #[test]
     fn a_beat_completes_when_every_master_sent_it_back() {
         let mut beats = Beats::new(3);
-        assert!(!beats.arrived(1, 0));
-        assert!(!beats.arrived(1, 0), "a copy from the same master twice");
-        assert!(!beats.arrived(1, 2));
-        assert!(beats.arrived(1, 1));
+        assert_eq!(beats.arrived(1, 0, None), None);
+        assert_eq!(
+            beats.arrived(1, 0, None),
+            None,
+            "a copy from the same master twice"
+        );
+        assert_eq!(beats.arrived(1, 2, None), None);
+        assert_eq!(beats.arrived(1, 1, None), Some(None));
         // One master short: never complete; a later complete beat is.
-        assert!(!beats.arrived(2, 0));
-        assert!(!beats.arrived(2, 1));
+        assert_eq!(beats.arrived(2, 0, None), None);
+        assert_eq!(beats.arrived(2, 1, None), None);
         for master in 0..3 {
-            assert_eq!(beats.arrived(3, master), master == 2);
+            assert_eq!(beats.arrived(3, master, None).is_some(), master == 2);
         }
         // A straggler of an older beat does not count.
-        assert!(!beats.arrived(2, 2));
+        assert_eq!(beats.arrived(2, 2, None), None);
         for seq in 10..100 {
-            beats.arrived(seq, 0);
+            beats.arrived(seq, 0, None);
         }
         assert!(beats.pending.len() <= Beats::KEPT);
-        assert_eq!(own_beat(b"h:ab:42:1", "h:ab:"), Some((42, 1)));
-        assert_eq!(own_beat(b"h:cd:42:1", "h:ab:"), None);
+    }
+
+    /// A complete beat carries the latest of its masters' clocks: the one
+    /// that makes a receiver's estimate of Redis's now err late, never early
+    /// (a cache then stops answering a session sooner, not later).
+    #[test]
+    fn a_complete_beat_keeps_the_latest_masters_clock() {
+        let seen = Instant::now();
+        let at = |ms: u64| RedisClock {
+            at: UNIX_EPOCH + Duration::from_millis(ms),
+            seen,
+        };
+        let mut beats = Beats::new(3);
+        assert_eq!(beats.arrived(7, 0, Some(at(1_000))), None);
+        assert_eq!(beats.arrived(7, 1, Some(at(3_000))), None);
+        assert_eq!(beats.arrived(7, 2, Some(at(2_000))), Some(Some(at(3_000))));
+        // A later arrival with an earlier clock is judged by its estimate.
+        let later = RedisClock {
+            at: UNIX_EPOCH + Duration::from_millis(3_000),
+            seen: seen + Duration::from_secs(1),
+        };
+        assert_eq!(at(3_000).latest(Some(later)), at(3_000));
+        assert_eq!(later.latest(Some(at(3_500))), at(3_500));
+    }
+
+    /// Its own beats are read with their time, and without one (the format
+    /// before the time was added); other processes' beats, old and new, are
+    /// heartbeats of theirs.
+    #[test]
+    fn own_beats_parse_with_and_without_their_time() {
+        assert_eq!(
+            own_beat(b"h:ab:42:1:1700000000123", "h:ab:"),
+            Some(OwnBeat {
+                seq: 42,
+                master: 1,
+                redis_time: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+            })
+        );
+        assert_eq!(
+            own_beat(b"h:ab:42:1", "h:ab:"),
+            Some(OwnBeat {
+                seq: 42,
+                master: 1,
+                redis_time: None,
+            })
+        );
+        assert_eq!(own_beat(b"h:cd:42:1:5", "h:ab:"), None);
         assert_eq!(own_beat(b"h:ab:42", "h:ab:"), None);
+        assert_eq!(own_beat(b"h:ab:42:1:soon", "h:ab:"), None);
+        for other in [&b"h:cd"[..], b"h:cd:42:1", b"h:cd:42:1:1700000000123"] {
+            assert_eq!(parse(other), Some(Parsed::Heartbeat));
+        }
     }
 
     #[test]
