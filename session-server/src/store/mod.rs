@@ -32,9 +32,9 @@
 //! exists. The index and the owner reservation only point at it. A reservation
 //! is never deleted early (only extended); it lasts the ttl asked for plus
 //! `OWNER_GRACE` plus the operation timeout (the create script refuses to
-//! create a session more than that after the create's first step, which ran
-//! before the claim), so it outlives every session of its token by at least
-//! `OWNER_GRACE`, and a token id revoked for one user cannot be taken by
+//! create a session more than the timeout after the create's first step,
+//! which ran before the claim), so it outlives every session of its token by
+//! at least `OWNER_GRACE`, and a token id revoked for one user cannot be taken by
 //! another while a JWT carrying it could still be presented.
 //!
 //! Revocation is final. Every script that ends a session early (revoke one,

@@ -204,7 +204,7 @@ impl Store {
                 .arg(millis(settings.session_ttl_max))
                 .arg(self.revocation_channel())
                 .arg(user.as_str())
-                .arg(prepared_at_ms);
+                .arg(prepared_at_ms.saturating_add(millis(settings.timeout)));
             for token in &declared {
                 invocation
                     .key(self.session_key(user, token))
@@ -249,8 +249,8 @@ impl Store {
                 }
                 5 => {
                     return Err(Error::Unavailable(
-                        "the create took longer than its reservation allows between its first \
-                         and last step; nothing was stored; retry"
+                        "the create's last step reached Redis more than REDIS_TIMEOUT_MS after \
+                         its first; nothing was stored; retry"
                             .into(),
                     ));
                 }
@@ -427,8 +427,9 @@ impl Store {
     /// claimed for, and so a revocation marker than its session: the time the
     /// create script may still run after the claim (the operation's timeout)
     /// plus the grace period. It is also the claim's window after
-    /// [`prepare_create`](Self::prepare_create), and the longest a create may
-    /// take from its first step to its last.
+    /// [`prepare_create`](Self::prepare_create) (wide, so that Redis Cluster
+    /// masters' clocks may disagree by up to it); the create's last step must
+    /// run within the timeout of its first, by one master's clock.
     fn reservation_slack_ms(&self) -> u64 {
         millis(self.settings().owner_grace).saturating_add(millis(self.settings().timeout))
     }
@@ -537,6 +538,45 @@ fn parse_create_reply(reply: Vec<Value>) -> Result<CreateReply, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A create at the cap that cannot get its user's turn (held here, as
+    /// another create of this process would) within REDIS_TIMEOUT_MS fails
+    /// with contention, not with Redis not answering: Redis answered every
+    /// round trip at once.
+    #[tokio::test]
+    async fn a_create_that_outwaits_its_turn_is_busy_not_a_redis_timeout() {
+        let mut config = crate::Config::defaults();
+        config.key_prefix = format!("turn-{:x}:", super::super::random_u64());
+        config.max_sessions_per_user = 1;
+        config.redis_timeout_ms = 200;
+        let store = Store::new(config.store_settings().unwrap()).unwrap();
+        let new = |token: &str| NewSession {
+            user_id: UserId::parse("user_id", "crowd".into()).unwrap(),
+            token_id: TokenId::parse("token_id", token.into()).unwrap(),
+            metadata: Default::default(),
+            ttl: None,
+        };
+        let first = store.create_session(new("first")).await.unwrap();
+        assert!(matches!(first, CreateOutcome::Created { .. }), "{first:?}");
+
+        let user = UserId::parse("user_id", "crowd".into()).unwrap();
+        let turn = store.create_turn(&user).await;
+        let err = store.create_session(new("second")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Busy(crate::error::Contention::UserCreates { timeout })
+                    if timeout == Duration::from_millis(200)
+            ),
+            "{err:?}"
+        );
+        drop(turn);
+        let second = store.create_session(new("second")).await.unwrap();
+        assert!(
+            matches!(&second, CreateOutcome::Created { evicted, .. } if evicted == &["first"]),
+            "{second:?}"
+        );
+    }
 
     #[test]
     fn json_head_plus_script_suffix_is_a_session() {

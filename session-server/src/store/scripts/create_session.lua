@@ -22,9 +22,12 @@
 -- ARGV[8]   the revocation channel: each evicted session is published on it
 --           as `r:<revoked_at_ms>:evicted:<user_id>:<token_id>` (store/revocations.rs)
 -- ARGV[9]   the user id
--- ARGV[10]  when prepare_create.lua ran, ms by this master's clock: the claim ran
---           after it, so a session created within ARGV[6] of it ends before the
---           reservation the claim made (ttl + ARGV[6] from the claim)
+-- ARGV[10]  the latest time, ms by this master's clock, the session may be
+--           created: when prepare_create.lua ran plus REDIS_TIMEOUT_MS. The
+--           claim ran after that first step and made the reservation last
+--           ttl + ARGV[6] (OWNER_GRACE + REDIS_TIMEOUT_MS), so a session
+--           created by then ends at least OWNER_GRACE before the reservation;
+--           and a create whose caller was told it failed cannot land later
 -- ARGV[11..] token ids of declared index members, matching KEYS[5..]
 -- Returns {status, created_at_ms, expires_at_ms, more...}:
 --   {1, created, expires, evicted...}  created; evicted lists the sessions revoked for room
@@ -35,8 +38,8 @@
 --   {2, 0, 0}                          the cap is reached and the policy is 'reject'
 --   {3, 0, 0, members...}              eviction needs more declared sessions: call
 --                                      again declaring these (every current member)
---   {5, 0, 0}                          more than ARGV[6] passed since prepare_create.lua
---                                      ran: nothing is written; start the create again
+--   {5, 0, 0}                          past ARGV[10]: nothing is written; start the
+--                                      create again
 -- Every check runs before the first write but the pruning of expired index
 -- members (a change complete in itself), so a refusal changes nothing else.
 local time = redis.call('TIME')
@@ -64,8 +67,9 @@ if existing then
   -- recorded how long the claim may have extended the reservation.
   return {0, 0, 0, existing}
 end
-if now - tonumber(ARGV[10]) > slack then
-  -- The reservation might end before a session created now would.
+if now > tonumber(ARGV[10]) then
+  -- The reservation might end less than OWNER_GRACE after a session created
+  -- now, and the caller has been told this create failed.
   return {5, 0, 0}
 end
 
