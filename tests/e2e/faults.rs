@@ -610,8 +610,12 @@ async fn creates_outwaiting_their_turn_say_busy_not_redis() {
                 {
                     busy += 1;
                 } else {
+                    // Redis's answer came too late, or (rarely, at the very
+                    // end of the budget) the create's last step reached Redis
+                    // after REDIS_TIMEOUT_MS, which Redis refuses.
                     assert!(
-                        status.message().contains("redis did not answer"),
+                        status.message().contains("redis did not answer")
+                            || status.message().contains("last step reached Redis"),
                         "{status:?}"
                     );
                     redis_blamed += 1;
