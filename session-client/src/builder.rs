@@ -10,9 +10,10 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::{
     balance::{Discovery, Member, Pool, Resolver, Seed, system_resolver},
-    client::{CallPolicy, NearCacheSettings, SessionClient},
+    client::{CallPolicy, SessionClient},
     error::{Error, Result},
     metadata::Auth,
+    near_cache::NearCacheSettings,
     retry::{RetryPolicy, RetryThrottle},
 };
 

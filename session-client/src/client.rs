@@ -18,7 +18,7 @@ use crate::{
     builder::Builder,
     error::{self, Error, Result},
     metadata::Auth,
-    near_cache::{NearCache, NearCacheStats, Revocation, Watcher},
+    near_cache::{NearCache, NearCacheSettings, NearCacheStats, Revocation, Watcher},
     retry::{RetryPolicy, RetryThrottle},
     types::{self, Created, LoginAttempt, NewSession, Session},
 };
@@ -90,14 +90,6 @@ struct Shared {
     /// The near-cache and its stream task (aborted when the last clone
     /// drops this), when the builder turned it on.
     near_cache: Option<(Arc<NearCache>, Watcher)>,
-}
-
-/// The near-cache's settings, from the builder.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct NearCacheSettings {
-    pub(crate) max_entries: usize,
-    pub(crate) max_staleness: Duration,
-    pub(crate) stream_lifetime: Duration,
 }
 
 /// The time and attempt bounds of each call.
