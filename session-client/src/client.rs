@@ -19,7 +19,7 @@ use crate::{
     error::{self, Error, Result},
     metadata::Auth,
     near_cache::{NearCache, NearCacheSettings, NearCacheStats, Revocation, Watcher},
-    retry::{RetryPolicy, RetryThrottle},
+    retry::{RetryPolicy, RetryThrottle, later},
     types::{self, Created, LoginAttempt, NewSession, Session},
 };
 
@@ -949,13 +949,6 @@ impl Verdict {
             Kind::Read | Kind::Write => Self::Final,
         }
     }
-}
-
-/// `after` from now; a year at most, so that a huge timeout (`Duration::MAX`
-/// for "no limit") cannot overflow the clock.
-pub(crate) fn later(after: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
-    Instant::now() + after.min(FAR)
 }
 
 /// The error for a call whose budget ran out between attempts: the last

@@ -86,6 +86,7 @@
 mod balance;
 mod builder;
 mod client;
+mod endpoint;
 mod error;
 mod metadata;
 mod near_cache;

@@ -2,14 +2,14 @@
 //! and a retry budget (token bucket) across calls.
 //!
 //! Written out rather than taken from tower's retry layer: which calls may
-//! repeat, and when, is decided next to the calls themselves (see
-//! `client.rs`); this module only says how long to wait and whether the
-//! budget allows it.
+//! repeat, and when, is decided by the attempt loop (see `client.rs`); this
+//! module only says how long to wait, whether the budget allows it, and
+//! where a deadline `after` from now falls ([`later`]).
 
 use std::{
     hash::BuildHasher,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// How retries are paced within one call.
@@ -40,6 +40,18 @@ impl RetryPolicy {
             .saturating_mul(factor)
             .min(self.max_backoff)
     }
+}
+
+/// `after` from now; a year at most, so that a huge timeout (`Duration::MAX`
+/// for "no limit") cannot overflow the clock.
+pub(crate) fn later(after: Duration) -> Instant {
+    later_than(Instant::now(), after)
+}
+
+/// `after` from `now`, capped as [`later`].
+pub(crate) fn later_than(now: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now + after.min(FAR)
 }
 
 /// A uniformly spread duration in `0..=max`.
