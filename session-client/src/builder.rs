@@ -9,7 +9,8 @@ use tonic::transport::Endpoint;
 
 use crate::{
     balance::{Discovery, Member, Pool, Resolver, Seed, system_resolver},
-    client::{CallPolicy, SessionClient},
+    call::{CallPolicy, Caller},
+    client::SessionClient,
     endpoint::{Dialer, TlsSettings, is_https},
     error::{Error, Result},
     metadata::Auth,
@@ -530,18 +531,22 @@ impl Builder {
         if let Some(discovery) = discovery {
             tokio::spawn(discovery.run(Arc::downgrade(&pool)));
         }
-        let policy = CallPolicy {
-            timeout: self.timeout,
-            attempt_timeout: self.attempt_timeout,
-            retry: self.retry,
+        let caller = Caller {
+            pool,
+            auth: Arc::new(auth),
+            policy: CallPolicy {
+                timeout: self.timeout,
+                attempt_timeout: self.attempt_timeout,
+                retry: self.retry,
+            },
+            throttle: RetryThrottle::new(self.retry_max_tokens, self.retry_token_ratio),
         };
-        let throttle = RetryThrottle::new(self.retry_max_tokens, self.retry_token_ratio);
         let near_cache = self.near_cache.map(|max_entries| NearCacheSettings {
             max_entries,
             max_staleness: self.near_cache_max_staleness,
             stream_lifetime: self.near_cache_stream_lifetime,
         });
-        Ok(SessionClient::new(pool, auth, policy, throttle, near_cache))
+        Ok(SessionClient::new(caller, near_cache))
     }
 
     /// The checks that need no network.

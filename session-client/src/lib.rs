@@ -36,7 +36,9 @@
 //!
 //! - `builder`: [`Builder`]: endpoints and DNS discovery, timeouts, retries,
 //!   TLS and mutual TLS, the bearer token, lazy or eager connection.
-//! - `client`: [`SessionClient`], its calls, and the attempt loop.
+//! - `client`: [`SessionClient`] and its calls.
+//! - `call`: the attempt loop: the budget per call, the pick of an endpoint
+//!   per attempt, and the retry decisions.
 //! - `balance`: the per-address channels, their health, and the pick.
 //! - `retry`: backoff and the shared retry budget.
 //! - `types`: the domain types and their proto conversions.
@@ -85,6 +87,7 @@
 
 mod balance;
 mod builder;
+mod call;
 mod client;
 mod endpoint;
 mod error;

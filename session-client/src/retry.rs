@@ -2,7 +2,7 @@
 //! and a retry budget (token bucket) across calls.
 //!
 //! Written out rather than taken from tower's retry layer: which calls may
-//! repeat, and when, is decided by the attempt loop (see `client.rs`); this
+//! repeat, and when, is decided by the attempt loop (see `call.rs`); this
 //! module only says how long to wait, whether the budget allows it, and
 //! where a deadline `after` from now falls ([`later`]).
 
@@ -73,7 +73,7 @@ pub(crate) fn random() -> u64 {
 /// The retry budget shared by every call of a client (and its clones), as
 /// gRPC's retry throttling: tokens start full; each attempt that fails with a
 /// retryable failure takes one (except an endpoint's own failure, a broken
-/// connection, retried on another endpoint: `client.rs` decides), each success gives back `ratio` of one; a
+/// connection, retried on another endpoint: `call.rs` decides), each success gives back `ratio` of one; a
 /// retry is made only while more than half the tokens are left. So when most
 /// calls fail (an outage) retries stop, and calls cost one attempt each
 /// instead of `max_attempts`; they resume as successes refill the bucket.
