@@ -63,6 +63,27 @@ pub struct Builder {
     near_cache_stream_lifetime: Duration,
 }
 
+// The ways to make a client: here rather than in `client.rs`, so that the
+// builder depends on the client and not the other way round.
+impl SessionClient {
+    /// A [`Builder`] for a client of the SessionStore at `endpoint`
+    /// (`http://host:port` or `https://host:port`).
+    pub fn builder(endpoint: impl Into<String>) -> Builder {
+        Builder::new(endpoint)
+    }
+
+    /// A client of `endpoint` with every default: lazy connection, 5 s
+    /// connect timeout, 2 s per call, up to 3 attempts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `endpoint` is not an `http://` or `https://` URL
+    /// (see [`Builder::connect`]).
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
+        Self::builder(endpoint).connect().await
+    }
+}
+
 impl Builder {
     /// Bound on opening one connection (TCP and TLS). 5 s: long enough for a
     /// cold TLS handshake across zones, short enough to fail over quickly.
@@ -101,7 +122,7 @@ impl Builder {
     /// [`near_cache_stream_lifetime`](Self::near_cache_stream_lifetime).
     pub const DEFAULT_NEAR_CACHE_STREAM_LIFETIME: Duration = Duration::from_secs(240);
 
-    pub(crate) fn new(endpoint: impl Into<String>) -> Self {
+    fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoints: vec![endpoint.into()],
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,

@@ -8,11 +8,12 @@ use std::{collections::HashMap, fmt, sync::Arc};
 
 use sessionstore::v1 as pb;
 
-// Only the docs name `Error`: its variants are what each call fails with.
+// Only the docs name these: `Error`'s variants are what each call fails
+// with, `Builder`'s settings what it does. The builder imports this module,
+// not the other way round.
 #[cfg(doc)]
-use crate::error::Error;
+use crate::{builder::Builder, error::Error};
 use crate::{
-    builder::Builder,
     call::Caller,
     error::Result,
     near_cache::{NearCache, NearCacheSettings, NearCacheStats, Revocation, Watcher},
@@ -85,23 +86,6 @@ struct Shared {
 }
 
 impl SessionClient {
-    /// A [`Builder`] for a client of the SessionStore at `endpoint`
-    /// (`http://host:port` or `https://host:port`).
-    pub fn builder(endpoint: impl Into<String>) -> Builder {
-        Builder::new(endpoint)
-    }
-
-    /// A client of `endpoint` with every default: lazy connection, 5 s
-    /// connect timeout, 2 s per call, up to 3 attempts.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] when `endpoint` is not an `http://` or `https://` URL
-    /// (see [`Builder::connect`]).
-    pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
-        Self::builder(endpoint).connect().await
-    }
-
     /// Must run inside a Tokio runtime when `near_cache` is set: its stream
     /// task is spawned here.
     pub(crate) fn new(caller: Caller, near_cache: Option<NearCacheSettings>) -> Self {
