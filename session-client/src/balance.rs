@@ -32,7 +32,11 @@ use std::{
 
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{builder::Dialer, error::Result, retry::random};
+use crate::{
+    endpoint::{Dialer, connect_failed},
+    error::{Error, Result},
+    retry::{later, random},
+};
 
 /// The first pause before an ejected address is probed again; doubled per
 /// failed probe up to [`EJECT_MAX`]. 100 ms: a restarting pod is usually
@@ -129,6 +133,51 @@ impl Pool {
             }
         };
         Some(chosen.clone())
+    }
+
+    /// Tries every member at once and returns when one connects, so an eager
+    /// client with several endpoints fails only when none can be reached, and a
+    /// blackholed endpoint does not delay it. Until its connect ends, a member
+    /// gets no calls; those that connect keep their connection, those that fail
+    /// are ejected and probed in the background.
+    pub(crate) async fn connect_any(&self, connect_timeout: Duration) -> Result<()> {
+        let members = self.members();
+        let (sender, mut results) = tokio::sync::mpsc::channel(members.len().max(1));
+        let until = later(connect_timeout);
+        for member in members.iter() {
+            member.hold(until);
+        }
+        for member in members.iter() {
+            let member = member.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let result = match member.endpoint().connect().await {
+                    Ok(channel) => {
+                        member.connected(channel);
+                        Ok(())
+                    }
+                    Err(err) => {
+                        member.connect_failed();
+                        Err(err)
+                    }
+                };
+                let _ = sender.send(result).await;
+            });
+        }
+        drop(sender);
+        let mut last = None;
+        while let Some(result) = results.recv().await {
+            match result {
+                Ok(()) => return Ok(()),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(match last {
+            Some(err) => connect_failed(err),
+            None => Error::from(tonic::Status::unavailable(
+                "cannot connect: no address to connect to",
+            )),
+        })
     }
 
     /// Whether an address other than `avoid` is available now.
@@ -517,7 +566,7 @@ async fn resolve_seed(
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "DNS lookup timed out"))
     .and_then(|result| result)
     .map_err(|e| {
-        crate::Error::from(tonic::Status::unavailable(format!(
+        Error::from(tonic::Status::unavailable(format!(
             "cannot resolve {}:{}: {e}",
             seed.host, seed.port
         )))

@@ -5,24 +5,18 @@
 
 use std::{fmt, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::transport::Endpoint;
 
 use crate::{
     balance::{Discovery, Member, Pool, Resolver, Seed, system_resolver},
-    client::{CallPolicy, NearCacheSettings, SessionClient},
+    call::{CallPolicy, Caller},
+    client::SessionClient,
+    endpoint::{Dialer, TlsSettings, is_https},
     error::{Error, Result},
     metadata::Auth,
+    near_cache::NearCacheSettings,
     retry::{RetryPolicy, RetryThrottle},
 };
-
-/// HTTP/2 pings on an otherwise quiet connection, so a peer that vanished
-/// without closing it (a killed node, a dropped NAT entry) is noticed within
-/// interval + timeout rather than when the OS gives up on TCP, minutes later.
-/// The tonic server does not police ping rates.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-/// How long a keepalive ping may go unanswered before the connection is dropped.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Configures and connects a [`SessionClient`]; made by
 /// [`SessionClient::builder`].
@@ -69,136 +63,24 @@ pub struct Builder {
     near_cache_stream_lifetime: Duration,
 }
 
-/// The TLS options as given, turned into tonic's config per endpoint.
-#[derive(Clone, Default)]
-struct TlsSettings {
-    ca_certificate: Option<Vec<u8>>,
-    identity: Option<(Vec<u8>, Vec<u8>)>,
-    domain_name: Option<String>,
-}
-
-impl TlsSettings {
-    fn is_set(&self) -> bool {
-        self.ca_certificate.is_some() || self.identity.is_some() || self.domain_name.is_some()
+// The ways to make a client: here rather than in `client.rs`, so that the
+// builder depends on the client and not the other way round.
+impl SessionClient {
+    /// A [`Builder`] for a client of the SessionStore at `endpoint`
+    /// (`http://host:port` or `https://host:port`).
+    pub fn builder(endpoint: impl Into<String>) -> Builder {
+        Builder::new(endpoint)
     }
 
-    /// Checks that the PEM given holds what it should: tonic would accept a
-    /// path or any other text and build an empty root store (every handshake
-    /// failing as UNAVAILABLE) or fail only on the first connection.
-    fn validate(&self) -> Result<()> {
-        if let Some(pem) = &self.ca_certificate {
-            certificates(pem, "ca_certificate")?;
-        }
-        if let Some((cert, key)) = &self.identity {
-            certificates(cert, "identity certificate")?;
-            PrivateKeyDer::from_pem_slice(key).map_err(|e| {
-                Error::config(format!(
-                    "identity key holds no PEM private key ({e}); pass the key's contents, not its path"
-                ))
-            })?;
-        }
-        Ok(())
-    }
-
-    /// tonic's config for one endpoint; `name` is the certificate name to
-    /// expect when none was set (the DNS name, for a discovered address).
-    fn client_config(&self, name: Option<&str>) -> ClientTlsConfig {
-        let config = ClientTlsConfig::new();
-        // A private CA replaces the system roots rather than adding to them:
-        // only servers holding a certificate from that CA are trusted.
-        let mut config = match &self.ca_certificate {
-            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
-            None => config.with_native_roots(),
-        };
-        if let Some((cert, key)) = &self.identity {
-            config = config.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(name) = self.domain_name.as_deref().or(name) {
-            config = config.domain_name(name);
-        }
-        config
-    }
-}
-
-/// Every certificate in `pem`: at least one, each well-formed.
-fn certificates(pem: &[u8], what: &str) -> Result<()> {
-    let mut found = 0;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        cert.map_err(|e| Error::config(format!("{what}: malformed PEM: {e}")))?;
-        found += 1;
-    }
-    if found == 0 {
-        return Err(Error::config(format!(
-            "{what} holds no PEM certificate; pass the file's contents, not its path"
-        )));
-    }
-    Ok(())
-}
-
-/// Turns URLs into tonic endpoints with the builder's connection settings.
-#[derive(Clone)]
-pub(crate) struct Dialer {
-    pub(crate) connect_timeout: Duration,
-    tls: TlsSettings,
-}
-
-impl Dialer {
-    /// The endpoint for `url`; `tls_name` is the name its certificate should
-    /// carry when the URL holds an address (DNS discovery).
-    pub(crate) fn endpoint(&self, url: &str, tls_name: Option<&str>) -> Result<Endpoint> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::config(format!("endpoint {url:?} is not a URL: {e}")))?;
-        let https = is_https(endpoint.uri(), url)?;
-        // No `Endpoint::timeout`: the client bounds each attempt itself (see
-        // `SessionClient`), waiting for a connection included.
-        let mut endpoint = endpoint
-            .connect_timeout(self.connect_timeout)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        if let (Some(name), Some(port)) = (tls_name, endpoint.uri().port_u16()) {
-            // The service's name as the `:authority`, as for a named endpoint.
-            let scheme = if https { "https" } else { "http" };
-            if let Ok(origin) = format!("{scheme}://{}:{port}", bracketed(name)).parse::<Uri>() {
-                endpoint = endpoint.origin(origin);
-            }
-        }
-        if https {
-            // tonic's `tls-ring` feature builds this config with the ring
-            // provider whenever no process-wide rustls provider is installed,
-            // so the first TLS connection cannot panic for want of one.
-            endpoint
-                .tls_config(self.tls.client_config(tls_name))
-                .map_err(|e| {
-                    Error::Config(format!("TLS settings for {url:?}: {}", chain(&e)).into())
-                })
-        } else if self.tls.is_set() {
-            // tonic would silently speak plaintext to an http:// endpoint.
-            Err(Error::config(format!(
-                "TLS options are set but endpoint {url:?} is http://; use https://"
-            )))
-        } else {
-            Ok(endpoint)
-        }
-    }
-}
-
-fn is_https(uri: &Uri, url: &str) -> Result<bool> {
-    match uri.scheme_str() {
-        Some("https") => Ok(true),
-        Some("http") => Ok(false),
-        _ => Err(Error::config(format!(
-            "endpoint {url:?} must start with http:// or https://"
-        ))),
-    }
-}
-
-/// A host for a URL: IPv6 addresses in brackets.
-fn bracketed(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
+    /// A client of `endpoint` with every default: lazy connection, 5 s
+    /// connect timeout, 2 s per call, up to 3 attempts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `endpoint` is not an `http://` or `https://` URL
+    /// (see [`Builder::connect`]).
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
+        Self::builder(endpoint).connect().await
     }
 }
 
@@ -240,7 +122,7 @@ impl Builder {
     /// [`near_cache_stream_lifetime`](Self::near_cache_stream_lifetime).
     pub const DEFAULT_NEAR_CACHE_STREAM_LIFETIME: Duration = Duration::from_secs(240);
 
-    pub(crate) fn new(endpoint: impl Into<String>) -> Self {
+    fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoints: vec![endpoint.into()],
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
@@ -613,10 +495,7 @@ impl Builder {
     ///   or (DNS discovery) no endpoint's name resolves to any address.
     pub async fn connect(self) -> Result<SessionClient> {
         self.validate()?;
-        let dialer = Dialer {
-            connect_timeout: self.connect_timeout,
-            tls: self.tls.clone(),
-        };
+        let dialer = Dialer::new(self.connect_timeout, self.tls.clone());
         let mut statics = Vec::new();
         let mut seeds = Vec::new();
         let mut plaintext = None;
@@ -668,23 +547,27 @@ impl Builder {
             .collect();
         let pool = Pool::new(members);
         if !self.lazy {
-            connect_any(&pool, self.connect_timeout).await?;
+            pool.connect_any(self.connect_timeout).await?;
         }
         if let Some(discovery) = discovery {
             tokio::spawn(discovery.run(Arc::downgrade(&pool)));
         }
-        let policy = CallPolicy {
-            timeout: self.timeout,
-            attempt_timeout: self.attempt_timeout,
-            retry: self.retry,
+        let caller = Caller {
+            pool,
+            auth: Arc::new(auth),
+            policy: CallPolicy {
+                timeout: self.timeout,
+                attempt_timeout: self.attempt_timeout,
+                retry: self.retry,
+            },
+            throttle: RetryThrottle::new(self.retry_max_tokens, self.retry_token_ratio),
         };
-        let throttle = RetryThrottle::new(self.retry_max_tokens, self.retry_token_ratio);
         let near_cache = self.near_cache.map(|max_entries| NearCacheSettings {
             max_entries,
             max_staleness: self.near_cache_max_staleness,
             stream_lifetime: self.near_cache_stream_lifetime,
         });
-        Ok(SessionClient::new(pool, auth, policy, throttle, near_cache))
+        Ok(SessionClient::new(caller, near_cache))
     }
 
     /// The checks that need no network.
@@ -778,73 +661,6 @@ impl fmt::Debug for Builder {
             )
             .finish_non_exhaustive()
     }
-}
-
-/// Tries every member at once and returns when one connects, so an eager
-/// client with several endpoints fails only when none can be reached, and a
-/// blackholed endpoint does not delay it. Until its connect ends, a member
-/// gets no calls; those that connect keep their connection, those that fail
-/// are ejected and probed in the background.
-async fn connect_any(pool: &Pool, connect_timeout: Duration) -> Result<()> {
-    let members = pool.members();
-    let (sender, mut results) = tokio::sync::mpsc::channel(members.len().max(1));
-    let until = crate::client::later(connect_timeout);
-    for member in members.iter() {
-        member.hold(until);
-    }
-    for member in members.iter() {
-        let member = member.clone();
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let result = match member.endpoint().connect().await {
-                Ok(channel) => {
-                    member.connected(channel);
-                    Ok(())
-                }
-                Err(err) => {
-                    member.connect_failed();
-                    Err(err)
-                }
-            };
-            let _ = sender.send(result).await;
-        });
-    }
-    drop(sender);
-    let mut last = None;
-    while let Some(result) = results.recv().await {
-        match result {
-            Ok(()) => return Ok(()),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(match last {
-        Some(err) => connect_failed(err),
-        None => Error::from(tonic::Status::unavailable(
-            "cannot connect: no address to connect to",
-        )),
-    })
-}
-
-/// A failed eager connect as [`Error::Unavailable`], the code gRPC gives a
-/// server that cannot be reached, with tonic's cause chain in the message.
-fn connect_failed(err: tonic::transport::Error) -> Error {
-    let message = format!("cannot connect: {}", chain(&err));
-    let mut status = tonic::Status::unavailable(message);
-    status.set_source(Arc::new(err));
-    Error::from(status)
-}
-
-/// An error and its sources as one line: tonic's transport errors say little
-/// at the top ("transport error") and the cause below.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -1,29 +1,24 @@
-//! [`SessionClient`]: the generated stub wrapped to speak domain types, with
-//! a deadline per call, retries for what is safe to repeat, and the pick of
-//! an endpoint for each attempt.
+//! [`SessionClient`]: the generated stub wrapped to speak domain types: each
+//! RPC as a method taking and returning domain types, marked a read or a
+//! write for the attempt loop (`call.rs`, which owns deadlines, retries and
+//! the pick of an endpoint), and the near-cache consulted and kept true
+//! around the calls that concern it.
 
-use std::{
-    collections::HashMap,
-    fmt,
-    future::Future,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, fmt, sync::Arc};
 
-use sessionstore::v1::{self as pb, session_store_client::SessionStoreClient};
-use tonic::{Request, Response, Status, transport::Channel};
+use sessionstore::v1 as pb;
 
+// Only the docs name these: `Error`'s variants are what each call fails
+// with, `Builder`'s settings what it does. The builder imports this module,
+// not the other way round.
+#[cfg(doc)]
+use crate::{builder::Builder, error::Error};
 use crate::{
-    balance::{Member, Pool},
-    builder::Builder,
-    error::{self, Error, Result},
-    metadata::Auth,
-    near_cache::{NearCache, NearCacheStats, Revocation, Watcher},
-    retry::{RetryPolicy, RetryThrottle},
+    call::Caller,
+    error::Result,
+    near_cache::{NearCache, NearCacheSettings, NearCacheStats, Revocation, Watcher},
     types::{self, Created, LoginAttempt, NewSession, Session},
 };
-
-type Stub = SessionStoreClient<Channel>;
 
 /// A handle to SessionStore. Cheap to clone: clones share the connections,
 /// the retry budget and the bearer token, so make one at start-up and hand
@@ -83,86 +78,29 @@ pub struct SessionClient {
 
 /// What every clone of a client shares.
 struct Shared {
-    pool: Arc<Pool>,
-    auth: Arc<Auth>,
-    policy: CallPolicy,
-    throttle: RetryThrottle,
+    /// The endpoints, token, bounds and retry budget every call runs with.
+    caller: Caller,
     /// The near-cache and its stream task (aborted when the last clone
     /// drops this), when the builder turned it on.
     near_cache: Option<(Arc<NearCache>, Watcher)>,
 }
 
-/// The near-cache's settings, from the builder.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct NearCacheSettings {
-    pub(crate) max_entries: usize,
-    pub(crate) max_staleness: Duration,
-    pub(crate) stream_lifetime: Duration,
-}
-
-/// The time and attempt bounds of each call.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct CallPolicy {
-    /// The whole call's budget.
-    pub(crate) timeout: Duration,
-    /// Each attempt's bound within it, if shorter.
-    pub(crate) attempt_timeout: Option<Duration>,
-    pub(crate) retry: RetryPolicy,
-}
-
-/// Whether a call may be repeated after it reached the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Read,
-    Write,
-}
-
 impl SessionClient {
-    /// A [`Builder`] for a client of the SessionStore at `endpoint`
-    /// (`http://host:port` or `https://host:port`).
-    pub fn builder(endpoint: impl Into<String>) -> Builder {
-        Builder::new(endpoint)
-    }
-
-    /// A client of `endpoint` with every default: lazy connection, 5 s
-    /// connect timeout, 2 s per call, up to 3 attempts.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] when `endpoint` is not an `http://` or `https://` URL
-    /// (see [`Builder::connect`]).
-    pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
-        Self::builder(endpoint).connect().await
-    }
-
     /// Must run inside a Tokio runtime when `near_cache` is set: its stream
     /// task is spawned here.
-    pub(crate) fn new(
-        pool: Arc<Pool>,
-        auth: Auth,
-        policy: CallPolicy,
-        throttle: RetryThrottle,
-        near_cache: Option<NearCacheSettings>,
-    ) -> Self {
-        let auth = Arc::new(auth);
+    pub(crate) fn new(caller: Caller, near_cache: Option<NearCacheSettings>) -> Self {
         let near_cache = near_cache.map(|settings| {
             let cache = NearCache::new(settings.max_entries, settings.max_staleness);
             let watcher = Watcher::spawn(
                 cache.clone(),
-                pool.clone(),
-                auth.clone(),
+                caller.pool.clone(),
+                caller.auth.clone(),
                 settings.stream_lifetime,
             );
             (cache, watcher)
         });
         Self {
-            shared: Arc::new(Shared {
-                pool,
-                auth,
-                policy,
-                throttle,
-                near_cache,
-            }),
+            shared: Arc::new(Shared { caller, near_cache }),
         }
     }
 
@@ -217,7 +155,7 @@ impl SessionClient {
     /// # }
     /// ```
     pub fn set_bearer_token(&self, token: impl AsRef<str>) -> Result<()> {
-        self.shared.auth.set(token.as_ref())
+        self.shared.caller.auth.set(token.as_ref())
     }
 
     /// Stores a new session with the server's default lifetime. Returns
@@ -287,6 +225,8 @@ impl SessionClient {
         let request = types::new_session_to_proto(new);
         let user_id = request.user_id.clone();
         let response = self
+            .shared
+            .caller
             .write(request, |mut stub, req| async move {
                 stub.create_session(req).await
             })
@@ -391,6 +331,8 @@ impl SessionClient {
 
     async fn fetch(&self, request: pb::GetSessionRequest) -> Result<Option<Session>> {
         let response = self
+            .shared
+            .caller
             .read(request, |mut stub, req| async move {
                 stub.get_session(req).await
             })
@@ -472,6 +414,8 @@ impl SessionClient {
         };
         let _forget = self.forget_around(revocation);
         let result = self
+            .shared
+            .caller
             .write(request, |mut stub, req| async move {
                 stub.revoke_session(req).await
             })
@@ -541,6 +485,8 @@ impl SessionClient {
         };
         let _forget = self.forget_around(revocation);
         let result = self
+            .shared
+            .caller
             .write(request, |mut stub, req| async move {
                 stub.revoke_all_user_sessions(req).await
             })
@@ -574,6 +520,8 @@ impl SessionClient {
             user_id: user_id.into(),
         };
         let response = self
+            .shared
+            .caller
             .read(request, |mut stub, req| async move {
                 stub.get_user_session_count(req).await
             })
@@ -605,6 +553,8 @@ impl SessionClient {
             user_id: user_id.into(),
         };
         let response = self
+            .shared
+            .caller
             .read(request, |mut stub, req| async move {
                 stub.list_user_sessions(req).await
             })
@@ -688,6 +638,8 @@ impl SessionClient {
     async fn login_attempt(&self, ip: String, account: String) -> Result<LoginAttempt> {
         let request = pb::RecordLoginAttemptRequest { ip, account };
         let response = self
+            .shared
+            .caller
             .write(request, |mut stub, req| async move {
                 stub.record_login_attempt(req).await
             })
@@ -751,166 +703,13 @@ impl SessionClient {
     async fn reset_login(&self, ip: String, account: String) -> Result<bool> {
         let request = pb::ResetLoginAttemptsRequest { ip, account };
         let response = self
+            .shared
+            .caller
             .write(request, |mut stub, req| async move {
                 stub.reset_login_attempts(req).await
             })
             .await?;
         Ok(response.reset)
-    }
-
-    /// A call that is safe to repeat.
-    async fn read<Req, Resp, F, Fut>(&self, request: Req, call: F) -> Result<Resp>
-    where
-        Req: Clone,
-        F: Fn(Stub, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        self.call(Kind::Read, request, call).await
-    }
-
-    /// A call that must not be repeated once it may have reached the server.
-    async fn write<Req, Resp, F, Fut>(&self, request: Req, call: F) -> Result<Resp>
-    where
-        Req: Clone,
-        F: Fn(Stub, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        self.call(Kind::Write, request, call).await
-    }
-
-    /// Runs a call's attempts within its budget: picks an endpoint for each,
-    /// sends the time left as `grpc-timeout`, and decides after each failure
-    /// whether another attempt may be made (see [`Verdict`]).
-    async fn call<Req, Resp, F, Fut>(&self, kind: Kind, request: Req, call: F) -> Result<Resp>
-    where
-        Req: Clone,
-        F: Fn(Stub, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        let shared = &*self.shared;
-        let policy = &shared.policy;
-        let deadline = later(policy.timeout);
-        // Attempts counted against `max_attempts`; requests that never left
-        // are retried on other endpoints without counting, at most once per
-        // endpoint.
-        let mut attempts = 0;
-        let mut free_retries = shared.pool.members().len();
-        // gRPC's transparent retry: the first attempt the server provably
-        // never processed is repeated at once, free of the attempt count and
-        // of the retry budget (a connection aged out under load fails every
-        // call queued on it at once: charging those would drain the budget
-        // for nothing). Another such failure in the same call is an ordinary
-        // retry: counted, charged, paced.
-        let mut transparent_retry = true;
-        let mut last: Option<(Arc<Member>, Status)> = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(out_of_time(policy.timeout, last.map(|(_, s)| s)));
-            }
-            let budget = policy.attempt_timeout.map_or(left, |t| t.min(left));
-            let Some(member) = shared.pool.pick(last.as_ref().map(|(m, _)| m)) else {
-                return Err(Error::from(Status::unavailable(
-                    "no session store address: the DNS name resolved to none yet",
-                )));
-            };
-            attempts += 1;
-            let mut attempt = Request::new(request.clone());
-            shared.auth.prepare(&mut attempt, budget);
-            let stub = SessionStoreClient::new(member.channel());
-            let in_flight = member.start();
-            let result = tokio::time::timeout(budget, call(stub, attempt)).await;
-            drop(in_flight);
-            let status = match result {
-                Ok(Ok(response)) => {
-                    member.answered();
-                    shared.throttle.succeeded();
-                    return Ok(response.into_inner());
-                }
-                Ok(Err(status)) => {
-                    if error::is_local_timeout(&status) {
-                        // tonic's own timer: no answer in time, as below.
-                        member.timed_out();
-                    } else if !error::is_transport_failure(&status) {
-                        // The server answered: its connection works.
-                        member.answered();
-                    }
-                    status
-                }
-                Err(_elapsed) => {
-                    member.timed_out();
-                    Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis()))
-                }
-            };
-            let verdict = Verdict::of(&status, kind);
-            // The endpoint itself failed (its connection refused, reset or
-            // cut: a server gone) rather than answering: it is ejected, and
-            // a retry on another endpoint is free of the retry budget, so
-            // that one server dying under load (every call in flight on it
-            // failing at once) does not drain the budget and leave those
-            // calls unretried. Once no other endpoint is available (the
-            // whole backend down), these failures are charged like the rest.
-            // A request the server refused or a connection it was closing
-            // (its GOAWAY) is not that: the server is there, tonic opens a
-            // new connection for the next attempt, and a server that is in
-            // fact gone fails that connect (and is ejected then).
-            let endpoint_failed = error::is_transport_failure(&status)
-                && !error::is_local_timeout(&status)
-                && verdict != Verdict::Unprocessed;
-            if endpoint_failed || verdict == Verdict::NeverSent {
-                member.connect_failed();
-            }
-            let elsewhere = endpoint_failed && shared.pool.has_other_available(&member);
-            let transparent = verdict == Verdict::Unprocessed && transparent_retry;
-            if verdict != Verdict::NeverSent
-                && !transparent
-                && error::is_transient(&status)
-                && !elsewhere
-            {
-                // A sign of trouble on the server side, read or write: the
-                // retry budget drains with these, so retries stop when most
-                // calls fail.
-                shared.throttle.failed();
-            }
-            let retry = match verdict {
-                Verdict::NeverSent if free_retries > 0 => {
-                    free_retries -= 1;
-                    attempts -= 1;
-                    true
-                }
-                Verdict::NeverSent => attempts < policy.retry.max_attempts,
-                Verdict::Unprocessed if transparent => {
-                    transparent_retry = false;
-                    attempts -= 1;
-                    true
-                }
-                Verdict::Unprocessed | Verdict::Retry => {
-                    attempts < policy.retry.max_attempts
-                        && (elsewhere || shared.throttle.allows_retry())
-                }
-                Verdict::Final => false,
-            };
-            if !retry {
-                return Err(Error::from(status));
-            }
-            // A request that never left goes straight to another endpoint
-            // when there is one, and the transparent retry goes at once (to
-            // a new connection); anything else waits, so a struggling server
-            // is not hammered.
-            let pause = if transparent
-                || (verdict == Verdict::NeverSent && shared.pool.has_other_available(&member))
-            {
-                Duration::ZERO
-            } else {
-                policy.retry.backoff(attempts.max(1))
-            };
-            if later(pause) >= deadline {
-                // No attempt could start within the budget.
-                return Err(Error::from(status));
-            }
-            tokio::time::sleep(pause).await;
-            last = Some((member, status));
-        }
     }
 }
 
@@ -928,64 +727,14 @@ impl Drop for ForgetOnDrop {
     }
 }
 
-/// What a failed attempt allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
-    /// The request never left this process (its connection could not be
-    /// opened): safe to repeat, read or write.
-    NeverSent,
-    /// The request may have left, but the server provably never processed
-    /// it (see [`error::never_processed`]): safe to repeat, read or write.
-    Unprocessed,
-    /// A transient failure after the request may have reached the server:
-    /// repeated for reads only.
-    Retry,
-    /// Nothing to retry.
-    Final,
-}
-
-impl Verdict {
-    fn of(status: &Status, kind: Kind) -> Self {
-        if error::never_sent(status) {
-            return Self::NeverSent;
-        }
-        if error::never_processed(status) {
-            return Self::Unprocessed;
-        }
-        match kind {
-            Kind::Read if error::is_transient(status) => Self::Retry,
-            Kind::Read | Kind::Write => Self::Final,
-        }
-    }
-}
-
-/// `after` from now; a year at most, so that a huge timeout (`Duration::MAX`
-/// for "no limit") cannot overflow the clock.
-pub(crate) fn later(after: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
-    Instant::now() + after.min(FAR)
-}
-
-/// The error for a call whose budget ran out between attempts: the last
-/// attempt's, or a plain deadline.
-fn out_of_time(timeout: Duration, last: Option<Status>) -> Error {
-    match last {
-        Some(status) => Error::from(status),
-        None => Error::from(Status::deadline_exceeded(format!(
-            "no answer within {} ms",
-            timeout.as_millis()
-        ))),
-    }
-}
-
 impl fmt::Debug for SessionClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shared = &*self.shared;
+        let caller = &self.shared.caller;
         f.debug_struct("SessionClient")
-            .field("endpoints", &shared.pool)
-            .field("auth", &shared.auth)
-            .field("policy", &shared.policy)
-            .field("retry_budget", &shared.throttle)
+            .field("endpoints", &caller.pool)
+            .field("auth", &caller.auth)
+            .field("policy", &caller.policy)
+            .field("retry_budget", &caller.throttle)
             .field("near_cache", &self.near_cache())
             .finish()
     }

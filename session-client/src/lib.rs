@@ -32,18 +32,33 @@
 //! - **Settings checked at start-up**: a CA that is not PEM, a bearer token
 //!   over plaintext, are [`Error::Config`] from [`Builder::connect`].
 //!
-//! Modules:
+//! Modules, each importing only those listed after it (`builder` → `client`
+//! → `call` and `near_cache` → `balance` → `endpoint`; `retry`, `metadata`,
+//! `types` and `error` are leaves any of them may use):
 //!
-//! - `builder`: [`Builder`]: endpoints and DNS discovery, timeouts, retries,
-//!   TLS and mutual TLS, the bearer token, lazy or eager connection.
-//! - `client`: [`SessionClient`], its calls, and the attempt loop.
-//! - `balance`: the per-address channels, their health, and the pick.
-//! - `retry`: backoff and the shared retry budget.
+//! - `builder`: [`Builder`]: the settings (endpoints and DNS discovery,
+//!   timeouts, retries, TLS and mutual TLS, the bearer token, lazy or eager
+//!   connection), checked and assembled into a client.
+//! - `client`: [`SessionClient`]: one method per RPC, speaking domain types,
+//!   and the near-cache kept true around the calls that concern it.
+//! - `call`: the attempt loop: the budget per call, the pick of an endpoint
+//!   per attempt, and the retry decisions (unit-tested there).
+//! - `near_cache`: the opt-in near-cache ([`Builder::near_cache`]): its
+//!   state and [`NearCacheStats`]; `near_cache::watcher` is the task that
+//!   follows the revocation stream.
+//! - `balance`: the per-address channels, their health, the pick, the eager
+//!   connect and DNS discovery.
+//! - `endpoint`: TLS settings and the dialer that turns a URL into a tonic
+//!   endpoint.
+//! - `retry`: backoff, the shared retry budget, and deadlines.
+//! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
 //! - `types`: the domain types and their proto conversions.
 //! - `error`: [`Error`] and its one mapping from gRPC status codes.
-//! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
-//! - `near_cache`: the opt-in near-cache ([`Builder::near_cache`]), the
-//!   revocation stream that keeps it true, and [`NearCacheStats`].
+//!
+//! A new RPC gets its method in `client`: domain types in and out (with
+//! their conversions in `types`), sent through `Caller::read` when it is
+//! safe to repeat or `Caller::write` when it is not; the retries, deadline
+//! and balancing come with it.
 //!
 //! The generated code is re-exported as [`proto`] for anything the typed
 //! client does not cover.
@@ -85,7 +100,9 @@
 
 mod balance;
 mod builder;
+mod call;
 mod client;
+mod endpoint;
 mod error;
 mod metadata;
 mod near_cache;

@@ -2,14 +2,14 @@
 //! and a retry budget (token bucket) across calls.
 //!
 //! Written out rather than taken from tower's retry layer: which calls may
-//! repeat, and when, is decided next to the calls themselves (see
-//! `client.rs`); this module only says how long to wait and whether the
-//! budget allows it.
+//! repeat, and when, is decided by the attempt loop (see `call.rs`); this
+//! module only says how long to wait, whether the budget allows it, and
+//! where a deadline `after` from now falls ([`later`]).
 
 use std::{
     hash::BuildHasher,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// How retries are paced within one call.
@@ -42,6 +42,18 @@ impl RetryPolicy {
     }
 }
 
+/// `after` from now; a year at most, so that a huge timeout (`Duration::MAX`
+/// for "no limit") cannot overflow the clock.
+pub(crate) fn later(after: Duration) -> Instant {
+    later_than(Instant::now(), after)
+}
+
+/// `after` from `now`, capped as [`later`].
+pub(crate) fn later_than(now: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now + after.min(FAR)
+}
+
 /// A uniformly spread duration in `0..=max`.
 fn jitter(max: Duration) -> Duration {
     let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
@@ -61,7 +73,7 @@ pub(crate) fn random() -> u64 {
 /// The retry budget shared by every call of a client (and its clones), as
 /// gRPC's retry throttling: tokens start full; each attempt that fails with a
 /// retryable failure takes one (except an endpoint's own failure, a broken
-/// connection, retried on another endpoint: `client.rs` decides), each success gives back `ratio` of one; a
+/// connection, retried on another endpoint: `call.rs` decides), each success gives back `ratio` of one; a
 /// retry is made only while more than half the tokens are left. So when most
 /// calls fail (an outage) retries stop, and calls cost one attempt each
 /// instead of `max_attempts`; they resume as successes refill the bucket.
