@@ -16,7 +16,8 @@
 //! - `convert`: proto messages to and from domain types, with validation.
 //! - [`model`]: the domain types; ids are validated on construction.
 //! - [`store`]: Redis: the key layout, the Lua scripts and the pool, one
-//!   concern per file (sessions, login limiter, connection, revocations).
+//!   concern per file (sessions, login limiter, connection, credentials,
+//!   revocations). It imports neither `config` nor clap.
 //! - [`error`]: the error type and its single mapping to gRPC codes.
 //! - [`config`]: every setting, from the environment or flags.
 
