@@ -5,6 +5,11 @@
 //!
 //! - [`server`]: the transport: tonic, the logging layer, gRPC health,
 //!   reflection and graceful shutdown. [`server::run`] is the entry point.
+//!   Split as tonic's `transport/server/`: the assembly (`server/mod.rs`),
+//!   binding, accepting and guarding connections (`incoming`), TLS
+//!   handshakes and certificate reloads (`tls`), readiness as a pure state
+//!   step with a thin loop over Redis (`readiness`), and dispatch by
+//!   service (`routes`).
 //! - [`observe`]: one log line and the metrics of each RPC.
 //! - `shutdown`: open streams end when the listener closes, so the drain
 //!   does not wait for them.
