@@ -3,9 +3,12 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum, builder::PossibleValue};
 
-use crate::store::{LimitPolicy, RedisMode, Settings};
+use crate::store::{
+    LimitPolicy, RedisMode, Settings,
+    credentials::{password_from_file, redact_redis_urls},
+};
 
 /// The longest SESSION_TTL, SESSION_TTL_MAX and RATE_LIMIT_WINDOW, in
 /// seconds: 365 days. Far below where the store's arithmetic could overflow: a
@@ -28,6 +31,51 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+// The store's enums are parsed here, not derived in the store, so that the
+// store does not depend on the command-line library. The names, the alias
+// and the help text are those `#[derive(clap::ValueEnum)]` gave them (the
+// variants' doc comments, without their final period), so `--help` and the
+// errors for bad values read as before.
+impl ValueEnum for RedisMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Standalone, Self::Cluster, Self::Sentinel]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::Standalone => {
+                PossibleValue::new("standalone").help("One Redis server (REDIS_URL is its URL)")
+            }
+            Self::Cluster => PossibleValue::new("cluster").help(
+                "Redis Cluster (REDIS_URL is a comma-separated list of seed nodes); the \
+                 connection follows MOVED/ASK redirections and failovers itself",
+            ),
+            Self::Sentinel => PossibleValue::new("sentinel").help(
+                "A master found through Redis Sentinel (REDIS_URL is a comma-separated list of \
+                 sentinels, REDIS_SENTINEL_MASTER the master's name); a broken connection is \
+                 replaced by one to whichever master the sentinels name",
+            ),
+        })
+    }
+}
+
+impl ValueEnum for LimitPolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::EvictOldest, Self::Reject]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::EvictOldest => PossibleValue::new("evict_oldest")
+                .alias("evict-oldest")
+                .help("Revoke the user's oldest sessions (closest to expiry) to make room"),
+            Self::Reject => {
+                PossibleValue::new("reject").help("Refuse the new session (created = false)")
+            }
+        })
+    }
 }
 
 /// The SessionStore gRPC server: user sessions and login rate limits in Redis.
@@ -437,80 +485,6 @@ impl fmt::Debug for Config {
     }
 }
 
-/// REDIS_URL fit for logs and `Debug`: in each comma-separated URL the
-/// password becomes `***`, keeping the scheme, user name, host, port and
-/// database readable.
-///
-/// Errs on the side of hiding: user info without a `:` is hidden whole (it may
-/// be a password written in the wrong place), as is a query other than `db`,
-/// `protocol` and `user` (a unix socket's `pass=`) and a fragment other than
-/// `insecure`; a URL whose `@` cannot be placed is hidden but for its scheme.
-pub(crate) fn redact_redis_urls(urls: &str) -> String {
-    urls.split(',')
-        .map(redact_redis_url)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn redact_redis_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(end) => url.split_at(end + 3),
-        None => ("", url),
-    };
-    // User info runs to the last `@`, so that a password holding an
-    // unescaped `@` is still hidden whole.
-    let Some(at) = rest.rfind('@') else {
-        return format!("{scheme}{}", redact_after_userinfo(rest));
-    };
-    let (userinfo, tail) = rest.split_at(at);
-    if userinfo.contains(['/', '?', '#']) {
-        // The `@` may sit in a path, query or fragment (a `pass=` value):
-        // nothing after the scheme can be shown safely.
-        return format!("{scheme}***");
-    }
-    let shown = match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{scheme}{shown}{}", redact_after_userinfo(tail))
-}
-
-/// Host, port and path are kept; a query or fragment only when known to hold
-/// no secret.
-fn redact_after_userinfo(tail: &str) -> String {
-    let (before_fragment, fragment) = match tail.split_once('#') {
-        Some((before, "insecure")) => (before, "#insecure"),
-        Some((before, _)) => (before, "#***"),
-        None => (tail, ""),
-    };
-    let (location, query) = match before_fragment.split_once('?') {
-        Some((location, query)) => (location, Some(query)),
-        None => (before_fragment, None),
-    };
-    let safe_pair = |pair: &str| {
-        pair.split_once('=').is_some_and(|(key, value)| {
-            matches!(key, "db" | "protocol" | "user")
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
-    };
-    let query = match query {
-        Some(query) if query.split('&').all(safe_pair) => format!("?{query}"),
-        Some(_) => "?***".to_string(),
-        None => String::new(),
-    };
-    format!("{location}{query}{fragment}")
-}
-
-/// The password a REDIS_PASSWORD_FILE holds: its text without the trailing
-/// line break editors and `echo` add.
-pub fn password_from_file(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .trim_end_matches(['\r', '\n'])
-        .to_string()
-}
-
 /// Reads a file named by a setting, naming the setting on failure.
 ///
 /// # Errors
@@ -590,47 +564,61 @@ mod tests {
         }
     }
 
+    /// REDIS_MODE and SESSION_LIMIT_POLICY accept exactly the spellings
+    /// they always did, and a bad value lists them.
     #[test]
-    fn redis_url_passwords_are_redacted() {
-        for (url, shown) in [
-            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+    fn store_enums_parse_as_before() {
+        for (value, mode) in [
+            ("standalone", RedisMode::Standalone),
+            ("cluster", RedisMode::Cluster),
+            ("sentinel", RedisMode::Sentinel),
+        ] {
+            let config = Config::try_parse_from(["s", "--redis-mode", value]).unwrap();
+            assert_eq!(config.redis_mode, mode);
+        }
+        for (value, policy) in [
+            ("evict_oldest", LimitPolicy::EvictOldest),
+            ("evict-oldest", LimitPolicy::EvictOldest),
+            ("reject", LimitPolicy::Reject),
+        ] {
+            let config = Config::try_parse_from(["s", "--session-limit-policy", value]).unwrap();
+            assert_eq!(config.session_limit_policy, policy);
+        }
+        assert_eq!(Config::defaults().redis_mode, RedisMode::Standalone);
+        assert_eq!(
+            Config::defaults().session_limit_policy,
+            LimitPolicy::EvictOldest
+        );
+        for (flag, listed) in [
             (
-                "redis://:secret@redis-host:6379",
-                "redis://:***@redis-host:6379",
+                "--redis-mode",
+                "[possible values: standalone, cluster, sentinel]",
             ),
-            ("rediss://app:secret@h:6380/2", "rediss://app:***@h:6380/2"),
             (
-                "rediss://app:secret@h/0?protocol=resp3#insecure",
-                "rediss://app:***@h/0?protocol=resp3#insecure",
-            ),
-            ("redis://secret@h", "redis://***@h"),
-            ("redis://:se@cr:et@h:1", "redis://:***@h:1"),
-            ("redis://:se/cret@h", "redis://***"),
-            (
-                "redis+unix:///run/redis.sock?db=1",
-                "redis+unix:///run/redis.sock?db=1",
-            ),
-            (
-                "redis+unix:///run/r.sock?db=1&pass=secret",
-                "redis+unix:///run/r.sock?***",
-            ),
-            ("redis+unix:///run/r.sock?pass=se@cret", "redis+unix://***"),
-            (
-                "redis+unix:///run/r.sock?pass=se#cret",
-                "redis+unix:///run/r.sock?***#***",
-            ),
-            (
-                "redis://:secret@n1:7000, redis://:secret@n2:7001,rediss://u:secret@n3",
-                "redis://:***@n1:7000, redis://:***@n2:7001,rediss://u:***@n3",
+                "--session-limit-policy",
+                "[possible values: evict_oldest, reject]",
             ),
         ] {
-            let redacted = redact_redis_urls(url);
-            assert_eq!(redacted, shown, "{url}");
-            assert!(
-                !redacted.contains("secret") && !redacted.contains("cret"),
-                "{url}"
-            );
+            for bad in ["bogus", "Cluster", "evict oldest", "EVICT_OLDEST"] {
+                let err = Config::try_parse_from(["s", flag, bad]).unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    clap::error::ErrorKind::InvalidValue,
+                    "{flag} {bad}"
+                );
+                assert!(err.to_string().contains(listed), "{err}");
+            }
         }
+    }
+
+    /// The store's test settings are the defaults' store settings.
+    #[test]
+    fn store_test_settings_are_the_defaults() {
+        let url = "redis://127.0.0.1:6379";
+        assert_eq!(
+            format!("{:?}", Config::defaults().store_settings().unwrap()),
+            format!("{:?}", Settings::for_tests(url))
+        );
     }
 
     /// Neither `Config`, nor the store's `Settings`, nor a `Store` print the
@@ -672,7 +660,11 @@ mod tests {
                 ("Store", format!("{store:?}")),
                 ("Config (pretty)", format!("{config:#?}")),
             ] {
-                assert!(!debug.contains("secret"), "{what} leaks: {debug}");
+                // The passwords themselves: "secret" alone also matches the
+                // store's `secrets` field, which holds none.
+                for password in ["url-secret", "file-secret"] {
+                    assert!(!debug.contains(password), "{what} leaks: {debug}");
+                }
                 assert!(
                     debug.contains("redis-host"),
                     "{what} hides the host: {debug}"

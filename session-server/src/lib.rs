@@ -5,6 +5,11 @@
 //!
 //! - [`server`]: the transport: tonic, the logging layer, gRPC health,
 //!   reflection and graceful shutdown. [`server::run`] is the entry point.
+//!   Split as tonic's `transport/server/`: the assembly (`server/mod.rs`),
+//!   binding, accepting and guarding connections (`incoming`), TLS
+//!   handshakes and certificate reloads (`tls`), readiness as a pure state
+//!   step with a thin loop over Redis (`readiness`), and dispatch by
+//!   service (`routes`).
 //! - [`observe`]: one log line and the metrics of each RPC.
 //! - `shutdown`: open streams end when the listener closes, so the drain
 //!   does not wait for them.
@@ -16,7 +21,8 @@
 //! - `convert`: proto messages to and from domain types, with validation.
 //! - [`model`]: the domain types; ids are validated on construction.
 //! - [`store`]: Redis: the key layout, the Lua scripts and the pool, one
-//!   concern per file (sessions, login limiter, connection, revocations).
+//!   concern per file (sessions, login limiter, connection, credentials,
+//!   revocations). It imports neither `config` nor clap.
 //! - [`error`]: the error type and its single mapping to gRPC codes.
 //! - [`config`]: every setting, from the environment or flags.
 

@@ -22,7 +22,11 @@ use redis::{
 };
 use tokio::time::{Instant, timeout_at};
 
-use super::{RedisMode, Settings, Store, record_error};
+use super::{
+    RedisMode, Settings, Store,
+    credentials::{Credentials, Secrets},
+    record_error,
+};
 use crate::error::{Contention, Error};
 
 /// How connections are had: one store, one connection type chosen at start.
@@ -543,93 +547,6 @@ pub(super) enum Connector {
     Sentinel(tokio::sync::Mutex<(Credentials, SentinelClient)>),
 }
 
-/// The one reloader of REDIS_PASSWORD_FILE and REDIS_CA_FILE, shared by the
-/// pool's connector and the revocation subscriber's pub/sub connections, so
-/// that both use the same credentials: those read last by either. Each new
-/// connection asks it (rare: the pool keeps its connections, the subscriber
-/// keeps its subscription), so a rotated Secret needs no restart.
-#[derive(Debug)]
-pub(super) struct Secrets {
-    /// What the files held at the last read that succeeded.
-    last: std::sync::Mutex<Credentials>,
-}
-
-impl Secrets {
-    /// The credentials `settings` were built with (read at start).
-    pub(super) fn new(settings: &Settings) -> Self {
-        Self {
-            last: std::sync::Mutex::new(Credentials {
-                password: settings.redis_password.clone(),
-                ca_pem: settings.redis_ca_pem.clone(),
-            }),
-        }
-    }
-
-    /// The credentials the files hold now, remembered as the last read; a
-    /// file that cannot be read gives what was last read from it.
-    pub(super) fn current(&self, settings: &Settings) -> Credentials {
-        // A poisoned lock only means another thread panicked mid-read; the
-        // value is plain data, replaced as a whole, and still usable. The
-        // files are small and local: read under the lock, so that concurrent
-        // connections agree on the last credentials read.
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = last.reread(settings);
-        *last = now.clone();
-        now
-    }
-}
-
-/// The Redis password and CA as REDIS_PASSWORD_FILE and REDIS_CA_FILE held
-/// them at one read (see [`Secrets`]). A file that cannot be read keeps what
-/// was last read from it (logged).
-#[derive(Clone, PartialEq, Eq)]
-pub(super) struct Credentials {
-    password: Option<String>,
-    ca_pem: Option<Vec<u8>>,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the password.
-        f.debug_struct("Credentials").finish_non_exhaustive()
-    }
-}
-
-impl Credentials {
-    /// The settings' credentials, re-read from their files when set; a file
-    /// that cannot be read (a Secret briefly swapped, a rename in progress)
-    /// gives these, the last read: after a rotation, falling back to the
-    /// value read at start would bring back the old password, which Redis
-    /// now refuses.
-    fn reread(&self, settings: &Settings) -> Self {
-        let read = |path: &Option<std::path::PathBuf>, variable: &str| {
-            let path = path.as_ref()?;
-            std::fs::read(path)
-                .inspect_err(|e| {
-                    tracing::warn!(%variable, path = %path.display(), error = %e,
-                        "cannot re-read a Redis secret; new connections use the one read before");
-                })
-                .ok()
-        };
-        Self {
-            password: match read(&settings.redis_password_file, "REDIS_PASSWORD_FILE") {
-                Some(bytes) => Some(crate::config::password_from_file(&bytes)),
-                None => self.password.clone(),
-            },
-            ca_pem: read(&settings.redis_ca_file, "REDIS_CA_FILE").or_else(|| self.ca_pem.clone()),
-        }
-    }
-
-    /// `settings` with these credentials.
-    fn apply(&self, settings: &Settings) -> Settings {
-        Settings {
-            redis_password: self.password.clone(),
-            redis_ca_pem: self.ca_pem.clone(),
-            ..settings.clone()
-        }
-    }
-}
-
 impl fmt::Debug for RedisManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The connection info may carry a password: never print it.
@@ -887,13 +804,11 @@ mod tests {
     /// Store settings for the Redis at `url`, with a pool of one connection
     /// and a short timeout.
     fn settings(url: &str) -> Settings {
-        let mut config = crate::config::Config::defaults();
-        config.redis_url = url.into();
-        config.redis_pool_size = 1;
-        config.redis_timeout_ms = 200;
-        config
-            .store_settings()
-            .expect("the test configuration is valid")
+        Settings {
+            pool_size: 1,
+            timeout: Duration::from_millis(200),
+            ..Settings::for_tests(url)
+        }
     }
 
     /// A checkout that runs out of time while every pooled connection is

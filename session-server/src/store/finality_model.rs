@@ -293,10 +293,11 @@ impl Walk {
 }
 
 async fn walk(seed: u64, steps: usize) {
-    let mut config = crate::Config::defaults();
-    config.key_prefix = format!("finality-model-{seed}-{:x}:", super::random_u64());
-    config.max_sessions_per_user = 2;
-    let reader = config.store_settings().unwrap();
+    let reader = Settings {
+        key_prefix: format!("finality-model-{seed}-{:x}:", super::random_u64()),
+        max_sessions_per_user: 2,
+        ..Settings::for_tests("redis://127.0.0.1:6379")
+    };
     let settings = Settings {
         owner_grace: Duration::from_millis(100),
         timeout: Duration::from_millis(200),

@@ -3,6 +3,8 @@
 //! knows nothing of gRPC. One concern per file:
 //!
 //! - `connection`: the pool or cluster connection, and one operation's deadline;
+//! - `credentials`: the Redis password and CA files, re-read for new
+//!   connections, and REDIS_URL with its passwords hidden;
 //! - `sessions`: create, look up, revoke, count and list sessions;
 //! - `login`: the login rate limiter;
 //! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
@@ -54,6 +56,7 @@
 //! why readiness requires `maxmemory-policy noeviction`.
 
 mod connection;
+pub(crate) mod credentials;
 #[cfg(test)]
 mod finality_model;
 pub mod health;
@@ -89,10 +92,10 @@ fn random_u64() -> u64 {
 pub const OWNER_GRACE: Duration = Duration::from_secs(60);
 
 /// What to do when a user already has MAX_SESSIONS_PER_USER live sessions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// (`config` parses it from SESSION_LIMIT_POLICY.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LimitPolicy {
     /// Revoke the user's oldest sessions (closest to expiry) to make room.
-    #[value(name = "evict_oldest", alias = "evict-oldest")]
     EvictOldest,
     /// Refuse the new session (created = false).
     Reject,
@@ -107,8 +110,9 @@ impl LimitPolicy {
     }
 }
 
-/// Which kind of Redis deployment the store talks to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// Which kind of Redis deployment the store talks to. (`config` parses it
+/// from REDIS_MODE.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RedisMode {
     /// One Redis server (REDIS_URL is its URL).
     Standalone,
@@ -204,7 +208,7 @@ impl fmt::Debug for Settings {
         } = self;
         f.debug_struct("Settings")
             .field("mode", mode)
-            .field("redis_url", &crate::config::redact_redis_urls(redis_url))
+            .field("redis_url", &credentials::redact_redis_urls(redis_url))
             .field("sentinel_master", sentinel_master)
             .field("key_prefix", key_prefix)
             .field("session_ttl", session_ttl)
@@ -235,6 +239,37 @@ impl fmt::Debug for Settings {
     }
 }
 
+#[cfg(test)]
+impl Settings {
+    /// The settings `Config::defaults` gives, for the Redis at `redis_url`:
+    /// built here so the store's unit tests need no `config` (a test in
+    /// `config` checks the two agree).
+    pub(crate) fn for_tests(redis_url: &str) -> Self {
+        Self {
+            mode: RedisMode::Standalone,
+            redis_url: redis_url.into(),
+            sentinel_master: "mymaster".into(),
+            key_prefix: String::new(),
+            session_ttl: Duration::from_secs(900),
+            session_ttl_max: Duration::from_secs(86_400),
+            max_sessions_per_user: 10,
+            limit_policy: LimitPolicy::EvictOldest,
+            rate_limit_window: Duration::from_secs(900),
+            rate_limit_max_attempts: 5,
+            rate_limit_account_max_attempts: 10,
+            rate_limit_ipv6_prefix: 64,
+            pool_size: 8,
+            timeout: Duration::from_millis(1000),
+            revocation_heartbeat: Duration::from_millis(1000),
+            owner_grace: OWNER_GRACE,
+            redis_password_file: None,
+            redis_ca_file: None,
+            redis_password: None,
+            redis_ca_pem: None,
+        }
+    }
+}
+
 /// A cheap-to-clone handle to the session data in Redis.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -246,7 +281,7 @@ struct Shared {
     backend: Backend,
     /// The Redis password and CA as last read, for the pool's new connections
     /// and the revocation subscriber's alike.
-    secrets: Arc<connection::Secrets>,
+    secrets: Arc<credentials::Secrets>,
     settings: Settings,
     scripts: Scripts,
     /// Creates for one user that must evict take turns within this process
@@ -319,14 +354,14 @@ impl Store {
     ///
     /// [`Error::InvalidArgument`] naming `REDIS_URL` when the URL does not parse.
     pub fn new(settings: Settings) -> Result<Self, Error> {
-        let secrets = Arc::new(connection::Secrets::new(&settings));
+        let secrets = Arc::new(credentials::Secrets::new(&settings));
         let backend = Backend::new(&settings, &secrets)?;
         Ok(Self::with_backend(backend, secrets, settings))
     }
 
     fn with_backend(
         backend: Backend,
-        secrets: Arc<connection::Secrets>,
+        secrets: Arc<credentials::Secrets>,
         settings: Settings,
     ) -> Self {
         let revocation_channel = match connection::database(&settings) {
@@ -508,9 +543,11 @@ mod tests {
     }
 
     fn store(prefix: &str) -> Store {
-        let mut config = crate::Config::defaults();
-        config.key_prefix = prefix.into();
-        Store::new(config.store_settings().unwrap()).unwrap()
+        Store::new(Settings {
+            key_prefix: prefix.into(),
+            ..Settings::for_tests("redis://127.0.0.1:6379")
+        })
+        .unwrap()
     }
 
     #[test]
