@@ -545,11 +545,13 @@ mod tests {
     /// round trip at once.
     #[tokio::test]
     async fn a_create_that_outwaits_its_turn_is_busy_not_a_redis_timeout() {
-        let mut config = crate::Config::defaults();
-        config.key_prefix = format!("turn-{:x}:", super::super::random_u64());
-        config.max_sessions_per_user = 1;
-        config.redis_timeout_ms = 200;
-        let store = Store::new(config.store_settings().unwrap()).unwrap();
+        let settings = super::super::Settings {
+            key_prefix: format!("turn-{:x}:", super::super::random_u64()),
+            max_sessions_per_user: 1,
+            timeout: Duration::from_millis(200),
+            ..super::super::Settings::for_tests("redis://127.0.0.1:6379")
+        };
+        let store = Store::new(settings).unwrap();
         let new = |token: &str| NewSession {
             user_id: UserId::parse("user_id", "crowd".into()).unwrap(),
             token_id: TokenId::parse("token_id", token.into()).unwrap(),
