@@ -131,6 +131,22 @@ async fn watch(client: &mut SessionStoreClient<Channel>) -> Streaming<WatchRevoc
     stream
 }
 
+/// Creates the session `request` asks for, then revokes it; both must
+/// succeed.
+async fn create_and_revoke(
+    client: &mut SessionStoreClient<Channel>,
+    request: CreateSessionRequest,
+) {
+    let revoke = RevokeSessionRequest {
+        token_id: request.token_id.clone(),
+        user_id: request.user_id.clone(),
+    };
+    let created = client.create_session(request).await.unwrap().into_inner();
+    assert!(created.created, "{created:?}");
+    let revoked = client.revoke_session(revoke).await.unwrap().into_inner();
+    assert!(revoked.revoked);
+}
+
 /// Revokes fresh sessions of `user` and reads `stream` until a revocation
 /// arrives. A revocation may be missed only with a reset after it (the server
 /// subscribed again, possibly after it was published): then another is made.
@@ -143,25 +159,15 @@ async fn revocation_arrives(
 ) {
     for attempt in 0..10 {
         let token = format!("{token}-{attempt}");
-        let created = client
-            .create_session(CreateSessionRequest {
+        create_and_revoke(
+            client,
+            CreateSessionRequest {
                 user_id: user.into(),
                 token_id: token.clone(),
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(created.created);
-        let revoked = client
-            .revoke_session(RevokeSessionRequest {
-                token_id: token.clone(),
-                user_id: user.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(revoked.revoked);
+            },
+        )
+        .await;
         let outcome = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(message) = stream.next().await {
                 let message = message.expect("the stream outlives the failover");
@@ -383,21 +389,7 @@ async fn cluster_replay_cut_off_by_the_users_master_failing_leaves_the_token_rev
         ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
         ..Default::default()
     };
-    let created = client
-        .create_session(request(2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(created.created);
-    let revoked = client
-        .revoke_session(RevokeSessionRequest {
-            token_id: token.clone(),
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(revoked.revoked);
+    create_and_revoke(&mut client, request(2)).await;
     wait_for_replication(user_master).await;
 
     let stopped = Stopped::node(user_master);

@@ -88,30 +88,13 @@ impl Store {
                     .arg(self.reservation_slack_ms()),
             )
             .await?;
-        let malformed = || Error::Internal("prepare_create.lua returned a malformed reply".into());
-        let mut values = reply.into_iter();
-        let mut int = || -> Result<i64, Error> {
-            values
-                .next()
-                .map(i64::from_redis_value)
-                .transpose()
-                .map_err(|e| Error::Internal(e.into()))?
-                .ok_or_else(malformed)
-        };
-        let status = int()?;
-        let now_ms = u64::try_from(int()?).map_err(|_| malformed())?;
+        let mut reply = Reply::new("prepare_create.lua", reply);
+        let status = reply.int()?;
+        let now_ms = reply.millis()?;
         match status {
             1 => Ok(Prepared::Ready { now_ms }),
             4 => Ok(Prepared::Revoked),
-            0 => {
-                let json = values
-                    .next()
-                    .map(String::from_redis_value)
-                    .transpose()
-                    .map_err(|e| Error::Internal(e.into()))?
-                    .ok_or_else(malformed)?;
-                Ok(Prepared::Exists(parse_session(&json)?))
-            }
+            0 => Ok(Prepared::Exists(parse_session(&reply.string()?)?)),
             other => Err(Error::Internal(
                 format!("prepare_create.lua returned status {other}").into(),
             )),
@@ -515,24 +498,62 @@ fn parse_session(json: &str) -> Result<Session, Error> {
 type CreateReply = (i64, u64, u64, Vec<String>);
 
 fn parse_create_reply(reply: Vec<Value>) -> Result<CreateReply, Error> {
-    let malformed = || Error::Internal("create_session.lua returned a malformed reply".into());
-    let mut values = reply.into_iter();
-    let mut int = || -> Result<i64, Error> {
-        values
-            .next()
-            .map(i64::from_redis_value)
-            .transpose()
-            .map_err(|e| Error::Internal(e.into()))?
-            .ok_or_else(malformed)
-    };
-    let status = int()?;
-    let created = u64::try_from(int()?).map_err(|_| malformed())?;
-    let expires = u64::try_from(int()?).map_err(|_| malformed())?;
-    let tokens = values
-        .map(String::from_redis_value)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Internal(e.into()))?;
-    Ok((status, created, expires, tokens))
+    let mut reply = Reply::new("create_session.lua", reply);
+    Ok((
+        reply.int()?,
+        reply.millis()?,
+        reply.millis()?,
+        reply.strings()?,
+    ))
+}
+
+/// A script's reply (an array), read in order; anything missing or of the
+/// wrong type is an internal error naming the script.
+struct Reply {
+    script: &'static str,
+    values: std::vec::IntoIter<Value>,
+}
+
+impl Reply {
+    fn new(script: &'static str, reply: Vec<Value>) -> Self {
+        Self {
+            script,
+            values: reply.into_iter(),
+        }
+    }
+
+    fn malformed(&self) -> Error {
+        Error::Internal(format!("{} returned a malformed reply", self.script).into())
+    }
+
+    fn next<T: FromRedisValue>(&mut self) -> Result<T, Error> {
+        match self.values.next() {
+            Some(value) => T::from_redis_value(value).map_err(|e| Error::Internal(e.into())),
+            None => Err(self.malformed()),
+        }
+    }
+
+    fn int(&mut self) -> Result<i64, Error> {
+        self.next()
+    }
+
+    /// A time or duration in ms: never negative.
+    fn millis(&mut self) -> Result<u64, Error> {
+        let value = self.int()?;
+        u64::try_from(value).map_err(|_| self.malformed())
+    }
+
+    fn string(&mut self) -> Result<String, Error> {
+        self.next()
+    }
+
+    /// Every value left, as strings.
+    fn strings(self) -> Result<Vec<String>, Error> {
+        self.values
+            .map(String::from_redis_value)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(e.into()))
+    }
 }
 
 #[cfg(test)]
