@@ -105,6 +105,15 @@ pub(super) async fn watch_redis(
             access,
             policies,
         });
+        // The log lines first, then the gauges, then the health status: a
+        // reader that saw a gauge change finds the line that explains it
+        // (e2e eviction tests read the log once the metric moved).
+        let (reports, logs): (Vec<_>, Vec<_>) = actions
+            .into_iter()
+            .partition(|action| matches!(action, Action::Report(_)));
+        for action in logs {
+            apply(action, &health).await;
+        }
         metrics::gauge!(crate::metrics::REDIS_EVICTION_POLICY_OK).set(state.eviction.gauge());
         if let Some(now) = state.readiness {
             for label in crate::metrics::READINESS_STATES {
@@ -112,7 +121,7 @@ pub(super) async fn watch_redis(
                 metrics::gauge!(crate::metrics::READINESS, "state" => label).set(value);
             }
         }
-        for action in actions {
+        for action in reports {
             apply(action, &health).await;
         }
     }
