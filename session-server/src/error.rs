@@ -3,7 +3,9 @@
 //! Each variant is a case a caller branches on; causes that only an operator
 //! needs are kept as a boxed source and logged, never sent to the caller.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::log_gate::LogGate;
 
 /// A boxed error cause, kept for logs.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -214,7 +216,7 @@ impl From<Error> for tonic::Status {
         match err {
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(err.to_string()),
             Error::Unavailable(ref cause) => {
-                if let Some(suppressed) = REDIS_FAILURE_LOG.admit() {
+                if let Some(suppressed) = REDIS_FAILURE_LOG.admit(Instant::now()) {
                     tracing::warn!(error = %cause, suppressed, "redis unavailable");
                 }
                 tonic::Status::unavailable(
@@ -222,7 +224,7 @@ impl From<Error> for tonic::Status {
                 )
             }
             Error::Timeout(limit) => {
-                if let Some(suppressed) = REDIS_FAILURE_LOG.admit() {
+                if let Some(suppressed) = REDIS_FAILURE_LOG.admit(Instant::now()) {
                     tracing::warn!(?limit, suppressed, "redis timed out");
                 }
                 tonic::Status::unavailable(format!(
@@ -231,7 +233,7 @@ impl From<Error> for tonic::Status {
                 ))
             }
             Error::Busy(contention) => {
-                if let Some(suppressed) = BUSY_LOG.admit() {
+                if let Some(suppressed) = BUSY_LOG.admit(Instant::now()) {
                     tracing::warn!(%contention, suppressed, "session store busy");
                 }
                 tonic::Status::unavailable(format!("session store busy: {contention}"))
@@ -255,53 +257,11 @@ impl From<Error> for tonic::Status {
 /// counted exactly (`sessionstore_redis_errors_total`,
 /// `sessionstore_rpc_requests_total`), and each still gets its own
 /// (separately rate-limited) RPC log line.
-static REDIS_FAILURE_LOG: LogGate = LogGate::new();
+static REDIS_FAILURE_LOG: LogGate = LogGate::new(1, Duration::from_secs(1));
 
 /// The "session store busy" lines, limited for the same reason: contention
 /// comes in floods.
-static BUSY_LOG: LogGate = LogGate::new();
-
-/// Admits at most one log line per second; lock-free and approximate at a
-/// second's edge, exact in the count of lines left out.
-struct LogGate {
-    /// The second (since the process's first line) the last line was written.
-    last: std::sync::atomic::AtomicU64,
-    /// Lines left out since the last one written.
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl LogGate {
-    const fn new() -> Self {
-        Self {
-            last: std::sync::atomic::AtomicU64::new(u64::MAX),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(n)` when a line may be written now, `n` being how many were left
-    /// out before it; `None` (and one more left out) otherwise.
-    fn admit(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let second = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs();
-        let last = self.last.load(Relaxed);
-        let due = last == u64::MAX || second > last;
-        if due
-            && self
-                .last
-                .compare_exchange(last, second, Relaxed, Relaxed)
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Relaxed);
-            None
-        }
-    }
-}
+static BUSY_LOG: LogGate = LogGate::new(1, Duration::from_secs(1));
 
 #[cfg(test)]
 mod tests {
@@ -311,28 +271,6 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-
-    /// The gate writes at most one line per second that passes, and the
-    /// lines it writes plus those it reports left out are all of them.
-    #[test]
-    fn redis_failure_lines_are_limited_and_counted() {
-        let gate = LogGate::new();
-        let started = std::time::Instant::now();
-        let (mut written, mut reported) = (0u64, 0u64);
-        for _ in 0..10_000 {
-            if let Some(suppressed) = gate.admit() {
-                written += 1;
-                reported += suppressed;
-            }
-        }
-        let pending = gate.suppressed.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(written >= 1);
-        assert!(
-            written <= started.elapsed().as_secs() + 1,
-            "{written} lines"
-        );
-        assert_eq!(written + reported + pending, 10_000);
-    }
 
     /// A Redis error reply as it comes off the wire (`-CODE detail`).
     fn reply(line: &str) -> RedisError {

@@ -11,6 +11,9 @@
 //!   step with a thin loop over Redis (`readiness`), and dispatch by
 //!   service (`routes`).
 //! - [`observe`]: one log line and the metrics of each RPC.
+//! - `log_gate`: the one rate limit on log lines (the RPC log, the Redis
+//!   failure and contention warnings, the failed-accept warning), counting
+//!   the lines it leaves out.
 //! - `shutdown`: open streams end when the listener closes, so the drain
 //!   does not wait for them.
 //! - [`limits`]: the concurrency cap and per-call deadline.
@@ -36,6 +39,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod limits;
+mod log_gate;
 pub mod metrics;
 pub mod model;
 pub mod observe;

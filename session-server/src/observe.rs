@@ -33,10 +33,7 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
-    },
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -51,6 +48,8 @@ use tonic::{
     codegen::http::{Request, Response},
 };
 use tower::{Layer, Service};
+
+use crate::log_gate::LogGate;
 
 /// Most RPC log lines written per second for one gRPC code at INFO level or
 /// above; the rest are counted, not written. Twenty a second is enough to see
@@ -118,9 +117,11 @@ const CODES: usize = 17;
 /// [`KNOWN`] position (then "other") and code.
 struct Handles {
     slots: Box<[OnceLock<(Counter, Histogram)>]>,
-    samplers: [Sampler; CODES],
-    /// Start of the rate limit's one-second windows.
-    epoch: Instant,
+    /// The log rate limit of each code: at most [`LOG_LINES_PER_SECOND`]
+    /// lines a second.
+    gates: [LogGate; CODES],
+    /// RPC_LOG_LINES_SUPPRESSED of each code, made on first use.
+    suppressed: [OnceLock<Counter>; CODES],
 }
 
 impl Default for Handles {
@@ -129,8 +130,10 @@ impl Default for Handles {
             slots: (0..(KNOWN.len() + 1) * CODES)
                 .map(|_| OnceLock::new())
                 .collect(),
-            samplers: std::array::from_fn(|_| Sampler::default()),
-            epoch: Instant::now(),
+            gates: std::array::from_fn(|_| {
+                LogGate::new(LOG_LINES_PER_SECOND, Duration::from_secs(1))
+            }),
+            suppressed: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 }
@@ -166,12 +169,9 @@ impl Handles {
             log_rpc(loudness, call, code, latency_ms, 0);
             return;
         }
-        let window = now.duration_since(self.epoch).as_secs();
-        let sampler = &self.samplers[code as usize];
-        match sampler.admit(window) {
+        match self.gates[code as usize].admit(now.into_std()) {
             Some(suppressed) => log_rpc(loudness, call, code, latency_ms, suppressed),
-            None => sampler
-                .suppressed_counter
+            None => self.suppressed[code as usize]
                 .get_or_init(|| {
                     metrics::counter!(
                         crate::metrics::RPC_LOG_LINES_SUPPRESSED,
@@ -179,44 +179,6 @@ impl Handles {
                     )
                 })
                 .increment(1),
-        }
-    }
-}
-
-/// The log rate limit of one gRPC code: at most [`LOG_LINES_PER_SECOND`]
-/// lines in each one-second window. Lock-free and approximate at a window's
-/// edge (two threads may both start a window); the count of lines left out is
-/// exact.
-#[derive(Default)]
-struct Sampler {
-    /// The window `written` counts in, as whole seconds since the epoch.
-    window: AtomicU64,
-    /// Lines asked for in `window`, written or not.
-    written: AtomicU32,
-    /// Lines left out since the last one written.
-    suppressed: AtomicU64,
-    suppressed_counter: OnceLock<Counter>,
-}
-
-impl Sampler {
-    /// Whether a line may be written in `window`: `Some(n)` when it may, `n`
-    /// being how many were left out since the last one written; `None` when
-    /// the window's budget is spent (the line is counted as left out).
-    fn admit(&self, window: u64) -> Option<u64> {
-        let current = self.window.load(Ordering::Relaxed);
-        if current < window
-            && self
-                .window
-                .compare_exchange(current, window, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.written.store(0, Ordering::Relaxed);
-        }
-        if self.written.fetch_add(1, Ordering::Relaxed) < LOG_LINES_PER_SECOND {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
         }
     }
 }
@@ -640,25 +602,6 @@ mod tests {
             loudness("/grpc.health.v1.Health/Check", Code::Unavailable),
             Loudness::Debug
         );
-    }
-
-    /// The sampler lets the first lines of a window through, counts the rest
-    /// exactly, and reports that count with the next line written.
-    #[test]
-    fn the_sampler_bounds_lines_and_counts_the_rest() {
-        let sampler = Sampler::default();
-        let admitted = (0..100).filter(|_| sampler.admit(0).is_some()).count();
-        assert_eq!(admitted, LOG_LINES_PER_SECOND as usize);
-        assert_eq!(
-            sampler.admit(1),
-            Some(100 - u64::from(LOG_LINES_PER_SECOND))
-        );
-        assert_eq!(sampler.admit(1), Some(0));
-        // A late thread with an older window does not reopen the budget.
-        for _ in 0..100 {
-            sampler.admit(0);
-        }
-        assert!(sampler.admit(1).is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::{
 use tonic::transport::server::TcpIncoming;
 
 use super::{Bounds, tls};
+use crate::log_gate::LogGate;
 
 /// Binds a listener on `addr`. An unspecified IPv6 address (`[::]`) listens
 /// on IPv4 too (IPV6_V6ONLY off, whatever the host's default,
@@ -65,7 +66,7 @@ pub(crate) fn guarded(
         port,
         max_connections: bounds.max_connections,
         paused: None,
-        exhausted: AcceptErrors::default(),
+        exhausted: LogGate::new(1, ACCEPT_WARNING_INTERVAL),
     }
 }
 
@@ -93,41 +94,31 @@ fn is_resource_exhaustion(err: &std::io::Error) -> bool {
     })
 }
 
-/// The accepts that failed for want of a resource since the last warning.
-#[derive(Debug, Default)]
-struct AcceptErrors {
-    /// When the last warning was logged.
-    warned_at: Option<tokio::time::Instant>,
-    /// Failures since then, not yet reported.
-    unreported: u64,
-}
-
-impl AcceptErrors {
-    /// Counts `err` and logs a warning, naming the cause and the fix, unless
-    /// one was logged within [`ACCEPT_WARNING_INTERVAL`].
-    fn record(&mut self, err: &std::io::Error, port: &'static str, max_connections: usize) {
-        self.unreported = self.unreported.saturating_add(1);
-        let now = tokio::time::Instant::now();
-        if self
-            .warned_at
-            .is_some_and(|at| now.duration_since(at) < ACCEPT_WARNING_INTERVAL)
-        {
-            return;
-        }
-        tracing::warn!(
-            port,
-            error = %err,
-            failed_accepts = self.unreported,
-            pause_ms = ACCEPT_EXHAUSTED_PAUSE.as_millis(),
-            max_connections,
-            "cannot accept connections: the process is out of file descriptors or memory; \
-             pausing accepts (connections wait in the backlog). Fix: raise the file \
-             descriptor limit (ulimit -n, the container runtime's nofile) above twice \
-             MAX_CONNECTIONS plus the Redis pool, or lower MAX_CONNECTIONS"
-        );
-        self.warned_at = Some(now);
-        self.unreported = 0;
-    }
+/// Logs `err`, a failed accept for want of a resource, naming the cause and
+/// the fix, unless `gate` (one per port) had a warning written within
+/// [`ACCEPT_WARNING_INTERVAL`]; the warning counts the failures since the
+/// last one, this one included (`failed_accepts`).
+fn warn_exhausted(
+    gate: &LogGate,
+    err: &std::io::Error,
+    port: &'static str,
+    max_connections: usize,
+) {
+    // tokio's clock, as the pause's.
+    let Some(suppressed) = gate.admit(tokio::time::Instant::now().into_std()) else {
+        return;
+    };
+    tracing::warn!(
+        port,
+        error = %err,
+        failed_accepts = suppressed.saturating_add(1),
+        pause_ms = ACCEPT_EXHAUSTED_PAUSE.as_millis(),
+        max_connections,
+        "cannot accept connections: the process is out of file descriptors or memory; \
+         pausing accepts (connections wait in the backlog). Fix: raise the file \
+         descriptor limit (ulimit -n, the container runtime's nofile) above twice \
+         MAX_CONNECTIONS plus the Redis pool, or lower MAX_CONNECTIONS"
+    );
 }
 
 /// The stream of accepted connections made by [`guarded`]: it takes a
@@ -149,7 +140,8 @@ pub(crate) struct Guard {
     /// Set after an accept failed for want of a resource: no accept until
     /// it fires (see [`ACCEPT_EXHAUSTED_PAUSE`]).
     paused: Option<Pin<Box<tokio::time::Sleep>>>,
-    exhausted: AcceptErrors,
+    /// The rate limit of the warnings about failed accepts.
+    exhausted: LogGate,
 }
 
 impl tokio_stream::Stream for Guard {
@@ -185,7 +177,7 @@ impl tokio_stream::Stream for Guard {
                 // task wakes when it ends. The permit is kept for the next
                 // connection.
                 Some(Err(err)) if is_resource_exhaustion(&err) => {
-                    this.exhausted.record(&err, this.port, this.max_connections);
+                    warn_exhausted(&this.exhausted, &err, this.port, this.max_connections);
                     this.paused = Some(Box::pin(tokio::time::sleep(ACCEPT_EXHAUSTED_PAUSE)));
                     continue;
                 }
