@@ -610,6 +610,7 @@ async fn a_client_cancelling_calls_at_random_keeps_its_connection() {
     // tested here: whether the connection survives.
     let mut config = test_config();
     config.redis_timeout_ms = 10_000;
+    config.request_timeout_ms = 30_000;
     let server = TestServer::start_with(config).await;
     let client = server.client().await;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
