@@ -13,7 +13,7 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use crate::common::{TestServer, Topology, redis_cli, wait_until};
+use crate::support::{TestServer, Topology, redis_cli, wait_until};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.

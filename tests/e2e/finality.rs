@@ -12,10 +12,7 @@ use tonic::transport::Channel;
 
 use session_server::Config;
 
-use crate::{
-    common::{PrivateRedis, TestServer, config_on, inspect, test_config},
-    sessions::{count, get},
-};
+use crate::support::{PrivateRedis, TestServer, config_on, count, get, inspect, test_config};
 
 type Client = SessionStoreClient<Channel>;
 

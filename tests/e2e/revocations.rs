@@ -14,11 +14,10 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 
-use crate::common::{
-    PrivateRedis, TempFiles, TestServer, config_on, inspect, redis_cli, redis_cli_with_password,
-    test_config, wait_until,
+use crate::support::{
+    PrivateRedis, TempFiles, TestServer, config_on, get, inspect, redis_cli,
+    redis_cli_with_password, test_config, wait_until,
 };
-use crate::sessions::get;
 
 /// How long a test waits for a message that should come.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -811,7 +810,7 @@ async fn resets_and_heartbeats_carry_redis_clock() {
 #[tokio::test]
 async fn deployments_in_other_databases_have_their_own_channel() {
     let redis = PrivateRedis::start();
-    let prefix = crate::common::unique_prefix();
+    let prefix = crate::support::unique_prefix();
     let mut a = config_on(&redis);
     a.redis_url = format!("{}/1", redis.url());
     a.key_prefix = prefix.clone();

@@ -5,13 +5,12 @@ use std::{collections::HashMap, time::Duration};
 
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
-    CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
-    ListUserSessionsRequest, RevokeAllUserSessionsRequest, RevokeSessionRequest, Session,
-    session_store_client::SessionStoreClient,
+    CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
+    RevokeAllUserSessionsRequest, RevokeSessionRequest, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, inspect, test_config};
+use crate::support::{TestServer, count, get, inspect, test_config};
 
 type Client = SessionStoreClient<Channel>;
 
@@ -33,29 +32,6 @@ async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionRe
         .await
         .unwrap()
         .into_inner()
-}
-
-pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
-    client
-        .get_session(GetSessionRequest {
-            token_id: token.into(),
-            user_id: hint.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-}
-
-pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
-    client
-        .get_user_session_count(GetUserSessionCountRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count
 }
 
 fn millis(ts: &prost_types::Timestamp) -> i64 {

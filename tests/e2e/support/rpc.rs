@@ -1,0 +1,35 @@
+//! Calls on the generated client that several areas make the same way.
+
+use sessionstore::v1::{
+    GetSessionRequest, GetUserSessionCountRequest, Session,
+    session_store_client::SessionStoreClient,
+};
+use tonic::transport::Channel;
+
+/// The generated client, on a plain channel.
+pub(crate) type Client = SessionStoreClient<Channel>;
+
+/// The session `token` names, looked up with the owner `hint` (may be empty).
+pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
+    client
+        .get_session(GetSessionRequest {
+            token_id: token.into(),
+            user_id: hint.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+}
+
+/// How many live sessions `user` has.
+pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
+    client
+        .get_user_session_count(GetUserSessionCountRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
