@@ -7,7 +7,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -17,7 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at, redis_cli,
-    scrape, server_binary, unique_prefix, wait_until,
+    scrape, server_binary, server_command, wait_until,
 };
 
 /// How soon a fixed policy must make the server ready again (issue #10).
@@ -309,18 +309,8 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn spawn(redis: &PrivateRedis, extra_env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(server_binary())
-            .env_clear()
-            .env("REDIS_URL", redis.url())
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("KEY_PREFIX", unique_prefix())
-            .env("HEALTH_CHECK_INTERVAL_MS", "50")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        let env = [&[("HEALTH_CHECK_INTERVAL_MS", "50")], extra_env].concat();
+        let mut child = server_command(Command::new(server_binary()), &redis.url(), &env)
             .spawn()
             .unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));

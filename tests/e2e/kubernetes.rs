@@ -26,7 +26,9 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::support::{Pki, PrivateRedis, TempFiles, readiness_at, spawn_server, wait_until};
+use crate::support::{
+    Pki, PrivateRedis, TempFiles, launch, readiness_at, server_command, spawn_server, wait_until,
+};
 
 /// Kills the server process when the test ends, however it ends.
 struct Running(Child);
@@ -612,49 +614,22 @@ fn spawn_with_fd_limit(
     String,
     mpsc::Receiver<serde_json::Value>,
 ) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new("sh")
+    let mut shell = std::process::Command::new("sh");
+    shell
         .args([
             "-c",
             &format!("ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\""),
         ])
-        .arg(crate::support::server_binary())
-        .env_clear()
-        .env("REDIS_URL", redis_url)
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("HEALTH_ADDR", health)
-        .env("METRICS_ADDR", "127.0.0.1:0")
-        .env("KEY_PREFIX", crate::support::unique_prefix())
-        .env("REDIS_POOL_SIZE", "2")
-        .env("SHUTDOWN_DELAY_MS", "0")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut early = Vec::new();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if event["message"] == "listening" {
-            break event["addr"].as_str().unwrap().to_string();
-        }
-        early.push(event);
-    };
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if let Ok(event) = serde_json::from_str(&line) {
-                let _ = sender.send(event);
-            }
-        }
-    });
-    (child, early, addr, receiver)
+        .arg(crate::support::server_binary());
+    launch(server_command(
+        shell,
+        redis_url,
+        &[
+            ("HEALTH_ADDR", health),
+            ("REDIS_POOL_SIZE", "2"),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    ))
 }
 
 /// Whether a health check on a new connection to `url` answers.
