@@ -6,13 +6,10 @@ use std::{collections::HashMap, time::Duration};
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest, session_store_client::SessionStoreClient,
+    RevokeAllUserSessionsRequest, RevokeSessionRequest,
 };
-use tonic::transport::Channel;
 
-use crate::support::{TestServer, count, get, inspect, test_config};
-
-type Client = SessionStoreClient<Channel>;
+use crate::support::{Client, TestServer, count, get, inspect, test_config};
 
 fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs

@@ -1,13 +1,26 @@
 //! Calls on the generated client that several areas make the same way.
 
 use sessionstore::v1::{
-    GetSessionRequest, GetUserSessionCountRequest, Session,
-    session_store_client::SessionStoreClient,
+    CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
+    Session, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
 /// The generated client, on a plain channel.
 pub(crate) type Client = SessionStoreClient<Channel>;
+
+/// Creates the session `token` for `user`, with no metadata and the default TTL.
+pub(crate) async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionResponse {
+    client
+        .create_session(CreateSessionRequest {
+            user_id: user.into(),
+            token_id: token.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
 
 /// The session `token` names, looked up with the owner `hint` (may be empty).
 pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
