@@ -7,8 +7,8 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, liveness, readiness, redis_cli, test_config,
-    wait_until,
+    PrivateRedis, TempFiles, TestServer, config_on, liveness, lookups_work_within, readiness,
+    redis_cli, test_config, wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -178,13 +178,7 @@ async fn paused_redis_times_out_as_unavailable() {
     );
 
     // The pause ends by itself (an UNPAUSE would be paused too).
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await
-    );
+    assert!(lookups_work_within(Duration::from_secs(5), &client, get).await);
 }
 
 /// Redis restarted with appendonly (fsync always): every session whose

@@ -13,8 +13,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, free_port, readiness, readiness_at,
-    test_config, wait_until,
+    PrivateRedis, TempFiles, TestServer, config_on, free_port, lookups_work_within, readiness,
+    readiness_at, test_config, wait_until,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -413,11 +413,7 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
         user_id: "back".into(),
     };
     assert!(
-        wait_until(Duration::from_secs(4), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await,
+        lookups_work_within(Duration::from_secs(4), &client, get).await,
         "the server did not reach Redis again during the delay"
     );
     // Redis answers, so before the fix the watcher set SERVING within a tick

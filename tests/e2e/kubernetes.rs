@@ -27,7 +27,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, launch, readiness_at, server_command, spawn_server, wait_until,
+    Pki, PrivateRedis, TempFiles, launch, lookups_work_within, readiness_at, server_command,
+    spawn_server, wait_until,
 };
 
 /// Kills the server process when the test ends, however it ends.
@@ -161,11 +162,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
 
     redis.restart();
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await,
+        lookups_work_within(Duration::from_secs(10), &client, get).await,
         "calls did not succeed again after Redis came back"
     );
 
@@ -590,11 +587,7 @@ async fn a_rotated_redis_password_is_used_by_new_connections() {
         .await
         .unwrap();
 
-    let served = wait_until(Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move { client.get_session(get()).await.is_ok() }
-    })
-    .await;
+    let served = lookups_work_within(Duration::from_secs(10), &client, get).await;
     assert!(served, "new connections did not use the rotated password");
     server.shutdown().await;
 }

@@ -14,7 +14,8 @@ use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, TestServer, config_on, test_config, wait_until,
+    Pki, PrivateRedis, TempFiles, TestServer, config_on, lookups_work_within, test_config,
+    wait_until,
 };
 
 /// A tokens file in the temp dir, removed on drop.
@@ -198,13 +199,7 @@ async fn the_callers_deadline_is_honoured() {
         "{:?}",
         started.elapsed()
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await
-    );
+    assert!(lookups_work_within(Duration::from_secs(5), &client, get).await);
 }
 
 /// Redis over TLS (`rediss://`) verified with REDIS_CA_FILE, authenticated with

@@ -28,7 +28,7 @@ pub(crate) use self::{
     probe::{liveness, readiness, readiness_at},
     process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
     redis::{PrivateRedis, Topology, command_calls, inspect, redis_cli, redis_cli_with_password},
-    rpc::{Client, count, create, get},
+    rpc::{Client, count, create, get, lookups_work_within},
     server::{TestServer, config_on, https_url, test_config},
 };
 

@@ -1,10 +1,14 @@
 //! Calls on the generated client that several areas make the same way.
 
+use std::time::Duration;
+
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
     Session, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
+
+use super::wait_until;
 
 /// The generated client, on a plain channel.
 pub(crate) type Client = SessionStoreClient<Channel>;
@@ -45,4 +49,19 @@ pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
         .unwrap()
         .into_inner()
         .count
+}
+
+/// Whether a lookup of `request()` gets an answer (found or not) within
+/// `limit`, asked every 20 ms: calls work again after an outage.
+pub(crate) async fn lookups_work_within(
+    limit: Duration,
+    client: &Client,
+    request: impl Fn() -> GetSessionRequest,
+) -> bool {
+    wait_until(limit, || {
+        let mut client = client.clone();
+        let request = request();
+        async move { client.get_session(request).await.is_ok() }
+    })
+    .await
 }
