@@ -4,27 +4,16 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
     time::{Duration, SystemTime},
 };
 
 use session_client::{CreateOutcome, Error, NewSession, SessionClient};
-use session_server::{Config, Store, server};
-use sessionstore::v1::{
-    self as pb,
-    session_store_server::{SessionStore, SessionStoreServer},
-};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::{
-    Code, Request, Response, Status, metadata::MetadataMap, transport::server::TcpIncoming,
-};
+use tokio::net::TcpListener;
+use tonic::Code;
 
-use crate::common::{
-    Pki, PrivateRedis, TempFiles, TestServer, config_on, free_port, test_config, wait_until,
+use crate::support::{
+    Behaviour, Pki, PrivateRedis, Stub, TempFiles, TestServer, config_on, error_chain, free_port,
+    grpc_timeout, https_url, test_config, wait_until,
 };
 
 /// A client of `server` with the defaults.
@@ -484,7 +473,7 @@ async fn a_lazy_client_starts_before_the_server() {
     assert!(matches!(write, Err(Error::Unavailable(_))), "{write:?}");
 
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    let server = Running::serve(listener, test_config());
+    let server = TestServer::serve_on(listener, test_config());
     assert!(
         wait_until(Duration::from_secs(10), || async {
             client.get_user_session_count("hank").await.is_ok()
@@ -497,7 +486,7 @@ async fn a_lazy_client_starts_before_the_server() {
             .await
             .unwrap()
     );
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// An eager client fails to connect with `Error::Unavailable` when nothing
@@ -875,279 +864,4 @@ async fn tls_refuses_an_untrusted_server_and_a_client_without_identity() {
         }
         other => panic!("expected a refused connection, got {other:?}"),
     }
-}
-
-// ---------------------------------------------------------------------------
-// Helpers.
-
-/// An error and all its sources, for asserting on a cause deep in the chain.
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = format!("{err:?}");
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(" <- {cause:?}"));
-        source = cause.source();
-    }
-    text
-}
-
-/// The `grpc-timeout` a request carried, decoded.
-pub(crate) fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
-/// The real server on a listener the test bound itself (TestServer binds its
-/// own port 0), stopped by `stop`.
-pub(crate) struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    /// The real server, with its usual transport, on `listener`.
-    pub(crate) fn serve(listener: TcpListener, config: Config) -> Self {
-        let store = Store::new(config.store_settings().unwrap()).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server::run(listener, &config, store, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self { stop, task }
-    }
-
-    pub(crate) async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("server did not stop within 10 s")
-            .unwrap();
-    }
-}
-
-/// How the stub answers every call.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Behaviour {
-    /// Calls (of any method) answered UNAVAILABLE before `then` applies.
-    pub(crate) unavailable_first: u32,
-    /// The answer after those: `Code::Ok` for a default response, else that code.
-    pub(crate) then: Code,
-}
-
-impl Behaviour {
-    pub(crate) fn unavailable_forever() -> Self {
-        Self {
-            unavailable_first: u32::MAX,
-            then: Code::Unavailable,
-        }
-    }
-
-    pub(crate) fn ok() -> Self {
-        Self {
-            unavailable_first: 0,
-            then: Code::Ok,
-        }
-    }
-}
-
-/// A tonic server implementing SessionStore that only counts requests, keeps
-/// their metadata and answers as its [`Behaviour`] says.
-pub(crate) struct Stub {
-    pub(crate) addr: SocketAddr,
-    state: Arc<StubState>,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-#[derive(Debug)]
-struct StubState {
-    behaviour: Behaviour,
-    answered: AtomicU32,
-    requests: Mutex<Vec<(&'static str, MetadataMap)>>,
-}
-
-impl Stub {
-    /// What GetUserSessionCount answers when it succeeds.
-    pub(crate) const COUNT: u32 = 7;
-
-    pub(crate) async fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(StubState {
-            behaviour,
-            answered: AtomicU32::new(0),
-            requests: Mutex::new(Vec::new()),
-        });
-        let service = SessionStoreServer::new(StubService(state.clone()));
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self {
-            addr,
-            state,
-            stop: Some(stop),
-        }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// A client builder for this stub, with tiny backoffs so retries are
-    /// quick, and a retry budget large enough not to interfere.
-    pub(crate) fn client(&self) -> session_client::Builder {
-        SessionClient::builder(self.url())
-            .initial_backoff(Duration::from_millis(1))
-            .max_backoff(Duration::from_millis(5))
-            .retry_throttling(1000, 1.0)
-    }
-
-    /// How many requests for `method` arrived.
-    pub(crate) fn calls(&self, method: &str) -> usize {
-        let requests = self.state.requests.lock().unwrap();
-        requests.iter().filter(|(m, _)| *m == method).count()
-    }
-
-    /// The metadata of every request, in arrival order.
-    pub(crate) fn metadata(&self) -> Vec<MetadataMap> {
-        let requests = self.state.requests.lock().unwrap();
-        requests.iter().map(|(_, m)| m.clone()).collect()
-    }
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-struct StubService(Arc<StubState>);
-
-impl StubService {
-    /// Records the request and says whether to answer OK.
-    fn answer<T>(&self, method: &'static str, request: &Request<T>) -> Result<(), Status> {
-        let state = &self.0;
-        state
-            .requests
-            .lock()
-            .unwrap()
-            .push((method, request.metadata().clone()));
-        let behaviour = state.behaviour;
-        let n = state.answered.fetch_add(1, Ordering::SeqCst);
-        if n < behaviour.unavailable_first {
-            return Err(Status::unavailable("stub: unavailable"));
-        }
-        match behaviour.then {
-            Code::Ok => Ok(()),
-            code => Err(Status::new(code, "stub")),
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl SessionStore for StubService {
-    async fn create_session(
-        &self,
-        request: Request<pb::CreateSessionRequest>,
-    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        self.answer("CreateSession", &request)?;
-        Ok(Response::new(pb::CreateSessionResponse::default()))
-    }
-
-    async fn get_session(
-        &self,
-        request: Request<pb::GetSessionRequest>,
-    ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        self.answer("GetSession", &request)?;
-        Ok(Response::new(pb::GetSessionResponse::default()))
-    }
-
-    async fn revoke_session(
-        &self,
-        request: Request<pb::RevokeSessionRequest>,
-    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
-        self.answer("RevokeSession", &request)?;
-        Ok(Response::new(pb::RevokeSessionResponse::default()))
-    }
-
-    async fn revoke_all_user_sessions(
-        &self,
-        request: Request<pb::RevokeAllUserSessionsRequest>,
-    ) -> Result<Response<pb::RevokeAllUserSessionsResponse>, Status> {
-        self.answer("RevokeAllUserSessions", &request)?;
-        Ok(Response::new(pb::RevokeAllUserSessionsResponse::default()))
-    }
-
-    async fn get_user_session_count(
-        &self,
-        request: Request<pb::GetUserSessionCountRequest>,
-    ) -> Result<Response<pb::GetUserSessionCountResponse>, Status> {
-        self.answer("GetUserSessionCount", &request)?;
-        Ok(Response::new(pb::GetUserSessionCountResponse {
-            count: Stub::COUNT,
-        }))
-    }
-
-    async fn list_user_sessions(
-        &self,
-        request: Request<pb::ListUserSessionsRequest>,
-    ) -> Result<Response<pb::ListUserSessionsResponse>, Status> {
-        self.answer("ListUserSessions", &request)?;
-        Ok(Response::new(pb::ListUserSessionsResponse::default()))
-    }
-
-    async fn record_login_attempt(
-        &self,
-        request: Request<pb::RecordLoginAttemptRequest>,
-    ) -> Result<Response<pb::RecordLoginAttemptResponse>, Status> {
-        self.answer("RecordLoginAttempt", &request)?;
-        Ok(Response::new(pb::RecordLoginAttemptResponse {
-            allowed: true,
-            ..Default::default()
-        }))
-    }
-
-    async fn reset_login_attempts(
-        &self,
-        request: Request<pb::ResetLoginAttemptsRequest>,
-    ) -> Result<Response<pb::ResetLoginAttemptsResponse>, Status> {
-        self.answer("ResetLoginAttempts", &request)?;
-        Ok(Response::new(pb::ResetLoginAttemptsResponse::default()))
-    }
-    type WatchRevocationsStream =
-        tokio_stream::Pending<Result<pb::WatchRevocationsResponse, Status>>;
-
-    async fn watch_revocations(
-        &self,
-        request: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        self.answer("WatchRevocations", &request)?;
-        Ok(Response::new(tokio_stream::pending()))
-    }
-}
-
-/// The `https://` URL of a test server serving TLS.
-pub(crate) fn https_url(server: &TestServer) -> String {
-    format!("https://127.0.0.1:{}", server.addr.port())
 }

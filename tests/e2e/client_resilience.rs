@@ -17,11 +17,9 @@ use std::{
 use session_client::{Code, Error, SessionClient};
 use tokio::net::TcpListener;
 
-use crate::{
-    client::{Behaviour, Running, Stub, error_chain, grpc_timeout, https_url},
-    common::{
-        Pki, PrivateRedis, TempFiles, TestServer, config_on, free_port, test_config, unique_prefix,
-    },
+use crate::support::{
+    Behaviour, Pki, PrivateRedis, Stub, TempFiles, TestServer, config_on, error_chain, free_port,
+    grpc_timeout, https_url, test_config, unique_prefix,
 };
 
 fn no_metadata() -> HashMap<String, String> {
@@ -76,7 +74,7 @@ async fn a_dead_endpoint_is_skipped_and_used_again_once_it_recovers() {
     let mut revived_config = roomy_config();
     revived_config.key_prefix = unique_prefix();
     let listener = TcpListener::bind(("127.0.0.1", dead_port)).await.unwrap();
-    let revived = Running::serve(listener, revived_config);
+    let revived = TestServer::serve_on(listener, revived_config);
 
     let start = Instant::now();
     let mut made = 0;
@@ -107,7 +105,7 @@ async fn a_dead_endpoint_is_skipped_and_used_again_once_it_recovers() {
     );
     assert_eq!(on_live + on_revived, made);
     assert!(on_live > 0 && on_revived > 0, "{on_live} / {on_revived}");
-    revived.stop().await;
+    revived.shutdown().await;
 }
 
 /// With one of two endpoints hung (it answered before; now its port still
@@ -597,7 +595,7 @@ async fn an_overloaded_server_is_overloaded() {
 #[tokio::test]
 async fn a_connection_cut_mid_call_is_retried_for_reads_only() {
     let stub = Stub::start(Behaviour::ok()).await;
-    let proxy = cutting_proxy(stub.addr, 1);
+    let proxy = cutting_proxy(stub.server.addr, 1);
     let client = SessionClient::builder(format!("http://{proxy}"))
         .initial_backoff(Duration::from_millis(5))
         .connect()
@@ -609,7 +607,7 @@ async fn a_connection_cut_mid_call_is_retried_for_reads_only() {
     );
     assert_eq!(stub.calls("GetUserSessionCount"), 1);
 
-    let proxy = cutting_proxy(stub.addr, 1);
+    let proxy = cutting_proxy(stub.server.addr, 1);
     let client = SessionClient::builder(format!("http://{proxy}"))
         .initial_backoff(Duration::from_millis(5))
         .connect()

@@ -6,27 +6,9 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use sessionstore::v1::{CreateSessionRequest, GetSessionRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{PrivateRedis, TestServer, config_on, readiness, wait_until};
-
-/// The calls Redis has answered so far, by command (`INFO commandstats`),
-/// without INFO itself.
-async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    // Lines look like `cmdstat_get:calls=100,usec=250,usec_per_call=2.50,...`.
-    info.lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
-            Some((name.to_string(), calls.parse().ok()?))
-        })
-        .filter(|(name, _)| name != "info")
-        .collect()
-}
+use crate::support::{PrivateRedis, TestServer, command_calls, config_on, readiness, wait_until};
 
 /// What was called between two snapshots, and how often in all.
 fn delta(
@@ -53,7 +35,7 @@ async fn get_session_needs_one_command_with_the_hint_and_two_without() {
     let server = TestServer::start_with(config).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            readiness(&server).await == 1
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await,
         "the server never saw Redis answer its first PING"

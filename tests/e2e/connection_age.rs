@@ -13,10 +13,7 @@ use std::{
 use session_client::SessionClient;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{
-    client::error_chain,
-    common::{TestServer, test_config},
-};
+use crate::support::{TestServer, error_chain, test_config};
 
 /// Concurrent writers, each its own user.
 const WRITERS: usize = 32;

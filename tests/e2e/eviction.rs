@@ -7,23 +7,17 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use session_server::{Config, Store, store::RedisMode};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{
-    PrivateRedis, TestServer, Topology, config_on, readiness, redis_cli, server_binary,
-    unique_prefix, wait_until,
+use crate::support::{
+    PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at, redis_cli,
+    scrape, server_binary, server_command, wait_until,
 };
 
 /// How soon a fixed policy must make the server ready again (issue #10).
@@ -101,19 +95,6 @@ async fn wait_for_policy_reads(port: u16, reads: usize) {
     assert!(seen, "the server did not read maxmemory-policy on {port}");
 }
 
-async fn liveness(server: &TestServer) -> i32 {
-    server
-        .health()
-        .await
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-}
-
 /// The scenario every topology runs. The master on `port` evicts
 /// (`volatile-lru`) before the server starts: readiness stays NOT_SERVING
 /// while liveness is SERVING; `CONFIG SET maxmemory-policy noeviction` makes it
@@ -126,15 +107,15 @@ async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
     wait_for_policy_reads(port, 2).await;
     assert_eq!(
         readiness(&server).await,
-        ServingStatus::NotServing as i32,
+        Some(ServingStatus::NotServing),
         "ready although a master evicts"
     );
-    assert_eq!(liveness(&server).await, ServingStatus::Serving as i32);
+    assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
 
     set_policy(port, "noeviction");
     let fixed = Instant::now();
     let ready = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == ServingStatus::Serving as i32
+        readiness(&server).await == Some(ServingStatus::Serving)
     })
     .await;
     let recovery = fixed.elapsed();
@@ -145,11 +126,11 @@ async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
 
     set_policy(port, "allkeys-lru");
     let refused = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == ServingStatus::NotServing as i32
+        readiness(&server).await == Some(ServingStatus::NotServing)
     })
     .await;
     assert!(refused, "still ready after the policy became allkeys-lru");
-    assert_eq!(liveness(&server).await, ServingStatus::Serving as i32);
+    assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
     server.shutdown().await;
     recovery
 }
@@ -252,21 +233,21 @@ async fn allkeys_lru_without_a_limit_stays_ready() {
     ]);
     let server = TestServer::start_with(config_on(&redis)).await;
     let ready = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == ServingStatus::Serving as i32
+        readiness(&server).await == Some(ServingStatus::Serving)
     })
     .await;
     assert!(ready, "not ready on allkeys-lru without maxmemory");
     let reads = policy_reads(redis.port).await;
     wait_for_policy_reads(redis.port, reads + 3).await;
-    assert_eq!(readiness(&server).await, ServingStatus::Serving as i32);
+    assert_eq!(readiness(&server).await, Some(ServingStatus::Serving));
 
     set_maxmemory(redis.port, "64mb");
     let refused = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == ServingStatus::NotServing as i32
+        readiness(&server).await == Some(ServingStatus::NotServing)
     })
     .await;
     assert!(refused, "still ready with allkeys-lru and maxmemory 64mb");
-    assert_eq!(liveness(&server).await, ServingStatus::Serving as i32);
+    assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
     server.shutdown().await;
 }
 
@@ -295,7 +276,7 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
     let server = TestServer::start_with(config).await;
 
     let ready = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == ServingStatus::Serving as i32
+        readiness(&server).await == Some(ServingStatus::Serving)
     })
     .await;
     assert!(ready, "an unreadable policy blocked readiness");
@@ -303,7 +284,7 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
 
     acl(&["+info"]);
     let refused = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == ServingStatus::NotServing as i32
+        readiness(&server).await == Some(ServingStatus::NotServing)
     })
     .await;
     assert!(refused, "ready although INFO now shows volatile-lru");
@@ -314,7 +295,7 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
     assert!(retried, "the server stopped reading the policy");
     assert_eq!(
         readiness(&server).await,
-        ServingStatus::NotServing as i32,
+        Some(ServingStatus::NotServing),
         "a failed INFO forgot the evicting policy"
     );
     server.shutdown().await;
@@ -328,18 +309,8 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn spawn(redis: &PrivateRedis, extra_env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(server_binary())
-            .env_clear()
-            .env("REDIS_URL", redis.url())
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("KEY_PREFIX", unique_prefix())
-            .env("HEALTH_CHECK_INTERVAL_MS", "50")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        let env = [&[("HEALTH_CHECK_INTERVAL_MS", "50")], extra_env].concat();
+        let mut child = server_command(Command::new(server_binary()), &redis.url(), &env)
             .spawn()
             .unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -396,18 +367,6 @@ impl Drop for ServerProcess {
     }
 }
 
-async fn scrape(addr: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
 /// The value of the sample named exactly `series` (name and labels), if any.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -429,23 +388,6 @@ async fn wait_for_samples(addr: &str, expected: &[(&str, f64)]) {
         "metrics never showed {expected:?}:\n{}",
         scrape(addr).await
     );
-}
-
-/// The readiness answer of the server listening on `addr`.
-async fn readiness_at(addr: &str) -> i32 {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: sessionstore::SERVICE_NAME.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
 }
 
 const POLICY_OK: &str = "sessionstore_redis_eviction_policy_ok";
@@ -471,8 +413,8 @@ async fn binary_logs_the_policy_once_and_exports_why() {
     .await;
     let listen = server.logged_addr("listening").await;
     assert_eq!(
-        readiness_at(&listen).await,
-        ServingStatus::NotServing as i32
+        readiness_at(&format!("http://{listen}")).await,
+        Some(ServingStatus::NotServing)
     );
 
     // Several more checks: still exactly one error.
@@ -521,7 +463,10 @@ async fn allow_eviction_serves_on_an_evicting_redis() {
     let serving = readiness_state("serving");
     wait_for_samples(&metrics, &[(POLICY_OK, 0.0), (&serving, 1.0)]).await;
     let listen = server.logged_addr("listening").await;
-    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+    assert_eq!(
+        readiness_at(&format!("http://{listen}")).await,
+        Some(ServingStatus::Serving)
+    );
 
     let reads = policy_reads(redis.port).await;
     wait_for_policy_reads(redis.port, reads + 5).await;
@@ -561,10 +506,16 @@ async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
     )
     .await;
     let listen = server.logged_addr("listening").await;
-    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+    assert_eq!(
+        readiness_at(&format!("http://{listen}")).await,
+        Some(ServingStatus::Serving)
+    );
     let reads = policy_reads(redis.port).await;
     wait_for_policy_reads(redis.port, reads + 3).await;
-    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+    assert_eq!(
+        readiness_at(&format!("http://{listen}")).await,
+        Some(ServingStatus::Serving)
+    );
     assert_eq!(server.events_at("ERROR"), Vec::<serde_json::Value>::new());
 
     set_maxmemory(redis.port, "64mb");
@@ -574,8 +525,8 @@ async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
     )
     .await;
     assert_eq!(
-        readiness_at(&listen).await,
-        ServingStatus::NotServing as i32
+        readiness_at(&format!("http://{listen}")).await,
+        Some(ServingStatus::NotServing)
     );
     let errors = server.events_at("ERROR");
     assert_eq!(errors.len(), 1, "{errors:#?}");
@@ -588,5 +539,8 @@ async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
         &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
     )
     .await;
-    assert_eq!(readiness_at(&listen).await, ServingStatus::Serving as i32);
+    assert_eq!(
+        readiness_at(&format!("http://{listen}")).await,
+        Some(ServingStatus::Serving)
+    );
 }

@@ -13,7 +13,7 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use crate::common::{TestServer, Topology, redis_cli, wait_until};
+use crate::support::{TestServer, Topology, create, redis_cli, wait_until};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.
@@ -46,15 +46,7 @@ async fn write_sessions(
     for user in users {
         for i in 0..3 {
             let token = format!("{user}-t{i}");
-            let created = client
-                .create_session(CreateSessionRequest {
-                    user_id: user.clone(),
-                    token_id: token.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let created = create(client, user, &token).await;
             assert!(created.created);
             live.push(token);
         }
@@ -269,15 +261,7 @@ async fn cluster_master_failover() {
     wait_for_recovery(&client, &users).await;
     assert_survived(&mut client, &users, &live, &revoked).await;
     // Writes work on the promoted replica too.
-    let created = client
-        .create_session(CreateSessionRequest {
-            user_id: users[0].clone(),
-            token_id: "after-failover".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let created = create(&mut client, &users[0], "after-failover").await;
     assert!(created.created);
     // Revocations made on the promoted replica reach the stream opened before
     // the failover (through a new subscription, announced by a reset, when
@@ -309,15 +293,7 @@ async fn sentinel_master_failover() {
     sentinel.kill(master);
     wait_for_recovery(&client, &users).await;
     assert_survived(&mut client, &users, &live, &revoked).await;
-    let created = client
-        .create_session(CreateSessionRequest {
-            user_id: users[0].clone(),
-            token_id: "after-failover".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let created = create(&mut client, &users[0], "after-failover").await;
     assert!(created.created, "writes go to the promoted replica");
     // The subscription was on the killed master: the server subscribes to the
     // promoted one and says so with a reset (what was published before it may

@@ -6,8 +6,9 @@ use sessionstore::v1::{CreateSessionRequest, GetSessionRequest, GetUserSessionCo
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{
-    PrivateRedis, TempFiles, TestServer, config_on, readiness, redis_cli, test_config, wait_until,
+use crate::support::{
+    PrivateRedis, TempFiles, TestServer, config_on, liveness, lookups_work_within, readiness,
+    redis_cli, test_config, wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -38,7 +39,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
     );
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::Serving as i32
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await
     );
@@ -72,7 +73,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
     );
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::NotServing as i32
+            readiness(&server).await == Some(ServingStatus::NotServing)
         })
         .await,
         "readiness stayed SERVING with Redis down"
@@ -103,7 +104,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
     );
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::Serving as i32
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await
     );
@@ -125,7 +126,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
 #[tokio::test]
 async fn server_starts_without_redis() {
     let mut config = test_config();
-    config.redis_url = format!("redis://127.0.0.1:{}", crate::common::free_port());
+    config.redis_url = format!("redis://127.0.0.1:{}", crate::support::free_port());
     config.redis_timeout_ms = 300;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
@@ -139,7 +140,7 @@ async fn server_starts_without_redis() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::NotServing as i32
+            readiness(&server).await == Some(ServingStatus::NotServing)
         })
         .await
     );
@@ -177,13 +178,7 @@ async fn paused_redis_times_out_as_unavailable() {
     );
 
     // The pause ends by itself (an UNPAUSE would be paused too).
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await
-    );
+    assert!(lookups_work_within(Duration::from_secs(5), &client, get).await);
 }
 
 /// Redis restarted with appendonly (fsync always): every session whose
@@ -323,7 +318,7 @@ async fn never_ready(server: &TestServer, during: Duration) {
     while start.elapsed() < during {
         assert_eq!(
             readiness(server).await,
-            ServingStatus::NotServing as i32,
+            Some(ServingStatus::NotServing),
             "ready after {:?} although calls cannot work",
             start.elapsed()
         );
@@ -365,14 +360,14 @@ async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     never_ready(&server, ACCESS_CHECK_TICKS).await;
     assert_eq!(
-        readiness_of(&server, "").await,
-        ServingStatus::Serving as i32,
+        liveness(&server).await,
+        Some(ServingStatus::Serving),
         "liveness stays SERVING"
     );
 
     acl("~*");
     let ready = wait_until(Duration::from_secs(10), || async {
-        readiness(&server).await == ServingStatus::Serving as i32
+        readiness(&server).await == Some(ServingStatus::Serving)
     })
     .await;
     assert!(ready, "not ready once the ACL grants the keys");
@@ -381,20 +376,6 @@ async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
         .await
         .expect("calls work once the ACL grants the keys");
     server.shutdown().await;
-}
-
-/// The health answer for `service` ("" is liveness).
-async fn readiness_of(server: &TestServer, service: &str) -> i32 {
-    server
-        .health()
-        .await
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
 }
 
 /// The Redis password rotated (P1 to P2: file replaced, Redis told, old

@@ -6,30 +6,14 @@ use std::collections::HashSet;
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
     CreateOutcome, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest, session_store_client::SessionStoreClient,
+    RevokeAllUserSessionsRequest, RevokeSessionRequest,
 };
-use tonic::transport::Channel;
 
 use session_server::Config;
 
-use crate::{
-    common::{PrivateRedis, TestServer, config_on, inspect, test_config},
-    sessions::{count, get},
+use crate::support::{
+    Client, PrivateRedis, TestServer, config_on, count, create, get, inspect, test_config,
 };
-
-type Client = SessionStoreClient<Channel>;
-
-async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionResponse {
-    client
-        .create_session(CreateSessionRequest {
-            user_id: user.into(),
-            token_id: token.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
     CreateOutcome::try_from(response.outcome).unwrap()

@@ -12,8 +12,9 @@ use tonic_health::pb::{
     health_client::HealthClient,
 };
 
-use crate::common::{
-    PrivateRedis, TempFiles, TestServer, config_on, free_port, readiness, test_config, wait_until,
+use crate::support::{
+    PrivateRedis, TempFiles, TestServer, config_on, free_port, lookups_work_within, readiness,
+    readiness_at, test_config, wait_until,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -32,7 +33,7 @@ async fn health_reports_serving() {
     assert_eq!(overall.status, ServingStatus::Serving as i32);
     assert!(
         wait_until(std::time::Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::Serving as i32
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -204,19 +205,6 @@ async fn connect(addr: SocketAddr) -> Channel {
         .expect("the listener is open")
 }
 
-/// Readiness of the SessionStore service, asked on a new connection.
-async fn readiness_at(addr: SocketAddr) -> ServingStatus {
-    let status = HealthClient::new(connect(addr).await)
-        .check(HealthCheckRequest {
-            service: sessionstore::SERVICE_NAME.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).unwrap()
-}
-
 /// Opens a health Watch of `service` at `addr`.
 async fn watch(addr: SocketAddr, service: &str) -> Streaming<HealthCheckResponse> {
     HealthClient::new(connect(addr).await)
@@ -264,7 +252,7 @@ async fn not_serving_first_then_serving_through_the_delay() {
     let addr = server.addr;
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::Serving as i32
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -282,7 +270,10 @@ async fn not_serving_first_then_serving_through_the_delay() {
         ServingStatus::NotServing
     );
     // ...and so do probes, on new connections, which are still accepted...
-    assert_eq!(readiness_at(addr).await, ServingStatus::NotServing);
+    assert_eq!(
+        readiness_at(&format!("http://{addr}")).await,
+        Some(ServingStatus::NotServing)
+    );
     let overall = HealthClient::new(connect(addr).await)
         .check(HealthCheckRequest {
             service: String::new(),
@@ -331,7 +322,7 @@ async fn open_streams_end_at_shutdown() {
     let addr = server.addr;
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::Serving as i32
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -396,7 +387,7 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     let client = server.client().await;
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::Serving as i32
+            readiness(&server).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -404,7 +395,7 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     redis.kill();
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == ServingStatus::NotServing as i32
+            readiness(&server).await == Some(ServingStatus::NotServing)
         })
         .await,
         "readiness stayed SERVING with Redis down"
@@ -422,11 +413,7 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
         user_id: "back".into(),
     };
     assert!(
-        wait_until(Duration::from_secs(4), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await,
+        lookups_work_within(Duration::from_secs(4), &client, get).await,
         "the server did not reach Redis again during the delay"
     );
     // Redis answers, so before the fix the watcher set SERVING within a tick

@@ -26,8 +26,10 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::common::{Pki, PrivateRedis, TempFiles, wait_until};
-use crate::process::spawn_server;
+use crate::support::{
+    Pki, PrivateRedis, TempFiles, launch, lookups_work_within, readiness_at, server_command,
+    spawn_server, wait_until,
+};
 
 /// Kills the server process when the test ends, however it ends.
 struct Running(Child);
@@ -37,25 +39,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Readiness of the SessionStore service, asked on a new connection (as the
-/// kubelet does), or `None` when no connection can be made.
-async fn readiness(url: &str) -> Option<ServingStatus> {
-    let channel = Channel::from_shared(url.to_string())
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: sessionstore::SERVICE_NAME.into(),
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).ok()
 }
 
 fn get() -> GetSessionRequest {
@@ -113,7 +96,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
     let url = format!("http://{addr}");
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            readiness(&url).await == Some(ServingStatus::Serving)
+            readiness_at(&url).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -132,7 +115,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
         slowest = slowest.max(took);
         calls += 1;
         assert_eq!(
-            readiness(&url).await,
+            readiness_at(&url).await,
             Some(ServingStatus::Serving),
             "readiness left SERVING {:?} into the outage",
             down.elapsed()
@@ -179,11 +162,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
 
     redis.restart();
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await,
+        lookups_work_within(Duration::from_secs(10), &client, get).await,
         "calls did not succeed again after Redis came back"
     );
 
@@ -198,7 +177,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
         let status = client.get_session(get()).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         slowest = slowest.max(started.elapsed());
-        assert_eq!(readiness(&url).await, Some(ServingStatus::Serving));
+        assert_eq!(readiness_at(&url).await, Some(ServingStatus::Serving));
     }
     // The bound plus scheduling on a loaded test machine.
     assert!(
@@ -228,7 +207,7 @@ async fn readiness_follows_redis_only_after_the_debounce() {
     let url = format!("http://{addr}");
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            readiness(&url).await == Some(ServingStatus::Serving)
+            readiness_at(&url).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -270,7 +249,7 @@ async fn readiness_follows_redis_only_after_the_debounce() {
     redis.restart();
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            readiness(&url).await == Some(ServingStatus::Serving)
+            readiness_at(&url).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness did not come back with Redis"
@@ -580,9 +559,9 @@ async fn a_rotated_redis_password_is_used_by_new_connections() {
     drop(setup);
     let files = TempFiles::new();
     let password = files.write("redis-password", "first-secret\n");
-    let mut config = crate::common::config_on(&redis);
+    let mut config = crate::support::config_on(&redis);
     config.redis_password_file = Some(password.clone());
-    let server = crate::common::TestServer::start_with(config).await;
+    let server = crate::support::TestServer::start_with(config).await;
     let mut client = server.client().await;
     client
         .get_session(get())
@@ -608,11 +587,7 @@ async fn a_rotated_redis_password_is_used_by_new_connections() {
         .await
         .unwrap();
 
-    let served = wait_until(Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move { client.get_session(get()).await.is_ok() }
-    })
-    .await;
+    let served = lookups_work_within(Duration::from_secs(10), &client, get).await;
     assert!(served, "new connections did not use the rotated password");
     server.shutdown().await;
 }
@@ -632,54 +607,27 @@ fn spawn_with_fd_limit(
     String,
     mpsc::Receiver<serde_json::Value>,
 ) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new("sh")
+    let mut shell = std::process::Command::new("sh");
+    shell
         .args([
             "-c",
             &format!("ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\""),
         ])
-        .arg(crate::common::server_binary())
-        .env_clear()
-        .env("REDIS_URL", redis_url)
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("HEALTH_ADDR", health)
-        .env("METRICS_ADDR", "127.0.0.1:0")
-        .env("KEY_PREFIX", crate::common::unique_prefix())
-        .env("REDIS_POOL_SIZE", "2")
-        .env("SHUTDOWN_DELAY_MS", "0")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut early = Vec::new();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if event["message"] == "listening" {
-            break event["addr"].as_str().unwrap().to_string();
-        }
-        early.push(event);
-    };
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if let Ok(event) = serde_json::from_str(&line) {
-                let _ = sender.send(event);
-            }
-        }
-    });
-    (child, early, addr, receiver)
+        .arg(crate::support::server_binary());
+    launch(server_command(
+        shell,
+        redis_url,
+        &[
+            ("HEALTH_ADDR", health),
+            ("REDIS_POOL_SIZE", "2"),
+            ("SHUTDOWN_DELAY_MS", "0"),
+        ],
+    ))
 }
 
 /// Whether a health check on a new connection to `url` answers.
 async fn answers(url: String) -> bool {
-    readiness(&url).await.is_some()
+    readiness_at(&url).await.is_some()
 }
 
 /// CPU time (user plus system) the process `pid` has used so far.
@@ -714,7 +662,7 @@ fn cpu_time(pid: u32) -> Duration {
 #[tokio::test]
 async fn running_out_of_file_descriptors_does_not_spin() {
     let redis = PrivateRedis::start();
-    let health = format!("127.0.0.1:{}", crate::common::free_port());
+    let health = format!("127.0.0.1:{}", crate::support::free_port());
     let (child, early, addr, logs) = spawn_with_fd_limit(&redis.url(), 32, 64, &health);
     let server = Running(child);
     let pid = server.0.id();

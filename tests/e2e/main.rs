@@ -5,7 +5,7 @@
 mod client;
 mod client_resilience;
 mod commands;
-mod common;
+
 mod connection_age;
 mod eviction;
 mod failover;
@@ -22,4 +22,5 @@ mod revocations;
 mod security;
 mod sessions;
 mod streams;
+mod support;
 mod validation;

@@ -8,12 +8,9 @@ use sessionstore::v1::{
     CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
     RecordLoginAttemptRequest, RevokeSessionRequest,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
-use crate::common::{PrivateRedis, TestServer, config_on};
+use crate::support::{PrivateRedis, TestServer, config_on, scrape};
 
 /// The process-wide recorder: installed once, shared by every test that looks.
 fn recorder() -> PrometheusHandle {
@@ -21,18 +18,6 @@ fn recorder() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| session_server::metrics::install().expect("first install"))
         .clone()
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 /// The value of the sample whose line starts with `series` (name and labels).

@@ -10,7 +10,7 @@
 //! through the mechanism it names (e.g. a revocation is seen through the
 //! stream while the staleness bound is far away).
 
-use std::{collections::BTreeMap, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
 
 use session_client::{Error, NearCacheStats, SessionClient};
 use sessionstore::v1::{
@@ -18,16 +18,13 @@ use sessionstore::v1::{
     session_store_client::SessionStoreClient,
     session_store_server::{SessionStore, SessionStoreServer},
 };
-use tokio::{
-    net::TcpListener,
-    sync::{Semaphore, oneshot, watch},
-};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, transport::Channel, transport::server::TcpIncoming};
+use tonic::{Request, Response, Status, service::Routes, transport::Channel};
 
-use crate::common::{
-    PrivateRedis, TempFiles, TestServer, client_example, config_on, faketime, test_config,
-    wait_until,
+use crate::support::{
+    FakeServer, PrivateRedis, TempFiles, TestServer, client_example, command_calls, config_on,
+    faketime, test_config, wait_until,
 };
 
 /// Far beyond any delivery latency, so a test that sees a revocation within
@@ -153,23 +150,6 @@ async fn hits_do_not_touch_redis() {
         "{SESSIONS} uncached lookups sent {uncached} commands"
     );
     server.shutdown().await;
-}
-
-/// The calls Redis has answered so far, by command (`INFO commandstats`).
-async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    // Lines look like `cmdstat_get:calls=100,usec=250,usec_per_call=2.50,...`.
-    info.lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
-            Some((name.to_string(), calls.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The commands called between two snapshots, without INFO itself and the
@@ -787,9 +767,8 @@ async fn without_redis_clock_every_lookup_goes_to_the_server() {
 /// the server) or drop the stream's messages while keeping it open: a stream
 /// that silently stopped delivering.
 struct Relay {
-    addr: SocketAddr,
+    server: FakeServer,
     state: Arc<RelayState>,
-    stop: Option<oneshot::Sender<()>>,
 }
 
 struct RelayState {
@@ -842,8 +821,6 @@ impl Relay {
     }
 
     async fn start_with(server: &TestServer, timeless: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(RelayState {
             upstream: server.client().await,
             muted: watch::channel(false).0,
@@ -852,25 +829,12 @@ impl Relay {
             hold_revoke: std::sync::Mutex::new(None),
         });
         let service = SessionStoreServer::new(RelayService(state.clone()));
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self {
-            addr,
-            state,
-            stop: Some(stop),
-        }
+        let server = FakeServer::start(Routes::new(service)).await;
+        Self { server, state }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// From now on, the stream's messages are dropped.
@@ -899,14 +863,6 @@ impl Relay {
         Held {
             read: Some(read_rx),
             release,
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
         }
     }
 }

@@ -2,62 +2,15 @@
 //! errors at start, and SIGTERM under load.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Child, Command},
     time::Duration,
 };
 
 use sessionstore::v1::{GetSessionRequest, session_store_client::SessionStoreClient};
 use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{PrivateRedis, server_binary, unique_prefix, wait_until};
-
-/// Starts the binary on port 0 and returns it with the address it logged and
-/// the log lines after that one, as they come.
-pub(crate) fn spawn_server(
-    redis_url: &str,
-    extra_env: &[(&str, &str)],
-) -> (Child, String, mpsc::Receiver<serde_json::Value>) {
-    let mut child = Command::new(server_binary())
-        .env_clear()
-        .env("REDIS_URL", redis_url)
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("METRICS_ADDR", "127.0.0.1:0")
-        .env("KEY_PREFIX", unique_prefix())
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .envs(extra_env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if event["message"] == "listening" {
-            break event["addr"].as_str().unwrap().to_string();
-        }
-    };
-    // Keep draining stdout, whether or not the test reads the lines.
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if let Ok(event) = serde_json::from_str(&line) {
-                let _ = sender.send(event);
-            }
-        }
-    });
-    (child, addr, receiver)
-}
+use crate::support::{PrivateRedis, readiness_at, server_binary, spawn_server, wait_until};
 
 fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
@@ -147,26 +100,6 @@ async fn sigterm_drains_in_flight_calls_and_exits_0() {
     );
 }
 
-/// Readiness of the SessionStore service on a new connection to `url`, or
-/// `None` when no connection can be made.
-async fn readiness_of(url: &str) -> Option<ServingStatus> {
-    let channel = tonic::transport::Channel::from_shared(url.to_string())
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut health = HealthClient::new(channel);
-    let status = health
-        .check(HealthCheckRequest {
-            service: sessionstore::SERVICE_NAME.into(),
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).ok()
-}
-
 /// SIGTERM as Kubernetes sends it: readiness turns NOT_SERVING at once while
 /// new connections and calls are still served for SHUTDOWN_DELAY_MS; then the
 /// listener closes and the process exits 0, with its last log line
@@ -185,7 +118,7 @@ async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
     let url = format!("http://{addr}");
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness_of(&url).await == Some(ServingStatus::Serving)
+            readiness_at(&url).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -194,7 +127,7 @@ async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
     signal(&child, "TERM");
     assert!(
         wait_until(Duration::from_secs(2), || async {
-            readiness_of(&url).await == Some(ServingStatus::NotServing)
+            readiness_at(&url).await == Some(ServingStatus::NotServing)
         })
         .await,
         "readiness did not turn NOT_SERVING on a new connection after SIGTERM"
@@ -216,7 +149,7 @@ async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
-    assert!(readiness_of(&url).await.is_none(), "still listening");
+    assert!(readiness_at(&url).await.is_none(), "still listening");
     let messages: Vec<String> = logs
         .try_iter()
         .filter_map(|event| event["message"].as_str().map(str::to_string))
@@ -246,7 +179,7 @@ async fn a_second_signal_stops_at_once() {
     let url = format!("http://{addr}");
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            readiness_of(&url).await == Some(ServingStatus::Serving)
+            readiness_at(&url).await == Some(ServingStatus::Serving)
         })
         .await,
         "readiness never became SERVING"
@@ -254,7 +187,7 @@ async fn a_second_signal_stops_at_once() {
     signal(&child, "TERM");
     assert!(
         wait_until(Duration::from_secs(2), || async {
-            readiness_of(&url).await == Some(ServingStatus::NotServing)
+            readiness_at(&url).await == Some(ServingStatus::NotServing)
         })
         .await,
         "the first signal did not start the shutdown"

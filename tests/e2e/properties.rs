@@ -26,7 +26,7 @@ use sessionstore::v1::{
 };
 use tonic::{Code, transport::Channel};
 
-use crate::common::TestServer;
+use crate::support::TestServer;
 
 /// Cases per run: enough to meet every rule many times, few enough for a few
 /// seconds. `PROPTEST_CASES` overrides it for a longer run.

@@ -15,7 +15,7 @@ use sessionstore::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::common::{TestServer, inspect, test_config};
+use crate::support::{TestServer, inspect, test_config};
 
 /// Buckets per window, as in `session-server/src/store/login.rs`.
 const BUCKETS: u64 = 10;

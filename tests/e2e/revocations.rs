@@ -14,11 +14,10 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 
-use crate::common::{
-    PrivateRedis, TempFiles, TestServer, config_on, inspect, redis_cli, redis_cli_with_password,
-    test_config, wait_until,
+use crate::support::{
+    PrivateRedis, TempFiles, TestServer, config_on, create, get, inspect, redis_cli,
+    redis_cli_with_password, test_config, wait_until,
 };
-use crate::sessions::get;
 
 /// How long a test waits for a message that should come.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -71,16 +70,9 @@ async fn revocations(
     seen
 }
 
-async fn create(client: &mut SessionStoreClient<Channel>, user: &str, token: &str) -> u64 {
-    let created = client
-        .create_session(CreateSessionRequest {
-            user_id: user.into(),
-            token_id: token.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+/// Creates the session and returns its creation time in milliseconds.
+async fn create_at(client: &mut SessionStoreClient<Channel>, user: &str, token: &str) -> u64 {
+    let created = create(client, user, token).await;
     assert!(created.created, "{user}/{token}: {created:?}");
     let at = created.session.unwrap().created_at.unwrap();
     at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
@@ -190,10 +182,10 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
     for n in 0..8 {
         let user = format!("pub-{n}");
         let t = |i: u32| format!("{user}-t{i}");
-        create(&mut client, &user, &t(1)).await;
-        create(&mut client, &user, &t(2)).await;
+        create_at(&mut client, &user, &t(1)).await;
+        create_at(&mut client, &user, &t(2)).await;
         // The cap is 2: the third create evicts the oldest.
-        create(&mut client, &user, &t(3)).await;
+        create_at(&mut client, &user, &t(3)).await;
         let evicted = revocations(&mut stream, 1).await;
         assert_eq!(
             evicted.iter().map(summary).collect::<Vec<_>>(),
@@ -202,7 +194,7 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
 
         assert!(revoke(&mut client, &user, &t(2)).await);
         assert!(revoke(&mut client, "", &t(3)).await);
-        let newest = create(&mut client, &user, &t(4)).await;
+        let newest = create_at(&mut client, &user, &t(4)).await;
         assert_eq!(revoke_all(&mut client, &user).await, 1);
         let seen = revocations(&mut stream, 3).await;
         assert_eq!(
@@ -235,7 +227,7 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
     );
     assert_eq!(revoke_all(&mut client, "pub-0").await, 0);
     assert_eq!(revoke_all(&mut client, "nobody").await, 0);
-    create(&mut client, "marker", "marker-t").await;
+    create_at(&mut client, "marker", "marker-t").await;
     assert!(revoke(&mut client, "marker", "marker-t").await);
     let next = revocations(&mut stream, 1).await;
     assert_eq!(
@@ -428,7 +420,7 @@ async fn the_subscription_follows_a_rotated_password_like_the_pool() {
                 served,
                 "the pool did not reconnect with the rotated password"
             );
-            create(&mut client, "rotated", token).await;
+            create_at(&mut client, "rotated", token).await;
             assert!(revoke(&mut client, "rotated", token).await);
         }
     };
@@ -623,7 +615,7 @@ async fn a_redis_user_without_the_channel_changes_nothing() {
         async move { get(&mut client, token, "acl-user").await.is_some() }
     };
 
-    create(&mut client, "acl-user", "acl-1").await;
+    create_at(&mut client, "acl-user", "acl-1").await;
     let refused = client
         .revoke_session(RevokeSessionRequest {
             token_id: "acl-1".into(),
@@ -669,7 +661,7 @@ async fn a_redis_user_without_the_channel_changes_nothing() {
 async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let created = create(&mut client, "clock-user", "clock-t").await;
+    let created = create_at(&mut client, "clock-user", "clock-t").await;
     let key = format!(
         "{}session:{{clock-user}}:{{clock-t}}",
         server.config.key_prefix
@@ -811,7 +803,7 @@ async fn resets_and_heartbeats_carry_redis_clock() {
 #[tokio::test]
 async fn deployments_in_other_databases_have_their_own_channel() {
     let redis = PrivateRedis::start();
-    let prefix = crate::common::unique_prefix();
+    let prefix = crate::support::unique_prefix();
     let mut a = config_on(&redis);
     a.redis_url = format!("{}/1", redis.url());
     a.key_prefix = prefix.clone();
@@ -825,9 +817,9 @@ async fn deployments_in_other_databases_have_their_own_channel() {
     let mut stream = watch(&mut client_a).await;
     started(&mut stream).await;
 
-    create(&mut client_b, "db-user", "db-b").await;
+    create_at(&mut client_b, "db-user", "db-b").await;
     assert!(revoke(&mut client_b, "db-user", "db-b").await);
-    create(&mut client_a, "db-user", "db-a").await;
+    create_at(&mut client_a, "db-user", "db-a").await;
     assert!(revoke(&mut client_a, "db-user", "db-a").await);
     let seen = revocations(&mut stream, 1).await;
     assert_eq!(seen[0].token_id, "db-a", "{seen:?}");

@@ -13,7 +13,10 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::common::{Pki, PrivateRedis, TempFiles, TestServer, config_on, test_config, wait_until};
+use crate::support::{
+    Pki, PrivateRedis, TempFiles, TestServer, config_on, lookups_work_within, test_config,
+    wait_until,
+};
 
 /// A tokens file in the temp dir, removed on drop.
 struct TokensFile(PathBuf);
@@ -22,7 +25,7 @@ impl TokensFile {
     fn new(contents: &str) -> Self {
         let path = std::env::temp_dir().join(format!(
             "sessionstore-tokens-{}",
-            crate::common::unique_prefix().trim_end_matches(':')
+            crate::support::unique_prefix().trim_end_matches(':')
         ));
         std::fs::write(&path, contents).unwrap();
         Self(path)
@@ -196,13 +199,7 @@ async fn the_callers_deadline_is_honoured() {
         "{:?}",
         started.elapsed()
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut client = client.clone();
-            async move { client.get_session(get()).await.is_ok() }
-        })
-        .await
-    );
+    assert!(lookups_work_within(Duration::from_secs(5), &client, get).await);
 }
 
 /// Redis over TLS (`rediss://`) verified with REDIS_CA_FILE, authenticated with
@@ -213,7 +210,7 @@ async fn redis_over_tls_with_a_custom_ca_and_a_password_file() {
     let pki = Pki::new();
     let files = TempFiles::new();
     let ca = files.write("ca.pem", &pki.ca);
-    let tls_port = crate::common::free_port().to_string();
+    let tls_port = crate::support::free_port().to_string();
     let redis = PrivateRedis::start_with(&[
         "--tls-port",
         &tls_port,
@@ -305,7 +302,7 @@ async fn a_plaintext_health_port_beside_a_tls_port() {
     let pki = Pki::new();
     let files = TempFiles::new();
     let mut config = pki.server_config(&files, false);
-    let health_addr: std::net::SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+    let health_addr: std::net::SocketAddr = format!("127.0.0.1:{}", crate::support::free_port())
         .parse()
         .unwrap();
     config.health_addr = Some(health_addr);

@@ -5,15 +5,11 @@ use std::{collections::HashMap, time::Duration};
 
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
-    CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
-    ListUserSessionsRequest, RevokeAllUserSessionsRequest, RevokeSessionRequest, Session,
-    session_store_client::SessionStoreClient,
+    CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
+    RevokeAllUserSessionsRequest, RevokeSessionRequest,
 };
-use tonic::transport::Channel;
 
-use crate::common::{TestServer, inspect, test_config};
-
-type Client = SessionStoreClient<Channel>;
+use crate::support::{Client, TestServer, count, get, inspect, test_config};
 
 fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -33,29 +29,6 @@ async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionRe
         .await
         .unwrap()
         .into_inner()
-}
-
-pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
-    client
-        .get_session(GetSessionRequest {
-            token_id: token.into(),
-            user_id: hint.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-}
-
-pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
-    client
-        .get_user_session_count(GetUserSessionCountRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count
 }
 
 fn millis(ts: &prost_types::Timestamp) -> i64 {

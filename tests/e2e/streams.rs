@@ -8,14 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use session_server::{Config, Store, server};
+use session_server::{Config, server};
 use sessionstore::v1::{GetUserSessionCountRequest, session_store_client::SessionStoreClient};
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpListener, TcpStream},
-    sync::oneshot,
-    task::JoinHandle,
-};
+use tokio::{io::AsyncReadExt, net::TcpStream};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -25,67 +20,7 @@ use tonic_reflection::pb::v1::{
     server_reflection_response::MessageResponse,
 };
 
-use crate::common::{Pki, TempFiles, TestServer, test_config, wait_until};
-
-/// A server started with [`server::run_with_bounds`], for bounds too large
-/// (or too long) to reach in a test at their production values.
-struct BoundedServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), server::ServeError>>>,
-}
-
-impl BoundedServer {
-    async fn start(config: Config, bounds: server::Bounds) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let store = Store::new(config.store_settings().unwrap()).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server::run_with_bounds(
-                listener,
-                &config,
-                store,
-                async {
-                    let _ = stopped.await;
-                },
-                bounds,
-            )
-            .await
-        });
-        Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("server did not stop within 30 s")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-impl Drop for BoundedServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
+use crate::support::{Pki, TempFiles, TestServer, test_config, wait_until};
 
 /// A tokens file holding `token`, and a config that requires it.
 fn auth_config(files: &TempFiles, token: &str) -> (Config, PathBuf) {
@@ -163,7 +98,7 @@ fn count(user: &str) -> Request<GetUserSessionCountRequest> {
 async fn reflection_needs_a_token() {
     let files = TempFiles::new();
     let (config, _) = auth_config(&files, "reflect-secret");
-    let server = BoundedServer::start(config, server::Bounds::default()).await;
+    let server = TestServer::start_bounded(config, server::Bounds::default()).await;
     let channel = server.channel().await;
 
     let refused = open_reflection(channel.clone(), None).await.unwrap_err();
@@ -187,7 +122,7 @@ async fn reflection_needs_a_token() {
         .await
         .unwrap();
     drop(stream);
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// With authentication on, 1,000 streams opened at once without a token are
@@ -199,7 +134,7 @@ async fn reflection_needs_a_token() {
 async fn a_thousand_unauthenticated_streams_are_refused() {
     let files = TempFiles::new();
     let (config, _) = auth_config(&files, "stream-secret");
-    let server = BoundedServer::start(config, server::Bounds::default()).await;
+    let server = TestServer::start_bounded(config, server::Bounds::default()).await;
     let channel = server.channel().await;
 
     let opened: Vec<_> = (0..1000)
@@ -254,7 +189,7 @@ async fn a_thousand_unauthenticated_streams_are_refused() {
         .await
         .unwrap();
     drop((open, authed, channel));
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// The plaintext health port (HEALTH_ADDR) has the main port's bounds: of
@@ -266,11 +201,11 @@ async fn a_thousand_unauthenticated_streams_are_refused() {
 #[tokio::test]
 async fn the_health_port_caps_watches_with_the_main_port() {
     let mut config = test_config();
-    let health_addr: SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+    let health_addr: SocketAddr = format!("127.0.0.1:{}", crate::support::free_port())
         .parse()
         .unwrap();
     config.health_addr = Some(health_addr);
-    let server = BoundedServer::start(config, server::Bounds::default()).await;
+    let server = TestServer::start_bounded(config, server::Bounds::default()).await;
     let main = server.channel().await;
     let endpoint = Channel::from_shared(format!("http://{health_addr}")).unwrap();
     // HEALTH_ADDR is bound by the server task, which may not have run yet.
@@ -329,7 +264,7 @@ async fn the_health_port_caps_watches_with_the_main_port() {
     .await;
     assert!(reopened, "an ended watch did not free its permit");
     drop((open, channel, main));
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// Without authentication, streams past the stream cap get RESOURCE_EXHAUSTED
@@ -342,7 +277,7 @@ async fn streams_past_their_cap_are_refused_and_unary_calls_still_work() {
         max_streams: 4,
         ..server::Bounds::default()
     };
-    let server = BoundedServer::start(test_config(), bounds).await;
+    let server = TestServer::start_bounded(test_config(), bounds).await;
     let channel = server.channel().await;
 
     let mut open = Vec::new();
@@ -374,7 +309,7 @@ async fn streams_past_their_cap_are_refused_and_unary_calls_still_work() {
     .await;
     assert!(reopened, "a closed stream's permit never came back");
     drop((open, sessions, channel));
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// A peer that opens a TCP connection to the TLS port and never starts the
@@ -390,7 +325,7 @@ async fn a_stalled_tls_handshake_is_closed() {
         tls_handshake_timeout: bound,
         ..server::Bounds::default()
     };
-    let server = BoundedServer::start(config, bounds).await;
+    let server = TestServer::start_bounded(config, bounds).await;
 
     let mut stalled = TcpStream::connect(server.addr).await.unwrap();
     let started = Instant::now();
@@ -422,7 +357,7 @@ async fn a_stalled_tls_handshake_is_closed() {
         .get_user_session_count(count("tls"))
         .await
         .expect("a mutual-TLS client is served");
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// A connection that sends nothing, or stops inside the HTTP/2 preface, is
@@ -435,7 +370,7 @@ async fn silent_and_half_preface_connections_are_closed() {
         connection_idle_timeout: idle,
         ..server::Bounds::default()
     };
-    let server = BoundedServer::start(test_config(), bounds).await;
+    let server = TestServer::start_bounded(test_config(), bounds).await;
 
     for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
         let mut peer = TcpStream::connect(server.addr).await.unwrap();
@@ -465,7 +400,7 @@ async fn silent_and_half_preface_connections_are_closed() {
         })
         .await
         .unwrap();
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// The idle timeout counts from the last byte received: a peer that keeps
@@ -478,7 +413,7 @@ async fn the_idle_timeout_counts_from_the_last_byte() {
         connection_idle_timeout: idle,
         ..server::Bounds::default()
     };
-    let server = BoundedServer::start(test_config(), bounds).await;
+    let server = TestServer::start_bounded(test_config(), bounds).await;
     let mut peer = TcpStream::connect(server.addr).await.unwrap();
     let mut byte = [0u8; 64];
     // 12 bytes over 1.8 s: more than three idle timeouts.
@@ -506,7 +441,7 @@ async fn the_idle_timeout_counts_from_the_last_byte() {
     assert!(closed.is_ok(), "the connection stayed open once silent");
     // The last byte went out 150 ms before `last_byte`.
     assert!(last_byte.elapsed() >= idle - Duration::from_millis(200));
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// At the connection cap the server stops accepting: a new client's call
@@ -517,9 +452,9 @@ async fn connections_past_the_cap_wait_for_a_free_slot() {
         max_connections: 2,
         ..server::Bounds::default()
     };
-    let server = BoundedServer::start(test_config(), bounds).await;
+    let server = TestServer::start_bounded(test_config(), bounds).await;
     a_third_connection_waits_for_a_free_slot(server.addr).await;
-    server.stop().await;
+    server.shutdown().await;
 }
 
 /// With two connections open to `addr` and a cap of two, a third client's

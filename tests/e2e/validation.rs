@@ -10,7 +10,7 @@ use sessionstore::v1::{
 };
 use tonic::Code;
 
-use crate::common::TestServer;
+use crate::support::TestServer;
 
 /// Ids that break the identifier rules, with why.
 fn bad_ids() -> Vec<(String, &'static str)> {
@@ -163,7 +163,7 @@ async fn metadata_limits_are_enforced() {
 /// SESSION_TTL_MAX is refused naming ttl.
 #[tokio::test]
 async fn ttl_must_be_positive_and_within_the_maximum() {
-    let mut config = crate::common::test_config();
+    let mut config = crate::support::test_config();
     config.session_ttl = 60;
     config.session_ttl_max = 120;
     let server = TestServer::start_with(config).await;

@@ -1,0 +1,43 @@
+//! Health probes: what the gRPC health service answers, asked on a new
+//! connection each time, as the kubelet and a new client do.
+
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use super::server::TestServer;
+
+/// The status of `service` ("" is liveness) at `url`, or `None` when no
+/// connection can be made or the check fails.
+pub(crate) async fn health_status(url: &str, service: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(url.to_string())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).ok()
+}
+
+/// Readiness of the SessionStore service at `url` (`http://host:port`).
+pub(crate) async fn readiness_at(url: &str) -> Option<ServingStatus> {
+    health_status(url, sessionstore::SERVICE_NAME).await
+}
+
+/// Readiness of the SessionStore service of an in-process server.
+pub(crate) async fn readiness(server: &TestServer) -> Option<ServingStatus> {
+    readiness_at(&server.url()).await
+}
+
+/// Liveness (the overall status, service "") of an in-process server.
+pub(crate) async fn liveness(server: &TestServer) -> Option<ServingStatus> {
+    health_status(&server.url(), "").await
+}

@@ -1,0 +1,273 @@
+//! Redis for tests: the shared one's address and mode, private
+//! `redis-server` processes and Cluster/Sentinel deployments on free ports,
+//! `redis-cli`, and raw commands for inspecting the key layout.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use session_server::{Config, Store, store::RedisMode};
+
+use super::{free_port, server::test_config, unique_prefix};
+
+/// The Redis most tests share: `TEST_REDIS_URL`, else the local default. With
+/// `TEST_REDIS_MODE=cluster` or `sentinel` (see `scripts/redis-topology.sh`)
+/// the whole suite runs against that deployment instead.
+pub(crate) fn shared_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The shared Redis's mode, from `TEST_REDIS_MODE` (default standalone).
+pub(crate) fn shared_redis_mode() -> RedisMode {
+    match std::env::var("TEST_REDIS_MODE").as_deref() {
+        Ok("cluster") => RedisMode::Cluster,
+        Ok("sentinel") => RedisMode::Sentinel,
+        Ok("standalone") | Err(_) => RedisMode::Standalone,
+        Ok(other) => panic!("TEST_REDIS_MODE={other}: expected standalone, cluster or sentinel"),
+    }
+}
+
+/// A private `redis-server` on a free port, in its own temp dir, killed on drop.
+pub(crate) struct PrivateRedis {
+    pub(crate) port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl PrivateRedis {
+    /// Starts one with no persistence.
+    pub(crate) fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra `redis-server` arguments (e.g. `--appendonly yes`).
+    pub(crate) fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("sessionstore-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port,
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Its URL.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A direct connection, for inspecting or poking Redis from a test.
+    pub(crate) async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Makes Redis answer no client for `millis` (CLIENT PAUSE ... ALL); the
+    /// pause ends by itself (an UNPAUSE would be paused too).
+    pub(crate) async fn pause(&self, millis: u64) {
+        let mut admin = self.connection().await;
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(millis)
+            .arg("ALL")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the process: stopped, Redis keeps
+    /// its sockets open and answers nothing, as a hung host does.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Kills the process (SIGKILL: no chance to save), and waits for it to die.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (so an append-only file
+    /// written before is loaded), waiting until it answers PING.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see README)");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            let ping = Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "ping"])
+                .output();
+            if ping.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "private redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private Redis Cluster or Sentinel deployment started on free ports by
+/// `scripts/redis-topology.sh`, stopped on drop: for tests that kill or
+/// reconfigure nodes without disturbing the shared Redis.
+pub(crate) struct Topology {
+    dir: PathBuf,
+    /// The KEY=VALUE lines the script printed (`TEST_REDIS_URL`,
+    /// `TEST_REDIS_MASTER_PORT`, ...).
+    pub(crate) env: HashMap<String, String>,
+}
+
+impl Topology {
+    /// Starts `kind` (`cluster` or `sentinel`) and waits until it is usable.
+    pub(crate) fn start(kind: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sessionstore-{kind}-{}",
+            unique_prefix().trim_end_matches(':')
+        ));
+        let output = Command::new(topology_script())
+            .args(["start", kind])
+            .arg(&dir)
+            .output()
+            .expect("scripts/redis-topology.sh runs");
+        assert!(
+            output.status.success(),
+            "starting {kind} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let env = String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self { dir, env }
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub(crate) fn kill(&self, port: u16) {
+        let status = Command::new(topology_script())
+            .arg("kill")
+            .arg(&self.dir)
+            .arg(port.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// A test configuration pointed at this deployment in `mode`.
+    pub(crate) fn config(&self, mode: RedisMode) -> Config {
+        let mut config = test_config();
+        config.redis_mode = mode;
+        config.redis_url = self.env["TEST_REDIS_URL"].clone();
+        config.redis_sentinel_master = "mymaster".into();
+        config.redis_timeout_ms = 500;
+        config
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(topology_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+fn topology_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redis-topology.sh")
+}
+
+/// Runs `redis-cli -p PORT ARGS...` and returns its standard output.
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs `redis-cli -p PORT -a PASSWORD ARGS...` (a Redis with `requirepass`)
+/// and returns its standard output.
+pub(crate) fn redis_cli_with_password(port: u16, password: &str, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--no-auth-warning", "-a", password])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs a raw command on the shared Redis (whatever its mode), for tests that
+/// inspect the key layout.
+pub(crate) async fn inspect<T: redis::FromRedisValue>(config: &Config, cmd: &redis::Cmd) -> T {
+    let store = Store::new(config.store_settings().unwrap()).unwrap();
+    store.raw_command(cmd).await.unwrap()
+}
+
+/// The calls Redis has answered so far, by command (`INFO commandstats`),
+/// without INFO itself.
+pub(crate) async fn command_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    // Lines look like `cmdstat_get:calls=100,usec=250,usec_per_call=2.50,...`.
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| name != "info")
+        .collect()
+}

@@ -1,0 +1,67 @@
+//! Calls on the generated client that several areas make the same way.
+
+use std::time::Duration;
+
+use sessionstore::v1::{
+    CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
+    Session, session_store_client::SessionStoreClient,
+};
+use tonic::transport::Channel;
+
+use super::wait_until;
+
+/// The generated client, on a plain channel.
+pub(crate) type Client = SessionStoreClient<Channel>;
+
+/// Creates the session `token` for `user`, with no metadata and the default TTL.
+pub(crate) async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionResponse {
+    client
+        .create_session(CreateSessionRequest {
+            user_id: user.into(),
+            token_id: token.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The session `token` names, looked up with the owner `hint` (may be empty).
+pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<Session> {
+    client
+        .get_session(GetSessionRequest {
+            token_id: token.into(),
+            user_id: hint.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+}
+
+/// How many live sessions `user` has.
+pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
+    client
+        .get_user_session_count(GetUserSessionCountRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
+
+/// Whether a lookup of `request()` gets an answer (found or not) within
+/// `limit`, asked every 20 ms: calls work again after an outage.
+pub(crate) async fn lookups_work_within(
+    limit: Duration,
+    client: &Client,
+    request: impl Fn() -> GetSessionRequest,
+) -> bool {
+    wait_until(limit, || {
+        let mut client = client.clone();
+        let request = request();
+        async move { client.get_session(request).await.is_ok() }
+    })
+    .await
+}
