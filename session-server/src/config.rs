@@ -119,6 +119,20 @@ pub struct Config {
     #[arg(long, env = "SESSION_TTL_MAX", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
     pub session_ttl_max: u64,
 
+    /// Absolute lifetime of a session family (one login and its rotations)
+    /// started without `max_lifetime`, in seconds: no session of the family
+    /// outlives its start plus this, however often it is rotated or extended.
+    /// At most 31536000 (365 days).
+    #[arg(long, env = "SESSION_MAX_LIFETIME", default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
+    pub session_max_lifetime: u64,
+
+    /// How long after a rotation the rotated-away token may still be
+    /// presented to RotateSession and get the family's current session
+    /// (ALREADY_ROTATED: a retry after a lost answer, two tabs refreshing at
+    /// once) rather than count as reuse, in ms; 0 to 300000.
+    #[arg(long, env = "ROTATION_GRACE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=300_000))]
+    pub rotation_grace_ms: u64,
+
     /// Most live sessions one user may have.
     #[arg(long, env = "MAX_SESSIONS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_sessions_per_user: u32,
@@ -374,6 +388,8 @@ impl Config {
             key_prefix: self.key_prefix.clone(),
             session_ttl: Duration::from_secs(self.session_ttl),
             session_ttl_max: Duration::from_secs(self.session_ttl_max),
+            session_max_lifetime: Duration::from_secs(self.session_max_lifetime),
+            rotation_grace: Duration::from_millis(self.rotation_grace_ms),
             max_sessions_per_user: self.max_sessions_per_user,
             limit_policy: self.session_limit_policy,
             rate_limit_window: Duration::from_secs(self.rate_limit_window),
@@ -412,6 +428,8 @@ impl fmt::Debug for Config {
             metrics_addr,
             session_ttl,
             session_ttl_max,
+            session_max_lifetime,
+            rotation_grace_ms,
             max_sessions_per_user,
             session_limit_policy,
             rate_limit_window,
@@ -450,6 +468,8 @@ impl fmt::Debug for Config {
             .field("metrics_addr", metrics_addr)
             .field("session_ttl", session_ttl)
             .field("session_ttl_max", session_ttl_max)
+            .field("session_max_lifetime", session_max_lifetime)
+            .field("rotation_grace_ms", rotation_grace_ms)
             .field("max_sessions_per_user", max_sessions_per_user)
             .field("session_limit_policy", session_limit_policy)
             .field("rate_limit_window", rate_limit_window)

@@ -8,8 +8,8 @@ use sessionstore::v1 as pb;
 use crate::{
     error::Error,
     model::{
-        self, AccountKey, LoginLimit, LoginVerdict, NewSession, Revocation, RevocationReason,
-        Session, TokenId, UserId,
+        self, AccountKey, FamilyId, LoginLimit, LoginVerdict, NewSession, Revocation,
+        RevocationReason, Rotation, Session, TokenId, UserId,
     },
 };
 
@@ -46,21 +46,66 @@ pub fn new_session(req: pb::CreateSessionRequest) -> Result<NewSession, Error> {
     let user_id = user_id(req.user_id)?;
     let token_id = token_id(req.token_id)?;
     model::validate_metadata(&req.metadata)?;
-    let ttl = req.ttl.map(duration_from_proto).transpose()?;
+    let ttl = duration(req.ttl, "ttl")?;
+    let max_lifetime = duration(req.max_lifetime, "max_lifetime")?;
     Ok(NewSession {
         user_id,
         token_id,
         metadata: req.metadata,
         ttl,
+        max_lifetime,
     })
 }
 
-fn duration_from_proto(ttl: prost_types::Duration) -> Result<Duration, Error> {
+/// Validates a RotateSessionRequest into a [`Rotation`].
+pub fn rotation(req: pb::RotateSessionRequest) -> Result<Rotation, Error> {
+    let user_id = user_id(req.user_id)?;
+    let family_id = FamilyId::parse("family_id", req.family_id)?;
+    let token_id = token_id(req.token_id)?;
+    let new_token_id = TokenId::parse("new_token_id", req.new_token_id)?;
+    if new_token_id == token_id {
+        return Err(Error::invalid(
+            "new_token_id",
+            "must differ from token_id: a rotation gives the family a new token id",
+        ));
+    }
+    model::validate_metadata(&req.metadata)?;
+    Ok(Rotation {
+        user_id,
+        family_id,
+        token_id,
+        new_token_id,
+        ttl: duration(req.ttl, "ttl")?,
+        metadata: req.metadata,
+    })
+}
+
+/// Validates an ExtendSessionRequest.
+pub fn extension(
+    req: pb::ExtendSessionRequest,
+) -> Result<(UserId, TokenId, Option<Duration>), Error> {
+    Ok((
+        user_id(req.user_id)?,
+        token_id(req.token_id)?,
+        duration(req.ttl, "ttl")?,
+    ))
+}
+
+/// An optional duration field, checked as a duration (its bounds are the
+/// store's to check).
+fn duration(
+    value: Option<prost_types::Duration>,
+    field: &'static str,
+) -> Result<Option<Duration>, Error> {
+    value.map(|d| duration_from_proto(d, field)).transpose()
+}
+
+fn duration_from_proto(ttl: prost_types::Duration, field: &'static str) -> Result<Duration, Error> {
     if ttl.seconds < 0 || ttl.nanos < 0 || (ttl.seconds == 0 && ttl.nanos == 0) {
-        return Err(Error::invalid("ttl", "must be positive"));
+        return Err(Error::invalid(field, "must be positive"));
     }
     if ttl.nanos >= 1_000_000_000 {
-        return Err(Error::invalid("ttl", "nanos must be below one second"));
+        return Err(Error::invalid(field, "nanos must be below one second"));
     }
     // seconds and nanos are non-negative: checked above.
     Ok(Duration::new(
@@ -90,6 +135,8 @@ pub fn session_to_proto(session: Session) -> pb::Session {
         metadata: session.metadata,
         created_at: Some(timestamp(session.created_at_ms)),
         expires_at: Some(timestamp(session.expires_at_ms)),
+        family_id: session.family_id.unwrap_or_default(),
+        family_expires_at: session.family_expires_at_ms.map(timestamp),
     }
 }
 
@@ -99,6 +146,8 @@ pub fn revocation_to_proto(revocation: &Revocation) -> pb::Revocation {
         RevocationReason::Revoked => pb::RevocationReason::Revoked,
         RevocationReason::SignedOutEverywhere => pb::RevocationReason::SignedOutEverywhere,
         RevocationReason::Evicted => pb::RevocationReason::Evicted,
+        RevocationReason::Rotated => pb::RevocationReason::Rotated,
+        RevocationReason::ReuseDetected => pb::RevocationReason::ReuseDetected,
     };
     pb::Revocation {
         user_id: revocation.user_id.clone(),
@@ -132,14 +181,18 @@ mod tests {
     fn ttl_must_be_positive_and_well_formed() {
         let bad = [(0, 0), (-1, 0), (0, -1), (1, 1_000_000_000)];
         for (seconds, nanos) in bad {
-            let err = duration_from_proto(prost_types::Duration { seconds, nanos }).unwrap_err();
+            let err =
+                duration_from_proto(prost_types::Duration { seconds, nanos }, "ttl").unwrap_err();
             assert!(matches!(err, Error::InvalidArgument { field: "ttl", .. }));
         }
         assert_eq!(
-            duration_from_proto(prost_types::Duration {
-                seconds: 1,
-                nanos: 500_000_000
-            })
+            duration_from_proto(
+                prost_types::Duration {
+                    seconds: 1,
+                    nanos: 500_000_000
+                },
+                "ttl"
+            )
             .unwrap(),
             Duration::from_millis(1500)
         );

@@ -39,6 +39,12 @@ pub const SESSIONS_REFUSED: &str = "sessionstore_sessions_refused_total";
 pub const SESSIONS_REVOKED: &str = "sessionstore_sessions_revoked_total";
 /// Sessions evicted to keep a user under the cap.
 pub const SESSIONS_EVICTED: &str = "sessionstore_sessions_evicted_total";
+/// RotateSession answers, by `outcome` (rotated, already_rotated,
+/// reuse_detected, not_found, token_taken).
+pub const ROTATIONS: &str = "sessionstore_rotations_total";
+/// Families ended because RotateSession saw a token they had rotated past
+/// (a replayed refresh credential): each one deserves a look.
+pub const REUSE_DETECTED: &str = "sessionstore_refresh_reuse_detected_total";
 /// Login attempts, by `result` (allowed, refused).
 pub const LOGIN_ATTEMPTS: &str = "sessionstore_login_attempts_total";
 /// 1 while this process's revocation subscription is up (heartbeats come

@@ -94,6 +94,45 @@ id_type!(
     /// A session's token identifier (a JWT's `jti`), valid for use in a Redis key.
     TokenId
 );
+id_type!(
+    /// A session family's identifier, valid for use in a Redis key: the server
+    /// makes them (128 random bits, hex), callers only hand them back.
+    FamilyId
+);
+
+impl FamilyId {
+    /// A new family id: 128 bits from the operating system's generator, as
+    /// 32 lower-case hex digits.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Internal`] when the operating system's generator fails.
+    pub fn generate() -> Result<Self, Error> {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| Error::Internal("the system's random generator failed".into()))?;
+        Ok(Self(hex(&bytes)))
+    }
+
+    /// A short, one-way tag for logs: the first 8 hex digits of the id's
+    /// SHA-256. The id itself is a secret and is never logged.
+    pub fn log_tag(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        hex(&digest.as_ref()[..4])
+    }
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
+        use fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
 
 impl TokenId {
     /// A shortened form for logs: token ids are bearer-adjacent secrets and are
@@ -155,6 +194,13 @@ pub struct Session {
     pub token_id: String,
     /// Caller-supplied data.
     pub metadata: Metadata,
+    /// The session's family (one login and its rotations); `None` for a
+    /// session stored by a server older than families.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family_id: Option<String>,
+    /// The family's absolute end, ms since the epoch by Redis's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family_expires_at_ms: Option<u64>,
     /// Creation time, ms since the epoch by Redis's clock.
     pub created_at_ms: u64,
     /// Expiry time, ms since the epoch by Redis's clock; equals the key's expiry.
@@ -166,7 +212,9 @@ impl Session {
     ///
     /// The layout this server writes (`create_session.lua` appends the times
     /// to serde_json's head: `{"user_id":"…","token_id":"…","metadata":{…},
-    /// "created_at_ms":…,"expires_at_ms":…}`, strings without escapes) is read
+    /// "family_id":"…","family_expires_at_ms":…,"created_at_ms":…,
+    /// "expires_at_ms":…}`, strings without escapes; servers older than
+    /// families wrote no family fields) is read
     /// by a direct scan: the generic parser was 6 % of a GetSession's
     /// instructions. Anything else (escapes, white space, another field
     /// order, a value that does not fit) goes through serde_json, so every
@@ -207,6 +255,13 @@ fn stored_layout(json: &str) -> Option<Session> {
             }
         }
     }
+    let mut family_id = None;
+    let mut family_expires_at_ms = None;
+    if at.eat(",\"family_id\":").is_some() {
+        family_id = Some(at.string()?.to_owned());
+        at.eat(",\"family_expires_at_ms\":")?;
+        family_expires_at_ms = Some(at.number()?);
+    }
     at.eat(",\"created_at_ms\":")?;
     let created_at_ms = at.number()?;
     at.eat(",\"expires_at_ms\":")?;
@@ -216,6 +271,8 @@ fn stored_layout(json: &str) -> Option<Session> {
         user_id: user_id.to_owned(),
         token_id: token_id.to_owned(),
         metadata,
+        family_id,
+        family_expires_at_ms,
         created_at_ms,
         expires_at_ms,
     })
@@ -288,6 +345,10 @@ pub enum RevocationReason {
     SignedOutEverywhere,
     /// Evicted at the per-user cap by a newer session.
     Evicted,
+    /// Rotated away by RotateSession; the family goes on with a successor.
+    Rotated,
+    /// RotateSession saw a token its family had moved past: the family ended.
+    ReuseDetected,
 }
 
 /// What CreateSession did.
@@ -326,6 +387,51 @@ pub struct NewSession {
     pub metadata: Metadata,
     /// Lifetime; `None` means the server's SESSION_TTL.
     pub ttl: Option<Duration>,
+    /// The family's absolute lifetime; `None` means SESSION_MAX_LIFETIME.
+    pub max_lifetime: Option<Duration>,
+}
+
+/// A request to rotate a family's session, validated.
+#[derive(Clone, Debug)]
+pub struct Rotation {
+    /// The family's owner.
+    pub user_id: UserId,
+    /// The family.
+    pub family_id: FamilyId,
+    /// The token the caller presents.
+    pub token_id: TokenId,
+    /// The successor's token id; never equal to `token_id`.
+    pub new_token_id: TokenId,
+    /// The successor's lifetime; `None` means SESSION_TTL.
+    pub ttl: Option<Duration>,
+    /// The successor's metadata; empty keeps the presented session's.
+    pub metadata: Metadata,
+}
+
+/// What RotateSession did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The presented session was the family's current one: it is revoked and
+    /// `session` is its successor.
+    Rotated {
+        /// The successor.
+        session: Session,
+    },
+    /// The presented token was rotated within the grace: `session` is the
+    /// family's current session. Nothing changed.
+    AlreadyRotated {
+        /// The family's current session.
+        session: Session,
+    },
+    /// The presented token is one the family moved past: the family is ended.
+    ReuseDetected {
+        /// The family's session that was revoked.
+        revoked: String,
+    },
+    /// No live family by that id for that user.
+    NotFound,
+    /// The new token id is, or was, a token id. Nothing changed.
+    TokenTaken,
 }
 
 /// Which limit refused a login attempt.
@@ -389,13 +495,7 @@ impl AccountKey {
             ));
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, account.as_bytes());
-        let hex = digest.as_ref().iter().fold(String::new(), |mut hex, b| {
-            use fmt::Write;
-            // Writing to a String cannot fail.
-            let _ = write!(hex, "{b:02x}");
-            hex
-        });
-        Ok(Self(hex))
+        Ok(Self(hex(digest.as_ref())))
     }
 
     /// The hex digest used in the Redis keys.
@@ -569,6 +669,9 @@ mod tests {
             format!("{} ", stored("u1", "", "1")),
             r#"{"token_id":"t","user_id":"u","metadata":{},"created_at_ms":1,"expires_at_ms":2}"#
                 .to_string(),
+            // The layout with a family, as this server writes it.
+            r#"{"user_id":"u","token_id":"t","metadata":{"k":"v"},"family_id":"f0","family_expires_at_ms":9,"created_at_ms":1,"expires_at_ms":2}"#
+                .to_string(),
         ];
         for json in &cases {
             let direct = Session::from_stored_json(json).unwrap();
@@ -579,6 +682,10 @@ mod tests {
         assert!(stored_layout(&cases[3]).is_some());
         assert!(stored_layout(&cases[4]).is_none());
         assert!(stored_layout(&cases[7]).is_none());
+        let family = stored_layout(&cases[8]).unwrap();
+        assert_eq!(family.family_id.as_deref(), Some("f0"));
+        assert_eq!(family.family_expires_at_ms, Some(9));
+        assert_eq!(stored_layout(&cases[0]).unwrap().family_id, None);
     }
 
     proptest::proptest! {
@@ -589,10 +696,14 @@ mod tests {
             user_id in ".{0,12}",
             token_id in "[ -~]{0,12}",
             metadata in proptest::collection::hash_map(".{0,6}", ".{0,12}", 0..4),
+            family in proptest::option::of(("[ -~]{0,12}", proptest::num::u64::ANY)),
             created_at_ms: u64,
             expires_at_ms: u64,
         ) {
-            let session = Session { user_id, token_id, metadata, created_at_ms, expires_at_ms };
+            let (family_id, family_expires_at_ms) = family.map_or((None, None), |(id, end)| (Some(id), Some(end)));
+            let session = Session {
+                user_id, token_id, metadata, family_id, family_expires_at_ms, created_at_ms, expires_at_ms,
+            };
             let json = serde_json::to_string(&session).unwrap();
             proptest::prop_assert_eq!(Session::from_stored_json(&json).unwrap(), session);
             proptest::prop_assert_eq!(stored_layout(&json).is_some(), !json.contains('\\'));

@@ -421,6 +421,8 @@ const KNOWN: &[&str] = &[
     "/sessionstore.v1.SessionStore/GetSession",
     "/sessionstore.v1.SessionStore/RevokeSession",
     "/sessionstore.v1.SessionStore/RevokeAllUserSessions",
+    "/sessionstore.v1.SessionStore/RotateSession",
+    "/sessionstore.v1.SessionStore/ExtendSession",
     "/sessionstore.v1.SessionStore/GetUserSessionCount",
     "/sessionstore.v1.SessionStore/ListUserSessions",
     "/sessionstore.v1.SessionStore/RecordLoginAttempt",

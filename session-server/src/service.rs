@@ -7,9 +7,10 @@ use tonic::{Request, Response, Status};
 use crate::{
     convert,
     metrics::{
-        LOGIN_ATTEMPTS, SESSIONS_CREATED, SESSIONS_EVICTED, SESSIONS_REFUSED, SESSIONS_REVOKED,
+        LOGIN_ATTEMPTS, REUSE_DETECTED, ROTATIONS, SESSIONS_CREATED, SESSIONS_EVICTED,
+        SESSIONS_REFUSED, SESSIONS_REVOKED,
     },
-    model::{ClientAddr, CreateOutcome},
+    model::{ClientAddr, CreateOutcome, RotateOutcome},
     store::Store,
     watch::RevocationStream,
 };
@@ -105,6 +106,46 @@ impl SessionStore for SessionService {
         metrics::counter!(SESSIONS_REVOKED, "how" => "all").increment(u64::from(revoked_count));
         Ok(Response::new(pb::RevokeAllUserSessionsResponse {
             revoked_count,
+        }))
+    }
+
+    async fn rotate_session(
+        &self,
+        request: Request<pb::RotateSessionRequest>,
+    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
+        let rotation = convert::rotation(request.into_inner())?;
+        let outcome = self.store.rotate_session(rotation).await?;
+        let (label, outcome, session) = match outcome {
+            RotateOutcome::Rotated { session } => {
+                ("rotated", pb::RotateOutcome::Rotated, Some(session))
+            }
+            RotateOutcome::AlreadyRotated { session } => (
+                "already_rotated",
+                pb::RotateOutcome::AlreadyRotated,
+                Some(session),
+            ),
+            RotateOutcome::ReuseDetected { .. } => {
+                metrics::counter!(REUSE_DETECTED).increment(1);
+                ("reuse_detected", pb::RotateOutcome::ReuseDetected, None)
+            }
+            RotateOutcome::NotFound => ("not_found", pb::RotateOutcome::NotFound, None),
+            RotateOutcome::TokenTaken => ("token_taken", pb::RotateOutcome::TokenTaken, None),
+        };
+        metrics::counter!(ROTATIONS, "outcome" => label).increment(1);
+        Ok(Response::new(pb::RotateSessionResponse {
+            outcome: outcome.into(),
+            session: session.map(convert::session_to_proto),
+        }))
+    }
+
+    async fn extend_session(
+        &self,
+        request: Request<pb::ExtendSessionRequest>,
+    ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
+        let (user, token, ttl) = convert::extension(request.into_inner())?;
+        let session = self.store.extend_session(&user, &token, ttl).await?;
+        Ok(Response::new(pb::ExtendSessionResponse {
+            session: session.map(convert::session_to_proto),
         }))
     }
 

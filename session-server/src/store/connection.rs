@@ -223,9 +223,11 @@ pub(super) struct OpDurations {
 
 /// The operations whose histograms are kept; any other name is looked up on
 /// each use, which is only slower.
-const OPS: [&str; 12] = [
+const OPS: [&str; 14] = [
     "get_session",
     "create_session",
+    "rotate_session",
+    "extend_session",
     "revoke_session",
     "record_login_attempt",
     "reset_login_attempts",

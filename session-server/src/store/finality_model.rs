@@ -18,7 +18,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use super::{Settings, Store, millis, sessions::Prepared};
-use crate::model::{CreateOutcome, NewSession, TokenId, UserId};
+use crate::model::{CreateOutcome, FamilyId, NewSession, TokenId, UserId};
 
 /// A small xorshift generator: reproducible walks without a dependency.
 struct Rng(u64);
@@ -73,6 +73,7 @@ fn new_session(user: usize, token: usize, ttl_ms: u64) -> NewSession {
         token_id: TokenId::parse("token_id", TOKENS[token].into()).unwrap(),
         metadata: Default::default(),
         ttl: Some(Duration::from_millis(ttl_ms)),
+        max_lifetime: None,
     }
 }
 
@@ -155,7 +156,7 @@ impl Walk {
                         ttl_ms,
                         prepared_at: now_ms,
                     });
-                } else if let Ok(true) = store.claim_token(&mut op, &new, ttl_ms, now_ms).await {
+                } else if let Ok(true) = store.claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, now_ms).await {
                     self.pending.push(Pending::Commit {
                         new,
                         ttl_ms,
@@ -174,7 +175,7 @@ impl Walk {
                     } => {
                         // Refused past its deadline: an error, nothing written.
                         if let Ok(true) =
-                            store.claim_token(&mut op, &new, ttl_ms, prepared_at).await
+                            store.claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, prepared_at).await
                         {
                             self.pending.push(Pending::Commit {
                                 new,
@@ -200,7 +201,7 @@ impl Walk {
                         );
                         // Refused when the slack has passed since the first step.
                         if let Ok(outcome) =
-                            store.commit_create(&mut op, new, ttl_ms, prepared_at).await
+                            store.commit_create(&mut op, new, &FamilyId::generate().unwrap(), (ttl_ms, 86_400_000), prepared_at).await
                         {
                             self.created(user, token, &outcome);
                         }

@@ -6,6 +6,7 @@
 //! - `credentials`: the Redis password and CA files, re-read for new
 //!   connections, and REDIS_URL with its passwords hidden;
 //! - `sessions`: create, look up, revoke, count and list sessions;
+//! - `families`: rotate a family's session (with reuse detection), extend one;
 //! - `login`: the login rate limiter;
 //! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
 //! - `revocations`: the revocation stream's subscriber and heartbeats;
@@ -22,7 +23,8 @@
 //! | `P user_sessions:{user}` | sorted set of token ids scored by expiry (ms); expires with its newest member |
 //! | `P token_owner:{token}` | the token's user id: reserves the token id across users and answers token-only lookups |
 //! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; lives as long as the token's reservation |
-//! | `P reservations:{user}` | sorted set of token ids scored by the latest end (ms) a create's token claim may give their reservation, recorded before the claim runs |
+//! | `P reservations:{user}` | sorted set of token ids scored by the latest end (ms) a create's (or rotation's, or extension's) token claim may give their reservation, recorded before the claim runs |
+//! | `P family:{user}:{family}` | a session family (see `families`): hash of `cur` (its current token id), `prev` (the one before, or empty), `rot` (when `cur` replaced `prev`, ms) and `end` (the family's absolute end, ms); expires with its current session |
 //! | `P rate_limit:login:addr:{addr}` | login attempts of a client address (IPv4, or IPv6 network `net/len`): hash of bucket index -> allowed attempts (see `login`); expires when its newest bucket leaves the window |
 //! | `P rate_limit:login:pair:{addr}:acct` | the part of the address's attempts made for one account (`acct` = SHA-256 hex of the account), same buckets and slot as the address's counter, so a reset with the account can subtract exactly it |
 //! | `P rate_limit:login:account:{acct}` | login attempts for one account, from any address; its own slot |
@@ -57,6 +59,7 @@
 
 mod connection;
 pub(crate) mod credentials;
+mod families;
 #[cfg(test)]
 mod finality_model;
 pub mod health;
@@ -65,6 +68,7 @@ mod revocations;
 mod sessions;
 
 pub use revocations::{REVOCATION_BACKLOG, RedisClock, RevocationEvent, RevocationFeed};
+pub use sessions::MAX_LIFETIME;
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -72,7 +76,7 @@ use redis::FromRedisValue;
 
 use crate::{
     error::Error,
-    model::{AccountKey, ClientAddr, TokenId, UserId},
+    model::{AccountKey, ClientAddr, FamilyId, TokenId, UserId},
 };
 
 use connection::Backend;
@@ -144,6 +148,10 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// The longest ttl a caller may ask for.
     pub session_ttl_max: Duration,
+    /// A family's absolute lifetime when CreateSession names none.
+    pub session_max_lifetime: Duration,
+    /// How long a rotated-away token still gets ALREADY_ROTATED.
+    pub rotation_grace: Duration,
     /// Cap on live sessions per user.
     pub max_sessions_per_user: u32,
     /// What happens at the cap.
@@ -191,6 +199,8 @@ impl fmt::Debug for Settings {
             key_prefix,
             session_ttl,
             session_ttl_max,
+            session_max_lifetime,
+            rotation_grace,
             max_sessions_per_user,
             limit_policy,
             rate_limit_window,
@@ -213,6 +223,8 @@ impl fmt::Debug for Settings {
             .field("key_prefix", key_prefix)
             .field("session_ttl", session_ttl)
             .field("session_ttl_max", session_ttl_max)
+            .field("session_max_lifetime", session_max_lifetime)
+            .field("rotation_grace", rotation_grace)
             .field("max_sessions_per_user", max_sessions_per_user)
             .field("limit_policy", limit_policy)
             .field("rate_limit_window", rate_limit_window)
@@ -252,6 +264,8 @@ impl Settings {
             key_prefix: String::new(),
             session_ttl: Duration::from_secs(900),
             session_ttl_max: Duration::from_secs(86_400),
+            session_max_lifetime: Duration::from_secs(2_592_000),
+            rotation_grace: Duration::from_secs(30),
             max_sessions_per_user: 10,
             limit_policy: LimitPolicy::EvictOldest,
             rate_limit_window: Duration::from_secs(900),
@@ -318,6 +332,10 @@ struct Scripts {
     prepare_create: redis::Script,
     claim_token: redis::Script,
     create_session: redis::Script,
+    prepare_rotate: redis::Script,
+    rotate_session: redis::Script,
+    prepare_extend: redis::Script,
+    extend_session: redis::Script,
     revoke_sessions: redis::Script,
     count_sessions: redis::Script,
     login_attempt: redis::Script,
@@ -337,6 +355,10 @@ impl Scripts {
             prepare_create: redis::Script::new(include_str!("scripts/prepare_create.lua")),
             claim_token: redis::Script::new(include_str!("scripts/claim_token.lua")),
             create_session: redis::Script::new(include_str!("scripts/create_session.lua")),
+            prepare_rotate: redis::Script::new(include_str!("scripts/prepare_rotate.lua")),
+            rotate_session: redis::Script::new(include_str!("scripts/rotate_session.lua")),
+            prepare_extend: redis::Script::new(include_str!("scripts/prepare_extend.lua")),
+            extend_session: redis::Script::new(include_str!("scripts/extend_session.lua")),
             revoke_sessions: redis::Script::new(include_str!("scripts/revoke_sessions.lua")),
             count_sessions: redis::Script::new(include_str!("scripts/count_sessions.lua")),
             login_attempt: redis::Script::new(include_str!("scripts/login_attempt.lua")),
@@ -452,6 +474,10 @@ impl Store {
 
     pub(crate) fn reservations_key(&self, user: &UserId) -> String {
         key(&[self.prefix(), "reservations:{", user.as_str(), "}"])
+    }
+
+    pub(crate) fn family_key(&self, user: &UserId, family: &FamilyId) -> String {
+        key(&[self.prefix(), "family:{", user.as_str(), "}:{", family.as_str(), "}"])
     }
 
     /// Waits for this process's turn to run an evicting create for `user`.

@@ -670,6 +670,8 @@ fn parse(payload: &[u8]) -> Option<Parsed> {
         "revoked" => RevocationReason::Revoked,
         "signed_out_everywhere" => RevocationReason::SignedOutEverywhere,
         "evicted" => RevocationReason::Evicted,
+        "rotated" => RevocationReason::Rotated,
+        "reuse_detected" => RevocationReason::ReuseDetected,
         _ => return None,
     };
     let user_id = parts.next().filter(|u| !u.is_empty())?.to_owned();

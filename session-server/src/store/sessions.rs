@@ -8,8 +8,12 @@ use std::time::Duration;
 use super::{Store, connection::Op, millis};
 use crate::{
     error::Error,
-    model::{CreateOutcome, NewSession, Session, TokenId, UserId},
+    model::{CreateOutcome, FamilyId, NewSession, Session, TokenId, UserId},
 };
+
+/// The longest family lifetime (`max_lifetime`, SESSION_MAX_LIFETIME): 365
+/// days, as SESSION_TTL_MAX's bound.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 impl Store {
     /// Stores a new session, reserving its token id first.
@@ -22,41 +26,41 @@ impl Store {
     /// the same user are not an error: they are retried within the
     /// operation's deadline, past which they are [`Error::Busy`].
     pub async fn create_session(&self, new: NewSession) -> Result<CreateOutcome, Error> {
-        let settings = self.settings();
-        let ttl = match new.ttl {
-            None => settings.session_ttl,
-            Some(ttl) if ttl.is_zero() => {
-                return Err(Error::invalid("ttl", "must be positive"));
-            }
-            Some(ttl) if ttl > settings.session_ttl_max => {
-                return Err(Error::invalid(
-                    "ttl",
-                    format!(
-                        "must be at most SESSION_TTL_MAX ({} s), got {:?}",
-                        settings.session_ttl_max.as_secs(),
-                        ttl
-                    ),
-                ));
-            }
-            Some(ttl) if ttl.subsec_nanos() % 1_000_000 != 0 => {
-                return Err(Error::invalid(
-                    "ttl",
-                    "must be a whole number of milliseconds",
-                ));
-            }
-            Some(ttl) => ttl,
-        };
-        let ttl_ms = millis(ttl);
+        let ttl_ms = self.ttl_ms(new.ttl)?;
+        let lifetime_ms = millis(bounded(
+            "max_lifetime",
+            new.max_lifetime,
+            self.settings().session_max_lifetime,
+            (MAX_LIFETIME, "365 days"),
+        )?);
+        let family = FamilyId::generate()?;
         let mut op = self.op("create_session").await?;
         let prepared_at = match self.prepare_create(&mut op, &new, ttl_ms).await? {
             Prepared::Ready { now_ms } => now_ms,
             Prepared::Revoked => return Ok(CreateOutcome::TokenRevoked),
             Prepared::Exists(session) => return Ok(CreateOutcome::AlreadyExists { session }),
         };
-        if !self.claim_token(&mut op, &new, ttl_ms, prepared_at).await? {
+        if !self
+            .claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, prepared_at)
+            .await?
+        {
             return Ok(CreateOutcome::TokenTaken);
         }
-        self.commit_create(&mut op, new, ttl_ms, prepared_at).await
+        self.commit_create(&mut op, new, &family, (ttl_ms, lifetime_ms), prepared_at)
+            .await
+    }
+
+    /// A session's ttl as asked for (`None`: SESSION_TTL), in ms, within
+    /// SESSION_TTL_MAX.
+    pub(super) fn ttl_ms(&self, ttl: Option<Duration>) -> Result<u64, Error> {
+        let settings = self.settings();
+        bounded(
+            "ttl",
+            ttl,
+            settings.session_ttl,
+            (settings.session_ttl_max, "SESSION_TTL_MAX"),
+        )
+        .map(millis)
     }
 
     /// A create's first step, in the user's slot: answers a replay of a
@@ -107,7 +111,8 @@ impl Store {
     pub(super) async fn claim_token(
         &self,
         op: &mut Op,
-        new: &NewSession,
+        user: &UserId,
+        token: &TokenId,
         ttl_ms: u64,
         prepared_at_ms: u64,
     ) -> Result<bool, Error> {
@@ -116,8 +121,8 @@ impl Store {
                 self.shared
                     .scripts
                     .claim_token
-                    .key(self.owner_key(&new.token_id))
-                    .arg(new.user_id.as_str())
+                    .key(self.owner_key(token))
+                    .arg(user.as_str())
                     .arg(self.claim_lifetime_ms(ttl_ms))
                     .arg(prepared_at_ms.saturating_add(self.reservation_slack_ms())),
             )
@@ -151,13 +156,15 @@ impl Store {
         &self,
         op: &mut Op,
         new: NewSession,
-        ttl_ms: u64,
+        family: &FamilyId,
+        (ttl_ms, lifetime_ms): (u64, u64),
         prepared_at_ms: u64,
     ) -> Result<CreateOutcome, Error> {
         let settings = self.settings();
         let scripts = &self.shared.scripts;
-        let head = session_json_head(&new)?;
+        let head = session_json_head(&new.user_id, &new.token_id, &new.metadata, Some(family))?;
         let user = &new.user_id;
+        let family_key = self.family_key(user, family);
         let session_key = self.session_key(user, new.token_id.as_str());
         let index_key = self.index_key(user);
         let revoked_key = self.revoked_key(user, new.token_id.as_str());
@@ -178,6 +185,7 @@ impl Store {
                 .key(&index_key)
                 .key(&revoked_key)
                 .key(&reservations_key)
+                .key(&family_key)
                 .arg(new.token_id.as_str())
                 .arg(ttl_ms)
                 .arg(settings.max_sessions_per_user)
@@ -187,7 +195,8 @@ impl Store {
                 .arg(millis(settings.session_ttl_max))
                 .arg(self.revocation_channel())
                 .arg(user.as_str())
-                .arg(prepared_at_ms.saturating_add(millis(settings.timeout)));
+                .arg(prepared_at_ms.saturating_add(millis(settings.timeout)))
+                .arg(lifetime_ms);
             for token in &declared {
                 invocation
                     .key(self.session_key(user, token))
@@ -195,14 +204,24 @@ impl Store {
                     .arg(token);
             }
             let reply: Vec<Value> = op.invoke(&invocation).await?;
-            let (status, created_at_ms, expires_at_ms, rest) = parse_create_reply(reply)?;
+            let (status, created_at_ms, expires_at_ms, mut rest) = parse_create_reply(reply)?;
             match status {
                 1 => {
+                    let family_end = (!rest.is_empty())
+                        .then(|| rest.remove(0).parse::<u64>().ok())
+                        .flatten()
+                        .ok_or_else(|| {
+                            Error::Internal(
+                                "create_session.lua: status 1 without the family's end".into(),
+                            )
+                        })?;
                     return Ok(CreateOutcome::Created {
                         session: Session {
                             user_id: new.user_id.into_string(),
                             token_id: new.token_id.into_string(),
                             metadata: new.metadata,
+                            family_id: Some(family.as_str().to_owned()),
+                            family_expires_at_ms: Some(family_end),
                             created_at_ms,
                             expires_at_ms,
                         },
@@ -293,9 +312,9 @@ impl Store {
             return Ok(false);
         };
         let revoked = self
-            .revoke_tokens(&mut op, &owner, &[token.as_str()], "revoked")
+            .revoke_following(&mut op, &owner, vec![token.as_str().to_owned()], "revoked")
             .await?;
-        Ok(revoked == 1)
+        Ok(revoked > 0)
     }
 
     /// Revokes every session the user had when the call started; returns how
@@ -314,8 +333,36 @@ impl Store {
         if tokens.is_empty() {
             return Ok(0);
         }
-        self.revoke_tokens(&mut op, user, &tokens, "signed_out_everywhere")
+        self.revoke_following(&mut op, user, tokens, "signed_out_everywhere")
             .await
+    }
+
+    /// Revokes `tokens`, then the successors of any of them a rotation
+    /// replaced before the revocation ran (the family went on under a new
+    /// token id), and theirs, until none is left: a revocation racing a
+    /// rotation still ends the family. Returns how many were live.
+    async fn revoke_following(
+        &self,
+        op: &mut Op,
+        user: &UserId,
+        mut tokens: Vec<String>,
+        reason: &str,
+    ) -> Result<u32, Error> {
+        let mut revoked = 0u32;
+        // Every token revoked or followed, so a cycle (never written by
+        // this server) cannot loop; the operation's deadline bounds the rest.
+        let mut seen: std::collections::HashSet<String> = tokens.iter().cloned().collect();
+        loop {
+            let (live, successors) = self.revoke_tokens(op, user, &tokens, reason).await?;
+            revoked = revoked.saturating_add(live);
+            tokens = successors
+                .into_iter()
+                .filter(|token| seen.insert(token.clone()))
+                .collect();
+            if tokens.is_empty() {
+                return Ok(revoked);
+            }
+        }
     }
 
     /// Counts the user's live sessions by Redis's clock.
@@ -376,14 +423,15 @@ impl Store {
     }
 
     /// Revokes `tokens` of `user` with revoke_sessions.lua, leaving markers
-    /// with `reason`; returns how many were live.
+    /// with `reason`; returns how many were live, and the successors of those
+    /// a rotation had replaced.
     async fn revoke_tokens(
         &self,
         op: &mut Op,
         user: &UserId,
         tokens: &[impl AsRef<str>],
         reason: &str,
-    ) -> Result<u32, Error> {
+    ) -> Result<(u32, Vec<String>), Error> {
         let mut invocation = self
             .shared
             .scripts
@@ -403,7 +451,16 @@ impl Store {
                 .key(self.revoked_key(user, token))
                 .arg(token);
         }
-        op.invoke(&invocation).await
+        let reply: Vec<Value> = op.invoke(&invocation).await?;
+        let mut reply = Reply::new("revoke_sessions.lua", reply);
+        let live = u32::try_from(reply.int()?).map_err(|_| reply.malformed())?;
+        let successors = reply.strings()?;
+        // A successor's id was validated when its rotation stored it.
+        for successor in &successors {
+            TokenId::parse("token_id", successor.clone())
+                .map_err(|e| Error::Internal(format!("corrupt revocation marker: {e}").into()))?;
+        }
+        Ok((live, successors))
     }
 
     /// How much longer a token's reservation lives than the ttl it was
@@ -413,12 +470,12 @@ impl Store {
     /// [`prepare_create`](Self::prepare_create) (wide, so that Redis Cluster
     /// masters' clocks may disagree by up to it); the create's last step must
     /// run within the timeout of its first, by one master's clock.
-    fn reservation_slack_ms(&self) -> u64 {
+    pub(super) fn reservation_slack_ms(&self) -> u64 {
         millis(self.settings().owner_grace).saturating_add(millis(self.settings().timeout))
     }
 
     /// How long a claim makes a token's reservation last.
-    fn claim_lifetime_ms(&self, ttl_ms: u64) -> u64 {
+    pub(super) fn claim_lifetime_ms(&self, ttl_ms: u64) -> u64 {
         ttl_ms.saturating_add(self.reservation_slack_ms())
     }
 
@@ -463,19 +520,53 @@ pub(super) enum Prepared {
     Exists(Session),
 }
 
-/// The session JSON up to its timestamps, which the create script appends from
-/// Redis's clock.
-fn session_json_head(new: &NewSession) -> Result<String, Error> {
+/// A duration a request gave (`None`: `default`), checked: positive, whole
+/// milliseconds, at most `max` (named by `max_name` in the error).
+pub(super) fn bounded(
+    field: &'static str,
+    asked: Option<Duration>,
+    default: Duration,
+    (max, max_name): (Duration, &str),
+) -> Result<Duration, Error> {
+    match asked {
+        None => Ok(default),
+        Some(value) if value.is_zero() => Err(Error::invalid(field, "must be positive")),
+        Some(value) if value > max => Err(Error::invalid(
+            field,
+            format!(
+                "must be at most {max_name} ({} s), got {value:?}",
+                max.as_secs()
+            ),
+        )),
+        Some(value) if value.subsec_nanos() % 1_000_000 != 0 => Err(Error::invalid(
+            field,
+            "must be a whole number of milliseconds",
+        )),
+        Some(value) => Ok(value),
+    }
+}
+
+/// The session JSON up to its timestamps, which the scripts append from
+/// Redis's clock (with the family's end, when there is a family).
+pub(super) fn session_json_head(
+    user_id: &UserId,
+    token_id: &TokenId,
+    metadata: &crate::model::Metadata,
+    family: Option<&FamilyId>,
+) -> Result<String, Error> {
     #[derive(serde::Serialize)]
     struct Head<'a> {
         user_id: &'a str,
         token_id: &'a str,
         metadata: &'a crate::model::Metadata,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        family_id: Option<&'a str>,
     }
     let mut json = serde_json::to_string(&Head {
-        user_id: new.user_id.as_str(),
-        token_id: new.token_id.as_str(),
-        metadata: &new.metadata,
+        user_id: user_id.as_str(),
+        token_id: token_id.as_str(),
+        metadata,
+        family_id: family.map(FamilyId::as_str),
     })
     .map_err(|e| Error::Internal(e.into()))?;
     // Serialising a struct always ends with its closing brace.
@@ -490,7 +581,7 @@ fn jittered_backoff(round: u32) -> Duration {
     Duration::from_micros(100 + super::random_u64() % cap_us)
 }
 
-fn parse_session(json: &str) -> Result<Session, Error> {
+pub(super) fn parse_session(json: &str) -> Result<Session, Error> {
     Session::from_stored_json(json)
         .map_err(|e| Error::Internal(format!("corrupt session JSON: {e}").into()))
 }
@@ -509,20 +600,20 @@ fn parse_create_reply(reply: Vec<Value>) -> Result<CreateReply, Error> {
 
 /// A script's reply (an array), read in order; anything missing or of the
 /// wrong type is an internal error naming the script.
-struct Reply {
+pub(super) struct Reply {
     script: &'static str,
     values: std::vec::IntoIter<Value>,
 }
 
 impl Reply {
-    fn new(script: &'static str, reply: Vec<Value>) -> Self {
+    pub(super) fn new(script: &'static str, reply: Vec<Value>) -> Self {
         Self {
             script,
             values: reply.into_iter(),
         }
     }
 
-    fn malformed(&self) -> Error {
+    pub(super) fn malformed(&self) -> Error {
         Error::Internal(format!("{} returned a malformed reply", self.script).into())
     }
 
@@ -533,22 +624,22 @@ impl Reply {
         }
     }
 
-    fn int(&mut self) -> Result<i64, Error> {
+    pub(super) fn int(&mut self) -> Result<i64, Error> {
         self.next()
     }
 
     /// A time or duration in ms: never negative.
-    fn millis(&mut self) -> Result<u64, Error> {
+    pub(super) fn millis(&mut self) -> Result<u64, Error> {
         let value = self.int()?;
         u64::try_from(value).map_err(|_| self.malformed())
     }
 
-    fn string(&mut self) -> Result<String, Error> {
+    pub(super) fn string(&mut self) -> Result<String, Error> {
         self.next()
     }
 
     /// Every value left, as strings.
-    fn strings(self) -> Result<Vec<String>, Error> {
+    pub(super) fn strings(self) -> Result<Vec<String>, Error> {
         self.values
             .map(String::from_redis_value)
             .collect::<Result<Vec<_>, _>>()
@@ -578,6 +669,7 @@ mod tests {
             token_id: TokenId::parse("token_id", token.into()).unwrap(),
             metadata: Default::default(),
             ttl: None,
+            max_lifetime: None,
         };
         let first = store.create_session(new("first")).await.unwrap();
         assert!(matches!(first, CreateOutcome::Created { .. }), "{first:?}");
@@ -608,10 +700,11 @@ mod tests {
             token_id: TokenId::parse("token_id", "t1".into()).unwrap(),
             metadata: [("ip".to_string(), "10.0.0.1".to_string())].into(),
             ttl: None,
+            max_lifetime: None,
         };
         let json = format!(
             "{},\"created_at_ms\":1,\"expires_at_ms\":2}}",
-            session_json_head(&new).unwrap()
+            session_json_head(&new.user_id, &new.token_id, &new.metadata, None).unwrap()
         );
         let session = parse_session(&json).unwrap();
         assert_eq!(session.user_id, "u\"1");

@@ -6,7 +6,9 @@
 -- KEYS[4]   reservations:{<user_id>}           token ids scored by the latest end (ms) a
 --                                              claim may give their reservation
 --                                              (prepare_create.lua)
--- KEYS[5..] for each ARGV[11..] in order, two keys: its session:{<user_id>}:{<t>}
+-- KEYS[5]   family:{<user_id>}:{<family_id>}   the family this session starts
+--                                              (store/families.rs)
+-- KEYS[6..] for each ARGV[12..] in order, two keys: its session:{<user_id>}:{<t>}
 --           and its revoked:{<user_id>}:{<t>} (the index members the caller
 --           declared: eviction may only touch these)
 -- ARGV[1]   token id
@@ -14,7 +16,7 @@
 -- ARGV[3]   MAX_SESSIONS_PER_USER
 -- ARGV[4]   policy: 'evict_oldest' or 'reject'
 -- ARGV[5]   the session JSON without its closing brace and timestamps:
---           {"user_id":..,"token_id":..,"metadata":{..}
+--           {"user_id":..,"token_id":..,"metadata":{..},"family_id":..
 -- ARGV[6]   how much longer a token's reservation lives than the ttl asked for,
 --           in ms (claim_token used ttl + this); markers outlive sessions by it
 -- ARGV[7]   SESSION_TTL_MAX in ms: a marker's base for a session key without a
@@ -28,9 +30,12 @@
 --           ttl + ARGV[6] (OWNER_GRACE + REDIS_TIMEOUT_MS), so a session
 --           created by then ends at least OWNER_GRACE before the reservation;
 --           and a create whose caller was told it failed cannot land later
--- ARGV[11..] token ids of declared index members, matching KEYS[5..]
+-- ARGV[11]  the family's absolute lifetime in ms: the session ends no later
+--           than now + this
+-- ARGV[12..] token ids of declared index members, matching KEYS[6..]
 -- Returns {status, created_at_ms, expires_at_ms, more...}:
---   {1, created, expires, evicted...}  created; evicted lists the sessions revoked for room
+--   {1, created, expires, family_end, evicted...}
+--                                      created; evicted lists the sessions revoked for room
 --   {0, 0, 0, json}                    the token already has a live session of this
 --                                      user (json), created since prepare_create.lua ran
 --   {4, 0, 0}                          the token was revoked: only its marker is kept
@@ -84,8 +89,8 @@ if count >= max then
     return {2, 0, 0}
   end
   local declared = {}
-  for i = 11, #ARGV do
-    declared[ARGV[i]] = 2 * (i - 11) + 5
+  for i = 12, #ARGV do
+    declared[ARGV[i]] = 2 * (i - 12) + 6
   end
   -- The oldest (closest to expiry) of the sessions the caller declared: every
   -- member when its create began. Sessions created since, by concurrent
@@ -139,15 +144,22 @@ if count >= max then
   end
 end
 
-local expires = now + ttl
-local json = string.format('%s,"created_at_ms":%.0f,"expires_at_ms":%.0f}', ARGV[5], now, expires)
-redis.call('SET', KEYS[1], json, 'PX', ttl)
+local family_end = now + tonumber(ARGV[11])
+local expires = math.min(now + ttl, family_end)
+local json = string.format('%s,"family_expires_at_ms":%.0f,"created_at_ms":%.0f,"expires_at_ms":%.0f}',
+  ARGV[5], family_end, now, expires)
+redis.call('SET', KEYS[1], json, 'PX', expires - now)
 redis.call('ZADD', KEYS[2], expires, ARGV[1])
 -- The index lives exactly as long as its newest member.
 local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[2], newest[2])
+-- The family: its current token, none before it, its absolute end; it lives
+-- as long as its current session can (rotate and extend move it along).
+redis.call('HSET', KEYS[5], 'cur', ARGV[1], 'prev', '', 'rot', '0', 'end',
+  string.format('%.0f', family_end))
+redis.call('PEXPIREAT', KEYS[5], expires)
 
-local answer = {1, now, expires}
+local answer = {1, now, expires, family_end}
 for _, t in ipairs(evicted) do
   answer[#answer + 1] = t
 end

@@ -22,9 +22,13 @@
 --           among them
 -- ARGV[5]   the user id
 -- ARGV[6..] token ids
--- Returns   how many of them were live (their key still existed); nothing is
---           written (or published) for the others but the removal of stale
---           index entries.
+-- Returns   {revoked, successors...}: how many of them were live (their key
+--           still existed); nothing is written (or published) for the others
+--           but the removal of stale index entries. successors: for each
+--           token that was not live because a rotation replaced it (its marker
+--           says so, rotate_session.lua), the token that replaced it: the
+--           caller revokes those too, so a revocation racing a rotation still
+--           ends the family.
 local slack = tonumber(ARGV[1])
 local longest = tonumber(ARGV[2])
 local time = redis.call('TIME')
@@ -64,6 +68,7 @@ end
 -- a script has written, Redis lets it finish even past maxmemory, so a
 -- revocation is never half done for want of memory.
 local revoked = 0
+local answer = {0}
 for i = 1, #ARGV - 5 do
   local token, session, tomb = ARGV[i + 5], KEYS[2 * i + 1], KEYS[2 * i + 2]
   redis.call('ZREM', KEYS[1], token)
@@ -81,6 +86,15 @@ for i = 1, #ARGV - 5 do
     redis.call('DEL', session)
     redis.call('SET', tomb, marker, 'PX', keep)
     revoked = revoked + 1
+  else
+    local previous = redis.call('GET', tomb)
+    if previous and string.find(previous, '"reason":"rotated"', 1, true) then
+      local ok, decoded = pcall(cjson.decode, previous)
+      if ok and type(decoded.successor) == 'string' then
+        answer[#answer + 1] = decoded.successor
+      end
+    end
   end
 end
-return revoked
+answer[1] = revoked
+return answer
