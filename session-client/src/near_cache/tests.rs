@@ -12,6 +12,8 @@ fn session(user: &str, token: &str, created_at: SystemTime) -> Session {
         metadata: HashMap::new(),
         created_at,
         expires_at: created_at + Duration::from_secs(900),
+        family_id: String::new(),
+        family_expires_at: None,
     }
 }
 
