@@ -199,6 +199,10 @@ pub(crate) struct Revocation {
 }
 
 impl Revocation {
+    /// The revocation's `reason` is not read: whatever ended the session
+    /// (a revoke, sign out everywhere, eviction, a rotation, reuse
+    /// detection, or a reason newer than this client), it is gone, and the
+    /// cache drops it alike.
     fn from_proto(revocation: pb::Revocation) -> Self {
         Self {
             user_id: revocation.user_id,

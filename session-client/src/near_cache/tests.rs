@@ -493,6 +493,45 @@ fn revocations_convert_from_the_wire() {
     assert_eq!(timeless.revoked_at, None);
 }
 
+/// The reason is not read: a rotation, reuse detection, and a reason
+/// newer than this client (or none) end a session as a revoke does.
+#[test]
+fn every_reason_ends_the_session() {
+    let now = SystemTime::now();
+    let reasons = [
+        pb::RevocationReason::Rotated as i32,
+        pb::RevocationReason::ReuseDetected as i32,
+        pb::RevocationReason::Unspecified as i32,
+        99,
+    ];
+    let sessions: Vec<Session> = (0..reasons.len())
+        .map(|i| session("alice", &format!("t{i}"), now))
+        .collect();
+    let cache = healthy_with(10, &sessions);
+    let messages = reasons
+        .iter()
+        .enumerate()
+        .map(|(i, &reason)| pb::Revocation {
+            reason,
+            ..revoke_token("alice", &format!("t{i}"))
+        })
+        .collect();
+    recv(&cache, revocations(messages), Instant::now());
+    assert_eq!(cache.stats().entries, 0);
+    // User-wide, with the new reasons too.
+    let cache = healthy_with(10, &sessions);
+    recv(
+        &cache,
+        revocations(vec![pb::Revocation {
+            reason: pb::RevocationReason::ReuseDetected.into(),
+            ..revoke_user("alice", now)
+        }]),
+        Instant::now(),
+    );
+    assert_eq!(cache.stats().entries, 0);
+    assert_consistent(&cache);
+}
+
 /// A revoke made through the client without the user's id still
 /// invalidates the calls in flight for that user, found through the
 /// cached session.
