@@ -152,6 +152,50 @@ def run(channel):
     )
     check("  and the count is 0", count.count == 0)
 
+    # RotateSession and ExtendSession: a family of its own (a user of its own,
+    # so the counts above are untouched).
+    rot_user = f"py-rot-{run_id}"
+    rot_1, rot_2 = f"jti-{run_id}-rot-1", f"jti-{run_id}-rot-2"
+    login = store.CreateSession(pb.CreateSessionRequest(user_id=rot_user, token_id=rot_1),
+                                timeout=DEADLINE).session
+    family = login.family_id
+    check("CreateSession starts a family: family_id and family_expires_at set",
+          family != "" and login.HasField("family_expires_at")
+          and login.family_expires_at.ToMilliseconds() >= login.expires_at.ToMilliseconds())
+    rotated = store.RotateSession(
+        pb.RotateSessionRequest(user_id=rot_user, family_id=family, token_id=rot_1,
+                                new_token_id=rot_2), timeout=DEADLINE)
+    successor = rotated.session
+    check("RotateSession: ROTATED, the successor has the new token id in the same family",
+          rotated.outcome == pb.ROTATE_OUTCOME_ROTATED and rotated.HasField("session")
+          and (successor.user_id, successor.token_id, successor.family_id)
+          == (rot_user, rot_2, family))
+    check("  and the rotated-away token is no longer found",
+          not store.GetSession(pb.GetSessionRequest(token_id=rot_1),
+                               timeout=DEADLINE).HasField("session"))
+    retried = store.RotateSession(
+        pb.RotateSessionRequest(user_id=rot_user, family_id=family, token_id=rot_1,
+                                new_token_id=rot_2), timeout=DEADLINE)
+    check("RotateSession retried with the old token: ALREADY_ROTATED, the same successor",
+          retried.outcome == pb.ROTATE_OUTCOME_ALREADY_ROTATED
+          and retried.session.token_id == rot_2 and retried.session.family_id == family)
+    extended = store.ExtendSession(
+        pb.ExtendSessionRequest(user_id=rot_user, token_id=rot_2, ttl=Duration(seconds=1800)),
+        timeout=DEADLINE)
+    check("ExtendSession returns the successor with a later expiry, within the family's end",
+          extended.HasField("session") and extended.session.token_id == rot_2
+          and extended.session.expires_at.ToMilliseconds()
+          > successor.expires_at.ToMilliseconds()
+          and extended.session.expires_at.ToMilliseconds()
+          <= extended.session.family_expires_at.ToMilliseconds())
+    unknown = store.ExtendSession(
+        pb.ExtendSessionRequest(user_id=rot_user, token_id=f"jti-{run_id}-rot-unknown"),
+        timeout=DEADLINE)
+    check("ExtendSession of an unknown token: no session (not an error)",
+          not unknown.HasField("session"))
+    store.RevokeSession(pb.RevokeSessionRequest(token_id=rot_2, user_id=rot_user),
+                        timeout=DEADLINE)
+
     # RecordLoginAttempt: MAX_ATTEMPTS allowed, the next one refused with retry_after.
     ip = f"2001:db8:{run_id[:4]}:{run_id[4:8]}::1"  # a /64 of its own for this run
     for attempt in range(1, MAX_ATTEMPTS + 2):

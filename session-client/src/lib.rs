@@ -115,4 +115,6 @@ pub use error::{BoxError, CallError, Code, Error, Result};
 pub use near_cache::NearCacheStats;
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
-pub use types::{CreateOutcome, Created, LoginAttempt, LoginLimit, NewSession, Session};
+pub use types::{
+    CreateOutcome, Created, LoginAttempt, LoginLimit, NewSession, RotateOutcome, Rotation, Session,
+};

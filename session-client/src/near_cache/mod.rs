@@ -199,6 +199,10 @@ pub(crate) struct Revocation {
 }
 
 impl Revocation {
+    /// The revocation's `reason` is not read: whatever ended the session
+    /// (a revoke, sign out everywhere, eviction, a rotation, reuse
+    /// detection, or a reason newer than this client), it is gone, and the
+    /// cache drops it alike.
     fn from_proto(revocation: pb::Revocation) -> Self {
         Self {
             user_id: revocation.user_id,
@@ -440,6 +444,78 @@ impl State {
     }
 }
 
+impl State {
+    /// Drops `user`'s cached sessions of family `family` (a family ended by
+    /// reuse detection), found through the per-user index. The calls in
+    /// flight that may be for one of them lose their fill, as for a
+    /// user-wide revocation: those naming the user, and every one that named
+    /// none (the family's token ids are not all known here).
+    fn drop_family(&mut self, user: &str, family: &str) {
+        if family.is_empty() {
+            // Sessions of a server older than families share the empty id:
+            // not one family.
+            return;
+        }
+        let tokens: Vec<String> = self
+            .by_user
+            .get(user)
+            .map(|tokens| tokens.iter().cloned().collect())
+            .unwrap_or_default();
+        for token in tokens {
+            if self
+                .entries
+                .peek(&token)
+                .is_some_and(|session| session.family_id == family)
+            {
+                self.remove(&token);
+            }
+        }
+        let mut doomed: Vec<u64> = self.unhinted_fills.iter().copied().collect();
+        doomed.extend(self.fills_by_user.get(user).into_iter().flatten());
+        self.invalidate_fills(doomed);
+    }
+
+    /// An ExtendSession answer for `token_id`: `Some` with the session as
+    /// the server now holds it, `None` when it is not live or the call's
+    /// outcome is unknown.
+    ///
+    /// An extension usually moves the expiry later, but not always: with a
+    /// ttl shorter than the time left it moves it earlier (down to
+    /// now + ttl). The cache must never hold an expiry later than Redis's,
+    /// which it would answer past the real end; one earlier than Redis's
+    /// only costs a lookup once it passes (the server then answers, and
+    /// that answer is cached). So a cached entry takes the earlier of its
+    /// expiry and the answer's, whatever the order in which answers of
+    /// concurrent extensions arrive; and the lookups in flight for the token
+    /// lose their fill, since one may have read the expiry before this
+    /// extension moved it earlier. Without an answer (the session is not
+    /// live, or the call failed and may have moved it) the entry is dropped.
+    fn extended(&mut self, token_id: &str, answer: Option<&Session>) {
+        let doomed: Vec<u64> = self
+            .fills_by_token
+            .get(token_id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        self.invalidate_fills(doomed);
+        match answer {
+            Some(answer) => {
+                if let Some(cached) = self.entries.peek_mut(token_id)
+                    && cached.user_id == answer.user_id
+                {
+                    cached.expires_at = cached.expires_at.min(answer.expires_at);
+                } else {
+                    self.remove(token_id);
+                }
+            }
+            None => {
+                self.remove(token_id);
+            }
+        }
+    }
+}
+
 /// Removes `id` from `key`'s set in a fill index, and the set once empty.
 fn unindex_fill(index: &mut HashMap<String, HashSet<u64>>, key: &str, id: u64) {
     if let Some(ids) = index.get_mut(key) {
@@ -588,6 +664,19 @@ impl NearCache {
         for revocation in revocations {
             state.apply(revocation);
         }
+    }
+
+    /// A family ended by reuse detection through this client: drops what is
+    /// cached of it now, as the stream will (counted as one revocation).
+    pub(crate) fn forget_family(&self, user_id: &str, family_id: &str) {
+        self.state().drop_family(user_id, family_id);
+        self.revocations_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An ExtendSession made through this client ended; see
+    /// [`State::extended`].
+    pub(crate) fn extended(&self, token_id: &str, answer: Option<&Session>) {
+        self.state().extended(token_id, answer);
     }
 
     /// The stream task opened stream `id`: it becomes the candidate (a

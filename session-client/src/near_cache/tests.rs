@@ -12,6 +12,18 @@ fn session(user: &str, token: &str, created_at: SystemTime) -> Session {
         metadata: HashMap::new(),
         created_at,
         expires_at: created_at + Duration::from_secs(900),
+        family_id: String::new(),
+        family_expires_at: None,
+    }
+}
+
+/// A session of family `family`.
+fn in_family(user: &str, token: &str, family: &str) -> Session {
+    let now = SystemTime::now();
+    Session {
+        family_id: family.into(),
+        family_expires_at: Some(now + Duration::from_secs(86_400)),
+        ..session(user, token, now)
     }
 }
 
@@ -489,6 +501,184 @@ fn revocations_convert_from_the_wire() {
         ..revoke_user("alice", at)
     });
     assert_eq!(timeless.revoked_at, None);
+}
+
+/// The reason is not read: a rotation, reuse detection, and a reason
+/// newer than this client (or none) end a session as a revoke does.
+#[test]
+fn every_reason_ends_the_session() {
+    let now = SystemTime::now();
+    let reasons = [
+        pb::RevocationReason::Rotated as i32,
+        pb::RevocationReason::ReuseDetected as i32,
+        pb::RevocationReason::Unspecified as i32,
+        99,
+    ];
+    let sessions: Vec<Session> = (0..reasons.len())
+        .map(|i| session("alice", &format!("t{i}"), now))
+        .collect();
+    let cache = healthy_with(10, &sessions);
+    let messages = reasons
+        .iter()
+        .enumerate()
+        .map(|(i, &reason)| pb::Revocation {
+            reason,
+            ..revoke_token("alice", &format!("t{i}"))
+        })
+        .collect();
+    recv(&cache, revocations(messages), Instant::now());
+    assert_eq!(cache.stats().entries, 0);
+    // User-wide, with the new reasons too.
+    let cache = healthy_with(10, &sessions);
+    recv(
+        &cache,
+        revocations(vec![pb::Revocation {
+            reason: pb::RevocationReason::ReuseDetected.into(),
+            ..revoke_user("alice", now)
+        }]),
+        Instant::now(),
+    );
+    assert_eq!(cache.stats().entries, 0);
+    assert_consistent(&cache);
+}
+
+/// Reuse detection drops the user's cached sessions of that family, and
+/// the calls in flight that may be for one of them; other families of the
+/// user, and other users, stay. An empty family id (sessions of a server
+/// older than families) drops nothing.
+#[test]
+fn a_family_ended_by_reuse_is_dropped() {
+    let cache = healthy_with(
+        10,
+        &[
+            in_family("alice", "a1", "f1"),
+            in_family("alice", "a2", "f1"),
+            in_family("alice", "a3", "f2"),
+            session("alice", "a4", SystemTime::now()),
+            in_family("bob", "b1", "f1"),
+        ],
+    );
+    let alices = cache.begin_fill("a5", Some("alice"));
+    let unhinted = cache.begin_fill("a6", None);
+    let bobs = cache.begin_fill("b2", Some("bob"));
+    cache.forget_family("alice", "f1");
+    assert!(!cached(&cache, "a1") && !cached(&cache, "a2"));
+    assert!(cached(&cache, "a3") && cached(&cache, "a4") && cached(&cache, "b1"));
+    assert!(!alices.complete(&in_family("alice", "a5", "f1")));
+    assert!(!unhinted.complete(&in_family("alice", "a6", "f1")));
+    assert!(bobs.complete(&in_family("bob", "b2", "f3")));
+    assert_eq!(cache.stats().revocations_applied, 1);
+    assert_consistent(&cache);
+    cache.forget_family("alice", "");
+    assert!(cached(&cache, "a4"), "the empty family is no family");
+    assert_consistent(&cache);
+}
+
+/// An ExtendSession answer never leaves a cached expiry later than the
+/// answer's: an earlier one (a shorter ttl) is taken, a later one is not
+/// (the entry is fetched again once its own passes), whatever order the
+/// answers of concurrent extensions arrive in. Lookups in flight for the
+/// token lose their fill (they may have read the expiry before it moved);
+/// no answer (not live, or an unknown outcome) drops the entry.
+#[test]
+fn an_extension_never_leaves_a_later_expiry() {
+    let s = in_family("alice", "a1", "f1");
+    let cache = healthy_with(10, &[s.clone(), session("bob", "b1", SystemTime::now())]);
+    let expiry = |cache: &NearCache| cache.state().entries.peek("a1").map(|e| e.expires_at);
+
+    let later = Session {
+        expires_at: s.expires_at + Duration::from_secs(600),
+        ..s.clone()
+    };
+    cache.extended("a1", Some(&later));
+    assert_eq!(expiry(&cache), Some(s.expires_at), "kept the earlier");
+
+    let in_flight = cache.begin_fill("a1", Some("alice"));
+    let other = cache.begin_fill("b1", Some("bob"));
+    let earlier = Session {
+        expires_at: s.expires_at - Duration::from_secs(600),
+        ..s.clone()
+    };
+    cache.extended("a1", Some(&earlier));
+    assert_eq!(expiry(&cache), Some(earlier.expires_at), "took the earlier");
+    assert!(!in_flight.complete(&s), "a read from before the extension");
+    assert!(other.complete(&session("bob", "b1", SystemTime::now())));
+    // The later answer of an extension that Redis made before, arriving last.
+    cache.extended("a1", Some(&s));
+    assert_eq!(expiry(&cache), Some(earlier.expires_at));
+
+    // An answer for a token not cached caches nothing.
+    cache.extended("a9", Some(&in_family("alice", "a9", "f9")));
+    assert!(!cached(&cache, "a9"));
+    cache.extended("a1", None);
+    assert!(!cached(&cache, "a1") && cached(&cache, "b1"));
+    assert_consistent(&cache);
+}
+
+/// A client whose endpoint refuses connections, with a near-cache made
+/// healthy by hand holding `sessions` (on a stream id the client's own
+/// stream task never uses, so its failures do not touch it).
+async fn offline_client_with(sessions: &[Session]) -> (crate::SessionClient, Arc<NearCache>) {
+    const OURS: u64 = u64::MAX;
+    let client = crate::SessionClient::builder("http://127.0.0.1:1")
+        .near_cache(10)
+        .timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let cache = client.near_cache_for_tests().unwrap().clone();
+    // The stream task may open its own candidate in between: try again.
+    while cache.roles().current != Some(OURS) {
+        cache.open(OURS);
+        cache.received(OURS, reset(), Instant::now());
+    }
+    for s in sessions {
+        let fill = cache.begin_fill(&s.token_id, Some(&s.user_id));
+        assert!(fill.complete(s), "{} was not cached", s.token_id);
+    }
+    (client, cache)
+}
+
+/// rotate_session drops the presented session from the near-cache even
+/// when the call fails (its outcome unknown: it may have rotated), and
+/// leaves the rest.
+#[tokio::test]
+async fn a_failed_rotation_still_drops_the_presented_session() {
+    let (client, cache) = offline_client_with(&[
+        in_family("alice", "a1", "f1"),
+        in_family("alice", "a2", "f2"),
+    ])
+    .await;
+    let rotation = crate::Rotation::new("alice", "f1", "a1", "a1-next");
+    let err = client.rotate_session(rotation).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(!cached(&cache, "a1"));
+    assert!(cached(&cache, "a2"));
+    // Dropped mid-call (a caller's timeout): the same.
+    let fill = cache.begin_fill("a2", Some("alice"));
+    assert!(fill.complete(&in_family("alice", "a2", "f2")));
+    let rotation = crate::Rotation::new("alice", "f2", "a2", "a2-next");
+    drop(tokio::time::timeout(Duration::ZERO, client.rotate_session(rotation)).await);
+    assert!(!cached(&cache, "a2"));
+    assert_consistent(&cache);
+}
+
+/// extend_session drops the cached entry when the call fails (the expiry
+/// may have moved earlier), and leaves other sessions.
+#[tokio::test]
+async fn a_failed_extension_drops_the_entry() {
+    let (client, cache) = offline_client_with(&[
+        in_family("alice", "a1", "f1"),
+        in_family("alice", "a2", "f2"),
+    ])
+    .await;
+    let result = client
+        .extend_session("alice", "a1", Some(Duration::from_secs(60)))
+        .await;
+    assert!(result.is_err());
+    assert!(!cached(&cache, "a1"));
+    assert!(cached(&cache, "a2"));
+    assert_consistent(&cache);
 }
 
 /// A revoke made through the client without the user's id still
