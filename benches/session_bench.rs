@@ -303,6 +303,7 @@ async fn call(
                     token_id: format!("bench-{}-c{task}-{seq}", keys.run),
                     metadata: metadata(),
                     ttl: None,
+                    max_lifetime: None,
                 })
                 .await?;
             Ok(hit(response.into_inner().created))
@@ -404,6 +405,7 @@ async fn populate(
                             seconds: 3600,
                             nanos: 0,
                         }),
+                        max_lifetime: None,
                     })
                     .await
                     .map_err(|s| format!("populating session {session}: {s}"))?;

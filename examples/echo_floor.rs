@@ -69,6 +69,11 @@ fn fixed_session() -> Session {
             ..created
         }),
         created_at: Some(created),
+        family_id: "0123456789abcdef0123456789abcdef".to_string(),
+        family_expires_at: Some(prost_types::Timestamp {
+            seconds: created.seconds + 2_592_000,
+            ..created
+        }),
     }
 }
 
@@ -108,6 +113,20 @@ impl SessionStore for Echo {
         &self,
         _request: Request<sessionstore::v1::RevokeAllUserSessionsRequest>,
     ) -> Result<Response<sessionstore::v1::RevokeAllUserSessionsResponse>, Status> {
+        Err(Status::unimplemented("echo_floor answers GetSession only"))
+    }
+
+    async fn rotate_session(
+        &self,
+        _request: Request<sessionstore::v1::RotateSessionRequest>,
+    ) -> Result<Response<sessionstore::v1::RotateSessionResponse>, Status> {
+        Err(Status::unimplemented("echo_floor answers GetSession only"))
+    }
+
+    async fn extend_session(
+        &self,
+        _request: Request<sessionstore::v1::ExtendSessionRequest>,
+    ) -> Result<Response<sessionstore::v1::ExtendSessionResponse>, Status> {
         Err(Status::unimplemented("echo_floor answers GetSession only"))
     }
 

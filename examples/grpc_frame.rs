@@ -35,6 +35,7 @@ fn main() -> std::io::Result<()> {
             ]
             .into(),
             ttl: None,
+            max_lifetime: None,
         }
         .encode_to_vec(),
         "get" => GetSessionRequest {

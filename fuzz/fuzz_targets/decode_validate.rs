@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    match which % 9 {
+    match which % 11 {
         0 => decoded::<pb::CreateSessionRequest>(bytes, create_session),
         1 => decoded::<pb::GetSessionRequest>(bytes, |r| lookup(r.token_id, r.user_id)),
         2 => decoded::<pb::RevokeSessionRequest>(bytes, |r| lookup(r.token_id, r.user_id)),
@@ -37,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
         5 => decoded::<pb::ListUserSessionsRequest>(bytes, |r| user(r.user_id)),
         6 => decoded::<pb::RecordLoginAttemptRequest>(bytes, |r| ip(&r.ip)),
         7 => decoded::<pb::ResetLoginAttemptsRequest>(bytes, |r| ip(&r.ip)),
+        8 => decoded::<pb::RotateSessionRequest>(bytes, rotate_session),
+        9 => decoded::<pb::ExtendSessionRequest>(bytes, extend_session),
         // What the handlers send back: stored sessions and verdicts, whose
         // numbers come from Redis rather than from the caller.
         _ => responses(bytes),
@@ -108,6 +110,9 @@ fn create_session(req: pb::CreateSessionRequest) {
     if !ttl_ok(req.ttl.as_ref()) {
         bad.push("ttl");
     }
+    if !ttl_ok(req.max_lifetime.as_ref()) {
+        bad.push("max_lifetime");
+    }
     match convert::new_session(req.clone()) {
         Ok(new) => {
             assert!(bad.is_empty(), "accepted although {bad:?} are invalid");
@@ -127,6 +132,8 @@ fn create_session(req: pb::CreateSessionRequest) {
                 user_id: new.user_id.into_string(),
                 token_id: new.token_id.into_string(),
                 metadata: new.metadata,
+                family_id: Some("f".repeat(32)),
+                family_expires_at_ms: Some(ms.saturating_mul(3)),
                 created_at_ms: ms,
                 expires_at_ms: ms.saturating_mul(2),
             });
@@ -217,6 +224,61 @@ fn ip(text: &str) {
 
 /// Converts sessions and verdicts with numbers taken from the input: the
 /// times and counters come from Redis, so every value must convert.
+fn rotate_session(req: pb::RotateSessionRequest) {
+    let mut bad = Vec::new();
+    for (field, id) in [
+        ("user_id", &req.user_id),
+        ("family_id", &req.family_id),
+        ("token_id", &req.token_id),
+        ("new_token_id", &req.new_token_id),
+    ] {
+        if !id_ok(id) {
+            bad.push(field);
+        }
+    }
+    if id_ok(&req.new_token_id) && req.new_token_id == req.token_id {
+        bad.push("new_token_id");
+    }
+    if !metadata_ok(&req.metadata) {
+        bad.push("metadata");
+    }
+    if !ttl_ok(req.ttl.as_ref()) {
+        bad.push("ttl");
+    }
+    match convert::rotation(req.clone()) {
+        Ok(rotation) => {
+            assert!(bad.is_empty(), "accepted although {bad:?} are invalid");
+            assert_eq!(rotation.family_id.as_str(), req.family_id);
+            assert_eq!(rotation.new_token_id.as_str(), req.new_token_id);
+            assert_ne!(rotation.token_id, rotation.new_token_id);
+        }
+        Err(err) => {
+            assert!(!bad.is_empty(), "refused a valid request: {err:?}");
+            assert_refused(err, &bad);
+        }
+    }
+}
+
+fn extend_session(req: pb::ExtendSessionRequest) {
+    let mut bad = Vec::new();
+    if !id_ok(&req.user_id) {
+        bad.push("user_id");
+    }
+    if !id_ok(&req.token_id) {
+        bad.push("token_id");
+    }
+    if !ttl_ok(req.ttl.as_ref()) {
+        bad.push("ttl");
+    }
+    match convert::extension(req) {
+        Ok(_) => assert!(bad.is_empty(), "accepted although {bad:?} are invalid"),
+        Err(err) => {
+            assert!(!bad.is_empty(), "refused a valid request: {err:?}");
+            assert_refused(err, &bad);
+        }
+    }
+}
+
 fn responses(bytes: &[u8]) {
     let mut words = bytes
         .chunks(8)
@@ -231,6 +293,8 @@ fn responses(bytes: &[u8]) {
         user_id: "u".into(),
         token_id: "t".into(),
         metadata: Default::default(),
+        family_id: None,
+        family_expires_at_ms: None,
         created_at_ms: created,
         expires_at_ms: expires,
     });

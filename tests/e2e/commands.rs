@@ -47,6 +47,7 @@ async fn get_session_needs_one_command_with_the_hint_and_two_without() {
         let (user_id, token_id) = session(i);
         let created = client
             .create_session(CreateSessionRequest {
+                max_lifetime: None,
                 user_id,
                 token_id,
                 metadata: [("ip".to_string(), "10.0.0.1".to_string())].into(),

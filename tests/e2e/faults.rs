@@ -467,6 +467,7 @@ async fn redis_out_of_memory_is_resource_exhausted() {
     for i in 0..200 {
         let result = client
             .create_session(CreateSessionRequest {
+                max_lifetime: None,
                 user_id: format!("oom-{}", i % 50),
                 token_id: format!("oom-t{i}"),
                 metadata: big.clone(),

@@ -921,6 +921,22 @@ impl SessionStore for RelayService {
             .await
     }
 
+    async fn rotate_session(
+        &self,
+        request: Request<pb::RotateSessionRequest>,
+    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        upstream.rotate_session(request.into_inner()).await
+    }
+
+    async fn extend_session(
+        &self,
+        request: Request<pb::ExtendSessionRequest>,
+    ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
+        let mut upstream = self.0.upstream.clone();
+        upstream.extend_session(request.into_inner()).await
+    }
+
     async fn get_user_session_count(
         &self,
         _request: Request<pb::GetUserSessionCountRequest>,

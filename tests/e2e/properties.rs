@@ -183,6 +183,7 @@ fn ip() -> impl Strategy<Value = String> {
 fn case() -> impl Strategy<Value = (CreateSessionRequest, String)> {
     ((id(), id(), metadata()), ip()).prop_map(|((user_id, token_id, metadata), ip)| {
         let req = CreateSessionRequest {
+            max_lifetime: None,
             user_id,
             token_id,
             metadata,

@@ -21,6 +21,7 @@ fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 async fn create(client: &mut Client, user: &str, token: &str) -> CreateSessionResponse {
     client
         .create_session(CreateSessionRequest {
+            max_lifetime: None,
             user_id: user.into(),
             token_id: token.into(),
             metadata: meta(&[("ip", "10.0.0.1")]),
@@ -141,6 +142,7 @@ async fn a_live_token_id_cannot_be_taken_again() {
     for user in ["owner", "intruder"] {
         let again = client
             .create_session(CreateSessionRequest {
+                max_lifetime: None,
                 user_id: user.into(),
                 token_id: "shared-tok".into(),
                 metadata: meta(&[("ip", "6.6.6.6")]),
@@ -343,6 +345,7 @@ async fn a_session_ends_with_its_ttl() {
     let mut client = server.client().await;
     let short = client
         .create_session(CreateSessionRequest {
+            max_lifetime: None,
             user_id: "hank".into(),
             token_id: "short".into(),
             metadata: HashMap::new(),

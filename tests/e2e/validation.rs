@@ -39,6 +39,7 @@ fn assert_invalid(result: Result<impl std::fmt::Debug, tonic::Status>, field: &s
 
 fn create(user: &str, token: &str) -> CreateSessionRequest {
     CreateSessionRequest {
+        max_lifetime: None,
         user_id: user.into(),
         token_id: token.into(),
         metadata: HashMap::new(),

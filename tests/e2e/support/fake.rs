@@ -204,6 +204,22 @@ impl SessionStore for StubService {
         Ok(Response::new(pb::RevokeAllUserSessionsResponse::default()))
     }
 
+    async fn rotate_session(
+        &self,
+        request: Request<pb::RotateSessionRequest>,
+    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
+        self.answer("RotateSession", &request)?;
+        Ok(Response::new(pb::RotateSessionResponse::default()))
+    }
+
+    async fn extend_session(
+        &self,
+        request: Request<pb::ExtendSessionRequest>,
+    ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
+        self.answer("ExtendSession", &request)?;
+        Ok(Response::new(pb::ExtendSessionResponse::default()))
+    }
+
     async fn get_user_session_count(
         &self,
         request: Request<pb::GetUserSessionCountRequest>,
