@@ -9,6 +9,7 @@ mod commands;
 mod connection_age;
 mod eviction;
 mod failover;
+mod families;
 mod faults;
 mod finality;
 mod health;

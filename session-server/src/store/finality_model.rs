@@ -156,7 +156,10 @@ impl Walk {
                         ttl_ms,
                         prepared_at: now_ms,
                     });
-                } else if let Ok(true) = store.claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, now_ms).await {
+                } else if let Ok(true) = store
+                    .claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, now_ms)
+                    .await
+                {
                     self.pending.push(Pending::Commit {
                         new,
                         ttl_ms,
@@ -174,8 +177,9 @@ impl Walk {
                         prepared_at,
                     } => {
                         // Refused past its deadline: an error, nothing written.
-                        if let Ok(true) =
-                            store.claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, prepared_at).await
+                        if let Ok(true) = store
+                            .claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, prepared_at)
+                            .await
                         {
                             self.pending.push(Pending::Commit {
                                 new,
@@ -200,8 +204,15 @@ impl Walk {
                                 .unwrap(),
                         );
                         // Refused when the slack has passed since the first step.
-                        if let Ok(outcome) =
-                            store.commit_create(&mut op, new, &FamilyId::generate().unwrap(), (ttl_ms, 86_400_000), prepared_at).await
+                        if let Ok(outcome) = store
+                            .commit_create(
+                                &mut op,
+                                new,
+                                &FamilyId::generate().unwrap(),
+                                (ttl_ms, 86_400_000),
+                                prepared_at,
+                            )
+                            .await
                         {
                             self.created(user, token, &outcome);
                         }

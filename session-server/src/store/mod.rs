@@ -477,7 +477,14 @@ impl Store {
     }
 
     pub(crate) fn family_key(&self, user: &UserId, family: &FamilyId) -> String {
-        key(&[self.prefix(), "family:{", user.as_str(), "}:{", family.as_str(), "}"])
+        key(&[
+            self.prefix(),
+            "family:{",
+            user.as_str(),
+            "}:{",
+            family.as_str(),
+            "}",
+        ])
     }
 
     /// Waits for this process's turn to run an evicting create for `user`.
