@@ -316,6 +316,13 @@ impl Config {
                 self.session_ttl, self.session_ttl_max
             ));
         }
+        if self.session_max_lifetime < self.session_ttl {
+            return Err(format!(
+                "SESSION_MAX_LIFETIME ({}) must be at least SESSION_TTL ({}): every session would \
+                 be cut to its family's end",
+                self.session_max_lifetime, self.session_ttl
+            ));
+        }
         for url in self.redis_url.split(',').map(str::trim) {
             if let Err(e) = redis::Client::open(url) {
                 // The redis error never echoes the URL, so no password leaks here.
@@ -545,6 +552,22 @@ mod tests {
             Config::try_parse_from(["s", "--session-ttl", "100", "--session-ttl-max", "10"])
                 .unwrap();
         assert!(config.validate().unwrap_err().contains("SESSION_TTL_MAX"));
+        let config =
+            Config::try_parse_from(["s", "--session-ttl", "100", "--session-max-lifetime", "99"])
+                .unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("SESSION_MAX_LIFETIME")
+        );
+        for grace in ["-1", "300001"] {
+            assert!(
+                Config::try_parse_from(["s", "--rotation-grace-ms", grace]).is_err(),
+                "{grace}"
+            );
+        }
+        assert!(Config::try_parse_from(["s", "--session-max-lifetime", "31536001"]).is_err());
         assert!(Config::try_parse_from(["s", "--key-prefix", "a{b"]).is_err());
     }
 

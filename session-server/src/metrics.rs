@@ -98,9 +98,14 @@ const LATENCY_BUCKETS: &[f64] = &[
 ///
 /// [`BuildError`] when a recorder is already installed or buckets are invalid.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)?
-        .install_recorder()
+        .install_recorder()?;
+    // A counter appears at its first increment, which `increase()` cannot
+    // see: one whose every increment an alert must catch exists from the
+    // start, at 0.
+    metrics::counter!(REUSE_DETECTED).absolute(0);
+    Ok(handle)
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.

@@ -604,8 +604,15 @@ mod tests {
             for user in users {
                 let user = UserId::parse("user_id", user.to_string()).unwrap();
                 let index = store.index_key(&user);
-                // create_session, revoke_sessions, list's MGET.
-                let mut keys = vec![index.clone(), store.reservations_key(&user)];
+                // create_session, revoke_sessions, list's MGET, and the
+                // families' scripts (prepare_rotate, rotate_session,
+                // prepare_extend, extend_session).
+                let family = crate::model::FamilyId::generate().unwrap();
+                let mut keys = vec![
+                    index.clone(),
+                    store.reservations_key(&user),
+                    store.family_key(&user, &family),
+                ];
                 keys.extend(tokens.iter().map(|t| store.session_key(&user, t)));
                 keys.extend(tokens.iter().map(|t| store.revoked_key(&user, t)));
                 let slots: std::collections::HashSet<_> = keys.iter().map(|k| slot(k)).collect();
