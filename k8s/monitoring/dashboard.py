@@ -93,6 +93,12 @@ ROWS = [
           ("revoked {{how}}", f"sum by (how) (rate(sessionstore_sessions_revoked_total{{{SEL}}}{RATE}))"),
           ("evicted", f"sum (rate(sessionstore_sessions_evicted_total{{{SEL}}}{RATE}))"),
           ("refused {{reason}}", f"sum by (reason) (rate(sessionstore_sessions_refused_total{{{SEL}}}{RATE}))")]),
+        ("Rotations by outcome", "ops",
+         "RotateSession answers per second: rotated (a refresh), already_rotated (a repeat within "
+         "ROTATION_GRACE_MS: a retry or racing tabs), reuse_detected (a family ended: "
+         "SessionStoreRefreshReuseDetected), not_found (no live family: idle too long, past its "
+         "end, logged out), token_taken (the new token id was taken).",
+         [("{{outcome}}", f"sum by (outcome) (rate(sessionstore_rotations_total{{{SEL}}}{RATE}))")]),
         ("Login attempts allowed / refused", "ops",
          "RecordLoginAttempt answers per second; a burst of refused is password guessing.",
          [("{{result}}", f"sum by (result) (rate(sessionstore_login_attempts_total{{{SEL}}}{RATE}))")]),

@@ -8,7 +8,7 @@ stopped and restarted; the shared Redis is never touched), the session-server
 binary, and Prometheus scraping it every second with rules.yaml loaded. Then:
   1. load: every RPC, bad input (INVALID_ARGUMENT), a user past
      MAX_SESSIONS_PER_USER (evictions), one address past the login limit
-     (refusals), a burst past MAX_CONCURRENT_REQUESTS while Redis sleeps
+     (refusals), rotations and refresh-token reuse (a family ended), a burst past MAX_CONCURRENT_REQUESTS while Redis sleeps
      (RESOURCE_EXHAUSTED and slow calls);
   2. Redis set to an evicting maxmemory-policy, then back;
   3. Redis stopped and started three times (readiness flapping), then stopped
@@ -58,6 +58,7 @@ MUST_BE_TRUE = {
     "SessionStoreLoginRefusalSpike",
     "SessionStoreEvictionSpike",
     "SessionStoreRedisEvictingPolicy",
+    "SessionStoreRefreshReuseDetected",
 }
 
 procs = []
@@ -206,13 +207,30 @@ scrape_configs:
     # no increase before its first sample: so first one call of each kind,
     # until every counter the alerts use has been scraped, then the bulk.
     run = uuid.uuid4().hex[:8]
+
+    def rotate_and_reuse(user, rotations):
+        """Starts a family, rotates it, then presents a token id it never had
+        with its real family id: reuse, whatever ROTATION_GRACE_MS is."""
+        created = call("CreateSession", pb.CreateSessionRequest(user_id=user, token_id=f"{user}-0"))
+        if not isinstance(created, pb.CreateSessionResponse) or not created.session.family_id:
+            failures.append(f"CreateSession for {user} answered no family: {created}")
+            return
+        family = created.session.family_id
+        for i in range(rotations):
+            call("RotateSession", pb.RotateSessionRequest(
+                user_id=user, family_id=family, token_id=f"{user}-{i}", new_token_id=f"{user}-{i + 1}"))
+        call("RotateSession", pb.RotateSessionRequest(
+            user_id=user, family_id=family, token_id=f"{user}-stolen", new_token_id=f"{user}-x"))
+
+    rotate_and_reuse(f"rot-{run}-prime", 1)
     for i in range(MAX_SESSIONS + 1):  # one eviction
         call("CreateSession", pb.CreateSessionRequest(user_id=f"busy-{run}", token_id=f"prime-{run}-{i}"))
     for _ in range(MAX_ATTEMPTS + 1):  # one refusal
         call("RecordLoginAttempt", pb.RecordLoginAttemptRequest(ip="192.0.2.7"))
     for name in ("sessionstore_sessions_evicted_total", "sessionstore_sessions_created_total",
                  'sessionstore_login_attempts_total{result="refused"}',
-                 'sessionstore_login_attempts_total{result="allowed"}'):
+                 'sessionstore_login_attempts_total{result="allowed"}',
+                 "sessionstore_refresh_reuse_detected_total"):
         wait_for(f"{name} is scraped", lambda: instant(name), 20)
     time.sleep(1.5)  # one more scrape at these values
 
@@ -230,6 +248,8 @@ scrape_configs:
         call("CreateSession", pb.CreateSessionRequest(user_id=user, token_id=token))  # token_revoked
         call("GetSession", pb.GetSessionRequest(token_id=""))  # INVALID_ARGUMENT
         call("CreateSession", pb.CreateSessionRequest(user_id="", token_id=token))  # INVALID_ARGUMENT
+    for i in range(5):  # rotations, each family ended by a reuse
+        rotate_and_reuse(f"rot-{run}-{i}", 3)
     for i in range(80):  # one user far past the cap: most creations evict
         call("CreateSession", pb.CreateSessionRequest(user_id=f"busy-{run}", token_id=f"busy-{run}-{i}"))
     for i in range(150):  # one address far past the limit: most attempts refused
