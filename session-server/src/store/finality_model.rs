@@ -1,8 +1,11 @@
 //! Revocation finality under interleavings (#21): a seeded random walk over
-//! two users sharing four token ids, through creates that run all three round
+//! two users sharing eight token ids (creates use four), through creates that run all three round
 //! trips, stop after the first or the second, or whose claim or last step
 //! arrives late; replays with varied ttls; revocations one by one and user
-//! wide; eviction at a cap of two; and time passing (ttls and a grace of
+//! wide; eviction at a cap of two; rotations of a live session's family to
+//! another token id (ROTATED, or reuse when the presented token is not the
+//! family's current one) and extensions of a session's expiry (#23); and
+//! time passing (ttls and a grace of
 //! milliseconds, so reservations and markers end within the walk). After every
 //! step Redis's own state is checked against the invariant:
 //!
@@ -18,7 +21,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use super::{Settings, Store, millis, sessions::Prepared};
-use crate::model::{CreateOutcome, FamilyId, NewSession, TokenId, UserId};
+use crate::model::{CreateOutcome, FamilyId, NewSession, RotateOutcome, Rotation, TokenId, UserId};
 
 /// A small xorshift generator: reproducible walks without a dependency.
 struct Rng(u64);
@@ -37,7 +40,14 @@ impl Rng {
 }
 
 const USERS: [&str; 2] = ["ann", "bob"];
-const TOKENS: [&str; 4] = ["t0", "t1", "t2", "t3"];
+
+/// Rotations and reuse detections across the walks, so the test can tell it
+/// exercised both.
+static ROTATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static REUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Creates use the first four; rotations move families to any of them, so
+/// the last four are mostly fresh.
+const TOKENS: [&str; 8] = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"];
 const TTLS_MS: [u64; 4] = [40, 150, 400, 1_200];
 
 /// A create stopped after its first step, or after its second: what a crash,
@@ -248,6 +258,90 @@ impl Walk {
                         .extend(live.into_iter().map(|token| (user, token)));
                 }
             }
+            // A rotation of the family of one of the user's sessions (live or
+            // not: a dead one is reuse or NOT_FOUND) to another token id.
+            80..=89 => {
+                let live: Vec<String> = self
+                    .reader
+                    .raw_command(
+                        redis::cmd("ZRANGE")
+                            .arg(self.reader.index_key(&Self::user(user)))
+                            .arg(0)
+                            .arg(-1),
+                    )
+                    .await
+                    .unwrap();
+                if live.is_empty() {
+                    return;
+                }
+                let pick = usize::try_from(self.rng.below(live.len() as u64)).unwrap();
+                let presented = TOKENS.iter().position(|t| *t == live[pick]).unwrap();
+                let token = usize::try_from(self.rng.below(8)).unwrap();
+                let json: Option<String> = self
+                    .reader
+                    .raw_command(
+                        redis::cmd("GET").arg(
+                            self.reader
+                                .session_key(&Self::user(user), TOKENS[presented]),
+                        ),
+                    )
+                    .await
+                    .unwrap();
+                let Some(family) = json
+                    .and_then(|json| crate::model::Session::from_stored_json(&json).ok())
+                    .and_then(|session| session.family_id)
+                else {
+                    return;
+                };
+                // Present the current token, or now and then another one.
+                let other = usize::try_from(self.rng.below(8)).unwrap();
+                let shown = if self.rng.below(4) == 0 {
+                    other
+                } else {
+                    presented
+                };
+                if shown == token {
+                    return;
+                }
+                let rotation = Rotation {
+                    user_id: Self::user(user),
+                    family_id: FamilyId::parse("family_id", family).unwrap(),
+                    token_id: TokenId::parse("token_id", TOKENS[shown].into()).unwrap(),
+                    new_token_id: TokenId::parse("token_id", TOKENS[token].into()).unwrap(),
+                    ttl: Some(Duration::from_millis(ttl_ms)),
+                    metadata: Default::default(),
+                };
+                let outcome = store.rotate_session(rotation).await;
+                self.log
+                    .push(format!("rotate {shown} -> {token}: {outcome:?}"));
+                match outcome {
+                    Ok(RotateOutcome::Rotated { .. }) => {
+                        assert!(
+                            !self.revoked.contains(&(user, token)),
+                            "a rotation made a revoked token id live"
+                        );
+                        self.revoked.insert((user, shown));
+                        ROTATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(RotateOutcome::ReuseDetected { revoked }) => {
+                        let gone = TOKENS.iter().position(|t| *t == revoked).unwrap();
+                        self.revoked.insert((user, gone));
+                        REUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            // An extension of one session's expiry, later or earlier.
+            90..=93 => {
+                let token_id = TokenId::parse("token_id", TOKENS[token].into()).unwrap();
+                let _ = store
+                    .extend_session(
+                        &Self::user(user),
+                        &token_id,
+                        Some(Duration::from_millis(ttl_ms)),
+                    )
+                    .await;
+            }
             _ => {
                 let pause = self.rng.pick(&[20, 80, 250, 700]);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -351,15 +445,22 @@ async fn walk(seed: u64, steps: usize) {
     }
 }
 
-/// 24 seeded walks of 60 steps, eight at a time.
+/// 24 seeded walks of 80 steps, eight at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_stays_final_under_random_interleavings() {
     for batch in 0..3u64 {
         let walks: Vec<_> = (0..8)
-            .map(|i| tokio::spawn(walk(batch * 8 + i, 60)))
+            .map(|i| tokio::spawn(walk(batch * 8 + i, 80)))
             .collect();
         for walk in walks {
             walk.await.unwrap();
         }
     }
+    let rotated = ROTATED.load(std::sync::atomic::Ordering::Relaxed);
+    let reused = REUSED.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{rotated} rotations and {reused} reuse detections in the walks");
+    assert!(
+        rotated > 0 && reused > 0,
+        "the walks never rotated ({rotated}) or never saw reuse ({reused})"
+    );
 }
