@@ -1006,3 +1006,45 @@ async fn the_client_rotates_and_its_near_cache_drops_the_old_session() {
         .unwrap();
     assert!(extended.expires_at > next.expires_at);
 }
+
+/// Found by review: a token id this user reserved before, whose session
+/// simply expired, is taken for a rotation (it was a token id); and a
+/// revocation following a rotated-away token's marker revokes the successor
+/// only while it is still of that family (it may have expired and been
+/// created again since, in another login).
+#[tokio::test]
+async fn expired_ids_stay_taken_and_revocations_stay_in_their_family() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let short = |token: &str, ttl| CreateSessionRequest {
+        user_id: "hugo".into(),
+        token_id: token.into(),
+        ttl: millis(ttl),
+        ..Default::default()
+    };
+    login_with(&mut client, short("h-old", 300)).await;
+    let family = login(&mut client, "hugo", "h-1").await.family_id;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(get(&mut client, "h-old", "hugo").await.is_none());
+    let r = rotate(&mut client, rotation("hugo", &family, "h-1", "h-old")).await;
+    assert_eq!(outcome(&r), RotateOutcome::TokenTaken, "{r:?}");
+    assert!(get(&mut client, "h-old", "hugo").await.is_none());
+
+    // a-1 rotated to a-2, which expires; a-2 is created again (a new
+    // login); revoking a-1 leaves that login alone.
+    let family = login(&mut client, "hugo", "a-1").await.family_id;
+    let mut request = rotation("hugo", &family, "a-1", "a-2");
+    request.ttl = millis(300);
+    assert_eq!(
+        outcome(&rotate(&mut client, request).await),
+        RotateOutcome::Rotated
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = login(&mut client, "hugo", "a-2").await;
+    assert_ne!(again.family_id, family);
+    assert!(!revoke(&mut client, "hugo", "a-1").await);
+    assert!(
+        get(&mut client, "a-2", "hugo").await.is_some(),
+        "a revocation of the old family's token ended another login"
+    );
+}

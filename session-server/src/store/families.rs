@@ -212,7 +212,8 @@ impl Store {
                     .arg(self.revocation_channel())
                     .arg(user.as_str())
                     .arg(prepared_at_ms.saturating_add(millis(self.settings().timeout)))
-                    .arg(millis(self.settings().rotation_grace)),
+                    .arg(millis(self.settings().rotation_grace))
+                    .arg(rotation.family_id.as_str()),
             )
             .await?;
         let mut reply = Reply::new("rotate_session.lua", reply);

@@ -340,28 +340,32 @@ impl Store {
     /// Revokes `tokens`, then the successors of any of them a rotation
     /// replaced before the revocation ran (the family went on under a new
     /// token id), and theirs, until none is left: a revocation racing a
-    /// rotation still ends the family. Returns how many were live.
+    /// rotation still ends the family. A successor is revoked only while its
+    /// session is still of that family. Returns how many were live.
     async fn revoke_following(
         &self,
         op: &mut Op,
         user: &UserId,
-        mut tokens: Vec<String>,
+        tokens: Vec<String>,
         reason: &str,
     ) -> Result<u32, Error> {
         let mut revoked = 0u32;
         // Every token revoked or followed, so a cycle (never written by
         // this server) cannot loop; the operation's deadline bounds the rest.
         let mut seen: std::collections::HashSet<String> = tokens.iter().cloned().collect();
+        let (live, mut successors) = self.revoke_tokens(op, user, &tokens, None, reason).await?;
+        revoked = revoked.saturating_add(live);
         loop {
-            let (live, successors) = self.revoke_tokens(op, user, &tokens, reason).await?;
-            revoked = revoked.saturating_add(live);
-            tokens = successors
-                .into_iter()
-                .filter(|token| seen.insert(token.clone()))
-                .collect();
-            if tokens.is_empty() {
+            successors.retain(|(token, _)| seen.insert(token.clone()));
+            if successors.is_empty() {
                 return Ok(revoked);
             }
+            let (tokens, families): (Vec<String>, Vec<String>) = successors.into_iter().unzip();
+            let (live, next) = self
+                .revoke_tokens(op, user, &tokens, Some(&families), reason)
+                .await?;
+            revoked = revoked.saturating_add(live);
+            successors = next;
         }
     }
 
@@ -423,15 +427,24 @@ impl Store {
     }
 
     /// Revokes `tokens` of `user` with revoke_sessions.lua, leaving markers
-    /// with `reason`; returns how many were live, and the successors of those
-    /// a rotation had replaced.
+    /// with `reason`, each only while its session is of the family at the
+    /// same position of `families` when given; returns how many were live,
+    /// and the successors (with their family) of those a rotation had
+    /// replaced.
     async fn revoke_tokens(
         &self,
         op: &mut Op,
         user: &UserId,
         tokens: &[impl AsRef<str>],
+        families: Option<&[String]>,
         reason: &str,
-    ) -> Result<(u32, Vec<String>), Error> {
+    ) -> Result<(u32, Vec<(String, String)>), Error> {
+        let families = match families {
+            Some(families) => {
+                serde_json::to_string(families).map_err(|e| Error::Internal(e.into()))?
+            }
+            None => String::new(),
+        };
         let mut invocation = self
             .shared
             .scripts
@@ -443,7 +456,8 @@ impl Store {
             .arg(millis(self.settings().session_ttl_max))
             .arg(reason)
             .arg(self.revocation_channel())
-            .arg(user.as_str());
+            .arg(user.as_str())
+            .arg(families);
         for token in tokens {
             let token = token.as_ref();
             invocation
@@ -454,11 +468,13 @@ impl Store {
         let reply: Vec<Value> = op.invoke(&invocation).await?;
         let mut reply = Reply::new("revoke_sessions.lua", reply);
         let live = u32::try_from(reply.int()?).map_err(|_| reply.malformed())?;
-        let successors = reply.strings()?;
-        // A successor's id was validated when its rotation stored it.
-        for successor in &successors {
-            TokenId::parse("token_id", successor.clone())
+        let mut rest = reply.strings()?.into_iter();
+        let mut successors = Vec::new();
+        while let (Some(token), Some(family)) = (rest.next(), rest.next()) {
+            // Both were validated when their rotation stored them.
+            TokenId::parse("token_id", token.clone())
                 .map_err(|e| Error::Internal(format!("corrupt revocation marker: {e}").into()))?;
+            successors.push((token, family));
         }
         Ok((live, successors))
     }

@@ -2,7 +2,9 @@
 -- presented token is to its family, answers every outcome but a rotation by
 -- itself, and for a rotation records the successor's reservation end before
 -- its claim (as prepare_create.lua does for a create).
--- KEYS[1]  family:{<user_id>}:{<family_id>}   hash: cur, prev, rot (ms), end (ms)
+-- KEYS[1]  family:{<user_id>}:{<family_id>}   hash: cur, prev, rot (ms), end (ms),
+--                                             pend (the successor a rotation under
+--                                             way claims, set here)
 -- KEYS[2]  session:{<user_id>}:{<current>}     the session of ARGV[2]
 -- KEYS[3]  revoked:{<user_id>}:{<current>}     its revocation marker
 -- KEYS[4]  session:{<user_id>}:{<new>}         the successor's session, if any
@@ -31,7 +33,8 @@
 --                   as reuse_detected) and the family deleted
 --   {5, now}        no live family: nothing written
 --   {6, now}        the successor's token id has a session or a marker in
---                   this user's slot: nothing written
+--                   this user's slot, or a reservation this family's rotation
+--                   did not make: nothing written
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local family = redis.call('HMGET', KEYS[1], 'cur', 'prev', 'rot')
@@ -52,6 +55,13 @@ if ARGV[1] == cur then
   if redis.call('EXISTS', KEYS[4], KEYS[5]) > 0 then
     return {6, now}
   end
+  -- A token id this user reserved before (a session of it that expired, a
+  -- create or rotation that claimed it) is taken too, unless this family's
+  -- own rotation to it is under way (a retry of it): `pend`.
+  if redis.call('ZSCORE', KEYS[6], ARGV[3]) and redis.call('HGET', KEYS[1], 'pend') ~= ARGV[3] then
+    return {6, now}
+  end
+  redis.call('HSET', KEYS[1], 'pend', ARGV[3])
   local lifetime = tonumber(ARGV[4])
   local window = tonumber(ARGV[5])
   redis.call('ZADD', KEYS[6], 'GT', now + 2 * window + lifetime, ARGV[3])

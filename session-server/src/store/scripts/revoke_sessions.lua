@@ -6,7 +6,7 @@
 -- KEYS[2]   reservations:{<user_id>}   token ids scored by the latest end (ms)
 --                                      a claim may give their reservation
 --                                      (prepare_create.lua)
--- KEYS[3..] for each ARGV[i + 5] in order, two keys: session:{<user_id>}:{<t>}
+-- KEYS[3..] for each ARGV[i + 6] in order, two keys: session:{<user_id>}:{<t>}
 --           at KEYS[2i + 1] and revoked:{<user_id>}:{<t>} at KEYS[2i + 2]
 -- ARGV[1]   how much longer a marker lives than its session, in ms: as much as
 --           a reservation outlives the session it was claimed for
@@ -21,29 +21,49 @@
 --           revoked, with cut_ms the later of now and the latest created_at_ms
 --           among them
 -- ARGV[5]   the user id
--- ARGV[6..] token ids
--- Returns   {revoked, successors...}: how many of them were live (their key
---           still existed); nothing is written (or published) for the others
---           but the removal of stale index entries. successors: for each
---           token that was not live because a rotation replaced it (its marker
---           says so, rotate_session.lua), the token that replaced it: the
---           caller revokes those too, so a revocation racing a rotation still
---           ends the family.
+-- ARGV[6]   empty, or (when following rotations) a JSON array of family ids
+--           matching ARGV[7..]: a token counts as live only while its session
+--           is of that family (the token may have expired and been created
+--           again in another family since its predecessor's marker was written)
+-- ARGV[7..] token ids
+-- Returns   {revoked, successor, family, successor, family...}: how many of
+--           them were live (their key still existed); nothing is written (or
+--           published) for the others but the removal of stale index entries.
+--           Then, for each token that was not live because a rotation
+--           replaced it (its marker says so, rotate_session.lua), the token
+--           that replaced it and their family: the caller revokes those too,
+--           so a revocation racing a rotation still ends the family.
 local slack = tonumber(ARGV[1])
 local longest = tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local marker = string.format('{"revoked_at_ms":%.0f,"reason":"%s"}', now, ARGV[3])
 local whole_user = ARGV[3] == 'signed_out_everywhere'
+local families = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
+-- The family of a stored session: the layout ends with it and the times, so
+-- the match is anchored at the end, where no metadata can be.
+local function family_of(json)
+  return string.match(json,
+    '"family_id":"([^"]*)","family_expires_at_ms":%d+,"created_at_ms":%d+,"expires_at_ms":%d+}$')
+end
 
 -- First, without writing: which sessions are live, and publish them. A
 -- PUBLISH refused (an ACL without the channel) fails the script before any
 -- write, so a revocation is never done without being published. Subscribers
 -- see the messages only once the script has ended: Redis is single-threaded.
 local live = {}
+-- Followed tokens whose session now belongs to another family: left alone.
+local foreign = {}
 local cut = now
-for i = 1, #ARGV - 5 do
+for i = 1, #ARGV - 6 do
   local left = redis.call('PTTL', KEYS[2 * i + 1])
+  if left ~= -2 and families then
+    local json = redis.call('GET', KEYS[2 * i + 1])
+    if not json or family_of(json) ~= families[i] then
+      left = -2
+      foreign[i] = true
+    end
+  end
   if left ~= -2 then
     live[i] = left
     if whole_user then
@@ -56,7 +76,7 @@ for i = 1, #ARGV - 5 do
         cut = created
       end
     else
-      redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:revoked:%s:%s', now, ARGV[5], ARGV[i + 5]))
+      redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:revoked:%s:%s', now, ARGV[5], ARGV[i + 6]))
     end
   end
 end
@@ -69,11 +89,15 @@ end
 -- revocation is never half done for want of memory.
 local revoked = 0
 local answer = {0}
-for i = 1, #ARGV - 5 do
-  local token, session, tomb = ARGV[i + 5], KEYS[2 * i + 1], KEYS[2 * i + 2]
-  redis.call('ZREM', KEYS[1], token)
+for i = 1, #ARGV - 6 do
+  local token, session, tomb = ARGV[i + 6], KEYS[2 * i + 1], KEYS[2 * i + 2]
   local left = live[i]
-  if left then
+  if not foreign[i] then
+    redis.call('ZREM', KEYS[1], token)
+  end
+  if foreign[i] then
+    -- Another family's session now: not this revocation's to end.
+  elseif left then
     if left == -1 then
       left = longest
     end
@@ -90,8 +114,9 @@ for i = 1, #ARGV - 5 do
     local previous = redis.call('GET', tomb)
     if previous and string.find(previous, '"reason":"rotated"', 1, true) then
       local ok, decoded = pcall(cjson.decode, previous)
-      if ok and type(decoded.successor) == 'string' then
+      if ok and type(decoded.successor) == 'string' and type(decoded.family) == 'string' then
         answer[#answer + 1] = decoded.successor
+        answer[#answer + 1] = decoded.family
       end
     end
   end

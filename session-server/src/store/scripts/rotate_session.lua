@@ -22,6 +22,9 @@
 --          created: when prepare_rotate.lua ran plus REDIS_TIMEOUT_MS (as
 --          create_session.lua's ARGV[10])
 -- ARGV[10] ROTATION_GRACE_MS
+-- ARGV[11] the family id (the rotated-away token's marker names it, so a
+--          revocation following the marker revokes the successor only while
+--          it is still of this family)
 -- Returns {status, more...}:
 --   {1, now, expires, end}  rotated
 --   {2, json}               this very rotation already happened (a retry, or a
@@ -81,8 +84,8 @@ if floor then
 end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('DEL', KEYS[2])
-redis.call('SET', KEYS[3], string.format('{"revoked_at_ms":%.0f,"reason":"rotated","successor":%s}',
-  now, cjson.encode(ARGV[2])), 'PX', keep)
+redis.call('SET', KEYS[3], string.format('{"revoked_at_ms":%.0f,"reason":"rotated","successor":%s,"family":%s}',
+  now, cjson.encode(ARGV[2]), cjson.encode(ARGV[11])), 'PX', keep)
 
 local json = string.format('%s,"family_expires_at_ms":%.0f,"created_at_ms":%.0f,"expires_at_ms":%.0f}',
   ARGV[4], family_end, now, expires)
@@ -91,5 +94,6 @@ redis.call('ZADD', KEYS[6], expires, ARGV[2])
 local newest = redis.call('ZRANGE', KEYS[6], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[6], newest[2])
 redis.call('HSET', KEYS[1], 'cur', ARGV[2], 'prev', ARGV[1], 'rot', string.format('%.0f', now))
+redis.call('HDEL', KEYS[1], 'pend')
 redis.call('PEXPIREAT', KEYS[1], expires)
 return {1, now, expires, family_end}
