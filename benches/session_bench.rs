@@ -11,9 +11,9 @@
 //!
 //! Closed loop means the offered load adapts to the server: the numbers are
 //! the throughput at a given concurrency and the latency each caller saw, not
-//! the latency at a fixed arrival rate. Sessions the profile reads or revokes
-//! are created before the warm-up, under user ids unique to the run, so runs
-//! against one Redis never see each other's data.
+//! the latency at a fixed arrival rate. Sessions the profile reads, revokes or
+//! rotates are created before the warm-up, under user ids unique to the run,
+//! so runs against one Redis never see each other's data.
 //!
 //! Three profiles measure the near-cache and its revocation stream (#12)
 //! instead of one RPC: `cached-get` (session-client's near-cache answering
@@ -38,7 +38,8 @@ use hdrhistogram::Histogram;
 use session_client::SessionClient;
 use sessionstore::v1::{
     CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, RevokeSessionRequest,
-    WatchRevocationsRequest, session_store_client::SessionStoreClient,
+    RotateOutcome, RotateSessionRequest, WatchRevocationsRequest,
+    session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
@@ -53,6 +54,13 @@ enum Profile {
     Create,
     /// RevokeSession (with the hint) of pre-populated sessions.
     Revoke,
+    /// RotateSession (a refresh): `--keyspace` families of `--users` users
+    /// are created first, each owned by one task, which rotates its
+    /// families in turn to fresh token ids, so no two calls ever race on
+    /// one family. ROTATED counts as a hit, any other outcome as a miss.
+    /// `--families FILE` hands the families' current tokens to a later
+    /// `--no-populate` run (family ids are the server's, not the run's).
+    Rotate,
     /// 95 % get-hint, 4 % create, 1 % revoke.
     Mixed,
     /// RecordLoginAttempt without an account, from an address picked at
@@ -105,9 +113,9 @@ struct Args {
     /// Distinct users the sessions belong to.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
     users: u32,
-    /// Sessions pre-populated for the get, revoke and mixed profiles (keep
-    /// keyspace / users at or below the server's MAX_SESSIONS_PER_USER, or
-    /// pre-population evicts what it just made).
+    /// Sessions pre-populated for the get, revoke and mixed profiles, and
+    /// families for `rotate` (keep keyspace / users at or below the server's
+    /// MAX_SESSIONS_PER_USER, or pre-population evicts what it just made).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     keyspace: u32,
     /// Worker threads of the generator's runtime. The generator shares the
@@ -142,6 +150,12 @@ struct Args {
     /// own (as logouts do); back to back, the server batches them.
     #[arg(long, default_value_t = 0)]
     pause_us: u64,
+    /// `rotate`: a file of the families (user, family id, current token, one
+    /// tab-separated line each). With `--no-populate` the families are read
+    /// from it; after the run their current tokens are written back, so that
+    /// one process can populate and another measure.
+    #[arg(long)]
+    families: Option<std::path::PathBuf>,
 }
 
 fn parse_watch(value: &str) -> Result<(String, u32), String> {
@@ -186,6 +200,41 @@ impl Keys {
     fn owner(&self, session: u32) -> String {
         self.user(session % self.users)
     }
+}
+
+/// One login of the `rotate` profile, as its owning task knows it.
+#[derive(Clone, Debug)]
+struct Family {
+    user: String,
+    id: String,
+    /// The family's current session, the one the next rotation presents.
+    token: String,
+}
+
+fn read_families(path: &std::path::Path) -> Result<Vec<Family>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--families {}: {e}", path.display()))?;
+    text.lines()
+        .map(|line| {
+            let mut fields = line.split('\t');
+            match (fields.next(), fields.next(), fields.next(), fields.next()) {
+                (Some(user), Some(id), Some(token), None) => Ok(Family {
+                    user: user.to_string(),
+                    id: id.to_string(),
+                    token: token.to_string(),
+                }),
+                _ => Err(format!("--families {}: bad line {line:?}", path.display())),
+            }
+        })
+        .collect()
+}
+
+fn write_families(path: &std::path::Path, families: &[Family]) -> Result<(), String> {
+    let text: String = families
+        .iter()
+        .map(|f| format!("{}\t{}\t{}\n", f.user, f.id, f.token))
+        .collect();
+    std::fs::write(path, text).map_err(|e| format!("--families {}: {e}", path.display()))
 }
 
 /// A tiny xorshift generator: enough to pick keys, no dependency.
@@ -269,6 +318,7 @@ async fn call(
     rng: &mut Rng,
     task: u32,
     seq: &mut u64,
+    families: &mut [Family],
 ) -> Result<Outcome, tonic::Status> {
     let profile = match profile {
         Profile::Mixed => match rng.below(100) {
@@ -320,6 +370,32 @@ async fn call(
             // call costs the same, so it is counted as a miss, not an error.
             Ok(hit(response.into_inner().revoked))
         }
+        Profile::Rotate => {
+            if families.is_empty() {
+                return Err(tonic::Status::failed_precondition(
+                    "this task owns no family (--keyspace below --concurrency)",
+                ));
+            }
+            *seq += 1;
+            // The task's families in turn: each waits as long as possible
+            // between two rotations, none is ever rotated by two tasks.
+            let family = &mut families[usize::try_from(*seq).unwrap_or(0) % families.len()];
+            let response = client
+                .rotate_session(RotateSessionRequest {
+                    user_id: family.user.clone(),
+                    family_id: family.id.clone(),
+                    token_id: family.token.clone(),
+                    new_token_id: format!("bench-{}-r{task}-{seq}", keys.run),
+                    ttl: None,
+                    metadata: metadata(),
+                })
+                .await?
+                .into_inner();
+            if let Some(session) = response.session {
+                family.token = session.token_id;
+            }
+            Ok(hit(response.outcome == RotateOutcome::Rotated as i32))
+        }
         Profile::Login | Profile::LoginAccount => {
             let host = rng.below(keys.keyspace);
             let account = if profile == Profile::LoginAccount {
@@ -354,16 +430,25 @@ async fn worker(
     profile: Profile,
     keys: Keys,
     task: u32,
-    measure_from: Instant,
-    measure_until: Instant,
+    (measure_from, measure_until): (Instant, Instant),
     stop: Arc<AtomicBool>,
-) -> Tally {
+    mut families: Vec<Family>,
+) -> (Tally, Vec<Family>) {
     let mut tally = Tally::new();
     let mut rng = Rng::new(u64::from(task) + 1);
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
         let start = Instant::now();
-        let outcome = call(&mut client, profile, &keys, &mut rng, task, &mut seq).await;
+        let outcome = call(
+            &mut client,
+            profile,
+            &keys,
+            &mut rng,
+            task,
+            &mut seq,
+            &mut families,
+        )
+        .await;
         let end = Instant::now();
         if start < measure_from || end > measure_until {
             continue;
@@ -375,15 +460,16 @@ async fn worker(
             Err(status) => tally.error(&status),
         }
     }
-    tally
+    (tally, families)
 }
 
-/// Creates the sessions the profile reads or revokes, `concurrency` at a time.
+/// Creates the sessions the profile reads or revokes, `concurrency` at a
+/// time, and answers their family ids, in session order.
 async fn populate(
     clients: &[SessionStoreClient<Channel>],
     keys: &Keys,
     concurrency: u32,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..concurrency {
@@ -391,10 +477,11 @@ async fn populate(
         let keys = keys.clone();
         let next = next.clone();
         tasks.spawn(async move {
+            let mut families = Vec::new();
             loop {
                 let session = next.fetch_add(1, Ordering::Relaxed);
                 if session >= keys.keyspace {
-                    return Ok(());
+                    return Ok(families);
                 }
                 let response = client
                     .create_session(CreateSessionRequest {
@@ -408,19 +495,25 @@ async fn populate(
                         max_lifetime: None,
                     })
                     .await
-                    .map_err(|s| format!("populating session {session}: {s}"))?;
-                if !response.into_inner().created {
-                    return Err(format!(
-                        "populating session {session}: not created (is keyspace / users above MAX_SESSIONS_PER_USER?)"
-                    ));
+                    .map_err(|s| format!("populating session {session}: {s}"))?
+                    .into_inner();
+                match response.session {
+                    Some(stored) if response.created => families.push((session, stored.family_id)),
+                    _ => {
+                        return Err(format!(
+                            "populating session {session}: not created (is keyspace / users above MAX_SESSIONS_PER_USER?)"
+                        ));
+                    }
                 }
             }
         });
     }
+    let mut families = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        result.map_err(|e| e.to_string())??;
+        families.extend(result.map_err(|e| e.to_string())??);
     }
-    Ok(())
+    families.sort_unstable_by_key(|&(session, _)| session);
+    Ok(families.into_iter().map(|(_, family)| family).collect())
 }
 
 /// CPU time (user + system) and resident memory of a process, from `/proc`.
@@ -512,20 +605,38 @@ async fn run(args: Args) -> Result<String, String> {
             Profile::GetHint
                 | Profile::GetNohint
                 | Profile::Revoke
+                | Profile::Rotate
                 | Profile::Mixed
                 | Profile::CachedGet
                 | Profile::Visibility
                 | Profile::RevokeFanout
         );
+    let mut families = Vec::new();
     if needs_sessions {
         let started = Instant::now();
-        populate(&clients, &keys, args.concurrency.clamp(16, 64)).await?;
+        let ids = populate(&clients, &keys, args.concurrency.clamp(16, 64)).await?;
         eprintln!(
             "populated {} sessions of {} users in {:.1} s",
             keys.keyspace,
             keys.users,
             started.elapsed().as_secs_f64()
         );
+        if args.profile == Profile::Rotate {
+            families = (0..keys.keyspace)
+                .zip(ids)
+                .map(|(session, id)| Family {
+                    user: keys.owner(session),
+                    id,
+                    token: keys.token(session),
+                })
+                .collect();
+        }
+    } else if args.profile == Profile::Rotate {
+        let path = args
+            .families
+            .as_deref()
+            .ok_or("--profile rotate with --no-populate needs --families FILE")?;
+        families = read_families(path)?;
     }
 
     let watched = Watched::new(&args);
@@ -533,7 +644,14 @@ async fn run(args: Args) -> Result<String, String> {
         Profile::CachedGet => cached_get(&args, &keys, &watched).await?,
         Profile::Visibility => visibility(&args, &clients, &keys, &watched).await?,
         Profile::RevokeFanout => revoke_fanout(&args, &clients, &keys, &watched).await?,
-        _ => closed_loop(&args, &clients, &keys, &watched).await?,
+        _ => {
+            let (measured, families) =
+                closed_loop(&args, &clients, &keys, &watched, families).await?;
+            if let (Some(path), Profile::Rotate) = (&args.families, args.profile) {
+                write_families(path, &families)?;
+            }
+            measured
+        }
     };
     Ok(report(&args, &watched, &measured))
 }
@@ -642,13 +760,20 @@ fn report(args: &Args, watched: &Watched, measured: &Measured) -> String {
 }
 
 /// The RPC profiles: `concurrency` closed-loop tasks for `warmup`, then
-/// `duration` measured.
+/// `duration` measured. `families` (of `rotate`) are dealt out to the tasks,
+/// family `i` to task `i % concurrency`, and answered back with their
+/// current tokens.
 async fn closed_loop(
     args: &Args,
     clients: &[SessionStoreClient<Channel>],
     keys: &Keys,
     watched: &Watched,
-) -> Result<Measured, String> {
+    families: Vec<Family>,
+) -> Result<(Measured, Vec<Family>), String> {
+    let mut owned: Vec<Vec<Family>> = vec![Vec::new(); args.concurrency as usize];
+    for (i, family) in families.into_iter().enumerate() {
+        owned[i % args.concurrency as usize].push(family);
+    }
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
     let now = Instant::now();
@@ -656,15 +781,15 @@ async fn closed_loop(
     let measure_until = measure_from + duration;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..args.concurrency {
+    for (task, families) in (0..args.concurrency).zip(owned) {
         tasks.spawn(worker(
             clients[task as usize % clients.len()].clone(),
             args.profile,
             keys.clone(),
             task,
-            measure_from,
-            measure_until,
+            (measure_from, measure_until),
             stop.clone(),
+            families,
         ));
     }
 
@@ -675,16 +800,22 @@ async fn closed_loop(
     stop.store(true, Ordering::Relaxed);
 
     let mut tally = Tally::new();
+    let mut families = Vec::new();
     while let Some(task) = tasks.join_next().await {
-        tally.merge(task.map_err(|e| e.to_string())?);
+        let (task_tally, task_families) = task.map_err(|e| e.to_string())?;
+        tally.merge(task_tally);
+        families.extend(task_families);
     }
-    Ok(Measured {
-        tally,
-        duration,
-        before,
-        after,
-        extra: String::new(),
-    })
+    Ok((
+        Measured {
+            tally,
+            duration,
+            before,
+            after,
+            extra: String::new(),
+        },
+        families,
+    ))
 }
 
 /// A session-client with its near-cache on, as an application would build it.

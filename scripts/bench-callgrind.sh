@@ -12,6 +12,10 @@
 #
 # Usage: scripts/bench-callgrind.sh [--profiles "get-hint create revoke login"]
 #                                   [--duration S] [--concurrency N] [--keep DIR]
+#   --profiles  any of session_bench's RPC profiles; get-hint, revoke and
+#               rotate read data populated before the server runs under
+#               callgrind (rotate: 2,000 families of 400 users, whose current
+#               tokens pass between runs in a file), so only their calls count.
 #   --keep DIR  copies the callgrind dumps there (for callgrind_annotate).
 # BENCH_BIN names a load generator built before, so only the server is built.
 # Needs valgrind (apt-get install valgrind).
@@ -30,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --duration) DURATION="$2"; shift ;;
     --concurrency) CONCURRENCY="$2"; shift ;;
     --keep) KEEP="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -89,6 +93,14 @@ pids+=("$native")
 wait_listening
 bench --run-id cg-get --profile get-hint --keyspace 1000 --users 200 --duration 0.1 --warmup 0 >/dev/null
 bench --run-id cg-revoke --profile revoke --keyspace 20000 --users 4000 --duration 0.1 --warmup 0 >/dev/null
+# Families: the server makes their ids, so the file carries them (and each
+# family's current token) from one run to the next; each run names its new
+# tokens by its own run id.
+families="$work/families"
+if [[ " $PROFILES " == *" rotate "* ]]; then
+  bench --run-id cg-rot-pop --profile rotate --keyspace 2000 --users 400 --families "$families" \
+    --duration 0.1 --warmup 0 >/dev/null
+fi
 kill "$native"; wait "$native" 2>/dev/null || true
 
 log "server under callgrind"
@@ -102,6 +114,7 @@ for profile in $PROFILES; do
   case "$profile" in
     get-hint) bench --run-id cg-get --no-populate --profile get-hint --keyspace 1000 --users 200 --duration 0.5 --warmup 0 >/dev/null ;;
     revoke) ;;
+    rotate) bench --run-id cg-rot-warm --no-populate --profile rotate --families "$families" --duration 0.5 --warmup 0 >/dev/null ;;
     *) bench --profile "$profile" --keyspace 60000 --users 100000 --duration 0.5 --warmup 0 >/dev/null ;;
   esac
 done
@@ -111,6 +124,7 @@ for profile in $PROFILES; do
   case "$profile" in
     get-hint) args=(--run-id cg-get --no-populate --keyspace 1000 --users 200) ;;
     revoke) args=(--run-id cg-revoke --no-populate --keyspace 20000 --users 4000) ;;
+    rotate) args=(--run-id cg-rot --no-populate --families "$families") ;;
     *) args=(--keyspace 60000 --users 100000) ;;
   esac
   callgrind_control -z "$cg" >/dev/null
@@ -123,6 +137,10 @@ for profile in $PROFILES; do
   total="$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$dump" | head -n1)"
   calls="$(field "$line" requests)"
   [[ -n "$total" && -n "$calls" && "$calls" -gt 0 ]] || { log "no count for $profile: $line"; exit 1; }
+  # A count of the wrong thing (a rotate that did not rotate, a get that
+  # found nothing) is no count: say so.
+  [[ "$(field "$line" errors)" == 0 && "$(field "$line" misses)" == 0 ]] \
+    || log "$profile: $(field "$line" errors) errors, $(field "$line" misses) misses: $line"
   printf '| %s | %d | %d | %d |\n' "$profile" "$calls" "$total" $((total / calls))
   if [[ -n "$KEEP" ]]; then mkdir -p "$KEEP"; cp "$dump" "$KEEP/callgrind.out.$profile"; fi
 done
