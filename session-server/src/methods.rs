@@ -232,19 +232,26 @@ impl Methods {
 }
 
 /// A cheap hash of a path: its length and its last 16 bytes, where gRPC
-/// paths of one service differ (`…Store/GetSession`, `…Store/RevokeSession`).
-/// Not meant to resist anyone: an unknown path costs at most a probe over
-/// the few occupied slots around its hash, whatever it hashes to.
+/// paths of one service differ (`…Store/GetSession`, `…Store/RevokeSession`),
+/// read as two fixed-size words. Not meant to resist anyone: an unknown path
+/// costs at most a probe over the few occupied slots around its hash,
+/// whatever it hashes to.
 fn hash(path: &[u8]) -> usize {
-    let word = |end: usize| {
-        let start = end.saturating_sub(8);
-        let mut bytes = [0u8; 8];
-        bytes[..end - start].copy_from_slice(&path[start..end]);
-        u64::from_le_bytes(bytes)
+    let (last, before) = match path.split_last_chunk::<8>() {
+        Some((rest, last)) => (
+            u64::from_le_bytes(*last),
+            rest.last_chunk::<8>()
+                .map_or(0, |word| u64::from_le_bytes(*word)),
+        ),
+        // Shorter than any path a client sends.
+        None => {
+            let mut bytes = [0u8; 8];
+            bytes[..path.len()].copy_from_slice(path);
+            (u64::from_le_bytes(bytes), 0)
+        }
     };
-    let len = path.len();
-    let mixed = (word(len) ^ word(len.saturating_sub(8)).rotate_left(29) ^ len as u64)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mixed =
+        (last ^ before.rotate_left(29) ^ path.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     // The high bits are the well-mixed ones; usize is at least 32 bits on
     // every target tokio supports.
     (mixed >> 32) as usize
