@@ -28,13 +28,13 @@
 //! soon as a reload removes the token it opened with: revoking a token stops
 //! what it is streaming, not only its next call. Each accepted token carries
 //! a signal for this, kept with the token set, that only streaming calls
-//! subscribe to (their methods are given by [`AuthLayer::streaming`]); a
+//! subscribe to (which methods stream, the method table says); a
 //! reload keeps the signal of every token still in the file, so the streams
 //! of those are untouched, and fires the signals of the tokens it removed. A
 //! reload that fails keeps every token, and so every stream; a file emptied
 //! removes every token, and so ends every stream. A unary call pays only
-//! the lookup of its path among the few streaming methods: no allocation,
-//! no lock beyond the token check's.
+//! the lookup of its path in the method table ([`crate::methods`]): no
+//! allocation, no lock beyond the token check's.
 
 use std::{
     future::Future,
@@ -61,6 +61,8 @@ use tower::{
     Layer, Service,
     util::{Either, future::EitherResponseFuture},
 };
+
+use crate::methods::Methods;
 
 /// How often the tokens file is checked for changes. A change is installed
 /// once the file looked the same on two checks, so within two intervals.
@@ -455,37 +457,19 @@ pub struct AuthLayer {
 #[derive(Debug)]
 struct Guard {
     tokens: Tokens,
-    /// Full paths of the streaming methods, whose answers end when their
-    /// token is removed; a handful, so a linear scan.
-    streaming: Box<[Box<str>]>,
+    /// Which calls are health's (no token needed) and which stream (their
+    /// answers end when their token is removed).
+    methods: &'static Methods,
 }
 
 impl AuthLayer {
-    /// Requires one of `tokens` on every call but health; `None` lets every
-    /// call through.
-    pub fn new(tokens: Option<Tokens>) -> Self {
+    /// Requires one of `tokens` on every call but health, and ends a
+    /// streaming call with UNAUTHENTICATED when a reload removes the token
+    /// it was opened with; `None` lets every call through. Which calls are
+    /// health's and which stream, `methods` says.
+    pub fn new(tokens: Option<Tokens>, methods: &'static Methods) -> Self {
         Self {
-            guard: tokens.map(|tokens| {
-                Arc::new(Guard {
-                    tokens,
-                    streaming: Box::default(),
-                })
-            }),
-        }
-    }
-
-    /// Ends the calls of `methods` (full paths, from
-    /// [`crate::limits::streaming_methods`]) with UNAUTHENTICATED when a
-    /// reload removes the token they were opened with. Until this is called
-    /// every call is checked only when it opens.
-    pub fn streaming(self, methods: Vec<String>) -> Self {
-        Self {
-            guard: self.guard.map(|guard| {
-                Arc::new(Guard {
-                    tokens: guard.tokens.clone(),
-                    streaming: methods.into_iter().map(String::into_boxed_str).collect(),
-                })
-            }),
+            guard: tokens.map(|tokens| Arc::new(Guard { tokens, methods })),
         }
     }
 }
@@ -537,10 +521,10 @@ where
         let checked = match &self.guard {
             None => Ok(None),
             Some(guard) => {
-                let path = request.uri().path();
-                if path.starts_with(crate::limits::HEALTH_PREFIX) {
+                let method = guard.methods.resolve(request.uri().path());
+                if method.is_health() {
                     Ok(None)
-                } else if guard.streaming.iter().any(|method| **method == *path) {
+                } else if method.is_streaming() {
                     guard.tokens.check_stream(request.headers()).map(Some)
                 } else {
                     guard.tokens.check(request.headers()).map(|()| None)
@@ -950,6 +934,10 @@ mod tests {
 
     const WATCH: &str = "/sessionstore.v1.SessionStore/WatchRevocations";
 
+    fn methods() -> &'static Methods {
+        Methods::served().unwrap()
+    }
+
     fn call_to(path: &str, token: &str) -> Request<()> {
         let mut request = Request::new(());
         *request.uri_mut() = path.parse().unwrap();
@@ -970,9 +958,7 @@ mod tests {
         let endless = tower::service_fn(|_request: Request<()>| async {
             Ok::<_, std::convert::Infallible>(Response::new(Body::new(Endless)))
         });
-        let mut service = AuthLayer::new(Some(tokens.clone()))
-            .streaming(vec![WATCH.into()])
-            .layer(endless);
+        let mut service = AuthLayer::new(Some(tokens.clone()), methods()).layer(endless);
         let open = |service: &mut Auth<_>, token| service.call(call_to(WATCH, token));
         let mut kappa = open(&mut service, "kappa").await.unwrap().into_body();
         let mut kappa_too = open(&mut service, "kappa").await.unwrap().into_body();
@@ -1029,7 +1015,7 @@ mod tests {
         let ok = tower::service_fn(|_request: Request<()>| async {
             Ok::<_, std::convert::Infallible>(Response::new(tonic::body::Body::default()))
         });
-        let mut service = AuthLayer::new(Some(tokens)).layer(ok);
+        let mut service = AuthLayer::new(Some(tokens), methods()).layer(ok);
         let code = |response: Response<tonic::body::Body>| {
             tonic::Status::from_header_map(response.headers()).map(|s| s.code())
         };
@@ -1047,7 +1033,7 @@ mod tests {
             .headers_mut()
             .insert("authorization", "bearer iota".parse().unwrap());
         assert_eq!(code(service.call(authed).await.unwrap()), None);
-        let mut open = AuthLayer::new(None).layer(ok);
+        let mut open = AuthLayer::new(None, methods()).layer(ok);
         assert_eq!(code(open.call(Request::new(())).await.unwrap()), None);
     }
 }

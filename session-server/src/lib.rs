@@ -10,6 +10,8 @@
 //!   handshakes and certificate reloads (`tls`), readiness as a pure state
 //!   step with a thin loop over Redis (`readiness`), and dispatch by
 //!   service (`routes`).
+//! - [`methods`]: the table of served methods (label, streaming, health),
+//!   built once from the descriptor sets; what the layers ask of a path.
 //! - [`observe`]: one log line and the metrics of each RPC.
 //! - `log_gate`: the one rate limit on log lines (the RPC log, the Redis
 //!   failure and contention warnings, the failed-accept warning), counting
@@ -40,6 +42,7 @@ pub mod convert;
 pub mod error;
 pub mod limits;
 mod log_gate;
+pub mod methods;
 pub mod metrics;
 pub mod model;
 pub mod observe;

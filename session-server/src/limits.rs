@@ -19,9 +19,10 @@
 //!   ([`MAX_HEALTH_WATCHES`]) so they can starve neither probes nor the
 //!   authenticated streams.
 //!
-//! Which methods stream is read from the services' descriptor sets at start
-//! ([`streaming_methods`]), so a new streaming method is counted as a stream
-//! without a list to keep up to date. Every cap refuses the excess with
+//! Which methods stream, and which are health's, is read from the method
+//! table ([`crate::methods`], built from the services' descriptor sets), so
+//! a new streaming method is counted as a stream without a list to keep up
+//! to date. Every cap refuses the excess with
 //! RESOURCE_EXHAUSTED at once, never a growing queue.
 
 use std::{
@@ -39,13 +40,11 @@ use tokio::{
 };
 use tonic::codegen::{
     Bytes,
-    http::{HeaderMap, Request, Response},
+    http::{HeaderMap, HeaderName, Request, Response},
 };
 use tower::{Layer, Service};
 
-/// The path prefix of the gRPC health service, exempt from authentication and
-/// from the call cap.
-pub(crate) const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+use crate::methods::Methods;
 
 /// Most streaming calls other than health Watch open at once (reflection,
 /// the revocation stream). One per watching client process is the expected
@@ -60,36 +59,6 @@ pub const MAX_STREAMS: usize = 1024;
 /// MAX_CONNECTIONS (`server::Bounds`); this is the default of `Bounds`
 /// only, which in-process tests use.
 pub const MAX_HEALTH_WATCHES: usize = 256;
-
-/// The full paths (`/package.Service/Method`) of the methods that stream,
-/// client or server side, in the encoded `FileDescriptorSet`s given.
-///
-/// # Errors
-///
-/// [`prost::DecodeError`] when a set does not decode.
-pub fn streaming_methods(encoded_sets: &[&[u8]]) -> Result<Vec<String>, prost::DecodeError> {
-    use prost::Message as _;
-    let mut methods = Vec::new();
-    for encoded in encoded_sets {
-        let set = prost_types::FileDescriptorSet::decode(*encoded)?;
-        for file in &set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    if method.client_streaming() || method.server_streaming() {
-                        let service = match file.package() {
-                            "" => service.name().to_owned(),
-                            package => format!("{package}.{}", service.name()),
-                        };
-                        methods.push(format!("/{service}/{}", method.name()));
-                    }
-                }
-            }
-        }
-    }
-    methods.sort();
-    methods.dedup();
-    Ok(methods)
-}
 
 /// A pool of permits and what its refusal says.
 #[derive(Debug)]
@@ -125,8 +94,8 @@ struct Shared {
     streams: Pool,
     health_watches: Pool,
     timeout: Duration,
-    /// Full paths of the streaming methods; a handful, so a linear scan.
-    streaming: Box<[Box<str>]>,
+    /// Which calls stream, and which are health's.
+    methods: &'static Methods,
 }
 
 /// Adds the caps and the deadline to a service stack.
@@ -137,30 +106,24 @@ pub struct LimitsLayer {
 
 impl LimitsLayer {
     /// At most `max_concurrent` unary calls at once, each at most `timeout`
-    /// long; [`MAX_STREAMS`] and [`MAX_HEALTH_WATCHES`] for streams, once
-    /// [`LimitsLayer::streaming`] says which methods stream (until then every
-    /// call is treated as unary).
-    pub fn new(max_concurrent: usize, timeout: Duration) -> Self {
+    /// long; [`MAX_STREAMS`] streams and [`MAX_HEALTH_WATCHES`] health Watch
+    /// streams (until [`LimitsLayer::stream_caps`] says otherwise). Which
+    /// calls stream, and which are health's, `methods` says.
+    pub fn new(methods: &'static Methods, max_concurrent: usize, timeout: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
                 calls: Pool::new(max_concurrent, "calls"),
                 streams: Pool::new(MAX_STREAMS, "streams"),
                 health_watches: Pool::new(MAX_HEALTH_WATCHES, "health watches"),
                 timeout,
-                streaming: Box::new([]),
+                methods,
             }),
         }
     }
 
-    /// Treats `methods` (full paths, from [`streaming_methods`]) as streams:
-    /// at most `max_streams` open at once, and `max_health_watches` health
-    /// Watch streams.
-    pub fn streaming(
-        self,
-        methods: Vec<String>,
-        max_streams: usize,
-        max_health_watches: usize,
-    ) -> Self {
+    /// At most `max_streams` streams open at once, and `max_health_watches`
+    /// health Watch streams.
+    pub fn stream_caps(self, max_streams: usize, max_health_watches: usize) -> Self {
         let shared = &self.shared;
         Self {
             shared: Arc::new(Shared {
@@ -168,7 +131,7 @@ impl LimitsLayer {
                 streams: Pool::new(max_streams, "streams"),
                 health_watches: Pool::new(max_health_watches, "health watches"),
                 timeout: shared.timeout,
-                streaming: methods.into_iter().map(String::into_boxed_str).collect(),
+                methods: shared.methods,
             }),
         }
     }
@@ -208,9 +171,8 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = &self.layer.shared;
-        let path = request.uri().path();
-        let health = path.starts_with(HEALTH_PREFIX);
-        let stream = shared.streaming.iter().any(|method| **method == *path);
+        let method = shared.methods.resolve(request.uri().path());
+        let (health, stream) = (method.is_health(), method.is_streaming());
         let pool = match (health, stream) {
             (true, false) => None,
             (true, true) => Some(&shared.health_watches),
@@ -378,7 +340,11 @@ impl http_body::Body for HeldBody {
 /// [`crate::observe`] uses it too, so the deadline a call is held to and the
 /// one its metrics judge it by are the same.
 pub(crate) fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    // A `HeaderName` made once: looking the header up by `&str` parses and
+    // validates the name on every call (twice per call: here and in
+    // `observe`).
+    static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    let value = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     // `u64::from_str` alone would accept a leading `+`.
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -400,6 +366,10 @@ pub(crate) fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use http_body::Body as _;
+
+    fn methods() -> &'static Methods {
+        Methods::served().unwrap()
+    }
 
     fn header(value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -458,7 +428,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_callers_deadline_cuts_the_call_short_and_drops_the_work() {
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut service = LimitsLayer::new(8, Duration::from_secs(5))
+        let mut service = LimitsLayer::new(methods(), 8, Duration::from_secs(5))
             .layer(slow_service(Duration::from_secs(2), finished.clone()));
         let mut request = Request::new(());
         request
@@ -478,7 +448,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_server_timeout_caps_a_longer_caller_deadline() {
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut service = LimitsLayer::new(8, Duration::from_millis(300))
+        let mut service = LimitsLayer::new(methods(), 8, Duration::from_millis(300))
             .layer(slow_service(Duration::from_secs(2), finished));
         let mut request = Request::new(());
         request
@@ -493,7 +463,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn excess_calls_are_refused_and_health_is_exempt() {
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut service = LimitsLayer::new(1, Duration::from_secs(5))
+        let mut service = LimitsLayer::new(methods(), 1, Duration::from_secs(5))
             .layer(slow_service(Duration::from_secs(1), finished));
         let first = service.call(Request::new(()));
         let refused = service.call(Request::new(())).await.unwrap();
@@ -547,35 +517,13 @@ mod tests {
         request
     }
 
-    #[test]
-    fn streaming_methods_come_from_the_descriptors() {
-        let methods = streaming_methods(&[
-            sessionstore::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-        ])
-        .unwrap();
-        assert!(methods.iter().any(|m| m == HEALTH_WATCH), "{methods:?}");
-        assert!(methods.iter().any(|m| m == REFLECTION), "{methods:?}");
-        assert!(
-            !methods.iter().any(|m| m == "/grpc.health.v1.Health/Check"),
-            "{methods:?}"
-        );
-        assert!(
-            !methods
-                .iter()
-                .any(|m| m == "/sessionstore.v1.SessionStore/GetSession"),
-            "{methods:?}"
-        );
-    }
-
     /// A stream keeps its permit until its response is dropped (the caller
     /// went away), not just until its headers are sent; a full stream pool
     /// refuses streams only, and health Watch streams have their own pool.
     #[tokio::test]
     async fn a_stream_holds_its_permit_for_its_whole_life() {
-        let mut service = LimitsLayer::new(1, Duration::from_secs(5))
-            .streaming(vec![REFLECTION.into(), HEALTH_WATCH.into()], 1, 1)
+        let mut service = LimitsLayer::new(methods(), 1, Duration::from_secs(5))
+            .stream_caps(1, 1)
             .layer(streaming_service());
         let first = service.call(to(REFLECTION)).await.unwrap();
         assert_eq!(grpc_status(&first), None);
@@ -610,8 +558,8 @@ mod tests {
     /// caller deadline a stream outlives REQUEST_TIMEOUT_MS.
     #[tokio::test(start_paused = true)]
     async fn the_callers_deadline_ends_a_stream() {
-        let mut service = LimitsLayer::new(8, Duration::from_millis(300))
-            .streaming(vec![REFLECTION.into()], 1, 1)
+        let mut service = LimitsLayer::new(methods(), 8, Duration::from_millis(300))
+            .stream_caps(1, 1)
             .layer(streaming_service());
         let mut request = to(REFLECTION);
         request
@@ -646,7 +594,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn health_checks_have_a_deadline() {
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut service = LimitsLayer::new(1, Duration::from_millis(300))
+        let mut service = LimitsLayer::new(methods(), 1, Duration::from_millis(300))
             .layer(slow_service(Duration::from_secs(60), finished));
         let response = service
             .call(to("/grpc.health.v1.Health/Check"))

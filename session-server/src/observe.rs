@@ -24,8 +24,9 @@
 //! a known method is logged as method `other`, with at most
 //! [`LOGGED_PATH_CHARS`] printable ASCII characters of it.
 //!
-//! It runs on every call, so it is kept cheap: the method label is a static
-//! string (no copy of the path), and the metric handles of each (method, code)
+//! It runs on every call, so it is kept cheap: the method is looked up once
+//! in the method table ([`crate::methods`]), whose label is a static string
+//! (no copy of the path), and the metric handles of each (method, code)
 //! pair are looked up in the recorder once and then kept, instead of building
 //! a labelled key and searching the registry twice per call.
 
@@ -49,7 +50,10 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::log_gate::LogGate;
+use crate::{
+    log_gate::LogGate,
+    methods::{Method, Methods},
+};
 
 /// Most RPC log lines written per second for one gRPC code at INFO level or
 /// above; the rest are counted, not written. Twenty a second is enough to see
@@ -70,20 +74,18 @@ pub const LOGGED_PATH_CHARS: usize = 64;
 const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 
 /// Adds per-RPC logging to a service stack.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct RpcLogLayer {
-    /// Full paths of the streaming methods; a handful, so a linear scan.
-    streaming: Arc<[Box<str>]>,
+    /// Each method's label, and whether it streams: a stream is recorded
+    /// when its response body ends rather than when its headers are sent.
+    methods: &'static Methods,
 }
 
 impl RpcLogLayer {
-    /// Records `methods` (full paths, from [`crate::limits::streaming_methods`])
-    /// when their response body ends rather than when their headers are
-    /// sent. Until this is called every call is recorded as unary.
-    pub fn streaming(self, methods: Vec<String>) -> Self {
-        Self {
-            streaming: methods.into_iter().map(String::into_boxed_str).collect(),
-        }
+    /// Labels calls by `methods`, a known path by itself and any other as
+    /// "other".
+    pub fn new(methods: &'static Methods) -> Self {
+        Self { methods }
     }
 }
 
@@ -95,8 +97,8 @@ impl<S> Layer<S> for RpcLogLayer {
         // recorder, so the handles kept here record into that recorder.
         RpcLog {
             inner,
-            handles: Arc::new(Handles::default()),
-            streaming: self.streaming.clone(),
+            handles: Arc::new(Handles::new(self.methods)),
+            methods: self.methods,
         }
     }
 }
@@ -106,7 +108,7 @@ impl<S> Layer<S> for RpcLogLayer {
 pub struct RpcLog<S> {
     inner: S,
     handles: Arc<Handles>,
-    streaming: Arc<[Box<str>]>,
+    methods: &'static Methods,
 }
 
 /// How many gRPC codes there are (0 OK to 16 UNAUTHENTICATED).
@@ -114,7 +116,7 @@ const CODES: usize = 17;
 
 /// The RPC counter and latency histogram of each (method, code) pair, made on
 /// first use, and the log rate limit of each code. Slots are indexed by
-/// [`KNOWN`] position (then "other") and code.
+/// [`Method::index`] (the last for "other") and code.
 struct Handles {
     slots: Box<[OnceLock<(Counter, Histogram)>]>,
     /// The log rate limit of each code: at most [`LOG_LINES_PER_SECOND`]
@@ -124,10 +126,11 @@ struct Handles {
     suppressed: [OnceLock<Counter>; CODES],
 }
 
-impl Default for Handles {
-    fn default() -> Self {
+impl Handles {
+    /// Slots for each method of `methods` and "other".
+    fn new(methods: &Methods) -> Self {
         Self {
-            slots: (0..(KNOWN.len() + 1) * CODES)
+            slots: (0..(methods.len() + 1) * CODES)
                 .map(|_| OnceLock::new())
                 .collect(),
             gates: std::array::from_fn(|_| {
@@ -145,11 +148,12 @@ impl fmt::Debug for Handles {
 }
 
 impl Handles {
-    fn record(&self, method: Method, code: Code, elapsed_secs: f64) {
-        // `Code` values are 0..=16, so the index is in bounds.
-        let index = method.index * CODES + code as usize;
+    fn record(&self, method: &'static Method, code: Code, elapsed_secs: f64) {
+        // `Code` values are 0..=16, and the method's index at most the
+        // table's length, so the index is in bounds.
+        let index = method.index() * CODES + code as usize;
         let (requests, duration) = self.slots[index].get_or_init(|| {
-            let labels = [("method", method.label), ("code", code_name(code))];
+            let labels = [("method", method.label()), ("code", code_name(code))];
             (
                 metrics::counter!(crate::metrics::RPC_REQUESTS, &labels),
                 metrics::histogram!(crate::metrics::RPC_DURATION, &labels),
@@ -162,7 +166,7 @@ impl Handles {
     /// Writes the call's log line, unless its code is over its rate limit.
     fn log(&self, call: &CallRecord, code: Code, now: Instant) {
         let latency_ms = now.duration_since(call.start).as_secs_f64() * 1e3;
-        let loudness = loudness(call.method.label, code);
+        let loudness = loudness(call.method, code);
         if loudness == Loudness::Debug {
             // Not rate-limited: successes and probes log at DEBUG, which is
             // off unless someone is looking.
@@ -189,7 +193,7 @@ impl Handles {
 #[derive(Debug)]
 struct CallRecord {
     handles: Arc<Handles>,
-    method: Method,
+    method: &'static Method,
     /// The requested path, shortened and made printable, when it is not a
     /// known method.
     unknown_path: Option<String>,
@@ -246,11 +250,11 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
-        let method = Method::of(path);
-        let streaming = self.streaming.iter().any(|known| **known == *path);
+        let method = self.methods.resolve(path);
+        let streaming = method.is_streaming();
         // Only an unknown path is copied (and then only its start), so the
         // log can say what was asked.
-        let unknown_path = (method.index == KNOWN.len()).then(|| printable_prefix(path));
+        let unknown_path = method.is_other().then(|| printable_prefix(path));
         // Made before the inner call and moved into the future, so even a
         // future dropped before its first poll is recorded.
         let record = CallRecord {
@@ -415,49 +419,6 @@ fn printable_prefix(path: &str) -> String {
     shown
 }
 
-/// The methods that keep their path as the metric label.
-const KNOWN: &[&str] = &[
-    "/sessionstore.v1.SessionStore/CreateSession",
-    "/sessionstore.v1.SessionStore/GetSession",
-    "/sessionstore.v1.SessionStore/RevokeSession",
-    "/sessionstore.v1.SessionStore/RevokeAllUserSessions",
-    "/sessionstore.v1.SessionStore/RotateSession",
-    "/sessionstore.v1.SessionStore/ExtendSession",
-    "/sessionstore.v1.SessionStore/GetUserSessionCount",
-    "/sessionstore.v1.SessionStore/ListUserSessions",
-    "/sessionstore.v1.SessionStore/RecordLoginAttempt",
-    "/sessionstore.v1.SessionStore/ResetLoginAttempts",
-    "/sessionstore.v1.SessionStore/WatchRevocations",
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];
-
-/// The method as a metric label: known services keep their path, anything else
-/// is "other", so a caller probing random paths cannot grow the label set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Method {
-    /// Position in [`KNOWN`], or `KNOWN.len()` for "other".
-    index: usize,
-    label: &'static str,
-}
-
-impl Method {
-    fn of(path: &str) -> Self {
-        match KNOWN.iter().position(|known| *known == path) {
-            Some(index) => Self {
-                index,
-                label: KNOWN[index],
-            },
-            None => Self {
-                index: KNOWN.len(),
-                label: "other",
-            },
-        }
-    }
-}
-
 /// The canonical upper-case name of a gRPC code, as other gRPC stacks label it.
 fn code_name(code: Code) -> &'static str {
     match code {
@@ -494,8 +455,10 @@ enum Loudness {
     Error,
 }
 
-fn loudness(method: &str, code: Code) -> Loudness {
-    if method.starts_with("/grpc.health.v1.Health/") {
+fn loudness(method: &Method, code: Code) -> Loudness {
+    // Served health methods only: a probe of an unknown path under health
+    // is labelled "other" and logged like any other unknown path.
+    if method.is_health() && !method.is_other() {
         return Loudness::Debug;
     }
     match code {
@@ -519,7 +482,7 @@ fn loudness(method: &str, code: Code) -> Loudness {
 /// Writes one RPC line. `path` appears only for an unknown method, and
 /// `suppressed` only when lines of this code were left out before it.
 fn log_rpc(loudness: Loudness, call: &CallRecord, code: Code, latency_ms: f64, suppressed: u64) {
-    let method = call.method.label;
+    let method = call.method.label();
     let path = call.unknown_path.as_deref();
     let code = code_name(code);
     let suppressed = (suppressed > 0).then_some(suppressed);
@@ -543,24 +506,15 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn unknown_paths_share_one_label() {
-        let get = Method::of("/sessionstore.v1.SessionStore/GetSession");
-        assert_eq!(get.label, "/sessionstore.v1.SessionStore/GetSession");
-        assert_eq!(KNOWN[get.index], get.label);
-        let probe = Method::of("/evil/../path");
-        assert_eq!((probe.index, probe.label), (KNOWN.len(), "other"));
+    fn methods() -> &'static Methods {
+        Methods::served().unwrap()
     }
 
     #[test]
     fn every_method_and_code_has_a_slot() {
-        let handles = Handles::default();
-        for index in 0..=KNOWN.len() {
+        let handles = Handles::new(methods());
+        for method in methods().iter() {
             for code in 0..CODES {
-                let method = Method {
-                    index,
-                    label: KNOWN.get(index).copied().unwrap_or("other"),
-                };
                 let code = Code::from_i32(i32::try_from(code).unwrap());
                 handles.record(method, code, 0.001);
             }
@@ -568,42 +522,18 @@ mod tests {
         assert!(handles.slots.iter().all(|slot| slot.get().is_some()));
     }
 
-    /// Every method the server serves has a label of its own: a method left
-    /// out of [`KNOWN`] would be counted as "other" with probes of unknown
-    /// paths (WatchRevocations was, until a review found it).
-    #[test]
-    fn every_served_method_is_known() {
-        use prost::Message as _;
-        for encoded in [
-            sessionstore::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ] {
-            let set = prost_types::FileDescriptorSet::decode(encoded).unwrap();
-            for file in &set.file {
-                for service in &file.service {
-                    for method in &service.method {
-                        let path =
-                            format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                        assert_ne!(Method::of(&path).label, "other", "{path}");
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn levels_follow_the_status() {
-        let m = "/sessionstore.v1.SessionStore/GetSession";
+        let m = methods().resolve("/sessionstore.v1.SessionStore/GetSession");
         assert_eq!(loudness(m, Code::Ok), Loudness::Debug);
         assert_eq!(loudness(m, Code::InvalidArgument), Loudness::Info);
         assert_eq!(loudness(m, Code::Unavailable), Loudness::Warn);
         assert_eq!(loudness(m, Code::Internal), Loudness::Error);
-        assert_eq!(
-            loudness("/grpc.health.v1.Health/Check", Code::Unavailable),
-            Loudness::Debug
-        );
+        let check = methods().resolve("/grpc.health.v1.Health/Check");
+        assert_eq!(loudness(check, Code::Unavailable), Loudness::Debug);
+        // An unknown path under health is logged as any unknown path.
+        let probe = methods().resolve("/grpc.health.v1.Health/Nope");
+        assert_eq!(loudness(probe, Code::Unimplemented), Loudness::Info);
     }
 
     #[test]
@@ -710,7 +640,7 @@ mod tests {
         let calls = 1000;
         let metrics = observed(&lines, || async {
             let mut service =
-                RpcLogLayer::default().layer(answering(Code::Unauthenticated, Duration::ZERO));
+                RpcLogLayer::new(methods()).layer(answering(Code::Unauthenticated, Duration::ZERO));
             for i in 0..calls {
                 if i == calls / 2 {
                     // A second window opens half way.
@@ -750,7 +680,7 @@ mod tests {
         let path = format!("/probe/{}", "A".repeat(4000));
         let metrics = observed(&lines, || async {
             let mut service =
-                RpcLogLayer::default().layer(answering(Code::Unimplemented, Duration::ZERO));
+                RpcLogLayer::new(methods()).layer(answering(Code::Unimplemented, Duration::ZERO));
             service.call(request(&path, None)).await.unwrap();
         });
         assert_eq!(
@@ -774,7 +704,7 @@ mod tests {
         let lines = Lines::default();
         let metrics = observed(&lines, || async {
             let mut service =
-                RpcLogLayer::default().layer(answering(Code::Ok, Duration::from_secs(10)));
+                RpcLogLayer::new(methods()).layer(answering(Code::Ok, Duration::from_secs(10)));
             // The caller goes away after 100 ms of a 1 s deadline.
             let call = service.call(request(GET, Some("1S")));
             assert!(
@@ -811,7 +741,7 @@ mod tests {
     fn completed_calls_are_recorded_once() {
         let lines = Lines::default();
         let metrics = observed(&lines, || async {
-            let mut service = RpcLogLayer::default()
+            let mut service = RpcLogLayer::new(methods())
                 .layer(answering(Code::InvalidArgument, Duration::from_millis(5)));
             service.call(request(GET, Some("1S"))).await.unwrap();
         });
@@ -896,7 +826,7 @@ mod tests {
     fn streams_are_recorded_when_they_end() {
         let lines = Lines::default();
         let metrics = observed(&lines, || async {
-            let layer = RpcLogLayer::default().streaming(vec![WATCH.into()]);
+            let layer = RpcLogLayer::new(methods());
             // Reset by the caller after 3 s.
             let response = layer
                 .layer(streaming(None))
@@ -946,7 +876,7 @@ mod tests {
     fn an_open_stream_is_not_yet_recorded() {
         let lines = Lines::default();
         let metrics = observed(&lines, || async {
-            let layer = RpcLogLayer::default().streaming(vec![WATCH.into()]);
+            let layer = RpcLogLayer::new(methods());
             let open = layer
                 .layer(streaming(None))
                 .call(request(WATCH, None))

@@ -23,6 +23,7 @@ use crate::{
     auth::{AuthError, AuthLayer, Tokens},
     config::Config,
     limits::{self, LimitsLayer},
+    methods::Methods,
     observe::RpcLogLayer,
     service::SessionService,
     shutdown::EndStreamsLayer,
@@ -219,15 +220,10 @@ pub async fn run_with_bounds(
     let reflection = describe().build_v1()?;
     let reflection_v1alpha = describe().build_v1alpha()?;
 
-    // Every method that streams, in every service served here: they hold a
-    // stream permit for their whole life (see `limits`).
-    let streaming = limits::streaming_methods(&[
-        sessionstore::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-    ])
-    .map_err(tonic_reflection::server::Error::from)?;
+    // Every method of every service served here, with its label, whether it
+    // streams and whether it is health's: what the layers ask of a call's
+    // path (see `methods`).
+    let methods = Methods::served().map_err(tonic_reflection::server::Error::from)?;
 
     let max_request = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
     let sessions =
@@ -240,11 +236,15 @@ pub async fn run_with_bounds(
         .transpose()?;
     let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
     let max_calls = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
-    let rpc_log = RpcLogLayer::default().streaming(streaming.clone());
+    let rpc_log = RpcLogLayer::new(methods);
     // Streams end when a reload removes their token (see `auth`).
-    let auth = AuthLayer::new(tokens).streaming(streaming.clone());
-    let limits = LimitsLayer::new(max_calls, Duration::from_millis(config.request_timeout_ms))
-        .streaming(streaming, bounds.max_streams, bounds.max_health_watches);
+    let auth = AuthLayer::new(tokens, methods);
+    let limits = LimitsLayer::new(
+        methods,
+        max_calls,
+        Duration::from_millis(config.request_timeout_ms),
+    )
+    .stream_caps(bounds.max_streams, bounds.max_health_watches);
 
     let mut builder = tonic::transport::Server::builder();
     // TLS is done by `tls`, not tonic's `tls_config`, so the certificate can

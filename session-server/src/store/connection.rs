@@ -5,7 +5,7 @@
 use std::{
     fmt,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -215,39 +215,74 @@ fn checkout_expired(pool: &bb8::Pool<RedisManager>, settings: &Settings) -> Erro
 /// lookup hashes the label set and takes a lock), as observe.rs does for the
 /// RPC series. Per store, not per process: a handle is bound to the recorder
 /// in force when it is made.
-#[derive(Default)]
+///
+/// Filled as operations first run, so no list of operation names is kept:
+/// a new `op("...")` gets its slot on its first call. The slots fill in
+/// order, one at a time under `filling`, and are never emptied, so a reader
+/// scans them without a lock and stops at the first empty one; names are
+/// string literals, so a hit is nearly always a pointer comparison.
 pub(super) struct OpDurations {
-    /// Indexed like [`OPS`].
-    slots: [OnceLock<Histogram>; OPS.len()],
+    /// Each operation's name and histogram, in order of first use.
+    slots: Box<[OnceLock<(&'static str, Histogram)>]>,
+    /// Held while a slot is filled, so two first calls of one operation do
+    /// not take two slots.
+    filling: Mutex<()>,
 }
 
-/// The operations whose histograms are kept; any other name is looked up on
-/// each use, which is only slower.
-const OPS: [&str; 14] = [
-    "get_session",
-    "create_session",
-    "rotate_session",
-    "extend_session",
-    "revoke_session",
-    "record_login_attempt",
-    "reset_login_attempts",
-    "revoke_all_user_sessions",
-    "count_user_sessions",
-    "list_user_sessions",
-    "ping",
-    "maxmemory_policy",
-    "publish_heartbeat",
-    "raw_command",
-];
+/// Most operation names kept: the store has about fifteen. Past it, an
+/// operation's histogram is looked up in the registry on each use, which is
+/// only slower, and `every_operation_of_the_store_fits` fails first.
+const MAX_OPS: usize = 64;
+
+impl Default for OpDurations {
+    fn default() -> Self {
+        Self {
+            slots: (0..MAX_OPS).map(|_| OnceLock::new()).collect(),
+            filling: Mutex::new(()),
+        }
+    }
+}
+
+/// Whether two operation names are one: the same literal is nearly always
+/// at the same address, and else the bytes decide.
+fn same_op(a: &'static str, b: &'static str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
 
 impl OpDurations {
     /// The histogram of operation `name`.
     fn of(&self, name: &'static str) -> Histogram {
-        let make = || metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => name);
-        match OPS.iter().position(|op| *op == name) {
-            Some(index) => self.slots[index].get_or_init(make).clone(),
-            None => make(),
+        for slot in &self.slots {
+            match slot.get() {
+                Some((op, histogram)) if same_op(op, name) => return histogram.clone(),
+                Some(_) => {}
+                None => break,
+            }
         }
+        self.fill(name)
+    }
+
+    /// The histogram of an operation not found by [`OpDurations::of`]:
+    /// made, and kept in the next free slot unless another call of the
+    /// same operation kept it first.
+    #[cold]
+    fn fill(&self, name: &'static str) -> Histogram {
+        let make = || metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => name);
+        // A poisoned lock guards nothing broken: the slots are set whole.
+        let _filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
+        for slot in &self.slots {
+            match slot.get() {
+                Some((op, histogram)) if same_op(op, name) => return histogram.clone(),
+                Some(_) => {}
+                None => {
+                    let histogram = make();
+                    // Under `filling`, and seen empty: the set succeeds.
+                    let _ = slot.set((name, histogram.clone()));
+                    return histogram;
+                }
+            }
+        }
+        make()
     }
 }
 
@@ -802,6 +837,41 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// Each operation name takes one slot on its first use and keeps it,
+    /// whether it comes as the same literal or as equal bytes elsewhere.
+    #[test]
+    fn an_operation_keeps_its_histogram() {
+        let durations = OpDurations::default();
+        let filled = || durations.slots.iter().filter(|s| s.get().is_some()).count();
+        let elsewhere: &'static str = String::from("get_session").leak();
+        for name in ["get_session", "ping", "get_session", elsewhere] {
+            let _ = durations.of(name);
+        }
+        assert_eq!(filled(), 2);
+        let names: Vec<&str> = durations
+            .slots
+            .iter()
+            .filter_map(|s| s.get().map(|(name, _)| *name))
+            .collect();
+        assert_eq!(names, ["get_session", "ping"]);
+    }
+
+    /// Every operation name the store passes to `op` has a slot to spare,
+    /// so none is looked up in the registry on each use.
+    #[test]
+    fn every_operation_of_the_store_fits() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store");
+        let mut names = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+            for rest in text.split(".op(\"").skip(1) {
+                names.insert(rest.split('"').next().unwrap().to_owned());
+            }
+        }
+        assert!(names.contains("get_session"), "{names:?}");
+        assert!(names.len() * 2 <= MAX_OPS, "{names:?}");
+    }
 
     /// Store settings for the Redis at `url`, with a pool of one connection
     /// and a short timeout.
