@@ -14,13 +14,16 @@ use session_client::{RotateOutcome as ClientOutcome, Rotation, SessionClient};
 use session_server::Config;
 use sessionstore::v1::{
     CreateOutcome, CreateSessionRequest, ExtendSessionRequest, RevocationReason,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest, RotateOutcome, RotateSessionRequest,
-    RotateSessionResponse, Session, WatchRevocationsRequest,
+    RevokeAllUserSessionsRequest, RotateOutcome, RotateSessionRequest, RotateSessionResponse,
+    Session, WatchRevocationsRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::support::{Client, TestServer, count, create, get, inspect, test_config, wait_until};
+use crate::support::{
+    Client, TestServer, assert_marker_outlives_reservation, count, create, get, inspect, revoke,
+    test_config, wait_until,
+};
 
 /// How long a test waits for something that takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -33,6 +36,19 @@ fn rotation(user: &str, family: &str, token: &str, new: &str) -> RotateSessionRe
         new_token_id: new.into(),
         ..Default::default()
     }
+}
+
+async fn extend(client: &mut Client, user: &str, token: &str, ttl_s: i64) -> Option<Session> {
+    client
+        .extend_session(ExtendSessionRequest {
+            user_id: user.into(),
+            token_id: token.into(),
+            ttl: seconds(ttl_s),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
 }
 
 async fn rotate(client: &mut Client, request: RotateSessionRequest) -> RotateSessionResponse {
@@ -70,18 +86,6 @@ fn millis(ms: i32) -> Option<prost_types::Duration> {
         seconds: i64::from(ms / 1000),
         nanos: ms % 1000 * 1_000_000,
     })
-}
-
-async fn revoke(client: &mut Client, user: &str, token: &str) -> bool {
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: token.into(),
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked
 }
 
 fn now_ms() -> u64 {
@@ -367,7 +371,7 @@ async fn a_revocation_racing_a_rotation_ends_the_family() {
                 .await
                 .unwrap();
         } else {
-            revoke(&mut client, "rosa", &old).await;
+            revoke(&mut client, &old, "rosa").await;
         }
         // The revocation returned: nothing of the family is live.
         assert!(get(&mut client, &old, "rosa").await.is_none(), "{old}");
@@ -415,7 +419,7 @@ async fn revoking_a_rotated_away_token_ends_its_family() {
         assert_eq!(outcome(&r), RotateOutcome::Rotated);
     }
     let unrelated = login(&mut client, "ravi", "w-1").await;
-    assert!(revoke(&mut client, "ravi", "v-1").await);
+    assert!(revoke(&mut client, "v-1", "ravi").await);
     assert!(get(&mut client, "v-3", "ravi").await.is_none());
     assert!(
         get(&mut client, "w-1", "ravi").await.is_some(),
@@ -454,17 +458,7 @@ async fn a_family_never_outlives_its_lifetime() {
     request.ttl = seconds(3600);
     let second = rotate(&mut client, request).await.session.unwrap();
     assert_eq!(ms(second.expires_at), end);
-    let extended = client
-        .extend_session(ExtendSessionRequest {
-            user_id: "lena".into(),
-            token_id: "l-2".into(),
-            ttl: seconds(3600),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let extended = extend(&mut client, "lena", "l-2", 3600).await.unwrap();
     assert_eq!(ms(extended.expires_at), end);
     let pttl: i64 = inspect(
         &server.config,
@@ -551,7 +545,7 @@ async fn a_taken_new_token_id_changes_nothing() {
     let family = login(&mut client, "tara", "t-1").await.family_id;
     login(&mut client, "tom", "t-toms").await;
     login(&mut client, "tara", "t-dead").await;
-    assert!(revoke(&mut client, "tara", "t-dead").await);
+    assert!(revoke(&mut client, "t-dead", "tara").await);
     login(&mut client, "tara", "t-live").await;
     for taken in ["t-toms", "t-dead", "t-live"] {
         let r = rotate(&mut client, rotation("tara", &family, "t-1", taken)).await;
@@ -772,7 +766,7 @@ async fn extend_slides_the_expiry_with_its_throttle() {
     assert!(ms(shorter.expires_at) < ms(longer.expires_at));
     assert!(pttl(format!("{prefix}session:{{ezra}}:{{x-1}}")).await <= 10_000);
 
-    assert!(revoke(&mut client, "ezra", "x-1").await);
+    assert!(revoke(&mut client, "x-1", "ezra").await);
     let gone = client
         .extend_session(extend(seconds(10)))
         .await
@@ -845,22 +839,8 @@ async fn cancelled_rotations_never_branch_or_revive() {
         "no call was cancelled: the test proves nothing"
     );
     assert_eq!(count(&mut client, "cyd").await, 1);
-    let prefix = &config.key_prefix;
     for token in &rotated_away {
-        let reservation: i64 = inspect(
-            config,
-            redis::cmd("PTTL").arg(format!("{prefix}token_owner:{{{token}}}")),
-        )
-        .await;
-        let marker: i64 = inspect(
-            config,
-            redis::cmd("PTTL").arg(format!("{prefix}revoked:{{cyd}}:{{{token}}}")),
-        )
-        .await;
-        assert!(
-            marker > 0 && marker >= reservation,
-            "{token}: marker {marker}, reservation {reservation}"
-        );
+        assert_marker_outlives_reservation(config, "cyd", token).await;
     }
     eprintln!(
         "{cancelled} of 150 rotations cancelled; {} rotated",
@@ -915,17 +895,7 @@ async fn sessions_of_the_version_before_families_keep_working() {
     assert_eq!(found.family_id, "");
     assert!(found.family_expires_at.is_none());
     assert_eq!(count(&mut client, "olaf").await, 1);
-    let extended = client
-        .extend_session(ExtendSessionRequest {
-            user_id: "olaf".into(),
-            token_id: "old-1".into(),
-            ttl: seconds(3600),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let extended = extend(&mut client, "olaf", "old-1", 3600).await.unwrap();
     assert!(ms(extended.expires_at) > now + 3_000_000);
     let r = rotate(
         &mut client,
@@ -933,7 +903,7 @@ async fn sessions_of_the_version_before_families_keep_working() {
     )
     .await;
     assert_eq!(outcome(&r), RotateOutcome::NotFound, "no family to rotate");
-    assert!(revoke(&mut client, "olaf", "old-1").await);
+    assert!(revoke(&mut client, "old-1", "olaf").await);
 
     // The older version's `Session` had five fields and no
     // `deny_unknown_fields`: serde reads any JSON object holding them with
@@ -1042,7 +1012,7 @@ async fn expired_ids_stay_taken_and_revocations_stay_in_their_family() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again = login(&mut client, "hugo", "a-2").await;
     assert_ne!(again.family_id, family);
-    assert!(!revoke(&mut client, "hugo", "a-1").await);
+    assert!(!revoke(&mut client, "a-1", "hugo").await);
     assert!(
         get(&mut client, "a-2", "hugo").await.is_some(),
         "a revocation of the old family's token ended another login"

@@ -6,13 +6,12 @@ use std::collections::HashSet;
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
     CreateOutcome, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest,
+    RevokeAllUserSessionsRequest,
 };
 
-use session_server::Config;
-
 use crate::support::{
-    Client, PrivateRedis, TestServer, config_on, count, create, get, inspect, test_config,
+    Client, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on, count, create,
+    get, inspect, revoke, test_config,
 };
 
 fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
@@ -21,18 +20,6 @@ fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
 
 async fn live(client: &mut Client, token: &str, hint: &str) -> bool {
     get(client, token, hint).await.is_some()
-}
-
-async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool {
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: token.into(),
-            user_id: hint.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked
 }
 
 /// Asserts that a replayed create of `token` for `user` is refused as revoked
@@ -421,30 +408,6 @@ fn with_ttl(user: &str, token: &str, seconds: i64) -> CreateSessionRequest {
         ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
         ..Default::default()
     }
-}
-
-/// The invariant revocation finality rests on, read from Redis: while the
-/// token's reservation lasts, its revocation marker lasts at least as long.
-/// The reservation is read first, so the marker's later reading only errs
-/// towards failing.
-async fn assert_marker_outlives_reservation(config: &Config, user: &str, token: &str) {
-    let prefix = &config.key_prefix;
-    let reservation: i64 = inspect(
-        config,
-        redis::cmd("PTTL").arg(format!("{prefix}token_owner:{{{token}}}")),
-    )
-    .await;
-    let marker: i64 = inspect(
-        config,
-        redis::cmd("PTTL").arg(format!("{prefix}revoked:{{{user}}}:{{{token}}}")),
-    )
-    .await;
-    eprintln!("{token}: reservation {reservation} ms, marker {marker} ms");
-    assert!(marker > 0, "{token}: no marker ({marker})");
-    assert!(
-        marker >= reservation,
-        "{token}: the marker ({marker} ms) ends before the reservation ({reservation} ms)"
-    );
 }
 
 /// The outside reproduction of #21: a replay whose first round trip runs and

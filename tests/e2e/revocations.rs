@@ -16,7 +16,7 @@ use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, create, get, inspect, redis_cli,
-    redis_cli_with_password, test_config, wait_until,
+    redis_cli_with_password, revoke, test_config, wait_until,
 };
 
 /// How long a test waits for a message that should come.
@@ -76,18 +76,6 @@ async fn create_at(client: &mut SessionStoreClient<Channel>, user: &str, token: 
     assert!(created.created, "{user}/{token}: {created:?}");
     let at = created.session.unwrap().created_at.unwrap();
     at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
-}
-
-async fn revoke(client: &mut SessionStoreClient<Channel>, user: &str, token: &str) -> bool {
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: token.into(),
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked
 }
 
 async fn revoke_all(client: &mut SessionStoreClient<Channel>, user: &str) -> u32 {
@@ -192,8 +180,8 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
             [(user.clone(), t(1), RevocationReason::Evicted)]
         );
 
-        assert!(revoke(&mut client, &user, &t(2)).await);
-        assert!(revoke(&mut client, "", &t(3)).await);
+        assert!(revoke(&mut client, &t(2), &user).await);
+        assert!(revoke(&mut client, &t(3), "").await);
         let newest = create_at(&mut client, &user, &t(4)).await;
         assert_eq!(revoke_all(&mut client, &user).await, 1);
         let seen = revocations(&mut stream, 3).await;
@@ -217,18 +205,18 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
     // Nothing to revoke: nothing published. A marker revocation after them
     // must be the very next one on the stream.
     assert!(
-        !revoke(&mut client, "pub-0", "pub-0-t1").await,
+        !revoke(&mut client, "pub-0-t1", "pub-0").await,
         "already evicted"
     );
-    assert!(!revoke(&mut client, "", "never-existed").await);
+    assert!(!revoke(&mut client, "never-existed", "").await);
     assert!(
-        !revoke(&mut client, "pub-1", "pub-0-t4").await,
+        !revoke(&mut client, "pub-0-t4", "pub-1").await,
         "wrong hint"
     );
     assert_eq!(revoke_all(&mut client, "pub-0").await, 0);
     assert_eq!(revoke_all(&mut client, "nobody").await, 0);
     create_at(&mut client, "marker", "marker-t").await;
-    assert!(revoke(&mut client, "marker", "marker-t").await);
+    assert!(revoke(&mut client, "marker-t", "marker").await);
     let next = revocations(&mut stream, 1).await;
     assert_eq!(
         next.iter().map(summary).collect::<Vec<_>>(),
@@ -421,7 +409,7 @@ async fn the_subscription_follows_a_rotated_password_like_the_pool() {
                 "the pool did not reconnect with the rotated password"
             );
             create_at(&mut client, "rotated", token).await;
-            assert!(revoke(&mut client, "rotated", token).await);
+            assert!(revoke(&mut client, token, "rotated").await);
         }
     };
 
@@ -648,7 +636,7 @@ async fn a_redis_user_without_the_channel_changes_nothing() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    assert!(revoke(&mut client, "acl-user", "acl-1").await);
+    assert!(revoke(&mut client, "acl-1", "acl-user").await);
     assert!(!alive(&mut client, "acl-1").await);
     server.shutdown().await;
 }
@@ -818,9 +806,9 @@ async fn deployments_in_other_databases_have_their_own_channel() {
     started(&mut stream).await;
 
     create_at(&mut client_b, "db-user", "db-b").await;
-    assert!(revoke(&mut client_b, "db-user", "db-b").await);
+    assert!(revoke(&mut client_b, "db-b", "db-user").await);
     create_at(&mut client_a, "db-user", "db-a").await;
-    assert!(revoke(&mut client_a, "db-user", "db-a").await);
+    assert!(revoke(&mut client_a, "db-a", "db-user").await);
     let seen = revocations(&mut stream, 1).await;
     assert_eq!(seen[0].token_id, "db-a", "{seen:?}");
     drop(stream);

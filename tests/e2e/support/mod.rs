@@ -27,8 +27,11 @@ pub(crate) use self::{
     pki::Pki,
     probe::{liveness, readiness, readiness_at},
     process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
-    redis::{PrivateRedis, Topology, command_calls, inspect, redis_cli, redis_cli_with_password},
-    rpc::{Client, count, create, get, lookups_work_within},
+    redis::{
+        PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,
+        redis_cli, redis_cli_with_password,
+    },
+    rpc::{Client, count, create, get, lookups_work_within, revoke},
     server::{TestServer, config_on, https_url, test_config},
 };
 

@@ -271,3 +271,27 @@ pub(crate) async fn command_calls(
         .filter(|(name, _)| name != "info")
         .collect()
 }
+
+/// The invariant revocation finality rests on, read from Redis: while the
+/// token's reservation lasts, its revocation marker lasts at least as long.
+/// The reservation is read first, so the marker's later reading only errs
+/// towards failing.
+pub(crate) async fn assert_marker_outlives_reservation(config: &Config, user: &str, token: &str) {
+    let prefix = &config.key_prefix;
+    let reservation: i64 = inspect(
+        config,
+        redis::cmd("PTTL").arg(format!("{prefix}token_owner:{{{token}}}")),
+    )
+    .await;
+    let marker: i64 = inspect(
+        config,
+        redis::cmd("PTTL").arg(format!("{prefix}revoked:{{{user}}}:{{{token}}}")),
+    )
+    .await;
+    eprintln!("{token}: reservation {reservation} ms, marker {marker} ms");
+    assert!(marker > 0, "{token}: no marker ({marker})");
+    assert!(
+        marker >= reservation,
+        "{token}: the marker ({marker} ms) ends before the reservation ({reservation} ms)"
+    );
+}

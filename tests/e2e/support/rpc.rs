@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
-    Session, session_store_client::SessionStoreClient,
+    RevokeSessionRequest, Session, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
@@ -37,6 +37,20 @@ pub(crate) async fn get(client: &mut Client, token: &str, hint: &str) -> Option<
         .unwrap()
         .into_inner()
         .session
+}
+
+/// Revokes the session `token` names, with the owner `hint` (may be empty);
+/// whether a live session was revoked.
+pub(crate) async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool {
+    client
+        .revoke_session(RevokeSessionRequest {
+            token_id: token.into(),
+            user_id: hint.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked
 }
 
 /// How many live sessions `user` has.
