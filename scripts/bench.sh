@@ -134,7 +134,8 @@ log "redis on :$redis_port (pid $redis_pid), server on $listen (pid $server_pid)
 # The session JSON the service stores for the bench's sessions is this long;
 # redis-benchmark GETs values of the same size.
 value_size=240
-create_sha="$(rcli script load "$(cat session-server/src/store/scripts/create_session.lua)")"
+# As the server loads it: the shared helpers (lib.lua), then the script.
+create_sha="$(rcli script load "$(cat session-server/src/store/scripts/lib.lua session-server/src/store/scripts/create_session.lua)")"
 head_json='{"user_id":"bench-u","token_id":"bench-t","metadata":{"ip":"10.12.34.56","user_agent":"Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0"}'
 
 # The numbers of redis-benchmark's --csv result line: rps, avg, min, p50, p95,

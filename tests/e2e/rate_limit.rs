@@ -462,9 +462,22 @@ async fn check_against_model(gaps: &[u64]) {
 /// scripts, run by hand in the order a race produces.
 #[tokio::test]
 async fn a_give_back_after_a_reset_never_erases_guesses_against_another_account() {
-    const ATTEMPT: &str = include_str!("../../session-server/src/store/scripts/login_attempt.lua");
-    const RESET: &str = include_str!("../../session-server/src/store/scripts/login_reset.lua");
-    const UNDO: &str = include_str!("../../session-server/src/store/scripts/login_undo.lua");
+    // As the server loads them: the shared helpers, then the script.
+    macro_rules! script {
+        ($name:literal) => {
+            concat!(
+                include_str!("../../session-server/src/store/scripts/lib.lua"),
+                include_str!(concat!(
+                    "../../session-server/src/store/scripts/",
+                    $name,
+                    ".lua"
+                ))
+            )
+        };
+    }
+    const ATTEMPT: &str = script!("login_attempt");
+    const RESET: &str = script!("login_reset");
+    const UNDO: &str = script!("login_undo");
     let config = test_config();
     let prefix = &config.key_prefix;
     let addr = format!("{prefix}race:{{x}}addr");

@@ -349,21 +349,32 @@ impl fmt::Debug for Scripts {
     }
 }
 
+/// A script of `scripts/` as Redis runs it: `scripts/lib.lua`'s helpers, then
+/// the script.
+macro_rules! script {
+    ($name:literal) => {
+        redis::Script::new(concat!(
+            include_str!("scripts/lib.lua"),
+            include_str!(concat!("scripts/", $name, ".lua"))
+        ))
+    };
+}
+
 impl Scripts {
     fn load() -> Self {
         Self {
-            prepare_create: redis::Script::new(include_str!("scripts/prepare_create.lua")),
-            claim_token: redis::Script::new(include_str!("scripts/claim_token.lua")),
-            create_session: redis::Script::new(include_str!("scripts/create_session.lua")),
-            prepare_rotate: redis::Script::new(include_str!("scripts/prepare_rotate.lua")),
-            rotate_session: redis::Script::new(include_str!("scripts/rotate_session.lua")),
-            prepare_extend: redis::Script::new(include_str!("scripts/prepare_extend.lua")),
-            extend_session: redis::Script::new(include_str!("scripts/extend_session.lua")),
-            revoke_sessions: redis::Script::new(include_str!("scripts/revoke_sessions.lua")),
-            count_sessions: redis::Script::new(include_str!("scripts/count_sessions.lua")),
-            login_attempt: redis::Script::new(include_str!("scripts/login_attempt.lua")),
-            login_undo: redis::Script::new(include_str!("scripts/login_undo.lua")),
-            login_reset: redis::Script::new(include_str!("scripts/login_reset.lua")),
+            prepare_create: script!("prepare_create"),
+            claim_token: script!("claim_token"),
+            create_session: script!("create_session"),
+            prepare_rotate: script!("prepare_rotate"),
+            rotate_session: script!("rotate_session"),
+            prepare_extend: script!("prepare_extend"),
+            extend_session: script!("extend_session"),
+            revoke_sessions: script!("revoke_sessions"),
+            count_sessions: script!("count_sessions"),
+            login_attempt: script!("login_attempt"),
+            login_undo: script!("login_undo"),
+            login_reset: script!("login_reset"),
         }
     }
 }

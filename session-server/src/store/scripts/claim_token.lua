@@ -11,8 +11,7 @@
 --          prepare_create.lua): past it by this master's clock, nothing is done
 -- Returns  1 when the token is reserved for ARGV[1] (new or already), 0 when
 --          another user holds it, -1 when the deadline has passed.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 if now > tonumber(ARGV[3]) then
   return -1
 end

@@ -47,8 +47,7 @@
 --                                      create again
 -- Every check runs before the first write but the pruning of expired index
 -- members (a change complete in itself), so a refusal changes nothing else.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local ttl = tonumber(ARGV[2])
 local max = tonumber(ARGV[3])
 local slack = tonumber(ARGV[6])
@@ -125,20 +124,11 @@ if count >= max then
     local k = declared[token]
     -- Each evicted session leaves a revocation marker, as revoke_sessions.lua.
     local left = redis.call('PTTL', KEYS[k])
-    redis.call('ZREM', KEYS[2], token)
-    if left == -1 then
-      left = longest
-    end
-    if left >= 0 then
-      local keep = left + slack
-      local floor = redis.call('ZSCORE', KEYS[4], token)
-      if floor then
-        keep = math.max(keep, tonumber(floor) - now)
-        redis.call('ZREM', KEYS[4], token)
-      end
-      redis.call('DEL', KEYS[k])
-      redis.call('SET', KEYS[k + 1],
-        string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), 'PX', keep)
+    if left == -2 then
+      redis.call('ZREM', KEYS[2], token)
+    else
+      end_session(KEYS[k], KEYS[k + 1], KEYS[2], KEYS[4], token, left,
+        string.format('{"revoked_at_ms":%.0f,"reason":"evicted"}', now), slack, longest, now)
       evicted[#evicted + 1] = token
     end
   end

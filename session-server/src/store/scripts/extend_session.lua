@@ -14,8 +14,7 @@
 --   {0}        no live session: nothing written
 --   {1, json}  done: json is the session as stored now
 --   {7}        past ARGV[3]: nothing written
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local json = redis.call('GET', KEYS[1])
 if not json then
   return {0}

@@ -20,8 +20,7 @@
 -- The recorded end is now + 2 x window + lifetime: a claim accepted up to the
 -- deadline by a master whose clock is behind this one's by up to a window
 -- still ends before it.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {4, now}
 end
@@ -29,11 +28,5 @@ local existing = redis.call('GET', KEYS[1])
 if existing then
   return {0, now, existing}
 end
-local lifetime = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
--- GT adds a new member too, and never shortens a recorded end.
-redis.call('ZADD', KEYS[3], 'GT', now + 2 * window + lifetime, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. now)
-local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[3], last[2])
+record_claim(KEYS[3], ARGV[1], now, tonumber(ARGV[3]), tonumber(ARGV[2]))
 return {1, now}

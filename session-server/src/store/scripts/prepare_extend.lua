@@ -14,8 +14,7 @@
 --                   nothing written, json is the session as it is
 --   {2, now, json}  the expiry moves later: recorded, the claim may proceed
 --   {3, now, json}  the expiry moves earlier: no claim is needed
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local json = redis.call('GET', KEYS[1])
 if not json then
   return {0, now}
@@ -33,10 +32,5 @@ end
 if target < expires then
   return {3, now, json}
 end
-local lifetime = tonumber(ARGV[3])
-local window = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], 'GT', now + 2 * window + lifetime, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], last[2])
+record_claim(KEYS[2], ARGV[1], now, tonumber(ARGV[4]), tonumber(ARGV[3]))
 return {2, now, json}

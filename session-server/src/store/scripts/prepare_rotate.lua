@@ -35,8 +35,7 @@
 --   {6, now}        the successor's token id has a session or a marker in
 --                   this user's slot, or a reservation this family's rotation
 --                   did not make: nothing written
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local family = redis.call('HMGET', KEYS[1], 'cur', 'prev', 'rot')
 local cur, prev, rot = family[1], family[2], tonumber(family[3])
 if not cur then
@@ -62,12 +61,7 @@ if ARGV[1] == cur then
     return {6, now}
   end
   redis.call('HSET', KEYS[1], 'pend', ARGV[3])
-  local lifetime = tonumber(ARGV[4])
-  local window = tonumber(ARGV[5])
-  redis.call('ZADD', KEYS[6], 'GT', now + 2 * window + lifetime, ARGV[3])
-  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. now)
-  local last = redis.call('ZRANGE', KEYS[6], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', KEYS[6], last[2])
+  record_claim(KEYS[6], ARGV[3], now, tonumber(ARGV[5]), tonumber(ARGV[4]))
   return {1, now, current}
 end
 if ARGV[1] == prev and now - rot < tonumber(ARGV[6]) then
@@ -76,20 +70,10 @@ end
 
 -- Reuse: the presented token is neither the current one nor the previous
 -- one within the grace. The family's session ends as revoke_sessions.lua
--- ends one: published before any write, then deleted, leaving a marker.
+-- ends one: published before any write, then ended with its marker.
 redis.call('PUBLISH', ARGV[9], string.format('r:%.0f:reuse_detected:%s:%s', now, ARGV[10], cur))
-local left = redis.call('PTTL', KEYS[2])
-if left == -1 then
-  left = tonumber(ARGV[8])
-end
-local keep = math.max(left, 0) + tonumber(ARGV[7])
-local floor = redis.call('ZSCORE', KEYS[6], cur)
-if floor then
-  keep = math.max(keep, tonumber(floor) - now)
-  redis.call('ZREM', KEYS[6], cur)
-end
-redis.call('ZREM', KEYS[7], cur)
-redis.call('DEL', KEYS[2])
-redis.call('SET', KEYS[3], string.format('{"revoked_at_ms":%.0f,"reason":"reuse_detected"}', now), 'PX', keep)
+end_session(KEYS[2], KEYS[3], KEYS[7], KEYS[6], cur, redis.call('PTTL', KEYS[2]),
+  string.format('{"revoked_at_ms":%.0f,"reason":"reuse_detected"}', now),
+  tonumber(ARGV[7]), tonumber(ARGV[8]), now)
 redis.call('DEL', KEYS[1])
 return {4, now}

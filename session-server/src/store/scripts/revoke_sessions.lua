@@ -35,8 +35,7 @@
 --           so a revocation racing a rotation still ends the family.
 local slack = tonumber(ARGV[1])
 local longest = tonumber(ARGV[2])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local marker = string.format('{"revoked_at_ms":%.0f,"reason":"%s"}', now, ARGV[3])
 local whole_user = ARGV[3] == 'signed_out_everywhere'
 local families = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
@@ -92,25 +91,14 @@ local answer = {0}
 for i = 1, #ARGV - 6 do
   local token, session, tomb = ARGV[i + 6], KEYS[2 * i + 1], KEYS[2 * i + 2]
   local left = live[i]
-  if not foreign[i] then
-    redis.call('ZREM', KEYS[1], token)
-  end
   if foreign[i] then
     -- Another family's session now: not this revocation's to end.
   elseif left then
-    if left == -1 then
-      left = longest
-    end
-    local keep = left + slack
-    local floor = redis.call('ZSCORE', KEYS[2], token)
-    if floor then
-      keep = math.max(keep, tonumber(floor) - now)
-      redis.call('ZREM', KEYS[2], token)
-    end
-    redis.call('DEL', session)
-    redis.call('SET', tomb, marker, 'PX', keep)
+    end_session(session, tomb, KEYS[1], KEYS[2], token, left, marker, slack, longest, now)
     revoked = revoked + 1
   else
+    -- A stale index entry (the session expired) leaves the index.
+    redis.call('ZREM', KEYS[1], token)
     local previous = redis.call('GET', tomb)
     if previous and string.find(previous, '"reason":"rotated"', 1, true) then
       local ok, decoded = pcall(cjson.decode, previous)

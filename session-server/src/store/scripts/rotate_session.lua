@@ -35,8 +35,7 @@
 --   {5}                     no live family, or the presented session ended
 --   {6}                     the successor's token id has a session or a marker
 --   {7}                     past ARGV[9]: nothing written; start again
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = now_ms()
 local family = redis.call('HMGET', KEYS[1], 'cur', 'prev', 'rot', 'end')
 local cur, prev, rot, family_end = family[1], family[2], tonumber(family[3]), tonumber(family[4])
 if not cur then
@@ -73,19 +72,10 @@ redis.call('PUBLISH', ARGV[7], string.format('r:%.0f:rotated:%s:%s', now, ARGV[8
 
 -- The presented session ends as revoke_sessions.lua ends one, its marker
 -- naming the successor (so a revocation of it can follow the family).
-if left == -1 then
-  left = tonumber(ARGV[6])
-end
-local keep = left + tonumber(ARGV[5])
-local floor = redis.call('ZSCORE', KEYS[7], ARGV[1])
-if floor then
-  keep = math.max(keep, tonumber(floor) - now)
-  redis.call('ZREM', KEYS[7], ARGV[1])
-end
-redis.call('ZREM', KEYS[6], ARGV[1])
-redis.call('DEL', KEYS[2])
-redis.call('SET', KEYS[3], string.format('{"revoked_at_ms":%.0f,"reason":"rotated","successor":%s,"family":%s}',
-  now, cjson.encode(ARGV[2]), cjson.encode(ARGV[11])), 'PX', keep)
+end_session(KEYS[2], KEYS[3], KEYS[6], KEYS[7], ARGV[1], left,
+  string.format('{"revoked_at_ms":%.0f,"reason":"rotated","successor":%s,"family":%s}',
+    now, cjson.encode(ARGV[2]), cjson.encode(ARGV[11])),
+  tonumber(ARGV[5]), tonumber(ARGV[6]), now)
 
 local json = string.format('%s,"family_expires_at_ms":%.0f,"created_at_ms":%.0f,"expires_at_ms":%.0f}',
   ARGV[4], family_end, now, expires)

@@ -1,0 +1,47 @@
+-- Helpers shared by the store's scripts: `Scripts::load` (store/mod.rs)
+-- puts this file in front of each script, so each fact below is written once.
+-- They take every key as an argument: a script still declares all it touches.
+
+-- Redis's clock, in ms since the epoch: every time a script compares or
+-- stores comes from it, never from the caller.
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Records in `reservations` (a sorted set of token ids scored by the latest
+-- end, ms, a claim may give their reservation) that a claim of `token` with
+-- `lifetime` ms is coming, before it can run: the end is now + 2 x `window`
+-- + `lifetime`, so a claim accepted up to its deadline (now + window) by a
+-- master whose clock is behind by up to a window still ends before it. GT
+-- never shortens a recorded end; entries past their end are dropped, and the
+-- set lives as long as its latest end.
+local function record_claim(reservations, token, now, window, lifetime)
+  redis.call('ZADD', reservations, 'GT', now + 2 * window + lifetime, token)
+  redis.call('ZREMRANGEBYSCORE', reservations, '-inf', '(' .. now)
+  local last = redis.call('ZRANGE', reservations, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', reservations, last[2])
+end
+
+-- Ends one live session early, in one step with its revocation marker
+-- `marker_json` (revocation finality, store/mod.rs): the marker lives as long
+-- as the session had left (`left`, its PTTL; `longest` for a key without a
+-- TTL, never written by this server) plus `slack`, or until the latest end
+-- recorded for its token's reservation, whichever is later. Deletions come
+-- first: once a script has written, Redis lets it finish even past
+-- maxmemory, so a revocation is never half done for want of memory.
+local function end_session(session, marker, index, reservations, token, left, marker_json, slack, longest, now)
+  if left == -1 then
+    left = longest
+  end
+  local keep = math.max(left, 0) + slack
+  local floor = redis.call('ZSCORE', reservations, token)
+  if floor then
+    keep = math.max(keep, tonumber(floor) - now)
+    redis.call('ZREM', reservations, token)
+  end
+  redis.call('ZREM', index, token)
+  redis.call('DEL', session)
+  redis.call('SET', marker, marker_json, 'PX', keep)
+end
+
