@@ -5,9 +5,10 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum, builder::PossibleValue};
 
+use crate::server::{Bounds, DEFAULT_MAX_CONNECTIONS, ReadinessPolicy, ServerSettings, TlsFiles};
 use crate::store::{
     LimitPolicy, RedisMode, Settings,
-    credentials::{password_from_file, redact_redis_urls},
+    credentials::{password_from_file, read_file, redact_redis_urls},
 };
 
 /// The longest SESSION_TTL, SESSION_TTL_MAX and RATE_LIMIT_WINDOW, in
@@ -17,12 +18,6 @@ use crate::store::{
 /// (about 1.8e12 ms) stays exact in the scripts' Lua doubles (below 2^53) and
 /// within Redis's `PX` limits.
 const MAX_TTL_SECS: u64 = 365 * 24 * 60 * 60;
-
-/// MAX_CONNECTIONS by default: what fits the shipped memory limit (256 MiB,
-/// `k8s/base`) with both ports full, at the measured 43 KiB per TLS
-/// connection and 32 KiB per plaintext one: 48 MiB + 2000 x 75 KiB = 195
-/// MiB.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 2000;
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -414,6 +409,43 @@ impl Config {
         })
     }
 
+    /// The server's share of the configuration, in the units the server
+    /// uses. Its files (AUTH_TOKENS_FILE, TLS_*) are read by the server when
+    /// it starts, and again when they change.
+    pub fn server_settings(&self) -> ServerSettings {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        ServerSettings {
+            health_addr: self.health_addr,
+            health_check_interval: Duration::from_millis(self.health_check_interval_ms),
+            readiness: ReadinessPolicy {
+                allow_eviction: self.redis_allow_eviction,
+                follows_redis: self
+                    .readiness_follows_redis
+                    .then_some(self.readiness_redis_failures),
+            },
+            max_request_bytes: usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX),
+            auth_tokens_file: self.auth_tokens_file.clone(),
+            max_concurrent_requests: usize::try_from(self.max_concurrent_requests)
+                .unwrap_or(usize::MAX),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_connection_age: (self.max_connection_age > 0)
+                .then(|| Duration::from_secs(self.max_connection_age)),
+            max_connection_age_grace: Duration::from_secs(self.max_connection_age_grace),
+            shutdown_delay: Duration::from_millis(self.shutdown_delay_ms),
+            tls,
+            bounds: Bounds::with_max_connections(
+                usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ),
+        }
+    }
+
     /// A configuration with every default, for tests and embedding.
     pub fn defaults() -> Self {
         // Parsing no arguments and no environment cannot fail: every field
@@ -510,15 +542,6 @@ impl fmt::Debug for Config {
             .field("max_request_bytes", max_request_bytes)
             .finish()
     }
-}
-
-/// Reads a file named by a setting, naming the setting on failure.
-///
-/// # Errors
-///
-/// A message naming `variable` and the path.
-pub fn read_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{variable} {}: {e}", path.display()))
 }
 
 fn parse_key_prefix(value: &str) -> Result<String, String> {
@@ -662,6 +685,97 @@ mod tests {
             format!("{:?}", Config::defaults().store_settings().unwrap()),
             format!("{:?}", Settings::for_tests(url))
         );
+    }
+
+    /// The server's settings are the configuration's, in the server's units:
+    /// ms and s to `Duration`, 0 to no MAX_CONNECTION_AGE, the readiness
+    /// flags to one policy, TLS only with both a certificate and a key.
+    #[test]
+    fn server_settings_convert_units() {
+        let defaults = Config::defaults().server_settings();
+        assert_eq!(defaults.health_addr, None);
+        assert_eq!(defaults.health_check_interval, Duration::from_secs(1));
+        assert!(!defaults.readiness.allow_eviction);
+        assert_eq!(defaults.readiness.follows_redis, None);
+        assert_eq!(defaults.max_request_bytes, 64 * 1024);
+        assert_eq!(defaults.auth_tokens_file, None);
+        assert_eq!(defaults.max_concurrent_requests, 1024);
+        assert_eq!(defaults.request_timeout, Duration::from_secs(5));
+        assert_eq!(defaults.max_connection_age, Some(Duration::from_secs(300)));
+        assert_eq!(defaults.max_connection_age_grace, Duration::from_secs(30));
+        assert_eq!(defaults.shutdown_delay, Duration::from_secs(5));
+        assert!(defaults.tls.is_none());
+        assert_eq!(defaults.bounds.max_connections, 2000);
+        assert_eq!(defaults.bounds.max_health_watches, 2000);
+
+        let config = Config::try_parse_from([
+            "s",
+            "--health-addr",
+            "127.0.0.1:8081",
+            "--health-check-interval-ms",
+            "250",
+            "--redis-allow-eviction",
+            "true",
+            "--readiness-follows-redis",
+            "true",
+            "--readiness-redis-failures",
+            "7",
+            "--max-request-bytes",
+            "2048",
+            "--auth-tokens-file",
+            "/run/tokens",
+            "--max-concurrent-requests",
+            "10",
+            "--request-timeout-ms",
+            "1500",
+            "--max-connection-age",
+            "0",
+            "--max-connection-age-grace",
+            "2",
+            "--shutdown-delay-ms",
+            "0",
+            "--max-connections",
+            "300",
+            "--tls-cert",
+            "/tls/cert.pem",
+            "--tls-key",
+            "/tls/key.pem",
+            "--tls-client-ca",
+            "/tls/ca.pem",
+        ])
+        .unwrap();
+        let settings = config.server_settings();
+        assert_eq!(
+            settings.health_addr,
+            Some("127.0.0.1:8081".parse().unwrap())
+        );
+        assert_eq!(settings.health_check_interval, Duration::from_millis(250));
+        assert!(settings.readiness.allow_eviction);
+        assert_eq!(settings.readiness.follows_redis, Some(7));
+        assert_eq!(settings.max_request_bytes, 2048);
+        assert_eq!(
+            settings.auth_tokens_file.as_deref(),
+            Some(std::path::Path::new("/run/tokens"))
+        );
+        assert_eq!(settings.max_concurrent_requests, 10);
+        assert_eq!(settings.request_timeout, Duration::from_millis(1500));
+        assert_eq!(settings.max_connection_age, None);
+        assert_eq!(settings.max_connection_age_grace, Duration::from_secs(2));
+        assert_eq!(settings.shutdown_delay, Duration::ZERO);
+        assert_eq!(settings.bounds.max_connections, 300);
+        assert_eq!(settings.bounds.max_health_watches, 300);
+        let tls = settings.tls.as_ref().unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/tls/cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("/tls/key.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
+        // Every field is listed, the paths among them.
+        let debug = format!("{settings:?}");
+        for shown in ["health_addr", "bounds", "/run/tokens", "/tls/key.pem"] {
+            assert!(debug.contains(shown), "{debug}");
+        }
+
+        let key_only = Config::try_parse_from(["s", "--tls-key", "/tls/key.pem"]).unwrap();
+        assert!(key_only.server_settings().tls.is_none());
     }
 
     /// Neither `Config`, nor the store's `Settings`, nor a `Store` print the

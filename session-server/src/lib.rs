@@ -4,7 +4,9 @@
 //! A request flows through these modules:
 //!
 //! - [`server`]: the transport: tonic, the logging layer, gRPC health,
-//!   reflection and graceful shutdown. [`server::run`] is the entry point.
+//!   reflection and graceful shutdown. [`server::run`] is the entry point,
+//!   given a [`server::ServerSettings`] that `config` builds (as it builds
+//!   the store's `Settings`); it imports neither `config` nor clap.
 //!   Split as tonic's `transport/server/`: the assembly (`server/mod.rs`),
 //!   binding, accepting and guarding connections (`incoming`), TLS
 //!   handshakes and certificate reloads (`tls`), readiness as a pure state
@@ -29,7 +31,8 @@
 //!   concern per file (sessions, login limiter, connection, credentials,
 //!   revocations). It imports neither `config` nor clap.
 //! - [`error`]: the error type and its single mapping to gRPC codes.
-//! - [`config`]: every setting, from the environment or flags.
+//! - [`config`]: every setting, from the environment or flags, and the
+//!   typed settings of the server and the store built from them.
 
 #![forbid(unsafe_code)]
 

@@ -81,9 +81,9 @@ async fn main() -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
-        let config = config.clone();
+        let server_settings = config.server_settings();
         async move {
-            server::run(listener, &config, store, async {
+            server::run(listener, &server_settings, store, async {
                 let _ = stop_rx.await;
             })
             .await

@@ -5,7 +5,7 @@
 //! status in step with Redis, and `routes` dispatches by service. No session
 //! logic lives here.
 
-use std::{future::Future, time::Duration};
+use std::{fmt, future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
 mod incoming;
 mod readiness;
@@ -13,6 +13,8 @@ mod routes;
 mod tls;
 
 pub use incoming::bind;
+pub use readiness::Policy as ReadinessPolicy;
+pub use tls::TlsFiles;
 
 use incoming::guarded;
 use sessionstore::v1::session_store_server::SessionStoreServer;
@@ -21,7 +23,6 @@ use tonic_health::ServingStatus;
 
 use crate::{
     auth::{AuthError, AuthLayer, Tokens},
-    config::Config,
     limits::{self, LimitsLayer},
     methods::Methods,
     observe::RpcLogLayer,
@@ -98,8 +99,91 @@ pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 256;
 /// not counted here.
 pub const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
-/// Bounds on what peers may hold, gathered so tests can shrink them; [`run`]
-/// uses [`Bounds::from_config`]. Not part of the supported API.
+/// MAX_CONNECTIONS by default: what fits the shipped memory limit (256 MiB,
+/// `k8s/base`) with both ports full, at the measured 43 KiB per TLS
+/// connection and 32 KiB per plaintext one: 48 MiB + 2000 x 75 KiB = 195
+/// MiB.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 2000;
+
+/// Everything the transport needs to know, decided once at start and built by
+/// `Config::server_settings` (as the store's `Settings` are), in the units
+/// the server uses: nothing here reads the configuration itself.
+///
+/// Its `Debug` output lists every field; none holds a secret (the token and
+/// TLS files are paths, read by the server).
+#[derive(Clone)]
+pub struct ServerSettings {
+    /// HEALTH_ADDR: the plaintext port serving only gRPC health, for kubelet
+    /// probes that cannot speak TLS; `None` for none.
+    pub health_addr: Option<SocketAddr>,
+    /// HEALTH_CHECK_INTERVAL_MS: how often readiness asks Redis.
+    pub health_check_interval: Duration,
+    /// What readiness asks of Redis (REDIS_ALLOW_EVICTION,
+    /// READINESS_FOLLOWS_REDIS and READINESS_REDIS_FAILURES).
+    pub readiness: ReadinessPolicy,
+    /// MAX_REQUEST_BYTES: larger requests are refused before they are
+    /// decoded.
+    pub max_request_bytes: usize,
+    /// AUTH_TOKENS_FILE: when set, every call but health needs one of its
+    /// bearer tokens; read when the server starts, and again on change.
+    pub auth_tokens_file: Option<PathBuf>,
+    /// MAX_CONCURRENT_REQUESTS: most calls served at once.
+    pub max_concurrent_requests: usize,
+    /// REQUEST_TIMEOUT_MS: the longest a call may take.
+    pub request_timeout: Duration,
+    /// MAX_CONNECTION_AGE: when a connection is asked to close (GOAWAY), so
+    /// clients rebalance; `None` (the setting's 0) never.
+    pub max_connection_age: Option<Duration>,
+    /// MAX_CONNECTION_AGE_GRACE: how long past its age a connection stays
+    /// open for its calls to finish before it is closed.
+    pub max_connection_age_grace: Duration,
+    /// SHUTDOWN_DELAY_MS: how long calls are still served after the shutdown
+    /// signal, with readiness NOT_SERVING, before the listener closes.
+    pub shutdown_delay: Duration,
+    /// TLS_CERT, TLS_KEY and TLS_CLIENT_CA; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+    /// What peers may hold: MAX_CONNECTIONS and the fixed bounds beside it.
+    pub bounds: Bounds,
+}
+
+impl fmt::Debug for ServerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field does not compile until it is
+        // listed here.
+        let Self {
+            health_addr,
+            health_check_interval,
+            readiness,
+            max_request_bytes,
+            auth_tokens_file,
+            max_concurrent_requests,
+            request_timeout,
+            max_connection_age,
+            max_connection_age_grace,
+            shutdown_delay,
+            tls,
+            bounds,
+        } = self;
+        f.debug_struct("ServerSettings")
+            .field("health_addr", health_addr)
+            .field("health_check_interval", health_check_interval)
+            .field("readiness", readiness)
+            .field("max_request_bytes", max_request_bytes)
+            .field("auth_tokens_file", auth_tokens_file)
+            .field("max_concurrent_requests", max_concurrent_requests)
+            .field("request_timeout", request_timeout)
+            .field("max_connection_age", max_connection_age)
+            .field("max_connection_age_grace", max_connection_age_grace)
+            .field("shutdown_delay", shutdown_delay)
+            .field("tls", tls)
+            .field("bounds", bounds)
+            .finish()
+    }
+}
+
+/// Bounds on what peers may hold, gathered so tests can shrink them; the
+/// server runs with [`Bounds::with_max_connections`] (a field of
+/// [`ServerSettings`]). Not part of the supported API.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
@@ -107,8 +191,8 @@ pub struct Bounds {
     pub tls_handshake_timeout: Duration,
     /// [`limits::MAX_STREAMS`].
     pub max_streams: usize,
-    /// Most health Watch streams open at once, both ports together; [`run`]
-    /// makes it MAX_CONNECTIONS, [`Bounds::default`]
+    /// Most health Watch streams open at once, both ports together; the
+    /// server makes it MAX_CONNECTIONS, [`Bounds::default`]
     /// [`limits::MAX_HEALTH_WATCHES`].
     pub max_health_watches: usize,
     /// MAX_CONNECTIONS: most connections open at once, per port.
@@ -125,7 +209,7 @@ impl Default for Bounds {
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
             max_streams: limits::MAX_STREAMS,
             max_health_watches: limits::MAX_HEALTH_WATCHES,
-            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
             connection_idle_timeout: CONNECTION_IDLE_TIMEOUT,
             tls_reload_interval: tls::RELOAD_INTERVAL,
         }
@@ -133,16 +217,16 @@ impl Default for Bounds {
 }
 
 impl Bounds {
-    /// The bounds [`run`] serves with: the defaults, with MAX_CONNECTIONS
-    /// connections per port and as many health Watch streams. gRPC clients'
+    /// The bounds the server runs with: the defaults, with `max_connections`
+    /// (MAX_CONNECTIONS) connections per port and as many health Watch
+    /// streams. gRPC clients'
     /// own health checking opens one Watch per connection and needs no
     /// token, so a smaller pool would let the connections past it (or one
     /// anonymous caller filling it) make healthy pods look unhealthy to
     /// those clients; a Watch costs less memory than the connection it
     /// needs, so this pool adds little to what MAX_CONNECTIONS already
     /// allows.
-    pub fn from_config(config: &Config) -> Self {
-        let max_connections = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
+    pub fn with_max_connections(max_connections: usize) -> Self {
         Self {
             max_connections,
             max_health_watches: max_connections,
@@ -163,36 +247,15 @@ impl Bounds {
 ///
 /// # Errors
 ///
-/// [`ServeError`] when the transport fails or reflection cannot be built.
+/// [`ServeError`] when the transport fails, reflection cannot be built, or
+/// the TLS or token files or HEALTH_ADDR cannot be used.
 pub async fn run(
     listener: TcpListener,
-    config: &Config,
+    settings: &ServerSettings,
     store: Store,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    run_with_bounds(
-        listener,
-        config,
-        store,
-        shutdown,
-        Bounds::from_config(config),
-    )
-    .await
-}
-
-/// [`run`] with other [`Bounds`], for tests. Not part of the supported API.
-///
-/// # Errors
-///
-/// As [`run`].
-#[doc(hidden)]
-pub async fn run_with_bounds(
-    listener: TcpListener,
-    config: &Config,
-    store: Store,
-    shutdown: impl Future<Output = ()>,
-    bounds: Bounds,
-) -> Result<(), ServeError> {
+    let bounds = settings.bounds;
     let (health, health_service) = tonic_health::server::health_reporter();
     // Readiness starts NOT_SERVING until the first check passes.
     health
@@ -201,13 +264,8 @@ pub async fn run_with_bounds(
     let readiness = tokio::spawn(readiness::watch_redis(
         store.clone(),
         health.clone(),
-        Duration::from_millis(config.health_check_interval_ms),
-        readiness::Policy {
-            allow_eviction: config.redis_allow_eviction,
-            follows_redis: config
-                .readiness_follows_redis
-                .then_some(config.readiness_redis_failures),
-        },
+        settings.health_check_interval,
+        settings.readiness,
     ));
 
     // Both reflection versions: grpc.reflection.v1, and v1alpha for the tools
@@ -225,31 +283,26 @@ pub async fn run_with_bounds(
     // path (see `methods`).
     let methods = Methods::served().map_err(tonic_reflection::server::Error::from)?;
 
-    let max_request = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
-    let sessions =
-        SessionStoreServer::new(SessionService::new(store)).max_decoding_message_size(max_request);
+    let sessions = SessionStoreServer::new(SessionService::new(store))
+        .max_decoding_message_size(settings.max_request_bytes);
     // One layer guards every service but health, reflection included.
-    let tokens = config
+    let tokens = settings
         .auth_tokens_file
         .as_deref()
         .map(Tokens::load)
         .transpose()?;
     let reloader = tokens.clone().map(|tokens| tokio::spawn(tokens.watch()));
-    let max_calls = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
+    let max_calls = settings.max_concurrent_requests;
     let rpc_log = RpcLogLayer::new(methods);
     // Streams end when a reload removes their token (see `auth`).
     let auth = AuthLayer::new(tokens, methods);
-    let limits = LimitsLayer::new(
-        methods,
-        max_calls,
-        Duration::from_millis(config.request_timeout_ms),
-    )
-    .stream_caps(bounds.max_streams, bounds.max_health_watches);
+    let limits = LimitsLayer::new(methods, max_calls, settings.request_timeout)
+        .stream_caps(bounds.max_streams, bounds.max_health_watches);
 
     let mut builder = tonic::transport::Server::builder();
     // TLS is done by `tls`, not tonic's `tls_config`, so the certificate can
     // be reloaded when its files change.
-    let tls = match tls::TlsFiles::from_config(config) {
+    let tls = match settings.tls.clone() {
         Some(files) => Some(tls::ReloadingTls::load(files).map_err(ServeError::Tls)?),
         None => {
             tracing::warn!(
@@ -267,7 +320,7 @@ pub async fn run_with_bounds(
     // Turns true when the listener closes: open streams then end, on both
     // ports, so the drain waits only for calls that end by themselves.
     let (close_streams, closing) = tokio::sync::watch::channel(false);
-    let health_port = match config.health_addr {
+    let health_port = match settings.health_addr {
         Some(addr) => {
             let listener =
                 bind(addr).map_err(|source| ServeError::HealthListener { addr, source })?;
@@ -293,18 +346,16 @@ pub async fn run_with_bounds(
     // GOAWAY at MAX_CONNECTION_AGE with an abrupt close at age + grace
     // (`connection_timeout_future` returns only ForcefulShutdown then), so
     // every aged connection would be cut, not drained.
-    let max_age =
-        (config.max_connection_age > 0).then(|| Duration::from_secs(config.max_connection_age));
+    let max_age = settings.max_connection_age;
     if let Some(age) = max_age {
         builder = builder.max_connection_age(age);
     }
-    let closed_at_age =
-        max_age.map(|age| age + Duration::from_secs(config.max_connection_age_grace));
+    let closed_at_age = max_age.map(|age| age + settings.max_connection_age_grace);
     let incoming = guarded(listener, bounds, closed_at_age, "grpc");
     let stop_readiness = readiness.abort_handle();
     let shutdown = {
         let health = health.clone();
-        let delay = Duration::from_millis(config.shutdown_delay_ms);
+        let delay = settings.shutdown_delay;
         async move {
             shutdown.await;
             // The Redis watcher stops first and for good (awaited, so it is
@@ -482,13 +533,11 @@ const HTTP2_PROBE_STREAMS: usize = 16;
 mod tests {
     use super::*;
 
-    /// `run` serves with MAX_CONNECTIONS connections per port and as many
-    /// health watches: one Watch per connection always fits.
+    /// The server runs with MAX_CONNECTIONS connections per port and as
+    /// many health watches: one Watch per connection always fits.
     #[test]
     fn bounds_follow_max_connections() {
-        let mut config = Config::defaults();
-        config.max_connections = 3000;
-        let bounds = Bounds::from_config(&config);
+        let bounds = Bounds::with_max_connections(3000);
         assert_eq!(bounds.max_connections, 3000);
         assert_eq!(bounds.max_health_watches, 3000);
         assert_eq!(bounds.max_streams, limits::MAX_STREAMS);

@@ -16,15 +16,16 @@ use crate::{
     },
 };
 
-/// What readiness asks of Redis, from the configuration.
+/// What readiness asks of Redis, from the configuration (exported as
+/// `server::ReadinessPolicy`).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Policy {
+pub struct Policy {
     /// REDIS_ALLOW_EVICTION: an evicting Redis does not block readiness.
-    pub(super) allow_eviction: bool,
+    pub allow_eviction: bool,
     /// READINESS_FOLLOWS_REDIS: `Some(n)` turns readiness NOT_SERVING after
     /// `n` failed checks in a row (READINESS_REDIS_FAILURES); `None` leaves
     /// it SERVING through an outage.
-    pub(super) follows_redis: Option<u32>,
+    pub follows_redis: Option<u32>,
 }
 
 /// Keeps the readiness status ("sessionstore.v1.SessionStore") in step with

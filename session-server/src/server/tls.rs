@@ -29,35 +29,27 @@ use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{Stream, StreamExt};
 
-use crate::config::{Config, read_file};
+use crate::store::credentials::read_file;
 
 /// How often the TLS files are read again to see whether they changed. The
 /// kubelet refreshes a Secret volume about once a minute, so a few seconds
 /// here adds little to how long a renewal takes to be served.
 pub(crate) const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The TLS settings' files.
+/// The TLS settings' files, read when the server starts and again every few
+/// seconds (`RELOAD_INTERVAL`).
 #[derive(Clone, Debug)]
-pub(crate) struct TlsFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca: Option<PathBuf>,
+pub struct TlsFiles {
+    /// TLS_CERT: the PEM certificate chain.
+    pub cert: PathBuf,
+    /// TLS_KEY: the PEM private key.
+    pub key: PathBuf,
+    /// TLS_CLIENT_CA: when set, callers must present a client certificate
+    /// signed by one of its CAs (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl TlsFiles {
-    /// The files named by TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or `None` for
-    /// plaintext.
-    pub(crate) fn from_config(config: &Config) -> Option<Self> {
-        let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-            return None;
-        };
-        Some(Self {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: config.tls_client_ca.clone(),
-        })
-    }
-
     /// The files' contents, read twice until two reads agree, so a read that
     /// straddles the kubelet's swap (a new certificate with the old key) is
     /// not taken for a broken pair.

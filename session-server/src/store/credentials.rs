@@ -2,7 +2,9 @@
 //! REDIS_CA_FILE ([`Secrets`]), how a password file is read, and how
 //! REDIS_URL is shown in logs without its passwords. Here, beside the
 //! connections that use them, so that `config` uses the store's helpers and
-//! the store never imports `config`.
+//! the store never imports `config`. [`read_file`], which names the setting
+//! whose file cannot be read, serves `config` and the TLS files too, so
+//! neither the store nor the server imports `config` for it.
 
 use std::fmt;
 
@@ -93,6 +95,15 @@ impl Credentials {
             ..settings.clone()
         }
     }
+}
+
+/// Reads a file named by a setting, naming the setting on failure.
+///
+/// # Errors
+///
+/// A message naming `variable` and the path.
+pub(crate) fn read_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{variable} {}: {e}", path.display()))
 }
 
 /// The password a REDIS_PASSWORD_FILE holds: its text without the trailing

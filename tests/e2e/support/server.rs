@@ -58,13 +58,13 @@ impl TestServer {
     /// Starts a server with `config`, listening on a port-0 listener bound
     /// before the server task is spawned (no sleeps, no fixed ports).
     pub(crate) async fn start_with(config: Config) -> Self {
-        let bounds = server::Bounds::from_config(&config);
+        let bounds = config.server_settings().bounds;
         Self::start_bounded(config, bounds).await
     }
 
-    /// Starts a server with [`server::run_with_bounds`], for bounds too large
-    /// (or too long) to reach in a test at their production values; its
-    /// shutdown may take up to 30 s to drain.
+    /// Starts a server with `bounds` in place of those `config` gives, for
+    /// bounds too large (or too long) to reach in a test at their production
+    /// values; its shutdown may take up to 30 s to drain.
     pub(crate) async fn start_bounded(config: Config, bounds: server::Bounds) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut server = Self::spawn(listener, config, bounds);
@@ -75,7 +75,7 @@ impl TestServer {
     /// The real server, with its usual transport, on a listener the test
     /// bound itself (to know the port before the server starts, say).
     pub(crate) fn serve_on(listener: TcpListener, config: Config) -> Self {
-        let bounds = server::Bounds::from_config(&config);
+        let bounds = config.server_settings().bounds;
         Self::spawn(listener, config, bounds)
     }
 
@@ -83,20 +83,15 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let store = Store::new(config.store_settings().unwrap()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let config = config.clone();
-            async move {
-                server::run_with_bounds(
-                    listener,
-                    &config,
-                    store,
-                    async {
-                        let _ = stopped.await;
-                    },
-                    bounds,
-                )
-                .await
-            }
+        let settings = server::ServerSettings {
+            bounds,
+            ..config.server_settings()
+        };
+        let task = tokio::spawn(async move {
+            server::run(listener, &settings, store, async {
+                let _ = stopped.await;
+            })
+            .await
         });
         Self {
             addr,
