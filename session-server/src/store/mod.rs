@@ -7,7 +7,7 @@
 //!   connections, and REDIS_URL with its passwords hidden;
 //! - `sessions`: create, look up, revoke, count and list sessions;
 //! - `families`: rotate a family's session (with reuse detection), extend one;
-//! - `login`: the login rate limiter;
+//! - `login`: the login rate limiter and its trusted devices;
 //! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
 //! - `revocations`: the revocation stream's subscriber and heartbeats;
 //! - `scripts/`: the Lua scripts, each with a KEYS/ARGV/returns header.
