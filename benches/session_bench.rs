@@ -412,6 +412,7 @@ async fn call(
                         host & 0xff
                     ),
                     account,
+                    device_token: String::new(),
                 })
                 .await?;
             Ok(hit(response.into_inner().allowed))

@@ -158,6 +158,13 @@ impl SessionStore for Echo {
         Err(Status::unimplemented("echo_floor answers GetSession only"))
     }
 
+    async fn forget_login_devices(
+        &self,
+        _request: Request<sessionstore::v1::ForgetLoginDevicesRequest>,
+    ) -> Result<Response<sessionstore::v1::ForgetLoginDevicesResponse>, Status> {
+        Err(Status::unimplemented("echo_floor answers GetSession only"))
+    }
+
     type WatchRevocationsStream = tokio_stream::Empty<Result<WatchRevocationsResponse, Status>>;
 
     async fn watch_revocations(

@@ -28,17 +28,27 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    match which % 11 {
+    match which % 12 {
         0 => decoded::<pb::CreateSessionRequest>(bytes, create_session),
         1 => decoded::<pb::GetSessionRequest>(bytes, |r| lookup(r.token_id, r.user_id)),
         2 => decoded::<pb::RevokeSessionRequest>(bytes, |r| lookup(r.token_id, r.user_id)),
         3 => decoded::<pb::RevokeAllUserSessionsRequest>(bytes, |r| user(r.user_id)),
         4 => decoded::<pb::GetUserSessionCountRequest>(bytes, |r| user(r.user_id)),
         5 => decoded::<pb::ListUserSessionsRequest>(bytes, |r| user(r.user_id)),
-        6 => decoded::<pb::RecordLoginAttemptRequest>(bytes, |r| ip(&r.ip)),
-        7 => decoded::<pb::ResetLoginAttemptsRequest>(bytes, |r| ip(&r.ip)),
+        6 => decoded::<pb::RecordLoginAttemptRequest>(bytes, |r| {
+            ip(&r.ip);
+            login_fields(&r.account, &r.device_token);
+        }),
+        7 => decoded::<pb::ResetLoginAttemptsRequest>(bytes, |r| {
+            ip(&r.ip);
+            login_fields(&r.account, &r.device_token);
+        }),
         8 => decoded::<pb::RotateSessionRequest>(bytes, rotate_session),
         9 => decoded::<pb::ExtendSessionRequest>(bytes, extend_session),
+        10 => decoded::<pb::ForgetLoginDevicesRequest>(bytes, |r| {
+            // Required: the handler refuses an empty account.
+            login_fields(&r.account, "");
+        }),
         // What the handlers send back: stored sessions and verdicts, whose
         // numbers come from Redis rather than from the caller.
         _ => responses(bytes),
@@ -181,6 +191,50 @@ fn user(user_id: String) {
     }
 }
 
+/// The optional login fields: an account is 1 to 256 bytes of UTF-8 (empty
+/// means none) and only its SHA-256 is kept; a device token is 1 to 256 bytes
+/// of printable ASCII without spaces (empty means none), kept only hashed.
+fn login_fields(account: &str, device_token: &str) {
+    match convert::account(account) {
+        Ok(None) => assert!(account.is_empty()),
+        Ok(Some(key)) => {
+            assert!((1..=256).contains(&account.len()), "{account:?}");
+            assert_eq!(key.as_str().len(), 64);
+            assert!(key.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        Err(err) => {
+            assert!(account.len() > 256, "{account:?} refused: {err}");
+            assert!(matches!(
+                err,
+                Error::InvalidArgument {
+                    field: "account",
+                    ..
+                }
+            ));
+        }
+    }
+    let ok = device_token.len() <= 256 && device_token.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    match convert::device_token(device_token) {
+        Ok(None) => assert!(device_token.is_empty()),
+        Ok(Some(token)) => {
+            assert!(ok, "{device_token:?} accepted");
+            let key = token.key();
+            assert_eq!(key.len(), 64);
+            assert_ne!(key, device_token, "only the hash reaches a key");
+        }
+        Err(err) => {
+            assert!(!ok, "{device_token:?} refused: {err}");
+            assert!(matches!(
+                err,
+                Error::InvalidArgument {
+                    field: "device_token",
+                    ..
+                }
+            ));
+        }
+    }
+}
+
 /// RecordLoginAttempt and ResetLoginAttempts: an address, counted per IPv4
 /// address or IPv6 /64.
 fn ip(text: &str) {
@@ -310,9 +364,15 @@ fn responses(bytes: &[u8]) {
         attempts,
         remaining: 5u32.saturating_sub(attempts),
         retry_after: (attempts > 5).then(|| Duration::from_millis(left)),
-        refused_by: (attempts > 5).then_some(LoginLimit::Address),
+        refused_by: (attempts > 5).then_some(if attempts % 2 == 0 {
+            LoginLimit::Address
+        } else {
+            LoginLimit::Device
+        }),
         decided_at_ms: left,
+        device_trusted: attempts % 2 == 1,
     });
+    assert_eq!(verdict.device_trusted, attempts % 2 == 1);
     if let Some(after) = verdict.retry_after {
         assert_eq!(
             u64::try_from(after.seconds).expect("non-negative") * 1000

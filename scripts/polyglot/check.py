@@ -260,6 +260,42 @@ def run(channel):
     check("RecordLoginAttempt with a 257-byte account: INVALID_ARGUMENT naming account",
           code == grpc.StatusCode.INVALID_ARGUMENT and "account" in details)
 
+    # Trusted devices (#24): a login issues a device token; once untrusted
+    # clients have locked the account, the token still gets its owner in,
+    # even from an address the attacker locked, until ForgetLoginDevices.
+    owner = f"device-owner-{run_id}@example.com"
+    issued = store.ResetLoginAttempts(
+        pb.ResetLoginAttemptsRequest(ip="203.0.113.1", account=owner, issue_device_token=True),
+        timeout=DEADLINE)
+    token = issued.device_token
+    check("ResetLoginAttempts(issue_device_token) issued a token", len(token) >= 32)
+    for n in range(1, ACCOUNT_MAX_ATTEMPTS + 2):
+        verdict = store.RecordLoginAttempt(
+            pb.RecordLoginAttemptRequest(ip=f"203.0.113.{n + 1}", account=owner), timeout=DEADLINE)
+    check("  untrusted attempts lock the account",
+          not verdict.allowed and verdict.refused_by == pb.LOGIN_LIMIT_ACCOUNT)
+    verdict = store.RecordLoginAttempt(
+        pb.RecordLoginAttemptRequest(ip=attacker, account=owner, device_token=token),
+        timeout=DEADLINE)
+    check("RecordLoginAttempt(device_token): trusted and allowed from a locked address",
+          verdict.allowed and verdict.device_trusted)
+    verdict = store.RecordLoginAttempt(
+        pb.RecordLoginAttemptRequest(ip="203.0.113.99", account=owner, device_token="f" * 64),
+        timeout=DEADLINE)
+    check("  a made-up token is untrusted (and refused by the account), not an error",
+          not verdict.device_trusted and verdict.refused_by == pb.LOGIN_LIMIT_ACCOUNT)
+    forgotten = store.ForgetLoginDevices(pb.ForgetLoginDevicesRequest(account=owner),
+                                         timeout=DEADLINE)
+    verdict = store.RecordLoginAttempt(
+        pb.RecordLoginAttemptRequest(ip="203.0.113.98", account=owner, device_token=token),
+        timeout=DEADLINE)
+    check("ForgetLoginDevices forgot the token",
+          forgotten.forgotten == 1 and not verdict.device_trusted and not verdict.allowed)
+    code, details = error_code(store.RecordLoginAttempt, pb.RecordLoginAttemptRequest(
+        ip=attacker, account=owner, device_token="no spaces"))
+    check("RecordLoginAttempt with a bad device_token: INVALID_ARGUMENT naming device_token",
+          code == grpc.StatusCode.INVALID_ARGUMENT and "device_token" in details)
+
     # WatchRevocations: a subscriber sees a revocation made by another call.
     watcher, watched = f"py-watch-{run_id}", f"jti-{run_id}-watched"
     store.CreateSession(pb.CreateSessionRequest(user_id=watcher, token_id=watched),

@@ -17,7 +17,9 @@ use crate::{
     call::Caller,
     error::Result,
     near_cache::{NearCache, NearCacheSettings, NearCacheStats, Revocation, Watcher},
-    types::{self, Created, LoginAttempt, NewSession, RotateOutcome, Rotation, Session},
+    types::{
+        self, Created, LoginAttempt, LoginReset, NewSession, RotateOutcome, Rotation, Session,
+    },
 };
 
 /// A handle to SessionStore. Cheap to clone: clones share the connections,
@@ -743,7 +745,8 @@ impl SessionClient {
     /// # }
     /// ```
     pub async fn record_login_attempt(&self, ip: impl Into<String>) -> Result<LoginAttempt> {
-        self.login_attempt(ip.into(), String::new()).await
+        self.login_attempt(ip.into(), String::new(), String::new())
+            .await
     }
 
     /// Counts one login attempt from a client address for an account (login
@@ -780,11 +783,58 @@ impl SessionClient {
         ip: impl Into<String>,
         account: impl Into<String>,
     ) -> Result<LoginAttempt> {
-        self.login_attempt(ip.into(), account.into()).await
+        self.login_attempt(ip.into(), account.into(), String::new())
+            .await
     }
 
-    async fn login_attempt(&self, ip: String, account: String) -> Result<LoginAttempt> {
-        let request = pb::RecordLoginAttemptRequest { ip, account };
+    /// As [`record_login_attempt_for`](Self::record_login_attempt_for),
+    /// presenting the device token an earlier successful login of this
+    /// account issued to this client (read from its cookie). When the token
+    /// is valid for the account, the attempt counts against that device alone
+    /// ([`LoginAttempt::device_trusted`]), so an attacker who locked the
+    /// account or the address does not lock its owner out; otherwise it
+    /// counts as without a token (never an error). An empty token is none.
+    ///
+    /// # Errors
+    ///
+    /// As [`record_login_attempt_for`](Self::record_login_attempt_for), and
+    /// [`Error::InvalidArgument`] naming `device_token` when it is over 256
+    /// bytes or not printable ASCII.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient, cookie: &str) -> session_client::Result<()> {
+    /// let verdict = client
+    ///     .record_login_attempt_with_device("192.0.2.1", "alice@example.com", cookie)
+    ///     .await?;
+    /// if !verdict.allowed {
+    ///     println!("refused by {:?}", verdict.refused_by);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn record_login_attempt_with_device(
+        &self,
+        ip: impl Into<String>,
+        account: impl Into<String>,
+        device_token: impl Into<String>,
+    ) -> Result<LoginAttempt> {
+        self.login_attempt(ip.into(), account.into(), device_token.into())
+            .await
+    }
+
+    async fn login_attempt(
+        &self,
+        ip: String,
+        account: String,
+        device_token: String,
+    ) -> Result<LoginAttempt> {
+        let request = pb::RecordLoginAttemptRequest {
+            ip,
+            account,
+            device_token,
+        };
         let response = self
             .shared
             .caller
@@ -819,7 +869,9 @@ impl SessionClient {
     /// # }
     /// ```
     pub async fn reset_login_attempts(&self, ip: impl Into<String>) -> Result<bool> {
-        self.reset_login(ip.into(), String::new()).await
+        self.reset_login(ip.into(), String::new(), String::new(), false)
+            .await
+            .map(|reset| reset.reset)
     }
 
     /// After a successful login: clears the account's counter and the
@@ -845,11 +897,67 @@ impl SessionClient {
         ip: impl Into<String>,
         account: impl Into<String>,
     ) -> Result<bool> {
-        self.reset_login(ip.into(), account.into()).await
+        self.reset_login(ip.into(), account.into(), String::new(), false)
+            .await
+            .map(|reset| reset.reset)
     }
 
-    async fn reset_login(&self, ip: String, account: String) -> Result<bool> {
-        let request = pb::ResetLoginAttemptsRequest { ip, account };
+    /// After a successful login: as
+    /// [`reset_login_attempts_for`](Self::reset_login_attempts_for), with the
+    /// device token the login presented (empty for none), and issuing a new
+    /// one when `issue_device_token` is set ([`LoginReset::device_token`]:
+    /// set it as this account's HttpOnly, Secure cookie). A valid token
+    /// presented clears only that device's attempts (a login from a trusted
+    /// device proves nothing about the others) and, with an issue, is
+    /// replaced by the new one.
+    ///
+    /// # Errors
+    ///
+    /// As [`record_login_attempt_with_device`](Self::record_login_attempt_with_device).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient, cookie: &str) -> session_client::Result<()> {
+    /// let outcome = client
+    ///     .reset_login_attempts_with_device("192.0.2.1", "alice@example.com", cookie, true)
+    ///     .await?;
+    /// if let Some(token) = outcome.device_token {
+    ///     // Set-Cookie: __Host-device=<token>; HttpOnly; Secure; SameSite=Strict; Path=/
+    ///     # let _ = token;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn reset_login_attempts_with_device(
+        &self,
+        ip: impl Into<String>,
+        account: impl Into<String>,
+        device_token: impl Into<String>,
+        issue_device_token: bool,
+    ) -> Result<LoginReset> {
+        self.reset_login(
+            ip.into(),
+            account.into(),
+            device_token.into(),
+            issue_device_token,
+        )
+        .await
+    }
+
+    async fn reset_login(
+        &self,
+        ip: String,
+        account: String,
+        device_token: String,
+        issue_device_token: bool,
+    ) -> Result<LoginReset> {
+        let request = pb::ResetLoginAttemptsRequest {
+            ip,
+            account,
+            issue_device_token,
+            device_token,
+        };
         let response = self
             .shared
             .caller
@@ -857,7 +965,41 @@ impl SessionClient {
                 stub.reset_login_attempts(req).await
             })
             .await?;
-        Ok(response.reset)
+        Ok(LoginReset {
+            reset: response.reset,
+            device_token: Some(response.device_token).filter(|token| !token.is_empty()),
+        })
+    }
+
+    /// Forgets every device token of an account (after a password reset, or
+    /// when its owner says "this wasn't me"): each is untrusted from now on.
+    /// Returns how many unexpired tokens were forgotten.
+    ///
+    /// # Errors
+    ///
+    /// As [`record_login_attempt_for`](Self::record_login_attempt_for).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let forgotten = client.forget_login_devices("alice@example.com").await?;
+    /// # let _ = forgotten;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn forget_login_devices(&self, account: impl Into<String>) -> Result<u32> {
+        let request = pb::ForgetLoginDevicesRequest {
+            account: account.into(),
+        };
+        let response = self
+            .shared
+            .caller
+            .write(request, |mut stub, req| async move {
+                stub.forget_login_devices(req).await
+            })
+            .await?;
+        Ok(response.forgotten)
     }
 }
 

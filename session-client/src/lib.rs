@@ -116,5 +116,6 @@ pub use near_cache::NearCacheStats;
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
 pub use types::{
-    CreateOutcome, Created, LoginAttempt, LoginLimit, NewSession, RotateOutcome, Rotation, Session,
+    CreateOutcome, Created, LoginAttempt, LoginLimit, LoginReset, NewSession, RotateOutcome,
+    Rotation, Session,
 };

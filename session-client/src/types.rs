@@ -280,6 +280,31 @@ pub struct LoginAttempt {
     /// When refused, which limit refused (the longer one when both did);
     /// `None` when allowed.
     pub refused_by: Option<LoginLimit>,
+    /// The device token sent was valid for the account: the attempt counted
+    /// against that device alone, not against the address or the account.
+    pub device_trusted: bool,
+}
+
+/// The outcome of
+/// [`reset_login_attempts_with_device`](crate::SessionClient::reset_login_attempts_with_device).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoginReset {
+    /// Whether some counted attempt was cleared.
+    pub reset: bool,
+    /// The device token issued, when one was asked for: a bearer secret that
+    /// trusts this device for this account. Keep it in an HttpOnly, Secure
+    /// cookie and send it with the account's next login attempts.
+    pub device_token: Option<String>,
+}
+
+impl std::fmt::Debug for LoginReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginReset")
+            .field("reset", &self.reset)
+            .field("device_token", &self.device_token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 /// Which limit refused a login attempt.
@@ -292,6 +317,9 @@ pub enum LoginLimit {
     /// The account is at the server's RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS: an
     /// attack spread over many addresses, or its owner mistyping.
     Account,
+    /// The trusted device is at the server's RATE_LIMIT_DEVICE_MAX_ATTEMPTS:
+    /// its owner mistyping, or a stolen device token.
+    Device,
     /// The server did not say: an older server, or a limit newer than this
     /// client.
     Unknown,
@@ -423,6 +451,7 @@ pub(crate) fn login_attempt_from_proto(
     let refused_by = (!response.allowed).then(|| match response.refused_by() {
         pb::LoginLimit::Address => LoginLimit::Address,
         pb::LoginLimit::Account => LoginLimit::Account,
+        pb::LoginLimit::Device => LoginLimit::Device,
         pb::LoginLimit::Unspecified => LoginLimit::Unknown,
     });
     Ok(LoginAttempt {
@@ -431,6 +460,7 @@ pub(crate) fn login_attempt_from_proto(
         remaining: response.remaining,
         retry_after,
         refused_by,
+        device_trusted: response.device_trusted,
     })
 }
 
@@ -653,6 +683,7 @@ mod tests {
                 nanos: 0,
             }),
             refused_by: pb::LoginLimit::Account.into(),
+            device_trusted: false,
         })
         .unwrap();
         assert_eq!(refused.retry_after, Some(Duration::from_secs(42)));
@@ -669,9 +700,11 @@ mod tests {
             remaining: 4,
             retry_after: None,
             refused_by: 0,
+            device_trusted: true,
         })
         .unwrap();
         assert_eq!(allowed.retry_after, None);
         assert_eq!(allowed.refused_by, None);
+        assert!(allowed.device_trusted);
     }
 }

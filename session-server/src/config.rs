@@ -154,6 +154,26 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_IPV6_PREFIX", default_value_t = 64, value_parser = clap::value_parser!(u8).range(32..=128))]
     pub rate_limit_ipv6_prefix: u8,
 
+    /// Login attempts allowed per trusted device per window: attempts that
+    /// present a device token valid for their account count here instead of
+    /// against the address and the account.
+    #[arg(long, env = "RATE_LIMIT_DEVICE_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_device_max_attempts: u32,
+
+    /// How long a device token issued by ResetLoginAttempts trusts its
+    /// device, in seconds (1 s to 365 days).
+    #[arg(long, env = "LOGIN_DEVICE_TTL", default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS))]
+    pub login_device_ttl: u64,
+
+    /// Device tokens kept per account; issuing past it forgets the oldest.
+    #[arg(long, env = "LOGIN_DEVICE_MAX", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub login_device_max: u32,
+
+    /// A device token refused this many times its limit in total (over its
+    /// whole life) is forgotten: untrusted for good.
+    #[arg(long, env = "LOGIN_DEVICE_LOCKOUT_FACTOR", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub login_device_lockout_factor: u32,
+
     /// Prepended to every Redis key, so several deployments can share one Redis.
     /// Must not contain `{` or `}` (they would break the cluster hash tags).
     #[arg(long, env = "KEY_PREFIX", default_value = "", value_parser = parse_key_prefix)]
@@ -398,6 +418,10 @@ impl Config {
             rate_limit_max_attempts: self.rate_limit_max_attempts,
             rate_limit_account_max_attempts: self.rate_limit_account_max_attempts,
             rate_limit_ipv6_prefix: self.rate_limit_ipv6_prefix,
+            rate_limit_device_max_attempts: self.rate_limit_device_max_attempts,
+            login_device_ttl: Duration::from_secs(self.login_device_ttl),
+            login_device_max: self.login_device_max,
+            login_device_lockout_factor: self.login_device_lockout_factor,
             pool_size: self.redis_pool_size,
             timeout: Duration::from_millis(self.redis_timeout_ms),
             revocation_heartbeat: Duration::from_millis(self.revocation_heartbeat_ms),
@@ -475,6 +499,10 @@ impl fmt::Debug for Config {
             rate_limit_max_attempts,
             rate_limit_account_max_attempts,
             rate_limit_ipv6_prefix,
+            rate_limit_device_max_attempts,
+            login_device_ttl,
+            login_device_max,
+            login_device_lockout_factor,
             key_prefix,
             redis_pool_size,
             redis_timeout_ms,
@@ -518,6 +546,13 @@ impl fmt::Debug for Config {
                 rate_limit_account_max_attempts,
             )
             .field("rate_limit_ipv6_prefix", rate_limit_ipv6_prefix)
+            .field(
+                "rate_limit_device_max_attempts",
+                rate_limit_device_max_attempts,
+            )
+            .field("login_device_ttl", login_device_ttl)
+            .field("login_device_max", login_device_max)
+            .field("login_device_lockout_factor", login_device_lockout_factor)
             .field("key_prefix", key_prefix)
             .field("redis_pool_size", redis_pool_size)
             .field("redis_timeout_ms", redis_timeout_ms)

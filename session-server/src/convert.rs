@@ -8,7 +8,7 @@ use sessionstore::v1 as pb;
 use crate::{
     error::Error,
     model::{
-        self, AccountKey, FamilyId, LoginLimit, LoginVerdict, NewSession, Revocation,
+        self, AccountKey, DeviceToken, FamilyId, LoginLimit, LoginVerdict, NewSession, Revocation,
         RevocationReason, Rotation, Session, TokenId, UserId,
     },
 };
@@ -38,6 +38,15 @@ pub fn account(value: &str) -> Result<Option<AccountKey>, Error> {
         Ok(None)
     } else {
         AccountKey::parse(value).map(Some)
+    }
+}
+
+/// An optional device token: empty means absent.
+pub fn device_token(value: &str) -> Result<Option<DeviceToken>, Error> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        DeviceToken::parse(value).map(Some)
     }
 }
 
@@ -168,8 +177,10 @@ pub fn verdict_to_proto(verdict: LoginVerdict) -> pb::RecordLoginAttemptResponse
             None => pb::LoginLimit::Unspecified,
             Some(LoginLimit::Address) => pb::LoginLimit::Address,
             Some(LoginLimit::Account) => pb::LoginLimit::Account,
+            Some(LoginLimit::Device) => pb::LoginLimit::Device,
         }
         .into(),
+        device_trusted: verdict.device_trusted,
     }
 }
 

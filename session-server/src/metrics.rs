@@ -47,6 +47,9 @@ pub const ROTATIONS: &str = "sessionstore_rotations_total";
 pub const REUSE_DETECTED: &str = "sessionstore_refresh_reuse_detected_total";
 /// Login attempts, by `result` (allowed, refused).
 pub const LOGIN_ATTEMPTS: &str = "sessionstore_login_attempts_total";
+/// The part of the login attempts that presented a trusted device token,
+/// by `result` (allowed, refused): counted against the device alone.
+pub const LOGIN_DEVICE_ATTEMPTS: &str = "sessionstore_login_device_attempts_total";
 /// 1 while this process's revocation subscription is up (heartbeats come
 /// back through it), 0 while it is down or nobody watches.
 pub const REVOCATION_SUBSCRIPTION_UP: &str = "sessionstore_revocation_subscription_up";

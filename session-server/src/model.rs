@@ -443,6 +443,8 @@ pub enum LoginLimit {
     Address,
     /// The account is at RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS.
     Account,
+    /// The trusted device is at RATE_LIMIT_DEVICE_MAX_ATTEMPTS.
+    Device,
 }
 
 /// The verdict on one login attempt.
@@ -463,6 +465,18 @@ pub struct LoginVerdict {
     /// The Redis time of the address's decision, in ms since the epoch: what
     /// the window is measured in (logs and the model test compare against it).
     pub decided_at_ms: u64,
+    /// The attempt presented a device token valid for its account and was
+    /// counted against that device alone.
+    pub device_trusted: bool,
+}
+
+/// The outcome of a login reset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoginReset {
+    /// Whether some counted attempt was cleared.
+    pub reset: bool,
+    /// The device token issued, when one was asked for with an account.
+    pub device_token: Option<DeviceToken>,
 }
 
 /// The longest `account` a login attempt may name, in bytes.
@@ -501,6 +515,78 @@ impl AccountKey {
     }
 
     /// The hex digest used in the Redis keys.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The longest `device_token` a login may present, in bytes.
+pub const MAX_DEVICE_TOKEN_LEN: usize = 256;
+
+/// A device token as presented or issued: a bearer secret that trusts one
+/// device for one account. Only its SHA-256 ([`DeviceToken::key`]) reaches
+/// Redis, and its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceToken(String);
+
+impl fmt::Debug for DeviceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceToken(***)")
+    }
+}
+
+impl DeviceToken {
+    /// Validates a presented token: 1 to 256 bytes of printable ASCII
+    /// (`!` to `~`, as a cookie value may hold). Whether it is valid for an
+    /// account is the store's question, never an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `device_token`.
+    pub fn parse(token: &str) -> Result<Self, Error> {
+        if token.is_empty() {
+            return Err(Error::invalid("device_token", "must not be empty"));
+        }
+        if token.len() > MAX_DEVICE_TOKEN_LEN {
+            return Err(Error::invalid(
+                "device_token",
+                format!(
+                    "must be at most {MAX_DEVICE_TOKEN_LEN} bytes, got {}",
+                    token.len()
+                ),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::invalid(
+                "device_token",
+                "must be printable ASCII without spaces",
+            ));
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// A new token: 256 bits from the operating system's generator, as 64
+    /// lower-case hex digits.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Internal`] when the operating system's generator fails.
+    pub fn generate() -> Result<Self, Error> {
+        use ring::rand::SecureRandom;
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| Error::Internal("the system's random generator failed".into()))?;
+        Ok(Self(hex(&bytes)))
+    }
+
+    /// The SHA-256 of the token (lower-case hex): what Redis keeps.
+    pub fn key(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        hex(digest.as_ref())
+    }
+
+    /// The token itself, to hand to the client it was issued for.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -644,6 +730,35 @@ mod tests {
             }
         ));
         assert!(AccountKey::parse("").is_err());
+    }
+
+    #[test]
+    fn device_tokens_are_bounded_printable_and_random() {
+        let issued = DeviceToken::generate().unwrap();
+        assert_eq!(issued.as_str().len(), 64);
+        assert_ne!(issued, DeviceToken::generate().unwrap());
+        assert_eq!(
+            DeviceToken::parse(issued.as_str()).unwrap().key(),
+            issued.key()
+        );
+        assert_ne!(issued.key(), issued.as_str());
+        assert!(!format!("{issued:?}").contains(issued.as_str()));
+        assert!(DeviceToken::parse(&"a".repeat(MAX_DEVICE_TOKEN_LEN)).is_ok());
+        for bad in [
+            "".to_string(),
+            "a".repeat(MAX_DEVICE_TOKEN_LEN + 1),
+            "has space".into(),
+            "tab\t".into(),
+            "é".into(),
+        ] {
+            assert!(matches!(
+                DeviceToken::parse(&bad),
+                Err(Error::InvalidArgument {
+                    field: "device_token",
+                    ..
+                })
+            ));
+        }
     }
 
     /// A session in the stored layout, and variants of it that only the

@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     convert,
     metrics::{
-        LOGIN_ATTEMPTS, REUSE_DETECTED, ROTATIONS, SESSIONS_CREATED, SESSIONS_EVICTED,
-        SESSIONS_REFUSED, SESSIONS_REVOKED,
+        LOGIN_ATTEMPTS, LOGIN_DEVICE_ATTEMPTS, REUSE_DETECTED, ROTATIONS, SESSIONS_CREATED,
+        SESSIONS_EVICTED, SESSIONS_REFUSED, SESSIONS_REVOKED,
     },
     model::{ClientAddr, CreateOutcome, RotateOutcome},
     store::Store,
@@ -180,9 +180,10 @@ impl SessionStore for SessionService {
         let prefix = self.store.settings().rate_limit_ipv6_prefix;
         let addr = ClientAddr::parse_with_prefix(&request.ip, prefix)?;
         let account = convert::account(&request.account)?;
+        let device = convert::device_token(&request.device_token)?;
         let verdict = self
             .store
-            .record_login_attempt(&addr, account.as_ref())
+            .record_login_attempt(&addr, account.as_ref(), device.as_ref())
             .await?;
         let result = if verdict.allowed {
             "allowed"
@@ -190,6 +191,9 @@ impl SessionStore for SessionService {
             "refused"
         };
         metrics::counter!(LOGIN_ATTEMPTS, "result" => result).increment(1);
+        if verdict.device_trusted {
+            metrics::counter!(LOGIN_DEVICE_ATTEMPTS, "result" => result).increment(1);
+        }
         Ok(Response::new(convert::verdict_to_proto(verdict)))
     }
 
@@ -201,11 +205,34 @@ impl SessionStore for SessionService {
         let prefix = self.store.settings().rate_limit_ipv6_prefix;
         let addr = ClientAddr::parse_with_prefix(&request.ip, prefix)?;
         let account = convert::account(&request.account)?;
-        let reset = self
+        let device = convert::device_token(&request.device_token)?;
+        let outcome = self
             .store
-            .reset_login_attempts(&addr, account.as_ref())
+            .reset_login_attempts(
+                &addr,
+                account.as_ref(),
+                device.as_ref(),
+                request.issue_device_token,
+            )
             .await?;
-        Ok(Response::new(pb::ResetLoginAttemptsResponse { reset }))
+        Ok(Response::new(pb::ResetLoginAttemptsResponse {
+            reset: outcome.reset,
+            device_token: outcome
+                .device_token
+                .map(|token| token.as_str().to_owned())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn forget_login_devices(
+        &self,
+        request: Request<pb::ForgetLoginDevicesRequest>,
+    ) -> Result<Response<pb::ForgetLoginDevicesResponse>, Status> {
+        let request = request.into_inner();
+        let account = convert::account(&request.account)?
+            .ok_or_else(|| crate::error::Error::invalid("account", "must not be empty"))?;
+        let forgotten = self.store.forget_login_devices(&account).await?;
+        Ok(Response::new(pb::ForgetLoginDevicesResponse { forgotten }))
     }
 
     type WatchRevocationsStream = RevocationStream;

@@ -292,6 +292,64 @@ async fn login_attempts_are_counted_refused_and_reset() {
     );
 }
 
+/// The device-token calls with domain types: a login issues a token, which
+/// then counts against its device alone (`device_trusted`) while untrusted
+/// attempts are refused by the account, until `forget_login_devices`.
+#[tokio::test]
+async fn trusted_device_calls_are_typed() {
+    let mut config = test_config();
+    config.rate_limit_account_max_attempts = 1;
+    let server = TestServer::start_with(config).await;
+    let client = client_of(&server).await;
+    let account = "typed@example.com";
+    let issued = client
+        .reset_login_attempts_with_device("203.0.113.20", account, "", true)
+        .await
+        .unwrap();
+    let token = issued.device_token.clone().expect("a token was asked for");
+    assert!(!format!("{issued:?}").contains(&token), "Debug hides it");
+    assert!(
+        client
+            .record_login_attempt_for("203.0.113.21", account)
+            .await
+            .unwrap()
+            .allowed
+    );
+    let locked = client
+        .record_login_attempt_for("203.0.113.22", account)
+        .await
+        .unwrap();
+    assert_eq!(locked.refused_by, Some(session_client::LoginLimit::Account));
+    let mine = client
+        .record_login_attempt_with_device("203.0.113.22", account, token.as_str())
+        .await
+        .unwrap();
+    assert!(mine.allowed && mine.device_trusted, "{mine:?}");
+    // A login from the trusted device replaces its token.
+    let renewed = client
+        .reset_login_attempts_with_device("203.0.113.22", account, token.as_str(), true)
+        .await
+        .unwrap();
+    assert!(renewed.reset);
+    let renewed = renewed.device_token.unwrap();
+    assert_ne!(renewed, token);
+    assert_eq!(client.forget_login_devices(account).await.unwrap(), 1);
+    let forgotten = client
+        .record_login_attempt_with_device("203.0.113.23", account, renewed)
+        .await
+        .unwrap();
+    assert!(!forgotten.device_trusted && !forgotten.allowed);
+    let bad = client
+        .record_login_attempt_with_device("203.0.113.23", account, "not a token")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(bad, session_client::Error::InvalidArgument(_)),
+        "{bad:?}"
+    );
+    assert!(bad.to_string().contains("device_token"), "{bad}");
+}
+
 /// A bad value is `Error::InvalidArgument` whose message names the field, for
 /// every call.
 #[tokio::test]

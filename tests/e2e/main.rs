@@ -7,6 +7,7 @@ mod client_resilience;
 mod commands;
 
 mod connection_age;
+mod devices;
 mod eviction;
 mod failover;
 mod families;

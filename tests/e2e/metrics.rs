@@ -6,7 +6,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use sessionstore::v1::{
     CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
-    RecordLoginAttemptRequest, RevokeSessionRequest,
+    RecordLoginAttemptRequest, ResetLoginAttemptsRequest, RevokeSessionRequest,
 };
 use tokio::net::TcpListener;
 
@@ -84,6 +84,28 @@ async fn counters_move_after_calls() {
             .await
             .unwrap();
     }
+    // A trusted device's attempt is also counted as one.
+    let device_token = client
+        .reset_login_attempts(ResetLoginAttemptsRequest {
+            ip: "203.0.113.78".into(),
+            account: "metered@example.com".into(),
+            issue_device_token: true,
+            device_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .device_token;
+    let trusted = client
+        .record_login_attempt(RecordLoginAttemptRequest {
+            ip: "203.0.113.78".into(),
+            account: "metered@example.com".into(),
+            device_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(trusted.device_trusted);
     let bad = client
         .get_session(GetSessionRequest {
             token_id: "bad token".into(),
@@ -127,6 +149,10 @@ async fn counters_move_after_calls() {
     );
     moved(
         r#"sessionstore_login_attempts_total{result="refused"}"#,
+        1.0,
+    );
+    moved(
+        r#"sessionstore_login_device_attempts_total{result="allowed"}"#,
         1.0,
     );
     moved(

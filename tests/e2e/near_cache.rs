@@ -965,6 +965,13 @@ impl SessionStore for RelayService {
         Err(Status::unimplemented("relay"))
     }
 
+    async fn forget_login_devices(
+        &self,
+        _request: Request<pb::ForgetLoginDevicesRequest>,
+    ) -> Result<Response<pb::ForgetLoginDevicesResponse>, Status> {
+        Err(Status::unimplemented("relay"))
+    }
+
     type WatchRevocationsStream = RevocationStream;
 
     async fn watch_revocations(

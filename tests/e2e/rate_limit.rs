@@ -32,6 +32,7 @@ async fn attempt_for(
     c.record_login_attempt(RecordLoginAttemptRequest {
         ip: ip.into(),
         account: account.into(),
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -42,6 +43,7 @@ async fn reset_for(c: &mut SessionStoreClient<Channel>, ip: &str, account: &str)
     c.reset_login_attempts(ResetLoginAttemptsRequest {
         ip: ip.into(),
         account: account.into(),
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -420,7 +422,7 @@ async fn check_against_model(gaps: &[u64]) {
     for (i, gap) in gaps.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(*gap)).await;
         let verdict = store
-            .record_login_attempt(&addr, Some(&account))
+            .record_login_attempt(&addr, Some(&account), None)
             .await
             .unwrap();
         let now = verdict.decided_at_ms;

@@ -230,6 +230,7 @@ async fn login_rpcs_refuse_bad_addresses() {
         c.record_login_attempt(RecordLoginAttemptRequest {
             ip: "192.0.2.1".into(),
             account: long.clone(),
+            ..Default::default()
         })
         .await,
         "account",
@@ -239,6 +240,7 @@ async fn login_rpcs_refuse_bad_addresses() {
         c.reset_login_attempts(ResetLoginAttemptsRequest {
             ip: "192.0.2.1".into(),
             account: long.clone(),
+            ..Default::default()
         })
         .await,
         "account",

@@ -52,13 +52,35 @@
 //! newer attempts in those buckets. A caller that mixes both resets is
 //! therefore no stronger than the reset without an account, which is already
 //! documented as the weak one.
+//!
+//! # Trusted devices
+//!
+//! Anyone can lock an account for untrusted clients (its limit of attempts
+//! from any addresses), so a login that presents a device token issued to
+//! it after an earlier successful login of the same account counts against
+//! that device's own counter alone (OWASP's device cookies): not against
+//! the address, not against the account. The account's devices, their
+//! refusals and each device's counter are tagged by the account's hash, so
+//! one script (`login_device_attempt.lua`) sees the device's trust and its
+//! counter atomically, in one round trip; a trusted attempt costs that one
+//! round trip, fewer than an attempt naming an account without a device
+//! (two, three when the account refuses). An untrusted token costs that
+//! read-only round trip before the usual ones. A device's refusals add up
+//! over the token's life, and at LOGIN_DEVICE_LOCKOUT_FACTOR times its limit
+//! the token is forgotten, so a stolen token yields at most its limit per
+//! window and a bounded total before it is worth nothing.
+//!
+//! A reset presenting a trusted device clears only that device's counter:
+//! a login from a trusted device proves nothing about the untrusted
+//! attempts, and clearing them would hand a botnet a fresh set of guesses
+//! each time the real user logs in.
 
 use std::time::Duration;
 
 use super::{Store, connection::Op, millis};
 use crate::{
     error::Error,
-    model::{AccountKey, ClientAddr, LoginLimit, LoginVerdict},
+    model::{AccountKey, ClientAddr, DeviceToken, LoginLimit, LoginReset, LoginVerdict},
 };
 
 /// Buckets per window (N): the finer, the closer to an exact sliding log (an
@@ -130,6 +152,9 @@ impl Store {
     /// Counts one login attempt from `addr`, and for `account` when given,
     /// and says whether it may proceed (see the module docs for the method).
     ///
+    /// A `device` valid for `account` makes the attempt count against that
+    /// device alone (see the module docs); any other device counts as none.
+    ///
     /// # Errors
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
@@ -137,16 +162,22 @@ impl Store {
         &self,
         addr: &ClientAddr,
         account: Option<&AccountKey>,
+        device: Option<&DeviceToken>,
     ) -> Result<LoginVerdict, Error> {
         let settings = self.settings();
         let addr_max = settings.rate_limit_max_attempts;
         let account_max = settings.rate_limit_account_max_attempts;
+        // One operation, so one deadline, for the whole call.
+        let mut op = self.op("record_login_attempt").await?;
+        if let (Some(account), Some(device)) = (account, device)
+            && let Some(verdict) = self.take_device(&mut op, account, device).await?
+        {
+            return Ok(verdict);
+        }
         let mut addr_keys = vec![self.rate_limit_key(addr)];
         if let Some(account) = account {
             addr_keys.push(self.login_pair_key(addr, account));
         }
-        // One operation, so one deadline, for the whole call.
-        let mut op = self.op("record_login_attempt").await?;
         let at_addr = self.take(&mut op, &addr_keys, addr_max, true).await?;
         let Some(account) = account else {
             return Ok(verdict(at_addr, addr_max, None));
@@ -169,20 +200,125 @@ impl Store {
         Ok(verdict(at_addr, addr_max, Some((at_account, account_max))))
     }
 
+    /// Runs login_device_attempt.lua: `None` when `device` is not trusted
+    /// for `account` (nothing was counted), else the device's verdict.
+    async fn take_device(
+        &self,
+        op: &mut Op,
+        account: &AccountKey,
+        device: &DeviceToken,
+    ) -> Result<Option<LoginVerdict>, Error> {
+        let settings = self.settings();
+        let max = settings.rate_limit_device_max_attempts;
+        let lockout = max.saturating_mul(settings.login_device_lockout_factor);
+        let hash = device.key();
+        let mut invocation = self.shared.scripts.login_device_attempt.prepare_invoke();
+        invocation
+            .key(self.login_devices_key(account))
+            .key(self.login_device_refusals_key(account))
+            .key(self.login_device_key(account, &hash))
+            .arg(&hash)
+            .arg(self.bucket_ms())
+            .arg(BUCKETS_PER_WINDOW)
+            .arg(max)
+            .arg(lockout);
+        let (trusted, allowed, before, retry_ms, now_ms): (u8, u8, u64, u64, u64) =
+            op.invoke(&invocation).await?;
+        if trusted == 0 {
+            return Ok(None);
+        }
+        let take = Take {
+            allowed: allowed == 1,
+            before,
+            retry_ms,
+            bucket: 0,
+            now_ms,
+        };
+        Ok(Some(LoginVerdict {
+            allowed: take.allowed,
+            attempts: take.attempts(),
+            remaining: take.remaining(max),
+            retry_after: (!take.allowed).then(|| Duration::from_millis(retry_ms)),
+            refused_by: (!take.allowed).then_some(LoginLimit::Device),
+            decided_at_ms: now_ms,
+            device_trusted: true,
+        }))
+    }
+
     /// Clears login attempts after a successful login: with `account`, the
     /// account's counter and `addr`'s attempts for that account (its other
-    /// attempts stay counted); without, `addr`'s whole counter. Returns
-    /// whether any counted attempt was cleared.
+    /// attempts stay counted); without, `addr`'s whole counter. With a
+    /// `device` trusted for `account`, only that device's counter (see the
+    /// module docs). With `account` and `issue`, also issues a new device
+    /// token for it (replacing a trusted `device`). Returns whether any
+    /// counted attempt was cleared, and the new token.
     ///
     /// # Errors
     ///
-    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`];
+    /// [`Error::Internal`] when the system's random generator fails.
     pub async fn reset_login_attempts(
         &self,
         addr: &ClientAddr,
         account: Option<&AccountKey>,
-    ) -> Result<bool, Error> {
+        device: Option<&DeviceToken>,
+        issue: bool,
+    ) -> Result<LoginReset, Error> {
         let mut op = self.op("reset_login_attempts").await?;
+        let mut issued = None;
+        if let Some(account) = account.filter(|_| issue || device.is_some()) {
+            issued = issue.then(DeviceToken::generate).transpose()?;
+            let settings = self.settings();
+            let presented = device.map(DeviceToken::key);
+            let mut reset = self.shared.scripts.login_device_reset.prepare_invoke();
+            reset
+                .key(self.login_devices_key(account))
+                .key(self.login_device_refusals_key(account));
+            if let Some(hash) = &presented {
+                reset.key(self.login_device_key(account, hash));
+            }
+            reset
+                .arg(presented.as_deref().unwrap_or(""))
+                .arg(issued.as_ref().map(DeviceToken::key).unwrap_or_default())
+                .arg(millis(settings.login_device_ttl))
+                .arg(settings.login_device_max);
+            let (trusted, cleared, _forgotten): (u8, u8, u64) = op.invoke(&reset).await?;
+            if trusted == 1 {
+                return Ok(LoginReset {
+                    reset: cleared == 1,
+                    device_token: issued,
+                });
+            }
+        }
+        let reset = self.reset_untrusted(&mut op, addr, account).await?;
+        Ok(LoginReset {
+            reset,
+            device_token: issued,
+        })
+    }
+
+    /// Forgets every device of `account`; returns how many were unexpired.
+    ///
+    /// # Errors
+    ///
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    pub async fn forget_login_devices(&self, account: &AccountKey) -> Result<u32, Error> {
+        let mut op = self.op("forget_login_devices").await?;
+        let mut forget = self.shared.scripts.login_device_forget.prepare_invoke();
+        forget
+            .key(self.login_devices_key(account))
+            .key(self.login_device_refusals_key(account));
+        let forgotten: u64 = op.invoke(&forget).await?;
+        Ok(u32::try_from(forgotten).unwrap_or(u32::MAX))
+    }
+
+    /// The reset without a trusted device (see [`Store::reset_login_attempts`]).
+    async fn reset_untrusted(
+        &self,
+        op: &mut Op,
+        addr: &ClientAddr,
+        account: Option<&AccountKey>,
+    ) -> Result<bool, Error> {
         let Some(account) = account else {
             let deleted: i64 = op
                 .query(redis::cmd("DEL").arg(self.rate_limit_key(addr)))
@@ -232,5 +368,6 @@ fn verdict(addr: Take, addr_max: u32, account: Option<(Take, u32)>) -> LoginVerd
         retry_after: (!allowed).then(|| Duration::from_millis(retry_ms)),
         refused_by: (!allowed).then_some(refused_by),
         decided_at_ms,
+        device_trusted: false,
     }
 }

@@ -7,7 +7,7 @@
 //!   connections, and REDIS_URL with its passwords hidden;
 //! - `sessions`: create, look up, revoke, count and list sessions;
 //! - `families`: rotate a family's session (with reuse detection), extend one;
-//! - `login`: the login rate limiter;
+//! - `login`: the login rate limiter and its trusted devices;
 //! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
 //! - `revocations`: the revocation stream's subscriber and heartbeats;
 //! - `scripts/`: the Lua scripts, each with a KEYS/ARGV/returns header.
@@ -28,6 +28,9 @@
 //! | `P rate_limit:login:addr:{addr}` | login attempts of a client address (IPv4, or IPv6 network `net/len`): hash of bucket index -> allowed attempts (see `login`); expires when its newest bucket leaves the window |
 //! | `P rate_limit:login:pair:{addr}:acct` | the part of the address's attempts made for one account (`acct` = SHA-256 hex of the account), same buckets and slot as the address's counter, so a reset with the account can subtract exactly it |
 //! | `P rate_limit:login:account:{acct}` | login attempts for one account, from any address; its own slot |
+//! | `P rate_limit:login:devices:{acct}` | the account's trusted devices (see `login`): sorted set of device token hashes (SHA-256 hex, never the token) scored by expiry (ms), at most LOGIN_DEVICE_MAX; expires with its newest member; the account's slot |
+//! | `P rate_limit:login:device_refusals:{acct}` | hash of device token hash -> refusals over the token's life; expires with the devices set, and a member leaves it with its device |
+//! | `P rate_limit:login:device:{acct}:dev` | login attempts of one trusted device (`dev` = its token hash), buckets as the address's counter; the account's slot, so one script sees it beside the devices set |
 //!
 //! and one pub/sub channel, `P revocations`: every script that ends a session
 //! early publishes it there in the same step (see `revocations`).
@@ -164,6 +167,15 @@ pub struct Settings {
     pub rate_limit_account_max_attempts: u32,
     /// The prefix length IPv6 client addresses are grouped by.
     pub rate_limit_ipv6_prefix: u8,
+    /// Attempts allowed per trusted device per window.
+    pub rate_limit_device_max_attempts: u32,
+    /// How long an issued device token trusts its device.
+    pub login_device_ttl: Duration,
+    /// Device tokens kept per account (issuing past it forgets the oldest).
+    pub login_device_max: u32,
+    /// Refusals, in multiples of the device limit, after which a device
+    /// token is forgotten for good.
+    pub login_device_lockout_factor: u32,
     /// Number of multiplexed Redis connections.
     pub pool_size: u32,
     /// Bound on each store operation: pool wait, connect and Redis round trips.
@@ -207,6 +219,10 @@ impl fmt::Debug for Settings {
             rate_limit_max_attempts,
             rate_limit_account_max_attempts,
             rate_limit_ipv6_prefix,
+            rate_limit_device_max_attempts,
+            login_device_ttl,
+            login_device_max,
+            login_device_lockout_factor,
             pool_size,
             timeout,
             revocation_heartbeat,
@@ -234,6 +250,13 @@ impl fmt::Debug for Settings {
                 rate_limit_account_max_attempts,
             )
             .field("rate_limit_ipv6_prefix", rate_limit_ipv6_prefix)
+            .field(
+                "rate_limit_device_max_attempts",
+                rate_limit_device_max_attempts,
+            )
+            .field("login_device_ttl", login_device_ttl)
+            .field("login_device_max", login_device_max)
+            .field("login_device_lockout_factor", login_device_lockout_factor)
             .field("pool_size", pool_size)
             .field("timeout", timeout)
             .field("revocation_heartbeat", revocation_heartbeat)
@@ -272,6 +295,10 @@ impl Settings {
             rate_limit_max_attempts: 5,
             rate_limit_account_max_attempts: 10,
             rate_limit_ipv6_prefix: 64,
+            rate_limit_device_max_attempts: 10,
+            login_device_ttl: Duration::from_secs(2_592_000),
+            login_device_max: 20,
+            login_device_lockout_factor: 10,
             pool_size: 8,
             timeout: Duration::from_millis(1000),
             revocation_heartbeat: Duration::from_millis(1000),
@@ -341,6 +368,9 @@ struct Scripts {
     login_attempt: redis::Script,
     login_undo: redis::Script,
     login_reset: redis::Script,
+    login_device_attempt: redis::Script,
+    login_device_reset: redis::Script,
+    login_device_forget: redis::Script,
 }
 
 impl fmt::Debug for Scripts {
@@ -375,6 +405,9 @@ impl Scripts {
             login_attempt: script!("login_attempt"),
             login_undo: script!("login_undo"),
             login_reset: script!("login_reset"),
+            login_device_attempt: script!("login_device_attempt"),
+            login_device_reset: script!("login_device_reset"),
+            login_device_forget: script!("login_device_forget"),
         }
     }
 }
@@ -532,6 +565,37 @@ impl Store {
         ])
     }
 
+    /// The account's trusted devices: tagged by the account, as are the two
+    /// below, so one script sees the set and a device's counters.
+    pub(crate) fn login_devices_key(&self, account: &AccountKey) -> String {
+        key(&[
+            self.prefix(),
+            "rate_limit:login:devices:{",
+            account.as_str(),
+            "}",
+        ])
+    }
+
+    pub(crate) fn login_device_refusals_key(&self, account: &AccountKey) -> String {
+        key(&[
+            self.prefix(),
+            "rate_limit:login:device_refusals:{",
+            account.as_str(),
+            "}",
+        ])
+    }
+
+    /// One device's counter; `device` is the token's hash.
+    pub(crate) fn login_device_key(&self, account: &AccountKey, device: &str) -> String {
+        key(&[
+            self.prefix(),
+            "rate_limit:login:device:{",
+            account.as_str(),
+            "}:",
+            device,
+        ])
+    }
+
     pub(crate) fn login_account_key(&self, account: &AccountKey) -> String {
         key(&[
             self.prefix(),
@@ -653,6 +717,16 @@ mod tests {
                     assert_eq!(slot(&store.login_pair_key(&addr, &account)), slot(&counter));
                     let alone = store.login_account_key(&account);
                     assert_eq!(slot(&alone), slot(account.as_str()));
+                    // The device scripts: the set, the refusals and a
+                    // device's counter share the account's slot.
+                    let device = crate::model::DeviceToken::generate().unwrap().key();
+                    for device_key in [
+                        store.login_devices_key(&account),
+                        store.login_device_refusals_key(&account),
+                        store.login_device_key(&account, &device),
+                    ] {
+                        assert_eq!(slot(&device_key), slot(&alone));
+                    }
                 }
             }
         }

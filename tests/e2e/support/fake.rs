@@ -256,6 +256,14 @@ impl SessionStore for StubService {
         self.answer("ResetLoginAttempts", &request)?;
         Ok(Response::new(pb::ResetLoginAttemptsResponse::default()))
     }
+
+    async fn forget_login_devices(
+        &self,
+        request: Request<pb::ForgetLoginDevicesRequest>,
+    ) -> Result<Response<pb::ForgetLoginDevicesResponse>, Status> {
+        self.answer("ForgetLoginDevices", &request)?;
+        Ok(Response::new(pb::ForgetLoginDevicesResponse::default()))
+    }
     type WatchRevocationsStream =
         tokio_stream::Pending<Result<pb::WatchRevocationsResponse, Status>>;
 

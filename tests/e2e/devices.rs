@@ -1,0 +1,459 @@
+//! Trusted devices (#24): a login that presents a device token issued to it
+//! by an earlier successful login of the same account counts against that
+//! device alone, so an attacker who locks the account (or a shared address)
+//! for untrusted clients does not lock out its owner; a stolen token is held
+//! to its own limit and forgotten after the lockout factor.
+
+use std::time::Duration;
+
+use session_server::{
+    Config,
+    model::{AccountKey, DeviceToken},
+};
+use sessionstore::v1::{
+    ForgetLoginDevicesRequest, LoginLimit as PbLimit, RecordLoginAttemptRequest,
+    RecordLoginAttemptResponse, ResetLoginAttemptsRequest, ResetLoginAttemptsResponse,
+    session_store_client::SessionStoreClient,
+};
+use tonic::{Code, transport::Channel};
+
+use crate::support::{TestServer, inspect, test_config};
+
+type Client = SessionStoreClient<Channel>;
+
+/// Runs every future as its own task, all in flight at once; their outputs
+/// in order.
+async fn all<T, F>(futures: impl IntoIterator<Item = F>) -> Vec<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
+}
+
+async fn attempt(
+    c: &mut Client,
+    ip: &str,
+    account: &str,
+    token: &str,
+) -> RecordLoginAttemptResponse {
+    c.record_login_attempt(RecordLoginAttemptRequest {
+        ip: ip.into(),
+        account: account.into(),
+        device_token: token.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A successful login: ResetLoginAttempts with the token presented (if any),
+/// issuing a new one when `issue`.
+async fn login(
+    c: &mut Client,
+    ip: &str,
+    account: &str,
+    presented: &str,
+    issue: bool,
+) -> ResetLoginAttemptsResponse {
+    c.reset_login_attempts(ResetLoginAttemptsRequest {
+        ip: ip.into(),
+        account: account.into(),
+        issue_device_token: issue,
+        device_token: presented.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A new device token for `account`, as a first successful login gets it.
+async fn issue(c: &mut Client, account: &str) -> String {
+    let token = login(c, "198.51.100.200", account, "", true)
+        .await
+        .device_token;
+    assert!(token.len() >= 32, "at least 128 bits: {token:?}");
+    token
+}
+
+async fn forget(c: &mut Client, account: &str) -> u32 {
+    c.forget_login_devices(ForgetLoginDevicesRequest {
+        account: account.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .forgotten
+}
+
+fn devices_key(config: &Config, account: &str) -> String {
+    let account = AccountKey::parse(account).unwrap();
+    format!(
+        "{}rate_limit:login:devices:{{{}}}",
+        config.key_prefix,
+        account.as_str()
+    )
+}
+
+fn device_key(config: &Config, account: &str, token: &str) -> String {
+    let account = AccountKey::parse(account).unwrap();
+    let device = DeviceToken::parse(token).unwrap().key();
+    format!(
+        "{}rate_limit:login:device:{{{}}}:{device}",
+        config.key_prefix,
+        account.as_str()
+    )
+}
+
+fn refusals_key(config: &Config, account: &str) -> String {
+    let account = AccountKey::parse(account).unwrap();
+    format!(
+        "{}rate_limit:login:device_refusals:{{{}}}",
+        config.key_prefix,
+        account.as_str()
+    )
+}
+
+async fn pttl(config: &Config, key: &str) -> i64 {
+    inspect(config, redis::cmd("PTTL").arg(key)).await
+}
+
+/// 1,000 wrong attempts for one account from 100 addresses lock it for
+/// untrusted clients (ACCOUNT), while its owner, presenting the device token
+/// an earlier login issued, is allowed throughout, from a new address and
+/// from one the attacker used; the owner's logins clear only the device's
+/// attempts, so the account stays locked for the botnet.
+#[tokio::test]
+async fn an_attacker_cannot_lock_out_a_trusted_device() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let victim = "victim@example.com";
+    let token = issue(&mut c, victim).await;
+    let mut untrusted_refused = 0;
+    for round in 0..10u32 {
+        // 100 attempts per round, one from each of the 100 addresses.
+        let attempts = (0..100u32).map(|host| {
+            let mut c = c.clone();
+            async move {
+                attempt(&mut c, &format!("10.24.0.{host}"), victim, "")
+                    .await
+                    .allowed
+            }
+        });
+        let allowed = all(attempts).await;
+        untrusted_refused += allowed.iter().filter(|a| !**a).count();
+        // The owner, from a new address and from one the attacker uses.
+        for ip in [format!("203.0.113.{round}"), format!("10.24.0.{round}")] {
+            let verdict = attempt(&mut c, &ip, victim, &token).await;
+            assert!(verdict.allowed, "round {round} from {ip}: {verdict:?}");
+            assert!(verdict.device_trusted);
+            assert_eq!(verdict.refused_by, PbLimit::Unspecified as i32);
+        }
+        // Its successful login clears the device's attempts only.
+        assert!(
+            login(&mut c, "203.0.113.1", victim, &token, false)
+                .await
+                .reset
+        );
+        // Still locked for everyone untrusted, from a fresh address too.
+        let fresh = attempt(&mut c, &format!("198.51.100.{round}"), victim, "").await;
+        assert!(!fresh.allowed, "round {round}: {fresh:?}");
+        assert_eq!(fresh.refused_by, PbLimit::Account as i32);
+        assert!(!fresh.device_trusted);
+    }
+    // RATE_LIMIT_ACCOUNT_MAX_ATTEMPTS (10) of the 1,000 got through.
+    assert_eq!(untrusted_refused, 990);
+}
+
+/// A stolen device token hammered is refused after its own limit (DEVICE),
+/// does not lock the account for its other devices or for untrusted
+/// clients, and once refused LOGIN_DEVICE_LOCKOUT_FACTOR times its limit is
+/// untrusted for good.
+#[tokio::test]
+async fn a_stolen_device_token_is_limited_then_forgotten() {
+    let mut config = test_config();
+    config.rate_limit_device_max_attempts = 3;
+    config.login_device_lockout_factor = 2;
+    let server = TestServer::start_with(config.clone()).await;
+    let mut c = server.client().await;
+    let account = "owner@example.com";
+    let stolen = issue(&mut c, account).await;
+    let other = issue(&mut c, account).await;
+    for n in 1..=3 {
+        let verdict = attempt(&mut c, "192.0.2.66", account, &stolen).await;
+        assert!(
+            verdict.allowed && verdict.device_trusted,
+            "{n}: {verdict:?}"
+        );
+        assert_eq!(verdict.attempts, n);
+        assert_eq!(verdict.remaining, 3 - n);
+    }
+    // Six refusals (2 x 3): each refused by the device, with a retry_after.
+    for n in 1..=6 {
+        let verdict = attempt(&mut c, "192.0.2.66", account, &stolen).await;
+        assert!(!verdict.allowed, "refusal {n}: {verdict:?}");
+        assert!(verdict.device_trusted);
+        assert_eq!(verdict.refused_by, PbLimit::Device as i32);
+        assert!(verdict.retry_after.is_some());
+        // The account is not locked: the other device and an untrusted
+        // client are allowed.
+        if n == 3 {
+            let mine = attempt(&mut c, "203.0.113.9", account, &other).await;
+            assert!(mine.allowed && mine.device_trusted, "{mine:?}");
+            let untrusted = attempt(&mut c, "203.0.113.10", account, "").await;
+            assert!(untrusted.allowed && !untrusted.device_trusted);
+        }
+    }
+    // Forgotten: from now on it counts as no token (the address's limit of
+    // 5 applies to it), and a login presenting it does not revive it.
+    let verdict = attempt(&mut c, "192.0.2.66", account, &stolen).await;
+    assert!(!verdict.device_trusted, "{verdict:?}");
+    assert!(verdict.allowed, "counted as untrusted: {verdict:?}");
+    let _ = login(&mut c, "192.0.2.67", account, &stolen, false).await;
+    assert!(
+        !attempt(&mut c, "192.0.2.68", account, &stolen)
+            .await
+            .device_trusted
+    );
+    let members: i64 = inspect(
+        &config,
+        redis::cmd("ZCARD").arg(devices_key(&config, account)),
+    )
+    .await;
+    assert_eq!(members, 1, "only the other device is left");
+    assert!(
+        attempt(&mut c, "192.0.2.69", account, &other)
+            .await
+            .device_trusted
+    );
+}
+
+/// A device token trusts only its own account; a made-up one is untrusted;
+/// neither is an error.
+#[tokio::test]
+async fn a_device_token_trusts_only_its_account() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let a_token = issue(&mut c, "a@example.com").await;
+    let _b_token = issue(&mut c, "b@example.com").await;
+    assert!(
+        attempt(&mut c, "192.0.2.1", "a@example.com", &a_token)
+            .await
+            .device_trusted
+    );
+    let crossed = attempt(&mut c, "192.0.2.1", "b@example.com", &a_token).await;
+    assert!(crossed.allowed && !crossed.device_trusted, "{crossed:?}");
+    let made_up = "f".repeat(64);
+    let guessed = attempt(&mut c, "192.0.2.1", "a@example.com", &made_up).await;
+    assert!(guessed.allowed && !guessed.device_trusted, "{guessed:?}");
+    // A token without an account trusts nothing.
+    let bare = attempt(&mut c, "192.0.2.1", "", &a_token).await;
+    assert!(!bare.device_trusted);
+    // Presenting another account's token at reset clears the account's
+    // counter as a login without a token does (and issues nothing unasked).
+    let reset = login(&mut c, "192.0.2.1", "b@example.com", &a_token, false).await;
+    assert!(reset.reset);
+    assert!(reset.device_token.is_empty());
+}
+
+/// With LOGIN_DEVICE_TTL=1 a token is trusted at once and untrusted after a
+/// second.
+#[tokio::test]
+async fn an_expired_device_token_is_untrusted() {
+    let mut config = test_config();
+    config.login_device_ttl = 1;
+    let server = TestServer::start_with(config.clone()).await;
+    let mut c = server.client().await;
+    let token = issue(&mut c, "brief@example.com").await;
+    assert!(
+        attempt(&mut c, "192.0.2.2", "brief@example.com", &token)
+            .await
+            .device_trusted
+    );
+    let ttl = pttl(&config, &devices_key(&config, "brief@example.com")).await;
+    assert!(
+        (1..=1000).contains(&ttl),
+        "the set expires with its device: {ttl}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let late = attempt(&mut c, "192.0.2.2", "brief@example.com", &token).await;
+    assert!(!late.device_trusted, "{late:?}");
+}
+
+/// ForgetLoginDevices untrusts every token of the account at once, and only
+/// that account's.
+#[tokio::test]
+async fn forgetting_devices_untrusts_them_all() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let account = "reset@example.com";
+    let tokens = [issue(&mut c, account).await, issue(&mut c, account).await];
+    let elsewhere = issue(&mut c, "kept@example.com").await;
+    assert_eq!(forget(&mut c, account).await, 2);
+    for token in &tokens {
+        assert!(
+            !attempt(&mut c, "192.0.2.3", account, token)
+                .await
+                .device_trusted
+        );
+    }
+    assert!(
+        attempt(&mut c, "192.0.2.3", "kept@example.com", &elsewhere)
+            .await
+            .device_trusted
+    );
+    assert_eq!(forget(&mut c, account).await, 0);
+}
+
+/// LOGIN_DEVICE_MAX bounds an account's devices: issuing past it forgets the
+/// oldest; a trusted token presented with an issue is replaced.
+#[tokio::test]
+async fn issuing_past_the_device_max_forgets_the_oldest() {
+    let mut config = test_config();
+    config.login_device_max = 3;
+    let server = TestServer::start_with(config.clone()).await;
+    let mut c = server.client().await;
+    let account = "many@example.com";
+    let mut tokens = Vec::new();
+    for _ in 0..4 {
+        tokens.push(issue(&mut c, account).await);
+        // Distinct expiries, so "oldest" is well defined.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !attempt(&mut c, "192.0.2.4", account, &tokens[0])
+            .await
+            .device_trusted
+    );
+    for token in &tokens[1..] {
+        assert!(
+            attempt(&mut c, "192.0.2.4", account, token)
+                .await
+                .device_trusted
+        );
+    }
+    // A re-login from a trusted device rotates its token.
+    let renewed = login(&mut c, "192.0.2.4", account, &tokens[3], true)
+        .await
+        .device_token;
+    assert!(
+        !attempt(&mut c, "192.0.2.4", account, &tokens[3])
+            .await
+            .device_trusted
+    );
+    assert!(
+        attempt(&mut c, "192.0.2.4", account, &renewed)
+            .await
+            .device_trusted
+    );
+    let members: i64 = inspect(
+        &config,
+        redis::cmd("ZCARD").arg(devices_key(&config, account)),
+    )
+    .await;
+    assert_eq!(members, 3);
+}
+
+/// 50 concurrent attempts presenting one device token: exactly the device's
+/// limit (RATE_LIMIT_DEVICE_MAX_ATTEMPTS, 10) is allowed.
+#[tokio::test]
+async fn concurrent_attempts_with_one_device_allow_exactly_its_limit() {
+    let server = TestServer::start().await;
+    let c = server.client().await;
+    let token = issue(&mut c.clone(), "busy@example.com").await;
+    let attempts = (0..50u32).map(|i| {
+        let mut c = c.clone();
+        let token = token.clone();
+        async move { attempt(&mut c, &format!("192.0.2.{i}"), "busy@example.com", &token).await }
+    });
+    let verdicts = all(attempts).await;
+    assert!(verdicts.iter().all(|v| v.device_trusted));
+    let allowed = verdicts.iter().filter(|v| v.allowed).count();
+    assert_eq!(allowed, 10);
+    assert!(
+        verdicts
+            .iter()
+            .filter(|v| !v.allowed)
+            .all(|v| v.refused_by == PbLimit::Device as i32)
+    );
+}
+
+/// The device keys hold hashes only (never the account or the token) and
+/// every one of them has a TTL.
+#[tokio::test]
+async fn device_keys_hold_hashes_and_expire() {
+    let mut config = test_config();
+    config.rate_limit_device_max_attempts = 1;
+    let server = TestServer::start_with(config.clone()).await;
+    let mut c = server.client().await;
+    let account = "keys@example.com";
+    let token = issue(&mut c, account).await;
+    attempt(&mut c, "192.0.2.5", account, &token).await;
+    let refused = attempt(&mut c, "192.0.2.5", account, &token).await;
+    assert_eq!(refused.refused_by, PbLimit::Device as i32);
+    for key in [
+        devices_key(&config, account),
+        device_key(&config, account, &token),
+        refusals_key(&config, account),
+    ] {
+        assert!(!key.contains(account) && !key.contains(&token), "{key}");
+        let ttl = pttl(&config, &key).await;
+        assert!(ttl > 0, "{key} has no TTL: {ttl}");
+    }
+    let members: Vec<String> = inspect(
+        &config,
+        redis::cmd("ZRANGE")
+            .arg(devices_key(&config, account))
+            .arg(0)
+            .arg(-1),
+    )
+    .await;
+    assert_eq!(members, [DeviceToken::parse(&token).unwrap().key()]);
+}
+
+/// A device token over 256 bytes or not printable ASCII is INVALID_ARGUMENT
+/// naming device_token, in both calls that take one.
+#[tokio::test]
+async fn a_bad_device_token_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    for bad in [
+        "a".repeat(257),
+        "has space".into(),
+        "é".into(),
+        "nul\u{0}".into(),
+    ] {
+        let status = c
+            .record_login_attempt(RecordLoginAttemptRequest {
+                ip: "192.0.2.6".into(),
+                account: "x@example.com".into(),
+                device_token: bad.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(status.message().contains("device_token"), "{status:?}");
+        let status = c
+            .reset_login_attempts(ResetLoginAttemptsRequest {
+                ip: "192.0.2.6".into(),
+                account: "x@example.com".into(),
+                device_token: bad.clone(),
+                issue_device_token: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(status.message().contains("device_token"), "{status:?}");
+    }
+    let status = c
+        .forget_login_devices(ForgetLoginDevicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("account"), "{status:?}");
+}
