@@ -1,23 +1,21 @@
 //! Connections to Redis: a bb8 pool of multiplexed connections (standalone and
-//! sentinel) or one cluster connection, and [`Op`], one store operation bound
-//! by a deadline.
+//! sentinel) or one cluster connection, and the [`Op`]s (`op.rs`) that use
+//! them.
 
 use std::{
     fmt,
     sync::{
-        Arc, Mutex, OnceLock, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
-use metrics::Histogram;
 use redis::{
-    AsyncConnectionConfig, FromRedisValue, RedisFuture, Value,
-    aio::{ConnectionLike, MultiplexedConnection},
+    AsyncConnectionConfig,
+    aio::MultiplexedConnection,
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
-    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
 use tokio::time::{Instant, timeout_at};
@@ -28,6 +26,9 @@ use super::{
     record_error,
 };
 use crate::error::{Contention, Error};
+
+pub(super) use super::op::Op;
+use super::op::{Link, OpDurations};
 
 /// How connections are had: one store, one connection type chosen at start.
 pub(super) enum Backend {
@@ -180,14 +181,7 @@ impl Store {
         };
         let (Backend::Pool { durations, .. } | Backend::Cluster { durations, .. }) =
             &self.shared.backend;
-        Ok(Op {
-            conn,
-            deadline,
-            timeout,
-            name,
-            duration: durations.of(name),
-            contended: None,
-        })
+        Ok(Op::new(conn, deadline, timeout, name, durations.of(name)))
     }
 }
 
@@ -207,320 +201,6 @@ fn checkout_expired(pool: &bb8::Pool<RedisManager>, settings: &Settings) -> Erro
         })
     } else {
         Error::Timeout(settings.timeout)
-    }
-}
-
-/// The Redis latency histogram of each store operation, looked up in the
-/// metrics registry once per store rather than on every round trip (the
-/// lookup hashes the label set and takes a lock), as observe.rs does for the
-/// RPC series. Per store, not per process: a handle is bound to the recorder
-/// in force when it is made.
-///
-/// Filled as operations first run, so no list of operation names is kept:
-/// a new `op("...")` gets its slot on its first call. The slots fill in
-/// order, one at a time under `filling`, and are never emptied, so a reader
-/// scans them without a lock and stops at the first empty one; names are
-/// string literals, so a hit is nearly always a pointer comparison.
-pub(super) struct OpDurations {
-    /// Each operation's name and histogram, in order of first use.
-    slots: Box<[OnceLock<(&'static str, Histogram)>]>,
-    /// Held while a slot is filled, so two first calls of one operation do
-    /// not take two slots.
-    filling: Mutex<()>,
-}
-
-/// Most operation names kept: the store has about fifteen. Past it, an
-/// operation's histogram is looked up in the registry on each use, which is
-/// only slower, and `every_operation_of_the_store_fits` fails first.
-const MAX_OPS: usize = 64;
-
-impl Default for OpDurations {
-    fn default() -> Self {
-        Self {
-            slots: (0..MAX_OPS).map(|_| OnceLock::new()).collect(),
-            filling: Mutex::new(()),
-        }
-    }
-}
-
-/// Whether two operation names are one: the same literal is nearly always
-/// at the same address, and else the bytes decide.
-fn same_op(a: &'static str, b: &'static str) -> bool {
-    std::ptr::eq(a, b) || a == b
-}
-
-impl OpDurations {
-    /// The histogram of operation `name`.
-    fn of(&self, name: &'static str) -> Histogram {
-        for slot in &self.slots {
-            match slot.get() {
-                Some((op, histogram)) if same_op(op, name) => return histogram.clone(),
-                Some(_) => {}
-                None => break,
-            }
-        }
-        self.fill(name)
-    }
-
-    /// The histogram of an operation not found by [`OpDurations::of`]:
-    /// made, and kept in the next free slot unless another call of the
-    /// same operation kept it first.
-    #[cold]
-    fn fill(&self, name: &'static str) -> Histogram {
-        let make = || metrics::histogram!(crate::metrics::REDIS_DURATION, "op" => name);
-        // A poisoned lock guards nothing broken: the slots are set whole.
-        let _filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
-        for slot in &self.slots {
-            match slot.get() {
-                Some((op, histogram)) if same_op(op, name) => return histogram.clone(),
-                Some(_) => {}
-                None => {
-                    let histogram = make();
-                    // Under `filling`, and seen empty: the set succeeds.
-                    let _ = slot.set((name, histogram.clone()));
-                    return histogram;
-                }
-            }
-        }
-        make()
-    }
-}
-
-/// One store operation: a pooled connection and the deadline that bounds all
-/// of the operation's round trips.
-pub(super) struct Op {
-    conn: Link,
-    deadline: Instant,
-    timeout: Duration,
-    /// The store operation, as the `op` metric label.
-    name: &'static str,
-    /// The operation's Redis latency histogram.
-    duration: Histogram,
-    /// How long the operation has waited for other calls of this process
-    /// (not for Redis), and for what: when the deadline passes in a round
-    /// trip shorter than that wait, the wait is the cause.
-    contended: Option<(Duration, Contention)>,
-}
-
-impl Op {
-    pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, Error> {
-        let start = std::time::Instant::now();
-        let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn)).await;
-        self.settle(start, result)
-    }
-
-    pub(super) async fn invoke<T: FromRedisValue>(
-        &mut self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, Error> {
-        let start = std::time::Instant::now();
-        let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn)).await;
-        self.settle(start, result)
-    }
-
-    /// The masters of a cluster ("host:port", sorted) as redis-rs sees them
-    /// now; `None` in standalone and sentinel modes (one master, reached
-    /// through the pool).
-    ///
-    /// # Errors
-    ///
-    /// As [`query`](Self::query), and when a master does not answer.
-    pub(super) async fn cluster_masters(&mut self) -> Result<Option<Vec<String>>, Error> {
-        let Link::Cluster(cluster) = &mut self.conn else {
-            return Ok(None);
-        };
-        // Without a response policy redis-rs answers a map from each master's
-        // address to its reply.
-        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        let start = std::time::Instant::now();
-        let result = timeout_at(
-            self.deadline,
-            cluster.route_command(redis::cmd("PING"), routing),
-        )
-        .await;
-        match self.settle(start, result)? {
-            Value::Map(replies) => {
-                let mut masters = Vec::with_capacity(replies.len());
-                for (node, reply) in replies {
-                    if let Value::ServerError(refusal) = reply {
-                        return Err(Error::Internal(
-                            format!("PING on {node:?} failed: {refusal:?}").into(),
-                        ));
-                    }
-                    let node = String::from_redis_value(node).map_err(|e| {
-                        Error::Internal(format!("a cluster node address: {e}").into())
-                    })?;
-                    masters.push(node);
-                }
-                masters.sort();
-                Ok(Some(masters))
-            }
-            other => Err(Error::Internal(
-                format!("PING on every master answered {other:?}").into(),
-            )),
-        }
-    }
-
-    /// Runs `cmd`, whose reply is an integer (not kept), on one master
-    /// (`master`, "host:port", on a cluster; the one master otherwise). The
-    /// revocation stream's
-    /// heartbeats use it: each must leave from a given master (see
-    /// `revocations`), which the cluster's key-slot routing cannot express.
-    ///
-    /// # Errors
-    ///
-    /// As [`query`](Self::query); [`Error::Internal`] when the master
-    /// refuses the command (an ACL without the channel, a script error).
-    pub(super) async fn run_on(
-        &mut self,
-        master: Option<&str>,
-        cmd: &redis::Cmd,
-    ) -> Result<(), Error> {
-        let start = std::time::Instant::now();
-        let (Link::Cluster(cluster), Some(master)) = (&mut self.conn, master) else {
-            let result = timeout_at(self.deadline, cmd.query_async::<i64>(&mut self.conn)).await;
-            return self.settle(start, result).map(|_| ());
-        };
-        let (host, port) = split_host_port(master)?;
-        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-            host: host.to_owned(),
-            port,
-        });
-        let result = timeout_at(self.deadline, cluster.route_command(cmd.clone(), routing)).await;
-        match self.settle(start, result)? {
-            Value::ServerError(refusal) => Err(Error::Internal(
-                format!("a command on {master} was refused: {refusal:?}").into(),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits for `turn` (this user's turn among concurrent creates: a wait
-    /// for other calls, not for Redis) within the operation's deadline, or
-    /// fails with [`Error::Busy`].
-    pub(super) async fn wait_for_turn<F: std::future::Future>(
-        &mut self,
-        turn: F,
-    ) -> Result<F::Output, Error> {
-        let start = Instant::now();
-        let outcome = timeout_at(self.deadline, turn).await;
-        let contention = self.contend(start);
-        outcome.map_err(|_| record_error(self.name, Error::Busy(contention)))
-    }
-
-    /// Waits `pause` (a backoff from concurrent creates for the same user on
-    /// other instances) before the operation's next round trip, or fails with
-    /// [`Error::Busy`] when that would pass its deadline.
-    pub(super) async fn pause(&mut self, pause: Duration) -> Result<(), Error> {
-        let start = Instant::now();
-        let until = start + pause;
-        if until >= self.deadline {
-            let contention = self.contend(start);
-            return Err(record_error(self.name, Error::Busy(contention)));
-        }
-        tokio::time::sleep_until(until).await;
-        self.contend(start);
-        Ok(())
-    }
-
-    /// Adds the wait since `start` for concurrent creates of one user to
-    /// [`Op::contended`].
-    fn contend(&mut self, start: Instant) -> Contention {
-        let contention = Contention::UserCreates {
-            timeout: self.timeout,
-        };
-        let before = self.contended.map_or(Duration::ZERO, |(waited, _)| waited);
-        self.contended = Some((before + start.elapsed(), contention));
-        contention
-    }
-
-    /// Maps a round trip's outcome, marking the connection broken when it can
-    /// no longer be trusted, so the pool replaces it instead of reusing it.
-    fn settle<T>(
-        &mut self,
-        start: std::time::Instant,
-        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, Error> {
-        self.duration.record(start.elapsed().as_secs_f64());
-        let outcome = match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => {
-                // READONLY: the master we hold was demoted by a failover.
-                if err.is_io_error()
-                    || err.is_connection_dropped()
-                    || err.is_unrecoverable_error()
-                    || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-                {
-                    self.conn.mark_broken();
-                }
-                Err(err.into())
-            }
-            Err(_elapsed) => match self.contended {
-                // The deadline passed in a round trip shorter than the time
-                // the operation had waited for other calls: they took most of
-                // REDIS_TIMEOUT_MS, not Redis; the connection is fine.
-                Some((waited, contention)) if waited >= start.elapsed() => {
-                    Err(Error::Busy(contention))
-                }
-                _ => {
-                    // A silent peer (host gone, network partition) never
-                    // resets the socket: reconnect rather than queue behind it.
-                    self.conn.mark_broken();
-                    Err(Error::Timeout(self.timeout))
-                }
-            },
-        };
-        outcome.map_err(|err| record_error(self.name, err))
-    }
-}
-
-/// The connection one operation uses.
-enum Link {
-    /// A handle on a pooled multiplexed connection, and the pool's flag for
-    /// whether it has failed.
-    Shared {
-        conn: MultiplexedConnection,
-        broken: Arc<AtomicBool>,
-    },
-    /// A handle on the shared cluster connection.
-    Cluster(ClusterConnection),
-}
-
-impl Link {
-    /// Tells the pool not to reuse this connection. A cluster connection
-    /// repairs itself, so there is nothing to do for it.
-    fn mark_broken(&mut self) {
-        if let Self::Shared { broken, .. } = self {
-            broken.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-impl ConnectionLike for Link {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Shared { conn, .. } => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Shared { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Shared { conn, .. } => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
-        }
     }
 }
 
@@ -715,7 +395,7 @@ pub(super) async fn pubsub(
 }
 
 /// `host:port` as its parts.
-fn split_host_port(address: &str) -> Result<(&str, u16), Error> {
+pub(super) fn split_host_port(address: &str) -> Result<(&str, u16), Error> {
     address
         .rsplit_once(':')
         .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse().ok()?)))
@@ -837,41 +517,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    /// Each operation name takes one slot on its first use and keeps it,
-    /// whether it comes as the same literal or as equal bytes elsewhere.
-    #[test]
-    fn an_operation_keeps_its_histogram() {
-        let durations = OpDurations::default();
-        let filled = || durations.slots.iter().filter(|s| s.get().is_some()).count();
-        let elsewhere: &'static str = String::from("get_session").leak();
-        for name in ["get_session", "ping", "get_session", elsewhere] {
-            let _ = durations.of(name);
-        }
-        assert_eq!(filled(), 2);
-        let names: Vec<&str> = durations
-            .slots
-            .iter()
-            .filter_map(|s| s.get().map(|(name, _)| *name))
-            .collect();
-        assert_eq!(names, ["get_session", "ping"]);
-    }
-
-    /// Every operation name the store passes to `op` has a slot to spare,
-    /// so none is looked up in the registry on each use.
-    #[test]
-    fn every_operation_of_the_store_fits() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store");
-        let mut names = std::collections::BTreeSet::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
-            for rest in text.split(".op(\"").skip(1) {
-                names.insert(rest.split('"').next().unwrap().to_owned());
-            }
-        }
-        assert!(names.contains("get_session"), "{names:?}");
-        assert!(names.len() * 2 <= MAX_OPS, "{names:?}");
-    }
 
     /// Store settings for the Redis at `url`, with a pool of one connection
     /// and a short timeout.

@@ -2,7 +2,8 @@
 //! the connection pool. This is the only module that speaks to Redis, and it
 //! knows nothing of gRPC. One concern per file:
 //!
-//! - `connection`: the pool or cluster connection, and one operation's deadline;
+//! - `connection`: the pool or cluster connection;
+//! - `op`: one operation on it, bound by a deadline, with its latency histogram;
 //! - `credentials`: the Redis password and CA files, re-read for new
 //!   connections, and REDIS_URL with its passwords hidden;
 //! - `sessions`: create, look up, revoke, count and list sessions;
@@ -67,6 +68,7 @@ mod families;
 mod finality_model;
 pub mod health;
 mod login;
+mod op;
 mod revocations;
 mod sessions;
 
