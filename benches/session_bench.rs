@@ -37,8 +37,8 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use session_client::SessionClient;
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, RevokeSessionRequest,
-    RotateOutcome, RotateSessionRequest, WatchRevocationsRequest,
+    CreateSessionRequest, GetSessionRequest, RecordLoginAttemptRequest, ResetLoginAttemptsRequest,
+    RevokeSessionRequest, RotateOutcome, RotateSessionRequest, WatchRevocationsRequest,
     session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
@@ -71,6 +71,14 @@ enum Profile {
     /// RecordLoginAttempt with an account picked at random among `--users`
     /// (unique to the run), from an address as in `login`.
     LoginAccount,
+    /// As `login-account`, presenting the device token a login issued to the
+    /// account (trusted: counted against the device alone). The tokens are
+    /// issued before the warm-up (ResetLoginAttempts), or read from
+    /// `--devices FILE` with `--no-populate`; issuing writes them there.
+    LoginDevice,
+    /// As `login-account`, presenting a made-up device token (untrusted:
+    /// counted as without one).
+    LoginDeviceUntrusted,
     /// `get_user_session` of session-client with its near-cache on, every
     /// session cached before the warm-up: checks answered from memory. Each
     /// of the `--concurrency` tasks runs on an OS thread of its own.
@@ -156,6 +164,11 @@ struct Args {
     /// one process can populate and another measure.
     #[arg(long)]
     families: Option<std::path::PathBuf>,
+    /// `login-device`: a file of the accounts and their device tokens (one
+    /// tab-separated line each), written when the tokens are issued and read
+    /// with `--no-populate`.
+    #[arg(long)]
+    devices: Option<std::path::PathBuf>,
 }
 
 fn parse_watch(value: &str) -> Result<(String, u32), String> {
@@ -188,6 +201,8 @@ struct Keys {
     run: String,
     users: u32,
     keyspace: u32,
+    /// `login-device`: accounts and the device tokens issued to them.
+    devices: Arc<Vec<(String, String)>>,
 }
 
 impl Keys {
@@ -199,6 +214,9 @@ impl Keys {
     }
     fn owner(&self, session: u32) -> String {
         self.user(session % self.users)
+    }
+    fn account(&self, user: u32) -> String {
+        format!("bench-{}-{user}@example.com", self.run)
     }
 }
 
@@ -235,6 +253,52 @@ fn write_families(path: &std::path::Path, families: &[Family]) -> Result<(), Str
         .map(|f| format!("{}\t{}\t{}\n", f.user, f.id, f.token))
         .collect();
     std::fs::write(path, text).map_err(|e| format!("--families {}: {e}", path.display()))
+}
+
+/// Issues one device token to each of the run's `--users` accounts, as a
+/// first successful login does.
+async fn issue_devices(
+    clients: &[SessionStoreClient<Channel>],
+    keys: &Keys,
+) -> Result<Vec<(String, String)>, String> {
+    let mut devices = Vec::with_capacity(usize::try_from(keys.users).unwrap_or(0));
+    for user in 0..keys.users {
+        let mut client = clients[user as usize % clients.len()].clone();
+        let account = keys.account(user);
+        let token = client
+            .reset_login_attempts(ResetLoginAttemptsRequest {
+                ip: "10.255.255.1".into(),
+                account: account.clone(),
+                issue_device_token: true,
+                device_token: String::new(),
+            })
+            .await
+            .map_err(|status| format!("issuing a device token: {status}"))?
+            .into_inner()
+            .device_token;
+        devices.push((account, token));
+    }
+    Ok(devices)
+}
+
+fn read_devices(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--devices {}: {e}", path.display()))?;
+    text.lines()
+        .map(|line| {
+            line.split_once('\t')
+                .map(|(account, token)| (account.to_string(), token.to_string()))
+                .ok_or_else(|| format!("--devices {}: bad line {line:?}", path.display()))
+        })
+        .collect()
+}
+
+fn write_devices(path: &std::path::Path, devices: &[(String, String)]) -> Result<(), String> {
+    let text: String = devices
+        .iter()
+        .map(|(account, token)| format!("{account}\t{token}\n"))
+        .collect();
+    std::fs::write(path, text).map_err(|e| format!("--devices {}: {e}", path.display()))
 }
 
 /// A tiny xorshift generator: enough to pick keys, no dependency.
@@ -396,12 +460,22 @@ async fn call(
             }
             Ok(hit(response.outcome == RotateOutcome::Rotated as i32))
         }
-        Profile::Login | Profile::LoginAccount => {
+        Profile::Login
+        | Profile::LoginAccount
+        | Profile::LoginDevice
+        | Profile::LoginDeviceUntrusted => {
             let host = rng.below(keys.keyspace);
-            let account = if profile == Profile::LoginAccount {
-                format!("bench-{}-{}@example.com", keys.run, rng.below(keys.users))
-            } else {
-                String::new()
+            let (account, device_token) = match profile {
+                Profile::LoginAccount => (keys.account(rng.below(keys.users)), String::new()),
+                Profile::LoginDeviceUntrusted => {
+                    (keys.account(rng.below(keys.users)), "0".repeat(64))
+                }
+                Profile::LoginDevice => {
+                    let len = u32::try_from(keys.devices.len()).unwrap_or(u32::MAX);
+                    let index = usize::try_from(rng.below(len.max(1))).unwrap_or(0);
+                    keys.devices.get(index).cloned().unwrap_or_default()
+                }
+                _ => (String::new(), String::new()),
             };
             let response = client
                 .record_login_attempt(RecordLoginAttemptRequest {
@@ -412,10 +486,12 @@ async fn call(
                         host & 0xff
                     ),
                     account,
-                    device_token: String::new(),
+                    device_token,
                 })
-                .await?;
-            Ok(hit(response.into_inner().allowed))
+                .await?
+                .into_inner();
+            let trusted_as_expected = response.device_trusted == (profile == Profile::LoginDevice);
+            Ok(hit(response.allowed && trusted_as_expected))
         }
         Profile::Mixed => unreachable!("mixed picks one of the others above"),
         Profile::CachedGet | Profile::Visibility | Profile::RevokeFanout => {
@@ -595,11 +671,33 @@ async fn run(args: Args) -> Result<String, String> {
                 .unwrap_or(0)
         )
     });
-    let keys = Keys {
+    let mut keys = Keys {
         run: run_id,
         users: args.users,
         keyspace: args.keyspace,
+        devices: Arc::default(),
     };
+    if args.profile == Profile::LoginDevice {
+        keys.devices = Arc::new(if args.no_populate {
+            let path = args
+                .devices
+                .as_deref()
+                .ok_or("--profile login-device with --no-populate needs --devices FILE")?;
+            read_devices(path)?
+        } else {
+            let started = Instant::now();
+            let devices = issue_devices(&clients, &keys).await?;
+            eprintln!(
+                "issued {} device tokens in {:.1} s",
+                devices.len(),
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(path) = &args.devices {
+                write_devices(path, &devices)?;
+            }
+            devices
+        });
+    }
     let needs_sessions = !args.no_populate
         && matches!(
             args.profile,

@@ -15,7 +15,8 @@
 #   --profiles  any of session_bench's RPC profiles; get-hint, revoke and
 #               rotate read data populated before the server runs under
 #               callgrind (rotate: 2,000 families of 400 users, whose current
-#               tokens pass between runs in a file), so only their calls count.
+#               tokens pass between runs in a file; login-device: 2,000
+#               accounts' device tokens, likewise), so only their calls count.
 #   --keep DIR  copies the callgrind dumps there (for callgrind_annotate).
 # BENCH_BIN names a load generator built before, so only the server is built.
 # Needs valgrind (apt-get install valgrind).
@@ -101,6 +102,11 @@ if [[ " $PROFILES " == *" rotate "* ]]; then
   bench --run-id cg-rot-pop --profile rotate --keyspace 2000 --users 400 --families "$families" \
     --duration 0.1 --warmup 0 >/dev/null
 fi
+devices="$work/devices"
+if [[ " $PROFILES " == *" login-device "* ]]; then
+  bench --run-id cg-dev --profile login-device --users 2000 --devices "$devices" \
+    --duration 0.1 --warmup 0 >/dev/null
+fi
 kill "$native"; wait "$native" 2>/dev/null || true
 
 log "server under callgrind"
@@ -115,6 +121,7 @@ for profile in $PROFILES; do
     get-hint) bench --run-id cg-get --no-populate --profile get-hint --keyspace 1000 --users 200 --duration 0.5 --warmup 0 >/dev/null ;;
     revoke) ;;
     rotate) bench --run-id cg-rot-warm --no-populate --profile rotate --families "$families" --duration 0.5 --warmup 0 >/dev/null ;;
+    login-device) bench --run-id cg-dev --no-populate --profile login-device --devices "$devices" --keyspace 60000 --duration 0.5 --warmup 0 >/dev/null ;;
     *) bench --profile "$profile" --keyspace 60000 --users 100000 --duration 0.5 --warmup 0 >/dev/null ;;
   esac
 done
@@ -125,6 +132,7 @@ for profile in $PROFILES; do
     get-hint) args=(--run-id cg-get --no-populate --keyspace 1000 --users 200) ;;
     revoke) args=(--run-id cg-revoke --no-populate --keyspace 20000 --users 4000) ;;
     rotate) args=(--run-id cg-rot --no-populate --families "$families") ;;
+    login-device) args=(--run-id cg-dev --no-populate --devices "$devices" --keyspace 60000) ;;
     *) args=(--keyspace 60000 --users 100000) ;;
   esac
   callgrind_control -z "$cg" >/dev/null

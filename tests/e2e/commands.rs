@@ -88,3 +88,74 @@ async fn get_session_needs_one_command_with_the_hint_and_two_without() {
     }
     server.shutdown().await;
 }
+
+/// RecordLoginAttempt naming an account costs two round trips (scripts) when
+/// allowed, whatever device token comes with it: none, a made-up one (the
+/// device script counts it for the account itself, #24) or a trusted one
+/// (one: its own counter alone). Every step of the call is a script, and
+/// INFO commandstats also counts the commands run inside scripts, so the
+/// round trips are the EVALSHA (and EVAL) calls.
+#[tokio::test]
+async fn a_login_attempt_with_a_device_token_costs_no_more_commands_than_without() {
+    use sessionstore::v1::{RecordLoginAttemptRequest, ResetLoginAttemptsRequest};
+    const CALLS: u64 = 20;
+    let redis = PrivateRedis::start();
+    let mut config = config_on(&redis);
+    config.health_check_interval_ms = 3_600_000;
+    config.rate_limit_max_attempts = 1_000;
+    config.rate_limit_account_max_attempts = 1_000;
+    config.rate_limit_device_max_attempts = 1_000;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let trusted = client
+        .reset_login_attempts(ResetLoginAttemptsRequest {
+            ip: "192.0.2.1".into(),
+            account: "owner@example.com".into(),
+            issue_device_token: true,
+            device_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .device_token;
+    let made_up = "0".repeat(64);
+    let mut redis_conn = redis.connection().await;
+    for (label, token, allowed_per_call) in [
+        ("no token", "", 2),
+        ("made-up token", made_up.as_str(), 2),
+        ("trusted token", trusted.as_str(), 1),
+    ] {
+        let attempt = |i: u64| RecordLoginAttemptRequest {
+            ip: format!("192.0.2.{}", 10 + i % 100),
+            account: "owner@example.com".into(),
+            device_token: token.into(),
+        };
+        // One untimed call: the scripts' first runs load them.
+        let first = client.record_login_attempt(attempt(0)).await.unwrap();
+        assert!(first.into_inner().allowed, "{label}");
+        let before = command_calls(&mut redis_conn).await;
+        for i in 1..=CALLS {
+            let verdict = client
+                .record_login_attempt(attempt(i))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(verdict.allowed, "{label}: attempt {i} refused: {verdict:?}");
+            assert_eq!(verdict.device_trusted, label == "trusted token", "{label}");
+        }
+        let after = command_calls(&mut redis_conn).await;
+        let (_, by_command) = delta(&before, &after);
+        let scripts: u64 = ["evalsha", "eval"]
+            .iter()
+            .filter_map(|name| by_command.get(*name))
+            .sum();
+        assert_eq!(
+            scripts,
+            allowed_per_call * CALLS,
+            "{CALLS} RecordLoginAttempt calls ({label}) ran {scripts} scripts, \
+             not {} ({by_command:?})",
+            allowed_per_call * CALLS
+        );
+    }
+    server.shutdown().await;
+}

@@ -17,7 +17,7 @@ use sessionstore::v1::{
 };
 use tonic::{Code, transport::Channel};
 
-use crate::support::{TestServer, inspect, test_config};
+use crate::support::{TestServer, inspect, server_script, test_config};
 
 type Client = SessionStoreClient<Channel>;
 
@@ -456,4 +456,132 @@ async fn a_bad_device_token_is_invalid_argument() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("account"), "{status:?}");
+}
+
+/// An untrusted device token (here a made-up one) counts exactly as no token:
+/// the account's limit refuses with ACCOUNT and that attempt is not counted
+/// at the address; the address's limit refuses with ADDRESS and that attempt
+/// is not counted for the account (its give-back, since an untrusted token
+/// is counted for the account first).
+#[tokio::test]
+async fn an_untrusted_token_counts_as_no_token() {
+    let mut config = test_config();
+    config.rate_limit_max_attempts = 3;
+    config.rate_limit_account_max_attempts = 2;
+    let server = TestServer::start_with(config).await;
+    let mut c = server.client().await;
+    let made_up = "e".repeat(64);
+    for (round, token) in [(1, ""), (2, made_up.as_str())] {
+        let account = format!("x{round}@example.com");
+        let other = format!("y{round}@example.com");
+        let (ip, fresh_ip) = (format!("192.0.2.{round}"), format!("198.51.100.{round}"));
+        for _ in 0..2 {
+            assert!(attempt(&mut c, &ip, &account, token).await.allowed);
+        }
+        let by_account = attempt(&mut c, &ip, &account, token).await;
+        assert!(!by_account.allowed, "round {round}: {by_account:?}");
+        assert_eq!(
+            by_account.refused_by,
+            PbLimit::Account as i32,
+            "round {round}"
+        );
+        assert!(!by_account.device_trusted && by_account.retry_after.is_some());
+        // Not counted at the address: it has made two attempts of three.
+        assert!(attempt(&mut c, &ip, &other, token).await.allowed);
+        let by_address = attempt(&mut c, &ip, &other, token).await;
+        assert_eq!(
+            by_address.refused_by,
+            PbLimit::Address as i32,
+            "round {round}: {by_address:?}"
+        );
+        // Not counted for the other account: one of its two attempts is used,
+        // so from a fresh address exactly one more is allowed.
+        assert!(attempt(&mut c, &fresh_ip, &other, token).await.allowed);
+        let other_locked = attempt(&mut c, &fresh_ip, &other, token).await;
+        assert_eq!(
+            other_locked.refused_by,
+            PbLimit::Account as i32,
+            "round {round}: {other_locked:?}"
+        );
+    }
+}
+
+/// The account's give-back (an untrusted token's attempt, refused by the
+/// address) that lands after a reset of the account gives nothing back: the
+/// reset already cleared that attempt, and a decrement would erase an
+/// attempt made after the reset. The server's scripts, run by hand in the
+/// order a race produces; the same give-back without the reset does give
+/// back.
+#[tokio::test]
+async fn an_account_give_back_after_a_reset_erases_nothing() {
+    let config = test_config();
+    let attempt_script = server_script("login_device_attempt");
+    let reset_script = server_script("login_account_reset");
+    let undo_script = server_script("login_account_undo");
+    let account = format!("{}give-back@example.com", config.key_prefix);
+    let account = AccountKey::parse(&account).unwrap();
+    let tagged = |name: &str| {
+        format!(
+            "{}rate_limit:login:{name}:{{{}}}",
+            config.key_prefix,
+            account.as_str()
+        )
+    };
+    let (counter, epoch) = (tagged("account"), tagged("account_epoch"));
+    let keys = [
+        tagged("devices"),
+        tagged("device_refusals"),
+        tagged("device"),
+        counter.clone(),
+        epoch.clone(),
+    ];
+    // An untrusted attempt: one huge bucket, so every step lands in it.
+    let take = || {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&attempt_script).arg(keys.len()).arg(&keys[..]);
+        cmd.arg("0".repeat(64)).arg(1_000_000_000_u64).arg(10);
+        cmd.arg(10).arg(10).arg(5);
+        cmd
+    };
+    let give_back = |bucket: i64, epoch_seen: &str| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&undo_script).arg(2).arg(&counter).arg(&epoch);
+        cmd.arg(bucket).arg(epoch_seen);
+        cmd
+    };
+    let counted = || async {
+        let counts: Vec<i64> = inspect(&config, redis::cmd("HVALS").arg(&counter)).await;
+        counts.iter().sum::<i64>()
+    };
+    type Reply = (u8, u8, u64, u64, u64, i64, String);
+    // Without a reset in between, the give-back takes the attempt off.
+    let (trusted, allowed, _, _, _, bucket, seen): Reply = inspect(&config, &take()).await;
+    assert_eq!((trusted, allowed), (0, 1));
+    let undone: i64 = inspect(&config, &give_back(bucket, &seen)).await;
+    assert_eq!((undone, counted().await), (1, 0));
+    // An attempt, then the account's reset, then a new attempt in the same
+    // bucket, then the first attempt's give-back: nothing to give back.
+    let (_, _, _, _, _, bucket, seen): Reply = inspect(&config, &take()).await;
+    let deleted: i64 = inspect(
+        &config,
+        redis::cmd("EVAL")
+            .arg(&reset_script)
+            .arg(2)
+            .arg(&counter)
+            .arg(&epoch)
+            .arg(60_000),
+    )
+    .await;
+    assert_eq!(deleted, 1);
+    let _: Reply = inspect(&config, &take()).await;
+    let undone: i64 = inspect(&config, &give_back(bucket, &seen)).await;
+    assert_eq!(undone, 0, "a give-back across a reset");
+    assert_eq!(
+        counted().await,
+        1,
+        "the attempt after the reset still counts"
+    );
+    let epoch_ttl: i64 = inspect(&config, redis::cmd("PTTL").arg(&epoch)).await;
+    assert!(epoch_ttl > 0 && epoch_ttl <= 60_000, "{epoch_ttl}");
+    let _: i64 = inspect(&config, redis::cmd("DEL").arg(&counter).arg(&epoch)).await;
 }

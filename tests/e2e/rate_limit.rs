@@ -15,7 +15,7 @@ use sessionstore::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::support::{TestServer, inspect, test_config};
+use crate::support::{TestServer, inspect, server_script, test_config};
 
 /// Buckets per window, as in `session-server/src/store/login.rs`.
 const BUCKETS: u64 = 10;
@@ -464,22 +464,9 @@ async fn check_against_model(gaps: &[u64]) {
 /// scripts, run by hand in the order a race produces.
 #[tokio::test]
 async fn a_give_back_after_a_reset_never_erases_guesses_against_another_account() {
-    // As the server loads them: the shared helpers, then the script.
-    macro_rules! script {
-        ($name:literal) => {
-            concat!(
-                include_str!("../../session-server/src/store/scripts/lib.lua"),
-                include_str!(concat!(
-                    "../../session-server/src/store/scripts/",
-                    $name,
-                    ".lua"
-                ))
-            )
-        };
-    }
-    const ATTEMPT: &str = script!("login_attempt");
-    const RESET: &str = script!("login_reset");
-    const UNDO: &str = script!("login_undo");
+    let attempt_script = server_script("login_attempt");
+    let reset_script = server_script("login_reset");
+    let undo_script = server_script("login_undo");
     let config = test_config();
     let prefix = &config.key_prefix;
     let addr = format!("{prefix}race:{{x}}addr");
@@ -488,7 +475,7 @@ async fn a_give_back_after_a_reset_never_erases_guesses_against_another_account(
     let take = |pair: &str| {
         let mut cmd = redis::cmd("EVAL");
         // One huge bucket, so every step lands in it; limit 3.
-        cmd.arg(ATTEMPT)
+        cmd.arg(&attempt_script)
             .arg(2)
             .arg(&addr)
             .arg(pair)
@@ -510,7 +497,7 @@ async fn a_give_back_after_a_reset_never_erases_guesses_against_another_account(
     let _: i64 = inspect(
         &config,
         redis::cmd("EVAL")
-            .arg(RESET)
+            .arg(&reset_script)
             .arg(2)
             .arg(&addr)
             .arg(&pair_own),
@@ -520,7 +507,7 @@ async fn a_give_back_after_a_reset_never_erases_guesses_against_another_account(
     let undone: i64 = inspect(
         &config,
         redis::cmd("EVAL")
-            .arg(UNDO)
+            .arg(&undo_script)
             .arg(2)
             .arg(&addr)
             .arg(&pair_own)

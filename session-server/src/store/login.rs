@@ -64,8 +64,18 @@
 //! one script (`login_device_attempt.lua`) sees the device's trust and its
 //! counter atomically, in one round trip; a trusted attempt costs that one
 //! round trip, fewer than an attempt naming an account without a device
-//! (two, three when the account refuses). An untrusted token costs that
-//! read-only round trip before the usual ones. A device's refusals add up
+//! (two, three when the account refuses). An untrusted token (made up,
+//! expired, forgotten, another account's) costs what an attempt without one
+//! does: the same script, finding the token untrusted, takes the attempt
+//! from the account's counter, then the address's step follows, and when
+//! the address refuses the account's attempt is given back. That is the
+//! order above reversed, and the give-back needs its own proof: a reset of
+//! the account deletes its counter, and a give-back arriving after it and
+//! after new attempts in the same bucket would erase one of those. So the
+//! account's reset moves a reset epoch on (`login_account_reset.lua`), the
+//! attempt carries the epoch it was counted at, and the give-back
+//! (`login_account_undo.lua`) changes nothing once the epoch has moved. A
+//! device's refusals add up
 //! over the token's life, and at LOGIN_DEVICE_LOCKOUT_FACTOR times its limit
 //! the token is forgotten, so a stolen token yields at most its limit per
 //! window and a bounded total before it is worth nothing.
@@ -111,6 +121,16 @@ impl Take {
             0
         }
     }
+}
+
+/// What login_device_attempt.lua made of a device token.
+#[derive(Debug)]
+enum Device {
+    /// Trusted for the account: its own counter decided.
+    Trusted(LoginVerdict),
+    /// Untrusted: the attempt was counted for the account as without a
+    /// token, at the account's reset `epoch`.
+    Untrusted { at_account: Take, epoch: String },
 }
 
 impl Store {
@@ -169,10 +189,14 @@ impl Store {
         let account_max = settings.rate_limit_account_max_attempts;
         // One operation, so one deadline, for the whole call.
         let mut op = self.op("record_login_attempt").await?;
-        if let (Some(account), Some(device)) = (account, device)
-            && let Some(verdict) = self.take_device(&mut op, account, device).await?
-        {
-            return Ok(verdict);
+        if let (Some(account), Some(device)) = (account, device) {
+            return match self.take_device(&mut op, account, device).await? {
+                Device::Trusted(verdict) => Ok(verdict),
+                Device::Untrusted { at_account, epoch } => {
+                    self.take_address_after_account(&mut op, addr, account, at_account, &epoch)
+                        .await
+                }
+            };
         }
         let mut addr_keys = vec![self.rate_limit_key(addr)];
         if let Some(account) = account {
@@ -200,14 +224,15 @@ impl Store {
         Ok(verdict(at_addr, addr_max, Some((at_account, account_max))))
     }
 
-    /// Runs login_device_attempt.lua: `None` when `device` is not trusted
-    /// for `account` (nothing was counted), else the device's verdict.
+    /// Runs login_device_attempt.lua: a trusted `device` is counted alone
+    /// and decides the call; an untrusted one was counted for `account` (the
+    /// account's side of the call, see the module docs).
     async fn take_device(
         &self,
         op: &mut Op,
         account: &AccountKey,
         device: &DeviceToken,
-    ) -> Result<Option<LoginVerdict>, Error> {
+    ) -> Result<Device, Error> {
         let settings = self.settings();
         let max = settings.rate_limit_device_max_attempts;
         let lockout = max.saturating_mul(settings.login_device_lockout_factor);
@@ -217,24 +242,37 @@ impl Store {
             .key(self.login_devices_key(account))
             .key(self.login_device_refusals_key(account))
             .key(self.login_device_key(account, &hash))
+            .key(self.login_account_key(account))
+            .key(self.login_account_epoch_key(account))
             .arg(&hash)
             .arg(self.bucket_ms())
             .arg(BUCKETS_PER_WINDOW)
             .arg(max)
-            .arg(lockout);
-        let (trusted, allowed, before, retry_ms, now_ms): (u8, u8, u64, u64, u64) =
-            op.invoke(&invocation).await?;
-        if trusted == 0 {
-            return Ok(None);
-        }
+            .arg(lockout)
+            .arg(settings.rate_limit_account_max_attempts);
+        let (trusted, allowed, before, retry_ms, now_ms, bucket, epoch): (
+            u8,
+            u8,
+            u64,
+            u64,
+            u64,
+            i64,
+            String,
+        ) = op.invoke(&invocation).await?;
         let take = Take {
             allowed: allowed == 1,
             before,
             retry_ms,
-            bucket: 0,
+            bucket,
             now_ms,
         };
-        Ok(Some(LoginVerdict {
+        if trusted == 0 {
+            return Ok(Device::Untrusted {
+                at_account: take,
+                epoch,
+            });
+        }
+        Ok(Device::Trusted(LoginVerdict {
             allowed: take.allowed,
             attempts: take.attempts(),
             remaining: take.remaining(max),
@@ -243,6 +281,43 @@ impl Store {
             decided_at_ms: now_ms,
             device_trusted: true,
         }))
+    }
+
+    /// The address's side of an attempt whose untrusted device token had it
+    /// counted for `account` first (`at_account`): today's two steps in the
+    /// other order, so the call still costs two round trips, three when the
+    /// second step refuses. The address is taken only when the account
+    /// allowed the attempt (otherwise only asked how long it would refuse,
+    /// for retry_after); when the address refuses, the account's attempt is
+    /// given back, unless a reset of the account (`epoch` moved on) already
+    /// cleared it.
+    async fn take_address_after_account(
+        &self,
+        op: &mut Op,
+        addr: &ClientAddr,
+        account: &AccountKey,
+        at_account: Take,
+        epoch: &str,
+    ) -> Result<LoginVerdict, Error> {
+        let settings = self.settings();
+        let addr_max = settings.rate_limit_max_attempts;
+        let account_max = settings.rate_limit_account_max_attempts;
+        let addr_keys = [
+            self.rate_limit_key(addr),
+            self.login_pair_key(addr, account),
+        ];
+        let at_addr = self
+            .take(op, &addr_keys, addr_max, at_account.allowed)
+            .await?;
+        if at_account.allowed && !at_addr.allowed {
+            let mut undo = self.shared.scripts.login_account_undo.prepare_invoke();
+            undo.key(self.login_account_key(account))
+                .key(self.login_account_epoch_key(account))
+                .arg(at_account.bucket)
+                .arg(epoch);
+            let _: i64 = op.invoke(&undo).await?;
+        }
+        Ok(verdict(at_addr, addr_max, Some((at_account, account_max))))
     }
 
     /// Clears login attempts after a successful login: with `account`, the
@@ -330,10 +405,14 @@ impl Store {
             .key(self.rate_limit_key(addr))
             .key(self.login_pair_key(addr, account));
         let cleared: i64 = op.invoke(&reset).await?;
-        // The account's counter lives in another slot: a command of its own.
-        let deleted: i64 = op
-            .query(redis::cmd("DEL").arg(self.login_account_key(account)))
-            .await?;
+        // The account's counter lives in another slot: a script of its own,
+        // which also moves its reset epoch on (login_account_undo.lua).
+        let mut account_reset = self.shared.scripts.login_account_reset.prepare_invoke();
+        account_reset
+            .key(self.login_account_key(account))
+            .key(self.login_account_epoch_key(account))
+            .arg(self.bucket_ms() * (BUCKETS_PER_WINDOW + 1));
+        let deleted: i64 = op.invoke(&account_reset).await?;
         Ok(cleared > 0 || deleted == 1)
     }
 }

@@ -369,6 +369,8 @@ struct Scripts {
     count_sessions: redis::Script,
     login_attempt: redis::Script,
     login_undo: redis::Script,
+    login_account_undo: redis::Script,
+    login_account_reset: redis::Script,
     login_reset: redis::Script,
     login_device_attempt: redis::Script,
     login_device_reset: redis::Script,
@@ -406,6 +408,8 @@ impl Scripts {
             count_sessions: script!("count_sessions"),
             login_attempt: script!("login_attempt"),
             login_undo: script!("login_undo"),
+            login_account_undo: script!("login_account_undo"),
+            login_account_reset: script!("login_account_reset"),
             login_reset: script!("login_reset"),
             login_device_attempt: script!("login_device_attempt"),
             login_device_reset: script!("login_device_reset"),
@@ -606,6 +610,17 @@ impl Store {
             "}",
         ])
     }
+
+    /// The account counter's reset epoch (login_account_reset.lua), in its
+    /// slot.
+    pub(crate) fn login_account_epoch_key(&self, account: &AccountKey) -> String {
+        key(&[
+            self.prefix(),
+            "rate_limit:login:account_epoch:{",
+            account.as_str(),
+            "}",
+        ])
+    }
 }
 
 /// Counts a failed store operation by kind, and passes the error on.
@@ -719,13 +734,15 @@ mod tests {
                     assert_eq!(slot(&store.login_pair_key(&addr, &account)), slot(&counter));
                     let alone = store.login_account_key(&account);
                     assert_eq!(slot(&alone), slot(account.as_str()));
-                    // The device scripts: the set, the refusals and a
-                    // device's counter share the account's slot.
+                    // The device scripts: the set, the refusals, a
+                    // device's counter and the account counter's reset
+                    // epoch share the account's slot.
                     let device = crate::model::DeviceToken::generate().unwrap().key();
                     for device_key in [
                         store.login_devices_key(&account),
                         store.login_device_refusals_key(&account),
                         store.login_device_key(&account, &device),
+                        store.login_account_epoch_key(&account),
                     ] {
                         assert_eq!(slot(&device_key), slot(&alone));
                     }

@@ -251,6 +251,21 @@ pub(crate) async fn inspect<T: redis::FromRedisValue>(config: &Config, cmd: &red
     store.raw_command(cmd).await.unwrap()
 }
 
+/// A store script's source as the server loads it (store/mod.rs `script!`):
+/// the shared helpers of `lib.lua`, then the script; for tests that run the
+/// steps of a race by hand, in the order the race produces.
+pub(crate) fn server_script(name: &str) -> String {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/session-server/src/store/scripts/"
+    );
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("{dir}{file}.lua"))
+            .unwrap_or_else(|e| panic!("script {file}: {e}"))
+    };
+    read("lib") + &read(name)
+}
+
 /// The calls Redis has answered so far, by command (`INFO commandstats`),
 /// without INFO itself.
 pub(crate) async fn command_calls(
