@@ -43,7 +43,7 @@ use std::{
     pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use http_body::Frame;
@@ -62,7 +62,10 @@ use tower::{
     util::{Either, future::EitherResponseFuture},
 };
 
-use crate::methods::Methods;
+use crate::{
+    methods::Methods,
+    secret_file::{self, SecretError, SecretFile, Stamp},
+};
 
 /// How often the tokens file is checked for changes. A change is installed
 /// once the file looked the same on two checks, so within two intervals.
@@ -101,30 +104,6 @@ pub enum AuthError {
         "AUTH_TOKENS_FILE {0} changed while it was read; write a new file and rename it into place"
     )]
     Changing(PathBuf),
-}
-
-/// What identifies one version of the file: a change to any of these means
-/// the file was rewritten or replaced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    /// Tells a renamed-in replacement from the file it replaced even when
-    /// both have the same size and time.
-    #[cfg(unix)]
-    inode: u64,
-}
-
-impl Stamp {
-    fn of(path: &Path) -> std::io::Result<Self> {
-        let metadata = std::fs::metadata(path)?;
-        Ok(Self {
-            len: metadata.len(),
-            modified: metadata.modified().ok(),
-            #[cfg(unix)]
-            inode: std::os::unix::fs::MetadataExt::ino(&metadata),
-        })
-    }
 }
 
 /// The accepted tokens, each with the signal that ends the streams opened
@@ -218,13 +197,7 @@ impl Tokens {
     /// [`AuthError`] when the file cannot be read, holds no token, or keeps
     /// changing while it is read.
     pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let mut attempt = 1;
-        let (accepted, loaded) = loop {
-            match read_tokens(path, read_file) {
-                Err(AuthError::Changing(_)) if attempt < LOAD_ATTEMPTS => attempt += 1,
-                result => break result?,
-            }
-        };
+        let (accepted, loaded) = read_tokens(path, LOAD_ATTEMPTS, |path| std::fs::read(path))?;
         if accepted.is_empty() {
             return Err(AuthError::Empty(path.to_owned()));
         }
@@ -240,7 +213,7 @@ impl Tokens {
     /// tokens it no longer holds. On failure the previous tokens stay in
     /// force, streams included, and the failure is logged and counted.
     fn reload(&self) -> Result<Stamp, AuthError> {
-        let result = self.reload_with(read_file);
+        let result = self.reload_with(|path| std::fs::read(path));
         match &result {
             Ok(_) => {}
             Err(err) => {
@@ -252,12 +225,13 @@ impl Tokens {
     }
 
     /// [`Tokens::reload`] with the read given, so tests can change the file
-    /// in the middle of it.
+    /// in the middle of it. One attempt: the watcher tries again at its next
+    /// check.
     fn reload_with(
         &self,
-        read: impl FnOnce(&Path) -> std::io::Result<String>,
+        read: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
     ) -> Result<Stamp, AuthError> {
-        let (tokens, stamp) = read_tokens(&self.path, read)?;
+        let (tokens, stamp) = read_tokens(&self.path, 1, read)?;
         let (count, removed) = {
             let mut accepted = self.accepted.write().unwrap_or_else(|e| e.into_inner());
             let removed = accepted.replace(tokens);
@@ -414,34 +388,41 @@ fn digest(token: &[u8]) -> Digest {
     out
 }
 
-fn read_file(path: &Path) -> std::io::Result<String> {
-    std::fs::read_to_string(path)
-}
-
-/// The digests of the tokens in `path` and the version read: the file is
-/// examined before and after `read`, and refused as [`AuthError::Changing`]
-/// if it changed in between or the text read is not the whole file.
+/// The digests of the tokens in `path` and the version read, read as every
+/// secret file is ([`crate::secret_file`]): a file that changed during each
+/// of `attempts` reads is [`AuthError::Changing`].
 fn read_tokens(
     path: &Path,
-    read: impl FnOnce(&Path) -> std::io::Result<String>,
+    attempts: usize,
+    read: impl FnMut(&Path) -> std::io::Result<Vec<u8>>,
 ) -> Result<(Vec<Digest>, Stamp), AuthError> {
-    let io_error = |source| AuthError::Read {
-        path: path.to_owned(),
-        source,
+    let file = SecretFile {
+        variable: "AUTH_TOKENS_FILE",
+        path,
     };
-    let before = Stamp::of(path).map_err(io_error)?;
-    let text = read(path).map_err(io_error)?;
-    let after = Stamp::of(path).map_err(io_error)?;
-    if before != after || u64::try_from(text.len()).ok() != Some(after.len) {
-        return Err(AuthError::Changing(path.to_owned()));
-    }
+    let mut reads =
+        secret_file::read_settled_with(&[file], attempts, read).map_err(|err| match err {
+            SecretError::Read { source, .. } => AuthError::Read {
+                path: path.to_owned(),
+                source,
+            },
+            SecretError::Changing { .. } => AuthError::Changing(path.to_owned()),
+        })?;
+    let Some(secret_file::Read { bytes, stamp }) = reads.pop() else {
+        // read_settled answers one read per file it was given, or an error.
+        unreachable!("one file read, one result");
+    };
+    let text = String::from_utf8(bytes).map_err(|e| AuthError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
     let tokens = text
         .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .map(|line| digest(line.as_bytes()))
         .collect();
-    Ok((tokens, after))
+    Ok((tokens, stamp))
 }
 
 /// Puts [`Tokens`] in front of a service stack, or nothing when
@@ -761,7 +742,7 @@ mod tests {
         let tokens = Tokens::load(&f.0).unwrap();
         std::fs::write(&f.0, "new-to").unwrap();
         let result = tokens.reload_with(|path| {
-            let partial = std::fs::read_to_string(path)?;
+            let partial = std::fs::read(path)?;
             // The writer finishes after the reader saw half the file.
             std::fs::write(path, "new-token-complete\n")?;
             Ok(partial)
@@ -783,7 +764,7 @@ mod tests {
     fn a_short_read_is_never_installed() {
         let f = file("zeta-token\n");
         let tokens = Tokens::load(&f.0).unwrap();
-        let result = tokens.reload_with(|_| Ok("zeta".into()));
+        let result = tokens.reload_with(|_| Ok(b"zeta".to_vec()));
         assert!(matches!(result, Err(AuthError::Changing(_))));
         assert!(!tokens.accepts(b"zeta"));
     }

@@ -5,10 +5,11 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum, builder::PossibleValue};
 
+use crate::secret_file;
 use crate::server::{Bounds, DEFAULT_MAX_CONNECTIONS, ReadinessPolicy, ServerSettings, TlsFiles};
 use crate::store::{
     LimitPolicy, RedisMode, Settings,
-    credentials::{password_from_file, read_file, redact_redis_urls},
+    credentials::{password_from_file, redact_redis_urls},
 };
 
 /// The longest SESSION_TTL, SESSION_TTL_MAX and RATE_LIMIT_WINDOW, in
@@ -363,7 +364,7 @@ impl Config {
         ];
         for (variable, path) in files {
             if let Some(path) = path {
-                read_file(variable, path)?;
+                secret_file::read(variable, path)?;
             }
         }
         if self.max_connection_age > 0
@@ -395,13 +396,13 @@ impl Config {
         let redis_password = self
             .redis_password_file
             .as_ref()
-            .map(|path| read_file("REDIS_PASSWORD_FILE", path))
+            .map(|path| secret_file::read("REDIS_PASSWORD_FILE", path))
             .transpose()?
             .map(|bytes| password_from_file(&bytes));
         let redis_ca_pem = self
             .redis_ca_file
             .as_ref()
-            .map(|path| read_file("REDIS_CA_FILE", path))
+            .map(|path| secret_file::read("REDIS_CA_FILE", path))
             .transpose()?;
         Ok(Settings {
             mode: self.redis_mode,

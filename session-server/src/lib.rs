@@ -51,6 +51,7 @@ pub mod model;
 pub mod observe;
 #[cfg(test)]
 mod proptests;
+mod secret_file;
 pub mod server;
 pub mod service;
 mod shutdown;

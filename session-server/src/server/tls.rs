@@ -29,12 +29,16 @@ use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{Stream, StreamExt};
 
-use crate::store::credentials::read_file;
+use crate::secret_file::{self, SecretFile};
 
 /// How often the TLS files are read again to see whether they changed. The
 /// kubelet refreshes a Secret volume about once a minute, so a few seconds
 /// here adds little to how long a renewal takes to be served.
 pub(crate) const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reads of the files in a row that may find one changing before a reload
+/// gives up until the next interval (a swap takes microseconds).
+const READ_ATTEMPTS: usize = 4;
 
 /// The TLS settings' files, read when the server starts and again every few
 /// seconds (`RELOAD_INTERVAL`).
@@ -50,30 +54,36 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The files' contents, read twice until two reads agree, so a read that
-    /// straddles the kubelet's swap (a new certificate with the old key) is
-    /// not taken for a broken pair.
+    /// The files' contents, read together as every secret file is
+    /// ([`crate::secret_file`]), so a read that straddles the kubelet's swap
+    /// (a new certificate with the old key) is read again rather than taken
+    /// for a broken pair.
     fn read(&self) -> Result<Contents, String> {
-        let mut last = self.read_once()?;
-        for _ in 0..3 {
-            let again = self.read_once()?;
-            if again == last {
-                return Ok(again);
-            }
-            last = again;
+        let mut files = vec![
+            SecretFile {
+                variable: "TLS_CERT",
+                path: &self.cert,
+            },
+            SecretFile {
+                variable: "TLS_KEY",
+                path: &self.key,
+            },
+        ];
+        if let Some(path) = &self.client_ca {
+            files.push(SecretFile {
+                variable: "TLS_CLIENT_CA",
+                path,
+            });
         }
-        Ok(last)
-    }
-
-    fn read_once(&self) -> Result<Contents, String> {
+        let mut reads = secret_file::read_settled(&files, READ_ATTEMPTS)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|read| read.bytes);
+        let mut next = || reads.next().unwrap_or_default();
         Ok(Contents {
-            cert: read_file("TLS_CERT", &self.cert)?,
-            key: read_file("TLS_KEY", &self.key)?,
-            client_ca: self
-                .client_ca
-                .as_deref()
-                .map(|path| read_file("TLS_CLIENT_CA", path))
-                .transpose()?,
+            cert: next(),
+            key: next(),
+            client_ca: self.client_ca.is_some().then(next),
         })
     }
 }

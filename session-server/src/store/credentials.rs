@@ -1,10 +1,9 @@
 //! The Redis secrets: the one reloader of REDIS_PASSWORD_FILE and
-//! REDIS_CA_FILE ([`Secrets`]), how a password file is read, and how
+//! REDIS_CA_FILE ([`Secrets`]), what a password file holds, and how
 //! REDIS_URL is shown in logs without its passwords. Here, beside the
 //! connections that use them, so that `config` uses the store's helpers and
-//! the store never imports `config`. [`read_file`], which names the setting
-//! whose file cannot be read, serves `config` and the TLS files too, so
-//! neither the store nor the server imports `config` for it.
+//! the store never imports `config`. The files are read as every secret file
+//! is ([`crate::secret_file`]).
 
 use std::fmt;
 
@@ -70,10 +69,9 @@ impl Credentials {
     /// now refuses.
     fn reread(&self, settings: &Settings) -> Self {
         let read = |path: &Option<std::path::PathBuf>, variable: &str| {
-            let path = path.as_ref()?;
-            std::fs::read(path)
-                .inspect_err(|e| {
-                    tracing::warn!(%variable, path = %path.display(), error = %e,
+            crate::secret_file::read(variable, path.as_ref()?)
+                .inspect_err(|error| {
+                    tracing::warn!(%error,
                         "cannot re-read a Redis secret; new connections use the one read before");
                 })
                 .ok()
@@ -95,15 +93,6 @@ impl Credentials {
             ..settings.clone()
         }
     }
-}
-
-/// Reads a file named by a setting, naming the setting on failure.
-///
-/// # Errors
-///
-/// A message naming `variable` and the path.
-pub(crate) fn read_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{variable} {}: {e}", path.display()))
 }
 
 /// The password a REDIS_PASSWORD_FILE holds: its text without the trailing
