@@ -158,19 +158,37 @@ pub(crate) fn read_settled_with(
     }
 }
 
+/// A file removed when dropped, for the tests of the secret files' readers.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct TempFile(pub(crate) PathBuf);
+
+#[cfg(test)]
+impl TempFile {
+    pub(crate) fn new(contents: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("secret-file-{}-{n}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn temp(name: &str, contents: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("secret-file-{}-{name}", std::process::id()));
-        std::fs::write(&path, contents).unwrap();
-        path
-    }
-
     #[test]
     fn files_read_together_are_one_version_of_each() {
-        let (cert, key) = (temp("cert", "cert-1"), temp("key", "key-1"));
+        let (cert_file, key_file) = (TempFile::new("cert-1"), TempFile::new("key-1"));
+        let (cert, key) = (cert_file.0.clone(), key_file.0.clone());
         let files = [
             SecretFile {
                 variable: "TLS_CERT",
@@ -196,14 +214,12 @@ mod tests {
         .unwrap();
         let texts: Vec<_> = reads.iter().map(|r| r.bytes.as_slice()).collect();
         assert_eq!(texts, [b"cert-two".as_slice(), b"key-two".as_slice()]);
-        for path in [cert, key] {
-            std::fs::remove_file(path).unwrap();
-        }
     }
 
     #[test]
     fn a_file_that_keeps_changing_is_named() {
-        let path = temp("changing", "v");
+        let changing = TempFile::new("v");
+        let path = changing.0.clone();
         let file = SecretFile {
             variable: "REDIS_PASSWORD_FILE",
             path: &path,
