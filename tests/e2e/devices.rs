@@ -543,7 +543,7 @@ async fn an_account_give_back_after_a_reset_erases_nothing() {
         cmd.arg(10).arg(10).arg(5);
         cmd
     };
-    let give_back = |bucket: i64, epoch_seen: &str| {
+    let give_back = |bucket: i64, epoch_seen: i64| {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(&undo_script).arg(2).arg(&counter).arg(&epoch);
         cmd.arg(bucket).arg(epoch_seen);
@@ -553,11 +553,11 @@ async fn an_account_give_back_after_a_reset_erases_nothing() {
         let counts: Vec<i64> = inspect(&config, redis::cmd("HVALS").arg(&counter)).await;
         counts.iter().sum::<i64>()
     };
-    type Reply = (u8, u8, u64, u64, u64, i64, String);
+    type Reply = (u8, u8, u64, u64, u64, i64, i64);
     // Without a reset in between, the give-back takes the attempt off.
     let (trusted, allowed, _, _, _, bucket, seen): Reply = inspect(&config, &take()).await;
     assert_eq!((trusted, allowed), (0, 1));
-    let undone: i64 = inspect(&config, &give_back(bucket, &seen)).await;
+    let undone: i64 = inspect(&config, &give_back(bucket, seen)).await;
     assert_eq!((undone, counted().await), (1, 0));
     // An attempt, then the account's reset, then a new attempt in the same
     // bucket, then the first attempt's give-back: nothing to give back.
@@ -574,7 +574,7 @@ async fn an_account_give_back_after_a_reset_erases_nothing() {
     .await;
     assert_eq!(deleted, 1);
     let _: Reply = inspect(&config, &take()).await;
-    let undone: i64 = inspect(&config, &give_back(bucket, &seen)).await;
+    let undone: i64 = inspect(&config, &give_back(bucket, seen)).await;
     assert_eq!(undone, 0, "a give-back across a reset");
     assert_eq!(
         counted().await,

@@ -130,7 +130,7 @@ enum Device {
     Trusted(LoginVerdict),
     /// Untrusted: the attempt was counted for the account as without a
     /// token, at the account's reset `epoch`.
-    Untrusted { at_account: Take, epoch: String },
+    Untrusted { at_account: Take, epoch: i64 },
 }
 
 impl Store {
@@ -193,7 +193,7 @@ impl Store {
             return match self.take_device(&mut op, account, device).await? {
                 Device::Trusted(verdict) => Ok(verdict),
                 Device::Untrusted { at_account, epoch } => {
-                    self.take_address_after_account(&mut op, addr, account, at_account, &epoch)
+                    self.take_address_after_account(&mut op, addr, account, at_account, epoch)
                         .await
                 }
             };
@@ -257,7 +257,7 @@ impl Store {
             u64,
             u64,
             i64,
-            String,
+            i64,
         ) = op.invoke(&invocation).await?;
         let take = Take {
             allowed: allowed == 1,
@@ -297,7 +297,7 @@ impl Store {
         addr: &ClientAddr,
         account: &AccountKey,
         at_account: Take,
-        epoch: &str,
+        epoch: i64,
     ) -> Result<LoginVerdict, Error> {
         let settings = self.settings();
         let addr_max = settings.rate_limit_max_attempts;

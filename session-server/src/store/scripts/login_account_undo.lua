@@ -10,7 +10,7 @@
 -- ARGV[1]  the bucket index login_device_attempt.lua returned
 -- ARGV[2]  the epoch it returned
 -- Returns  1 when the attempt was given back, 0 when it was no longer counted
-if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[2] then
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then
   return 0
 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then

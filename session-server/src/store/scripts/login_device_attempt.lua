@@ -21,14 +21,14 @@
 -- Returns  {1 if trusted else 0, 1 if allowed else 0, allowed attempts in
 --           the span before this one, ms until an attempt would be allowed
 --           (0 when allowed), Redis time in ms, the bucket index the attempt
---           was counted in, the account's reset epoch ('' when trusted)}
+--           was counted in, the account's reset epoch (0 when trusted)}
 local now = now_ms()
 local b = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not expiry or tonumber(expiry) <= now then
   local allowed, before, retry, bucket = window_attempt({KEYS[4]}, b, n, tonumber(ARGV[6]), true, now)
-  return {0, allowed, before, retry, now, bucket, redis.call('GET', KEYS[5]) or '0'}
+  return {0, allowed, before, retry, now, bucket, tonumber(redis.call('GET', KEYS[5]) or '0')}
 end
 
 local allowed, before, retry, bucket = window_attempt({KEYS[3]}, b, n, tonumber(ARGV[4]), true, now)
@@ -45,4 +45,4 @@ if allowed == 0 then
     if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
   end
 end
-return {1, allowed, before, retry, now, bucket, ''}
+return {1, allowed, before, retry, now, bucket, 0}
