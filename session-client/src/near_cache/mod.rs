@@ -133,6 +133,8 @@ use sessionstore::v1 as pb;
 
 use crate::types::Session;
 
+#[cfg(feature = "bench-internals")]
+pub mod bench;
 mod watcher;
 
 pub(crate) use watcher::Watcher;
