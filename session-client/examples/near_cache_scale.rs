@@ -41,17 +41,14 @@ const TEN_SESSION_SESSIONS: usize = 10_000;
 fn main() {
     assert_eq!(USER_AGENT.len(), 110);
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let entries: usize = args.first().map_or(1_000_000, |a| a.parse().expect("ENTRIES"));
+    let entries: usize = args
+        .first()
+        .map_or(1_000_000, |a| a.parse().expect("ENTRIES"));
     let metadata = args.get(1).map_or("full", String::as_str) == "full";
     let seconds: u64 = args.get(2).map_or(3, |a| a.parse().expect("SECONDS"));
     let window = Duration::from_secs(seconds);
 
-    // Keys first, so that the memory they take is not counted as the cache's.
-    let tokens: Vec<String> = (0..entries).map(token).collect();
-    let users: Vec<String> = (0..entries).map(user).collect();
-    let families: Vec<String> = (0..entries)
-        .map(|i| format!("{:032x}", mix(i as u64 ^ 0xfa51)))
-        .collect();
+    let keys = Arc::new(Keys(entries));
 
     let cache = BenchCache::new(entries, Duration::from_secs(3), metadata);
     cache.sync(SystemTime::now());
@@ -80,7 +77,16 @@ fn main() {
         } else {
             HashMap::new()
         };
-        assert!(cache.fill(&users[i], &tokens[i], &families[i], meta, created, expires));
+        let (token, user) = keys.key(i);
+        let family = format!("{:032x}", mix(i as u64 ^ 0xfa51));
+        assert!(cache.fill(
+            user.as_str(),
+            token.as_str(),
+            &family,
+            meta,
+            created,
+            expires
+        ));
     }
     let fill_took = started.elapsed();
     let rss_after = rss();
@@ -95,7 +101,6 @@ fn main() {
         (rss_after - rss_before) as f64 / entries as f64
     );
 
-    let keys = Arc::new((tokens, users));
     for threads in [1, 2] {
         let rates = run_threads(threads, |t| {
             let (cache, keys) = (cache.clone(), keys.clone());
@@ -128,21 +133,24 @@ fn main() {
 
     // Revocations applied to the full cache, each timed: single sessions,
     // then every session of users with 10 cached.
-    let (tokens, users) = &*keys;
     let mut single = histogram();
     for k in 0..1000 {
         let i = TEN_SESSION_SESSIONS + (mix(k + 77) as usize % (entries - TEN_SESSION_SESSIONS));
         let at = Instant::now();
-        cache.revoke(&users[i], Some(&tokens[i]), Some(SystemTime::now()));
+        let (token, user) = keys.key(i);
+        cache.revoke(user.as_str(), Some(token.as_str()), Some(SystemTime::now()));
         single.record(at.elapsed().as_nanos() as u64).ok();
     }
     let mut user_wide = histogram();
     for u in 0..(TEN_SESSION_SESSIONS / 10).min(entries / 10) {
         let i = u * 10;
         let at = Instant::now();
-        cache.revoke(&users[i], None, Some(SystemTime::now()));
+        cache.revoke(keys.key(i).1.as_str(), None, Some(SystemTime::now()));
         user_wide.record(at.elapsed().as_nanos() as u64).ok();
-        assert!(cache.lookup(&tokens[i + 9], None).is_none(), "revoked");
+        assert!(
+            cache.lookup(keys.key(i + 9).0.as_str(), None).is_none(),
+            "revoked"
+        );
     }
     let left = cache.stats().entries;
     println!(
@@ -167,22 +175,28 @@ fn main() {
     let epoch = Instant::now();
     let lookers: Vec<_> = (0..2)
         .map(|t| {
-            let (cache, keys, flushed, flush_at) =
-                (cache.clone(), keys.clone(), flushed.clone(), flush_at.clone());
+            let (cache, keys, flushed, flush_at) = (
+                cache.clone(),
+                keys.clone(),
+                flushed.clone(),
+                flush_at.clone(),
+            );
             thread::spawn(move || {
                 let (mut before, mut during) = (0_u64, 0_u64);
                 let mut rng = mix(t + 991);
                 let end_after_flush = Duration::from_secs(1);
                 loop {
                     rng = mix(rng);
-                    let i = rng as usize % keys.0.len();
+                    let i = rng as usize % keys.len();
+                    let (token, user) = keys.key(i);
                     let at = Instant::now();
-                    black_box(cache.lookup(&keys.0[i], Some(&keys.1[i])));
+                    black_box(cache.lookup(token.as_str(), Some(user.as_str())));
                     let took = at.elapsed().as_nanos() as u64;
                     if flushed.load(Ordering::Acquire) {
                         during = during.max(took);
                         let since = epoch.elapsed().as_nanos() as u64;
-                        if since > flush_at.load(Ordering::Relaxed) + end_after_flush.as_nanos() as u64
+                        if since
+                            > flush_at.load(Ordering::Relaxed) + end_after_flush.as_nanos() as u64
                         {
                             return (before, during);
                         }
@@ -224,15 +238,17 @@ fn run_threads<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
 }
 
 /// Lookups of random cached sessions for `window`: the rate.
-fn rate(cache: &BenchCache, keys: &(Vec<String>, Vec<String>), window: Duration, seed: u64) -> f64 {
+fn rate(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> f64 {
     let mut rng = mix(seed + 1);
     let started = Instant::now();
     let (mut done, mut hits) = (0_u64, 0_u64);
     loop {
         for _ in 0..1024 {
             rng = mix(rng);
-            let i = rng as usize % keys.0.len();
-            hits += u64::from(black_box(cache.lookup(&keys.0[i], Some(&keys.1[i]))).is_some());
+            let i = rng as usize % keys.len();
+            let (token, user) = keys.key(i);
+            let found = black_box(cache.lookup(token.as_str(), Some(user.as_str())));
+            hits += u64::from(found.is_some());
         }
         done += 1024;
         let elapsed = started.elapsed();
@@ -244,21 +260,17 @@ fn rate(cache: &BenchCache, keys: &(Vec<String>, Vec<String>), window: Duration,
 }
 
 /// Lookups of random cached sessions for `window`, each timed.
-fn timed(
-    cache: &BenchCache,
-    keys: &(Vec<String>, Vec<String>),
-    window: Duration,
-    seed: u64,
-) -> Histogram<u64> {
+fn timed(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> Histogram<u64> {
     let mut rng = mix(seed + 101);
     let mut hist = histogram();
     let started = Instant::now();
     while started.elapsed() < window {
         for _ in 0..256 {
             rng = mix(rng);
-            let i = rng as usize % keys.0.len();
+            let i = rng as usize % keys.len();
+            let (token, user) = keys.key(i);
             let at = Instant::now();
-            let found = black_box(cache.lookup(&keys.0[i], Some(&keys.1[i])));
+            let found = black_box(cache.lookup(token.as_str(), Some(user.as_str())));
             hist.record(at.elapsed().as_nanos() as u64).ok();
             assert!(found.is_some());
         }
@@ -270,27 +282,61 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
-/// A jti-like token id (a UUID's 36 characters), distinct per `i`.
-fn token(i: usize) -> String {
-    let (a, b) = (mix(i as u64), mix(!(i as u64)));
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    )
+/// The sessions' keys, made from their number on the stack when needed, as
+/// a service has the token it checks at hand: a table of a million strings
+/// would add its own cache misses to every lookup measured.
+struct Keys(usize);
+
+impl Keys {
+    fn len(&self) -> usize {
+        self.0
+    }
+
+    /// Session `i`'s token id (a UUID's 36 characters, as a jti) and user
+    /// id: 10 sessions each for the first users, 5 for the others.
+    fn key(&self, i: usize) -> (Text<36>, Text<12>) {
+        let (a, b) = (mix(i as u64), mix(!(i as u64)));
+        let mut token = Text([b'-'; 36]);
+        let mut at = 0;
+        for (value, digits) in [
+            (a >> 32, 8),
+            ((a >> 16) & 0xffff, 4),
+            (a & 0xffff, 4),
+            (b >> 48, 4),
+            (b & 0xffff_ffff_ffff, 12),
+        ] {
+            hex(&mut token.0[at..at + digits], value);
+            at += digits + 1;
+        }
+        let u = if i < TEN_SESSION_SESSIONS {
+            i / 10
+        } else {
+            TEN_SESSION_SESSIONS / 10 + (i - TEN_SESSION_SESSIONS) / 5
+        };
+        let mut user = Text(*b"user-0000000");
+        let mut n = u;
+        for digit in user.0[5..].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        (token, user)
+    }
 }
 
-/// Session `i`'s user: 10 sessions each for the first users, 5 for the rest.
-fn user(i: usize) -> String {
-    let u = if i < TEN_SESSION_SESSIONS {
-        i / 10
-    } else {
-        TEN_SESSION_SESSIONS / 10 + (i - TEN_SESSION_SESSIONS) / 5
-    };
-    format!("user-{u:07}")
+/// An ASCII string of `N` bytes on the stack.
+struct Text<const N: usize>([u8; N]);
+
+impl<const N: usize> Text<N> {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("ASCII")
+    }
+}
+
+fn hex(out: &mut [u8], mut value: u64) {
+    for digit in out.iter_mut().rev() {
+        *digit = b"0123456789abcdef"[(value & 0xf) as usize];
+        value >>= 4;
+    }
 }
 
 /// splitmix64: a cheap, well-mixed pseudo-random step.

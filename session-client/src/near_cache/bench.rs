@@ -25,9 +25,8 @@ impl BenchCache {
     /// An empty cache of `max_entries`; `metadata: false` keeps only what
     /// validity needs (`Builder::near_cache_metadata(false)`).
     pub fn new(max_entries: usize, max_staleness: Duration, metadata: bool) -> Self {
-        let _ = metadata;
         Self {
-            cache: NearCache::new(max_entries, max_staleness),
+            cache: NearCache::with_metadata(max_entries, max_staleness, metadata),
         }
     }
 

@@ -104,19 +104,23 @@ fn healthy_with(max_entries: usize, sessions: &[Session]) -> Arc<NearCache> {
 }
 
 fn cached(cache: &NearCache, token: &str) -> bool {
-    cache.state().entries.contains(token)
+    cache.entries.contains(token)
 }
 
 /// The index and the entries hold the same sessions.
 fn assert_consistent(cache: &NearCache) {
     let state = cache.state();
-    let indexed: usize = state.by_user.values().map(HashSet::len).sum();
-    assert_eq!(indexed, state.entries.len());
-    for (user, tokens) in &state.by_user {
-        assert!(!tokens.is_empty(), "empty set kept for {user}");
-        for token in tokens {
-            let session = state.entries.peek(token).expect("indexed token cached");
-            assert_eq!(&session.user_id, user);
+    let indexed: usize = state.by_user.values().map(Vec::len).sum();
+    assert_eq!(indexed, state.len);
+    assert_eq!(cache.entries.len(), state.len);
+    let mut seen = HashSet::new();
+    for (user_hash, handles) in &state.by_user {
+        assert!(!handles.is_empty(), "empty list kept for {user_hash}");
+        for &handle in handles {
+            assert!(seen.insert(handle), "{handle} indexed twice");
+            let (user, token) = cache.entries.at(handle).expect("indexed entry cached");
+            assert_eq!(cache.entries.hash(&user), *user_hash);
+            assert!(cache.entries.contains(&token));
         }
     }
     // Every fill in flight is in its indexes, and nothing else is.
@@ -416,7 +420,12 @@ fn lru_eviction_keeps_the_index_consistent() {
     assert!(fill.complete(&session("carol", "c1", now)));
     assert!(!cached(&cache, "b1") && cached(&cache, "a2"));
     assert_consistent(&cache);
-    assert!(!cache.state().by_user.contains_key("bob"));
+    assert!(
+        !cache
+            .state()
+            .by_user
+            .contains_key(&cache.entries.hash("bob"))
+    );
     // Re-caching a token replaces it without duplicating its index entry.
     let fill = cache.begin_fill("a2", None);
     assert!(fill.complete(&session("alice", "a2", now)));
@@ -584,7 +593,7 @@ fn a_family_ended_by_reuse_is_dropped() {
 fn an_extension_never_leaves_a_later_expiry() {
     let s = in_family("alice", "a1", "f1");
     let cache = healthy_with(10, &[s.clone(), session("bob", "b1", SystemTime::now())]);
-    let expiry = |cache: &NearCache| cache.state().entries.peek("a1").map(|e| e.expires_at);
+    let expiry = |cache: &NearCache| cache.entries.expires_at("a1");
 
     let later = Session {
         expires_at: s.expires_at + Duration::from_secs(600),
