@@ -168,8 +168,8 @@ fn main() {
         user_wide.max()
     );
 
-    // A reset of the full cache while two threads look up: the longest
-    // lookup before it and during the second after it.
+    // A reset of the full cache while two threads look up: every lookup
+    // timed, in the second before it and in the second from it on.
     let flushed = Arc::new(AtomicBool::new(false));
     let flush_at = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
@@ -182,7 +182,7 @@ fn main() {
                 flush_at.clone(),
             );
             thread::spawn(move || {
-                let (mut before, mut during) = (0_u64, 0_u64);
+                let (mut before, mut during) = (histogram(), histogram());
                 let mut rng = mix(t + 991);
                 let end_after_flush = Duration::from_secs(1);
                 loop {
@@ -193,7 +193,7 @@ fn main() {
                     black_box(cache.lookup(token.as_str(), Some(user.as_str())));
                     let took = at.elapsed().as_nanos() as u64;
                     if flushed.load(Ordering::Acquire) {
-                        during = during.max(took);
+                        during.record(took).ok();
                         let since = epoch.elapsed().as_nanos() as u64;
                         if since
                             > flush_at.load(Ordering::Relaxed) + end_after_flush.as_nanos() as u64
@@ -201,7 +201,7 @@ fn main() {
                             return (before, during);
                         }
                     } else {
-                        before = before.max(took);
+                        before.record(took).ok();
                     }
                 }
             })
@@ -214,17 +214,33 @@ fn main() {
     let at = Instant::now();
     cache.reset(SystemTime::now());
     let reset_took = at.elapsed();
-    let maxima: Vec<(u64, u64)> = lookers.into_iter().map(|h| h.join().unwrap()).collect();
+    let (mut before, mut during) = (histogram(), histogram());
+    for looker in lookers {
+        let (b, d) = looker.join().unwrap();
+        before.add(b).expect("same bounds");
+        during.add(d).expect("same bounds");
+    }
     thread::sleep(Duration::from_millis(500));
     println!(
-        "reset_call_us={} longest_lookup_before_us={:.1} longest_lookup_during_flush_us={:.1} entries_after={} rss_full_mb={:.1} rss_after_flush_mb={:.1}",
+        "reset_call_us={} entries_after={} rss_full_mb={:.1} rss_after_flush_mb={:.1}",
         reset_took.as_micros(),
-        maxima.iter().map(|m| m.0).max().unwrap_or(0) as f64 / 1e3,
-        maxima.iter().map(|m| m.1).max().unwrap_or(0) as f64 / 1e3,
         cache.stats().entries,
         rss_full as f64 / 1e6,
         rss() as f64 / 1e6,
     );
+    for (window, h) in [
+        ("second_before_reset", before),
+        ("second_from_reset", during),
+    ] {
+        println!(
+            "{window}: lookups={} p999_us={:.1} p9999_us={:.1} max_us={:.1} over_1ms={}",
+            h.len(),
+            h.value_at_quantile(0.999) as f64 / 1e3,
+            h.value_at_quantile(0.9999) as f64 / 1e3,
+            h.max() as f64 / 1e3,
+            h.count_between(1_000_000, u64::MAX),
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     heartbeats.join().unwrap();
 }

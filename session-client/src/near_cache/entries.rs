@@ -31,28 +31,30 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use hashbrown::HashTable;
-
 use super::Clock;
 use crate::types::Session;
 
-/// Bits of a [`Handle`] that number a slot within its shard; the others
-/// number the shard.
-const SLOT_BITS: u32 = 26;
 /// The most shards: enough that two threads rarely share one.
 const MAX_SHARDS: usize = 64;
 /// Entries per shard below which fewer shards are used: a small cache keeps
 /// one (exact CLOCK order, as its tests expect).
 const ENTRIES_PER_SHARD: usize = 1024;
-/// The mark a lookup sets on its entry (the top bit of `Slot::expires`;
-/// nanoseconds since 1970 stay below it until the year 2262).
-const REFERENCED: u64 = 1 << 63;
+/// The bit of a slot's `hash` that says it is taken (so a taken slot's hash
+/// is never 0, an empty one's).
+const TAKEN: u64 = 1;
+/// The bit of a slot's `hash` a lookup sets: looked up since CLOCK's hand
+/// last passed. Not part of the hash compared.
+const REFERENCED: u64 = 2;
 /// Dropping more entries than this at once (a flush) is left to a thread of
 /// its own: freeing a million allocations takes a tenth of a second.
 const DROP_ELSEWHERE: usize = 4096;
+/// The packed data's header: expiry, creation, family expiry, the lengths.
+const HEADER: usize = 32;
 
-/// Where an entry sits: its shard and slot, stable while it is cached.
-pub(super) type Handle = u32;
+/// An entry's hash as its slot holds it ([`TAKEN`] set, [`REFERENCED`]
+/// clear): how the per-user index finds it again. Two token ids may share
+/// one; every use checks what the entry holds.
+pub(super) type Handle = u64;
 
 /// What a lookup needs from the stream's state, copied into each shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,34 +91,35 @@ pub(super) struct Entries {
     metadata: bool,
 }
 
+/// One shard: an open-addressing table (linear probing, at most 3/4 full,
+/// deletion by backward shift, no tombstones) whose slots hold the packed
+/// session itself, so that a lookup reads two places in memory, its slot
+/// and its session, rather than the three or four of a map of pointers.
+/// On a host where a random read of memory costs 300 ns (BENCHMARKS.md)
+/// that is what a lookup costs.
 #[derive(Default)]
 struct Shard {
-    /// Slot numbers, by the hash of their token id.
-    table: HashTable<u32>,
+    /// A power of two long, or empty.
     slots: Vec<Slot>,
-    /// Empty slots, reused before the vector grows.
-    free: Vec<u32>,
+    len: usize,
     /// CLOCK's hand: the next slot eviction looks at.
     hand: usize,
-    len: usize,
     serving: Option<Serving>,
     hits: u64,
     misses: u64,
 }
 
+/// A slot of a shard's table: empty (`hash` 0) or a session.
+#[derive(Default)]
 pub(super) struct Slot {
+    /// The token id's hash, with [`TAKEN`] and [`REFERENCED`].
     hash: u64,
-    /// By Redis's clock, nanoseconds since 1970; [`REFERENCED`] when
-    /// looked up since the hand last passed.
-    expires: u64,
-    /// The session packed (see [`pack`]); empty for a free slot.
+    /// The session packed (see [`pack`]).
     data: Box<[u8]>,
 }
 
-impl Slot {
-    fn expires(&self) -> u64 {
-        self.expires & !REFERENCED
-    }
+fn same(a: u64, b: u64) -> bool {
+    (a ^ b) & !REFERENCED == 0
 }
 
 impl Entries {
@@ -131,14 +134,19 @@ impl Entries {
         }
     }
 
+    /// A user id's hash, the per-user index's key.
     pub(super) fn hash(&self, key: &str) -> u64 {
         self.hasher.hash_one(key)
     }
 
-    fn shard_of(&self, hash: u64) -> usize {
-        // Bits the table's probing does not start from (it uses the low
-        // ones), so that a shard's entries still spread over its table.
-        (hash >> 40) as usize & (self.shards.len() - 1)
+    fn handle(&self, token_id: &str) -> Handle {
+        (self.hash(token_id) | TAKEN) & !REFERENCED
+    }
+
+    fn shard_of(&self, handle: Handle) -> usize {
+        // Bits the probing does not start from (it uses the low ones), so
+        // that a shard's entries still spread over its table.
+        (handle >> 48) as usize & (self.shards.len() - 1)
     }
 
     fn shard(&self, index: usize) -> MutexGuard<'_, Shard> {
@@ -149,11 +157,8 @@ impl Entries {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn split(handle: Handle) -> (usize, usize) {
-        (
-            (handle >> SLOT_BITS) as usize,
-            (handle & ((1 << SLOT_BITS) - 1)) as usize,
-        )
+    fn shard_for(&self, handle: Handle) -> MutexGuard<'_, Shard> {
+        self.shard(self.shard_of(handle))
     }
 
     /// The cached session for `token_id`, when the cache may serve at `now`.
@@ -164,10 +169,9 @@ impl Entries {
         now: Instant,
         max_staleness: Duration,
     ) -> Found {
-        let hash = self.hash(token_id);
-        let mut guard = self.shard(self.shard_of(hash));
-        let shard = &mut *guard;
-        let found = shard.lookup(hash, token_id, user_id, now, max_staleness);
+        let handle = self.handle(token_id);
+        let mut shard = self.shard_for(handle);
+        let found = shard.lookup(handle, token_id, user_id, now, max_staleness);
         if matches!(found, Found::Hit(_)) {
             shard.hits += 1;
         } else {
@@ -195,128 +199,106 @@ impl Entries {
     /// `None` when it cannot be packed (a field out of range): not cached.
     pub(super) fn insert(&self, session: &Session) -> Option<Handle> {
         let data = pack(session, self.metadata)?;
-        let expires = nanos(session.expires_at).filter(|e| e & REFERENCED == 0)?;
-        let hash = self.hash(&session.token_id);
-        let index = self.shard_of(hash);
-        let mut shard = self.shard(index);
-        let slot = match shard.free.pop() {
-            Some(slot) => slot as usize,
-            None if shard.slots.len() < 1 << SLOT_BITS => {
-                shard.slots.push(Slot {
-                    hash: 0,
-                    expires: 0,
-                    data: Box::default(),
-                });
-                shard.slots.len() - 1
-            }
-            None => return None,
-        };
-        shard.slots[slot] = Slot {
-            hash,
-            expires,
-            data,
-        };
-        let Shard { table, slots, .. } = &mut *shard;
-        table.insert_unique(hash, slot as u32, |&s| slots[s as usize].hash);
-        shard.len += 1;
-        Some(((index as u32) << SLOT_BITS) | slot as u32)
+        let handle = self.handle(&session.token_id);
+        self.shard_for(handle).insert(Slot { hash: handle, data });
+        Some(handle)
     }
 
     /// Evicts one entry other than `keep` (just inserted): from `keep`'s
     /// shard, or the next one holding something else.
     pub(super) fn evict(&self, keep: Handle) -> Option<Removed> {
-        let (first, kept) = Self::split(keep);
+        let first = self.shard_of(keep);
         for step in 0..self.shards.len() {
             let index = (first + step) % self.shards.len();
             let mut shard = self.shard(index);
-            let keep = (index == first).then_some(kept);
+            let keep = (index == first).then_some(keep);
             if shard.len <= usize::from(keep.is_some()) {
                 continue;
             }
-            if let Some(removed) = shard.evict(keep, index, &self.hasher) {
-                return Some(removed);
+            if let Some(data) = shard.evict(keep) {
+                return Some(self.removed(&data));
             }
         }
         None
     }
 
-    /// Removes `token_id`'s entry; returns it and its user id.
-    pub(super) fn remove(&self, token_id: &str) -> Option<(Removed, String)> {
-        let hash = self.hash(token_id);
-        let index = self.shard_of(hash);
-        let mut shard = self.shard(index);
-        let slot = shard.find(hash, token_id)?;
-        let user = View(&shard.slots[slot].data).user()?.to_owned();
-        let removed = shard.remove(slot, index, &self.hasher)?;
-        Some((removed, user))
+    fn removed(&self, data: &[u8]) -> Removed {
+        let view = View(data);
+        Removed {
+            handle: self.handle(view.token().unwrap_or_default()),
+            user_hash: self.hash(view.user().unwrap_or_default()),
+        }
     }
 
-    /// Removes the entry at `handle` when `doomed` says so of it.
+    /// Removes `token_id`'s entry; returns it and its user id.
+    pub(super) fn remove(&self, token_id: &str) -> Option<(Removed, String)> {
+        let handle = self.handle(token_id);
+        let mut shard = self.shard_for(handle);
+        let at = shard.find(handle, token_id)?;
+        let data = shard.remove(at);
+        let user = View(&data).user()?.to_owned();
+        Some((self.removed(&data), user))
+    }
+
+    /// Removes an entry at `handle` that `doomed` says so of.
     pub(super) fn remove_if(
         &self,
         handle: Handle,
-        doomed: impl FnOnce(View<'_>) -> bool,
+        doomed: impl Fn(View<'_>) -> bool,
     ) -> Option<Removed> {
-        let (index, slot) = Self::split(handle);
-        let mut shard = self.shard(index);
-        let entry = shard.slots.get(slot).filter(|s| !s.data.is_empty())?;
-        if !doomed(View(&entry.data)) {
-            return None;
-        }
-        shard.remove(slot, index, &self.hasher)
+        let mut shard = self.shard_for(handle);
+        let at = shard.probe(handle, |data| doomed(View(data)))?;
+        let data = shard.remove(at);
+        Some(self.removed(&data))
     }
 
     /// Removes `token_id`'s entry when it expired by `redis_now`.
     pub(super) fn remove_expired(&self, token_id: &str, redis_now: SystemTime) -> Option<Removed> {
         let now = nanos(redis_now)?;
-        let hash = self.hash(token_id);
-        let index = self.shard_of(hash);
-        let mut shard = self.shard(index);
-        let slot = shard.find(hash, token_id)?;
-        if shard.slots[slot].expires() > now {
+        let handle = self.handle(token_id);
+        let mut shard = self.shard_for(handle);
+        let at = shard.find(handle, token_id)?;
+        if View(&shard.slots[at].data).expires()? > now {
             return None;
         }
-        shard.remove(slot, index, &self.hasher)
+        let data = shard.remove(at);
+        Some(self.removed(&data))
     }
 
-    /// An ExtendSession answer for `token_id` (see `State::extended`):
-    /// the entry takes the earlier of the two expiries when it is the
-    /// answer's user's; otherwise it is removed.
+    /// An ExtendSession answer for `token_id` (see
+    /// `NearCache::extend_entry`): the entry takes the earlier of the two
+    /// expiries when it is the answer's user's; otherwise it is removed.
     pub(super) fn extended(
         &self,
         token_id: &str,
         answer: Option<(&str, SystemTime)>,
     ) -> Option<Removed> {
-        let hash = self.hash(token_id);
-        let index = self.shard_of(hash);
-        let mut shard = self.shard(index);
-        let slot = shard.find(hash, token_id)?;
-        let entry = &mut shard.slots[slot];
+        let handle = self.handle(token_id);
+        let mut shard = self.shard_for(handle);
+        let at = shard.find(handle, token_id)?;
+        let data = &mut shard.slots[at].data;
         if let Some((user, expires_at)) = answer
-            && View(&entry.data).user() == Some(user)
+            && View(data).user() == Some(user)
             && let Some(answer) = nanos(expires_at)
+            && let Some(cached) = View(data).expires()
         {
-            let mark = entry.expires & REFERENCED;
-            entry.expires = entry.expires().min(answer) | mark;
+            data[..8].copy_from_slice(&cached.min(answer).to_le_bytes());
             return None;
         }
-        shard.remove(slot, index, &self.hasher)
+        let data = shard.remove(at);
+        Some(self.removed(&data))
     }
 
     /// Empties every shard, leaving `serving` in each; what was cached is
     /// handed back to be dropped off the lookups' path ([`Garbage`]).
-    pub(super) fn take_all(&self, serving: Option<Serving>) -> Vec<(Vec<Slot>, HashTable<u32>)> {
+    pub(super) fn take_all(&self, serving: Option<Serving>) -> Vec<Vec<Slot>> {
         (0..self.shards.len())
             .map(|i| {
                 let mut shard = self.shard(i);
                 shard.serving = serving;
                 shard.hand = 0;
                 shard.len = 0;
-                shard.free = Vec::new();
-                (
-                    std::mem::take(&mut shard.slots),
-                    std::mem::take(&mut shard.table),
-                )
+                std::mem::take(&mut shard.slots)
             })
             .collect()
     }
@@ -324,28 +306,34 @@ impl Entries {
     /// Whether `token_id` is cached (tests).
     #[cfg(test)]
     pub(super) fn contains(&self, token_id: &str) -> bool {
-        let hash = self.hash(token_id);
-        self.shard(self.shard_of(hash))
-            .find(hash, token_id)
-            .is_some()
+        let handle = self.handle(token_id);
+        self.shard_for(handle).find(handle, token_id).is_some()
     }
 
     /// `token_id`'s cached expiry (tests).
     #[cfg(test)]
     pub(super) fn expires_at(&self, token_id: &str) -> Option<SystemTime> {
-        let hash = self.hash(token_id);
-        let shard = self.shard(self.shard_of(hash));
-        let slot = shard.find(hash, token_id)?;
-        Some(UNIX_EPOCH + Duration::from_nanos(shard.slots[slot].expires()))
+        let handle = self.handle(token_id);
+        let shard = self.shard_for(handle);
+        let at = shard.find(handle, token_id)?;
+        let expires = View(&shard.slots[at].data).expires()?;
+        Some(UNIX_EPOCH + Duration::from_nanos(expires))
     }
 
-    /// The user id and token id of the entry at `handle` (tests).
+    /// The user ids and token ids of the entries at `handle` (tests).
     #[cfg(test)]
-    pub(super) fn at(&self, handle: Handle) -> Option<(String, String)> {
-        let (index, slot) = Self::split(handle);
-        let shard = self.shard(index);
-        let view = View(&shard.slots.get(slot)?.data);
-        Some((view.user()?.to_owned(), view.token()?.to_owned()))
+    pub(super) fn at(&self, handle: Handle) -> Vec<(String, String)> {
+        let shard = self.shard_for(handle);
+        let mut found = Vec::new();
+        shard.probe(handle, |data| {
+            let view = View(data);
+            found.push((
+                view.user().unwrap_or_default().to_owned(),
+                view.token().unwrap_or_default().to_owned(),
+            ));
+            false
+        });
+        found
     }
 
     /// Entries held, counted shard by shard (tests).
@@ -356,14 +344,35 @@ impl Entries {
 }
 
 impl Shard {
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    fn home(&self, hash: u64) -> usize {
+        (hash >> 2) as usize & self.mask()
+    }
+
+    /// The first slot from `hash`'s home holding that hash whose data
+    /// `wanted` accepts (an empty slot ends the search).
+    fn probe(&self, hash: u64, mut wanted: impl FnMut(&[u8]) -> bool) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut at = self.home(hash);
+        loop {
+            let slot = &self.slots[at];
+            if slot.hash == 0 {
+                return None;
+            }
+            if same(slot.hash, hash) && wanted(&slot.data) {
+                return Some(at);
+            }
+            at = (at + 1) & self.mask();
+        }
+    }
+
     fn find(&self, hash: u64, token_id: &str) -> Option<usize> {
-        let slots = &self.slots;
-        self.table
-            .find(hash, |&s| {
-                let slot = &slots[s as usize];
-                slot.hash == hash && View(&slot.data).token() == Some(token_id)
-            })
-            .map(|&s| s as usize)
+        self.probe(hash, |data| View(data).token() == Some(token_id))
     }
 
     fn lookup(
@@ -380,68 +389,101 @@ impl Shard {
         else {
             return Found::Miss;
         };
-        let Some(slot) = self.find(hash, token_id) else {
+        let Some(at) = self.find(hash, token_id) else {
             return Found::Miss;
         };
-        let entry = &mut self.slots[slot];
-        // Redis's now before 1970 (never): nothing expired yet.
-        if nanos(serving.clock.at(now)).is_none_or(|now| entry.expires() <= now) {
+        let slot = &mut self.slots[at];
+        let view = View(&slot.data);
+        // Redis's now before 1970 (never): treated as expired, fail safe.
+        let redis_now = nanos(serving.clock.at(now));
+        if view
+            .expires()
+            .zip(redis_now)
+            .is_none_or(|(expires, now)| expires <= now)
+        {
             return Found::Expired;
         }
-        let view = View(&entry.data);
         if user_id.is_some_and(|user| Some(user) != view.user()) {
             return Found::Miss;
         }
-        let expires = entry.expires();
+        let found = view.session();
         // Written only when it changes: a hit dirties no line it need not.
-        if entry.expires & REFERENCED == 0 {
-            entry.expires |= REFERENCED;
+        if slot.hash & REFERENCED == 0 {
+            slot.hash |= REFERENCED;
         }
-        match View(&entry.data).session(expires) {
+        match found {
             Some(session) => Found::Hit(session),
             None => Found::Miss,
         }
     }
 
-    fn remove(&mut self, slot: usize, index: usize, hasher: &RandomState) -> Option<Removed> {
-        let entry = self.slots.get_mut(slot)?;
-        let hash = entry.hash;
-        let data = std::mem::take(&mut entry.data);
-        if data.is_empty() {
-            return None;
+    fn insert(&mut self, slot: Slot) {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.grow();
         }
-        if let Ok(found) = self.table.find_entry(hash, |&s| s as usize == slot) {
-            found.remove();
+        let mut at = self.home(slot.hash);
+        while self.slots[at].hash != 0 {
+            at = (at + 1) & self.mask();
         }
-        self.free.push(slot as u32);
+        self.slots[at] = slot;
+        self.len += 1;
+    }
+
+    /// Doubles the table (16 slots at first), moving every entry (its hash
+    /// is in its slot: no session is read).
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(16);
+        let old = std::mem::replace(
+            &mut self.slots,
+            (0..size).map(|_| Slot::default()).collect(),
+        );
+        self.len = 0;
+        self.hand = 0;
+        for slot in old.into_iter().filter(|s| s.hash != 0) {
+            self.insert(slot);
+        }
+    }
+
+    /// Empties slot `at`, and moves back the entries after it that may be
+    /// found through it, so that no probe ever stops short of them.
+    fn remove(&mut self, mut hole: usize) -> Box<[u8]> {
+        let mask = self.mask();
+        let taken = std::mem::take(&mut self.slots[hole]);
+        let mut at = hole;
+        loop {
+            at = (at + 1) & mask;
+            let hash = self.slots[at].hash;
+            if hash == 0 {
+                break;
+            }
+            // Movable into the hole unless its home lies after the hole
+            // (cyclically): then a probe for it starts past the hole.
+            let home = self.home(hash);
+            if (at.wrapping_sub(home) & mask) >= (at.wrapping_sub(hole) & mask) {
+                self.slots[hole] = std::mem::take(&mut self.slots[at]);
+                hole = at;
+            }
+        }
         self.len -= 1;
-        Some(Removed {
-            handle: ((index as u32) << SLOT_BITS) | slot as u32,
-            user_hash: hasher.hash_one(View(&data).user().unwrap_or_default()),
-        })
+        taken.data
     }
 
     /// CLOCK: the first unmarked entry from the hand on, clearing the marks
     /// passed; two turns at most.
-    fn evict(
-        &mut self,
-        keep: Option<usize>,
-        index: usize,
-        hasher: &RandomState,
-    ) -> Option<Removed> {
+    fn evict(&mut self, keep: Option<Handle>) -> Option<Box<[u8]>> {
         let n = self.slots.len();
         for _ in 0..2 * n {
             let at = self.hand % n;
             self.hand = at + 1;
-            let entry = &mut self.slots[at];
-            if entry.data.is_empty() || keep == Some(at) {
+            let slot = &mut self.slots[at];
+            if slot.hash == 0 || keep.is_some_and(|k| same(k, slot.hash)) {
                 continue;
             }
-            if entry.expires & REFERENCED != 0 {
-                entry.expires &= !REFERENCED;
+            if slot.hash & REFERENCED != 0 {
+                slot.hash &= !REFERENCED;
                 continue;
             }
-            return self.remove(at, index, hasher);
+            return Some(self.remove(at));
         }
         None
     }
@@ -452,7 +494,7 @@ impl Shard {
 /// capacity to spare):
 ///
 /// ```text
-/// created_at u64 | family_expires_at u64 (u64::MAX: none) | token, user,
+/// expires_at u64 | created_at u64 | family_expires_at u64 (u64::MAX: none) | token, user,
 /// family lengths u16 each | metadata entries u16 | token | user | family |
 /// per metadata entry: key length u16, key, value length u16, value
 /// ```
@@ -461,6 +503,7 @@ impl Shard {
 /// when a time is before 1970 or past 2554 or a string longer than 64 KiB:
 /// such a session is not cached (it is asked of the server every time).
 fn pack(session: &Session, metadata: bool) -> Option<Box<[u8]>> {
+    let expires = nanos(session.expires_at)?;
     let created = nanos(session.created_at)?;
     let family_expires = match session.family_expires_at {
         Some(at) => nanos(at).filter(|&n| n != u64::MAX)?,
@@ -472,13 +515,14 @@ fn pack(session: &Session, metadata: bool) -> Option<Box<[u8]>> {
         Vec::new()
     };
     let strings = [&session.token_id, &session.user_id, &session.family_id];
-    let size = 24
+    let size = HEADER
         + strings.iter().map(|s| s.len()).sum::<usize>()
         + kept
             .iter()
             .map(|(k, v)| 4 + k.len() + v.len())
             .sum::<usize>();
     let mut data = Vec::with_capacity(size);
+    data.extend_from_slice(&expires.to_le_bytes());
     data.extend_from_slice(&created.to_le_bytes());
     data.extend_from_slice(&family_expires.to_le_bytes());
     for s in strings {
@@ -515,27 +559,36 @@ impl<'a> View<'a> {
         std::str::from_utf8(self.0.get(at..at + len)?).ok()
     }
 
+    /// The expiry, nanoseconds since 1970 by Redis's clock.
+    fn expires(self) -> Option<u64> {
+        self.u64_at(0)
+    }
+
     pub(super) fn token(self) -> Option<&'a str> {
-        self.str_at(24, self.u16_at(16)?)
+        self.str_at(HEADER, self.u16_at(24)?)
     }
 
     pub(super) fn user(self) -> Option<&'a str> {
-        self.str_at(24 + self.u16_at(16)?, self.u16_at(18)?)
+        self.str_at(HEADER + self.u16_at(24)?, self.u16_at(26)?)
     }
 
     pub(super) fn family(self) -> Option<&'a str> {
-        self.str_at(24 + self.u16_at(16)? + self.u16_at(18)?, self.u16_at(20)?)
+        self.str_at(
+            HEADER + self.u16_at(24)? + self.u16_at(26)?,
+            self.u16_at(28)?,
+        )
     }
 
     pub(super) fn created_at(self) -> Option<SystemTime> {
-        Some(UNIX_EPOCH + Duration::from_nanos(self.u64_at(0)?))
+        Some(UNIX_EPOCH + Duration::from_nanos(self.u64_at(8)?))
     }
 
-    /// The session, with the expiry given (kept outside the packed data).
-    fn session(self, expires: u64) -> Option<Session> {
-        let family_expires = self.u64_at(8)?;
-        let mut at = 24 + self.u16_at(16)? + self.u16_at(18)? + self.u16_at(20)?;
-        let entries = self.u16_at(22)?;
+    /// The session, as it was cached (with the expiry as it is now).
+    fn session(self) -> Option<Session> {
+        let expires = self.expires()?;
+        let family_expires = self.u64_at(16)?;
+        let mut at = HEADER + self.u16_at(24)? + self.u16_at(26)? + self.u16_at(28)?;
+        let entries = self.u16_at(30)?;
         let mut metadata = HashMap::with_capacity(entries);
         for _ in 0..entries {
             let key_len = self.u16_at(at)?;
@@ -569,7 +622,7 @@ pub(super) fn nanos(at: SystemTime) -> Option<u64> {
 /// ones in an instant) nor the stream task wait for a million frees.
 #[derive(Default)]
 pub(super) struct Garbage {
-    pub(super) shards: Vec<(Vec<Slot>, HashTable<u32>)>,
+    pub(super) shards: Vec<Vec<Slot>>,
     pub(super) by_user: HashMap<u64, Vec<Handle>>,
     pub(super) entries: usize,
 }
