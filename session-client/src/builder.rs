@@ -370,7 +370,8 @@ impl Builder {
     /// Turns on the near-cache: [`get_session`](SessionClient::get_session)
     /// and [`get_user_session`](SessionClient::get_user_session) answer from
     /// memory, without a network round trip, for up to `max_entries` sessions
-    /// (the least recently used make room), kept true by revocations the
+    /// (the least recently used make room, as CLOCK approximates it), kept
+    /// true by revocations the
     /// server pushes (`WatchRevocations`). Off by default.
     ///
     /// A session is answered from memory when it was found by an earlier
@@ -416,7 +417,11 @@ impl Builder {
     ///
     /// `max_entries` must be above zero (checked by
     /// [`connect`](Self::connect)); memory is taken as sessions are cached,
-    /// not up front.
+    /// not up front: about 360 bytes per session with an ip, a 110-byte user
+    /// agent and a device in its metadata, about 200 without metadata or
+    /// with [`near_cache_metadata(false)`](Self::near_cache_metadata)
+    /// (README, *Near-cache*, sizing). Lookups on several threads scale:
+    /// the sessions are sharded, and a lookup locks its shard alone.
     ///
     /// # Examples
     ///

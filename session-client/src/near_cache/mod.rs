@@ -150,7 +150,7 @@ pub(crate) use watcher::Watcher;
 /// The near-cache's settings, from the builder.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct NearCacheSettings {
-    /// The most sessions held; the least recently used go first.
+    /// The most sessions held; the least recently used go first (CLOCK).
     pub(crate) max_entries: usize,
     /// How long the cache answers from memory without a message on its
     /// stream.
@@ -923,5 +923,7 @@ impl Drop for PendingFill {
     }
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

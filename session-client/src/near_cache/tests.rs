@@ -108,7 +108,7 @@ fn cached(cache: &NearCache, token: &str) -> bool {
 }
 
 /// The index and the entries hold the same sessions.
-fn assert_consistent(cache: &NearCache) {
+pub(super) fn assert_consistent(cache: &NearCache) {
     let state = cache.state();
     let indexed: usize = state.by_user.values().map(Vec::len).sum();
     assert_eq!(indexed, state.len);
