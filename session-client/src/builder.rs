@@ -874,6 +874,7 @@ mod tests {
         assert_eq!(builder.near_cache, None, "the near-cache is opt-in");
         assert_eq!(builder.near_cache_max_staleness, Duration::from_secs(3));
         assert_eq!(builder.near_cache_stream_lifetime, Duration::from_secs(240));
+        assert!(builder.near_cache_metadata, "metadata kept by default");
         let debug = format!("{builder:?}");
         assert!(!debug.contains("s3cret") && !debug.contains("PRIVATE KEY BYTES"));
     }

@@ -436,6 +436,31 @@ fn lru_eviction_keeps_the_index_consistent() {
     assert_consistent(&cache);
 }
 
+/// A session answered from memory is the one the server gave, to the
+/// nanosecond and the last metadata entry; with `near_cache_metadata(false)`
+/// it is that session without its metadata.
+#[test]
+fn answers_from_memory_are_the_servers_sessions() {
+    let mut session = in_family("alice", "a1", "f1");
+    session.metadata.insert("ip".into(), "192.0.2.1".into());
+    session.metadata.insert("user_agent".into(), "Mozilla/5.0 (X11)".into());
+    session.expires_at += Duration::from_nanos(123_457);
+    let cache = healthy_with(10, std::slice::from_ref(&session));
+    assert_eq!(cache.lookup("a1", Some("alice")), Some(session.clone()));
+
+    let lean = NearCache::with_metadata(10, STALENESS, false);
+    recv(&lean, reset(), Instant::now());
+    assert!(lean.begin_fill("a1", None).complete(&session));
+    let found = lean.lookup("a1", None).expect("cached");
+    assert_eq!(
+        found,
+        Session {
+            metadata: HashMap::new(),
+            ..session
+        }
+    );
+}
+
 /// The fill race, interleaved by hand: a call registers, the revocation
 /// that ends its session overtakes its answer, and the answer (read
 /// before the revocation in Redis) must not be cached. Likewise for a
