@@ -22,7 +22,9 @@
 //! and when the cache is over its bound the shard just inserted into (or
 //! the next one holding something else) sweeps its hand past the marked
 //! entries, clearing their mark, to the first unmarked one. With one shard
-//! (small caches) this is the textbook approximation of least recently used.
+//! (small caches) this is the textbook approximation of least recently used;
+//! a removal may shift an entry back past the hand, which only gives it one
+//! more turn.
 
 use std::{
     collections::HashMap,

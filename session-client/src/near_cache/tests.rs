@@ -443,7 +443,9 @@ fn lru_eviction_keeps_the_index_consistent() {
 fn answers_from_memory_are_the_servers_sessions() {
     let mut session = in_family("alice", "a1", "f1");
     session.metadata.insert("ip".into(), "192.0.2.1".into());
-    session.metadata.insert("user_agent".into(), "Mozilla/5.0 (X11)".into());
+    session
+        .metadata
+        .insert("user_agent".into(), "Mozilla/5.0 (X11)".into());
     session.expires_at += Duration::from_nanos(123_457);
     let cache = healthy_with(10, std::slice::from_ref(&session));
     assert_eq!(cache.lookup("a1", Some("alice")), Some(session.clone()));
