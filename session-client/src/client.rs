@@ -96,7 +96,11 @@ impl SessionClient {
     /// task is spawned here.
     pub(crate) fn new(caller: Caller, near_cache: Option<NearCacheSettings>) -> Self {
         let near_cache = near_cache.map(|settings| {
-            let cache = NearCache::new(settings.max_entries, settings.max_staleness);
+            let cache = NearCache::with_metadata(
+                settings.max_entries,
+                settings.max_staleness,
+                settings.metadata,
+            );
             let watcher = Watcher::spawn(
                 cache.clone(),
                 caller.pool.clone(),

@@ -28,9 +28,16 @@
 //!   that named no user), so a revocation finds the few it concerns instead
 //!   of scanning every call in flight under the lock.
 //!
-//! One `std::sync::Mutex` guards the whole state: every operation is a few
-//! hash lookups with no `.await` inside, so a lock held for nanoseconds is
-//! cheaper than any finer scheme (as mini-redis `db.rs` argues for its `Db`).
+//! Two kinds of `std::sync::Mutex`, never held across an `.await`. The
+//! sessions are sharded by token id (`entries.rs`): a lookup takes its
+//! shard's lock and nothing else, so lookups on several threads rarely meet
+//! (one lock for everything made a second thread a loss: #28). Everything
+//! else (the streams' roles, Redis's clock, the fills, the per-user index,
+//! the entry count) is under one state lock, taken before any shard's by
+//! whatever changes the sessions (a fill's completion, a revocation, a
+//! flush), so that each of those is one step as far as the fill race is
+//! concerned. A flush swaps each shard for an empty one and frees the old
+//! sessions on a thread of its own: no lookup waits for it.
 //!
 //! # Expiry by Redis's clock
 //!
@@ -128,11 +135,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use lru::LruCache;
 use sessionstore::v1 as pb;
 
 use crate::types::Session;
+use entries::{Entries, Found, Garbage, Handle, Serving};
 
+#[cfg(feature = "bench-internals")]
+pub mod bench;
+mod entries;
 mod watcher;
 
 pub(crate) use watcher::Watcher;
@@ -140,13 +150,15 @@ pub(crate) use watcher::Watcher;
 /// The near-cache's settings, from the builder.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct NearCacheSettings {
-    /// The most sessions held; the least recently used go first.
+    /// The most sessions held; the least recently used go first (CLOCK).
     pub(crate) max_entries: usize,
     /// How long the cache answers from memory without a message on its
     /// stream.
     pub(crate) max_staleness: Duration,
     /// How long one revocation stream is used before it is replaced.
     pub(crate) stream_lifetime: Duration,
+    /// Whether cached sessions keep their metadata.
+    pub(crate) metadata: bool,
 }
 
 /// What the near-cache has done so far, from
@@ -218,13 +230,13 @@ impl Revocation {
 pub(crate) struct NearCache {
     max_entries: usize,
     max_staleness: Duration,
+    /// Taken before any shard of `entries`.
     state: Mutex<State>,
+    entries: Entries,
     /// Wakes the stream task when the streams' roles change (a switch, a
     /// stream ended), so it closes the streams no longer needed and opens
     /// the next one.
     roles_changed: tokio::sync::Notify,
-    hits: AtomicU64,
-    misses: AtomicU64,
     revocations_applied: AtomicU64,
     resets: AtomicU64,
     switches: AtomicU64,
@@ -256,13 +268,14 @@ struct State {
     /// before one arrived or when the current stream carries none (then
     /// nothing is answered or cached: see *Expiry by Redis's clock*).
     clock: Option<Clock>,
-    /// Sessions by token id (unique across users). Unbounded as far as the
-    /// crate is concerned (`LruCache::new` would allocate `max_entries`
-    /// slots up front); [`NearCache::insert`] evicts down to the bound.
-    entries: LruCache<String, Session>,
-    /// Token ids cached per user, for user-wide revocations; kept equal to
-    /// `entries` by [`State::remove`], the only way anything leaves it.
-    by_user: HashMap<String, HashSet<String>>,
+    /// Where each user's cached sessions are, by the keyed hash of the user
+    /// id (two users whose ids share a hash share a list: every use checks
+    /// the entry's user id). Kept equal to the entries by
+    /// [`NearCache::unindex`], called for whatever leaves them.
+    by_user: HashMap<u64, Vec<Handle>>,
+    /// Sessions cached, at most `max_entries` ([`NearCache::insert`]
+    /// evicts down to it).
+    len: usize,
     /// The streams listened to; the cache is synced when `roles.current` is
     /// set (its reset was received).
     roles: Roles,
@@ -286,7 +299,7 @@ struct State {
 /// A reading of Redis's clock: a message's `redis_time` and when it arrived
 /// by this host's monotonic clock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Clock {
+pub(crate) struct Clock {
     redis: SystemTime,
     arrived: Instant,
 }
@@ -320,25 +333,9 @@ struct Fill {
 }
 
 impl State {
-    fn remove(&mut self, token_id: &str) -> Option<Session> {
-        let session = self.entries.pop(token_id)?;
-        self.unindex(&session.user_id, token_id);
-        Some(session)
-    }
-
-    fn unindex(&mut self, user_id: &str, token_id: &str) {
-        if let Some(tokens) = self.by_user.get_mut(user_id) {
-            tokens.remove(token_id);
-            if tokens.is_empty() {
-                self.by_user.remove(user_id);
-            }
-        }
-    }
-
-    /// Drops every entry and every pending fill's chance to be cached.
-    fn flush(&mut self) {
-        self.entries.clear();
-        self.by_user.clear();
+    /// Drops every pending fill's chance to be cached (a flush; the
+    /// entries are [`NearCache::flush`]'s).
+    fn forget_fills(&mut self) {
         self.fills.clear();
         self.fills_by_token.clear();
         self.fills_by_user.clear();
@@ -395,84 +392,126 @@ impl State {
         }
     }
 
-    fn apply(&mut self, revocation: &Revocation) {
+    /// Invalidates the fills a user-wide change for `user` may concern:
+    /// those naming the user, and every one that named none. Each is
+    /// invalidated once, so a burst of user-wide revocations visits them
+    /// once in all, not once per revocation.
+    fn invalidate_user_fills(&mut self, user: &str) {
+        let mut doomed: Vec<u64> = self.unhinted_fills.iter().copied().collect();
+        doomed.extend(self.fills_by_user.get(user).into_iter().flatten());
+        self.invalidate_fills(doomed);
+    }
+}
+
+/// What changes the sessions, with the state lock held (`state`): the
+/// entries and the per-user index move together.
+impl NearCache {
+    /// Removes `token_id`'s entry; returns its user id.
+    fn remove(&self, state: &mut State, token_id: &str) -> Option<String> {
+        let (removed, user) = self.entries.remove(token_id)?;
+        Self::unindex(state, removed);
+        Some(user)
+    }
+
+    fn unindex(state: &mut State, removed: entries::Removed) {
+        state.len -= 1;
+        if let Some(handles) = state.by_user.get_mut(&removed.user_hash) {
+            if let Some(at) = handles.iter().position(|&h| h == removed.handle) {
+                handles.swap_remove(at);
+            }
+            if handles.is_empty() {
+                state.by_user.remove(&removed.user_hash);
+            }
+        }
+    }
+
+    /// Removes `user`'s cached sessions that `doomed` says so of, found
+    /// through the per-user index.
+    fn remove_users(
+        &self,
+        state: &mut State,
+        user: &str,
+        doomed: impl Fn(entries::View<'_>) -> bool,
+    ) {
+        let handles = state
+            .by_user
+            .get(&self.entries.hash(user))
+            .cloned()
+            .unwrap_or_default();
+        for handle in handles {
+            let removed = self
+                .entries
+                .remove_if(handle, |view| view.user() == Some(user) && doomed(view));
+            if let Some(removed) = removed {
+                Self::unindex(state, removed);
+            }
+        }
+    }
+
+    /// Drops every entry and every pending fill's chance to be cached. The
+    /// sessions are swapped out of the shards at once and handed back, to
+    /// be dropped once the state lock is released (by a thread of their own
+    /// when many: see [`Garbage`]).
+    #[must_use = "dropped after the state lock"]
+    fn flush(&self, state: &mut State) -> Garbage {
+        state.forget_fills();
+        let garbage = Garbage {
+            shards: self.entries.take_all(None),
+            by_user: std::mem::take(&mut state.by_user),
+            entries: state.len,
+        };
+        state.len = 0;
+        garbage
+    }
+
+    fn apply_one(&self, state: &mut State, revocation: &Revocation) {
         let user = revocation.user_id.as_str();
         match &revocation.token_id {
             Some(token) => {
                 // A revoke made here without the user's id names no user:
                 // the cached session may.
-                let owner = self.remove(token).map(|session| session.user_id);
+                let owner = self.remove(state, token);
                 // The calls for this token, and those naming its user (a
                 // call's answer may be for a token of that user it named).
                 let mut doomed: Vec<u64> = Vec::new();
                 doomed.extend(
-                    self.fills_by_token
+                    state
+                        .fills_by_token
                         .get(token.as_str())
                         .into_iter()
                         .flatten(),
                 );
                 for u in [Some(user), owner.as_deref()].into_iter().flatten() {
-                    doomed.extend(self.fills_by_user.get(u).into_iter().flatten());
+                    doomed.extend(state.fills_by_user.get(u).into_iter().flatten());
                 }
-                self.invalidate_fills(doomed);
+                state.invalidate_fills(doomed);
             }
             None => {
-                let tokens: Vec<String> = self
-                    .by_user
-                    .get(user)
-                    .map(|tokens| tokens.iter().cloned().collect())
-                    .unwrap_or_default();
-                for token in tokens {
-                    let ended = match (self.entries.peek(&token), revocation.revoked_at) {
-                        (Some(session), Some(at)) => session.created_at <= at,
-                        (Some(_), None) => true,
-                        (None, _) => false,
-                    };
-                    if ended {
-                        self.remove(&token);
-                    }
-                }
+                let revoked_at = revocation.revoked_at;
+                self.remove_users(state, user, |view| match revoked_at {
+                    Some(at) => view.created_at().is_some_and(|created| created <= at),
+                    None => true,
+                });
                 // A `get_session` call does not say whose session it asks
-                // for: any user-wide revocation may concern it. Each is
-                // invalidated once, so a burst of user-wide revocations
-                // visits them once in all, not once per revocation.
-                let mut doomed: Vec<u64> = self.unhinted_fills.iter().copied().collect();
-                doomed.extend(self.fills_by_user.get(user).into_iter().flatten());
-                self.invalidate_fills(doomed);
+                // for: any user-wide revocation may concern it.
+                state.invalidate_user_fills(user);
             }
         }
     }
-}
 
-impl State {
     /// Drops `user`'s cached sessions of family `family` (a family ended by
     /// reuse detection), found through the per-user index. The calls in
     /// flight that may be for one of them lose their fill, as for a
     /// user-wide revocation: those naming the user, and every one that named
     /// none (the family's token ids are not all known here).
-    fn drop_family(&mut self, user: &str, family: &str) {
+    fn drop_family(&self, state: &mut State, user: &str, family: &str) {
         if family.is_empty() {
             // Sessions of a server older than families share the empty id:
             // not one family.
             return;
         }
-        let tokens: Vec<String> = self
-            .by_user
-            .get(user)
-            .map(|tokens| tokens.iter().cloned().collect())
-            .unwrap_or_default();
-        for token in tokens {
-            if self
-                .entries
-                .peek(&token)
-                .is_some_and(|session| session.family_id == family)
-            {
-                self.remove(&token);
-            }
-        }
-        let mut doomed: Vec<u64> = self.unhinted_fills.iter().copied().collect();
-        doomed.extend(self.fills_by_user.get(user).into_iter().flatten());
-        self.invalidate_fills(doomed);
+        self.remove_users(state, user, |view| view.family() == Some(family));
+        state.invalidate_user_fills(user);
     }
 
     /// An ExtendSession answer for `token_id`: `Some` with the session as
@@ -490,28 +529,18 @@ impl State {
     /// lose their fill, since one may have read the expiry before this
     /// extension moved it earlier. Without an answer (the session is not
     /// live, or the call failed and may have moved it) the entry is dropped.
-    fn extended(&mut self, token_id: &str, answer: Option<&Session>) {
-        let doomed: Vec<u64> = self
+    fn extend_entry(&self, state: &mut State, token_id: &str, answer: Option<&Session>) {
+        let doomed: Vec<u64> = state
             .fills_by_token
             .get(token_id)
             .into_iter()
             .flatten()
             .copied()
             .collect();
-        self.invalidate_fills(doomed);
-        match answer {
-            Some(answer) => {
-                if let Some(cached) = self.entries.peek_mut(token_id)
-                    && cached.user_id == answer.user_id
-                {
-                    cached.expires_at = cached.expires_at.min(answer.expires_at);
-                } else {
-                    self.remove(token_id);
-                }
-            }
-            None => {
-                self.remove(token_id);
-            }
+        state.invalidate_fills(doomed);
+        let answer = answer.map(|a| (a.user_id.as_str(), a.expires_at));
+        if let Some(removed) = self.entries.extended(token_id, answer) {
+            Self::unindex(state, removed);
         }
     }
 }
@@ -527,13 +556,24 @@ fn unindex_fill(index: &mut HashMap<String, HashSet<u64>>, key: &str, id: u64) {
 }
 
 impl NearCache {
+    #[cfg(test)]
     pub(crate) fn new(max_entries: usize, max_staleness: Duration) -> Arc<Self> {
+        Self::with_metadata(max_entries, max_staleness, true)
+    }
+
+    /// An empty cache; `metadata: false` keeps only what validity needs
+    /// (see [`Builder::near_cache_metadata`](crate::Builder::near_cache_metadata)).
+    pub(crate) fn with_metadata(
+        max_entries: usize,
+        max_staleness: Duration,
+        metadata: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             max_entries,
             max_staleness,
             state: Mutex::new(State {
-                entries: LruCache::unbounded(),
                 by_user: HashMap::new(),
+                len: 0,
                 roles: Roles::default(),
                 clock: None,
                 last_message: None,
@@ -543,9 +583,8 @@ impl NearCache {
                 unhinted_fills: HashSet::new(),
                 next_fill: 0,
             }),
+            entries: Entries::new(max_entries, metadata),
             roles_changed: tokio::sync::Notify::new(),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
             revocations_applied: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             switches: AtomicU64::new(0),
@@ -574,32 +613,45 @@ impl NearCache {
         state.clock.map(|clock| clock.at(now))
     }
 
+    /// Copies into every shard what lookups need to decide as
+    /// [`serving`](Self::serving) would: called whenever the roles, the
+    /// clock or the last message's time changed, with the state lock held.
+    fn publish(&self, state: &State) {
+        let serving = match (state.roles.current, state.last_message, state.clock) {
+            (Some(_), Some(last_message), Some(clock)) => Some(Serving {
+                last_message,
+                clock,
+            }),
+            _ => None,
+        };
+        self.entries.publish(serving);
+    }
+
     /// The cached session for `token_id` (owned by `user_id` when given),
     /// when it may be answered from memory; `None` means: ask the server.
     pub(crate) fn lookup(&self, token_id: &str, user_id: Option<&str>) -> Option<Session> {
-        let found = self.lookup_at(token_id, user_id, Instant::now());
-        let counter = if found.is_some() {
-            &self.hits
-        } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        found
+        self.lookup_at(token_id, user_id, Instant::now())
     }
 
     fn lookup_at(&self, token_id: &str, user_id: Option<&str>, now: Instant) -> Option<Session> {
-        let mut state = self.state();
-        let redis_now = self.serving(&state, now)?;
-        let session = state.entries.get(token_id)?;
-        if session.expires_at <= redis_now {
-            // The server would not find it either; no use keeping it.
-            state.remove(token_id);
-            return None;
+        match self
+            .entries
+            .lookup(token_id, user_id, now, self.max_staleness)
+        {
+            Found::Hit(session) => Some(session),
+            Found::Miss => None,
+            Found::Expired => {
+                // The server would not find it either; no use keeping it.
+                // Removed with the state lock, as anything that leaves.
+                let mut state = self.state();
+                if let Some(redis_now) = self.serving(&state, now)
+                    && let Some(removed) = self.entries.remove_expired(token_id, redis_now)
+                {
+                    Self::unindex(&mut state, removed);
+                }
+                None
+            }
         }
-        if user_id.is_some_and(|user| user != session.user_id) {
-            return None;
-        }
-        Some(session.clone())
     }
 
     /// Registers a call about to be sent, whose answer may be cached through
@@ -628,26 +680,29 @@ impl NearCache {
             .is_some_and(|redis_now| session.expires_at > redis_now)
             && fill.token_id == session.token_id
             && fill.user_id.as_deref().is_none_or(|u| u == session.user_id);
-        if cacheable {
-            self.insert(&mut state, session.clone());
-        }
-        cacheable
+        cacheable && self.insert(&mut state, session)
     }
 
-    fn insert(&self, state: &mut State, session: Session) {
-        state.remove(&session.token_id);
+    /// Caches `session`, replacing its token's entry, and evicts down to
+    /// `max_entries`. Returns whether it was cached (see `entries::pack`).
+    fn insert(&self, state: &mut State, session: &Session) -> bool {
+        self.remove(state, &session.token_id);
+        let Some(handle) = self.entries.insert(session) else {
+            return false;
+        };
+        state.len += 1;
         state
             .by_user
-            .entry(session.user_id.clone())
+            .entry(self.entries.hash(&session.user_id))
             .or_default()
-            .insert(session.token_id.clone());
-        state.entries.push(session.token_id.clone(), session);
-        while state.entries.len() > self.max_entries {
-            match state.entries.pop_lru() {
-                Some((token_id, evicted)) => state.unindex(&evicted.user_id, &token_id),
+            .push(handle);
+        while state.len > self.max_entries {
+            match self.entries.evict(handle) {
+                Some(removed) => Self::unindex(state, removed),
                 None => break,
             }
         }
+        true
     }
 
     /// Applies revocations (from the stream, or made through this client).
@@ -662,21 +717,21 @@ impl NearCache {
     pub(crate) fn apply_again(&self, revocations: &[Revocation]) {
         let mut state = self.state();
         for revocation in revocations {
-            state.apply(revocation);
+            self.apply_one(&mut state, revocation);
         }
     }
 
     /// A family ended by reuse detection through this client: drops what is
     /// cached of it now, as the stream will (counted as one revocation).
     pub(crate) fn forget_family(&self, user_id: &str, family_id: &str) {
-        self.state().drop_family(user_id, family_id);
+        self.drop_family(&mut self.state(), user_id, family_id);
         self.revocations_applied.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An ExtendSession made through this client ended; see
-    /// [`State::extended`].
+    /// [`extend_entry`](Self::extend_entry).
     pub(crate) fn extended(&self, token_id: &str, answer: Option<&Session>) {
-        self.state().extended(token_id, answer);
+        self.extend_entry(&mut self.state(), token_id, answer);
     }
 
     /// The stream task opened stream `id`: it becomes the candidate (a
@@ -707,11 +762,13 @@ impl NearCache {
                 redis,
                 arrived: now,
             });
+        // Declared first, so dropped after the lock is released.
+        let mut garbage = Garbage::default();
         let mut state = self.state();
         let roles = state.roles;
         if roles.current == Some(id) {
             if message.reset {
-                state.flush();
+                garbage = self.flush(&mut state);
                 // A new subscription, perhaps on another master: its clock.
                 state.clock = reading;
                 self.resets.fetch_add(1, Ordering::Relaxed);
@@ -742,7 +799,7 @@ impl NearCache {
                 };
                 self.switches.fetch_add(1, Ordering::Relaxed);
             } else {
-                state.flush();
+                garbage = self.flush(&mut state);
                 state.clock = reading;
                 state.roles.draining = None;
                 self.resets.fetch_add(1, Ordering::Relaxed);
@@ -755,7 +812,7 @@ impl NearCache {
             if message.reset {
                 // The old stream's server lost its subscription: what it
                 // missed may predate the replacement's reset.
-                state.flush();
+                garbage = self.flush(&mut state);
                 state.roles.draining = None;
                 self.resets.fetch_add(1, Ordering::Relaxed);
                 self.roles_changed.notify_one();
@@ -764,9 +821,12 @@ impl NearCache {
         } else {
             return false;
         }
+        self.publish(&state);
         for revocation in &revocations {
-            state.apply(revocation);
+            self.apply_one(&mut state, revocation);
         }
+        drop(state);
+        drop(garbage);
         self.revocations_applied
             .fetch_add(revocations.len() as u64, Ordering::Relaxed);
         true
@@ -778,6 +838,8 @@ impl NearCache {
     /// stream's end before its drain is over may have lost revocations in
     /// flight: flushed too (the current stream keeps the cache healthy).
     fn ended(&self, id: u64, now: Instant) {
+        // Declared first, so dropped after the lock is released.
+        let mut garbage = Garbage::default();
         let mut state = self.state();
         let roles = state.roles;
         if roles.current == Some(id) {
@@ -785,10 +847,12 @@ impl NearCache {
             state.roles.draining = None;
             state.last_message = None;
             state.clock = None;
-            state.flush();
+            garbage = self.flush(&mut state);
+            self.publish(&state);
         } else if let Some((_, until)) = roles.draining.filter(|(d, _)| *d == id) {
             if now < until {
-                state.flush();
+                garbage = self.flush(&mut state);
+                self.publish(&state);
             }
             state.roles.draining = None;
         } else if roles.candidate == Some(id) {
@@ -796,6 +860,8 @@ impl NearCache {
         } else {
             return;
         }
+        drop(state);
+        drop(garbage);
         self.roles_changed.notify_one();
     }
 
@@ -803,13 +869,14 @@ impl NearCache {
         let (entries, healthy) = {
             let state = self.state();
             (
-                state.entries.len() as u64,
+                state.len as u64,
                 self.serving(&state, Instant::now()).is_some(),
             )
         };
+        let (hits, misses) = self.entries.counts();
         NearCacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
+            hits,
+            misses,
             revocations_applied: self.revocations_applied.load(Ordering::Relaxed),
             resets: self.resets.load(Ordering::Relaxed),
             entries,
@@ -856,5 +923,7 @@ impl Drop for PendingFill {
     }
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

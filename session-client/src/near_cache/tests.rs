@@ -104,19 +104,26 @@ fn healthy_with(max_entries: usize, sessions: &[Session]) -> Arc<NearCache> {
 }
 
 fn cached(cache: &NearCache, token: &str) -> bool {
-    cache.state().entries.contains(token)
+    cache.entries.contains(token)
 }
 
 /// The index and the entries hold the same sessions.
-fn assert_consistent(cache: &NearCache) {
+pub(super) fn assert_consistent(cache: &NearCache) {
     let state = cache.state();
-    let indexed: usize = state.by_user.values().map(HashSet::len).sum();
-    assert_eq!(indexed, state.entries.len());
-    for (user, tokens) in &state.by_user {
-        assert!(!tokens.is_empty(), "empty set kept for {user}");
-        for token in tokens {
-            let session = state.entries.peek(token).expect("indexed token cached");
-            assert_eq!(&session.user_id, user);
+    let indexed: usize = state.by_user.values().map(Vec::len).sum();
+    assert_eq!(indexed, state.len);
+    assert_eq!(cache.entries.len(), state.len);
+    let mut seen = HashSet::new();
+    for (user_hash, handles) in &state.by_user {
+        assert!(!handles.is_empty(), "empty list kept for {user_hash}");
+        for &handle in handles {
+            assert!(seen.insert(handle), "{handle} indexed twice");
+            let at = cache.entries.at(handle);
+            assert!(
+                at.iter()
+                    .any(|(user, _)| cache.entries.hash(user) == *user_hash),
+                "indexed entry cached: {at:?}"
+            );
         }
     }
     // Every fill in flight is in its indexes, and nothing else is.
@@ -416,12 +423,44 @@ fn lru_eviction_keeps_the_index_consistent() {
     assert!(fill.complete(&session("carol", "c1", now)));
     assert!(!cached(&cache, "b1") && cached(&cache, "a2"));
     assert_consistent(&cache);
-    assert!(!cache.state().by_user.contains_key("bob"));
+    assert!(
+        !cache
+            .state()
+            .by_user
+            .contains_key(&cache.entries.hash("bob"))
+    );
     // Re-caching a token replaces it without duplicating its index entry.
     let fill = cache.begin_fill("a2", None);
     assert!(fill.complete(&session("alice", "a2", now)));
     assert_eq!(cache.stats().entries, 2);
     assert_consistent(&cache);
+}
+
+/// A session answered from memory is the one the server gave, to the
+/// nanosecond and the last metadata entry; with `near_cache_metadata(false)`
+/// it is that session without its metadata.
+#[test]
+fn answers_from_memory_are_the_servers_sessions() {
+    let mut session = in_family("alice", "a1", "f1");
+    session.metadata.insert("ip".into(), "192.0.2.1".into());
+    session
+        .metadata
+        .insert("user_agent".into(), "Mozilla/5.0 (X11)".into());
+    session.expires_at += Duration::from_nanos(123_457);
+    let cache = healthy_with(10, std::slice::from_ref(&session));
+    assert_eq!(cache.lookup("a1", Some("alice")), Some(session.clone()));
+
+    let lean = NearCache::with_metadata(10, STALENESS, false);
+    recv(&lean, reset(), Instant::now());
+    assert!(lean.begin_fill("a1", None).complete(&session));
+    let found = lean.lookup("a1", None).expect("cached");
+    assert_eq!(
+        found,
+        Session {
+            metadata: HashMap::new(),
+            ..session
+        }
+    );
 }
 
 /// The fill race, interleaved by hand: a call registers, the revocation
@@ -584,7 +623,7 @@ fn a_family_ended_by_reuse_is_dropped() {
 fn an_extension_never_leaves_a_later_expiry() {
     let s = in_family("alice", "a1", "f1");
     let cache = healthy_with(10, &[s.clone(), session("bob", "b1", SystemTime::now())]);
-    let expiry = |cache: &NearCache| cache.state().entries.peek("a1").map(|e| e.expires_at);
+    let expiry = |cache: &NearCache| cache.entries.expires_at("a1");
 
     let later = Session {
         expires_at: s.expires_at + Duration::from_secs(600),
