@@ -370,7 +370,7 @@ impl Builder {
     /// Turns on the near-cache: [`get_session`](SessionClient::get_session)
     /// and [`get_user_session`](SessionClient::get_user_session) answer from
     /// memory, without a network round trip, for up to `max_entries` sessions
-    /// (the least recently used make room, as CLOCK approximates it), kept
+    /// (sessions not looked up lately make room: CLOCK), kept
     /// true by revocations the
     /// server pushes (`WatchRevocations`). Off by default.
     ///

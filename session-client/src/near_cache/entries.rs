@@ -21,10 +21,12 @@
 //! Eviction is CLOCK (second chance) per shard: a lookup marks its entry,
 //! and when the cache is over its bound the shard just inserted into (or
 //! the next one holding something else) sweeps its hand past the marked
-//! entries, clearing their mark, to the first unmarked one. With one shard
-//! (small caches) this is the textbook approximation of least recently used;
-//! a removal may shift an entry back past the hand, which only gives it one
-//! more turn.
+//! entries, clearing their mark, to the first unmarked one. The hand walks
+//! the table's slots, whose order the hash key randomises, so among entries
+//! not looked up since it last passed, which one goes is arbitrary (not the
+//! oldest, as CLOCK over an insertion-ordered ring would pick); an entry
+//! looked up since then always outlives one that was not. A removal may
+//! shift an entry back past the hand, which only gives it one more turn.
 
 use std::{
     collections::HashMap,
@@ -39,7 +41,7 @@ use crate::types::Session;
 /// The most shards: enough that two threads rarely share one.
 const MAX_SHARDS: usize = 64;
 /// Entries per shard below which fewer shards are used: a small cache keeps
-/// one (exact CLOCK order, as its tests expect).
+/// one, so its second-chance order holds across the whole cache.
 const ENTRIES_PER_SHARD: usize = 1024;
 /// The bit of a slot's `hash` that says it is taken (so a taken slot's hash
 /// is never 0, an empty one's).

@@ -150,7 +150,7 @@ pub(crate) use watcher::Watcher;
 /// The near-cache's settings, from the builder.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct NearCacheSettings {
-    /// The most sessions held; the least recently used go first (CLOCK).
+    /// The most sessions held; ones not looked up lately go first (CLOCK).
     pub(crate) max_entries: usize,
     /// How long the cache answers from memory without a message on its
     /// stream.
