@@ -50,6 +50,9 @@
 //!   connect and DNS discovery.
 //! - `endpoint`: TLS settings and the dialer that turns a URL into a tonic
 //!   endpoint.
+//! - `require_session` (feature `tower`): [`RequireSessionLayer`], tower
+//!   middleware for axum and tonic services that lets a request through only
+//!   while its session is live, and answers 401 / 503 (or their gRPC codes).
 //! - `retry`: backoff, the shared retry budget, and deadlines.
 //! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
 //! - `types`: the domain types and their proto conversions.
@@ -106,6 +109,8 @@ mod endpoint;
 mod error;
 mod metadata;
 mod near_cache;
+#[cfg(feature = "tower")]
+mod require_session;
 mod retry;
 mod types;
 
@@ -113,6 +118,8 @@ pub use builder::Builder;
 pub use client::SessionClient;
 pub use error::{BoxError, CallError, Code, Error, Result};
 pub use near_cache::NearCacheStats;
+#[cfg(feature = "tower")]
+pub use require_session::{RequireSession, RequireSessionLayer, ResponseFuture, SessionUnchecked};
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
 pub use types::{
