@@ -8,9 +8,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{Extension, Router, http::request::Parts, routing::get};
-use session_client::{
-    NewSession, RequireSessionLayer, Session, SessionClient, SessionUnchecked,
-};
+use session_client::{NewSession, RequireSessionLayer, Session, SessionClient, SessionUnchecked};
 use tokio::net::TcpListener;
 use tonic::{Code, transport::Server};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -86,7 +84,16 @@ where
 /// GET / with the ids, if any.
 async fn get_with(addr: SocketAddr, ids: Option<(&str, &str)>) -> crate::support::HttpAnswer {
     match ids {
-        Some((user, token)) => http(addr, "GET", "/", &[("x-user", user), ("x-token", token)], None).await,
+        Some((user, token)) => {
+            http(
+                addr,
+                "GET",
+                "/",
+                &[("x-user", user), ("x-token", token)],
+                None,
+            )
+            .await
+        }
         None => http(addr, "GET", "/", &[], None).await,
     }
 }
@@ -98,8 +105,12 @@ async fn check_with(
 ) -> Code {
     let mut request = tonic::Request::new(HealthCheckRequest::default());
     if let Some((user, token)) = ids {
-        request.metadata_mut().insert("x-user", user.parse().unwrap());
-        request.metadata_mut().insert("x-token", token.parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-user", user.parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-token", token.parse().unwrap());
     }
     match grpc.check(request).await {
         Ok(_) => Code::Ok,
@@ -126,9 +137,15 @@ async fn http_requests_pass_only_with_a_live_session() {
     let client = client(server.url(), false).await;
     let (addr, _serving) = serve_http(RequireSessionLayer::new(client.clone(), ids)).await;
 
-    client.create_session("u-1", "t-live", Default::default()).await.unwrap();
+    client
+        .create_session("u-1", "t-live", Default::default())
+        .await
+        .unwrap();
     let answer = get_with(addr, Some(("u-1", "t-live"))).await;
-    assert_eq!((answer.status, answer.body.as_str()), (200, "live u-1 t-live"));
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "live u-1 t-live")
+    );
 
     assert_denied(&get_with(addr, Some(("u-1", "t-unknown"))).await);
     assert_denied(&get_with(addr, Some(("u-2", "t-live"))).await);
@@ -160,8 +177,14 @@ async fn grpc_calls_pass_only_with_a_live_session() {
     let client = client(server.url(), false).await;
     let (mut grpc, _serving) = serve_grpc(RequireSessionLayer::new(client.clone(), ids)).await;
 
-    client.create_session("u-1", "t-live", Default::default()).await.unwrap();
-    assert_eq!(check_with(&mut grpc, Some(("u-1", "t-live"))).await, Code::Ok);
+    client
+        .create_session("u-1", "t-live", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        check_with(&mut grpc, Some(("u-1", "t-live"))).await,
+        Code::Ok
+    );
     assert_eq!(
         check_with(&mut grpc, Some(("u-1", "t-unknown"))).await,
         Code::Unauthenticated
@@ -176,7 +199,10 @@ async fn grpc_calls_pass_only_with_a_live_session() {
 
     let short = NewSession::new("u-1", "t-short").ttl(Duration::from_millis(300));
     client.create_session_with(short).await.unwrap();
-    assert_eq!(check_with(&mut grpc, Some(("u-1", "t-short"))).await, Code::Ok);
+    assert_eq!(
+        check_with(&mut grpc, Some(("u-1", "t-short"))).await,
+        Code::Ok
+    );
     let mut expired = false;
     for _ in 0..100 {
         if check_with(&mut grpc, Some(("u-1", "t-short"))).await == Code::Unauthenticated {
@@ -198,7 +224,10 @@ async fn an_unanswering_session_store_fails_closed_unless_told_otherwise() {
     let mut redis = PrivateRedis::start();
     let server = TestServer::start_with(config_on(&redis)).await;
     let client = client(server.url(), false).await;
-    client.create_session("u-1", "t-live", Default::default()).await.unwrap();
+    client
+        .create_session("u-1", "t-live", Default::default())
+        .await
+        .unwrap();
 
     let (closed, _a) = serve_http(RequireSessionLayer::new(client.clone(), ids)).await;
     let (open, _b) =
@@ -235,7 +264,10 @@ async fn the_near_cache_answers_repeated_checks() {
         .await
     );
     let (addr, _serving) = serve_http(RequireSessionLayer::new(client.clone(), ids)).await;
-    client.create_session("u-1", "t-live", Default::default()).await.unwrap();
+    client
+        .create_session("u-1", "t-live", Default::default())
+        .await
+        .unwrap();
 
     assert_eq!(get_with(addr, Some(("u-1", "t-live"))).await.status, 200);
     let before = client.near_cache_stats().unwrap();
