@@ -31,7 +31,7 @@ pub struct Claims {
     pub exp: u64,
     /// Issued at, Unix seconds.
     pub iat: u64,
-    /// [`ACCESS`] or [`REFRESH`].
+    /// `"access"` or `"refresh"`: which of the two credentials this is.
     pub aud: String,
 }
 
