@@ -24,7 +24,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderValue, Request, Response, StatusCode, header, request::Parts};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header, request::Parts};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -203,10 +203,9 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let grpc = is_grpc(&request);
         let (mut parts, body) = request.into_parts();
         let Some((user_id, token_id)) = (self.extract)(&parts) else {
-            return ResponseFuture::rejected(Reject::NotLive, grpc);
+            return ResponseFuture::rejected(Reject::NotLive, &parts.headers);
         };
         if let Some(session) = self.client.cached_user_session(user_id, token_id) {
             parts.extensions.insert(session);
@@ -240,7 +239,7 @@ where
                     parts.extensions.insert(SessionUnchecked);
                     inner.call(Request::from_parts(parts, body)).await
                 }
-                Verdict::Reject(reject) => Ok(rejection(reject, grpc)),
+                Verdict::Reject(reject) => Ok(rejection(reject, &parts.headers)),
             }
         };
         ResponseFuture::lookup(Box::pin(future))
@@ -307,10 +306,10 @@ impl<Fut, E, ResBody: Default> ResponseFuture<Fut, E, ResBody> {
         }
     }
 
-    fn rejected(reject: Reject, grpc: bool) -> Self {
+    fn rejected(reject: Reject, request: &HeaderMap) -> Self {
         Self {
             state: State::Rejected {
-                response: Some(rejection(reject, grpc)),
+                response: Some(rejection(reject, request)),
             },
         }
     }
@@ -346,32 +345,29 @@ impl<Fut, E, ResBody> fmt::Debug for ResponseFuture<Fut, E, ResBody> {
     }
 }
 
-/// gRPC is told by its content type (`application/grpc`, `+proto`, `+json`
-/// ...), as gRPC servers tell it.
-fn is_grpc<B>(request: &Request<B>) -> bool {
+/// The content type of a gRPC request (`application/grpc`, `+proto`,
+/// `-web`...): gRPC is told by it, as gRPC servers tell it. `None` for HTTP.
+fn grpc_content_type(request: &HeaderMap) -> Option<&HeaderValue> {
     request
-        .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+        .filter(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// The layer's answer: for gRPC a trailers-only response (HTTP 200 with
-/// `grpc-status` in the headers), as tonic answers an error before any
+/// The layer's answer to a request with headers `request`: for gRPC a
+/// trailers-only response (HTTP 200 with `grpc-status` in the headers, and
+/// the request's content type), as tonic answers an error before any
 /// message.
-fn rejection<ResBody: Default>(reject: Reject, grpc: bool) -> Response<ResBody> {
+fn rejection<ResBody: Default>(reject: Reject, request: &HeaderMap) -> Response<ResBody> {
     let mut response = Response::new(ResBody::default());
     let headers = response.headers_mut();
-    if grpc {
+    if let Some(content_type) = grpc_content_type(request) {
         let (code, message) = match reject {
             // 16 UNAUTHENTICATED: the credentials are not valid.
             Reject::NotLive => ("16", "session expired or revoked"),
             // 14 UNAVAILABLE: retrying later may succeed.
             Reject::Unavailable => ("14", "session store unavailable"),
         };
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
+        headers.insert(header::CONTENT_TYPE, content_type.clone());
         headers.insert("grpc-status", HeaderValue::from_static(code));
         headers.insert("grpc-message", HeaderValue::from_static(message));
         return response;
@@ -393,42 +389,52 @@ fn rejection<ResBody: Default>(reject: Reject, grpc: bool) -> Response<ResBody> 
 mod tests {
     use super::*;
 
-    fn request(content_type: Option<&'static str>) -> Request<()> {
-        let mut builder = Request::builder();
+    fn headers(content_type: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
         if let Some(value) = content_type {
-            builder = builder.header(header::CONTENT_TYPE, value);
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
         }
-        builder.body(()).unwrap()
+        headers
     }
 
     #[test]
     fn grpc_is_told_by_its_content_type() {
-        assert!(is_grpc(&request(Some("application/grpc"))));
-        assert!(is_grpc(&request(Some("application/grpc+proto"))));
-        assert!(!is_grpc(&request(Some("application/json"))));
-        assert!(!is_grpc(&request(None)));
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc-web",
+        ] {
+            assert!(grpc_content_type(&headers(Some(grpc))).is_some(), "{grpc}");
+        }
+        assert!(grpc_content_type(&headers(Some("application/json"))).is_none());
+        assert!(grpc_content_type(&headers(None)).is_none());
     }
 
     #[test]
     fn http_rejections_say_why() {
-        let denied: Response<()> = rejection(Reject::NotLive, false);
+        let json = headers(Some("application/json"));
+        let denied: Response<()> = rejection(Reject::NotLive, &json);
         assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
             denied.headers()[header::WWW_AUTHENTICATE],
             "Bearer error=\"invalid_token\""
         );
-        let down: Response<()> = rejection(Reject::Unavailable, false);
+        let down: Response<()> = rejection(Reject::Unavailable, &headers(None));
         assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(down.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 
     #[test]
     fn grpc_rejections_are_trailers_only() {
-        let denied: Response<()> = rejection(Reject::NotLive, true);
+        let grpc = headers(Some("application/grpc+proto"));
+        let denied: Response<()> = rejection(Reject::NotLive, &grpc);
         assert_eq!(denied.status(), StatusCode::OK);
         assert_eq!(denied.headers()["grpc-status"], "16");
-        assert_eq!(denied.headers()[header::CONTENT_TYPE], "application/grpc");
-        let down: Response<()> = rejection(Reject::Unavailable, true);
+        assert_eq!(
+            denied.headers()[header::CONTENT_TYPE],
+            "application/grpc+proto"
+        );
+        let down: Response<()> = rejection(Reject::Unavailable, &grpc);
         assert_eq!(down.headers()["grpc-status"], "14");
     }
 }
