@@ -32,9 +32,10 @@
 //! - **Settings checked at start-up**: a CA that is not PEM, a bearer token
 //!   over plaintext, are [`Error::Config`] from [`Builder::connect`].
 //!
-//! Modules, each importing only those listed after it (`builder` → `client`
-//! → `call` and `near_cache` → `balance` → `endpoint`; `retry`, `metadata`,
-//! `types` and `error` are leaves any of them may use):
+//! Modules, each importing only those listed after it (`builder` and
+//! `require_session` → `client` → `call` and `near_cache` → `balance` →
+//! `endpoint`; `retry`, `metadata`, `types` and `error` are leaves any of
+//! them may use):
 //!
 //! - `builder`: [`Builder`]: the settings (endpoints and DNS discovery,
 //!   timeouts, retries, TLS and mutual TLS, the bearer token, lazy or eager
