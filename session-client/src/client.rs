@@ -474,6 +474,17 @@ impl SessionClient {
         if let Some(session) = cache.lookup(&request.token_id, user) {
             return Ok(Some(session));
         }
+        self.fetch_and_fill(cache, request).await
+    }
+
+    /// The server's answer to a lookup the near-cache missed, cached when
+    /// live (unless something that may concern it arrived meanwhile).
+    async fn fetch_and_fill(
+        &self,
+        cache: &Arc<NearCache>,
+        request: pb::GetSessionRequest,
+    ) -> Result<Option<Session>> {
+        let user = (!request.user_id.is_empty()).then_some(request.user_id.as_str());
         // Registered before the call is sent: see `near_cache`.
         let fill = cache.begin_fill(&request.token_id, user);
         let found = self.fetch(request).await?;
@@ -481,6 +492,32 @@ impl SessionClient {
             fill.complete(session);
         }
         Ok(found)
+    }
+
+    /// [`get_user_session`](Self::get_user_session)'s near-cache lookup
+    /// alone, from borrowed ids: the tower layer's fast path, which needs no
+    /// future and no owned ids when it hits. `None` when the cache is off or
+    /// does not hold the session live (counted as a miss): follow with
+    /// [`get_user_session_uncached`](Self::get_user_session_uncached).
+    #[cfg(feature = "tower")]
+    pub(crate) fn cached_user_session(&self, user_id: &str, token_id: &str) -> Option<Session> {
+        self.near_cache()?.lookup(token_id, Some(user_id))
+    }
+
+    /// [`get_user_session`](Self::get_user_session) after
+    /// [`cached_user_session`](Self::cached_user_session) missed: asks the
+    /// server, and fills the near-cache (when on) with a live answer.
+    #[cfg(feature = "tower")]
+    pub(crate) async fn get_user_session_uncached(
+        &self,
+        user_id: String,
+        token_id: String,
+    ) -> Result<Option<Session>> {
+        let request = pb::GetSessionRequest { token_id, user_id };
+        match self.near_cache() {
+            Some(cache) => self.fetch_and_fill(cache, request).await,
+            None => self.fetch(request).await,
+        }
     }
 
     async fn fetch(&self, request: pb::GetSessionRequest) -> Result<Option<Session>> {

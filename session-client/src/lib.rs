@@ -32,9 +32,10 @@
 //! - **Settings checked at start-up**: a CA that is not PEM, a bearer token
 //!   over plaintext, are [`Error::Config`] from [`Builder::connect`].
 //!
-//! Modules, each importing only those listed after it (`builder` → `client`
-//! → `call` and `near_cache` → `balance` → `endpoint`; `retry`, `metadata`,
-//! `types` and `error` are leaves any of them may use):
+//! Modules, each importing only those listed after it (`builder` and
+//! `require_session` → `client` → `call` and `near_cache` → `balance` →
+//! `endpoint`; `retry`, `metadata`, `types` and `error` are leaves any of
+//! them may use):
 //!
 //! - `builder`: [`Builder`]: the settings (endpoints and DNS discovery,
 //!   timeouts, retries, TLS and mutual TLS, the bearer token, lazy or eager
@@ -50,6 +51,9 @@
 //!   connect and DNS discovery.
 //! - `endpoint`: TLS settings and the dialer that turns a URL into a tonic
 //!   endpoint.
+//! - `require_session` (feature `tower`): [`RequireSessionLayer`], tower
+//!   middleware for axum and tonic services that lets a request through only
+//!   while its session is live, and answers 401 / 503 (or their gRPC codes).
 //! - `retry`: backoff, the shared retry budget, and deadlines.
 //! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
 //! - `types`: the domain types and their proto conversions.
@@ -106,6 +110,8 @@ mod endpoint;
 mod error;
 mod metadata;
 mod near_cache;
+#[cfg(feature = "tower")]
+mod require_session;
 mod retry;
 mod types;
 
@@ -118,6 +124,8 @@ pub use near_cache::NearCacheStats;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use near_cache::bench as __near_cache_bench;
+#[cfg(feature = "tower")]
+pub use require_session::{RequireSession, RequireSessionLayer, ResponseFuture, SessionUnchecked};
 /// The generated `sessionstore.v1` messages and stub, for raw use.
 pub use sessionstore::v1 as proto;
 pub use types::{

@@ -2,6 +2,7 @@
 //! called over gRPC, against a real Redis. One binary with a module per area,
 //! so the whole stack is linked once.
 
+mod auth_service;
 mod client;
 mod client_resilience;
 mod commands;
@@ -20,6 +21,7 @@ mod near_cache;
 mod process;
 mod properties;
 mod rate_limit;
+mod require_session;
 mod revocations;
 mod security;
 mod sessions;

@@ -13,6 +13,7 @@ use std::{
 use tonic::metadata::MetadataMap;
 
 mod fake;
+mod http;
 mod metrics;
 mod pki;
 mod probe;
@@ -23,6 +24,7 @@ mod server;
 
 pub(crate) use self::{
     fake::{Behaviour, FakeServer, Stub},
+    http::{HttpAnswer, Serving, http},
     metrics::scrape,
     pki::Pki,
     probe::{liveness, readiness, readiness_at},
