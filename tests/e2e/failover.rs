@@ -13,7 +13,7 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use crate::support::{TestServer, Topology, create, redis_cli, wait_until};
+use crate::support::{TestServer, Topology, create, get, redis_cli, wait_until};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.
@@ -697,4 +697,168 @@ async fn cluster_bus_link_reconnects_lose_no_revocation() {
     }
     assert!(tested > 0, "no round could create its session");
     assert!(lost.is_empty(), "lost without a reset: {lost:?}");
+}
+
+/// Writes 1 MiB values to the master on `master` until its output buffer
+/// for its (stopped) replica holds data the kernel's socket buffers could
+/// not take (`omem` of the replica's `CLIENT LIST` line): whatever the
+/// master writes after that stays in this process's memory, and a SIGKILL
+/// loses it. Stopping the replica alone loses nothing: the socket buffers
+/// hold megabytes of replication stream, and a resumed replica applies it.
+async fn fill_replication_link(master: u16) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{master}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let junk = vec![b'x'; 1 << 20];
+    for i in 0..256 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("replication-filler:{i}"))
+            .arg(&junk)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let replica_omem = redis_cli(master, &["client", "list", "type", "replica"])
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("omem="))
+            .and_then(|omem| omem.parse::<u64>().ok())
+            .unwrap_or(0);
+        if replica_omem > 0 {
+            return;
+        }
+    }
+    panic!("256 MiB written and the replica's link never backed up into the master");
+}
+
+/// A RevokeSession's answer: OK (with whether a session was live) or the
+/// status.
+async fn try_revoke(
+    client: &mut SessionStoreClient<Channel>,
+    token: &str,
+) -> Result<bool, tonic::Status> {
+    client
+        .revoke_session(RevokeSessionRequest {
+            token_id: token.into(),
+            user_id: String::new(),
+        })
+        .await
+        .map(|answer| answer.into_inner().revoked)
+}
+
+/// Whether `token` is live, and what a replayed CreateSession of it answers.
+async fn after_failover(
+    client: &mut SessionStoreClient<Channel>,
+    user: &str,
+    token: &str,
+) -> (bool, i32) {
+    let live = client
+        .get_session(GetSessionRequest {
+            token_id: token.into(),
+            user_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .is_some();
+    let replay = create(client, user, token).await;
+    (live, replay.outcome)
+}
+
+/// #25, Sentinel: with REVOCATION_MIN_REPLICAS=1, every revocation answered
+/// OK survives the master's failover, and those its replica never received
+/// answered UNAVAILABLE. Sessions are created and replicated; a revocation
+/// with the replica healthy answers OK; then replication is held up (the
+/// replica stopped, its link filled until the master buffers for it), and
+/// revocations through the server answer UNAVAILABLE (saying a retry is
+/// safe) while a second server with REVOCATION_MIN_REPLICAS=0 answers OK
+/// for the same kind of revocation; the master is SIGKILLed, the replica
+/// resumed and promoted. On the new master the OK'd revocation of the first
+/// server is in force (GetSession finds nothing, a replayed CreateSession
+/// answers TOKEN_REVOKED); the second server's is printed: lost.
+#[tokio::test]
+async fn sentinel_revocations_acknowledged_by_a_replica_survive_failover() {
+    let sentinel = Topology::start("sentinel");
+    let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
+    let replica: u16 = sentinel.env["TEST_REDIS_REPLICA_PORT"].parse().unwrap();
+    let mut config = sentinel.config(RedisMode::Sentinel);
+    config.revocation_min_replicas = 1;
+    config.revocation_replica_timeout_ms = 200;
+    config.validate().unwrap();
+    let waiting = TestServer::start_with(config.clone()).await;
+    config.revocation_min_replicas = 0;
+    let not_waiting = TestServer::start_with(config).await;
+    let mut safe = waiting.client().await;
+    let mut unsafe_ = not_waiting.client().await;
+    let users = ["rw-safe".to_owned(), "rw-unsafe".to_owned()];
+    for i in 0..3 {
+        assert!(
+            create(&mut safe, &users[0], &format!("rw-safe-{i}"))
+                .await
+                .created
+        );
+        assert!(
+            create(&mut unsafe_, &users[1], &format!("rw-unsafe-{i}"))
+                .await
+                .created
+        );
+    }
+    // A healthy replica acknowledges: OK.
+    assert_eq!(try_revoke(&mut safe, "rw-safe-0").await, Ok(true));
+    wait_for_replication(master).await;
+
+    let held = Stopped::node(replica);
+    fill_replication_link(master).await;
+    let started = std::time::Instant::now();
+    let refused = try_revoke(&mut safe, "rw-safe-1").await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("applied on the Redis master but not yet replicated")
+            && refused.message().contains("retrying is safe"),
+        "{}",
+        refused.message()
+    );
+    // The retry waits again, and is refused again.
+    let retried = try_revoke(&mut safe, "rw-safe-1").await.unwrap_err();
+    assert_eq!(retried.code(), tonic::Code::Unavailable, "{retried:?}");
+    let everything = safe
+        .revoke_all_user_sessions(sessionstore::v1::RevokeAllUserSessionsRequest {
+            user_id: users[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        everything.code(),
+        tonic::Code::Unavailable,
+        "{everything:?}"
+    );
+    assert_eq!(try_revoke(&mut unsafe_, "rw-unsafe-0").await, Ok(true));
+    println!("held revocation answered UNAVAILABLE after {waited:?}");
+
+    sentinel.kill(master);
+    drop(held);
+    wait_for_recovery(&safe, &users).await;
+    wait_for_recovery(&unsafe_, &users).await;
+
+    let (live, replay) = after_failover(&mut safe, &users[0], "rw-safe-0").await;
+    assert!(!live, "the revocation answered OK was lost in the failover");
+    assert_eq!(
+        replay,
+        sessionstore::v1::CreateOutcome::TokenRevoked as i32,
+        "a replayed create of a revoked token"
+    );
+    for token in ["rw-safe-1", "rw-safe-2"] {
+        let live = get(&mut safe, token, "").await.is_some();
+        println!("{token} (its revocation answered UNAVAILABLE) live after the failover: {live}");
+    }
+    let (live, _) = after_failover(&mut unsafe_, &users[1], "rw-unsafe-0").await;
+    if live {
+        println!(
+            "REVOCATION_MIN_REPLICAS=0: the revocation of rw-unsafe-0 was answered OK and the \
+             failover lost it: the session is live again"
+        );
+    } else {
+        println!("REVOCATION_MIN_REPLICAS=0: the revocation of rw-unsafe-0 survived this time");
+    }
 }

@@ -53,6 +53,23 @@ impl Store {
     /// learnt is safe to repeat: within ROTATION_GRACE_MS the repeat answers
     /// ALREADY_ROTATED with the same successor.
     pub async fn rotate_session(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
+        let user = rotation.user_id.clone();
+        let outcome = self.rotate(rotation).await?;
+        // A rotation revokes the presented token, reuse detection the
+        // family's session: both wait for the replicas, and so does the
+        // ALREADY_ROTATED a retry of an unreplicated rotation gets.
+        match outcome {
+            RotateOutcome::Rotated { .. }
+            | RotateOutcome::AlreadyRotated { .. }
+            | RotateOutcome::ReuseDetected { .. } => self.replicate(&user).await?,
+            RotateOutcome::NotFound | RotateOutcome::TokenTaken => {}
+        }
+        Ok(outcome)
+    }
+
+    /// [`rotate_session`](Self::rotate_session) without the replication
+    /// wait.
+    async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
         let ttl_ms = self.ttl_ms(rotation.ttl)?;
         let mut op = self.op("rotate_session").await?;
         // The presented token is believed current until the family says
