@@ -40,8 +40,8 @@ pub enum Error {
     /// within REVOCATION_REPLICA_TIMEOUT_MS: a failover now could undo it.
     /// The call is idempotent, and its retry waits again.
     #[error(
-        "applied on the redis master but acknowledged by {acked} of the {wanted} replicas \
-         REVOCATION_MIN_REPLICAS asks for within {} ms",
+        "{acked} of the {wanted} replicas REVOCATION_MIN_REPLICAS asks for acknowledged within \
+         {} ms",
         timeout.as_millis()
     )]
     NotReplicated {
@@ -254,7 +254,7 @@ impl From<Error> for tonic::Status {
                     tracing::warn!(error = %err, suppressed, "revocation not replicated");
                 }
                 tonic::Status::unavailable(format!(
-                    "the revocation is applied on the Redis master but not yet replicated ({err}); \
+                    "the revocation is applied on the Redis master but not yet replicated: {err}; \
                      retrying is safe: the call is idempotent and the retry waits for the \
                      replicas again"
                 ))
@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
         for part in [
             "applied on the Redis master but not yet replicated",
-            "0 of the 1 replicas REVOCATION_MIN_REPLICAS asks for within 200 ms",
+            "0 of the 1 replicas REVOCATION_MIN_REPLICAS asks for acknowledged within 200 ms",
             "retrying is safe",
         ] {
             assert!(status.message().contains(part), "{}", status.message());
