@@ -121,6 +121,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     // see: one whose every increment an alert must catch exists from the
     // start, at 0.
     metrics::counter!(REUSE_DETECTED).absolute(0);
+    metrics::counter!(REVOCATIONS_UNREPLICATED).absolute(0);
     Ok(handle)
 }
 
