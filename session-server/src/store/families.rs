@@ -51,7 +51,10 @@ impl Store {
     /// failures as [`Error::Unavailable`], [`Error::Timeout`] or
     /// [`Error::OutOfMemory`]. A rotation whose outcome the caller never
     /// learnt is safe to repeat: within ROTATION_GRACE_MS the repeat answers
-    /// ALREADY_ROTATED with the same successor.
+    /// ALREADY_ROTATED with the same successor. With a positive
+    /// REVOCATION_MIN_REPLICAS, ROTATED, ALREADY_ROTATED and REUSE_DETECTED
+    /// become [`Error::NotReplicated`] when too few replicas acknowledged
+    /// them in time (applied on the master; the repeat waits again).
     pub async fn rotate_session(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
         let user = rotation.user_id.clone();
         let outcome = self.rotate(rotation).await?;
@@ -163,6 +166,7 @@ impl Store {
                 Decision::Ask(token)
             }
             4 => {
+                metrics::counter!(crate::metrics::REUSE_DETECTED).increment(1);
                 tracing::warn!(
                     user = %user,
                     family = %rotation.family_id.log_tag(),

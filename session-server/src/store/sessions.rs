@@ -24,7 +24,10 @@ impl Store {
     /// SESSION_TTL_MAX; Redis failures as [`Error::Unavailable`],
     /// [`Error::Timeout`] or [`Error::OutOfMemory`]. Concurrent creates for
     /// the same user are not an error: they are retried within the
-    /// operation's deadline, past which they are [`Error::Busy`].
+    /// operation's deadline, past which they are [`Error::Busy`]. With
+    /// REVOCATION_MIN_REPLICAS > 0, a create that evicted, or a replay
+    /// (ALREADY_EXISTS), answers [`Error::NotReplicated`] when too few
+    /// replicas acknowledged it (the session is stored on the master).
     pub async fn create_session(&self, new: NewSession) -> Result<CreateOutcome, Error> {
         let ttl_ms = self.ttl_ms(new.ttl)?;
         let lifetime_ms = millis(bounded(
@@ -317,7 +320,9 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`];
+    /// [`Error::NotReplicated`] when REVOCATION_MIN_REPLICAS replicas did not
+    /// acknowledge it in time (applied on the master; a retry waits again).
     pub async fn revoke_session(
         &self,
         token: &TokenId,
@@ -346,7 +351,9 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`];
+    /// [`Error::NotReplicated`] as for
+    /// [`revoke_session`](Self::revoke_session).
     pub async fn revoke_all_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
         let mut op = self.op("revoke_all_user_sessions").await?;
         let tokens = self.index_members(&mut op, user).await?;
