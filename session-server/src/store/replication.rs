@@ -106,6 +106,15 @@ impl ClusterWaits {
             .pop()
     }
 
+    /// Drops the kept connections to `master`: one broke, so the others
+    /// (as old) likely did too.
+    fn forget(&self, master: &str) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(master);
+    }
+
     fn put(&self, master: String, conn: MultiplexedConnection) {
         self.idle
             .lock()
@@ -241,14 +250,19 @@ impl Store {
                         })?
                     }
                 };
-                // One redirection is followed: the slot moved (a failover,
-                // a resharding) since the table was read.
+                // One more attempt follows a redirection (the slot moved: a
+                // failover, a resharding, since the table was read) or
+                // replaces a kept connection that broke while idle (its
+                // master restarted or was demoted).
                 for _ in 0..2 {
-                    let conn = match waits.take(&master) {
-                        Some(conn) => conn,
-                        None => cluster_node_connection(settings, &self.shared.secrets, &master)
-                            .await
-                            .map_err(|err| record_error(OP, err))?,
+                    let (conn, kept) = match waits.take(&master) {
+                        Some(conn) => (conn, true),
+                        None => (
+                            cluster_node_connection(settings, &self.shared.secrets, &master)
+                                .await
+                                .map_err(|err| record_error(OP, err))?,
+                            false,
+                        ),
                     };
                     let broken = Arc::new(AtomicBool::new(false));
                     let mut op = op(Link::Shared {
@@ -258,6 +272,10 @@ impl Store {
                     if let Err(err) = op.query::<()>(&set).await {
                         waits.forget_slots();
                         let Some(moved) = redirection(&err) else {
+                            if kept && broken.load(Ordering::Relaxed) {
+                                waits.forget(&master);
+                                continue;
+                            }
                             return Err(err);
                         };
                         if !broken.load(Ordering::Relaxed) {
@@ -276,7 +294,7 @@ impl Store {
                     return acked;
                 }
                 Err(Error::Unavailable(
-                    "the user's slot moved twice during a replication wait; retry".into(),
+                    "the user's master changed twice during a replication wait; retry".into(),
                 ))
             }
         }
