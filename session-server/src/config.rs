@@ -197,6 +197,21 @@ pub struct Config {
     #[arg(long, env = "REVOCATION_HEARTBEAT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub revocation_heartbeat_ms: u64,
 
+    /// How many replicas must have acknowledged a revocation (RevokeSession,
+    /// RevokeAllUserSessions, eviction at the cap, a rotation's revocation of
+    /// the presented token, reuse detection) before it is answered OK; with
+    /// fewer within REVOCATION_REPLICA_TIMEOUT_MS the call answers
+    /// UNAVAILABLE (applied on the master, not yet replicated; retrying is
+    /// safe). 0: answer as soon as the master applied it (a failover may
+    /// then lose it).
+    #[arg(long, env = "REVOCATION_MIN_REPLICAS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub revocation_min_replicas: u32,
+
+    /// With REVOCATION_MIN_REPLICAS > 0, how long, in ms, a revocation waits
+    /// for its replicas' acknowledgements; below REDIS_TIMEOUT_MS.
+    #[arg(long, env = "REVOCATION_REPLICA_TIMEOUT_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub revocation_replica_timeout_ms: u64,
+
     /// Serve even when Redis may evict keys (`maxmemory-policy` other than
     /// `noeviction`). Eviction silently drops session indexes and token
     /// reservations, breaking RevokeAllUserSessions, the per-user cap and
@@ -376,6 +391,13 @@ impl Config {
                 self.max_connection_age_grace, self.request_timeout_ms
             ));
         }
+        if self.revocation_replica_timeout_ms >= self.redis_timeout_ms {
+            return Err(format!(
+                "REVOCATION_REPLICA_TIMEOUT_MS ({}) must be below REDIS_TIMEOUT_MS ({}), so a \
+                 revocation's wait for its replicas ends within the operation's bound",
+                self.revocation_replica_timeout_ms, self.redis_timeout_ms
+            ));
+        }
         if self.redis_timeout_ms >= self.request_timeout_ms {
             return Err(format!(
                 "REDIS_TIMEOUT_MS ({}) must be below REQUEST_TIMEOUT_MS ({}), so Redis trouble is \
@@ -426,6 +448,8 @@ impl Config {
             pool_size: self.redis_pool_size,
             timeout: Duration::from_millis(self.redis_timeout_ms),
             revocation_heartbeat: Duration::from_millis(self.revocation_heartbeat_ms),
+            revocation_min_replicas: self.revocation_min_replicas,
+            revocation_replica_timeout: Duration::from_millis(self.revocation_replica_timeout_ms),
             owner_grace: crate::store::OWNER_GRACE,
             redis_password,
             redis_ca_pem,
@@ -508,6 +532,8 @@ impl fmt::Debug for Config {
             redis_pool_size,
             redis_timeout_ms,
             revocation_heartbeat_ms,
+            revocation_min_replicas,
+            revocation_replica_timeout_ms,
             redis_allow_eviction,
             readiness_follows_redis,
             readiness_redis_failures,
@@ -558,6 +584,11 @@ impl fmt::Debug for Config {
             .field("redis_pool_size", redis_pool_size)
             .field("redis_timeout_ms", redis_timeout_ms)
             .field("revocation_heartbeat_ms", revocation_heartbeat_ms)
+            .field("revocation_min_replicas", revocation_min_replicas)
+            .field(
+                "revocation_replica_timeout_ms",
+                revocation_replica_timeout_ms,
+            )
             .field("redis_allow_eviction", redis_allow_eviction)
             .field("readiness_follows_redis", readiness_follows_redis)
             .field("readiness_redis_failures", readiness_redis_failures)
@@ -651,6 +682,40 @@ mod tests {
                 assert!(message.contains(&format!("<{variable}>")), "{message}");
             }
         }
+    }
+
+    /// REVOCATION_REPLICA_TIMEOUT_MS must be below REDIS_TIMEOUT_MS (the wait
+    /// is one round trip of the revocation's operation); the refusal names
+    /// both. REVOCATION_MIN_REPLICAS defaults to 0 and is bounded.
+    #[test]
+    fn revocation_replica_settings_are_validated() {
+        let config = Config::defaults();
+        assert_eq!(config.revocation_min_replicas, 0);
+        assert_eq!(config.revocation_replica_timeout_ms, 200);
+        config.validate().unwrap();
+        let config = Config::try_parse_from([
+            "s",
+            "--revocation-replica-timeout-ms",
+            "1000",
+            "--redis-timeout-ms",
+            "1000",
+        ])
+        .unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.contains("REVOCATION_REPLICA_TIMEOUT_MS (1000)"),
+            "{err}"
+        );
+        assert!(err.contains("REDIS_TIMEOUT_MS (1000)"), "{err}");
+        let err = Config::try_parse_from(["s", "--revocation-min-replicas", "17"]).unwrap_err();
+        assert!(err.to_string().contains("REVOCATION_MIN_REPLICAS"), "{err}");
+        let config = Config::try_parse_from(["s", "--revocation-min-replicas", "1"]).unwrap();
+        let settings = config.store_settings().unwrap();
+        assert_eq!(settings.revocation_min_replicas, 1);
+        assert_eq!(
+            settings.revocation_replica_timeout,
+            Duration::from_millis(200)
+        );
     }
 
     /// MAX_CONNECTIONS is a setting, 1..=1000000, defaulting to what fits

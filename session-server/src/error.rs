@@ -35,6 +35,23 @@ pub enum Error {
     /// server, and a retry (here later, or on another instance) can pass.
     #[error("session store busy: {0}")]
     Busy(Contention),
+    /// A call that ends sessions early was applied on the Redis master, but
+    /// fewer than REVOCATION_MIN_REPLICAS replicas acknowledged its writes
+    /// within REVOCATION_REPLICA_TIMEOUT_MS: a failover now could undo it.
+    /// The call is idempotent, and its retry waits again.
+    #[error(
+        "{acked} of the {wanted} replicas REVOCATION_MIN_REPLICAS asks for acknowledged within \
+         {} ms",
+        timeout.as_millis()
+    )]
+    NotReplicated {
+        /// How many replicas acknowledged (WAIT's answer).
+        acked: u32,
+        /// REVOCATION_MIN_REPLICAS.
+        wanted: u32,
+        /// REVOCATION_REPLICA_TIMEOUT_MS.
+        timeout: Duration,
+    },
     /// Redis refused a write because it is out of memory (`maxmemory`).
     #[error("redis is out of memory")]
     OutOfMemory(#[source] BoxError),
@@ -232,6 +249,16 @@ impl From<Error> for tonic::Status {
                     limit.as_millis()
                 ))
             }
+            Error::NotReplicated { .. } => {
+                if let Some(suppressed) = REDIS_FAILURE_LOG.admit(Instant::now()) {
+                    tracing::warn!(error = %err, suppressed, "revocation not replicated");
+                }
+                tonic::Status::unavailable(format!(
+                    "the revocation is applied on the Redis master but not yet replicated: {err}; \
+                     retrying is safe: the call is idempotent and the retry waits for the \
+                     replicas again"
+                ))
+            }
             Error::Busy(contention) => {
                 if let Some(suppressed) = BUSY_LOG.admit(Instant::now()) {
                     tracing::warn!(%contention, suppressed, "session store busy");
@@ -272,6 +299,25 @@ mod tests {
 
     use super::*;
 
+    /// A revocation short of its replicas is UNAVAILABLE, saying it is
+    /// applied on the master, not yet replicated, and that a retry is safe.
+    #[test]
+    fn not_replicated_is_unavailable_and_says_retrying_is_safe() {
+        let status = tonic::Status::from(Error::NotReplicated {
+            acked: 0,
+            wanted: 1,
+            timeout: Duration::from_millis(200),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        for part in [
+            "applied on the Redis master but not yet replicated",
+            "0 of the 1 replicas REVOCATION_MIN_REPLICAS asks for acknowledged within 200 ms",
+            "retrying is safe",
+        ] {
+            assert!(status.message().contains(part), "{}", status.message());
+        }
+    }
+
     /// A Redis error reply as it comes off the wire (`-CODE detail`).
     fn reply(line: &str) -> RedisError {
         redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
@@ -291,6 +337,7 @@ mod tests {
             Error::Unavailable(_) => "Unavailable",
             Error::Timeout(_) => "Timeout",
             Error::Busy(_) => "Busy",
+            Error::NotReplicated { .. } => "NotReplicated",
             Error::OutOfMemory(_) => "OutOfMemory",
             Error::Internal(_) => "Internal",
         };

@@ -59,6 +59,19 @@ pub const REVOCATION_EVENTS: &str = "sessionstore_revocation_events_total";
 /// WatchRevocations streams ended because their receiver fell
 /// REVOCATION_BACKLOG events behind (it reconnects and resets).
 pub const REVOCATION_WATCHERS_DROPPED: &str = "sessionstore_revocation_watchers_dropped_total";
+/// How long calls that end sessions early waited for their replicas'
+/// acknowledgements (REVOCATION_MIN_REPLICAS > 0), in seconds, by `outcome`
+/// (`acked`; `not_replicated`: fewer acknowledged in time; `failed`: the wait
+/// itself failed, Redis unreachable).
+pub const REPLICATION_WAIT: &str = "sessionstore_revocation_replication_wait_duration_seconds";
+/// Calls that end sessions early answered UNAVAILABLE because fewer than
+/// REVOCATION_MIN_REPLICAS replicas acknowledged them in time: applied on
+/// the master, possibly undone by a failover until the caller's retry passes.
+pub const REVOCATIONS_UNREPLICATED: &str = "sessionstore_revocations_unreplicated_total";
+/// Replicas connected to each master (`INFO replication`), by `node`
+/// (`host:port` on a cluster, `master` otherwise); read by the readiness
+/// loop while REVOCATION_MIN_REPLICAS > 0.
+pub const REDIS_CONNECTED_REPLICAS: &str = "sessionstore_redis_connected_replicas";
 /// 1 while Redis answers the readiness PING, else 0.
 pub const REDIS_UP: &str = "sessionstore_redis_up";
 /// Whether Redis keeps every key until it expires: 1 while every master's
@@ -108,6 +121,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     // see: one whose every increment an alert must catch exists from the
     // start, at 0.
     metrics::counter!(REUSE_DETECTED).absolute(0);
+    metrics::counter!(REVOCATIONS_UNREPLICATED).absolute(0);
     Ok(handle)
 }
 

@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     convert,
     metrics::{
-        LOGIN_ATTEMPTS, LOGIN_DEVICE_ATTEMPTS, REUSE_DETECTED, ROTATIONS, SESSIONS_CREATED,
-        SESSIONS_EVICTED, SESSIONS_REFUSED, SESSIONS_REVOKED,
+        LOGIN_ATTEMPTS, LOGIN_DEVICE_ATTEMPTS, ROTATIONS, SESSIONS_CREATED, SESSIONS_EVICTED,
+        SESSIONS_REFUSED, SESSIONS_REVOKED,
     },
     model::{ClientAddr, CreateOutcome, RotateOutcome},
     store::Store,
@@ -124,8 +124,9 @@ impl SessionStore for SessionService {
                 pb::RotateOutcome::AlreadyRotated,
                 Some(session),
             ),
+            // REUSE_DETECTED is counted by the store where it detects it,
+            // also when the answer becomes UNAVAILABLE for want of replicas.
             RotateOutcome::ReuseDetected { .. } => {
-                metrics::counter!(REUSE_DETECTED).increment(1);
                 ("reuse_detected", pb::RotateOutcome::ReuseDetected, None)
             }
             RotateOutcome::NotFound => ("not_found", pb::RotateOutcome::NotFound, None),

@@ -13,7 +13,7 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use crate::support::{TestServer, Topology, create, redis_cli, wait_until};
+use crate::support::{TestServer, Topology, create, get, redis_cli, wait_until};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.
@@ -697,4 +697,279 @@ async fn cluster_bus_link_reconnects_lose_no_revocation() {
     }
     assert!(tested > 0, "no round could create its session");
     assert!(lost.is_empty(), "lost without a reset: {lost:?}");
+}
+
+/// Writes 1 MiB values to the master on `master` until its output buffer
+/// for its (stopped) replica holds megabytes the kernel's socket buffers
+/// could not take (`omem` of the replica's `CLIENT LIST` line, past 2 MiB):
+/// whatever the master writes after that stays in its memory, and a SIGKILL
+/// loses it. Stopping the replica alone loses nothing: the socket buffers
+/// hold megabytes of replication stream, and a resumed replica applies it.
+/// Nor is `omem > 0` enough: on Redis 7.0 it counts the shared replication
+/// buffer's current block (tens of KiB) while the socket still takes
+/// writes; past ~3 MiB written it grows by each write's size.
+///
+/// The keys are in the slot of hash tag `tag`, which `master` serves.
+async fn fill_replication_link(master: u16, tag: &str) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{master}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let junk = vec![b'x'; 1 << 20];
+    for i in 0..256 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("replication-filler:{{{tag}}}:{i}"))
+            .arg(&junk)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let replica_omem = redis_cli(master, &["client", "list", "type", "replica"])
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("omem="))
+            .and_then(|omem| omem.parse::<u64>().ok())
+            .unwrap_or(0);
+        if replica_omem > 2 << 20 {
+            return;
+        }
+    }
+    panic!("256 MiB written and the replica's link never backed up into the master");
+}
+
+/// A RevokeSession's answer: OK (with whether a session was live) or the
+/// status.
+async fn try_revoke(
+    client: &mut SessionStoreClient<Channel>,
+    token: &str,
+) -> Result<bool, tonic::Status> {
+    client
+        .revoke_session(RevokeSessionRequest {
+            token_id: token.into(),
+            user_id: String::new(),
+        })
+        .await
+        .map(|answer| answer.into_inner().revoked)
+}
+
+/// Whether `token` is live, and what a replayed CreateSession of it answers.
+async fn after_failover(
+    client: &mut SessionStoreClient<Channel>,
+    user: &str,
+    token: &str,
+) -> (bool, i32) {
+    let live = client
+        .get_session(GetSessionRequest {
+            token_id: token.into(),
+            user_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .is_some();
+    let replay = create(client, user, token).await;
+    (live, replay.outcome)
+}
+
+/// #25, Sentinel: with REVOCATION_MIN_REPLICAS=1, every revocation answered
+/// OK survives the master's failover, and those its replica never received
+/// answered UNAVAILABLE (see [`acknowledged_revocations_survive`]).
+#[tokio::test]
+async fn sentinel_revocations_acknowledged_by_a_replica_survive_failover() {
+    let sentinel = Topology::start("sentinel");
+    let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
+    let replica: u16 = sentinel.env["TEST_REDIS_REPLICA_PORT"].parse().unwrap();
+    let users = ["rw-safe".to_owned(), "rw-unsafe".to_owned()];
+    acknowledged_revocations_survive(&sentinel, RedisMode::Sentinel, &users, (master, replica))
+        .await;
+}
+
+/// #25, Cluster (3 masters, 3 replicas): the same, with the master that
+/// owns both users' slot killed.
+#[tokio::test]
+async fn cluster_revocations_acknowledged_by_a_replica_survive_failover() {
+    let cluster = Topology::start("cluster");
+    let seed = ports(&cluster)[0];
+    let safe = "rc-safe".to_owned();
+    let victim = master_of(seed, &safe);
+    // A second user on the same master, for the server that does not wait.
+    let unsafe_ = (0..)
+        .map(|i| format!("rc-unsafe-{i}"))
+        .find(|user| master_of(seed, user) == victim)
+        .unwrap();
+    let replica = replica_of(seed, victim);
+    acknowledged_revocations_survive(
+        &cluster,
+        RedisMode::Cluster,
+        &[safe, unsafe_],
+        (victim, replica),
+    )
+    .await;
+}
+
+/// The port of the replica of the cluster master on `master`, as the node on
+/// `seed` sees it.
+fn replica_of(seed: u16, master: u16) -> u16 {
+    let nodes = redis_cli(seed, &["cluster", "nodes"]);
+    let port_of = |line: &str| -> u16 {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|addr| addr.split(['@', ':']).nth(1))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(0)
+    };
+    let id = nodes
+        .lines()
+        .find(|line| line.contains("master") && port_of(line) == master)
+        .and_then(|line| line.split_whitespace().next())
+        .expect("the master is listed");
+    nodes
+        .lines()
+        .find(|line| line.contains("slave") && line.split_whitespace().nth(3) == Some(id))
+        .map(port_of)
+        .expect("the master has a replica")
+}
+
+/// #25 on `topology`: `users[0]`'s sessions go through a server with
+/// REVOCATION_MIN_REPLICAS=1, `users[1]`'s through one with 0; both users'
+/// keys live on the master on `master`, replicated by the one on `replica`.
+/// Sessions are created and replicated; a revocation with the replica
+/// healthy answers OK (and reaches a near-cache through the revocation
+/// stream); then replication is held up (the replica stopped, its link
+/// filled until the master buffers for it), and revocations through the
+/// first server answer UNAVAILABLE (saying a retry is safe; the retry too)
+/// while the second answers OK; the master is SIGKILLed, the replica resumed
+/// and promoted. On the new master the first server's OK'd revocations are
+/// in force (GetSession finds nothing, a replayed CreateSession answers
+/// TOKEN_REVOKED), and the near-cache, after a reset on its stream, answers
+/// none of them alive; the second server's is printed: lost.
+async fn acknowledged_revocations_survive(
+    topology: &Topology,
+    mode: RedisMode,
+    users: &[String],
+    (master, replica): (u16, u16),
+) {
+    let mut config = topology.config(mode);
+    config.revocation_min_replicas = 1;
+    config.revocation_replica_timeout_ms = 200;
+    config.validate().unwrap();
+    let waiting = TestServer::start_with(config.clone()).await;
+    config.revocation_min_replicas = 0;
+    let not_waiting = TestServer::start_with(config).await;
+    let mut safe = waiting.client().await;
+    let mut unsafe_ = not_waiting.client().await;
+    let cached = session_client::SessionClient::builder(waiting.url())
+        .near_cache(100)
+        .near_cache_max_staleness(Duration::from_secs(60))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let token = |user: usize, i: usize| format!("{}-t{i}", users[user]);
+    for i in 0..4 {
+        assert!(create(&mut safe, &users[0], &token(0, i)).await.created);
+        assert!(create(&mut unsafe_, &users[1], &token(1, i)).await.created);
+    }
+    // Once the replica has synced, it acknowledges: OK.
+    wait_for_replication(master).await;
+    let stats = || cached.near_cache_stats().expect("the near-cache is on");
+    assert!(
+        wait_until(Duration::from_secs(15), || async { stats().healthy }).await,
+        "the near-cache's stream never became healthy"
+    );
+    for (i, expect) in [(0, true), (3, true)] {
+        assert!(cached.get_session(token(0, i)).await.unwrap().is_some());
+        assert_eq!(try_revoke(&mut safe, &token(0, i)).await.unwrap(), expect);
+    }
+    let revoked_ok = [token(0, 0), token(0, 3)];
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            stats().revocations_applied >= 2
+        })
+        .await,
+        "the near-cache never heard of the revocations: {:?}",
+        stats()
+    );
+    wait_for_replication(master).await;
+
+    let held = Stopped::node(replica);
+    fill_replication_link(master, &users[0]).await;
+    let started = std::time::Instant::now();
+    let refused = try_revoke(&mut safe, &token(0, 1)).await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("applied on the Redis master but not yet replicated")
+            && refused.message().contains("retrying is safe"),
+        "{}",
+        refused.message()
+    );
+    // The retry waits again, and is refused again.
+    let retried = try_revoke(&mut safe, &token(0, 1)).await.unwrap_err();
+    assert_eq!(retried.code(), tonic::Code::Unavailable, "{retried:?}");
+    let everything = safe
+        .revoke_all_user_sessions(sessionstore::v1::RevokeAllUserSessionsRequest {
+            user_id: users[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        everything.code(),
+        tonic::Code::Unavailable,
+        "{everything:?}"
+    );
+    assert!(try_revoke(&mut unsafe_, &token(1, 0)).await.unwrap());
+    println!("held revocation answered UNAVAILABLE after {waited:?}");
+    let resets = stats().resets;
+
+    topology.kill(master);
+    drop(held);
+    wait_for_recovery(&safe, users).await;
+    wait_for_recovery(&unsafe_, users).await;
+
+    for revoked in &revoked_ok {
+        let (live, replay) = after_failover(&mut safe, &users[0], revoked).await;
+        assert!(!live, "the revocation of {revoked}, answered OK, was lost");
+        assert_eq!(
+            replay,
+            sessionstore::v1::CreateOutcome::TokenRevoked as i32,
+            "a replayed create of {revoked}"
+        );
+    }
+    for i in [1, 2] {
+        let live = get(&mut safe, &token(0, i), "").await.is_some();
+        println!(
+            "{} (its revocation answered UNAVAILABLE) live after the failover: {live}",
+            token(0, i)
+        );
+    }
+    // The near-cache: a reset on its stream (its server's subscription
+    // moved), and no revoked session answered alive.
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            stats().resets > resets && stats().healthy
+        })
+        .await,
+        "no reset on the near-cache's stream after the failover: {:?}",
+        stats()
+    );
+    for revoked in &revoked_ok {
+        assert_eq!(
+            cached.get_session(revoked.clone()).await.unwrap(),
+            None,
+            "the near-cache answered {revoked} alive"
+        );
+    }
+    let (live, _) = after_failover(&mut unsafe_, &users[1], &token(1, 0)).await;
+    if live {
+        println!(
+            "REVOCATION_MIN_REPLICAS=0: the revocation of {} was answered OK and the failover \
+             lost it: the session is live again",
+            token(1, 0)
+        );
+    } else {
+        println!(
+            "REVOCATION_MIN_REPLICAS=0: the revocation of {} survived this time",
+            token(1, 0)
+        );
+    }
 }

@@ -11,7 +11,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     error::Error,
     store::{
-        Store,
+        ReplicaShortfall, Store,
         health::{AccessRefused, MaxmemoryPolicy, NOEVICTION},
     },
 };
@@ -83,6 +83,7 @@ pub(super) async fn watch_redis(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut state = State::new(policy);
+    let mut shortfall = ReplicaShortfall::default();
     loop {
         ticker.tick().await;
         let ping = store.ping().await;
@@ -101,6 +102,9 @@ pub(super) async fn watch_redis(
         } else {
             None
         };
+        if ping.is_ok() {
+            watch_replicas(&store, &mut shortfall).await;
+        }
         let actions = state.step(Observation {
             ping,
             access,
@@ -124,6 +128,53 @@ pub(super) async fn watch_redis(
         }
         for action in reports {
             apply(action, &health).await;
+        }
+    }
+}
+
+/// With REVOCATION_MIN_REPLICAS > 0: reads each master's connected replicas
+/// into their gauge, and logs at ERROR, once per change, the masters with
+/// fewer than the setting (every revocation there answers UNAVAILABLE), and
+/// at INFO when none is short any more. Readiness does not follow it: every
+/// pod shares the masters, and reads and creates still work.
+async fn watch_replicas(store: &Store, shortfall: &mut ReplicaShortfall) {
+    let wanted = store.settings().revocation_min_replicas;
+    if wanted == 0 {
+        return;
+    }
+    // A failed read (an ACL without INFO, Redis going away) changes nothing:
+    // the revocations' own answers and PING's gauge say the rest.
+    let Ok(replicas) = store.connected_replicas().await else {
+        return;
+    };
+    for (node, connected) in &replicas {
+        let node = node.clone().unwrap_or_else(|| "master".to_owned());
+        metrics::gauge!(crate::metrics::REDIS_CONNECTED_REPLICAS, "node" => node)
+            .set(f64::from(*connected));
+    }
+    match shortfall.observe(&replicas, wanted) {
+        None => {}
+        Some(short) if short.is_empty() => tracing::info!(
+            revocation_min_replicas = wanted,
+            "every Redis master has REVOCATION_MIN_REPLICAS connected replicas again"
+        ),
+        Some(short) => {
+            let masters: Vec<String> = short
+                .iter()
+                .map(|(node, connected)| {
+                    format!(
+                        "{}: {connected} connected",
+                        node.as_deref().unwrap_or("master")
+                    )
+                })
+                .collect();
+            tracing::error!(
+                revocation_min_replicas = wanted,
+                masters = %masters.join(", "),
+                "Redis masters with fewer connected replicas than REVOCATION_MIN_REPLICAS: every \
+                 revocation on them answers UNAVAILABLE until replicas reconnect (or lower the \
+                 setting)"
+            );
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::error::{Contention, Error};
 
 pub(super) use super::op::Op;
 use super::op::{Link, OpDurations};
+use super::replication::ClusterWaits;
 
 /// How connections are had: one store, one connection type chosen at start.
 pub(super) enum Backend {
@@ -41,6 +42,8 @@ pub(super) enum Backend {
         failures: Arc<ConnectFailures>,
         /// See [`OpDurations`].
         durations: OpDurations,
+        /// Connections kept for replication waits alone (`replication`).
+        waits: bb8::Pool<RedisManager>,
     },
     /// Cluster: one cluster connection (itself multiplexed over every node),
     /// made on first use so the server can start while the cluster is down.
@@ -50,6 +53,8 @@ pub(super) enum Backend {
         connection: tokio::sync::OnceCell<ClusterConnection>,
         /// See [`OpDurations`].
         durations: OpDurations,
+        /// Connections to each master kept for replication waits alone.
+        waits: ClusterWaits,
     },
 }
 
@@ -58,52 +63,70 @@ impl Backend {
     /// holds now; nothing is dialled yet.
     pub(super) fn new(settings: &Settings, secrets: &Arc<Secrets>) -> Result<Self, Error> {
         let credentials = secrets.current(settings);
-        let connector = match settings.mode {
-            RedisMode::Standalone => Connector::Direct(std::sync::Mutex::new((
-                credentials,
-                redis_client(settings)?,
-            ))),
-            RedisMode::Sentinel => Connector::Sentinel(tokio::sync::Mutex::new((
-                credentials,
-                sentinel_client(settings)?,
-            ))),
-            RedisMode::Cluster => {
-                let backend = Backend::Cluster {
-                    client: Box::new(cluster_client(settings)?),
-                    connection: tokio::sync::OnceCell::new(),
-                    durations: OpDurations::default(),
-                };
-                return Ok(backend);
-            }
+        let connector = || -> Result<Connector, Error> {
+            Ok(match settings.mode {
+                RedisMode::Standalone => Connector::Direct(std::sync::Mutex::new((
+                    credentials.clone(),
+                    redis_client(settings)?,
+                ))),
+                _ => Connector::Sentinel(tokio::sync::Mutex::new((
+                    credentials.clone(),
+                    sentinel_client(settings)?,
+                ))),
+            })
         };
+        if settings.mode == RedisMode::Cluster {
+            return Ok(Backend::Cluster {
+                client: Box::new(cluster_client(settings)?),
+                connection: tokio::sync::OnceCell::new(),
+                durations: OpDurations::default(),
+                waits: ClusterWaits::new(settings.pool_size),
+            });
+        }
         let failures = Arc::new(ConnectFailures::default());
-        let manager = RedisManager {
-            connector,
-            settings: settings.clone(),
-            secrets: Arc::clone(secrets),
-            failures: Arc::clone(&failures),
-            config: AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(settings.timeout))
-                // Each operation is bounded by `Settings::timeout` as a whole.
-                .set_response_timeout(None),
-        };
-        let pool = bb8::Pool::builder()
-            .max_size(settings.pool_size)
-            // A PING per checkout would double the round trips; broken
-            // connections are found by `RedisManager::has_broken` instead.
-            .test_on_check_out(false)
-            .connection_timeout(settings.timeout)
-            // One connect attempt per checkout that needs one: a failed attempt
-            // wakes the waiting operations (`ConnectFailures`), which fail at
-            // once with its error instead of waiting out the timeout.
-            .retry_connection(false)
-            .build_unchecked(manager);
+        let pool = redis_pool(settings, secrets, connector()?, &failures);
+        // The replication waits' own connections (`replication`): WAIT
+        // blocks the connection it is sent on, so it never goes on one that
+        // other calls share. Same size bound, nothing dialled until a wait.
+        let wait_failures = Arc::new(ConnectFailures::default());
+        let waits = redis_pool(settings, secrets, connector()?, &wait_failures);
         Ok(Self::Pool {
             pool,
             failures,
             durations: OpDurations::default(),
+            waits,
         })
     }
+}
+
+/// A bb8 pool of at most REDIS_POOL_SIZE connections made by `connector`.
+fn redis_pool(
+    settings: &Settings,
+    secrets: &Arc<Secrets>,
+    connector: Connector,
+    failures: &Arc<ConnectFailures>,
+) -> bb8::Pool<RedisManager> {
+    let manager = RedisManager {
+        connector,
+        settings: settings.clone(),
+        secrets: Arc::clone(secrets),
+        failures: Arc::clone(failures),
+        config: AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            // Each operation is bounded by `Settings::timeout` as a whole.
+            .set_response_timeout(None),
+    };
+    bb8::Pool::builder()
+        .max_size(settings.pool_size)
+        // A PING per checkout would double the round trips; broken
+        // connections are found by `RedisManager::has_broken` instead.
+        .test_on_check_out(false)
+        .connection_timeout(settings.timeout)
+        // One connect attempt per checkout that needs one: a failed attempt
+        // wakes the waiting operations (`ConnectFailures`), which fail at
+        // once with its error instead of waiting out the timeout.
+        .retry_connection(false)
+        .build_unchecked(manager)
 }
 
 impl fmt::Debug for Backend {
@@ -210,9 +233,9 @@ fn checkout_expired(pool: &bb8::Pool<RedisManager>, settings: &Settings) -> Erro
 /// test-on-checkout off a connection killed by a Redis restart would stay in
 /// the pool for good; this wrapper lets the failing operation say so.
 pub(super) struct PooledRedis {
-    inner: MultiplexedConnection,
+    pub(super) inner: MultiplexedConnection,
     /// Shared with every operation using a clone of `inner`.
-    broken: Arc<AtomicBool>,
+    pub(super) broken: Arc<AtomicBool>,
 }
 
 /// Opens multiplexed Redis connections for the bb8 pool, with the store's
@@ -364,24 +387,7 @@ pub(super) async fn pubsub(
             .await
         }
         (RedisMode::Cluster, Some(master)) => {
-            use redis::{ConnectionAddr, IntoConnectionInfo};
-            let seed = split_urls(&settings.redis_url)
-                .first()
-                .copied()
-                .unwrap_or_default()
-                .into_connection_info()
-                .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))?;
-            let (host, port) = split_host_port(master)?;
-            let addr = match seed.addr() {
-                ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
-                    host: host.to_owned(),
-                    port,
-                    insecure: *insecure,
-                    tls_params: None,
-                },
-                _ => ConnectionAddr::Tcp(host.to_owned(), port),
-            };
-            let client = client_for(settings, seed.set_addr(addr))?;
+            let client = cluster_node_client(settings, master)?;
             bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
         }
         (RedisMode::Cluster, None) => Err(Error::Internal(
@@ -392,6 +398,49 @@ pub(super) async fn pubsub(
             bounded(timeout, async move { Ok(client.get_async_pubsub().await?) }).await
         }
     }
+}
+
+/// A client for one cluster node, `master` ("host:port"), with the scheme,
+/// user, password and CA of the first seed.
+fn cluster_node_client(settings: &Settings, master: &str) -> Result<redis::Client, Error> {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let seed = split_urls(&settings.redis_url)
+        .first()
+        .copied()
+        .unwrap_or_default()
+        .into_connection_info()
+        .map_err(|e| Error::invalid("REDIS_URL", e.to_string()))?;
+    let (host, port) = split_host_port(master)?;
+    let addr = match seed.addr() {
+        ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: None,
+        },
+        _ => ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    client_for(settings, seed.set_addr(addr))
+}
+
+/// A connection of its own to the cluster node `master` ("host:port"), with
+/// the credentials the pool would use now, bound by the settings' timeout.
+pub(super) async fn cluster_node_connection(
+    settings: &Settings,
+    secrets: &Secrets,
+    master: &str,
+) -> Result<MultiplexedConnection, Error> {
+    let settings = &secrets.current(settings).apply(settings);
+    let client = cluster_node_client(settings, master)?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(settings.timeout))
+        .set_response_timeout(None);
+    bounded(settings.timeout, async move {
+        Ok(client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
+    })
+    .await
 }
 
 /// `host:port` as its parts.

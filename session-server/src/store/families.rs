@@ -51,8 +51,28 @@ impl Store {
     /// failures as [`Error::Unavailable`], [`Error::Timeout`] or
     /// [`Error::OutOfMemory`]. A rotation whose outcome the caller never
     /// learnt is safe to repeat: within ROTATION_GRACE_MS the repeat answers
-    /// ALREADY_ROTATED with the same successor.
+    /// ALREADY_ROTATED with the same successor. With a positive
+    /// REVOCATION_MIN_REPLICAS, ROTATED, ALREADY_ROTATED and REUSE_DETECTED
+    /// become [`Error::NotReplicated`] when too few replicas acknowledged
+    /// them in time (applied on the master; the repeat waits again).
     pub async fn rotate_session(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
+        let user = rotation.user_id.clone();
+        let outcome = self.rotate(rotation).await?;
+        // A rotation revokes the presented token, reuse detection the
+        // family's session: both wait for the replicas, and so does the
+        // ALREADY_ROTATED a retry of an unreplicated rotation gets.
+        match outcome {
+            RotateOutcome::Rotated { .. }
+            | RotateOutcome::AlreadyRotated { .. }
+            | RotateOutcome::ReuseDetected { .. } => self.replicate(&user).await?,
+            RotateOutcome::NotFound | RotateOutcome::TokenTaken => {}
+        }
+        Ok(outcome)
+    }
+
+    /// [`rotate_session`](Self::rotate_session) without the replication
+    /// wait.
+    async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
         let ttl_ms = self.ttl_ms(rotation.ttl)?;
         let mut op = self.op("rotate_session").await?;
         // The presented token is believed current until the family says
@@ -146,6 +166,7 @@ impl Store {
                 Decision::Ask(token)
             }
             4 => {
+                metrics::counter!(crate::metrics::REUSE_DETECTED).increment(1);
                 tracing::warn!(
                     user = %user,
                     family = %rotation.family_id.log_tag(),

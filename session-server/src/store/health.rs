@@ -156,6 +156,7 @@ impl Store {
                 Error::Unavailable(_)
                 | Error::Timeout(_)
                 | Error::Busy(_)
+                | Error::NotReplicated { .. }
                 | Error::OutOfMemory(_) => Err(err),
             },
         };
@@ -206,7 +207,10 @@ fn redis_kind(err: &Error) -> Option<redis::ServerErrorKind> {
         Error::Internal(source) | Error::Unavailable(source) | Error::OutOfMemory(source) => {
             source.as_ref()
         }
-        Error::InvalidArgument { .. } | Error::Timeout(_) | Error::Busy(_) => return None,
+        Error::InvalidArgument { .. }
+        | Error::Timeout(_)
+        | Error::Busy(_)
+        | Error::NotReplicated { .. } => return None,
     };
     match source.downcast_ref::<redis::RedisError>()?.kind() {
         redis::ErrorKind::Server(kind) => Some(kind),

@@ -11,6 +11,8 @@
 //! - `login`: the login rate limiter and its trusted devices;
 //! - `health`: what readiness asks of Redis beyond PING (the eviction policy);
 //! - `revocations`: the revocation stream's subscriber and heartbeats;
+//! - `replication`: waiting for replicas to acknowledge revocations
+//!   (REVOCATION_MIN_REPLICAS), on connections of its own;
 //! - `scripts/`: the Lua scripts, each with a KEYS/ARGV/returns header.
 //!
 //! # Keys
@@ -26,6 +28,7 @@
 //! | `P revoked:{user}:{token}` | revocation marker `{"revoked_at_ms":..,"reason":..}`: the token id is never live again; lives as long as the token's reservation |
 //! | `P reservations:{user}` | sorted set of token ids scored by the latest end (ms) a create's (or rotation's, or extension's) token claim may give their reservation, recorded before the claim runs |
 //! | `P family:{user}:{family}` | a session family (see `families`): hash of `cur` (its current token id), `prev` (the one before, or empty), `rot` (when `cur` replaced `prev`, ms) and `end` (the family's absolute end, ms); expires with its current session |
+//! | `P replicated:{user}` | `1`, written by a replication wait (REVOCATION_MIN_REPLICAS) just before its `WAIT`, on a connection of its own in the user's slot; expires within REDIS_TIMEOUT_MS (see `replication`) |
 //! | `P rate_limit:login:addr:{addr}` | login attempts of a client address (IPv4, or IPv6 network `net/len`): hash of bucket index -> allowed attempts (see `login`); expires when its newest bucket leaves the window |
 //! | `P rate_limit:login:pair:{addr}:acct` | the part of the address's attempts made for one account (`acct` = SHA-256 hex of the account), same buckets and slot as the address's counter, so a reset with the account can subtract exactly it |
 //! | `P rate_limit:login:account:{acct}` | login attempts for one account, from any address; its own slot |
@@ -69,9 +72,11 @@ mod finality_model;
 pub mod health;
 mod login;
 mod op;
+mod replication;
 mod revocations;
 mod sessions;
 
+pub use replication::ReplicaShortfall;
 pub use revocations::{REVOCATION_BACKLOG, RedisClock, RevocationEvent, RevocationFeed};
 pub use sessions::MAX_LIFETIME;
 
@@ -185,6 +190,12 @@ pub struct Settings {
     /// How often each process sends a heartbeat through the revocation
     /// channel (REVOCATION_HEARTBEAT_MS).
     pub revocation_heartbeat: Duration,
+    /// REVOCATION_MIN_REPLICAS: how many replicas must acknowledge a
+    /// revocation's writes before it is answered OK (0: none asked; see
+    /// `replication`).
+    pub revocation_min_replicas: u32,
+    /// REVOCATION_REPLICA_TIMEOUT_MS: how long a revocation waits for them.
+    pub revocation_replica_timeout: Duration,
     /// How much longer a token's reservation and a revocation marker live
     /// than their session, beyond the operation timeout: [`OWNER_GRACE`],
     /// not a setting. Tests shorten it to see reservations and markers end.
@@ -228,6 +239,8 @@ impl fmt::Debug for Settings {
             pool_size,
             timeout,
             revocation_heartbeat,
+            revocation_min_replicas,
+            revocation_replica_timeout,
             owner_grace,
             redis_password_file,
             redis_ca_file,
@@ -262,6 +275,8 @@ impl fmt::Debug for Settings {
             .field("pool_size", pool_size)
             .field("timeout", timeout)
             .field("revocation_heartbeat", revocation_heartbeat)
+            .field("revocation_min_replicas", revocation_min_replicas)
+            .field("revocation_replica_timeout", revocation_replica_timeout)
             .field("owner_grace", owner_grace)
             .field("redis_password_file", redis_password_file)
             .field("redis_ca_file", redis_ca_file)
@@ -304,6 +319,8 @@ impl Settings {
             pool_size: 8,
             timeout: Duration::from_millis(1000),
             revocation_heartbeat: Duration::from_millis(1000),
+            revocation_min_replicas: 0,
+            revocation_replica_timeout: Duration::from_millis(200),
             owner_grace: OWNER_GRACE,
             redis_password_file: None,
             redis_ca_file: None,
@@ -630,6 +647,7 @@ fn record_error(op: &'static str, err: Error) -> Error {
         Error::Unavailable(_) => "unavailable",
         Error::Timeout(_) => "timeout",
         Error::Busy(_) => "busy",
+        Error::NotReplicated { .. } => "not_replicated",
         Error::OutOfMemory(_) => "out_of_memory",
         Error::Internal(_) => "internal",
     };
@@ -645,27 +663,7 @@ fn millis(duration: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    /// The Redis Cluster slot of a key: CRC16-XMODEM of the hash tag (the text
-    /// inside the first `{...}` when non-empty) or of the whole key, mod 16384.
-    fn slot(key: &str) -> u16 {
-        let bytes = key.as_bytes();
-        let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-            let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &bytes[open + 1..open + 1 + close])
-        });
-        let mut crc: u16 = 0;
-        for &byte in tagged.unwrap_or(bytes) {
-            crc ^= u16::from(byte) << 8;
-            for _ in 0..8 {
-                crc = if crc & 0x8000 != 0 {
-                    (crc << 1) ^ 0x1021
-                } else {
-                    crc << 1
-                };
-            }
-        }
-        crc % 16384
-    }
+    use super::replication::slot;
 
     fn store(prefix: &str) -> Store {
         Store::new(Settings {
@@ -702,6 +700,7 @@ mod tests {
                 let family = crate::model::FamilyId::generate().unwrap();
                 let mut keys = vec![
                     index.clone(),
+                    store.replicated_key(&user),
                     store.reservations_key(&user),
                     store.family_key(&user, &family),
                 ];

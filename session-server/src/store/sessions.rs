@@ -24,7 +24,10 @@ impl Store {
     /// SESSION_TTL_MAX; Redis failures as [`Error::Unavailable`],
     /// [`Error::Timeout`] or [`Error::OutOfMemory`]. Concurrent creates for
     /// the same user are not an error: they are retried within the
-    /// operation's deadline, past which they are [`Error::Busy`].
+    /// operation's deadline, past which they are [`Error::Busy`]. With
+    /// REVOCATION_MIN_REPLICAS > 0, a create that evicted, or a replay
+    /// (ALREADY_EXISTS), answers [`Error::NotReplicated`] when too few
+    /// replicas acknowledged it (the session is stored on the master).
     pub async fn create_session(&self, new: NewSession) -> Result<CreateOutcome, Error> {
         let ttl_ms = self.ttl_ms(new.ttl)?;
         let lifetime_ms = millis(bounded(
@@ -38,7 +41,10 @@ impl Store {
         let prepared_at = match self.prepare_create(&mut op, &new, ttl_ms).await? {
             Prepared::Ready { now_ms } => now_ms,
             Prepared::Revoked => return Ok(CreateOutcome::TokenRevoked),
-            Prepared::Exists(session) => return Ok(CreateOutcome::AlreadyExists { session }),
+            Prepared::Exists(session) => {
+                self.replicate(&new.user_id).await?;
+                return Ok(CreateOutcome::AlreadyExists { session });
+            }
         };
         if !self
             .claim_token(&mut op, &new.user_id, &new.token_id, ttl_ms, prepared_at)
@@ -46,8 +52,21 @@ impl Store {
         {
             return Ok(CreateOutcome::TokenTaken);
         }
-        self.commit_create(&mut op, new, &family, (ttl_ms, lifetime_ms), prepared_at)
-            .await
+        let user = new.user_id.clone();
+        let outcome = self
+            .commit_create(&mut op, new, &family, (ttl_ms, lifetime_ms), prepared_at)
+            .await?;
+        // Evictions end sessions early: they wait for the replicas. So does
+        // a replay, which may retry a create answered UNAVAILABLE for want
+        // of them.
+        match &outcome {
+            CreateOutcome::Created { evicted, .. } if !evicted.is_empty() => {
+                self.replicate(&user).await?;
+            }
+            CreateOutcome::AlreadyExists { .. } => self.replicate(&user).await?,
+            _ => {}
+        }
+        Ok(outcome)
     }
 
     /// A session's ttl as asked for (`None`: SESSION_TTL), in ms, within
@@ -301,7 +320,9 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`];
+    /// [`Error::NotReplicated`] when REVOCATION_MIN_REPLICAS replicas did not
+    /// acknowledge it in time (applied on the master; a retry waits again).
     pub async fn revoke_session(
         &self,
         token: &TokenId,
@@ -314,6 +335,10 @@ impl Store {
         let revoked = self
             .revoke_following(&mut op, &owner, vec![token.as_str().to_owned()], "revoked")
             .await?;
+        // Also when nothing was live: this may be the retry of a revocation
+        // answered UNAVAILABLE for want of replicas, which must wait again.
+        drop(op);
+        self.replicate(&owner).await?;
         Ok(revoked > 0)
     }
 
@@ -326,15 +351,22 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
+    /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`];
+    /// [`Error::NotReplicated`] as for
+    /// [`revoke_session`](Self::revoke_session).
     pub async fn revoke_all_user_sessions(&self, user: &UserId) -> Result<u32, Error> {
         let mut op = self.op("revoke_all_user_sessions").await?;
         let tokens = self.index_members(&mut op, user).await?;
-        if tokens.is_empty() {
-            return Ok(0);
-        }
-        self.revoke_following(&mut op, user, tokens, "signed_out_everywhere")
-            .await
+        let revoked = if tokens.is_empty() {
+            0
+        } else {
+            self.revoke_following(&mut op, user, tokens, "signed_out_everywhere")
+                .await?
+        };
+        // Also when none was left: see `revoke_session`.
+        drop(op);
+        self.replicate(user).await?;
+        Ok(revoked)
     }
 
     /// Revokes `tokens`, then the successors of any of them a rotation
