@@ -26,6 +26,28 @@ fn no_metadata() -> HashMap<String, String> {
     HashMap::new()
 }
 
+/// Creates `n` more sessions of `user` through `client`, tokens numbered on
+/// from `made`, each call asserted to succeed.
+async fn create_more(client: &SessionClient, user: &str, made: &mut u32, n: u32) {
+    for _ in 0..n {
+        client
+            .create_session(user, format!("{user}-{made}"), no_metadata())
+            .await
+            .unwrap();
+        *made += 1;
+    }
+}
+
+/// Creates the session `token` of `user`, asserted to be new.
+async fn assert_created(client: &SessionClient, user: &str, token: &str) {
+    assert!(
+        client
+            .create_session(user, token, no_metadata())
+            .await
+            .unwrap()
+    );
+}
+
 /// A configuration with room for many sessions of one user, so that a
 /// user's count says how many creates a server took.
 fn roomy_config() -> session_server::Config {
@@ -83,22 +105,10 @@ async fn a_dead_endpoint_is_skipped_and_used_again_once_it_recovers() {
             start.elapsed() < Duration::from_secs(15),
             "the revived endpoint got no call in 15 s"
         );
-        for _ in 0..10 {
-            client
-                .create_session("eli", format!("eli-{made}"), no_metadata())
-                .await
-                .unwrap();
-            made += 1;
-        }
+        create_more(&client, "eli", &mut made, 10).await;
     }
     // Both serve now: calls are spread again, none lost.
-    for _ in 0..50 {
-        client
-            .create_session("eli", format!("eli-{made}"), no_metadata())
-            .await
-            .unwrap();
-        made += 1;
-    }
+    create_more(&client, "eli", &mut made, 50).await;
     let (on_live, on_revived) = (
         count_on(&live.url(), "eli").await,
         count_on(&dead_url, "eli").await,
@@ -262,13 +272,7 @@ async fn dns_discovery_follows_addresses_added_and_removed() {
         .unwrap();
     let mut made = 0;
     let mut create = async |n: u32| {
-        for _ in 0..n {
-            client
-                .create_session("fay", format!("fay-{made}"), no_metadata())
-                .await
-                .unwrap();
-            made += 1;
-        }
+        create_more(&client, "fay", &mut made, n).await;
     };
 
     create(20).await;
@@ -365,13 +369,7 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
     let start = Instant::now();
     loop {
         let before = count_on(&old.url(), "ivy").await;
-        for _ in 0..20 {
-            client
-                .create_session("ivy", format!("ivy-{made}"), no_metadata())
-                .await
-                .unwrap();
-            made += 1;
-        }
+        create_more(&client, "ivy", &mut made, 20).await;
         if count_on(&old.url(), "ivy").await == before && count_on(&new.url(), "ivy").await > 0 {
             break;
         }
@@ -386,13 +384,7 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
         count_on(&old.url(), "ivy").await,
         count_on(&new.url(), "ivy").await,
     );
-    for _ in 0..100 {
-        client
-            .create_session("ivy", format!("ivy-{made}"), no_metadata())
-            .await
-            .unwrap();
-        made += 1;
-    }
+    create_more(&client, "ivy", &mut made, 100).await;
     let after = (
         count_on(&kept.url(), "ivy").await,
         count_on(&old.url(), "ivy").await,
@@ -413,11 +405,12 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
 #[tokio::test]
 async fn the_call_budget_holds_with_redis_paused_and_retries_on() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // Each attempt fails fast with UNAVAILABLE, so a per-attempt timeout
-    // would allow 20 of them: about 2 s.
-    config.redis_timeout_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        // Each attempt fails fast with UNAVAILABLE, so a per-attempt timeout
+        // would allow 20 of them: about 2 s.
+        c.redis_timeout_ms = 100;
+    })
+    .await;
     let budget = Duration::from_millis(300);
     let client = SessionClient::builder(server.url())
         .timeout(budget)
@@ -428,12 +421,7 @@ async fn the_call_budget_holds_with_redis_paused_and_retries_on() {
         .connect()
         .await
         .unwrap();
-    assert!(
-        client
-            .create_session("gus", "g-1", no_metadata())
-            .await
-            .unwrap()
-    );
+    assert_created(&client, "gus", "g-1").await;
 
     redis.pause(5000).await;
     let start = Instant::now();
@@ -530,23 +518,19 @@ async fn the_retry_budget_stops_retries_across_calls() {
 #[tokio::test]
 async fn an_overloaded_server_is_overloaded() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.max_concurrent_requests = 1;
-    config.redis_timeout_ms = 7000;
-    config.request_timeout_ms = 9000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.max_concurrent_requests = 1;
+        c.redis_timeout_ms = 7000;
+        c.request_timeout_ms = 9000;
+    })
+    .await;
     let client = SessionClient::builder(server.url())
         .timeout(Duration::from_millis(200))
         .max_attempts(1)
         .connect()
         .await
         .unwrap();
-    assert!(
-        client
-            .create_session("hal", "h-1", no_metadata())
-            .await
-            .unwrap()
-    );
+    assert_created(&client, "hal", "h-1").await;
 
     redis.pause(5000).await;
     // One call holds the only permit, waiting on the paused Redis. It may
@@ -712,10 +696,7 @@ async fn misconfiguration_fails_at_connect() {
 /// either.
 #[tokio::test]
 async fn a_bearer_token_rotates_without_a_rebuild() {
-    let files = TempFiles::new();
-    let mut config = test_config();
-    config.auth_tokens_file = Some(files.write("tokens", "new-token\n"));
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("new-token\n").await;
     let client = SessionClient::builder(server.url())
         .bearer_token("old-token")
         .allow_plaintext_token(true)

@@ -231,9 +231,7 @@ async fn concurrent_rotations_of_one_token_yield_one_successor() {
 /// or created again. A near-cache on another client drops the session.
 #[tokio::test]
 async fn reuse_ends_the_family_everywhere() {
-    let mut config = test_config();
-    config.rotation_grace_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.rotation_grace_ms = 300).await;
     let mut client = server.client().await;
     let cached = SessionClient::builder(server.url())
         .near_cache(1000)
@@ -513,9 +511,7 @@ async fn a_family_never_outlives_its_lifetime() {
 /// A user at MAX_SESSIONS_PER_USER rotates without evicting anyone.
 #[tokio::test]
 async fn rotation_at_the_cap_evicts_nobody() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 3;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 3).await;
     let mut client = server.client().await;
     let mut families = Vec::new();
     for token in ["k-1", "k-2", "k-3"] {

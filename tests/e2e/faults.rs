@@ -8,7 +8,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, liveness, lookups_work_within, readiness,
-    redis_cli, test_config, wait_until,
+    redis_cli, wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -18,11 +18,12 @@ use crate::support::{
 #[tokio::test]
 async fn redis_down_gives_unavailable_then_recovers() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 500;
-    config.readiness_follows_redis = true;
-    config.readiness_redis_failures = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_timeout_ms = 500;
+        c.readiness_follows_redis = true;
+        c.readiness_redis_failures = 1;
+    })
+    .await;
     let mut client = server.client().await;
     let create = |token: &str| CreateSessionRequest {
         user_id: "faulty".into(),
@@ -125,10 +126,11 @@ async fn redis_down_gives_unavailable_then_recovers() {
 /// waiting for the pool's timeout.
 #[tokio::test]
 async fn server_starts_without_redis() {
-    let mut config = test_config();
-    config.redis_url = format!("redis://127.0.0.1:{}", crate::support::free_port());
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.redis_url = format!("redis://127.0.0.1:{}", crate::support::free_port());
+        c.redis_timeout_ms = 300;
+    })
+    .await;
     let mut client = server.client().await;
     let status = client
         .get_session(GetSessionRequest {
@@ -152,9 +154,7 @@ async fn server_starts_without_redis() {
 #[tokio::test]
 async fn paused_redis_times_out_as_unavailable() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 300).await;
     let mut client = server.client().await;
     let get = || GetSessionRequest {
         token_id: "p".into(),
@@ -351,10 +351,11 @@ async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
         assert_eq!(answer.trim(), "OK");
     };
     acl("~other:*");
-    let mut config = config_on(&redis);
-    config.redis_url = format!("redis://app:apppw@127.0.0.1:{}", redis.port);
-    config.key_prefix = "sessionstore:".into();
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_url = format!("redis://app:apppw@127.0.0.1:{}", redis.port);
+        c.key_prefix = "sessionstore:".into();
+    })
+    .await;
     let mut client = server.client().await;
     let status = client.get_session(get_request("t")).await.unwrap_err();
     assert_eq!(status.code(), Code::Internal, "{status:?}");
@@ -393,9 +394,8 @@ async fn an_unreadable_password_file_keeps_the_last_password_read() {
     assert_eq!(answer.trim(), "OK");
     let files = TempFiles::new();
     let password = files.write("redis-password", "first-secret\n");
-    let mut config = config_on(&redis);
-    config.redis_password_file = Some(password.clone());
-    let server = TestServer::start_with(config).await;
+    let server =
+        TestServer::on_tuned(&redis, |c| c.redis_password_file = Some(password.clone())).await;
     let mut client = server.client().await;
     client
         .get_session(get_request("t"))
@@ -498,9 +498,7 @@ async fn redis_out_of_memory_is_resource_exhausted() {
 #[tokio::test]
 async fn a_stopped_redis_is_blamed_not_contention() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 300).await;
     let mut client = server.client().await;
     client.get_session(get_request("s")).await.unwrap();
 
@@ -547,12 +545,13 @@ async fn a_stopped_redis_is_blamed_not_contention() {
 /// `a_create_that_outwaits_its_turn_is_busy_not_a_redis_timeout`.
 #[tokio::test]
 async fn creates_outwaiting_their_turn_say_busy_not_redis() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 1;
-    // Round trips of a few ms at most, even with CROWD calls in flight on
-    // two cores; CROWD turns of one round trip each take longer.
-    config.redis_timeout_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_sessions_per_user = 1;
+        // Round trips of a few ms at most, even with CROWD calls in flight on
+        // two cores; CROWD turns of one round trip each take longer.
+        c.redis_timeout_ms = 100;
+    })
+    .await;
     let mut client = server.client().await;
     // The pool's connection made, and the user at its cap.
     client

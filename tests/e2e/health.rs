@@ -13,8 +13,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, free_port, lookups_work_within, readiness,
-    readiness_at, test_config, wait_until,
+    PrivateRedis, TestServer, free_port, lookups_work_within, readiness, readiness_at, test_config,
+    wait_until,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -104,10 +104,7 @@ async fn reflection_v1alpha_lists_the_services() {
 /// list with the right one.
 #[tokio::test]
 async fn reflection_v1alpha_needs_a_token() {
-    let files = TempFiles::new();
-    let mut config = test_config();
-    config.auth_tokens_file = Some(files.write("tokens", "alpha-secret\n"));
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("alpha-secret\n").await;
     let channel = server.channel().await;
 
     let refused = list_services_v1alpha(channel.clone(), None)
@@ -244,11 +241,12 @@ async fn assert_ended<T: std::fmt::Debug>(stream: &mut Streaming<T>) {
 /// while probes and watchers see NOT_SERVING. Only then does the server stop.
 #[tokio::test]
 async fn not_serving_first_then_serving_through_the_delay() {
-    let mut config = test_config();
-    // Far longer than the checks below take, so they run inside the delay
-    // (each opens a new connection, which would fail after it).
-    config.shutdown_delay_ms = 3000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        // Far longer than the checks below take, so they run inside the delay
+        // (each opens a new connection, which would fail after it).
+        c.shutdown_delay_ms = 3000;
+    })
+    .await;
     let addr = server.addr;
     assert!(
         wait_until(Duration::from_secs(5), || async {
@@ -375,14 +373,15 @@ async fn open_streams_end_at_shutdown() {
 #[tokio::test]
 async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // Room for Redis to restart and the pool to reconnect within the delay,
-    // and for many health ticks (50 ms) after that.
-    config.shutdown_delay_ms = 6000;
-    // Readiness must go NOT_SERVING with Redis down, before the signal.
-    config.readiness_follows_redis = true;
-    config.readiness_redis_failures = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        // Room for Redis to restart and the pool to reconnect within the delay,
+        // and for many health ticks (50 ms) after that.
+        c.shutdown_delay_ms = 6000;
+        // Readiness must go NOT_SERVING with Redis down, before the signal.
+        c.readiness_follows_redis = true;
+        c.readiness_redis_failures = 1;
+    })
+    .await;
     let addr = server.addr;
     let client = server.client().await;
     assert!(

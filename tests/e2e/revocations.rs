@@ -16,7 +16,7 @@ use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, create, get, inspect, redis_cli,
-    redis_cli_with_password, revoke, test_config, wait_until,
+    redis_cli_with_password, revoke, wait_until,
 };
 
 /// How long a test waits for a message that should come.
@@ -159,9 +159,7 @@ async fn two_user_wide_revocations_in_one_millisecond_both_arrive() {
 /// master on Cluster; calls that revoke nothing publish nothing.
 #[tokio::test]
 async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let mut client = server.client().await;
     let mut stream = watch(&mut client).await;
     started(&mut stream).await;
@@ -236,10 +234,11 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
 #[tokio::test]
 async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.revocation_heartbeat_ms = 100;
+        c.redis_timeout_ms = 300;
+    })
+    .await;
     let mut client = server.client().await;
     let mut stream = watch(&mut client).await;
     started(&mut stream).await;
@@ -297,10 +296,11 @@ async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
 #[tokio::test]
 async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.revocation_heartbeat_ms = 100;
+        c.redis_timeout_ms = 300;
+    })
+    .await;
     let mut client = server.client().await;
     let mut stream = watch(&mut client).await;
     started(&mut stream).await;
@@ -375,11 +375,12 @@ async fn the_subscription_follows_a_rotated_password_like_the_pool() {
     assert_eq!(answer.trim(), "OK");
     let files = TempFiles::new();
     let password = files.write("redis-password", "first\n");
-    let mut config = config_on(&redis);
-    config.redis_password_file = Some(password.clone());
-    config.revocation_heartbeat_ms = 100;
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_password_file = Some(password.clone());
+        c.revocation_heartbeat_ms = 100;
+        c.redis_timeout_ms = 300;
+    })
+    .await;
     let mut client = server.client().await;
     let mut stream = watch(&mut client).await;
     started(&mut stream).await;
@@ -530,11 +531,7 @@ async fn a_receiver_that_stops_reading_is_dropped() {
 /// shutdown ends an open stream with UNAVAILABLE.
 #[tokio::test]
 async fn the_stream_is_authenticated_and_ended_by_shutdown() {
-    let files = TempFiles::new();
-    let path = files.write("tokens", "watch-secret\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(path);
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("watch-secret\n").await;
     let mut client = server.client().await;
 
     let refused = client
@@ -691,9 +688,7 @@ async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
 #[tokio::test]
 async fn resets_and_heartbeats_carry_redis_clock() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.revocation_heartbeat_ms = 100).await;
     let mut client = server.client().await;
     let mut stream = watch(&mut client).await;
     let mut conn = redis.connection().await;

@@ -14,8 +14,7 @@ use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, TestServer, config_on, lookups_work_within, test_config,
-    wait_until,
+    Pki, PrivateRedis, TempFiles, TestServer, config_on, lookups_work_within, wait_until,
 };
 
 /// A tokens file in the temp dir, removed on drop.
@@ -55,9 +54,7 @@ fn count_request(token: Option<&str>) -> Request<GetUserSessionCountRequest> {
 #[tokio::test]
 async fn bearer_tokens_guard_every_call_but_health() {
     let file = TokensFile::new("# test tokens\nfirst-secret\nsecond-secret\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(file.0.clone());
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.auth_tokens_file = Some(file.0.clone())).await;
     let mut client = server.client().await;
 
     let missing = client
@@ -119,10 +116,11 @@ async fn bearer_tokens_guard_every_call_but_health() {
 #[tokio::test]
 async fn excess_calls_are_refused_not_queued() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 1000;
-    config.max_concurrent_requests = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_timeout_ms = 1000;
+        c.max_concurrent_requests = 2;
+    })
+    .await;
     let client = server.client().await;
     let get = || GetSessionRequest {
         token_id: "busy".into(),
@@ -175,9 +173,7 @@ async fn excess_calls_are_refused_not_queued() {
 #[tokio::test]
 async fn the_callers_deadline_is_honoured() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 3000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 3000).await;
     let mut client = server.client().await;
     let get = || GetSessionRequest {
         token_id: "slow".into(),
@@ -386,9 +382,7 @@ async fn wait_for_channel(url: String) -> tonic::transport::Channel {
 #[tokio::test]
 async fn emptying_the_tokens_file_denies_all() {
     let file = TokensFile::new("leaked-secret\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(file.0.clone());
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.auth_tokens_file = Some(file.0.clone())).await;
     let mut client = server.client().await;
     client
         .get_user_session_count(count_request(Some("leaked-secret")))
@@ -533,9 +527,7 @@ async fn ends_within(
 #[tokio::test]
 async fn removing_a_token_ends_the_streams_opened_with_it() {
     let file = TokensFile::new("stream-a\nstream-b\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(file.0.clone());
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.auth_tokens_file = Some(file.0.clone())).await;
     let mut client = server.client().await;
     let mut a = watch_with(&mut client, "stream-a").await;
     let mut b = watch_with(&mut client, "stream-b").await;
@@ -605,10 +597,11 @@ async fn a_client_cancelling_calls_at_random_keeps_its_connection() {
     const IN_FLIGHT: usize = 512;
     // Calls failing for want of time on a loaded machine would hide what is
     // tested here: whether the connection survives.
-    let mut config = test_config();
-    config.redis_timeout_ms = 10_000;
-    config.request_timeout_ms = 30_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.redis_timeout_ms = 10_000;
+        c.request_timeout_ms = 30_000;
+    })
+    .await;
     let client = server.client().await;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut calls = Vec::new();

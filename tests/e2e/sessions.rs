@@ -9,7 +9,7 @@ use sessionstore::v1::{
     RevokeAllUserSessionsRequest, RevokeSessionRequest,
 };
 
-use crate::support::{Client, TestServer, count, get, inspect, test_config};
+use crate::support::{Client, TestServer, count, get, inspect};
 
 fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -424,9 +424,7 @@ async fn concurrent_creates_never_exceed_the_cap() {
 /// At the cap, evict_oldest revokes the session closest to expiry and names it.
 #[tokio::test]
 async fn evict_oldest_names_the_evicted_session() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let mut client = server.client().await;
     create(&mut client, "judy", "j-1").await;
     tokio::time::sleep(Duration::from_millis(3)).await;
@@ -443,10 +441,11 @@ async fn evict_oldest_names_the_evicted_session() {
 /// sessions they have; the cap holds under concurrency.
 #[tokio::test]
 async fn reject_policy_refuses_past_the_cap() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 3;
-    config.session_limit_policy = LimitPolicy::Reject;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_sessions_per_user = 3;
+        c.session_limit_policy = LimitPolicy::Reject;
+    })
+    .await;
     let client = server.client().await;
     let calls = (0..20).map(|i| {
         let mut client = client.clone();

@@ -29,9 +29,11 @@ pub(crate) use self::{
     process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
     redis::{
         PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,
-        redis_cli, redis_cli_with_password, server_script,
+        login_account_key, pttl, redis_cli, redis_cli_with_password, server_script,
     },
-    rpc::{Client, count, create, get, lookups_work_within, revoke},
+    rpc::{
+        Client, count, create, get, lookups_work_within, record_attempt, reset_attempts, revoke,
+    },
     server::{TestServer, config_on, https_url, test_config},
 };
 

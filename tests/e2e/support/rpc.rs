@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
-    RevokeSessionRequest, Session, session_store_client::SessionStoreClient,
+    RecordLoginAttemptRequest, RecordLoginAttemptResponse, ResetLoginAttemptsRequest,
+    ResetLoginAttemptsResponse, RevokeSessionRequest, Session,
+    session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
@@ -63,6 +65,47 @@ pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
         .unwrap()
         .into_inner()
         .count
+}
+
+/// A login attempt from `ip` for `account` (may be empty), presenting the
+/// device token `device_token` (may be empty); the verdict.
+pub(crate) async fn record_attempt(
+    client: &mut Client,
+    ip: &str,
+    account: &str,
+    device_token: &str,
+) -> RecordLoginAttemptResponse {
+    client
+        .record_login_attempt(RecordLoginAttemptRequest {
+            ip: ip.into(),
+            account: account.into(),
+            device_token: device_token.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A successful login from `ip` for `account` (may be empty):
+/// ResetLoginAttempts with the device token `presented` (may be empty),
+/// issuing a new one when `issue`.
+pub(crate) async fn reset_attempts(
+    client: &mut Client,
+    ip: &str,
+    account: &str,
+    presented: &str,
+    issue: bool,
+) -> ResetLoginAttemptsResponse {
+    client
+        .reset_login_attempts(ResetLoginAttemptsRequest {
+            ip: ip.into(),
+            account: account.into(),
+            issue_device_token: issue,
+            device_token: presented.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Whether a lookup of `request()` gets an answer (found or not) within
