@@ -13,8 +13,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    PrivateRedis, TestServer, free_port, lookups_work_within, readiness, readiness_at, test_config,
-    wait_until,
+    PrivateRedis, TestServer, check_on, free_port, lookups_work_within, readiness, readiness_at,
+    test_config, wait_until,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -22,15 +22,9 @@ use crate::support::{
 #[tokio::test]
 async fn health_reports_serving() {
     let server = TestServer::start().await;
-    let mut health = server.health().await;
-    let overall = health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(overall.status, ServingStatus::Serving as i32);
+    let channel = server.channel().await;
+    let overall = check_on(channel.clone(), "").await.unwrap();
+    assert_eq!(overall, ServingStatus::Serving);
     assert!(
         wait_until(std::time::Duration::from_secs(5), || async {
             readiness(&server).await == Some(ServingStatus::Serving)
@@ -38,12 +32,7 @@ async fn health_reports_serving() {
         .await,
         "readiness never became SERVING"
     );
-    let unknown = health
-        .check(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .unwrap_err();
+    let unknown = check_on(channel, "no.such.Service").await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 }
 
@@ -272,14 +261,8 @@ async fn not_serving_first_then_serving_through_the_delay() {
         readiness_at(&format!("http://{addr}")).await,
         Some(ServingStatus::NotServing)
     );
-    let overall = HealthClient::new(connect(addr).await)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(overall.status, ServingStatus::NotServing as i32);
+    let overall = check_on(connect(addr).await, "").await.unwrap();
+    assert_eq!(overall, ServingStatus::NotServing);
     // ...and served.
     let created = SessionStoreClient::new(connect(addr).await)
         .create_session(CreateSessionRequest {

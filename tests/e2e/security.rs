@@ -11,10 +11,10 @@ use sessionstore::v1::{
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, TestServer, config_on, lookups_work_within, wait_until,
+    Pki, PrivateRedis, TempFiles, TestServer, check_on, config_on, lookups_work_within, wait_until,
 };
 
 /// A tokens file in the temp dir, removed on drop.
@@ -80,11 +80,7 @@ async fn bearer_tokens_guard_every_call_but_health() {
         assert_eq!(count.into_inner().count, 0);
     }
 
-    let mut health = server.health().await;
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(server.channel().await, "")
         .await
         .expect("health needs no token");
 
@@ -156,11 +152,7 @@ async fn excess_calls_are_refused_not_queued() {
         "only {refused} of 10 refused with a limit of 2"
     );
     assert!(admitted >= 1, "nothing was admitted");
-    let mut health = server.health().await;
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(server.channel().await, "")
         .await
         .expect("health is exempt from the cap");
 }
@@ -305,30 +297,15 @@ async fn a_plaintext_health_port_beside_a_tls_port() {
     let server = TestServer::start_with(config).await;
 
     let channel = wait_for_channel(format!("http://{health_addr}")).await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let overall = health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        overall.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let overall = check_on(channel.clone(), "").await.unwrap();
+    assert_eq!(overall, ServingStatus::Serving);
     let ready = wait_until(Duration::from_secs(5), || {
-        let mut health = health.clone();
+        let channel = channel.clone();
         async move {
-            health
-                .check(HealthCheckRequest {
-                    service: sessionstore::SERVICE_NAME.into(),
-                })
-                .await
-                .is_ok_and(|r| {
-                    r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                })
+            matches!(
+                check_on(channel, sessionstore::SERVICE_NAME).await,
+                Ok(ServingStatus::Serving)
+            )
         }
     })
     .await;
@@ -349,14 +326,8 @@ async fn a_plaintext_health_port_beside_a_tls_port() {
         .connect()
         .await;
     if let Ok(channel) = plaintext {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         assert!(
-            health
-                .check(HealthCheckRequest {
-                    service: String::new()
-                })
-                .await
-                .is_err(),
+            check_on(channel, "").await.is_err(),
             "the TLS port answered plaintext"
         );
     }
@@ -406,11 +377,7 @@ async fn emptying_the_tokens_file_denies_all() {
         denied,
         "the old token was still accepted after the file was emptied"
     );
-    let mut health = server.health().await;
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(server.channel().await, "")
         .await
         .expect("health needs no token");
 }

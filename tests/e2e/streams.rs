@@ -20,7 +20,7 @@ use tonic_reflection::pb::v1::{
     server_reflection_response::MessageResponse,
 };
 
-use crate::support::{Pki, TempFiles, TestServer, test_config, wait_until};
+use crate::support::{Pki, TempFiles, TestServer, check_on, test_config, wait_until};
 
 /// A tokens file holding `token`, and a config that requires it.
 fn auth_config(files: &TempFiles, token: &str) -> (Config, PathBuf) {
@@ -123,10 +123,7 @@ async fn health_watch(
 
 /// A health probe (Check) on `channel`, asserted to be answered.
 async fn probe(channel: Channel) {
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(channel, "")
         .await
         .expect("a health probe was refused");
 }

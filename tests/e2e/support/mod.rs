@@ -25,7 +25,7 @@ pub(crate) use self::{
     fake::{Behaviour, FakeServer, Stub},
     metrics::scrape,
     pki::Pki,
-    probe::{liveness, readiness, readiness_at},
+    probe::{check_on, liveness, readiness, readiness_at},
     process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
     redis::{
         PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,

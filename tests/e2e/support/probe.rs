@@ -16,15 +16,23 @@ pub(crate) async fn health_status(url: &str, service: &str) -> Option<ServingSta
         .connect()
         .await
         .ok()?;
+    check_on(channel, service).await.ok()
+}
+
+/// What the health service answers for `service` ("" is liveness) on
+/// `channel`: the status, or the refusal.
+pub(crate) async fn check_on(
+    channel: Channel,
+    service: &str,
+) -> Result<ServingStatus, tonic::Status> {
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.into(),
         })
-        .await
-        .ok()?
+        .await?
         .into_inner()
         .status;
-    ServingStatus::try_from(status).ok()
+    Ok(ServingStatus::try_from(status).expect("a known serving status"))
 }
 
 /// Readiness of the SessionStore service at `url` (`http://host:port`).
