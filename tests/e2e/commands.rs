@@ -8,9 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use sessionstore::v1::{CreateSessionRequest, GetSessionRequest};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{
-    PrivateRedis, TestServer, command_calls, readiness, reset_attempts, wait_until,
-};
+use crate::support::{PrivateRedis, TestServer, command_calls, readiness_becomes, reset_attempts};
 
 /// What was called between two snapshots, and how often in all.
 fn delta(
@@ -37,10 +35,7 @@ async fn get_session_needs_one_command_with_the_hint_and_two_without() {
     })
     .await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(10)).await,
         "the server never saw Redis answer its first PING"
     );
 

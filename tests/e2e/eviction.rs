@@ -16,8 +16,8 @@ use session_server::{Config, Store, store::RedisMode};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at, redis_cli,
-    scrape, server_binary, server_command, wait_until,
+    PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at,
+    readiness_becomes, redis_cli, scrape, server_binary, server_command, wait_until,
 };
 
 /// How soon a fixed policy must make the server ready again (issue #10).
@@ -108,14 +108,6 @@ async fn wait_for_policy_reads(port: u16, reads: usize) {
     assert!(seen, "the server did not read maxmemory-policy on {port}");
 }
 
-/// Whether readiness on `server` becomes `status` within [`RECOVERY_LIMIT`].
-async fn readiness_becomes(server: &TestServer, status: ServingStatus) -> bool {
-    wait_until(RECOVERY_LIMIT, || async {
-        readiness(server).await == Some(status)
-    })
-    .await
-}
-
 /// The scenario every topology runs. The master on `port` evicts
 /// (`volatile-lru`) before the server starts: readiness stays NOT_SERVING
 /// while liveness is SERVING; `CONFIG SET maxmemory-policy noeviction` makes it
@@ -135,7 +127,7 @@ async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
 
     set_policy(port, "noeviction");
     let fixed = Instant::now();
-    let ready = readiness_becomes(&server, ServingStatus::Serving).await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     let recovery = fixed.elapsed();
     assert!(
         ready,
@@ -143,7 +135,7 @@ async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
     );
 
     set_policy(port, "allkeys-lru");
-    let refused = readiness_becomes(&server, ServingStatus::NotServing).await;
+    let refused = readiness_becomes(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
     assert!(refused, "still ready after the policy became allkeys-lru");
     assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
     server.shutdown().await;
@@ -238,14 +230,14 @@ async fn cluster_one_evicting_master_is_refused_until_fixed() {
 async fn allkeys_lru_without_a_limit_stays_ready() {
     let redis = PrivateRedis::start_with(&UNLIMITED_REDIS);
     let server = TestServer::start_with(config_on(&redis)).await;
-    let ready = readiness_becomes(&server, ServingStatus::Serving).await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     assert!(ready, "not ready on allkeys-lru without maxmemory");
     let reads = policy_reads(redis.port).await;
     wait_for_policy_reads(redis.port, reads + 3).await;
     assert_eq!(readiness(&server).await, Some(ServingStatus::Serving));
 
     set_maxmemory(redis.port, "64mb");
-    let refused = readiness_becomes(&server, ServingStatus::NotServing).await;
+    let refused = readiness_becomes(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
     assert!(refused, "still ready with allkeys-lru and maxmemory 64mb");
     assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
     server.shutdown().await;
@@ -276,12 +268,12 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
     })
     .await;
 
-    let ready = readiness_becomes(&server, ServingStatus::Serving).await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     assert!(ready, "an unreadable policy blocked readiness");
     assert!(rejected_infos() >= 1, "the server never tried INFO");
 
     acl(&["+info"]);
-    let refused = readiness_becomes(&server, ServingStatus::NotServing).await;
+    let refused = readiness_becomes(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
     assert!(refused, "ready although INFO now shows volatile-lru");
 
     acl(&["-info"]);

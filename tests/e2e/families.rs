@@ -21,8 +21,8 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::{
-    Client, TestServer, assert_marker_outlives_reservation, count, create, get, inspect, revoke,
-    test_config, wait_until,
+    Client, TestServer, assert_marker_outlives_reservation, count, create, get, gone_within,
+    inspect, revoke, test_config, wait_until,
 };
 
 /// How long a test waits for something that takes milliseconds.
@@ -312,14 +312,7 @@ async fn reuse_ends_the_family_everywhere() {
         ]
     );
     assert!(
-        wait_until(PATIENCE, || async {
-            cached
-                .get_user_session("reed", "e-2")
-                .await
-                .unwrap()
-                .is_none()
-        })
-        .await,
+        gone_within(PATIENCE, &cached, "reed", "e-2").await,
         "the near-cache kept a session of a family ended for reuse"
     );
 

@@ -7,8 +7,8 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, liveness, lookups_work_within, readiness,
-    redis_cli, wait_until,
+    PrivateRedis, TempFiles, TestServer, config_on, create, liveness, lookups_work_within,
+    readiness, readiness_becomes, redis_cli, wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -38,12 +38,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
             .into_inner()
             .created
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await
-    );
+    assert!(readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
 
     redis.kill();
     for token in ["during-1", "during-2", "during-3"] {
@@ -73,10 +68,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
         status.message()
     );
     assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::NotServing)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await,
         "readiness stayed SERVING with Redis down"
     );
     let mut health = server.health().await;
@@ -103,12 +95,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
         .await,
         "calls did not succeed again after Redis came back"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await
-    );
+    assert!(readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
     let found = client
         .get_session(GetSessionRequest {
             token_id: "after".into(),
@@ -140,12 +127,7 @@ async fn server_starts_without_redis() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::NotServing)
-        })
-        .await
-    );
+    assert!(readiness_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await);
 }
 
 /// Redis paused (CLIENT PAUSE) past REDIS_TIMEOUT_MS: callers get UNAVAILABLE
@@ -367,10 +349,7 @@ async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
     );
 
     acl("~*");
-    let ready = wait_until(Duration::from_secs(10), || async {
-        readiness(&server).await == Some(ServingStatus::Serving)
-    })
-    .await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(10)).await;
     assert!(ready, "not ready once the ACL grants the keys");
     client
         .get_session(get_request("t"))
@@ -554,14 +533,7 @@ async fn creates_outwaiting_their_turn_say_busy_not_redis() {
     .await;
     let mut client = server.client().await;
     // The pool's connection made, and the user at its cap.
-    client
-        .create_session(CreateSessionRequest {
-            user_id: "crowd".into(),
-            token_id: "crowd-first".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut client, "crowd", "crowd-first").await;
     let calls: Vec<_> = (0..CROWD)
         .map(|i| {
             let mut client = client.clone();

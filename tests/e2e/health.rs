@@ -13,8 +13,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    PrivateRedis, TestServer, check_on, free_port, lookups_work_within, readiness, readiness_at,
-    test_config, wait_until,
+    PrivateRedis, TestServer, check_on, create, free_port, lookups_work_within, readiness_at,
+    readiness_becomes, test_config,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -26,9 +26,11 @@ async fn health_reports_serving() {
     let overall = check_on(channel.clone(), "").await.unwrap();
     assert_eq!(overall, ServingStatus::Serving);
     assert!(
-        wait_until(std::time::Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
+        readiness_becomes(
+            &server,
+            ServingStatus::Serving,
+            std::time::Duration::from_secs(5)
+        )
         .await,
         "readiness never became SERVING"
     );
@@ -152,14 +154,7 @@ async fn shutdown_drains_then_stops() {
     let server = TestServer::start().await;
     let addr = server.addr;
     let mut client = server.client().await;
-    client
-        .create_session(CreateSessionRequest {
-            user_id: "drain".into(),
-            token_id: "drain-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut client, "drain", "drain-1").await;
     let in_flight = tokio::spawn({
         let mut client = client.clone();
         async move {
@@ -238,10 +233,7 @@ async fn not_serving_first_then_serving_through_the_delay() {
     .await;
     let addr = server.addr;
     assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await,
         "readiness never became SERVING"
     );
     let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
@@ -302,10 +294,7 @@ async fn open_streams_end_at_shutdown() {
     let server = TestServer::start_with(config).await;
     let addr = server.addr;
     assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await,
         "readiness never became SERVING"
     );
     let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
@@ -368,18 +357,12 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     let addr = server.addr;
     let client = server.client().await;
     assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await,
         "readiness never became SERVING"
     );
     redis.kill();
     assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::NotServing)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await,
         "readiness stayed SERVING with Redis down"
     );
     let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;

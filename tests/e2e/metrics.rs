@@ -5,7 +5,7 @@ use std::{sync::OnceLock, time::Duration};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
+    GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
     RecordLoginAttemptRequest, RevokeSessionRequest,
 };
 use tokio::net::TcpListener;
@@ -14,7 +14,7 @@ use tonic_reflection::pb::v1alpha::{
     server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
 };
 
-use crate::support::{PrivateRedis, TestServer, reset_attempts, scrape};
+use crate::support::{PrivateRedis, TestServer, create, reset_attempts, scrape};
 
 /// The process-wide recorder: installed once, shared by every test that looks.
 fn recorder() -> PrometheusHandle {
@@ -119,14 +119,7 @@ async fn counters_move_after_calls() {
         .into_inner();
     assert!(watch.message().await.unwrap().unwrap().reset);
     for i in 0..3 {
-        client
-            .create_session(CreateSessionRequest {
-                user_id: "metered".into(),
-                token_id: format!("m-{i}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        create(&mut client, "metered", &format!("m-{i}")).await;
     }
     client
         .get_session(GetSessionRequest {

@@ -23,7 +23,8 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, service::Routes, transport::Channel};
 
 use crate::support::{
-    FakeServer, PrivateRedis, TestServer, client_example, command_calls, faketime, wait_until,
+    FakeServer, PrivateRedis, TestServer, client_example, command_calls, faketime, gone_within,
+    wait_until,
 };
 
 /// Far beyond any delivery latency, so a test that sees a revocation within
@@ -456,14 +457,7 @@ async fn a_silent_stream_stops_answers_after_max_staleness() {
     let applied = stats(&cached).revocations_applied;
     assert!(other.revoke_session("f-1").await.unwrap());
     assert!(
-        wait_until(PATIENCE, || async {
-            cached
-                .get_user_session("frank", "f-1")
-                .await
-                .unwrap()
-                .is_none()
-        })
-        .await,
+        gone_within(PATIENCE, &cached, "frank", "f-1").await,
         "still answered from memory long after max_staleness"
     );
     let after = stats(&cached);

@@ -108,6 +108,24 @@ pub(crate) async fn reset_attempts(
         .into_inner()
 }
 
+/// Whether `client` (a near-cache, say) stops answering the session `token`
+/// of `user` within `limit`, asked every 20 ms.
+pub(crate) async fn gone_within(
+    limit: Duration,
+    client: &session_client::SessionClient,
+    user: &str,
+    token: &str,
+) -> bool {
+    wait_until(limit, || async {
+        client
+            .get_user_session(user, token)
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await
+}
+
 /// Whether a lookup of `request()` gets an answer (found or not) within
 /// `limit`, asked every 20 ms: calls work again after an outage.
 pub(crate) async fn lookups_work_within(
