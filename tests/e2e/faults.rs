@@ -7,7 +7,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, create, liveness, lookups_work_within,
+    PrivateRedis, TempFiles, TestServer, config_on, create, get, liveness, lookups_work_within,
     readiness, readiness_becomes, redis_cli, wait_until,
 };
 
@@ -216,34 +216,14 @@ async fn acknowledged_writes_survive_a_restart_with_appendonly() {
     revoked.extend(gone);
 
     redis.restart();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let mut client = client.clone();
-            async move { client.get_session(get_request("aof-1")).await.is_ok() }
-        })
-        .await
-    );
+    assert!(lookups_work_within(Duration::from_secs(10), &client, || get_request("aof-1")).await);
     for token in &kept {
-        let found = client
-            .get_session(get_request(token))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            found.session.is_some(),
-            "acknowledged {token} lost in the restart"
-        );
+        let found = get(&mut client, token, "").await;
+        assert!(found.is_some(), "acknowledged {token} lost in the restart");
     }
     for token in &revoked {
-        let found = client
-            .get_session(get_request(token))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            found.session.is_none(),
-            "revocation of {token} lost in the restart"
-        );
+        let found = get(&mut client, token, "").await;
+        assert!(found.is_none(), "revocation of {token} lost in the restart");
     }
 }
 
@@ -505,11 +485,7 @@ async fn a_stopped_redis_is_blamed_not_contention() {
     }
     redis.signal("CONT");
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut client = client.clone();
-            async move { client.get_session(get_request("s")).await.is_ok() }
-        })
-        .await,
+        lookups_work_within(Duration::from_secs(5), &client, || get_request("s")).await,
         "not served after SIGCONT"
     );
     server.shutdown().await;

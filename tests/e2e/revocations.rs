@@ -52,6 +52,20 @@ async fn started(stream: &mut Streaming<WatchRevocationsResponse>) {
     assert!(first.reset, "the first message must be a reset: {first:?}");
 }
 
+/// A revocation stream on `client`, past its opening reset.
+async fn watching(client: &mut SessionStoreClient<Channel>) -> Streaming<WatchRevocationsResponse> {
+    let mut stream = watch(client).await;
+    started(&mut stream).await;
+    stream
+}
+
+/// Heartbeats every 100 ms and a 300 ms Redis timeout, so a lost
+/// subscription is noticed within half a second.
+fn quick_beats(config: &mut session_server::Config) {
+    config.revocation_heartbeat_ms = 100;
+    config.redis_timeout_ms = 300;
+}
+
 /// The next `n` revocations, skipping heartbeats; panics on a reset.
 async fn revocations(
     stream: &mut Streaming<WatchRevocationsResponse>,
@@ -108,8 +122,7 @@ fn summary(r: &Revocation) -> (String, String, RevocationReason) {
 async fn two_user_wide_revocations_in_one_millisecond_both_arrive() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     let channel = format!("{}revocations", server.config.key_prefix);
     let twice = redis::cmd("EVAL")
@@ -161,8 +174,7 @@ async fn two_user_wide_revocations_in_one_millisecond_both_arrive() {
 async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
     let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     // Eight users: their slots fall on every master of a three-master cluster.
     for n in 0..8 {
@@ -234,14 +246,9 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
 #[tokio::test]
 async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
     let mut redis = PrivateRedis::start();
-    let server = TestServer::on_tuned(&redis, |c| {
-        c.revocation_heartbeat_ms = 100;
-        c.redis_timeout_ms = 300;
-    })
-    .await;
+    let server = TestServer::on_tuned(&redis, quick_beats).await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     let mut beats = 0;
     let counting = Instant::now();
@@ -296,14 +303,9 @@ async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
 #[tokio::test]
 async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
     let redis = PrivateRedis::start();
-    let server = TestServer::on_tuned(&redis, |c| {
-        c.revocation_heartbeat_ms = 100;
-        c.redis_timeout_ms = 300;
-    })
-    .await;
+    let server = TestServer::on_tuned(&redis, quick_beats).await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
     next_within(&mut stream, Duration::from_secs(2))
         .await
         .expect("a heartbeat");
@@ -377,13 +379,11 @@ async fn the_subscription_follows_a_rotated_password_like_the_pool() {
     let password = files.write("redis-password", "first\n");
     let server = TestServer::on_tuned(&redis, |c| {
         c.redis_password_file = Some(password.clone());
-        c.revocation_heartbeat_ms = 100;
-        c.redis_timeout_ms = 300;
+        quick_beats(c);
     })
     .await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
     let cut = |kind: &str| {
         let killed =
             redis_cli_with_password(redis.port, "second", &["client", "kill", "type", kind]);
@@ -459,8 +459,7 @@ async fn a_receiver_that_stops_reading_is_dropped() {
         .await
         .unwrap();
     let mut client = SessionStoreClient::new(channel);
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     // A second receiver on its own connection reads everything: once it has
     // seen the whole flood, so has the server's subscriber.
@@ -664,8 +663,7 @@ async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
     )
     .await;
 
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
     assert_eq!(revoke_all(&mut client, "clock-user").await, 1);
     let seen = revocations(&mut stream, 1).await;
     assert_eq!(seen[0].token_id, "");
