@@ -25,15 +25,7 @@ async fn health_reports_serving() {
     let channel = server.channel().await;
     let overall = check_on(channel.clone(), "").await.unwrap();
     assert_eq!(overall, ServingStatus::Serving);
-    assert!(
-        readiness_becomes(
-            &server,
-            ServingStatus::Serving,
-            std::time::Duration::from_secs(5)
-        )
-        .await,
-        "readiness never became SERVING"
-    );
+    assert_readiness(&server, ServingStatus::Serving).await;
     let unknown = check_on(channel, "no.such.Service").await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 }
@@ -197,6 +189,26 @@ async fn watch(addr: SocketAddr, service: &str) -> Streaming<HealthCheckResponse
         .into_inner()
 }
 
+/// Asserts that readiness of `server` becomes `status` within 5 s.
+async fn assert_readiness(server: &TestServer, status: ServingStatus) {
+    assert!(
+        readiness_becomes(server, status, Duration::from_secs(5)).await,
+        "readiness never became {status:?}"
+    );
+}
+
+/// A Watch of `service` on `addr` whose first status is asserted to be
+/// `first`.
+async fn watch_seeing(
+    addr: SocketAddr,
+    service: &str,
+    first: ServingStatus,
+) -> Streaming<HealthCheckResponse> {
+    let mut stream = watch(addr, service).await;
+    assert_eq!(next_status(&mut stream).await, first);
+    stream
+}
+
 /// The next status a Watch sends, waiting at most 10 s.
 async fn next_status(stream: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
     let answer = tokio::time::timeout(Duration::from_secs(10), stream.next())
@@ -232,15 +244,9 @@ async fn not_serving_first_then_serving_through_the_delay() {
     })
     .await;
     let addr = server.addr;
-    assert!(
-        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await,
-        "readiness never became SERVING"
-    );
-    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
-    assert_eq!(
-        next_status(&mut readiness_watch).await,
-        ServingStatus::Serving
-    );
+    assert_readiness(&server, ServingStatus::Serving).await;
+    let mut readiness_watch =
+        watch_seeing(addr, sessionstore::SERVICE_NAME, ServingStatus::Serving).await;
 
     let stopping = tokio::spawn(server.shutdown());
     // Watchers hear it first...
@@ -293,17 +299,10 @@ async fn open_streams_end_at_shutdown() {
     config.health_addr = Some(health_addr);
     let server = TestServer::start_with(config).await;
     let addr = server.addr;
-    assert!(
-        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await,
-        "readiness never became SERVING"
-    );
-    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
-    assert_eq!(
-        next_status(&mut readiness_watch).await,
-        ServingStatus::Serving
-    );
-    let mut probe_watch = watch(health_addr, "").await;
-    assert_eq!(next_status(&mut probe_watch).await, ServingStatus::Serving);
+    assert_readiness(&server, ServingStatus::Serving).await;
+    let mut readiness_watch =
+        watch_seeing(addr, sessionstore::SERVICE_NAME, ServingStatus::Serving).await;
+    let mut probe_watch = watch_seeing(health_addr, "", ServingStatus::Serving).await;
 
     // A reflection session whose caller never closes its side.
     let (requests, request_stream) = tokio::sync::mpsc::channel(1);
@@ -356,20 +355,11 @@ async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     .await;
     let addr = server.addr;
     let client = server.client().await;
-    assert!(
-        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await,
-        "readiness never became SERVING"
-    );
+    assert_readiness(&server, ServingStatus::Serving).await;
     redis.kill();
-    assert!(
-        readiness_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await,
-        "readiness stayed SERVING with Redis down"
-    );
-    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
-    assert_eq!(
-        next_status(&mut readiness_watch).await,
-        ServingStatus::NotServing
-    );
+    assert_readiness(&server, ServingStatus::NotServing).await;
+    let mut readiness_watch =
+        watch_seeing(addr, sessionstore::SERVICE_NAME, ServingStatus::NotServing).await;
 
     let stopping = tokio::spawn(server.shutdown());
     redis.restart();
