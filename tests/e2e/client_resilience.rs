@@ -38,6 +38,43 @@ async fn create_more(client: &SessionClient, user: &str, made: &mut u32, n: u32)
     }
 }
 
+/// How many of 100 creates for `user` through `client` failed with
+/// `Error::DeadlineExceeded`; any other failure panics.
+async fn creates_timed_out(client: &SessionClient, user: &str) -> u32 {
+    let mut failed = 0;
+    for i in 0..100 {
+        match client
+            .create_session(user, format!("{user}-{i}"), no_metadata())
+            .await
+        {
+            Ok(true) => {}
+            Err(Error::DeadlineExceeded(_)) => failed += 1,
+            other => panic!("create {i}: {other:?}"),
+        }
+    }
+    failed
+}
+
+/// A client of `url` with the call budget `timeout`, making up to `attempts`
+/// attempts `backoff` (initial, max) apart, with a retry budget too large to
+/// stop it.
+async fn unthrottled(
+    url: String,
+    timeout: Duration,
+    attempts: u32,
+    backoff: (Duration, Duration),
+) -> SessionClient {
+    SessionClient::builder(url)
+        .timeout(timeout)
+        .max_attempts(attempts)
+        .initial_backoff(backoff.0)
+        .max_backoff(backoff.1)
+        .retry_throttling(1000, 1.0)
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Creates the session `token` of `user`, asserted to be new.
 async fn assert_created(client: &SessionClient, user: &str, token: &str) {
     assert!(
@@ -166,17 +203,7 @@ async fn a_hung_endpoint_is_ejected_after_a_few_timeouts() {
         );
     }
 
-    let mut failed = 0;
-    for i in 0..100 {
-        match writer
-            .create_session("lee", format!("lee-{i}"), no_metadata())
-            .await
-        {
-            Ok(true) => {}
-            Err(Error::DeadlineExceeded(_)) => failed += 1,
-            other => panic!("create {i}: {other:?}"),
-        }
-    }
+    let failed = creates_timed_out(&writer, "lee").await;
     assert!(failed <= 3, "{failed} creates failed on the hung endpoint");
 
     // A silent endpoint that never answered: ejected at its first timeout.
@@ -184,17 +211,7 @@ async fn a_hung_endpoint_is_ejected_after_a_few_timeouts() {
     let fresh = client(format!("http://{}", silent.local_addr().unwrap()))
         .await
         .unwrap();
-    let mut failed = 0;
-    for i in 0..100 {
-        match fresh
-            .create_session("mae", format!("mae-{i}"), no_metadata())
-            .await
-        {
-            Ok(true) => {}
-            Err(Error::DeadlineExceeded(_)) => failed += 1,
-            other => panic!("create {i}: {other:?}"),
-        }
-    }
+    let failed = creates_timed_out(&fresh, "mae").await;
     assert!(
         failed <= 1,
         "{failed} creates failed on the silent endpoint"
@@ -412,15 +429,8 @@ async fn the_call_budget_holds_with_redis_paused_and_retries_on() {
     })
     .await;
     let budget = Duration::from_millis(300);
-    let client = SessionClient::builder(server.url())
-        .timeout(budget)
-        .max_attempts(20)
-        .initial_backoff(Duration::from_millis(10))
-        .max_backoff(Duration::from_millis(20))
-        .retry_throttling(1000, 1.0)
-        .connect()
-        .await
-        .unwrap();
+    let backoff = (Duration::from_millis(10), Duration::from_millis(20));
+    let client = unthrottled(server.url(), budget, 20, backoff).await;
     assert_created(&client, "gus", "g-1").await;
 
     redis.pause(5000).await;
@@ -537,15 +547,8 @@ async fn an_overloaded_server_is_overloaded() {
     // itself be shed while a probe below holds the permit: the client
     // retries it (reads are retried on load shedding) until it gets in.
     let holder = {
-        let slow = SessionClient::builder(server.url())
-            .timeout(Duration::from_secs(8))
-            .max_attempts(1000)
-            .initial_backoff(Duration::from_millis(1))
-            .max_backoff(Duration::from_millis(5))
-            .retry_throttling(1000, 1.0)
-            .connect()
-            .await
-            .unwrap();
+        let backoff = (Duration::from_millis(1), Duration::from_millis(5));
+        let slow = unthrottled(server.url(), Duration::from_secs(8), 1000, backoff).await;
         tokio::spawn(async move { slow.get_session("h-1").await })
     };
     let start = Instant::now();
