@@ -6,12 +6,11 @@ use std::collections::HashSet;
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{
     CreateOutcome, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest,
 };
 
 use crate::support::{
     Client, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on, count, create,
-    get, inspect, revoke, test_config,
+    get, inspect, revoke, revoke_all, test_config,
 };
 
 fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
@@ -108,14 +107,7 @@ async fn a_replayed_create_after_revoke_all_is_refused() {
     for token in ["s-1", "s-2", "s-3"] {
         assert!(create(&mut client, "sam", token).await.created);
     }
-    let revoked = client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: "sam".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked_count;
+    let revoked = revoke_all(&mut client, "sam").await;
     assert_eq!(revoked, 3);
     for token in ["s-1", "s-2", "s-3"] {
         assert_stays_revoked(&mut client, "sam", token).await;

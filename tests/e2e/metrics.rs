@@ -6,7 +6,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use sessionstore::v1::{
     GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
-    RecordLoginAttemptRequest, RevokeSessionRequest,
+    RecordLoginAttemptRequest,
 };
 use tokio::net::TcpListener;
 use tonic_reflection::pb::v1alpha::{
@@ -14,7 +14,7 @@ use tonic_reflection::pb::v1alpha::{
     server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
 };
 
-use crate::support::{PrivateRedis, TestServer, create, reset_attempts, scrape};
+use crate::support::{PrivateRedis, TestServer, create, reset_attempts, revoke, scrape};
 
 /// The process-wide recorder: installed once, shared by every test that looks.
 fn recorder() -> PrometheusHandle {
@@ -128,13 +128,7 @@ async fn counters_move_after_calls() {
         })
         .await
         .unwrap();
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "m-1".into(),
-            user_id: "metered".into(),
-        })
-        .await
-        .unwrap();
+    revoke(&mut client, "m-1", "metered").await;
     for _ in 0..6 {
         client
             .record_login_attempt(RecordLoginAttemptRequest {

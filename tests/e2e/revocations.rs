@@ -7,16 +7,15 @@
 use std::time::{Duration, Instant};
 
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, Revocation, RevocationReason,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest, WatchRevocationsRequest,
-    WatchRevocationsResponse, session_store_client::SessionStoreClient,
+    CreateSessionRequest, GetSessionRequest, Revocation, RevocationReason, RevokeSessionRequest,
+    WatchRevocationsRequest, WatchRevocationsResponse, session_store_client::SessionStoreClient,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, create, get, inspect, redis_cli,
-    redis_cli_with_password, revoke, wait_until,
+    redis_cli_with_password, revoke, revoke_all, wait_until,
 };
 
 /// How long a test waits for a message that should come.
@@ -90,17 +89,6 @@ async fn create_at(client: &mut SessionStoreClient<Channel>, user: &str, token: 
     assert!(created.created, "{user}/{token}: {created:?}");
     let at = created.session.unwrap().created_at.unwrap();
     at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
-}
-
-async fn revoke_all(client: &mut SessionStoreClient<Channel>, user: &str) -> u32 {
-    client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked_count
 }
 
 fn millis(revocation: &Revocation) -> u64 {

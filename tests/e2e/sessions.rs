@@ -4,12 +4,9 @@
 use std::{collections::HashMap, time::Duration};
 
 use session_server::store::LimitPolicy;
-use sessionstore::v1::{
-    CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest,
-};
+use sessionstore::v1::{CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest};
 
-use crate::support::{Client, TestServer, count, get, inspect};
+use crate::support::{Client, TestServer, count, get, inspect, revoke, revoke_all};
 
 fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -178,15 +175,7 @@ async fn a_revoked_token_id_is_not_handed_to_another_user() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     create(&mut client, "first", "reused").await;
-    let revoked = client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "reused".into(),
-            user_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(revoked.revoked);
+    assert!(revoke(&mut client, "reused", "").await);
     assert!(!create(&mut client, "second", "reused").await.created);
     assert_eq!(get(&mut client, "reused", "").await, None);
 }
@@ -200,58 +189,19 @@ async fn revoke_session_takes_effect_immediately() {
     create(&mut client, "carol", "c-1").await;
     create(&mut client, "carol", "c-2").await;
 
-    let revoke = |token: &str, hint: &str| RevokeSessionRequest {
-        token_id: token.into(),
-        user_id: hint.into(),
-    };
-    assert!(
-        !client
-            .revoke_session(revoke("c-1", "dave"))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(!revoke(&mut client, "c-1", "dave").await);
     assert!(
         get(&mut client, "c-1", "").await.is_some(),
         "wrong hint left it alone"
     );
 
-    assert!(
-        client
-            .revoke_session(revoke("c-1", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(revoke(&mut client, "c-1", "").await);
     assert_eq!(get(&mut client, "c-1", "").await, None);
-    assert!(
-        client
-            .revoke_session(revoke("c-2", "carol"))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(revoke(&mut client, "c-2", "carol").await);
     assert_eq!(get(&mut client, "c-2", "carol").await, None);
 
-    assert!(
-        !client
-            .revoke_session(revoke("c-1", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
-    assert!(
-        !client
-            .revoke_session(revoke("never-was", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(!revoke(&mut client, "c-1", "").await);
+    assert!(!revoke(&mut client, "never-was", "").await);
     assert_eq!(count(&mut client, "carol").await, 0);
 }
 
@@ -266,14 +216,7 @@ async fn revoke_all_ends_every_session_of_the_user() {
     }
     create(&mut client, "frank", "f-1").await;
 
-    let all = client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: "erin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(all.revoked_count, 3);
+    assert_eq!(revoke_all(&mut client, "erin").await, 3);
     for token in ["e-1", "e-2", "e-3"] {
         assert_eq!(get(&mut client, token, "").await, None, "{token} survived");
         assert_eq!(
@@ -284,14 +227,7 @@ async fn revoke_all_ends_every_session_of_the_user() {
     }
     assert_eq!(count(&mut client, "erin").await, 0);
     assert_eq!(count(&mut client, "frank").await, 1);
-    let again = client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: "erin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.revoked_count, 0);
+    assert_eq!(revoke_all(&mut client, "erin").await, 0);
     // The user can sign in again afterwards.
     assert!(create(&mut client, "erin", "e-4").await.created);
 }
@@ -306,13 +242,7 @@ async fn list_is_newest_first_and_exact() {
         // Distinct creation milliseconds make the order observable.
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "l-2".into(),
-            user_id: "gina".into(),
-        })
-        .await
-        .unwrap();
+    revoke(&mut client, "l-2", "gina").await;
     let list = client
         .list_user_sessions(ListUserSessionsRequest {
             user_id: "gina".into(),

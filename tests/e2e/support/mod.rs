@@ -33,7 +33,7 @@ pub(crate) use self::{
     },
     rpc::{
         Client, count, create, get, gone_within, lookups_work_within, record_attempt,
-        reset_attempts, revoke,
+        reset_attempts, revoke, revoke_all,
     },
     server::{TestServer, config_on, https_url, test_config},
 };

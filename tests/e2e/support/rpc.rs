@@ -5,7 +5,7 @@ use std::time::Duration;
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
     RecordLoginAttemptRequest, RecordLoginAttemptResponse, ResetLoginAttemptsRequest,
-    ResetLoginAttemptsResponse, RevokeSessionRequest, Session,
+    ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest, RevokeSessionRequest, Session,
     session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
@@ -53,6 +53,18 @@ pub(crate) async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool
         .unwrap()
         .into_inner()
         .revoked
+}
+
+/// Revokes every session of `user`; how many were live.
+pub(crate) async fn revoke_all(client: &mut Client, user: &str) -> u32 {
+    client
+        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_count
 }
 
 /// How many live sessions `user` has.
