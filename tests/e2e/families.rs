@@ -22,7 +22,7 @@ use tonic::Code;
 
 use crate::support::{
     Client, TestServer, assert_marker_outlives_reservation, count, create, get, gone_within,
-    inspect, revoke, test_config, wait_until,
+    inspect, list, revoke, test_config, wait_until,
 };
 
 /// How long a test waits for something that takes milliseconds.
@@ -213,14 +213,7 @@ async fn concurrent_rotations_of_one_token_yield_one_successor() {
     );
     let mut client = clients[0].clone();
     assert_eq!(count(&mut client, "cora").await, 1);
-    let live: Vec<_> = client
-        .list_user_sessions(sessionstore::v1::ListUserSessionsRequest {
-            user_id: "cora".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let live: Vec<_> = list(&mut client, "cora").await;
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].token_id, rotated[0].token_id);
 }

@@ -4,13 +4,11 @@
 use std::collections::HashSet;
 
 use session_server::store::LimitPolicy;
-use sessionstore::v1::{
-    CreateOutcome, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-};
+use sessionstore::v1::{CreateOutcome, CreateSessionRequest, CreateSessionResponse};
 
 use crate::support::{
     Client, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on, count, create,
-    get, inspect, revoke, revoke_all, test_config,
+    get, inspect, list, revoke, revoke_all, test_config,
 };
 
 fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
@@ -333,14 +331,7 @@ async fn two_hundred_concurrent_creates_for_one_user_all_succeed() {
         }
         let mut client = clients[0].clone();
         assert_eq!(count(&mut client, "walt").await, max, "{policy:?}");
-        let listed = client
-            .list_user_sessions(ListUserSessionsRequest {
-                user_id: "walt".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sessions;
+        let listed = list(&mut client, "walt").await;
         assert_eq!(listed.len(), max as usize, "{policy:?}");
         match policy {
             LimitPolicy::EvictOldest => {

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use session_server::store::LimitPolicy;
 use sessionstore::v1::{CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest};
 
-use crate::support::{Client, TestServer, count, get, inspect, revoke, revoke_all};
+use crate::support::{Client, TestServer, count, get, inspect, list, revoke, revoke_all};
 
 fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -243,14 +243,7 @@ async fn list_is_newest_first_and_exact() {
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     revoke(&mut client, "l-2", "gina").await;
-    let list = client
-        .list_user_sessions(ListUserSessionsRequest {
-            user_id: "gina".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let list = list(&mut client, "gina").await;
     let tokens: Vec<_> = list.iter().map(|s| s.token_id.as_str()).collect();
     assert_eq!(tokens, ["l-3", "l-1"]);
     assert!(
@@ -300,14 +293,7 @@ async fn a_session_ends_with_its_ttl() {
     assert_eq!(get(&mut client, "short", "").await, None);
     assert_eq!(get(&mut client, "short", "hank").await, None);
     assert_eq!(count(&mut client, "hank").await, 1);
-    let list = client
-        .list_user_sessions(ListUserSessionsRequest {
-            user_id: "hank".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let list = list(&mut client, "hank").await;
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].token_id, "long");
 }
@@ -332,14 +318,7 @@ async fn concurrent_creates_never_exceed_the_cap() {
     let mut client = client;
     assert_eq!(count(&mut client, "ivan").await, max);
     assert_eq!(evicted.len(), 50 - max as usize);
-    let list = client
-        .list_user_sessions(ListUserSessionsRequest {
-            user_id: "ivan".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let list = list(&mut client, "ivan").await;
     assert_eq!(list.len(), max as usize);
     for token in &evicted {
         assert_eq!(

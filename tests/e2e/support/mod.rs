@@ -32,7 +32,7 @@ pub(crate) use self::{
         login_account_key, pttl, redis_cli, redis_cli_with_password, server_script,
     },
     rpc::{
-        Client, count, create, get, gone_within, lookups_work_within, record_attempt,
+        Client, count, create, get, gone_within, list, lookups_work_within, record_attempt,
         reset_attempts, revoke, revoke_all,
     },
     server::{TestServer, config_on, https_url, test_config},

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
-    RecordLoginAttemptRequest, RecordLoginAttemptResponse, ResetLoginAttemptsRequest,
-    ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest, RevokeSessionRequest, Session,
-    session_store_client::SessionStoreClient,
+    ListUserSessionsRequest, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
+    ResetLoginAttemptsRequest, ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest,
+    RevokeSessionRequest, Session, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
 
@@ -65,6 +65,18 @@ pub(crate) async fn revoke_all(client: &mut Client, user: &str) -> u32 {
         .unwrap()
         .into_inner()
         .revoked_count
+}
+
+/// The live sessions of `user`, newest first.
+pub(crate) async fn list(client: &mut Client, user: &str) -> Vec<Session> {
+    client
+        .list_user_sessions(ListUserSessionsRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
 }
 
 /// How many live sessions `user` has.
