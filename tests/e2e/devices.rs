@@ -57,10 +57,6 @@ async fn forget(c: &mut Client, account: &str) -> u32 {
     .forgotten
 }
 
-fn devices_key(config: &Config, account: &str) -> String {
-    login_account_key(config, "devices", account)
-}
-
 fn device_key(config: &Config, account: &str, token: &str) -> String {
     let device = DeviceToken::parse(token).unwrap().key();
     format!("{}:{device}", login_account_key(config, "device", account))
@@ -70,7 +66,7 @@ fn device_key(config: &Config, account: &str, token: &str) -> String {
 async fn devices(config: &Config, account: &str) -> i64 {
     inspect(
         config,
-        redis::cmd("ZCARD").arg(devices_key(config, account)),
+        redis::cmd("ZCARD").arg(login_account_key(config, "devices", account)),
     )
     .await
 }
@@ -79,10 +75,6 @@ async fn devices(config: &Config, account: &str) -> i64 {
 /// as a trusted device's.
 async fn trusted(c: &mut Client, ip: &str, account: &str, token: &str) -> bool {
     attempt(c, ip, account, token).await.device_trusted
-}
-
-fn refusals_key(config: &Config, account: &str) -> String {
-    login_account_key(config, "device_refusals", account)
 }
 
 /// 1,000 wrong attempts for one account from 100 addresses lock it for
@@ -217,7 +209,11 @@ async fn an_expired_device_token_is_untrusted() {
     let mut c = server.client().await;
     let token = issue(&mut c, "brief@example.com").await;
     assert!(trusted(&mut c, "192.0.2.2", "brief@example.com", &token).await);
-    let ttl = pttl(&config, &devices_key(&config, "brief@example.com")).await;
+    let ttl = pttl(
+        &config,
+        &login_account_key(&config, "devices", "brief@example.com"),
+    )
+    .await;
     assert!(
         (1..=1000).contains(&ttl),
         "the set expires with its device: {ttl}"
@@ -311,9 +307,9 @@ async fn device_keys_hold_hashes_and_expire() {
     let refused = attempt(&mut c, "192.0.2.5", account, &token).await;
     assert_eq!(refused.refused_by, PbLimit::Device as i32);
     for key in [
-        devices_key(&config, account),
+        login_account_key(&config, "devices", account),
         device_key(&config, account, &token),
-        refusals_key(&config, account),
+        login_account_key(&config, "device_refusals", account),
     ] {
         assert!(!key.contains(account) && !key.contains(&token), "{key}");
         let ttl = pttl(&config, &key).await;
@@ -322,7 +318,7 @@ async fn device_keys_hold_hashes_and_expire() {
     let members: Vec<String> = inspect(
         &config,
         redis::cmd("ZRANGE")
-            .arg(devices_key(&config, account))
+            .arg(login_account_key(&config, "devices", account))
             .arg(0)
             .arg(-1),
     )

@@ -58,10 +58,6 @@ fn pair_key(config: &Config, ip: &str, account: &str) -> String {
     )
 }
 
-fn account_key(config: &Config, account: &str) -> String {
-    login_account_key(config, "account", account)
-}
-
 /// RATE_LIMIT_MAX_ATTEMPTS attempts are allowed, the next is refused by the
 /// address with the exact time until the oldest bucket leaves the window; the
 /// counter always has its TTL; reset without an account clears it.
@@ -264,7 +260,7 @@ async fn every_counter_key_has_a_ttl() {
     for key in [
         addr_key(&cfg, ip),
         pair_key(&cfg, ip, "a"),
-        account_key(&cfg, "a"),
+        login_account_key(&cfg, "account", "a"),
     ] {
         assert!(pttl(&cfg, &key).await > 0, "{key}");
     }
@@ -273,11 +269,14 @@ async fn every_counter_key_has_a_ttl() {
     assert!(attempt_for(&mut c, ip, "b").await.allowed);
     assert!(reset_for(&mut c, ip, "a").await);
     assert_eq!(pttl(&cfg, &pair_key(&cfg, ip, "a")).await, -2);
-    assert_eq!(pttl(&cfg, &account_key(&cfg, "a")).await, -2);
+    assert_eq!(
+        pttl(&cfg, &login_account_key(&cfg, "account", "a")).await,
+        -2
+    );
     check(vec![
         addr_key(&cfg, ip),
         pair_key(&cfg, ip, "b"),
-        account_key(&cfg, "b"),
+        login_account_key(&cfg, "account", "b"),
     ])
     .await;
     let left: std::collections::HashMap<String, u32> =
