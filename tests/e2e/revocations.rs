@@ -302,16 +302,7 @@ async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
     // TCP connection stays up, and the patience (max(3 beats, beat + Redis
     // timeout) = 400 ms) runs out.
     redis.pause(2_000).await;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let message = next_within(&mut stream, left)
-            .await
-            .expect("a reset after the pause");
-        if message.reset {
-            break;
-        }
-    }
+    reset_within_patience(&mut stream, "the pause").await;
 
     let mut admin = redis.connection().await;
     let killed: i64 = redis::cmd("CLIENT")
@@ -322,16 +313,7 @@ async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
         .await
         .unwrap();
     assert_eq!(killed, 1, "the server holds one subscription");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let message = next_within(&mut stream, left)
-            .await
-            .expect("a reset after the kill");
-        if message.reset {
-            break;
-        }
-    }
+    reset_within_patience(&mut stream, "the kill").await;
     drop(stream);
     server.shutdown().await;
 }

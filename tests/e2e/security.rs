@@ -14,7 +14,8 @@ use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, TestServer, check_on, config_on, lookups_work_within, wait_until,
+    Client, Pki, PrivateRedis, TempFiles, TestServer, check_on, config_on, lookups_work_within,
+    wait_until,
 };
 
 /// A tokens file in the temp dir, removed on drop.
@@ -86,16 +87,7 @@ async fn bearer_tokens_guard_every_call_but_health() {
 
     // Rotate: the old token goes, a new one comes.
     std::fs::write(&file.0, "third-secret\n").unwrap();
-    let rotated = wait_until(Duration::from_secs(15), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .get_user_session_count(count_request(Some("third-secret")))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let rotated = accepted_within(Duration::from_secs(15), &client, "third-secret").await;
     assert!(
         rotated,
         "the new token was not accepted after the file changed"
@@ -382,6 +374,21 @@ async fn emptying_the_tokens_file_denies_all() {
         .expect("health needs no token");
 }
 
+/// Whether a call with `token` is accepted within `limit`, asked every
+/// 20 ms: the server has read a tokens file that holds it.
+async fn accepted_within(limit: Duration, client: &Client, token: &str) -> bool {
+    wait_until(limit, || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_user_session_count(count_request(Some(token)))
+                .await
+                .is_ok()
+        }
+    })
+    .await
+}
+
 /// `request` with `authorization: Bearer <token>`.
 fn bearer<T>(mut request: Request<T>, token: &str) -> Request<T> {
     let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
@@ -501,16 +508,7 @@ async fn removing_a_token_ends_the_streams_opened_with_it() {
 
     // A reload that keeps both tokens (a third is added) ends neither.
     replace_tokens(&file, "stream-a\nstream-b\nstream-c\n");
-    let added = wait_until(Duration::from_secs(20), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .get_user_session_count(count_request(Some("stream-c")))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let added = accepted_within(Duration::from_secs(20), &client, "stream-c").await;
     assert!(added, "the added token was not accepted");
     create_and_revoke(&mut client, "stream-c", "kept-1").await;
     receives(&mut a, "kept-1").await;
