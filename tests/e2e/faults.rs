@@ -8,7 +8,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, create, get, liveness, lookups_work_within,
-    readiness, readiness_becomes, redis_cli, wait_until,
+    readiness, readiness_becomes, redis_cli, redis_cli_with_password, wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -361,42 +361,19 @@ async fn an_unreadable_password_file_keeps_the_last_password_read() {
         .await
         .expect("served with the first password");
     let cut_connections = |secret: &str| {
-        let output = std::process::Command::new("redis-cli")
-            .args([
-                "-p",
-                &redis.port.to_string(),
-                "--no-auth-warning",
-                "-a",
-                secret,
-            ])
-            .args(["client", "kill", "type", "normal"])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
+        redis_cli_with_password(redis.port, secret, &["client", "kill", "type", "normal"]);
     };
-    let served = || {
-        let client = client.clone();
-        wait_until(Duration::from_secs(5), move || {
-            let mut client = client.clone();
-            async move { client.get_session(get_request("t")).await.is_ok() }
-        })
-    };
+    let served = || lookups_work_within(Duration::from_secs(5), &client, || get_request("t"));
 
     // Rotate: the new file renamed over the old one, then Redis.
     let staged = files.write("redis-password.new", "second-secret\n");
     std::fs::rename(&staged, &password).unwrap();
-    let answer = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "--no-auth-warning",
-            "-a",
-            "first-secret",
-        ])
-        .args(["config", "set", "requirepass", "second-secret"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), "OK");
+    let answer = redis_cli_with_password(
+        redis.port,
+        "first-secret",
+        &["config", "set", "requirepass", "second-secret"],
+    );
+    assert_eq!(answer.trim(), "OK");
     cut_connections("second-secret");
     assert!(served().await, "not served with the rotated password");
 
