@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tonic::Code;
 
 use crate::support::{
-    Behaviour, Pki, PrivateRedis, Stub, TempFiles, TestServer, config_on, error_chain, free_port,
+    Behaviour, Pki, PrivateRedis, Stub, TempFiles, TestServer, error_chain, free_port,
     grpc_timeout, https_url, test_config, wait_until,
 };
 
@@ -77,9 +77,7 @@ async fn create_get_and_revoke_speak_domain_types() {
 /// sessions evicted to make room, oldest (closest to expiry) first.
 #[tokio::test]
 async fn create_with_ttl_reports_the_session_and_the_evicted_ids() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let client = client_of(&server).await;
 
     let first = client
@@ -224,10 +222,11 @@ async fn count_list_and_sign_out_everywhere() {
 /// retry-after within the window, and reset.
 #[tokio::test]
 async fn login_attempts_are_counted_refused_and_reset() {
-    let mut config = test_config();
-    config.rate_limit_max_attempts = 2;
-    config.rate_limit_window = 60;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.rate_limit_max_attempts = 2;
+        c.rate_limit_window = 60;
+    })
+    .await;
     let client = client_of(&server).await;
     let ip = "203.0.113.9";
 
@@ -297,9 +296,7 @@ async fn login_attempts_are_counted_refused_and_reset() {
 /// attempts are refused by the account, until `forget_login_devices`.
 #[tokio::test]
 async fn trusted_device_calls_are_typed() {
-    let mut config = test_config();
-    config.rate_limit_account_max_attempts = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.rate_limit_account_max_attempts = 1).await;
     let client = client_of(&server).await;
     let account = "typed@example.com";
     let issued = client
@@ -432,9 +429,7 @@ async fn bad_values_are_invalid_argument_naming_the_field() {
 #[tokio::test]
 async fn redis_down_is_unavailable() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 500;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 500).await;
     let client = SessionClient::builder(server.url())
         .initial_backoff(Duration::from_millis(5))
         .connect()
@@ -487,10 +482,11 @@ async fn redis_down_is_unavailable() {
 #[tokio::test]
 async fn a_call_past_its_deadline_is_deadline_exceeded() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 10_000;
-    config.request_timeout_ms = 20_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_timeout_ms = 10_000;
+        c.request_timeout_ms = 20_000;
+    })
+    .await;
     let client = SessionClient::builder(server.url())
         .timeout(Duration::from_millis(200))
         .connect()
@@ -798,10 +794,7 @@ async fn several_endpoints_share_the_calls() {
 /// `Error::Unauthenticated`, and the configured one is sent and served.
 #[tokio::test]
 async fn bearer_tokens_are_sent_and_refusals_are_unauthenticated() {
-    let files = TempFiles::new();
-    let mut config = test_config();
-    config.auth_tokens_file = Some(files.write("tokens", "right-token\n"));
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("right-token\n").await;
 
     let anonymous = client_of(&server).await;
     let missing = anonymous.get_user_session_count("lee").await;

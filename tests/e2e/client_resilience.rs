@@ -26,6 +26,65 @@ fn no_metadata() -> HashMap<String, String> {
     HashMap::new()
 }
 
+/// Creates `n` more sessions of `user` through `client`, tokens numbered on
+/// from `made`, each call asserted to succeed.
+async fn create_more(client: &SessionClient, user: &str, made: &mut u32, n: u32) {
+    for _ in 0..n {
+        client
+            .create_session(user, format!("{user}-{made}"), no_metadata())
+            .await
+            .unwrap();
+        *made += 1;
+    }
+}
+
+/// How many of 100 creates for `user` through `client` failed with
+/// `Error::DeadlineExceeded`; any other failure panics.
+async fn creates_timed_out(client: &SessionClient, user: &str) -> u32 {
+    let mut failed = 0;
+    for i in 0..100 {
+        match client
+            .create_session(user, format!("{user}-{i}"), no_metadata())
+            .await
+        {
+            Ok(true) => {}
+            Err(Error::DeadlineExceeded(_)) => failed += 1,
+            other => panic!("create {i}: {other:?}"),
+        }
+    }
+    failed
+}
+
+/// A client of `url` with the call budget `timeout`, making up to `attempts`
+/// attempts `backoff` (initial, max) apart, with a retry budget too large to
+/// stop it.
+async fn unthrottled(
+    url: String,
+    timeout: Duration,
+    attempts: u32,
+    backoff: (Duration, Duration),
+) -> SessionClient {
+    SessionClient::builder(url)
+        .timeout(timeout)
+        .max_attempts(attempts)
+        .initial_backoff(backoff.0)
+        .max_backoff(backoff.1)
+        .retry_throttling(1000, 1.0)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Creates the session `token` of `user`, asserted to be new.
+async fn assert_created(client: &SessionClient, user: &str, token: &str) {
+    assert!(
+        client
+            .create_session(user, token, no_metadata())
+            .await
+            .unwrap()
+    );
+}
+
 /// A configuration with room for many sessions of one user, so that a
 /// user's count says how many creates a server took.
 fn roomy_config() -> session_server::Config {
@@ -83,22 +142,10 @@ async fn a_dead_endpoint_is_skipped_and_used_again_once_it_recovers() {
             start.elapsed() < Duration::from_secs(15),
             "the revived endpoint got no call in 15 s"
         );
-        for _ in 0..10 {
-            client
-                .create_session("eli", format!("eli-{made}"), no_metadata())
-                .await
-                .unwrap();
-            made += 1;
-        }
+        create_more(&client, "eli", &mut made, 10).await;
     }
     // Both serve now: calls are spread again, none lost.
-    for _ in 0..50 {
-        client
-            .create_session("eli", format!("eli-{made}"), no_metadata())
-            .await
-            .unwrap();
-        made += 1;
-    }
+    create_more(&client, "eli", &mut made, 50).await;
     let (on_live, on_revived) = (
         count_on(&live.url(), "eli").await,
         count_on(&dead_url, "eli").await,
@@ -156,17 +203,7 @@ async fn a_hung_endpoint_is_ejected_after_a_few_timeouts() {
         );
     }
 
-    let mut failed = 0;
-    for i in 0..100 {
-        match writer
-            .create_session("lee", format!("lee-{i}"), no_metadata())
-            .await
-        {
-            Ok(true) => {}
-            Err(Error::DeadlineExceeded(_)) => failed += 1,
-            other => panic!("create {i}: {other:?}"),
-        }
-    }
+    let failed = creates_timed_out(&writer, "lee").await;
     assert!(failed <= 3, "{failed} creates failed on the hung endpoint");
 
     // A silent endpoint that never answered: ejected at its first timeout.
@@ -174,17 +211,7 @@ async fn a_hung_endpoint_is_ejected_after_a_few_timeouts() {
     let fresh = client(format!("http://{}", silent.local_addr().unwrap()))
         .await
         .unwrap();
-    let mut failed = 0;
-    for i in 0..100 {
-        match fresh
-            .create_session("mae", format!("mae-{i}"), no_metadata())
-            .await
-        {
-            Ok(true) => {}
-            Err(Error::DeadlineExceeded(_)) => failed += 1,
-            other => panic!("create {i}: {other:?}"),
-        }
-    }
+    let failed = creates_timed_out(&fresh, "mae").await;
     assert!(
         failed <= 1,
         "{failed} creates failed on the silent endpoint"
@@ -262,13 +289,7 @@ async fn dns_discovery_follows_addresses_added_and_removed() {
         .unwrap();
     let mut made = 0;
     let mut create = async |n: u32| {
-        for _ in 0..n {
-            client
-                .create_session("fay", format!("fay-{made}"), no_metadata())
-                .await
-                .unwrap();
-            made += 1;
-        }
+        create_more(&client, "fay", &mut made, n).await;
     };
 
     create(20).await;
@@ -365,13 +386,7 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
     let start = Instant::now();
     loop {
         let before = count_on(&old.url(), "ivy").await;
-        for _ in 0..20 {
-            client
-                .create_session("ivy", format!("ivy-{made}"), no_metadata())
-                .await
-                .unwrap();
-            made += 1;
-        }
+        create_more(&client, "ivy", &mut made, 20).await;
         if count_on(&old.url(), "ivy").await == before && count_on(&new.url(), "ivy").await > 0 {
             break;
         }
@@ -386,13 +401,7 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
         count_on(&old.url(), "ivy").await,
         count_on(&new.url(), "ivy").await,
     );
-    for _ in 0..100 {
-        client
-            .create_session("ivy", format!("ivy-{made}"), no_metadata())
-            .await
-            .unwrap();
-        made += 1;
-    }
+    create_more(&client, "ivy", &mut made, 100).await;
     let after = (
         count_on(&kept.url(), "ivy").await,
         count_on(&old.url(), "ivy").await,
@@ -413,27 +422,16 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
 #[tokio::test]
 async fn the_call_budget_holds_with_redis_paused_and_retries_on() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // Each attempt fails fast with UNAVAILABLE, so a per-attempt timeout
-    // would allow 20 of them: about 2 s.
-    config.redis_timeout_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        // Each attempt fails fast with UNAVAILABLE, so a per-attempt timeout
+        // would allow 20 of them: about 2 s.
+        c.redis_timeout_ms = 100;
+    })
+    .await;
     let budget = Duration::from_millis(300);
-    let client = SessionClient::builder(server.url())
-        .timeout(budget)
-        .max_attempts(20)
-        .initial_backoff(Duration::from_millis(10))
-        .max_backoff(Duration::from_millis(20))
-        .retry_throttling(1000, 1.0)
-        .connect()
-        .await
-        .unwrap();
-    assert!(
-        client
-            .create_session("gus", "g-1", no_metadata())
-            .await
-            .unwrap()
-    );
+    let backoff = (Duration::from_millis(10), Duration::from_millis(20));
+    let client = unthrottled(server.url(), budget, 20, backoff).await;
+    assert_created(&client, "gus", "g-1").await;
 
     redis.pause(5000).await;
     let start = Instant::now();
@@ -530,38 +528,27 @@ async fn the_retry_budget_stops_retries_across_calls() {
 #[tokio::test]
 async fn an_overloaded_server_is_overloaded() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.max_concurrent_requests = 1;
-    config.redis_timeout_ms = 7000;
-    config.request_timeout_ms = 9000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.max_concurrent_requests = 1;
+        c.redis_timeout_ms = 7000;
+        c.request_timeout_ms = 9000;
+    })
+    .await;
     let client = SessionClient::builder(server.url())
         .timeout(Duration::from_millis(200))
         .max_attempts(1)
         .connect()
         .await
         .unwrap();
-    assert!(
-        client
-            .create_session("hal", "h-1", no_metadata())
-            .await
-            .unwrap()
-    );
+    assert_created(&client, "hal", "h-1").await;
 
     redis.pause(5000).await;
     // One call holds the only permit, waiting on the paused Redis. It may
     // itself be shed while a probe below holds the permit: the client
     // retries it (reads are retried on load shedding) until it gets in.
     let holder = {
-        let slow = SessionClient::builder(server.url())
-            .timeout(Duration::from_secs(8))
-            .max_attempts(1000)
-            .initial_backoff(Duration::from_millis(1))
-            .max_backoff(Duration::from_millis(5))
-            .retry_throttling(1000, 1.0)
-            .connect()
-            .await
-            .unwrap();
+        let backoff = (Duration::from_millis(1), Duration::from_millis(5));
+        let slow = unthrottled(server.url(), Duration::from_secs(8), 1000, backoff).await;
         tokio::spawn(async move { slow.get_session("h-1").await })
     };
     let start = Instant::now();
@@ -712,10 +699,7 @@ async fn misconfiguration_fails_at_connect() {
 /// either.
 #[tokio::test]
 async fn a_bearer_token_rotates_without_a_rebuild() {
-    let files = TempFiles::new();
-    let mut config = test_config();
-    config.auth_tokens_file = Some(files.write("tokens", "new-token\n"));
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("new-token\n").await;
     let client = SessionClient::builder(server.url())
         .bearer_token("old-token")
         .allow_plaintext_token(true)

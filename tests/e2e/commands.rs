@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use sessionstore::v1::{CreateSessionRequest, GetSessionRequest};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{PrivateRedis, TestServer, command_calls, config_on, readiness, wait_until};
+use crate::support::{PrivateRedis, TestServer, command_calls, readiness_becomes, reset_attempts};
 
 /// What was called between two snapshots, and how often in all.
 fn delta(
@@ -29,15 +29,13 @@ fn delta(
 async fn get_session_needs_one_command_with_the_hint_and_two_without() {
     const CALLS: u64 = 100;
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // One readiness PING at start, then none while the test counts.
-    config.health_check_interval_ms = 3_600_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        // One readiness PING at start, then none while the test counts.
+        c.health_check_interval_ms = 3_600_000;
+    })
+    .await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(10)).await,
         "the server never saw Redis answer its first PING"
     );
 
@@ -97,26 +95,19 @@ async fn get_session_needs_one_command_with_the_hint_and_two_without() {
 /// round trips are the EVALSHA (and EVAL) calls.
 #[tokio::test]
 async fn a_login_attempt_with_a_device_token_costs_no_more_commands_than_without() {
-    use sessionstore::v1::{RecordLoginAttemptRequest, ResetLoginAttemptsRequest};
+    use sessionstore::v1::RecordLoginAttemptRequest;
     const CALLS: u64 = 20;
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.health_check_interval_ms = 3_600_000;
-    config.rate_limit_max_attempts = 1_000;
-    config.rate_limit_account_max_attempts = 1_000;
-    config.rate_limit_device_max_attempts = 1_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.health_check_interval_ms = 3_600_000;
+        c.rate_limit_max_attempts = 1_000;
+        c.rate_limit_account_max_attempts = 1_000;
+        c.rate_limit_device_max_attempts = 1_000;
+    })
+    .await;
     let mut client = server.client().await;
-    let trusted = client
-        .reset_login_attempts(ResetLoginAttemptsRequest {
-            ip: "192.0.2.1".into(),
-            account: "owner@example.com".into(),
-            issue_device_token: true,
-            device_token: String::new(),
-        })
+    let trusted = reset_attempts(&mut client, "192.0.2.1", "owner@example.com", "", true)
         .await
-        .unwrap()
-        .into_inner()
         .device_token;
     let made_up = "0".repeat(64);
     let mut redis_conn = redis.connection().await;

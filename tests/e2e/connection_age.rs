@@ -13,7 +13,7 @@ use std::{
 use session_client::SessionClient;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{TestServer, error_chain, test_config};
+use crate::support::{TestServer, error_chain};
 
 /// Concurrent writers, each its own user.
 const WRITERS: usize = 32;
@@ -61,11 +61,12 @@ struct Tally {
 /// every acknowledged revoke is final.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_survive_connection_age_outs() {
-    let mut config = test_config();
-    config.max_connection_age = 1;
-    config.max_connection_age_grace = 2;
-    config.max_sessions_per_user = 100_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_connection_age = 1;
+        c.max_connection_age_grace = 2;
+        c.max_sessions_per_user = 100_000;
+    })
+    .await;
     let (url, connections) = counting_relay(server.addr).await;
     let client = SessionClient::builder(url)
         .timeout(Duration::from_secs(5))

@@ -12,12 +12,14 @@ use session_server::{
 };
 use sessionstore::v1::{
     ForgetLoginDevicesRequest, LoginLimit as PbLimit, RecordLoginAttemptRequest,
-    RecordLoginAttemptResponse, ResetLoginAttemptsRequest, ResetLoginAttemptsResponse,
-    session_store_client::SessionStoreClient,
+    ResetLoginAttemptsRequest, session_store_client::SessionStoreClient,
 };
 use tonic::{Code, transport::Channel};
 
-use crate::support::{TestServer, inspect, server_script, test_config};
+use crate::support::{
+    TestServer, inspect, login_account_key, pttl, record_attempt as attempt,
+    reset_attempts as login, server_script, test_config,
+};
 
 type Client = SessionStoreClient<Channel>;
 
@@ -34,42 +36,6 @@ where
         outputs.push(task.await.unwrap());
     }
     outputs
-}
-
-async fn attempt(
-    c: &mut Client,
-    ip: &str,
-    account: &str,
-    token: &str,
-) -> RecordLoginAttemptResponse {
-    c.record_login_attempt(RecordLoginAttemptRequest {
-        ip: ip.into(),
-        account: account.into(),
-        device_token: token.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-/// A successful login: ResetLoginAttempts with the token presented (if any),
-/// issuing a new one when `issue`.
-async fn login(
-    c: &mut Client,
-    ip: &str,
-    account: &str,
-    presented: &str,
-    issue: bool,
-) -> ResetLoginAttemptsResponse {
-    c.reset_login_attempts(ResetLoginAttemptsRequest {
-        ip: ip.into(),
-        account: account.into(),
-        issue_device_token: issue,
-        device_token: presented.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 /// A new device token for `account`, as a first successful login gets it.
@@ -91,36 +57,24 @@ async fn forget(c: &mut Client, account: &str) -> u32 {
     .forgotten
 }
 
-fn devices_key(config: &Config, account: &str) -> String {
-    let account = AccountKey::parse(account).unwrap();
-    format!(
-        "{}rate_limit:login:devices:{{{}}}",
-        config.key_prefix,
-        account.as_str()
-    )
-}
-
 fn device_key(config: &Config, account: &str, token: &str) -> String {
-    let account = AccountKey::parse(account).unwrap();
     let device = DeviceToken::parse(token).unwrap().key();
-    format!(
-        "{}rate_limit:login:device:{{{}}}:{device}",
-        config.key_prefix,
-        account.as_str()
-    )
+    format!("{}:{device}", login_account_key(config, "device", account))
 }
 
-fn refusals_key(config: &Config, account: &str) -> String {
-    let account = AccountKey::parse(account).unwrap();
-    format!(
-        "{}rate_limit:login:device_refusals:{{{}}}",
-        config.key_prefix,
-        account.as_str()
+/// How many trusted devices `account` has.
+async fn devices(config: &Config, account: &str) -> i64 {
+    inspect(
+        config,
+        redis::cmd("ZCARD").arg(login_account_key(config, "devices", account)),
     )
+    .await
 }
 
-async fn pttl(config: &Config, key: &str) -> i64 {
-    inspect(config, redis::cmd("PTTL").arg(key)).await
+/// Whether an attempt from `ip` for `account` presenting `token` is counted
+/// as a trusted device's.
+async fn trusted(c: &mut Client, ip: &str, account: &str, token: &str) -> bool {
+    attempt(c, ip, account, token).await.device_trusted
 }
 
 /// 1,000 wrong attempts for one account from 100 addresses lock it for
@@ -215,22 +169,10 @@ async fn a_stolen_device_token_is_limited_then_forgotten() {
     assert!(!verdict.device_trusted, "{verdict:?}");
     assert!(verdict.allowed, "counted as untrusted: {verdict:?}");
     let _ = login(&mut c, "192.0.2.67", account, &stolen, false).await;
-    assert!(
-        !attempt(&mut c, "192.0.2.68", account, &stolen)
-            .await
-            .device_trusted
-    );
-    let members: i64 = inspect(
-        &config,
-        redis::cmd("ZCARD").arg(devices_key(&config, account)),
-    )
-    .await;
+    assert!(!trusted(&mut c, "192.0.2.68", account, &stolen).await);
+    let members = devices(&config, account).await;
     assert_eq!(members, 1, "only the other device is left");
-    assert!(
-        attempt(&mut c, "192.0.2.69", account, &other)
-            .await
-            .device_trusted
-    );
+    assert!(trusted(&mut c, "192.0.2.69", account, &other).await);
 }
 
 /// A device token trusts only its own account; a made-up one is untrusted;
@@ -241,11 +183,7 @@ async fn a_device_token_trusts_only_its_account() {
     let mut c = server.client().await;
     let a_token = issue(&mut c, "a@example.com").await;
     let _b_token = issue(&mut c, "b@example.com").await;
-    assert!(
-        attempt(&mut c, "192.0.2.1", "a@example.com", &a_token)
-            .await
-            .device_trusted
-    );
+    assert!(trusted(&mut c, "192.0.2.1", "a@example.com", &a_token).await);
     let crossed = attempt(&mut c, "192.0.2.1", "b@example.com", &a_token).await;
     assert!(crossed.allowed && !crossed.device_trusted, "{crossed:?}");
     let made_up = "f".repeat(64);
@@ -270,12 +208,12 @@ async fn an_expired_device_token_is_untrusted() {
     let server = TestServer::start_with(config.clone()).await;
     let mut c = server.client().await;
     let token = issue(&mut c, "brief@example.com").await;
-    assert!(
-        attempt(&mut c, "192.0.2.2", "brief@example.com", &token)
-            .await
-            .device_trusted
-    );
-    let ttl = pttl(&config, &devices_key(&config, "brief@example.com")).await;
+    assert!(trusted(&mut c, "192.0.2.2", "brief@example.com", &token).await);
+    let ttl = pttl(
+        &config,
+        &login_account_key(&config, "devices", "brief@example.com"),
+    )
+    .await;
     assert!(
         (1..=1000).contains(&ttl),
         "the set expires with its device: {ttl}"
@@ -296,17 +234,9 @@ async fn forgetting_devices_untrusts_them_all() {
     let elsewhere = issue(&mut c, "kept@example.com").await;
     assert_eq!(forget(&mut c, account).await, 2);
     for token in &tokens {
-        assert!(
-            !attempt(&mut c, "192.0.2.3", account, token)
-                .await
-                .device_trusted
-        );
+        assert!(!trusted(&mut c, "192.0.2.3", account, token).await);
     }
-    assert!(
-        attempt(&mut c, "192.0.2.3", "kept@example.com", &elsewhere)
-            .await
-            .device_trusted
-    );
+    assert!(trusted(&mut c, "192.0.2.3", "kept@example.com", &elsewhere).await);
     assert_eq!(forget(&mut c, account).await, 0);
 }
 
@@ -325,37 +255,17 @@ async fn issuing_past_the_device_max_forgets_the_oldest() {
         // Distinct expiries, so "oldest" is well defined.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(
-        !attempt(&mut c, "192.0.2.4", account, &tokens[0])
-            .await
-            .device_trusted
-    );
+    assert!(!trusted(&mut c, "192.0.2.4", account, &tokens[0]).await);
     for token in &tokens[1..] {
-        assert!(
-            attempt(&mut c, "192.0.2.4", account, token)
-                .await
-                .device_trusted
-        );
+        assert!(trusted(&mut c, "192.0.2.4", account, token).await);
     }
     // A re-login from a trusted device rotates its token.
     let renewed = login(&mut c, "192.0.2.4", account, &tokens[3], true)
         .await
         .device_token;
-    assert!(
-        !attempt(&mut c, "192.0.2.4", account, &tokens[3])
-            .await
-            .device_trusted
-    );
-    assert!(
-        attempt(&mut c, "192.0.2.4", account, &renewed)
-            .await
-            .device_trusted
-    );
-    let members: i64 = inspect(
-        &config,
-        redis::cmd("ZCARD").arg(devices_key(&config, account)),
-    )
-    .await;
+    assert!(!trusted(&mut c, "192.0.2.4", account, &tokens[3]).await);
+    assert!(trusted(&mut c, "192.0.2.4", account, &renewed).await);
+    let members = devices(&config, account).await;
     assert_eq!(members, 3);
 }
 
@@ -397,9 +307,9 @@ async fn device_keys_hold_hashes_and_expire() {
     let refused = attempt(&mut c, "192.0.2.5", account, &token).await;
     assert_eq!(refused.refused_by, PbLimit::Device as i32);
     for key in [
-        devices_key(&config, account),
+        login_account_key(&config, "devices", account),
         device_key(&config, account, &token),
-        refusals_key(&config, account),
+        login_account_key(&config, "device_refusals", account),
     ] {
         assert!(!key.contains(account) && !key.contains(&token), "{key}");
         let ttl = pttl(&config, &key).await;
@@ -408,7 +318,7 @@ async fn device_keys_hold_hashes_and_expire() {
     let members: Vec<String> = inspect(
         &config,
         redis::cmd("ZRANGE")
-            .arg(devices_key(&config, account))
+            .arg(login_account_key(&config, "devices", account))
             .arg(0)
             .arg(-1),
     )
@@ -465,10 +375,11 @@ async fn a_bad_device_token_is_invalid_argument() {
 /// is counted for the account first).
 #[tokio::test]
 async fn an_untrusted_token_counts_as_no_token() {
-    let mut config = test_config();
-    config.rate_limit_max_attempts = 3;
-    config.rate_limit_account_max_attempts = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.rate_limit_max_attempts = 3;
+        c.rate_limit_account_max_attempts = 2;
+    })
+    .await;
     let mut c = server.client().await;
     let made_up = "e".repeat(64);
     for (round, token) in [(1, ""), (2, made_up.as_str())] {

@@ -16,8 +16,8 @@ use session_server::{Config, Store, store::RedisMode};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at, redis_cli,
-    scrape, server_binary, server_command, wait_until,
+    PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at,
+    readiness_becomes, redis_cli, scrape, server_binary, server_command, wait_until,
 };
 
 /// How soon a fixed policy must make the server ready again (issue #10).
@@ -31,6 +31,19 @@ const EVICTING_REDIS: [&str; 8] = [
     "1gb",
     "--maxmemory-policy",
     "volatile-lru",
+    "--slowlog-log-slower-than",
+    "0",
+    "--slowlog-max-len",
+    "4096",
+];
+
+/// `redis-server` arguments: an evicting policy with no memory limit, so
+/// nothing is ever evicted, and the same slow log.
+const UNLIMITED_REDIS: [&str; 8] = [
+    "--maxmemory",
+    "0",
+    "--maxmemory-policy",
+    "allkeys-lru",
     "--slowlog-log-slower-than",
     "0",
     "--slowlog-max-len",
@@ -114,10 +127,7 @@ async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
 
     set_policy(port, "noeviction");
     let fixed = Instant::now();
-    let ready = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == Some(ServingStatus::Serving)
-    })
-    .await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     let recovery = fixed.elapsed();
     assert!(
         ready,
@@ -125,10 +135,7 @@ async fn refuses_until_fixed(config: Config, port: u16) -> Duration {
     );
 
     set_policy(port, "allkeys-lru");
-    let refused = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == Some(ServingStatus::NotServing)
-    })
-    .await;
+    let refused = readiness_becomes(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
     assert!(refused, "still ready after the policy became allkeys-lru");
     assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
     server.shutdown().await;
@@ -221,31 +228,16 @@ async fn cluster_one_evicting_master_is_refused_until_fixed() {
 /// reads; setting `maxmemory` makes it NOT_SERVING, as before.
 #[tokio::test]
 async fn allkeys_lru_without_a_limit_stays_ready() {
-    let redis = PrivateRedis::start_with(&[
-        "--maxmemory",
-        "0",
-        "--maxmemory-policy",
-        "allkeys-lru",
-        "--slowlog-log-slower-than",
-        "0",
-        "--slowlog-max-len",
-        "4096",
-    ]);
+    let redis = PrivateRedis::start_with(&UNLIMITED_REDIS);
     let server = TestServer::start_with(config_on(&redis)).await;
-    let ready = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == Some(ServingStatus::Serving)
-    })
-    .await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     assert!(ready, "not ready on allkeys-lru without maxmemory");
     let reads = policy_reads(redis.port).await;
     wait_for_policy_reads(redis.port, reads + 3).await;
     assert_eq!(readiness(&server).await, Some(ServingStatus::Serving));
 
     set_maxmemory(redis.port, "64mb");
-    let refused = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == Some(ServingStatus::NotServing)
-    })
-    .await;
+    let refused = readiness_becomes(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
     assert!(refused, "still ready with allkeys-lru and maxmemory 64mb");
     assert_eq!(liveness(&server).await, Some(ServingStatus::Serving));
     server.shutdown().await;
@@ -271,22 +263,17 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
             .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("rejected_calls=")))
             .map_or(0, |n| n.trim().parse::<u64>().unwrap())
     };
-    let mut config = config_on(&redis);
-    config.redis_url = format!("redis://app:app-secret@127.0.0.1:{}", redis.port);
-    let server = TestServer::start_with(config).await;
-
-    let ready = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == Some(ServingStatus::Serving)
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_url = format!("redis://app:app-secret@127.0.0.1:{}", redis.port);
     })
     .await;
+
+    let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     assert!(ready, "an unreadable policy blocked readiness");
     assert!(rejected_infos() >= 1, "the server never tried INFO");
 
     acl(&["+info"]);
-    let refused = wait_until(RECOVERY_LIMIT, || async {
-        readiness(&server).await == Some(ServingStatus::NotServing)
-    })
-    .await;
+    let refused = readiness_becomes(&server, ServingStatus::NotServing, RECOVERY_LIMIT).await;
     assert!(refused, "ready although INFO now shows volatile-lru");
 
     acl(&["-info"]);
@@ -305,9 +292,23 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
 struct ServerProcess {
     child: Child,
     events: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Where it serves /metrics, once logged.
+    metrics: String,
+    /// Where it serves gRPC, once logged.
+    listen: String,
 }
 
 impl ServerProcess {
+    /// A private Redis started with `redis_args`, and the binary on it with
+    /// `extra_env`, once it has logged both of its addresses.
+    async fn on(redis_args: &[&str], extra_env: &[(&str, &str)]) -> (PrivateRedis, Self) {
+        let redis = PrivateRedis::start_with(redis_args);
+        let mut server = Self::spawn(&redis, extra_env);
+        server.metrics = server.logged_addr("metrics at /metrics").await;
+        server.listen = server.logged_addr("listening").await;
+        (redis, server)
+    }
+
     fn spawn(redis: &PrivateRedis, extra_env: &[(&str, &str)]) -> Self {
         let env = [&[("HEALTH_CHECK_INTERVAL_MS", "50")], extra_env].concat();
         let mut child = server_command(Command::new(server_binary()), &redis.url(), &env)
@@ -326,7 +327,12 @@ impl ServerProcess {
                 }
             }
         });
-        Self { child, events }
+        Self {
+            child,
+            events,
+            metrics: String::new(),
+            listen: String::new(),
+        }
     }
 
     /// The logged events at `level` (`ERROR`, `WARN`, `INFO`).
@@ -396,26 +402,32 @@ fn readiness_state(state: &str) -> String {
     format!("sessionstore_readiness{{state=\"{state}\"}}")
 }
 
+/// Waits until the binary's metrics at `metrics` say the policy is `ok` (or
+/// not), with readiness following it (`serving`, or `redis_evicts`), and
+/// asserts the health service on `listen` agrees.
+async fn expect_policy(metrics: &str, listen: &str, ok: bool) {
+    let (evicts, serving) = (readiness_state("redis_evicts"), readiness_state("serving"));
+    let (yes, no) = if ok { (1.0, 0.0) } else { (0.0, 1.0) };
+    wait_for_samples(metrics, &[(POLICY_OK, yes), (&evicts, no), (&serving, yes)]).await;
+    let status = if ok {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    assert_eq!(
+        readiness_at(&format!("http://{listen}")).await,
+        Some(status)
+    );
+}
+
 /// The binary on an evicting Redis logs one ERROR naming `maxmemory-policy`,
 /// its value and the fixes, however many checks follow, and its metrics say
 /// why it is not ready; after the fix they say it is, and an INFO line says so.
 #[tokio::test]
 async fn binary_logs_the_policy_once_and_exports_why() {
-    let redis = PrivateRedis::start_with(&EVICTING_REDIS);
-    let server = ServerProcess::spawn(&redis, &[]);
-    let metrics = server.logged_addr("metrics at /metrics").await;
-    let evicts = readiness_state("redis_evicts");
-    let serving = readiness_state("serving");
-    wait_for_samples(
-        &metrics,
-        &[(POLICY_OK, 0.0), (&evicts, 1.0), (&serving, 0.0)],
-    )
-    .await;
-    let listen = server.logged_addr("listening").await;
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(ServingStatus::NotServing)
-    );
+    let (redis, server) = ServerProcess::on(&EVICTING_REDIS, &[]).await;
+    let (metrics, listen) = (&server.metrics, &server.listen);
+    expect_policy(metrics, listen, false).await;
 
     // Several more checks: still exactly one error.
     let reads = policy_reads(redis.port).await;
@@ -438,11 +450,7 @@ async fn binary_logs_the_policy_once_and_exports_why() {
     }
 
     set_policy(redis.port, "noeviction");
-    wait_for_samples(
-        &metrics,
-        &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
-    )
-    .await;
+    expect_policy(metrics, listen, true).await;
     let fixed = server
         .events_at("INFO")
         .into_iter()
@@ -457,12 +465,11 @@ async fn binary_logs_the_policy_once_and_exports_why() {
 /// reads 0.
 #[tokio::test]
 async fn allow_eviction_serves_on_an_evicting_redis() {
-    let redis = PrivateRedis::start_with(&EVICTING_REDIS);
-    let server = ServerProcess::spawn(&redis, &[("REDIS_ALLOW_EVICTION", "true")]);
-    let metrics = server.logged_addr("metrics at /metrics").await;
+    let (redis, server) =
+        ServerProcess::on(&EVICTING_REDIS, &[("REDIS_ALLOW_EVICTION", "true")]).await;
+    let (metrics, listen) = (&server.metrics, &server.listen);
     let serving = readiness_state("serving");
-    wait_for_samples(&metrics, &[(POLICY_OK, 0.0), (&serving, 1.0)]).await;
-    let listen = server.logged_addr("listening").await;
+    wait_for_samples(metrics, &[(POLICY_OK, 0.0), (&serving, 1.0)]).await;
     assert_eq!(
         readiness_at(&format!("http://{listen}")).await,
         Some(ServingStatus::Serving)
@@ -486,30 +493,9 @@ async fn allow_eviction_serves_on_an_evicting_redis() {
 /// it is ready again.
 #[tokio::test]
 async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
-    let redis = PrivateRedis::start_with(&[
-        "--maxmemory",
-        "0",
-        "--maxmemory-policy",
-        "allkeys-lru",
-        "--slowlog-log-slower-than",
-        "0",
-        "--slowlog-max-len",
-        "4096",
-    ]);
-    let server = ServerProcess::spawn(&redis, &[]);
-    let metrics = server.logged_addr("metrics at /metrics").await;
-    let evicts = readiness_state("redis_evicts");
-    let serving = readiness_state("serving");
-    wait_for_samples(
-        &metrics,
-        &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
-    )
-    .await;
-    let listen = server.logged_addr("listening").await;
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(ServingStatus::Serving)
-    );
+    let (redis, server) = ServerProcess::on(&UNLIMITED_REDIS, &[]).await;
+    let (metrics, listen) = (&server.metrics, &server.listen);
+    expect_policy(metrics, listen, true).await;
     let reads = policy_reads(redis.port).await;
     wait_for_policy_reads(redis.port, reads + 3).await;
     assert_eq!(
@@ -519,28 +505,12 @@ async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
     assert_eq!(server.events_at("ERROR"), Vec::<serde_json::Value>::new());
 
     set_maxmemory(redis.port, "64mb");
-    wait_for_samples(
-        &metrics,
-        &[(POLICY_OK, 0.0), (&evicts, 1.0), (&serving, 0.0)],
-    )
-    .await;
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(ServingStatus::NotServing)
-    );
+    expect_policy(metrics, listen, false).await;
     let errors = server.events_at("ERROR");
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert_eq!(errors[0]["maxmemory_policy"], "allkeys-lru", "{errors:?}");
     assert_eq!(errors[0]["maxmemory"], 64_u64 << 20, "{errors:?}");
 
     set_maxmemory(redis.port, "0");
-    wait_for_samples(
-        &metrics,
-        &[(POLICY_OK, 1.0), (&evicts, 0.0), (&serving, 1.0)],
-    )
-    .await;
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(ServingStatus::Serving)
-    );
+    expect_policy(metrics, listen, true).await;
 }

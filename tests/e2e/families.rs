@@ -21,8 +21,8 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::{
-    Client, TestServer, assert_marker_outlives_reservation, count, create, get, inspect, revoke,
-    test_config, wait_until,
+    Client, TestServer, assert_marker_outlives_reservation, count, create, get, gone_within,
+    inspect, list, revoke, test_config, wait_until,
 };
 
 /// How long a test waits for something that takes milliseconds.
@@ -213,14 +213,7 @@ async fn concurrent_rotations_of_one_token_yield_one_successor() {
     );
     let mut client = clients[0].clone();
     assert_eq!(count(&mut client, "cora").await, 1);
-    let live: Vec<_> = client
-        .list_user_sessions(sessionstore::v1::ListUserSessionsRequest {
-            user_id: "cora".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let live: Vec<_> = list(&mut client, "cora").await;
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].token_id, rotated[0].token_id);
 }
@@ -231,9 +224,7 @@ async fn concurrent_rotations_of_one_token_yield_one_successor() {
 /// or created again. A near-cache on another client drops the session.
 #[tokio::test]
 async fn reuse_ends_the_family_everywhere() {
-    let mut config = test_config();
-    config.rotation_grace_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.rotation_grace_ms = 300).await;
     let mut client = server.client().await;
     let cached = SessionClient::builder(server.url())
         .near_cache(1000)
@@ -314,14 +305,7 @@ async fn reuse_ends_the_family_everywhere() {
         ]
     );
     assert!(
-        wait_until(PATIENCE, || async {
-            cached
-                .get_user_session("reed", "e-2")
-                .await
-                .unwrap()
-                .is_none()
-        })
-        .await,
+        gone_within(PATIENCE, &cached, "reed", "e-2").await,
         "the near-cache kept a session of a family ended for reuse"
     );
 
@@ -513,9 +497,7 @@ async fn a_family_never_outlives_its_lifetime() {
 /// A user at MAX_SESSIONS_PER_USER rotates without evicting anyone.
 #[tokio::test]
 async fn rotation_at_the_cap_evicts_nobody() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 3;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 3).await;
     let mut client = server.client().await;
     let mut families = Vec::new();
     for token in ["k-1", "k-2", "k-3"] {

@@ -7,8 +7,8 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, liveness, lookups_work_within, readiness,
-    redis_cli, test_config, wait_until,
+    PrivateRedis, TempFiles, TestServer, config_on, create, get, liveness, lookups_work_within,
+    readiness, readiness_becomes, redis_cli, redis_cli_with_password, wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -18,11 +18,12 @@ use crate::support::{
 #[tokio::test]
 async fn redis_down_gives_unavailable_then_recovers() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 500;
-    config.readiness_follows_redis = true;
-    config.readiness_redis_failures = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_timeout_ms = 500;
+        c.readiness_follows_redis = true;
+        c.readiness_redis_failures = 1;
+    })
+    .await;
     let mut client = server.client().await;
     let create = |token: &str| CreateSessionRequest {
         user_id: "faulty".into(),
@@ -37,12 +38,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
             .into_inner()
             .created
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await
-    );
+    assert!(readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
 
     redis.kill();
     for token in ["during-1", "during-2", "during-3"] {
@@ -72,10 +68,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
         status.message()
     );
     assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::NotServing)
-        })
-        .await,
+        readiness_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await,
         "readiness stayed SERVING with Redis down"
     );
     let mut health = server.health().await;
@@ -102,12 +95,7 @@ async fn redis_down_gives_unavailable_then_recovers() {
         .await,
         "calls did not succeed again after Redis came back"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await
-    );
+    assert!(readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(5)).await);
     let found = client
         .get_session(GetSessionRequest {
             token_id: "after".into(),
@@ -125,10 +113,11 @@ async fn redis_down_gives_unavailable_then_recovers() {
 /// waiting for the pool's timeout.
 #[tokio::test]
 async fn server_starts_without_redis() {
-    let mut config = test_config();
-    config.redis_url = format!("redis://127.0.0.1:{}", crate::support::free_port());
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.redis_url = format!("redis://127.0.0.1:{}", crate::support::free_port());
+        c.redis_timeout_ms = 300;
+    })
+    .await;
     let mut client = server.client().await;
     let status = client
         .get_session(GetSessionRequest {
@@ -138,12 +127,7 @@ async fn server_starts_without_redis() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::NotServing)
-        })
-        .await
-    );
+    assert!(readiness_becomes(&server, ServingStatus::NotServing, Duration::from_secs(5)).await);
 }
 
 /// Redis paused (CLIENT PAUSE) past REDIS_TIMEOUT_MS: callers get UNAVAILABLE
@@ -152,9 +136,7 @@ async fn server_starts_without_redis() {
 #[tokio::test]
 async fn paused_redis_times_out_as_unavailable() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 300).await;
     let mut client = server.client().await;
     let get = || GetSessionRequest {
         token_id: "p".into(),
@@ -234,34 +216,14 @@ async fn acknowledged_writes_survive_a_restart_with_appendonly() {
     revoked.extend(gone);
 
     redis.restart();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let mut client = client.clone();
-            async move { client.get_session(get_request("aof-1")).await.is_ok() }
-        })
-        .await
-    );
+    assert!(lookups_work_within(Duration::from_secs(10), &client, || get_request("aof-1")).await);
     for token in &kept {
-        let found = client
-            .get_session(get_request(token))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            found.session.is_some(),
-            "acknowledged {token} lost in the restart"
-        );
+        let found = get(&mut client, token, "").await;
+        assert!(found.is_some(), "acknowledged {token} lost in the restart");
     }
     for token in &revoked {
-        let found = client
-            .get_session(get_request(token))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            found.session.is_none(),
-            "revocation of {token} lost in the restart"
-        );
+        let found = get(&mut client, token, "").await;
+        assert!(found.is_none(), "revocation of {token} lost in the restart");
     }
 }
 
@@ -351,10 +313,11 @@ async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
         assert_eq!(answer.trim(), "OK");
     };
     acl("~other:*");
-    let mut config = config_on(&redis);
-    config.redis_url = format!("redis://app:apppw@127.0.0.1:{}", redis.port);
-    config.key_prefix = "sessionstore:".into();
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_url = format!("redis://app:apppw@127.0.0.1:{}", redis.port);
+        c.key_prefix = "sessionstore:".into();
+    })
+    .await;
     let mut client = server.client().await;
     let status = client.get_session(get_request("t")).await.unwrap_err();
     assert_eq!(status.code(), Code::Internal, "{status:?}");
@@ -366,10 +329,7 @@ async fn an_acl_without_our_keys_keeps_readiness_not_serving() {
     );
 
     acl("~*");
-    let ready = wait_until(Duration::from_secs(10), || async {
-        readiness(&server).await == Some(ServingStatus::Serving)
-    })
-    .await;
+    let ready = readiness_becomes(&server, ServingStatus::Serving, Duration::from_secs(10)).await;
     assert!(ready, "not ready once the ACL grants the keys");
     client
         .get_session(get_request("t"))
@@ -393,51 +353,27 @@ async fn an_unreadable_password_file_keeps_the_last_password_read() {
     assert_eq!(answer.trim(), "OK");
     let files = TempFiles::new();
     let password = files.write("redis-password", "first-secret\n");
-    let mut config = config_on(&redis);
-    config.redis_password_file = Some(password.clone());
-    let server = TestServer::start_with(config).await;
+    let server =
+        TestServer::on_tuned(&redis, |c| c.redis_password_file = Some(password.clone())).await;
     let mut client = server.client().await;
     client
         .get_session(get_request("t"))
         .await
         .expect("served with the first password");
     let cut_connections = |secret: &str| {
-        let output = std::process::Command::new("redis-cli")
-            .args([
-                "-p",
-                &redis.port.to_string(),
-                "--no-auth-warning",
-                "-a",
-                secret,
-            ])
-            .args(["client", "kill", "type", "normal"])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
+        redis_cli_with_password(redis.port, secret, &["client", "kill", "type", "normal"]);
     };
-    let served = || {
-        let client = client.clone();
-        wait_until(Duration::from_secs(5), move || {
-            let mut client = client.clone();
-            async move { client.get_session(get_request("t")).await.is_ok() }
-        })
-    };
+    let served = || lookups_work_within(Duration::from_secs(5), &client, || get_request("t"));
 
     // Rotate: the new file renamed over the old one, then Redis.
     let staged = files.write("redis-password.new", "second-secret\n");
     std::fs::rename(&staged, &password).unwrap();
-    let answer = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "--no-auth-warning",
-            "-a",
-            "first-secret",
-        ])
-        .args(["config", "set", "requirepass", "second-secret"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), "OK");
+    let answer = redis_cli_with_password(
+        redis.port,
+        "first-secret",
+        &["config", "set", "requirepass", "second-secret"],
+    );
+    assert_eq!(answer.trim(), "OK");
     cut_connections("second-secret");
     assert!(served().await, "not served with the rotated password");
 
@@ -498,9 +434,7 @@ async fn redis_out_of_memory_is_resource_exhausted() {
 #[tokio::test]
 async fn a_stopped_redis_is_blamed_not_contention() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 300).await;
     let mut client = server.client().await;
     client.get_session(get_request("s")).await.unwrap();
 
@@ -528,11 +462,7 @@ async fn a_stopped_redis_is_blamed_not_contention() {
     }
     redis.signal("CONT");
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            let mut client = client.clone();
-            async move { client.get_session(get_request("s")).await.is_ok() }
-        })
-        .await,
+        lookups_work_within(Duration::from_secs(5), &client, || get_request("s")).await,
         "not served after SIGCONT"
     );
     server.shutdown().await;
@@ -547,22 +477,16 @@ async fn a_stopped_redis_is_blamed_not_contention() {
 /// `a_create_that_outwaits_its_turn_is_busy_not_a_redis_timeout`.
 #[tokio::test]
 async fn creates_outwaiting_their_turn_say_busy_not_redis() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 1;
-    // Round trips of a few ms at most, even with CROWD calls in flight on
-    // two cores; CROWD turns of one round trip each take longer.
-    config.redis_timeout_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_sessions_per_user = 1;
+        // Round trips of a few ms at most, even with CROWD calls in flight on
+        // two cores; CROWD turns of one round trip each take longer.
+        c.redis_timeout_ms = 100;
+    })
+    .await;
     let mut client = server.client().await;
     // The pool's connection made, and the user at its cap.
-    client
-        .create_session(CreateSessionRequest {
-            user_id: "crowd".into(),
-            token_id: "crowd-first".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut client, "crowd", "crowd-first").await;
     let calls: Vec<_> = (0..CROWD)
         .map(|i| {
             let mut client = client.clone();

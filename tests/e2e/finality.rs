@@ -4,14 +4,11 @@
 use std::collections::HashSet;
 
 use session_server::store::LimitPolicy;
-use sessionstore::v1::{
-    CreateOutcome, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest,
-};
+use sessionstore::v1::{CreateOutcome, CreateSessionRequest, CreateSessionResponse};
 
 use crate::support::{
     Client, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on, count, create,
-    get, inspect, revoke, test_config,
+    get, inspect, list, revoke, revoke_all, test_config,
 };
 
 fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
@@ -71,10 +68,11 @@ async fn create_reports_its_outcome() {
 /// Under the reject policy a user at the cap gets LIMIT_REACHED.
 #[tokio::test]
 async fn create_at_the_cap_under_reject_reports_limit_reached() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 1;
-    config.session_limit_policy = LimitPolicy::Reject;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_sessions_per_user = 1;
+        c.session_limit_policy = LimitPolicy::Reject;
+    })
+    .await;
     let mut client = server.client().await;
     create(&mut client, "pia", "p-1").await;
     let refused = create(&mut client, "pia", "p-2").await;
@@ -107,14 +105,7 @@ async fn a_replayed_create_after_revoke_all_is_refused() {
     for token in ["s-1", "s-2", "s-3"] {
         assert!(create(&mut client, "sam", token).await.created);
     }
-    let revoked = client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: "sam".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked_count;
+    let revoked = revoke_all(&mut client, "sam").await;
     assert_eq!(revoked, 3);
     for token in ["s-1", "s-2", "s-3"] {
         assert_stays_revoked(&mut client, "sam", token).await;
@@ -130,9 +121,7 @@ async fn a_replayed_create_after_revoke_all_is_refused() {
 /// not bring it back (nor evict another session to make room for it).
 #[tokio::test]
 async fn a_replayed_create_after_eviction_is_refused() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let mut client = server.client().await;
     create(&mut client, "tom", "t-1").await;
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
@@ -342,14 +331,7 @@ async fn two_hundred_concurrent_creates_for_one_user_all_succeed() {
         }
         let mut client = clients[0].clone();
         assert_eq!(count(&mut client, "walt").await, max, "{policy:?}");
-        let listed = client
-            .list_user_sessions(ListUserSessionsRequest {
-                user_id: "walt".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sessions;
+        let listed = list(&mut client, "walt").await;
         assert_eq!(listed.len(), max as usize, "{policy:?}");
         match policy {
             LimitPolicy::EvictOldest => {
@@ -434,10 +416,11 @@ async fn a_replay_refused_half_way_by_an_acl_leaves_the_token_revoked() {
         cmd
     };
     let _: () = acl(&["~*"]).query_async(&mut admin).await.unwrap();
-    let mut config = config_on(&redis);
-    config.redis_url = format!("redis://app:pw@127.0.0.1:{}", redis.port);
-    config.session_ttl_max = 86_400;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_url = format!("redis://app:pw@127.0.0.1:{}", redis.port);
+        c.session_ttl_max = 86_400;
+    })
+    .await;
     let mut client = server.client().await;
 
     let first = client
@@ -565,9 +548,7 @@ async fn a_create_cut_off_after_its_claim_cannot_outlive_the_revocation() {
 /// outlives the token's reservation and the token stays revoked.
 #[tokio::test]
 async fn cancelled_creates_never_outlive_the_revocation() {
-    let mut config = test_config();
-    config.session_ttl_max = 86_400;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.session_ttl_max = 86_400).await;
     let mut client = server.client().await;
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     let mut cancelled = 0;

@@ -13,8 +13,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    PrivateRedis, TempFiles, TestServer, config_on, free_port, lookups_work_within, readiness,
-    readiness_at, test_config, wait_until,
+    PrivateRedis, TestServer, check_on, create, free_port, lookups_work_within, readiness_at,
+    readiness_becomes, test_config,
 };
 
 /// With Redis answering, both the overall status ("") and the readiness status
@@ -22,28 +22,11 @@ use crate::support::{
 #[tokio::test]
 async fn health_reports_serving() {
     let server = TestServer::start().await;
-    let mut health = server.health().await;
-    let overall = health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(overall.status, ServingStatus::Serving as i32);
-    assert!(
-        wait_until(std::time::Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
-        "readiness never became SERVING"
-    );
-    let unknown = health
-        .check(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .unwrap_err();
+    let channel = server.channel().await;
+    let overall = check_on(channel.clone(), "").await.unwrap();
+    assert_eq!(overall, ServingStatus::Serving);
+    assert_readiness(&server, ServingStatus::Serving).await;
+    let unknown = check_on(channel, "no.such.Service").await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 }
 
@@ -104,10 +87,7 @@ async fn reflection_v1alpha_lists_the_services() {
 /// list with the right one.
 #[tokio::test]
 async fn reflection_v1alpha_needs_a_token() {
-    let files = TempFiles::new();
-    let mut config = test_config();
-    config.auth_tokens_file = Some(files.write("tokens", "alpha-secret\n"));
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("alpha-secret\n").await;
     let channel = server.channel().await;
 
     let refused = list_services_v1alpha(channel.clone(), None)
@@ -166,14 +146,7 @@ async fn shutdown_drains_then_stops() {
     let server = TestServer::start().await;
     let addr = server.addr;
     let mut client = server.client().await;
-    client
-        .create_session(CreateSessionRequest {
-            user_id: "drain".into(),
-            token_id: "drain-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut client, "drain", "drain-1").await;
     let in_flight = tokio::spawn({
         let mut client = client.clone();
         async move {
@@ -216,6 +189,26 @@ async fn watch(addr: SocketAddr, service: &str) -> Streaming<HealthCheckResponse
         .into_inner()
 }
 
+/// Asserts that readiness of `server` becomes `status` within 5 s.
+async fn assert_readiness(server: &TestServer, status: ServingStatus) {
+    assert!(
+        readiness_becomes(server, status, Duration::from_secs(5)).await,
+        "readiness never became {status:?}"
+    );
+}
+
+/// A Watch of `service` on `addr` whose first status is asserted to be
+/// `first`.
+async fn watch_seeing(
+    addr: SocketAddr,
+    service: &str,
+    first: ServingStatus,
+) -> Streaming<HealthCheckResponse> {
+    let mut stream = watch(addr, service).await;
+    assert_eq!(next_status(&mut stream).await, first);
+    stream
+}
+
 /// The next status a Watch sends, waiting at most 10 s.
 async fn next_status(stream: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
     let answer = tokio::time::timeout(Duration::from_secs(10), stream.next())
@@ -244,24 +237,16 @@ async fn assert_ended<T: std::fmt::Debug>(stream: &mut Streaming<T>) {
 /// while probes and watchers see NOT_SERVING. Only then does the server stop.
 #[tokio::test]
 async fn not_serving_first_then_serving_through_the_delay() {
-    let mut config = test_config();
-    // Far longer than the checks below take, so they run inside the delay
-    // (each opens a new connection, which would fail after it).
-    config.shutdown_delay_ms = 3000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        // Far longer than the checks below take, so they run inside the delay
+        // (each opens a new connection, which would fail after it).
+        c.shutdown_delay_ms = 3000;
+    })
+    .await;
     let addr = server.addr;
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
-        "readiness never became SERVING"
-    );
-    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
-    assert_eq!(
-        next_status(&mut readiness_watch).await,
-        ServingStatus::Serving
-    );
+    assert_readiness(&server, ServingStatus::Serving).await;
+    let mut readiness_watch =
+        watch_seeing(addr, sessionstore::SERVICE_NAME, ServingStatus::Serving).await;
 
     let stopping = tokio::spawn(server.shutdown());
     // Watchers hear it first...
@@ -274,14 +259,8 @@ async fn not_serving_first_then_serving_through_the_delay() {
         readiness_at(&format!("http://{addr}")).await,
         Some(ServingStatus::NotServing)
     );
-    let overall = HealthClient::new(connect(addr).await)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(overall.status, ServingStatus::NotServing as i32);
+    let overall = check_on(connect(addr).await, "").await.unwrap();
+    assert_eq!(overall, ServingStatus::NotServing);
     // ...and served.
     let created = SessionStoreClient::new(connect(addr).await)
         .create_session(CreateSessionRequest {
@@ -320,20 +299,10 @@ async fn open_streams_end_at_shutdown() {
     config.health_addr = Some(health_addr);
     let server = TestServer::start_with(config).await;
     let addr = server.addr;
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
-        "readiness never became SERVING"
-    );
-    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
-    assert_eq!(
-        next_status(&mut readiness_watch).await,
-        ServingStatus::Serving
-    );
-    let mut probe_watch = watch(health_addr, "").await;
-    assert_eq!(next_status(&mut probe_watch).await, ServingStatus::Serving);
+    assert_readiness(&server, ServingStatus::Serving).await;
+    let mut readiness_watch =
+        watch_seeing(addr, sessionstore::SERVICE_NAME, ServingStatus::Serving).await;
+    let mut probe_watch = watch_seeing(health_addr, "", ServingStatus::Serving).await;
 
     // A reflection session whose caller never closes its side.
     let (requests, request_stream) = tokio::sync::mpsc::channel(1);
@@ -375,36 +344,22 @@ async fn open_streams_end_at_shutdown() {
 #[tokio::test]
 async fn redis_coming_back_during_shutdown_does_not_restore_readiness() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // Room for Redis to restart and the pool to reconnect within the delay,
-    // and for many health ticks (50 ms) after that.
-    config.shutdown_delay_ms = 6000;
-    // Readiness must go NOT_SERVING with Redis down, before the signal.
-    config.readiness_follows_redis = true;
-    config.readiness_redis_failures = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        // Room for Redis to restart and the pool to reconnect within the delay,
+        // and for many health ticks (50 ms) after that.
+        c.shutdown_delay_ms = 6000;
+        // Readiness must go NOT_SERVING with Redis down, before the signal.
+        c.readiness_follows_redis = true;
+        c.readiness_redis_failures = 1;
+    })
+    .await;
     let addr = server.addr;
     let client = server.client().await;
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::Serving)
-        })
-        .await,
-        "readiness never became SERVING"
-    );
+    assert_readiness(&server, ServingStatus::Serving).await;
     redis.kill();
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness(&server).await == Some(ServingStatus::NotServing)
-        })
-        .await,
-        "readiness stayed SERVING with Redis down"
-    );
-    let mut readiness_watch = watch(addr, sessionstore::SERVICE_NAME).await;
-    assert_eq!(
-        next_status(&mut readiness_watch).await,
-        ServingStatus::NotServing
-    );
+    assert_readiness(&server, ServingStatus::NotServing).await;
+    let mut readiness_watch =
+        watch_seeing(addr, sessionstore::SERVICE_NAME, ServingStatus::NotServing).await;
 
     let stopping = tokio::spawn(server.shutdown());
     redis.restart();

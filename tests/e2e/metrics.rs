@@ -5,12 +5,16 @@ use std::{sync::OnceLock, time::Duration};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
-    RecordLoginAttemptRequest, ResetLoginAttemptsRequest, RevokeSessionRequest,
+    GetSessionRequest, GetUserSessionCountRequest, ListUserSessionsRequest,
+    RecordLoginAttemptRequest,
 };
 use tokio::net::TcpListener;
+use tonic_reflection::pb::v1alpha::{
+    ServerReflectionRequest, ServerReflectionResponse,
+    server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+};
 
-use crate::support::{PrivateRedis, TestServer, config_on, scrape};
+use crate::support::{PrivateRedis, TestServer, create, reset_attempts, revoke, scrape};
 
 /// The process-wide recorder: installed once, shared by every test that looks.
 fn recorder() -> PrometheusHandle {
@@ -28,18 +32,81 @@ fn sample(text: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
+/// A Prometheus exporter on a port-0 listener, recording through
+/// [`recorder`], stopped by [`Exporter::stop`].
+struct Exporter {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Exporter {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(session_server::metrics::serve(
+            listener,
+            recorder(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self { addr, stop, task }
+    }
+
+    /// Stops the exporter and asserts it ended cleanly.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A v1alpha reflection stream that asked for the service list and got it,
+/// with its request side still open (so only a reset or the server can end
+/// it).
+async fn open_reflection(
+    channel: tonic::transport::Channel,
+) -> (
+    tonic::Streaming<ServerReflectionResponse>,
+    tokio::sync::mpsc::Sender<ServerReflectionRequest>,
+) {
+    let (requests, receiver) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await
+        .unwrap();
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    responses.message().await.unwrap().expect("a service list");
+    (responses, requests)
+}
+
+/// Scrapes `addr` every 20 ms until `done` holds for the text or 5 s pass;
+/// the last scrape.
+async fn scrape_until(addr: std::net::SocketAddr, done: impl Fn(&str) -> bool) -> String {
+    let started = std::time::Instant::now();
+    let mut text = scrape(addr).await;
+    while !done(&text) && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = scrape(addr).await;
+    }
+    text
+}
+
 /// After creates, gets, a revoke (seen on a revocation stream) and login
 /// attempts, a scrape of /metrics shows the RPC, session, login, revocation
 /// stream, Redis latency and pool series moved.
 #[tokio::test]
 async fn counters_move_after_calls() {
-    let handle = recorder();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
-        let _ = stopped.await;
-    }));
+    let exporter = Exporter::start().await;
+    let addr = exporter.addr;
 
     let server = TestServer::start().await;
     let mut client = server.client().await;
@@ -52,14 +119,7 @@ async fn counters_move_after_calls() {
         .into_inner();
     assert!(watch.message().await.unwrap().unwrap().reset);
     for i in 0..3 {
-        client
-            .create_session(CreateSessionRequest {
-                user_id: "metered".into(),
-                token_id: format!("m-{i}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        create(&mut client, "metered", &format!("m-{i}")).await;
     }
     client
         .get_session(GetSessionRequest {
@@ -68,13 +128,7 @@ async fn counters_move_after_calls() {
         })
         .await
         .unwrap();
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "m-1".into(),
-            user_id: "metered".into(),
-        })
-        .await
-        .unwrap();
+    revoke(&mut client, "m-1", "metered").await;
     for _ in 0..6 {
         client
             .record_login_attempt(RecordLoginAttemptRequest {
@@ -85,16 +139,8 @@ async fn counters_move_after_calls() {
             .unwrap();
     }
     // A trusted device's attempt is also counted as one.
-    let device_token = client
-        .reset_login_attempts(ResetLoginAttemptsRequest {
-            ip: "203.0.113.78".into(),
-            account: "metered@example.com".into(),
-            issue_device_token: true,
-            device_token: String::new(),
-        })
+    let device_token = reset_attempts(&mut client, "203.0.113.78", "metered@example.com", "", true)
         .await
-        .unwrap()
-        .into_inner()
         .device_token;
     let trusted = client
         .record_login_attempt(RecordLoginAttemptRequest {
@@ -178,8 +224,7 @@ async fn counters_move_after_calls() {
     );
     drop(watch);
 
-    stop.send(()).unwrap();
-    exporter.await.unwrap().unwrap();
+    exporter.stop().await;
 }
 
 /// Calls that never answer are still counted: one whose caller gives up
@@ -187,20 +232,16 @@ async fn counters_move_after_calls() {
 /// drops it at the deadline) as DEADLINE_EXCEEDED; each with its latency.
 #[tokio::test]
 async fn cancelled_and_timed_out_calls_are_counted() {
-    let handle = recorder();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
-        let _ = stopped.await;
-    }));
+    let exporter = Exporter::start().await;
+    let addr = exporter.addr;
 
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // Longer than the calls below wait, so Redis's silence does not end them
-    // with UNAVAILABLE first.
-    config.redis_timeout_ms = 3000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        // Longer than the calls below wait, so Redis's silence does not end them
+        // with UNAVAILABLE first.
+        c.redis_timeout_ms = 3000;
+    })
+    .await;
     let mut client = server.client().await;
     let count = || GetUserSessionCountRequest {
         user_id: "slow".into(),
@@ -239,25 +280,19 @@ async fn cancelled_and_timed_out_calls_are_counted() {
 
     // Recorded when the server drops each call, which may come a moment
     // after the client has given up.
-    let started = std::time::Instant::now();
-    let mut after = scrape(addr).await;
-    while !(sample(&after, cancelled) > sample(&before, cancelled)
-        && sample(&after, timed_out) > sample(&before, timed_out))
-        && started.elapsed() < Duration::from_secs(5)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        after = scrape(addr).await;
-    }
-    let counted = sample(&after, cancelled) > sample(&before, cancelled)
-        && sample(&after, timed_out) > sample(&before, timed_out);
+    let counted = |text: &str| {
+        sample(text, cancelled) > sample(&before, cancelled)
+            && sample(text, timed_out) > sample(&before, timed_out)
+    };
+    let after = scrape_until(addr, counted).await;
+    let counted = counted(&after);
     assert!(counted, "not counted:\n{after}");
     assert!(
         sample(&after, timed_out_latency) > sample(&before, timed_out_latency),
         "{after}"
     );
 
-    stop.send(()).unwrap();
-    exporter.await.unwrap().unwrap();
+    exporter.stop().await;
 }
 
 /// Streams are counted when they end, not when their headers are sent: 20
@@ -266,18 +301,8 @@ async fn cancelled_and_timed_out_calls_are_counted() {
 /// end cleanly but never reset, so their calls cannot make up the count.)
 #[tokio::test]
 async fn reset_streams_are_counted_as_cancelled() {
-    use tonic_reflection::pb::v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest,
-    };
-
-    let handle = recorder();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
-        let _ = stopped.await;
-    }));
+    let exporter = Exporter::start().await;
+    let addr = exporter.addr;
     let server = TestServer::start().await;
     let channel = server.channel().await;
 
@@ -293,21 +318,7 @@ async fn reset_streams_are_counted_as_cancelled() {
     let mut open = Vec::new();
     for _ in 0..STREAMS {
         // The request side stays open, so only a reset can end the stream.
-        let (requests, receiver) = tokio::sync::mpsc::channel(1);
-        requests
-            .send(ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            })
-            .await
-            .unwrap();
-        let mut responses = ServerReflectionClient::new(channel.clone())
-            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
-            .await
-            .unwrap()
-            .into_inner();
-        responses.message().await.unwrap().expect("a service list");
-        open.push((responses, requests));
+        open.push(open_reflection(channel.clone()).await);
     }
     // Headers and a message sent, the streams are not over: nothing counted.
     let during = scrape(addr).await;
@@ -318,14 +329,10 @@ async fn reset_streams_are_counted_as_cancelled() {
     // Dropping the response stream resets it (RST_STREAM CANCEL).
     drop(open);
 
-    let started = std::time::Instant::now();
-    let mut after = scrape(addr).await;
-    while sample(&after, &cancelled) - sample(&before, &cancelled) < STREAMS as f64
-        && started.elapsed() < Duration::from_secs(5)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        after = scrape(addr).await;
-    }
+    let after = scrape_until(addr, |text| {
+        sample(text, &cancelled) - sample(&before, &cancelled) >= STREAMS as f64
+    })
+    .await;
     assert!(
         sample(&after, &cancelled) - sample(&before, &cancelled) >= STREAMS as f64,
         "resets not counted as CANCELLED:\n{after}"
@@ -338,44 +345,20 @@ async fn reset_streams_are_counted_as_cancelled() {
 
     drop(channel);
     server.shutdown().await;
-    stop.send(()).unwrap();
-    exporter.await.unwrap().unwrap();
+    exporter.stop().await;
 }
 
 /// A stream that shutdown ends is counted with the code its caller got,
 /// UNAVAILABLE, not as OK at its headers nor CANCELLED.
 #[tokio::test]
 async fn streams_ended_by_shutdown_are_counted_as_unavailable() {
-    use tonic_reflection::pb::v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest,
-    };
-
-    let handle = recorder();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let exporter = tokio::spawn(session_server::metrics::serve(listener, handle, async {
-        let _ = stopped.await;
-    }));
+    let exporter = Exporter::start().await;
+    let addr = exporter.addr;
     let server = TestServer::start().await;
     let unavailable = r#"sessionstore_rpc_requests_total{method="/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",code="UNAVAILABLE"}"#;
     let before = scrape(addr).await;
 
-    let (requests, receiver) = tokio::sync::mpsc::channel(1);
-    requests
-        .send(ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        })
-        .await
-        .unwrap();
-    let mut responses = ServerReflectionClient::new(server.channel().await)
-        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
-        .await
-        .unwrap()
-        .into_inner();
-    responses.message().await.unwrap().expect("a service list");
+    let (mut responses, requests) = open_reflection(server.channel().await).await;
     let shutdown = tokio::spawn(server.shutdown());
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -397,6 +380,5 @@ async fn streams_ended_by_shutdown_are_counted_as_unavailable() {
         sample(&after, unavailable) - sample(&before, unavailable) >= 1.0,
         "not counted as UNAVAILABLE:\n{after}"
     );
-    stop.send(()).unwrap();
-    exporter.await.unwrap().unwrap();
+    exporter.stop().await;
 }

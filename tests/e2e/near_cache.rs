@@ -23,8 +23,8 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, service::Routes, transport::Channel};
 
 use crate::support::{
-    FakeServer, PrivateRedis, TempFiles, TestServer, client_example, command_calls, config_on,
-    faketime, test_config, wait_until,
+    FakeServer, PrivateRedis, TestServer, client_example, command_calls, faketime, gone_within,
+    wait_until,
 };
 
 /// Far beyond any delivery latency, so a test that sees a revocation within
@@ -92,10 +92,11 @@ async fn hits_do_not_touch_redis() {
     const SESSIONS: usize = 10;
     const LOOKUPS: usize = 1000;
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.health_check_interval_ms = 3_600_000;
-    config.revocation_heartbeat_ms = 60_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.health_check_interval_ms = 3_600_000;
+        c.revocation_heartbeat_ms = 60_000;
+    })
+    .await;
     let cached = cached_client(server.url(), Duration::from_secs(600)).await;
     let plain = SessionClient::connect(server.url()).await.unwrap();
     healthy(&cached).await;
@@ -320,11 +321,12 @@ async fn a_cancelled_own_revoke_still_drops_the_entry() {
 #[tokio::test]
 async fn streams_are_replaced_without_a_flush() {
     const SESSIONS: usize = 20;
-    let mut config = test_config();
-    config.max_connection_age = 3;
-    config.max_connection_age_grace = 1;
-    config.revocation_heartbeat_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_connection_age = 3;
+        c.max_connection_age_grace = 1;
+        c.revocation_heartbeat_ms = 100;
+    })
+    .await;
     let cached = SessionClient::builder(server.url())
         .near_cache(1000)
         .near_cache_max_staleness(Duration::from_secs(1))
@@ -408,9 +410,7 @@ async fn revoke_through_age_outs(client: &SessionClient, token: &str) {
 #[tokio::test]
 async fn a_reset_flushes_the_cache() {
     let mut redis = PrivateRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.revocation_heartbeat_ms = 100).await;
     let cached = cached_client(server.url(), LONG_STALENESS).await;
     healthy(&cached).await;
     create(&cached, "erin", "e-1").await;
@@ -444,9 +444,7 @@ async fn a_reset_flushes_the_cache() {
 /// revocation never arrives, is then answered "not found" by the server.
 #[tokio::test]
 async fn a_silent_stream_stops_answers_after_max_staleness() {
-    let mut config = test_config();
-    config.revocation_heartbeat_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.revocation_heartbeat_ms = 100).await;
     let relay = Relay::start(&server).await;
     // 20 heartbeats: a loaded test machine does not make it stale early.
     let cached = cached_client(relay.url(), Duration::from_secs(2)).await;
@@ -459,14 +457,7 @@ async fn a_silent_stream_stops_answers_after_max_staleness() {
     let applied = stats(&cached).revocations_applied;
     assert!(other.revoke_session("f-1").await.unwrap());
     assert!(
-        wait_until(PATIENCE, || async {
-            cached
-                .get_user_session("frank", "f-1")
-                .await
-                .unwrap()
-                .is_none()
-        })
-        .await,
+        gone_within(PATIENCE, &cached, "frank", "f-1").await,
         "still answered from memory long after max_staleness"
     );
     let after = stats(&cached);
@@ -572,10 +563,7 @@ async fn an_answer_overtaken_by_its_revocation_is_not_cached() {
 /// stream and answers from memory; one with a wrong token never does.
 #[tokio::test]
 async fn the_stream_carries_the_bearer_token() {
-    let files = TempFiles::new();
-    let mut config = test_config();
-    config.auth_tokens_file = Some(files.write("tokens", "right-token\n"));
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("right-token\n").await;
     let with_token = |token: &str| {
         SessionClient::builder(server.url())
             .bearer_token(token)

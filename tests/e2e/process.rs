@@ -3,6 +3,7 @@
 
 use std::{
     process::{Child, Command},
+    sync::mpsc,
     time::Duration,
 };
 
@@ -18,6 +19,53 @@ fn signal(child: &Child, name: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Whether readiness at `url` becomes `status` within `limit`.
+async fn readiness_at_becomes(url: &str, status: ServingStatus, limit: Duration) -> bool {
+    wait_until(limit, || async { readiness_at(url).await == Some(status) }).await
+}
+
+/// The binary on `redis` with SHUTDOWN_DELAY_MS `delay_ms`, sent SIGTERM once
+/// ready: asserted SERVING before the signal and NOT_SERVING (on a new
+/// connection) within 2 s of it. The process, its URL and its log lines.
+async fn terminated_while_ready(
+    redis: &PrivateRedis,
+    delay_ms: &str,
+) -> (Child, String, mpsc::Receiver<serde_json::Value>) {
+    let (child, addr, logs) = spawn_server(
+        &redis.url(),
+        &[
+            ("HEALTH_CHECK_INTERVAL_MS", "50"),
+            ("SHUTDOWN_DELAY_MS", delay_ms),
+        ],
+    );
+    let url = format!("http://{addr}");
+    assert!(
+        readiness_at_becomes(&url, ServingStatus::Serving, Duration::from_secs(5)).await,
+        "readiness never became SERVING"
+    );
+    signal(&child, "TERM");
+    assert!(
+        readiness_at_becomes(&url, ServingStatus::NotServing, Duration::from_secs(2)).await,
+        "readiness did not turn NOT_SERVING on a new connection after SIGTERM"
+    );
+    (child, url, logs)
+}
+
+/// How `child` exits, waited for off the runtime.
+async fn exited(mut child: Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The `message` of every log line received so far.
+fn messages(logs: &mpsc::Receiver<serde_json::Value>) -> Vec<String> {
+    logs.try_iter()
+        .filter_map(|event| event["message"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// A bad setting stops the binary before it listens, with exit status 2 and
@@ -55,7 +103,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_calls_and_exits_0() {
     let redis = PrivateRedis::start();
-    let (mut child, addr, _logs) = spawn_server(
+    let (child, addr, _logs) = spawn_server(
         &redis.url(),
         &[("REDIS_TIMEOUT_MS", "3000"), ("SHUTDOWN_DELAY_MS", "0")],
     );
@@ -82,10 +130,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_0() {
         let answer = call.await.unwrap();
         assert!(answer.is_ok(), "an in-flight call was dropped: {answer:?}");
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = exited(child).await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     let refused = SessionStoreClient::connect(url).await;
     assert!(
@@ -107,31 +152,8 @@ async fn sigterm_drains_in_flight_calls_and_exits_0() {
 #[tokio::test]
 async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
     let redis = PrivateRedis::start();
-    let (mut child, addr, logs) = spawn_server(
-        &redis.url(),
-        &[
-            ("HEALTH_CHECK_INTERVAL_MS", "50"),
-            // Far longer than the checks during the delay take.
-            ("SHUTDOWN_DELAY_MS", "3000"),
-        ],
-    );
-    let url = format!("http://{addr}");
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness_at(&url).await == Some(ServingStatus::Serving)
-        })
-        .await,
-        "readiness never became SERVING"
-    );
-
-    signal(&child, "TERM");
-    assert!(
-        wait_until(Duration::from_secs(2), || async {
-            readiness_at(&url).await == Some(ServingStatus::NotServing)
-        })
-        .await,
-        "readiness did not turn NOT_SERVING on a new connection after SIGTERM"
-    );
+    // A delay far longer than the checks during it take.
+    let (child, url, logs) = terminated_while_ready(&redis, "3000").await;
     // Still accepting and serving: a new connection, a call answered.
     let mut late = SessionStoreClient::connect(url.clone())
         .await
@@ -144,16 +166,10 @@ async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
         .await;
     assert!(answer.is_ok(), "a call during the delay failed: {answer:?}");
 
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = exited(child).await;
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     assert!(readiness_at(&url).await.is_none(), "still listening");
-    let messages: Vec<String> = logs
-        .try_iter()
-        .filter_map(|event| event["message"].as_str().map(str::to_string))
-        .collect();
+    let messages = messages(&logs);
     let position = |start: &str| {
         messages
             .iter()
@@ -169,44 +185,14 @@ async fn sigterm_turns_not_ready_first_and_exits_with_the_log_flushed() {
 #[tokio::test]
 async fn a_second_signal_stops_at_once() {
     let redis = PrivateRedis::start();
-    let (mut child, addr, logs) = spawn_server(
-        &redis.url(),
-        &[
-            ("HEALTH_CHECK_INTERVAL_MS", "50"),
-            ("SHUTDOWN_DELAY_MS", "120000"),
-        ],
-    );
-    let url = format!("http://{addr}");
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            readiness_at(&url).await == Some(ServingStatus::Serving)
-        })
-        .await,
-        "readiness never became SERVING"
-    );
-    signal(&child, "TERM");
-    assert!(
-        wait_until(Duration::from_secs(2), || async {
-            readiness_at(&url).await == Some(ServingStatus::NotServing)
-        })
-        .await,
-        "the first signal did not start the shutdown"
-    );
+    let (child, _url, logs) = terminated_while_ready(&redis, "120000").await;
     signal(&child, "INT");
     // Far below the 120 s delay.
-    let exited = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .expect("still running 30 s after the second signal")
-    .unwrap()
-    .unwrap();
+    let exited = tokio::time::timeout(Duration::from_secs(30), exited(child))
+        .await
+        .expect("still running 30 s after the second signal");
     assert_eq!(exited.code(), Some(0), "exit status {exited:?}");
-    let messages: Vec<String> = logs
-        .try_iter()
-        .filter_map(|event| event["message"].as_str().map(str::to_string))
-        .collect();
+    let messages = messages(&logs);
     assert!(
         messages.iter().any(|m| m.starts_with("second signal")),
         "{messages:#?}"

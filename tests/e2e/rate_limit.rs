@@ -9,84 +9,53 @@ use session_server::{
     Config, Store,
     model::{AccountKey, ClientAddr, LoginLimit},
 };
-use sessionstore::v1::{
-    LoginLimit as PbLimit, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
-    ResetLoginAttemptsRequest, session_store_client::SessionStoreClient,
-};
-use tonic::transport::Channel;
+use sessionstore::v1::{LoginLimit as PbLimit, RecordLoginAttemptResponse};
 
-use crate::support::{TestServer, inspect, server_script, test_config};
+use crate::support::{
+    Client, TestServer, inspect, login_account_key, pttl, record_attempt, reset_attempts,
+    server_script, test_config,
+};
 
 /// Buckets per window, as in `session-server/src/store/login.rs`.
 const BUCKETS: u64 = 10;
 
-async fn attempt(c: &mut SessionStoreClient<Channel>, ip: &str) -> RecordLoginAttemptResponse {
-    attempt_for(c, ip, "").await
+async fn attempt(c: &mut Client, ip: &str) -> RecordLoginAttemptResponse {
+    record_attempt(c, ip, "", "").await
 }
 
-async fn attempt_for(
-    c: &mut SessionStoreClient<Channel>,
-    ip: &str,
-    account: &str,
-) -> RecordLoginAttemptResponse {
-    c.record_login_attempt(RecordLoginAttemptRequest {
-        ip: ip.into(),
-        account: account.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
+async fn attempt_for(c: &mut Client, ip: &str, account: &str) -> RecordLoginAttemptResponse {
+    record_attempt(c, ip, account, "").await
 }
 
-async fn reset_for(c: &mut SessionStoreClient<Channel>, ip: &str, account: &str) -> bool {
-    c.reset_login_attempts(ResetLoginAttemptsRequest {
-        ip: ip.into(),
-        account: account.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .reset
+async fn reset_for(c: &mut Client, ip: &str, account: &str) -> bool {
+    reset_attempts(c, ip, account, "", false).await.reset
 }
 
 fn ms(d: &prost_types::Duration) -> i64 {
     d.seconds * 1000 + i64::from(d.nanos) / 1_000_000
 }
 
-fn addr_key(config: &Config, ip: &str) -> String {
+/// The login limiter's `kind` key (`addr`, `pair`) for the address `ip`.
+fn addr_tagged_key(config: &Config, kind: &str, ip: &str) -> String {
     let addr = ClientAddr::parse_with_prefix(ip, config.rate_limit_ipv6_prefix).unwrap();
     format!(
-        "{}rate_limit:login:addr:{{{}}}",
+        "{}rate_limit:login:{kind}:{{{}}}",
         config.key_prefix,
         addr.as_str()
     )
 }
 
+fn addr_key(config: &Config, ip: &str) -> String {
+    addr_tagged_key(config, "addr", ip)
+}
+
 fn pair_key(config: &Config, ip: &str, account: &str) -> String {
-    let addr = ClientAddr::parse_with_prefix(ip, config.rate_limit_ipv6_prefix).unwrap();
     let account = AccountKey::parse(account).unwrap();
     format!(
-        "{}rate_limit:login:pair:{{{}}}:{}",
-        config.key_prefix,
-        addr.as_str(),
+        "{}:{}",
+        addr_tagged_key(config, "pair", ip),
         account.as_str()
     )
-}
-
-fn account_key(config: &Config, account: &str) -> String {
-    let account = AccountKey::parse(account).unwrap();
-    format!(
-        "{}rate_limit:login:account:{{{}}}",
-        config.key_prefix,
-        account.as_str()
-    )
-}
-
-/// The key's PTTL: -2 when it does not exist, -1 when it has no TTL.
-async fn pttl(config: &Config, key: &str) -> i64 {
-    inspect(config, redis::cmd("PTTL").arg(key)).await
 }
 
 /// RATE_LIMIT_MAX_ATTEMPTS attempts are allowed, the next is refused by the
@@ -154,9 +123,7 @@ async fn ipv6_is_counted_per_64() {
 /// IPv4-compatible form no longer shares a bucket with `::1`.
 #[tokio::test]
 async fn ipv6_prefix_is_configurable() {
-    let mut config = test_config();
-    config.rate_limit_ipv6_prefix = 48;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.rate_limit_ipv6_prefix = 48).await;
     let mut c = server.client().await;
     assert_eq!(attempt(&mut c, "2001:db8:aa:1::1").await.attempts, 1);
     assert_eq!(attempt(&mut c, "2001:db8:aa:ffff::9").await.attempts, 2);
@@ -174,10 +141,11 @@ async fn ipv6_prefix_is_configurable() {
 /// is allowed.
 #[tokio::test]
 async fn retry_after_is_exact() {
-    let mut config = test_config();
-    config.rate_limit_window = 1;
-    config.rate_limit_max_attempts = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.rate_limit_window = 1;
+        c.rate_limit_max_attempts = 1;
+    })
+    .await;
     let mut c = server.client().await;
     let ip = "198.51.100.7";
     assert!(attempt(&mut c, ip).await.allowed);
@@ -275,9 +243,7 @@ async fn distributed_attack_is_refused_at_the_account_limit() {
 /// longer than the window plus one bucket.
 #[tokio::test]
 async fn every_counter_key_has_a_ttl() {
-    let mut config = test_config();
-    config.rate_limit_account_max_attempts = 1;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.rate_limit_account_max_attempts = 1).await;
     let cfg = server.config.clone();
     let mut c = server.client().await;
     let check = |keys: Vec<String>| {
@@ -294,7 +260,7 @@ async fn every_counter_key_has_a_ttl() {
     for key in [
         addr_key(&cfg, ip),
         pair_key(&cfg, ip, "a"),
-        account_key(&cfg, "a"),
+        login_account_key(&cfg, "account", "a"),
     ] {
         assert!(pttl(&cfg, &key).await > 0, "{key}");
     }
@@ -303,11 +269,14 @@ async fn every_counter_key_has_a_ttl() {
     assert!(attempt_for(&mut c, ip, "b").await.allowed);
     assert!(reset_for(&mut c, ip, "a").await);
     assert_eq!(pttl(&cfg, &pair_key(&cfg, ip, "a")).await, -2);
-    assert_eq!(pttl(&cfg, &account_key(&cfg, "a")).await, -2);
+    assert_eq!(
+        pttl(&cfg, &login_account_key(&cfg, "account", "a")).await,
+        -2
+    );
     check(vec![
         addr_key(&cfg, ip),
         pair_key(&cfg, ip, "b"),
-        account_key(&cfg, "b"),
+        login_account_key(&cfg, "account", "b"),
     ])
     .await;
     let left: std::collections::HashMap<String, u32> =
@@ -321,11 +290,12 @@ async fn every_counter_key_has_a_ttl() {
 /// began. (A fixed window would let 2 × limit through within a moment.)
 #[tokio::test]
 async fn no_burst_at_the_window_boundary() {
-    let mut config = test_config();
-    config.rate_limit_window = 1;
-    config.rate_limit_max_attempts = 3;
-    config.rate_limit_account_max_attempts = 3;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.rate_limit_window = 1;
+        c.rate_limit_max_attempts = 3;
+        c.rate_limit_account_max_attempts = 3;
+    })
+    .await;
     let mut c = server.client().await;
     for (subject, account) in [("address", ""), ("account", "boundary")] {
         let mut allowed: Vec<(Instant, Instant)> = Vec::new();

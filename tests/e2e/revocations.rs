@@ -7,16 +7,15 @@
 use std::time::{Duration, Instant};
 
 use sessionstore::v1::{
-    CreateSessionRequest, GetSessionRequest, Revocation, RevocationReason,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest, WatchRevocationsRequest,
-    WatchRevocationsResponse, session_store_client::SessionStoreClient,
+    CreateSessionRequest, GetSessionRequest, Revocation, RevocationReason, RevokeSessionRequest,
+    WatchRevocationsRequest, WatchRevocationsResponse, session_store_client::SessionStoreClient,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, create, get, inspect, redis_cli,
-    redis_cli_with_password, revoke, test_config, wait_until,
+    redis_cli_with_password, revoke, revoke_all, wait_until,
 };
 
 /// How long a test waits for a message that should come.
@@ -52,6 +51,20 @@ async fn started(stream: &mut Streaming<WatchRevocationsResponse>) {
     assert!(first.reset, "the first message must be a reset: {first:?}");
 }
 
+/// A revocation stream on `client`, past its opening reset.
+async fn watching(client: &mut SessionStoreClient<Channel>) -> Streaming<WatchRevocationsResponse> {
+    let mut stream = watch(client).await;
+    started(&mut stream).await;
+    stream
+}
+
+/// Heartbeats every 100 ms and a 300 ms Redis timeout, so a lost
+/// subscription is noticed within half a second.
+fn quick_beats(config: &mut session_server::Config) {
+    config.revocation_heartbeat_ms = 100;
+    config.redis_timeout_ms = 300;
+}
+
 /// The next `n` revocations, skipping heartbeats; panics on a reset.
 async fn revocations(
     stream: &mut Streaming<WatchRevocationsResponse>,
@@ -78,17 +91,6 @@ async fn create_at(client: &mut SessionStoreClient<Channel>, user: &str, token: 
     at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
 }
 
-async fn revoke_all(client: &mut SessionStoreClient<Channel>, user: &str) -> u32 {
-    client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revoked_count
-}
-
 fn millis(revocation: &Revocation) -> u64 {
     let at = revocation.revoked_at.unwrap();
     at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000
@@ -108,8 +110,7 @@ fn summary(r: &Revocation) -> (String, String, RevocationReason) {
 async fn two_user_wide_revocations_in_one_millisecond_both_arrive() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     let channel = format!("{}revocations", server.config.key_prefix);
     let twice = redis::cmd("EVAL")
@@ -159,12 +160,9 @@ async fn two_user_wide_revocations_in_one_millisecond_both_arrive() {
 /// master on Cluster; calls that revoke nothing publish nothing.
 #[tokio::test]
 async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     // Eight users: their slots fall on every master of a three-master cluster.
     for n in 0..8 {
@@ -236,13 +234,9 @@ async fn every_revoking_path_publishes_and_no_op_calls_do_not() {
 #[tokio::test]
 async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
     let mut redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, quick_beats).await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     let mut beats = 0;
     let counting = Instant::now();
@@ -297,13 +291,9 @@ async fn heartbeats_stop_without_redis_and_a_reset_follows_its_return() {
 #[tokio::test]
 async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, quick_beats).await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
     next_within(&mut stream, Duration::from_secs(2))
         .await
         .expect("a heartbeat");
@@ -312,16 +302,7 @@ async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
     // TCP connection stays up, and the patience (max(3 beats, beat + Redis
     // timeout) = 400 ms) runs out.
     redis.pause(2_000).await;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let message = next_within(&mut stream, left)
-            .await
-            .expect("a reset after the pause");
-        if message.reset {
-            break;
-        }
-    }
+    reset_within_patience(&mut stream, "the pause").await;
 
     let mut admin = redis.connection().await;
     let killed: i64 = redis::cmd("CLIENT")
@@ -332,16 +313,7 @@ async fn a_silent_or_killed_subscription_is_replaced_with_a_reset() {
         .await
         .unwrap();
     assert_eq!(killed, 1, "the server holds one subscription");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let message = next_within(&mut stream, left)
-            .await
-            .expect("a reset after the kill");
-        if message.reset {
-            break;
-        }
-    }
+    reset_within_patience(&mut stream, "the kill").await;
     drop(stream);
     server.shutdown().await;
 }
@@ -375,14 +347,13 @@ async fn the_subscription_follows_a_rotated_password_like_the_pool() {
     assert_eq!(answer.trim(), "OK");
     let files = TempFiles::new();
     let password = files.write("redis-password", "first\n");
-    let mut config = config_on(&redis);
-    config.redis_password_file = Some(password.clone());
-    config.revocation_heartbeat_ms = 100;
-    config.redis_timeout_ms = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_password_file = Some(password.clone());
+        quick_beats(c);
+    })
+    .await;
     let mut client = server.client().await;
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
     let cut = |kind: &str| {
         let killed =
             redis_cli_with_password(redis.port, "second", &["client", "kill", "type", kind]);
@@ -458,8 +429,7 @@ async fn a_receiver_that_stops_reading_is_dropped() {
         .await
         .unwrap();
     let mut client = SessionStoreClient::new(channel);
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
 
     // A second receiver on its own connection reads everything: once it has
     // seen the whole flood, so has the server's subscriber.
@@ -530,11 +500,7 @@ async fn a_receiver_that_stops_reading_is_dropped() {
 /// shutdown ends an open stream with UNAVAILABLE.
 #[tokio::test]
 async fn the_stream_is_authenticated_and_ended_by_shutdown() {
-    let files = TempFiles::new();
-    let path = files.write("tokens", "watch-secret\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(path);
-    let server = TestServer::start_with(config).await;
+    let (server, _files) = TestServer::start_requiring_tokens("watch-secret\n").await;
     let mut client = server.client().await;
 
     let refused = client
@@ -667,8 +633,7 @@ async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
     )
     .await;
 
-    let mut stream = watch(&mut client).await;
-    started(&mut stream).await;
+    let mut stream = watching(&mut client).await;
     assert_eq!(revoke_all(&mut client, "clock-user").await, 1);
     let seen = revocations(&mut stream, 1).await;
     assert_eq!(seen[0].token_id, "");
@@ -691,9 +656,7 @@ async fn a_user_wide_revocation_covers_sessions_from_a_clock_ahead() {
 #[tokio::test]
 async fn resets_and_heartbeats_carry_redis_clock() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.revocation_heartbeat_ms = 100;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.revocation_heartbeat_ms = 100).await;
     let mut client = server.client().await;
     let mut stream = watch(&mut client).await;
     let mut conn = redis.connection().await;

@@ -11,10 +11,10 @@ use sessionstore::v1::{
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, TestServer, config_on, lookups_work_within, test_config,
+    Client, Pki, PrivateRedis, TempFiles, TestServer, check_on, config_on, lookups_work_within,
     wait_until,
 };
 
@@ -55,9 +55,7 @@ fn count_request(token: Option<&str>) -> Request<GetUserSessionCountRequest> {
 #[tokio::test]
 async fn bearer_tokens_guard_every_call_but_health() {
     let file = TokensFile::new("# test tokens\nfirst-secret\nsecond-secret\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(file.0.clone());
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.auth_tokens_file = Some(file.0.clone())).await;
     let mut client = server.client().await;
 
     let missing = client
@@ -83,26 +81,13 @@ async fn bearer_tokens_guard_every_call_but_health() {
         assert_eq!(count.into_inner().count, 0);
     }
 
-    let mut health = server.health().await;
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(server.channel().await, "")
         .await
         .expect("health needs no token");
 
     // Rotate: the old token goes, a new one comes.
     std::fs::write(&file.0, "third-secret\n").unwrap();
-    let rotated = wait_until(Duration::from_secs(15), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .get_user_session_count(count_request(Some("third-secret")))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let rotated = accepted_within(Duration::from_secs(15), &client, "third-secret").await;
     assert!(
         rotated,
         "the new token was not accepted after the file changed"
@@ -119,10 +104,11 @@ async fn bearer_tokens_guard_every_call_but_health() {
 #[tokio::test]
 async fn excess_calls_are_refused_not_queued() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 1000;
-    config.max_concurrent_requests = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| {
+        c.redis_timeout_ms = 1000;
+        c.max_concurrent_requests = 2;
+    })
+    .await;
     let client = server.client().await;
     let get = || GetSessionRequest {
         token_id: "busy".into(),
@@ -158,11 +144,7 @@ async fn excess_calls_are_refused_not_queued() {
         "only {refused} of 10 refused with a limit of 2"
     );
     assert!(admitted >= 1, "nothing was admitted");
-    let mut health = server.health().await;
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(server.channel().await, "")
         .await
         .expect("health is exempt from the cap");
 }
@@ -175,9 +157,7 @@ async fn excess_calls_are_refused_not_queued() {
 #[tokio::test]
 async fn the_callers_deadline_is_honoured() {
     let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    config.redis_timeout_ms = 3000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::on_tuned(&redis, |c| c.redis_timeout_ms = 3000).await;
     let mut client = server.client().await;
     let get = || GetSessionRequest {
         token_id: "slow".into(),
@@ -309,30 +289,15 @@ async fn a_plaintext_health_port_beside_a_tls_port() {
     let server = TestServer::start_with(config).await;
 
     let channel = wait_for_channel(format!("http://{health_addr}")).await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let overall = health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        overall.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let overall = check_on(channel.clone(), "").await.unwrap();
+    assert_eq!(overall, ServingStatus::Serving);
     let ready = wait_until(Duration::from_secs(5), || {
-        let mut health = health.clone();
+        let channel = channel.clone();
         async move {
-            health
-                .check(HealthCheckRequest {
-                    service: sessionstore::SERVICE_NAME.into(),
-                })
-                .await
-                .is_ok_and(|r| {
-                    r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                })
+            matches!(
+                check_on(channel, sessionstore::SERVICE_NAME).await,
+                Ok(ServingStatus::Serving)
+            )
         }
     })
     .await;
@@ -353,14 +318,8 @@ async fn a_plaintext_health_port_beside_a_tls_port() {
         .connect()
         .await;
     if let Ok(channel) = plaintext {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         assert!(
-            health
-                .check(HealthCheckRequest {
-                    service: String::new()
-                })
-                .await
-                .is_err(),
+            check_on(channel, "").await.is_err(),
             "the TLS port answered plaintext"
         );
     }
@@ -386,9 +345,7 @@ async fn wait_for_channel(url: String) -> tonic::transport::Channel {
 #[tokio::test]
 async fn emptying_the_tokens_file_denies_all() {
     let file = TokensFile::new("leaked-secret\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(file.0.clone());
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.auth_tokens_file = Some(file.0.clone())).await;
     let mut client = server.client().await;
     client
         .get_user_session_count(count_request(Some("leaked-secret")))
@@ -412,13 +369,24 @@ async fn emptying_the_tokens_file_denies_all() {
         denied,
         "the old token was still accepted after the file was emptied"
     );
-    let mut health = server.health().await;
-    health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+    check_on(server.channel().await, "")
         .await
         .expect("health needs no token");
+}
+
+/// Whether a call with `token` is accepted within `limit`, asked every
+/// 20 ms: the server has read a tokens file that holds it.
+async fn accepted_within(limit: Duration, client: &Client, token: &str) -> bool {
+    wait_until(limit, || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_user_session_count(count_request(Some(token)))
+                .await
+                .is_ok()
+        }
+    })
+    .await
 }
 
 /// `request` with `authorization: Bearer <token>`.
@@ -533,25 +501,14 @@ async fn ends_within(
 #[tokio::test]
 async fn removing_a_token_ends_the_streams_opened_with_it() {
     let file = TokensFile::new("stream-a\nstream-b\n");
-    let mut config = test_config();
-    config.auth_tokens_file = Some(file.0.clone());
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.auth_tokens_file = Some(file.0.clone())).await;
     let mut client = server.client().await;
     let mut a = watch_with(&mut client, "stream-a").await;
     let mut b = watch_with(&mut client, "stream-b").await;
 
     // A reload that keeps both tokens (a third is added) ends neither.
     replace_tokens(&file, "stream-a\nstream-b\nstream-c\n");
-    let added = wait_until(Duration::from_secs(20), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .get_user_session_count(count_request(Some("stream-c")))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let added = accepted_within(Duration::from_secs(20), &client, "stream-c").await;
     assert!(added, "the added token was not accepted");
     create_and_revoke(&mut client, "stream-c", "kept-1").await;
     receives(&mut a, "kept-1").await;
@@ -605,10 +562,11 @@ async fn a_client_cancelling_calls_at_random_keeps_its_connection() {
     const IN_FLIGHT: usize = 512;
     // Calls failing for want of time on a loaded machine would hide what is
     // tested here: whether the connection survives.
-    let mut config = test_config();
-    config.redis_timeout_ms = 10_000;
-    config.request_timeout_ms = 30_000;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.redis_timeout_ms = 10_000;
+        c.request_timeout_ms = 30_000;
+    })
+    .await;
     let client = server.client().await;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut calls = Vec::new();

@@ -4,12 +4,9 @@
 use std::{collections::HashMap, time::Duration};
 
 use session_server::store::LimitPolicy;
-use sessionstore::v1::{
-    CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest,
-    RevokeAllUserSessionsRequest, RevokeSessionRequest,
-};
+use sessionstore::v1::{CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest};
 
-use crate::support::{Client, TestServer, count, get, inspect, test_config};
+use crate::support::{Client, TestServer, count, get, inspect, list, revoke, revoke_all};
 
 fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -178,15 +175,7 @@ async fn a_revoked_token_id_is_not_handed_to_another_user() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     create(&mut client, "first", "reused").await;
-    let revoked = client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "reused".into(),
-            user_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(revoked.revoked);
+    assert!(revoke(&mut client, "reused", "").await);
     assert!(!create(&mut client, "second", "reused").await.created);
     assert_eq!(get(&mut client, "reused", "").await, None);
 }
@@ -200,58 +189,19 @@ async fn revoke_session_takes_effect_immediately() {
     create(&mut client, "carol", "c-1").await;
     create(&mut client, "carol", "c-2").await;
 
-    let revoke = |token: &str, hint: &str| RevokeSessionRequest {
-        token_id: token.into(),
-        user_id: hint.into(),
-    };
-    assert!(
-        !client
-            .revoke_session(revoke("c-1", "dave"))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(!revoke(&mut client, "c-1", "dave").await);
     assert!(
         get(&mut client, "c-1", "").await.is_some(),
         "wrong hint left it alone"
     );
 
-    assert!(
-        client
-            .revoke_session(revoke("c-1", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(revoke(&mut client, "c-1", "").await);
     assert_eq!(get(&mut client, "c-1", "").await, None);
-    assert!(
-        client
-            .revoke_session(revoke("c-2", "carol"))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(revoke(&mut client, "c-2", "carol").await);
     assert_eq!(get(&mut client, "c-2", "carol").await, None);
 
-    assert!(
-        !client
-            .revoke_session(revoke("c-1", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
-    assert!(
-        !client
-            .revoke_session(revoke("never-was", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .revoked
-    );
+    assert!(!revoke(&mut client, "c-1", "").await);
+    assert!(!revoke(&mut client, "never-was", "").await);
     assert_eq!(count(&mut client, "carol").await, 0);
 }
 
@@ -266,14 +216,7 @@ async fn revoke_all_ends_every_session_of_the_user() {
     }
     create(&mut client, "frank", "f-1").await;
 
-    let all = client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: "erin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(all.revoked_count, 3);
+    assert_eq!(revoke_all(&mut client, "erin").await, 3);
     for token in ["e-1", "e-2", "e-3"] {
         assert_eq!(get(&mut client, token, "").await, None, "{token} survived");
         assert_eq!(
@@ -284,14 +227,7 @@ async fn revoke_all_ends_every_session_of_the_user() {
     }
     assert_eq!(count(&mut client, "erin").await, 0);
     assert_eq!(count(&mut client, "frank").await, 1);
-    let again = client
-        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-            user_id: "erin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.revoked_count, 0);
+    assert_eq!(revoke_all(&mut client, "erin").await, 0);
     // The user can sign in again afterwards.
     assert!(create(&mut client, "erin", "e-4").await.created);
 }
@@ -306,21 +242,8 @@ async fn list_is_newest_first_and_exact() {
         // Distinct creation milliseconds make the order observable.
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
-    client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "l-2".into(),
-            user_id: "gina".into(),
-        })
-        .await
-        .unwrap();
-    let list = client
-        .list_user_sessions(ListUserSessionsRequest {
-            user_id: "gina".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    revoke(&mut client, "l-2", "gina").await;
+    let list = list(&mut client, "gina").await;
     let tokens: Vec<_> = list.iter().map(|s| s.token_id.as_str()).collect();
     assert_eq!(tokens, ["l-3", "l-1"]);
     assert!(
@@ -370,14 +293,7 @@ async fn a_session_ends_with_its_ttl() {
     assert_eq!(get(&mut client, "short", "").await, None);
     assert_eq!(get(&mut client, "short", "hank").await, None);
     assert_eq!(count(&mut client, "hank").await, 1);
-    let list = client
-        .list_user_sessions(ListUserSessionsRequest {
-            user_id: "hank".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let list = list(&mut client, "hank").await;
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].token_id, "long");
 }
@@ -402,14 +318,7 @@ async fn concurrent_creates_never_exceed_the_cap() {
     let mut client = client;
     assert_eq!(count(&mut client, "ivan").await, max);
     assert_eq!(evicted.len(), 50 - max as usize);
-    let list = client
-        .list_user_sessions(ListUserSessionsRequest {
-            user_id: "ivan".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
+    let list = list(&mut client, "ivan").await;
     assert_eq!(list.len(), max as usize);
     for token in &evicted {
         assert_eq!(
@@ -424,9 +333,7 @@ async fn concurrent_creates_never_exceed_the_cap() {
 /// At the cap, evict_oldest revokes the session closest to expiry and names it.
 #[tokio::test]
 async fn evict_oldest_names_the_evicted_session() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_sessions_per_user = 2).await;
     let mut client = server.client().await;
     create(&mut client, "judy", "j-1").await;
     tokio::time::sleep(Duration::from_millis(3)).await;
@@ -443,10 +350,11 @@ async fn evict_oldest_names_the_evicted_session() {
 /// sessions they have; the cap holds under concurrency.
 #[tokio::test]
 async fn reject_policy_refuses_past_the_cap() {
-    let mut config = test_config();
-    config.max_sessions_per_user = 3;
-    config.session_limit_policy = LimitPolicy::Reject;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| {
+        c.max_sessions_per_user = 3;
+        c.session_limit_policy = LimitPolicy::Reject;
+    })
+    .await;
     let client = server.client().await;
     let calls = (0..20).map(|i| {
         let mut client = client.clone();

@@ -13,14 +13,14 @@ use sessionstore::v1::{GetUserSessionCountRequest, session_store_client::Session
 use tokio::{io::AsyncReadExt, net::TcpStream};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, ServerReflectionResponse,
     server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
     server_reflection_response::MessageResponse,
 };
 
-use crate::support::{Pki, TempFiles, TestServer, test_config, wait_until};
+use crate::support::{Pki, TempFiles, TestServer, check_on, test_config, wait_until};
 
 /// A tokens file holding `token`, and a config that requires it.
 fn auth_config(files: &TempFiles, token: &str) -> (Config, PathBuf) {
@@ -85,6 +85,73 @@ async fn listed(stream: &mut Reflection) -> Vec<String> {
     list.service.into_iter().map(|s| s.name).collect()
 }
 
+/// A server on `config` with the default bounds changed by `tune`.
+async fn bounded(config: Config, tune: impl FnOnce(&mut server::Bounds)) -> TestServer {
+    let mut bounds = server::Bounds::default();
+    tune(&mut bounds);
+    TestServer::start_bounded(config, bounds).await
+}
+
+/// Whether the server closes `peer` within 10 s, reading (and dropping)
+/// whatever it sends until then.
+async fn closes(peer: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 64];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match peer.read(&mut byte).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A health watch of `service` on `channel`, or its refusal.
+async fn health_watch(
+    channel: Channel,
+    service: &'static str,
+) -> Result<tonic::Streaming<HealthCheckResponse>, Status> {
+    HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A health probe (Check) on `channel`, asserted to be answered.
+async fn probe(channel: Channel) {
+    check_on(channel, "")
+        .await
+        .expect("a health probe was refused");
+}
+
+/// Opens 1,000 health watches at once on `channel`: asserts the watch pool
+/// admits exactly its size and refuses the rest with RESOURCE_EXHAUSTED;
+/// the open ones.
+async fn a_thousand_watches(channel: &Channel) -> Vec<tonic::Streaming<HealthCheckResponse>> {
+    let watches: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(health_watch(channel.clone(), "")))
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for watch in watches {
+        match watch.await.unwrap() {
+            Ok(stream) => open.push(stream),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("health watches"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(open.len(), session_server::limits::MAX_HEALTH_WATCHES);
+    assert_eq!(refused, 1000 - session_server::limits::MAX_HEALTH_WATCHES);
+    open
+}
+
 fn count(user: &str) -> Request<GetUserSessionCountRequest> {
     Request::new(GetUserSessionCountRequest {
         user_id: user.into(),
@@ -145,41 +212,10 @@ async fn a_thousand_unauthenticated_streams_are_refused() {
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     }
 
-    let watches: Vec<_> = (0..1000)
-        .map(|_| {
-            let mut health = HealthClient::new(channel.clone());
-            tokio::spawn(async move {
-                health
-                    .watch(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map(tonic::Response::into_inner)
-            })
-        })
-        .collect();
-    let mut open = Vec::new();
-    let mut refused = 0;
-    for watch in watches {
-        match watch.await.unwrap() {
-            Ok(stream) => open.push(stream),
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                assert!(status.message().contains("health watches"), "{status:?}");
-                refused += 1;
-            }
-        }
-    }
-    assert_eq!(open.len(), session_server::limits::MAX_HEALTH_WATCHES);
-    assert_eq!(refused, 1000 - session_server::limits::MAX_HEALTH_WATCHES);
+    let open = a_thousand_watches(&channel).await;
 
     // Everything else still works while those watches are open.
-    HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("probes are not counted with watches");
+    probe(channel.clone()).await;
     let mut authed = open_reflection(channel.clone(), Some("Bearer stream-secret"))
         .await
         .unwrap();
@@ -217,49 +253,19 @@ async fn the_health_port_caps_watches_with_the_main_port() {
             Err(_) => tokio::task::yield_now().await,
         }
     };
-    let watch = |channel: Channel| async move {
-        HealthClient::new(channel)
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
-    };
+    let mut open = a_thousand_watches(&channel).await;
 
-    let watches: Vec<_> = (0..1000)
-        .map(|_| tokio::spawn(watch(channel.clone())))
-        .collect();
-    let mut open = Vec::new();
-    let mut refused = 0;
-    for watch in watches {
-        match watch.await.unwrap() {
-            Ok(stream) => open.push(stream),
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                assert!(status.message().contains("health watches"), "{status:?}");
-                refused += 1;
-            }
-        }
-    }
-    assert_eq!(open.len(), session_server::limits::MAX_HEALTH_WATCHES);
-    assert_eq!(refused, 1000 - session_server::limits::MAX_HEALTH_WATCHES);
-
-    let status = watch(main.clone()).await.unwrap_err();
+    let status = health_watch(main.clone(), "").await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     for channel in [&channel, &main] {
-        HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .expect("probes are not counted with watches");
+        probe(channel.clone()).await;
     }
 
     // A watch that ends gives its permit back.
     open.pop();
     let reopened = wait_until(Duration::from_secs(5), || {
         let channel = channel.clone();
-        async move { watch(channel).await.is_ok() }
+        async move { health_watch(channel, "").await.is_ok() }
     })
     .await;
     assert!(reopened, "an ended watch did not free its permit");
@@ -273,11 +279,7 @@ async fn the_health_port_caps_watches_with_the_main_port() {
 /// stream that ends makes room for another.
 #[tokio::test]
 async fn streams_past_their_cap_are_refused_and_unary_calls_still_work() {
-    let bounds = server::Bounds {
-        max_streams: 4,
-        ..server::Bounds::default()
-    };
-    let server = TestServer::start_bounded(test_config(), bounds).await;
+    let server = bounded(test_config(), |b| b.max_streams = 4).await;
     let channel = server.channel().await;
 
     let mut open = Vec::new();
@@ -321,11 +323,7 @@ async fn a_stalled_tls_handshake_is_closed() {
     let files = TempFiles::new();
     let config = pki.server_config(&files, true);
     let bound = Duration::from_millis(500);
-    let bounds = server::Bounds {
-        tls_handshake_timeout: bound,
-        ..server::Bounds::default()
-    };
-    let server = TestServer::start_bounded(config, bounds).await;
+    let server = bounded(config, |b| b.tls_handshake_timeout = bound).await;
 
     let mut stalled = TcpStream::connect(server.addr).await.unwrap();
     let started = Instant::now();
@@ -366,11 +364,7 @@ async fn a_stalled_tls_handshake_is_closed() {
 #[tokio::test]
 async fn silent_and_half_preface_connections_are_closed() {
     let idle = Duration::from_millis(500);
-    let bounds = server::Bounds {
-        connection_idle_timeout: idle,
-        ..server::Bounds::default()
-    };
-    let server = TestServer::start_bounded(test_config(), bounds).await;
+    let server = bounded(test_config(), |b| b.connection_idle_timeout = idle).await;
 
     for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
         let mut peer = TcpStream::connect(server.addr).await.unwrap();
@@ -378,28 +372,14 @@ async fn silent_and_half_preface_connections_are_closed() {
             .await
             .unwrap();
         let started = Instant::now();
-        let mut byte = [0u8; 64];
-        let closed = tokio::time::timeout(Duration::from_secs(10), async {
-            // Whatever the server wrote (nothing, or its SETTINGS), until it
-            // closes.
-            loop {
-                match peer.read(&mut byte).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        assert!(closed.is_ok(), "a silent connection stayed open ({sent:?})");
+        // Whatever the server wrote (nothing, or its SETTINGS), until it
+        // closes.
+        let closed = closes(&mut peer).await;
+        assert!(closed, "a silent connection stayed open ({sent:?})");
         assert!(started.elapsed() >= idle - Duration::from_millis(50));
     }
 
-    HealthClient::new(server.channel().await)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap();
+    probe(server.channel().await).await;
     server.shutdown().await;
 }
 
@@ -409,11 +389,7 @@ async fn silent_and_half_preface_connections_are_closed() {
 #[tokio::test]
 async fn the_idle_timeout_counts_from_the_last_byte() {
     let idle = Duration::from_millis(500);
-    let bounds = server::Bounds {
-        connection_idle_timeout: idle,
-        ..server::Bounds::default()
-    };
-    let server = TestServer::start_bounded(test_config(), bounds).await;
+    let server = bounded(test_config(), |b| b.connection_idle_timeout = idle).await;
     let mut peer = TcpStream::connect(server.addr).await.unwrap();
     let mut byte = [0u8; 64];
     // 12 bytes over 1.8 s: more than three idle timeouts.
@@ -429,16 +405,8 @@ async fn the_idle_timeout_counts_from_the_last_byte() {
         }
     }
     let last_byte = Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match peer.read(&mut byte).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the connection stayed open once silent");
+    let closed = closes(&mut peer).await;
+    assert!(closed, "the connection stayed open once silent");
     // The last byte went out 150 ms before `last_byte`.
     assert!(last_byte.elapsed() >= idle - Duration::from_millis(200));
     server.shutdown().await;
@@ -448,11 +416,7 @@ async fn the_idle_timeout_counts_from_the_last_byte() {
 /// waits, and is served as soon as another connection closes.
 #[tokio::test]
 async fn connections_past_the_cap_wait_for_a_free_slot() {
-    let bounds = server::Bounds {
-        max_connections: 2,
-        ..server::Bounds::default()
-    };
-    let server = TestServer::start_bounded(test_config(), bounds).await;
+    let server = bounded(test_config(), |b| b.max_connections = 2).await;
     a_third_connection_waits_for_a_free_slot(server.addr).await;
     server.shutdown().await;
 }
@@ -493,9 +457,7 @@ async fn a_third_connection_waits_for_a_free_slot(addr: std::net::SocketAddr) {
 /// serves it: with 2, a third client waits until a connection closes.
 #[tokio::test]
 async fn max_connections_setting_caps_connections() {
-    let mut config = test_config();
-    config.max_connections = 2;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_connections = 2).await;
     a_third_connection_waits_for_a_free_slot(server.addr).await;
     server.shutdown().await;
 }
@@ -506,18 +468,9 @@ async fn max_connections_setting_caps_connections() {
 /// watches are served, and the one past the bound is refused.
 #[tokio::test]
 async fn health_watches_are_sized_to_max_connections() {
-    let mut config = test_config();
-    config.max_connections = 300;
-    let server = TestServer::start_with(config).await;
+    let server = TestServer::start_tuned(|c| c.max_connections = 300).await;
     let channel = server.channel().await;
-    let watch = |channel: Channel| async move {
-        HealthClient::new(channel)
-            .watch(HealthCheckRequest {
-                service: sessionstore::SERVICE_NAME.into(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
-    };
+    let watch = |channel| health_watch(channel, sessionstore::SERVICE_NAME);
     let watches: Vec<_> = (0..300)
         .map(|_| tokio::spawn(watch(channel.clone())))
         .collect();

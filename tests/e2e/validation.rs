@@ -10,7 +10,7 @@ use sessionstore::v1::{
 };
 use tonic::Code;
 
-use crate::support::TestServer;
+use crate::support::{Client, TestServer};
 
 /// Ids that break the identifier rules, with why.
 fn bad_ids() -> Vec<(String, &'static str)> {
@@ -37,6 +37,20 @@ fn assert_invalid(result: Result<impl std::fmt::Debug, tonic::Status>, field: &s
     );
 }
 
+fn get(token: &str, hint: &str) -> GetSessionRequest {
+    GetSessionRequest {
+        token_id: token.into(),
+        user_id: hint.into(),
+    }
+}
+
+fn revoke(token: &str, hint: &str) -> RevokeSessionRequest {
+    RevokeSessionRequest {
+        token_id: token.into(),
+        user_id: hint.into(),
+    }
+}
+
 fn create(user: &str, token: &str) -> CreateSessionRequest {
     CreateSessionRequest {
         max_lifetime: None,
@@ -55,70 +69,57 @@ async fn malformed_ids_are_refused_by_every_rpc() {
     let mut c = server.client().await;
     for (bad, why) in bad_ids() {
         let case = format!("{why} ({bad:?})");
-        assert_invalid(c.create_session(create(&bad, "t")).await, "user_id", &case);
-        assert_invalid(c.create_session(create("u", &bad)).await, "token_id", &case);
-        assert_invalid(
-            c.get_session(GetSessionRequest {
-                token_id: bad.clone(),
-                user_id: String::new(),
-            })
-            .await,
-            "token_id",
-            &case,
-        );
-        assert_invalid(
-            c.revoke_session(RevokeSessionRequest {
-                token_id: bad.clone(),
-                user_id: String::new(),
-            })
-            .await,
-            "token_id",
-            &case,
-        );
-        assert_invalid(
-            c.revoke_all_user_sessions(RevokeAllUserSessionsRequest {
-                user_id: bad.clone(),
-            })
-            .await,
-            "user_id",
-            &case,
-        );
-        assert_invalid(
-            c.get_user_session_count(GetUserSessionCountRequest {
-                user_id: bad.clone(),
-            })
-            .await,
-            "user_id",
-            &case,
-        );
-        assert_invalid(
-            c.list_user_sessions(ListUserSessionsRequest {
-                user_id: bad.clone(),
-            })
-            .await,
-            "user_id",
-            &case,
-        );
+        let answers = [
+            (
+                "user_id",
+                c.create_session(create(&bad, "t")).await.map(drop),
+            ),
+            (
+                "token_id",
+                c.create_session(create("u", &bad)).await.map(drop),
+            ),
+            ("token_id", c.get_session(get(&bad, "")).await.map(drop)),
+            (
+                "token_id",
+                c.revoke_session(revoke(&bad, "")).await.map(drop),
+            ),
+            (
+                "user_id",
+                c.revoke_all_user_sessions(RevokeAllUserSessionsRequest {
+                    user_id: bad.clone(),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "user_id",
+                c.get_user_session_count(GetUserSessionCountRequest {
+                    user_id: bad.clone(),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "user_id",
+                c.list_user_sessions(ListUserSessionsRequest {
+                    user_id: bad.clone(),
+                })
+                .await
+                .map(drop),
+            ),
+        ];
+        for (field, answer) in answers {
+            assert_invalid(answer, field, &case);
+        }
         if !bad.is_empty() {
             // An empty hint means "no hint"; a malformed one is an error.
-            assert_invalid(
-                c.get_session(GetSessionRequest {
-                    token_id: "t".into(),
-                    user_id: bad.clone(),
-                })
-                .await,
-                "user_id",
-                &case,
-            );
-            assert_invalid(
-                c.revoke_session(RevokeSessionRequest {
-                    token_id: "t".into(),
-                    user_id: bad.clone(),
-                })
-                .await,
-                "user_id",
-                &case,
-            );
+            let hinted = [
+                c.get_session(get("t", &bad)).await.map(drop),
+                c.revoke_session(revoke("t", &bad)).await.map(drop),
+            ];
+            for answer in hinted {
+                assert_invalid(answer, "user_id", &case);
+            }
         }
     }
     // The longest valid id is accepted.
@@ -205,47 +206,35 @@ async fn login_rpcs_refuse_bad_addresses() {
         "::g",
         "10.0.0.1/8",
     ] {
-        assert_invalid(
-            c.record_login_attempt(RecordLoginAttemptRequest {
-                ip: bad.into(),
-                ..Default::default()
-            })
-            .await,
-            "ip",
-            bad,
-        );
-        assert_invalid(
-            c.reset_login_attempts(ResetLoginAttemptsRequest {
-                ip: bad.into(),
-                ..Default::default()
-            })
-            .await,
-            "ip",
-            bad,
-        );
+        both_login_rpcs_refuse(&mut c, bad, "", "ip", bad).await;
     }
     // An account is any UTF-8 up to 256 bytes.
     let long = "é".repeat(129);
-    assert_invalid(
-        c.record_login_attempt(RecordLoginAttemptRequest {
-            ip: "192.0.2.1".into(),
-            account: long.clone(),
+    both_login_rpcs_refuse(&mut c, "192.0.2.1", &long, "account", &long).await;
+}
+
+/// RecordLoginAttempt and ResetLoginAttempts from `ip` for `account` are both
+/// refused as invalid, naming `field`.
+async fn both_login_rpcs_refuse(c: &mut Client, ip: &str, account: &str, field: &str, why: &str) {
+    let record = c
+        .record_login_attempt(RecordLoginAttemptRequest {
+            ip: ip.into(),
+            account: account.into(),
             ..Default::default()
         })
-        .await,
-        "account",
-        &long,
-    );
-    assert_invalid(
-        c.reset_login_attempts(ResetLoginAttemptsRequest {
-            ip: "192.0.2.1".into(),
-            account: long.clone(),
+        .await
+        .map(drop);
+    let reset = c
+        .reset_login_attempts(ResetLoginAttemptsRequest {
+            ip: ip.into(),
+            account: account.into(),
             ..Default::default()
         })
-        .await,
-        "account",
-        &long,
-    );
+        .await
+        .map(drop);
+    for result in [record, reset] {
+        assert_invalid(result, field, why);
+    }
 }
 
 /// A request over the maximum message size is refused with OUT_OF_RANGE before

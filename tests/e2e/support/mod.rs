@@ -27,13 +27,16 @@ pub(crate) use self::{
     http::{HttpAnswer, Serving, http},
     metrics::scrape,
     pki::Pki,
-    probe::{liveness, readiness, readiness_at},
+    probe::{check_on, liveness, readiness, readiness_at, readiness_becomes},
     process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
     redis::{
         PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,
-        redis_cli, redis_cli_with_password, server_script,
+        login_account_key, pttl, redis_cli, redis_cli_with_password, server_script,
     },
-    rpc::{Client, count, create, get, lookups_work_within, revoke},
+    rpc::{
+        Client, count, create, get, gone_within, list, lookups_work_within, record_attempt,
+        reset_attempts, revoke, revoke_all,
+    },
     server::{TestServer, config_on, https_url, test_config},
 };
 

@@ -251,6 +251,22 @@ pub(crate) async fn inspect<T: redis::FromRedisValue>(config: &Config, cmd: &red
     store.raw_command(cmd).await.unwrap()
 }
 
+/// The key's PTTL: -2 when it does not exist, -1 when it has no TTL.
+pub(crate) async fn pttl(config: &Config, key: &str) -> i64 {
+    inspect(config, redis::cmd("PTTL").arg(key)).await
+}
+
+/// The login limiter's `kind` key (`account`, `devices`, `device_refusals`)
+/// for `account`, as `session-server/src/store/login.rs` names it.
+pub(crate) fn login_account_key(config: &Config, kind: &str, account: &str) -> String {
+    let account = session_server::model::AccountKey::parse(account).unwrap();
+    format!(
+        "{}rate_limit:login:{kind}:{{{}}}",
+        config.key_prefix,
+        account.as_str()
+    )
+}
+
 /// A store script's source as the server loads it (store/mod.rs `script!`):
 /// the shared helpers of `lib.lua`, then the script; for tests that run the
 /// steps of a race by hand, in the order the race produces.

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
+    ListUserSessionsRequest, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
+    ResetLoginAttemptsRequest, ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest,
     RevokeSessionRequest, Session, session_store_client::SessionStoreClient,
 };
 use tonic::transport::Channel;
@@ -53,6 +55,30 @@ pub(crate) async fn revoke(client: &mut Client, token: &str, hint: &str) -> bool
         .revoked
 }
 
+/// Revokes every session of `user`; how many were live.
+pub(crate) async fn revoke_all(client: &mut Client, user: &str) -> u32 {
+    client
+        .revoke_all_user_sessions(RevokeAllUserSessionsRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_count
+}
+
+/// The live sessions of `user`, newest first.
+pub(crate) async fn list(client: &mut Client, user: &str) -> Vec<Session> {
+    client
+        .list_user_sessions(ListUserSessionsRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+}
+
 /// How many live sessions `user` has.
 pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
     client
@@ -63,6 +89,65 @@ pub(crate) async fn count(client: &mut Client, user: &str) -> u32 {
         .unwrap()
         .into_inner()
         .count
+}
+
+/// A login attempt from `ip` for `account` (may be empty), presenting the
+/// device token `device_token` (may be empty); the verdict.
+pub(crate) async fn record_attempt(
+    client: &mut Client,
+    ip: &str,
+    account: &str,
+    device_token: &str,
+) -> RecordLoginAttemptResponse {
+    client
+        .record_login_attempt(RecordLoginAttemptRequest {
+            ip: ip.into(),
+            account: account.into(),
+            device_token: device_token.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A successful login from `ip` for `account` (may be empty):
+/// ResetLoginAttempts with the device token `presented` (may be empty),
+/// issuing a new one when `issue`.
+pub(crate) async fn reset_attempts(
+    client: &mut Client,
+    ip: &str,
+    account: &str,
+    presented: &str,
+    issue: bool,
+) -> ResetLoginAttemptsResponse {
+    client
+        .reset_login_attempts(ResetLoginAttemptsRequest {
+            ip: ip.into(),
+            account: account.into(),
+            issue_device_token: issue,
+            device_token: presented.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Whether `client` (a near-cache, say) stops answering the session `token`
+/// of `user` within `limit`, asked every 20 ms.
+pub(crate) async fn gone_within(
+    limit: Duration,
+    client: &session_client::SessionClient,
+    user: &str,
+    token: &str,
+) -> bool {
+    wait_until(limit, || async {
+        client
+            .get_user_session(user, token)
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await
 }
 
 /// Whether a lookup of `request()` gets an answer (found or not) within

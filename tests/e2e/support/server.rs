@@ -9,6 +9,7 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
 use super::{
+    TempFiles,
     redis::{PrivateRedis, shared_redis_mode, shared_redis_url},
     unique_prefix,
 };
@@ -53,6 +54,31 @@ impl TestServer {
     /// Starts a server with the test defaults.
     pub(crate) async fn start() -> Self {
         Self::start_with(test_config()).await
+    }
+
+    /// Starts a server with the test defaults changed by `tune`.
+    pub(crate) async fn start_tuned(tune: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        tune(&mut config);
+        Self::start_with(config).await
+    }
+
+    /// Starts a server that requires one of the bearer `tokens` (the
+    /// AUTH_TOKENS_FILE contents); the file lives as long as the returned
+    /// [`TempFiles`].
+    pub(crate) async fn start_requiring_tokens(tokens: &str) -> (Self, TempFiles) {
+        let files = TempFiles::new();
+        let path = files.write("tokens", tokens);
+        let server = Self::start_tuned(|c| c.auth_tokens_file = Some(path)).await;
+        (server, files)
+    }
+
+    /// Starts a server on the private standalone `redis`, with the test
+    /// defaults changed by `tune`.
+    pub(crate) async fn on_tuned(redis: &PrivateRedis, tune: impl FnOnce(&mut Config)) -> Self {
+        let mut config = config_on(redis);
+        tune(&mut config);
+        Self::start_with(config).await
     }
 
     /// Starts a server with `config`, listening on a port-0 listener bound
