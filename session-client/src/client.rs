@@ -233,7 +233,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("CreateSession", request, |mut stub, req| async move {
                 stub.create_session(req).await
             })
             .await?;
@@ -308,7 +308,7 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RotateSession", request, |mut stub, req| async move {
                 stub.rotate_session(req).await
             })
             .await;
@@ -379,7 +379,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("ExtendSession", request, |mut stub, req| async move {
                 stub.extend_session(req).await
             })
             .await?;
@@ -483,7 +483,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .read(request, |mut stub, req| async move {
+            .read("GetSession", request, |mut stub, req| async move {
                 stub.get_session(req).await
             })
             .await?;
@@ -566,7 +566,7 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RevokeSession", request, |mut stub, req| async move {
                 stub.revoke_session(req).await
             })
             .await;
@@ -637,7 +637,7 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RevokeAllUserSessions", request, |mut stub, req| async move {
                 stub.revoke_all_user_sessions(req).await
             })
             .await;
@@ -672,7 +672,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .read(request, |mut stub, req| async move {
+            .read("GetUserSessionCount", request, |mut stub, req| async move {
                 stub.get_user_session_count(req).await
             })
             .await?;
@@ -705,7 +705,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .read(request, |mut stub, req| async move {
+            .read("ListUserSessions", request, |mut stub, req| async move {
                 stub.list_user_sessions(req).await
             })
             .await?;
@@ -838,7 +838,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RecordLoginAttempt", request, |mut stub, req| async move {
                 stub.record_login_attempt(req).await
             })
             .await?;
@@ -961,7 +961,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("ResetLoginAttempts", request, |mut stub, req| async move {
                 stub.reset_login_attempts(req).await
             })
             .await?;
@@ -995,7 +995,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("ForgetLoginDevices", request, |mut stub, req| async move {
                 stub.forget_login_devices(req).await
             })
             .await?;

@@ -54,6 +54,8 @@
 //! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
 //! - `types`: the domain types and their proto conversions.
 //! - `error`: [`Error`] and its one mapping from gRPC status codes.
+//! - `trace` (the `otel` feature): the call's and attempts' spans, and the
+//!   `traceparent` each attempt carries.
 //!
 //! A new RPC gets its method in `client`: domain types in and out (with
 //! their conversions in `types`), sent through `Caller::read` when it is
@@ -107,6 +109,8 @@ mod error;
 mod metadata;
 mod near_cache;
 mod retry;
+#[cfg(feature = "otel")]
+mod trace;
 mod types;
 
 pub use builder::Builder;
