@@ -637,9 +637,11 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write("RevokeAllUserSessions", request, |mut stub, req| async move {
-                stub.revoke_all_user_sessions(req).await
-            })
+            .write(
+                "RevokeAllUserSessions",
+                request,
+                |mut stub, req| async move { stub.revoke_all_user_sessions(req).await },
+            )
             .await;
         Ok(result?.revoked_count)
     }

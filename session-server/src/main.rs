@@ -50,7 +50,11 @@ async fn main() -> anyhow::Result<()> {
     }
     // Traces, when OTEL_EXPORTER_OTLP_ENDPOINT is set: started before the
     // log so its layer joins the subscriber; the exporter connects lazily.
-    let traces = match config.trace_settings().map(|s| Tracing::start(&s)).transpose() {
+    let traces = match config
+        .trace_settings()
+        .map(|s| Tracing::start(&s))
+        .transpose()
+    {
         Ok(traces) => traces,
         Err(message) => {
             eprintln!("error: {message}");

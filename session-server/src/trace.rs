@@ -32,17 +32,17 @@ use std::{
 
 use opentelemetry::{
     Context,
-    propagation::{Extractor, TextMapPropagator},
-    trace::{TraceContextExt, TraceId, TracerProvider as _},
+    trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    },
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
-    propagation::TraceContextPropagator,
     trace::{
-        BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData,
-        SpanExporter, SpanProcessor,
+        BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+        SpanProcessor,
     },
 };
 use tonic::codegen::http::HeaderMap;
@@ -206,9 +206,52 @@ pub fn log_filter() -> FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
 /// `tracestate`, or `None` without a valid one: a malformed header starts a
 /// new trace, it is never an error.
 pub fn parent(headers: &HeaderMap) -> Option<Context> {
-    headers.get("traceparent")?;
-    let cx = TraceContextPropagator::new().extract(&Headers(headers));
-    cx.span().span_context().is_valid().then_some(cx)
+    let traceparent = headers.get("traceparent")?.to_str().ok()?;
+    let (trace_id, span_id, flags) = parse_traceparent(traceparent)?;
+    // A bad `tracestate` is dropped, not the parent (W3C Trace Context).
+    let state = headers
+        .get("tracestate")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let context = SpanContext::new(trace_id, span_id, flags, true, state);
+    Some(Context::new().with_remote_span_context(context))
+}
+
+/// The trace id, parent id and flags of a `traceparent` as W3C Trace
+/// Context defines it: `version-traceid-parentid-flags` in lower-case hex,
+/// of 2, 32, 16 and 2 digits, neither id all zeros, version `ff` invalid,
+/// and nothing more in version 00 (later versions may append fields).
+/// Stricter than the SDK's propagator, which takes a short trace id.
+fn parse_traceparent(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
+    let hex = |field: &str, digits: usize| {
+        field.len() == digits
+            && field
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let mut fields = value.trim().split('-');
+    let version = fields.next()?;
+    let trace_id = fields.next()?;
+    let span_id = fields.next()?;
+    let flags = fields.next()?;
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && hex(span_id, 16)
+        && hex(flags, 2)
+        && (version != "00" || fields.next().is_none());
+    if !valid {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace_id).ok()?;
+    let span_id = SpanId::from_hex(span_id).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    (trace_id != TraceId::INVALID && span_id != SpanId::INVALID).then_some((
+        trace_id,
+        span_id,
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+    ))
 }
 
 /// The trace id of `span` when it is recorded (sampled), for the RPC's log
@@ -235,19 +278,6 @@ pub fn is_server_error(code: tonic::Code) -> bool {
             | Code::Unavailable
             | Code::DataLoss
     )
-}
-
-/// A request's headers, as the propagator reads them.
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|key| key.as_str()).collect()
-    }
 }
 
 /// Why spans were dropped, as the `reason` label of TRACE_SPANS_DROPPED.
@@ -365,6 +395,8 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
         ] {
             assert!(parent(&headers(malformed)).is_none(), "{malformed:?}");
         }
