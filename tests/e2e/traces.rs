@@ -21,8 +21,8 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::support::{
-    Collector, PrivateRedis, attribute, caller_tracing, hanging_collector, scrape, spawn_server,
-    string_attribute, unique_prefix,
+    Behaviour, Collector, PrivateRedis, Stub, attribute, caller_tracing, hanging_collector, scrape,
+    spawn_server, string_attribute, unique_prefix,
 };
 
 /// How long a span may take to reach the collector: the server exports
@@ -126,7 +126,10 @@ async fn a_client_call_in_a_span_continues_the_callers_trace_into_redis() {
     let ended = caller_spans.ended();
     let attempt = ended
         .iter()
-        .find(|span| span.span_kind == SpanKind::Client)
+        .find(|span| {
+            span.span_kind == SpanKind::Client
+                && span.name == "sessionstore.v1.SessionStore/GetSession"
+        })
         .expect("no client attempt span");
     assert_eq!(
         server.parent_span_id,
@@ -316,4 +319,70 @@ async fn a_hanging_collector_costs_spans_not_latency() {
     let took = stopping.elapsed();
     assert_eq!(exited.code(), Some(0), "{exited:?}");
     assert!(took < Duration::from_secs(8), "stopping took {took:?}");
+}
+
+/// Retries are sibling spans: a read answered UNAVAILABLE twice, then OK,
+/// is one call span with three attempt spans under it, numbered 1 to 3,
+/// each attempt carrying its own span as `traceparent` in the caller's
+/// trace.
+#[tokio::test]
+async fn each_attempt_is_a_sibling_span_and_carries_its_traceparent() {
+    let stub = Stub::start(Behaviour {
+        unavailable_first: 2,
+        then: tonic::Code::Ok,
+    })
+    .await;
+    let client = stub.client().max_attempts(3).connect().await.unwrap();
+    let (subscriber, caller_spans) = caller_tracing();
+    let _tracing = tracing::subscriber::set_default(subscriber);
+    let caller = tracing::info_span!("caller");
+    let trace_id = caller.context().span().span_context().trace_id();
+    client
+        .get_user_session_count("u")
+        .instrument(caller.clone())
+        .await
+        .unwrap();
+    drop(caller);
+
+    let ended = caller_spans.ended();
+    let call = ended
+        .iter()
+        .find(|span| span.name == "sessionstore.v1.SessionStore/GetUserSessionCount call")
+        .expect("no call span");
+    let mut attempts: Vec<_> = ended
+        .iter()
+        .filter(|span| span.span_kind == SpanKind::Client)
+        .collect();
+    attempts.sort_by_key(|span| span.start_time);
+    assert_eq!(attempts.len(), 3);
+    let sent: Vec<String> = stub
+        .metadata()
+        .iter()
+        .map(|metadata| {
+            metadata
+                .get("traceparent")
+                .expect("an attempt without traceparent")
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(sent.len(), 3);
+    for (number, (attempt, traceparent)) in attempts.iter().zip(&sent).enumerate() {
+        assert_eq!(attempt.parent_span_id, call.span_context.span_id());
+        assert_eq!(attempt.span_context.trace_id(), trace_id);
+        let number = (number + 1).to_string();
+        assert!(
+            attempt
+                .attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "attempt" && kv.value.as_str() == number),
+            "{:?}",
+            attempt.attributes
+        );
+        assert_eq!(
+            *traceparent,
+            format!("00-{}-{}-01", trace_id, attempt.span_context.span_id())
+        );
+    }
 }
