@@ -46,7 +46,7 @@ pub(crate) fn attempt_span<T>(
         rpc.service = sessionstore::SERVICE_NAME,
         rpc.method = method,
         rpc.grpc.status_code = Empty,
-        attempt = number,
+        attempt = i64::from(number),
     );
     if span.is_disabled() {
         return span;

@@ -88,7 +88,7 @@ async fn a_client_call_in_a_span_continues_the_callers_trace_into_redis() {
     let (subscriber, caller_spans) = caller_tracing();
     let _tracing = tracing::subscriber::set_default(subscriber);
 
-    let prefix = unique_prefix();
+    let prefix = unique_prefix().replace(':', "");
     let user = format!("traced-user-{prefix}");
     let token = format!("traced-token-{prefix}");
     let client = SessionClient::builder(format!("http://{addr}"))
