@@ -10,7 +10,7 @@ use clap::Parser;
 use session_server::{Config, Store, config::LogFormat, server, trace::Tracing};
 use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry, filter::FilterExt, layer::SubscriberExt, util::SubscriberInitExt,
+    EnvFilter, Layer, Registry, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
 /// mimalloc instead of glibc malloc: 10 % fewer instructions per GetSession,
@@ -262,9 +262,29 @@ fn init_tracing(format: LogFormat, traces: Option<&Tracing>) -> (WorkerGuard, Er
         .thread_name("log-writer")
         .finish(std::io::stdout());
     let drops = writer.error_counter();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The spans that become traces are the traces' layer's alone.
-    let filter = filter.and(session_server::trace::log_filter());
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(session_server::trace::log_directive());
+    let Some(traces) = traces else {
+        // Without traces, one global filter and no per-layer filters, as
+        // before traces existed: what every call pays stays as it was.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer);
+        match format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .init(),
+        }
+        return (guard, drops);
+    };
+    // With traces, each layer has its own filter: the log's as above, the
+    // traces' its target alone. (No `Option` of a layer: a missing layer
+    // says it wants everything, which would enable every call site.)
     let log = tracing_subscriber::fmt::layer().with_writer(writer);
     let log = match format {
         LogFormat::Text => log.with_filter(filter).boxed(),
@@ -276,10 +296,7 @@ fn init_tracing(format: LogFormat, traces: Option<&Tracing>) -> (WorkerGuard, Er
             .with_filter(filter)
             .boxed(),
     };
-    Registry::default()
-        .with(traces.map(Tracing::layer))
-        .with(log)
-        .init();
+    Registry::default().with(traces.layer()).with(log).init();
     (guard, drops)
 }
 

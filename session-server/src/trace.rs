@@ -4,11 +4,14 @@
 //! operation (`store/op.rs`), exported over OTLP/gRPC in bounded batches.
 //!
 //! Both kinds of span are `tracing` spans of target [`TARGET`] at INFO.
-//! `main` gives the log's layer a filter that leaves that target out
-//! ([`log_filter`]) and installs the OpenTelemetry layer ([`Tracing::layer`])
-//! only when traces are on, so with traces off no subscriber is interested in
-//! them: `tracing` caches that per call site, and making such a span costs a
-//! load and a branch (BENCHMARKS.md, "#27 traces").
+//! `main` gives the log's filter a directive that leaves that target out
+//! ([`log_directive`]) and installs the OpenTelemetry layer
+//! ([`Tracing::layer`]) only when traces are on. With traces off the
+//! subscriber is the one it was before traces existed (one global filter:
+//! no per-layer filters, whose bookkeeping costs on every call site), and
+//! no subscriber is interested in those spans: `tracing` caches that per
+//! call site, and making such a span costs a load and a branch
+//! (BENCHMARKS.md, "#27 traces").
 //!
 //! What a span holds: the method (`rpc.service`, `rpc.method`) and its gRPC
 //! code; the store operation's name, `db.system` and its round trips. Never a
@@ -23,6 +26,7 @@
 
 use std::{
     fmt,
+    str::FromStr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -47,7 +51,11 @@ use opentelemetry_sdk::{
 };
 use tonic::codegen::http::HeaderMap;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{Layer, filter::FilterFn, registry::LookupSpan};
+use tracing_subscriber::{
+    Layer,
+    filter::{Directive, FilterFn},
+    registry::LookupSpan,
+};
 
 /// The `tracing` target of the spans that become OpenTelemetry spans, and
 /// of nothing else.
@@ -195,11 +203,13 @@ impl Tracing {
     }
 }
 
-/// The log's filter beside its level filter: leaves the spans of [`TARGET`]
-/// to the OpenTelemetry layer, so log lines look the same with traces on or
-/// off, and with traces off no subscriber wants those spans.
-pub fn log_filter() -> FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
-    FilterFn::new(|meta| meta.target() != TARGET)
+/// The directive the log's filter gets beside RUST_LOG's: [`TARGET`] off,
+/// leaving those spans to the OpenTelemetry layer, so log lines look the
+/// same with traces on or off, and with traces off no subscriber wants
+/// those spans (their call sites are then never enabled, a cached check).
+pub fn log_directive() -> Directive {
+    // The target's text is a constant that parses.
+    Directive::from_str(&format!("{TARGET}=off")).unwrap_or_default()
 }
 
 /// The caller's trace context from a request's `traceparent` and

@@ -314,7 +314,8 @@ impl Op {
         self.duration.record(start.elapsed().as_secs_f64());
         self.round_trips += 1;
         if !self.span.is_disabled() {
-            self.span.record("db.redis.round_trips", i64::from(self.round_trips));
+            self.span
+                .record("db.redis.round_trips", i64::from(self.round_trips));
         }
         let outcome = match result {
             Ok(Ok(value)) => Ok(value),
