@@ -556,8 +556,19 @@ fn log_rpc(loudness: Loudness, call: &CallRecord, code: Code, latency_ms: f64, s
     let path = call.unknown_path.as_deref();
     let code = code_name(code);
     let suppressed = (suppressed > 0).then_some(suppressed);
-    // Only a sampled trace's id: an unsampled one names no trace to find.
-    let trace_id = trace::sampled_trace_id(&call.span).map(tracing::field::display);
+    // Only a sampled trace's id (an unsampled one names no trace to find),
+    // and only for a line that will be written: reading it costs.
+    let written = !call.span.is_disabled()
+        && match loudness {
+            Loudness::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            Loudness::Info => tracing::enabled!(tracing::Level::INFO),
+            Loudness::Warn => tracing::enabled!(tracing::Level::WARN),
+            Loudness::Error => tracing::enabled!(tracing::Level::ERROR),
+        };
+    let trace_id = written
+        .then(|| trace::sampled_trace_id(&call.span))
+        .flatten()
+        .map(tracing::field::display);
     match loudness {
         Loudness::Debug => {
             tracing::debug!(method, path, code, latency_ms, suppressed, trace_id, "rpc");
