@@ -3,8 +3,8 @@
 # replicas) and a Sentinel deployment (master, replica, 3 sentinels), each
 # started on free ports by scripts/redis-topology.sh and torn down after. The
 # failover and eviction tests start their own deployments of every topology,
-# and the kubernetes tests their own standalone Redis and server processes,
-# so they are not repeated here.
+# the kubernetes and traces tests their own standalone Redis and server
+# processes (or none), so they are not repeated here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-redis.sh >/dev/null
@@ -23,7 +23,8 @@ for topology in cluster sentinel; do
   env_lines="$(scripts/redis-topology.sh start "${topology}" "${work}/${topology}")"
   (
     while IFS= read -r line; do export "${line?}"; done <<<"${env_lines}"
-    cargo test --locked --test e2e -- --skip failover:: --skip eviction:: --skip kubernetes::
+    cargo test --locked --test e2e -- --skip failover:: --skip eviction:: --skip kubernetes:: \
+      --skip traces::
   )
   scripts/redis-topology.sh stop "${work}/${topology}"
 done

@@ -9,7 +9,9 @@
 //! attempt bound, the free retries, the retry budget), and [`Deadline`]
 //! says how long the next attempt may take and whether a pause still fits.
 //! [`Caller::call`] applies them: ejects endpoints, charges the retry
-//! budget, sleeps.
+//! budget, sleeps. With the `otel` feature it also makes the call's and
+//! each attempt's spans, and puts the attempt's `traceparent` on it
+//! (`trace`).
 
 use std::{
     future::Future,
@@ -64,30 +66,91 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
-    /// A call that is safe to repeat.
-    pub(crate) async fn read<Req, Resp, F, Fut>(&self, request: Req, call: F) -> Result<Resp>
+    /// A call of `method` (its name in the service, "GetSession": for its
+    /// spans) that is safe to repeat.
+    pub(crate) async fn read<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp>
     where
         Req: Clone,
         F: Fn(Stub, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        self.call(Kind::Read, request, call).await
+        self.traced(Kind::Read, method, request, call).await
     }
 
-    /// A call that must not be repeated once it may have reached the server.
-    pub(crate) async fn write<Req, Resp, F, Fut>(&self, request: Req, call: F) -> Result<Resp>
+    /// A call of `method` that must not be repeated once it may have reached
+    /// the server.
+    pub(crate) async fn write<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp>
     where
         Req: Clone,
         F: Fn(Stub, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        self.call(Kind::Write, request, call).await
+        self.traced(Kind::Write, method, request, call).await
+    }
+
+    /// [`Caller::call`] in the call's span, which ends with the call's code.
+    #[cfg(feature = "otel")]
+    async fn traced<Req, Resp, F, Fut>(
+        &self,
+        kind: Kind,
+        method: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(Stub, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        use tracing::Instrument;
+        let span = crate::trace::call_span(method);
+        let result = self
+            .call(kind, method, request, call)
+            .instrument(span.clone())
+            .await;
+        if result.is_err() && !span.is_disabled() {
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+
+    /// [`Caller::call`]: without the `otel` feature, no spans.
+    #[cfg(not(feature = "otel"))]
+    async fn traced<Req, Resp, F, Fut>(
+        &self,
+        kind: Kind,
+        _method: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(Stub, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        self.call(kind, request, call).await
     }
 
     /// Runs a call's attempts within its budget: picks an endpoint for each,
     /// sends the time left as `grpc-timeout`, and decides after each failure
     /// whether another attempt may be made (see [`Retries::after`]).
-    async fn call<Req, Resp, F, Fut>(&self, kind: Kind, request: Req, call: F) -> Result<Resp>
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        kind: Kind,
+        #[cfg(feature = "otel")] method: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp>
     where
         Req: Clone,
         F: Fn(Stub, Request<Req>) -> Fut,
@@ -97,6 +160,8 @@ impl Caller {
         let deadline = Deadline::after(Instant::now(), policy.timeout);
         let mut retries = Retries::new(policy.retry.max_attempts, self.pool.members().len());
         let mut last: Option<(Arc<Member>, Status)> = None;
+        #[cfg(feature = "otel")]
+        let (call_span, mut attempt_number) = (tracing::Span::current(), 0_u32);
         loop {
             let Some(budget) = deadline.attempt_budget(Instant::now(), policy.attempt_timeout)
             else {
@@ -110,10 +175,24 @@ impl Caller {
             retries.start();
             let mut attempt = Request::new(request.clone());
             self.auth.prepare(&mut attempt, budget);
+            #[cfg(feature = "otel")]
+            let attempt_span = {
+                attempt_number += 1;
+                crate::trace::attempt_span(&call_span, method, attempt_number, &mut attempt)
+            };
             let stub = SessionStoreClient::new(member.channel());
             let in_flight = member.start();
             let result = tokio::time::timeout(budget, call(stub, attempt)).await;
             drop(in_flight);
+            #[cfg(feature = "otel")]
+            crate::trace::end(
+                &attempt_span,
+                match &result {
+                    Ok(Ok(_)) => tonic::Code::Ok,
+                    Ok(Err(status)) => status.code(),
+                    Err(_elapsed) => tonic::Code::DeadlineExceeded,
+                },
+            );
             let status = match result {
                 Ok(Ok(response)) => {
                     member.answered();

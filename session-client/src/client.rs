@@ -237,7 +237,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("CreateSession", request, |mut stub, req| async move {
                 stub.create_session(req).await
             })
             .await?;
@@ -312,7 +312,7 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RotateSession", request, |mut stub, req| async move {
                 stub.rotate_session(req).await
             })
             .await;
@@ -383,7 +383,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("ExtendSession", request, |mut stub, req| async move {
                 stub.extend_session(req).await
             })
             .await?;
@@ -524,7 +524,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .read(request, |mut stub, req| async move {
+            .read("GetSession", request, |mut stub, req| async move {
                 stub.get_session(req).await
             })
             .await?;
@@ -607,7 +607,7 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RevokeSession", request, |mut stub, req| async move {
                 stub.revoke_session(req).await
             })
             .await;
@@ -678,9 +678,11 @@ impl SessionClient {
         let result = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
-                stub.revoke_all_user_sessions(req).await
-            })
+            .write(
+                "RevokeAllUserSessions",
+                request,
+                |mut stub, req| async move { stub.revoke_all_user_sessions(req).await },
+            )
             .await;
         Ok(result?.revoked_count)
     }
@@ -713,7 +715,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .read(request, |mut stub, req| async move {
+            .read("GetUserSessionCount", request, |mut stub, req| async move {
                 stub.get_user_session_count(req).await
             })
             .await?;
@@ -746,7 +748,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .read(request, |mut stub, req| async move {
+            .read("ListUserSessions", request, |mut stub, req| async move {
                 stub.list_user_sessions(req).await
             })
             .await?;
@@ -879,7 +881,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("RecordLoginAttempt", request, |mut stub, req| async move {
                 stub.record_login_attempt(req).await
             })
             .await?;
@@ -1002,7 +1004,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("ResetLoginAttempts", request, |mut stub, req| async move {
                 stub.reset_login_attempts(req).await
             })
             .await?;
@@ -1036,7 +1038,7 @@ impl SessionClient {
         let response = self
             .shared
             .caller
-            .write(request, |mut stub, req| async move {
+            .write("ForgetLoginDevices", request, |mut stub, req| async move {
                 stub.forget_login_devices(req).await
             })
             .await?;

@@ -58,6 +58,8 @@
 //! - `metadata`: the bearer token (rotatable) and `grpc-timeout` per attempt.
 //! - `types`: the domain types and their proto conversions.
 //! - `error`: [`Error`] and its one mapping from gRPC status codes.
+//! - `trace` (the `otel` feature): the call's and attempts' spans, and the
+//!   `traceparent` each attempt carries.
 //!
 //! A new RPC gets its method in `client`: domain types in and out (with
 //! their conversions in `types`), sent through `Caller::read` when it is
@@ -113,6 +115,8 @@ mod near_cache;
 #[cfg(feature = "tower")]
 mod require_session;
 mod retry;
+#[cfg(feature = "otel")]
+mod trace;
 mod types;
 
 pub use builder::Builder;

@@ -11,6 +11,7 @@ use crate::store::{
     LimitPolicy, RedisMode, Settings,
     credentials::{password_from_file, redact_redis_urls},
 };
+use crate::trace::{TraceSampler, TraceSettings};
 
 /// The longest SESSION_TTL, SESSION_TTL_MAX and RATE_LIMIT_WINDOW, in
 /// seconds: 365 days. Far below where the store's arithmetic could overflow: a
@@ -71,6 +72,45 @@ impl ValueEnum for LimitPolicy {
                 PossibleValue::new("reject").help("Refuse the new session (created = false)")
             }
         })
+    }
+}
+
+// The names the OpenTelemetry SDKs give OTEL_TRACES_SAMPLER's values.
+impl ValueEnum for TraceSampler {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            Self::AlwaysOn,
+            Self::AlwaysOff,
+            Self::TraceIdRatio,
+            Self::ParentBasedAlwaysOn,
+            Self::ParentBasedAlwaysOff,
+            Self::ParentBasedTraceIdRatio,
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Self::AlwaysOn => PossibleValue::new("always_on").help("Every trace"),
+            Self::AlwaysOff => PossibleValue::new("always_off").help("No trace"),
+            Self::TraceIdRatio => PossibleValue::new("traceidratio")
+                .help("A fraction (OTEL_TRACES_SAMPLER_ARG) of the traces, by trace id"),
+            Self::ParentBasedAlwaysOn => PossibleValue::new("parentbased_always_on")
+                .help("The caller's decision; every trace that starts here"),
+            Self::ParentBasedAlwaysOff => PossibleValue::new("parentbased_always_off")
+                .help("The caller's decision; no trace that starts here"),
+            Self::ParentBasedTraceIdRatio => PossibleValue::new("parentbased_traceidratio")
+                .help("The caller's decision; a fraction of the traces that start here"),
+        })
+    }
+}
+
+/// OTEL_TRACES_SAMPLER_ARG: a fraction from 0 to 1.
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    let ratio: f64 = value.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&ratio) {
+        Ok(ratio)
+    } else {
+        Err("must be from 0 to 1".into())
     }
 }
 
@@ -332,6 +372,32 @@ pub struct Config {
     /// before they are decoded.
     #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=4 * 1024 * 1024))]
     pub max_request_bytes: u64,
+
+    /// OTLP/gRPC address of an OpenTelemetry collector
+    /// (`http://otel-collector:4317`). Set, each RPC is a span (child of the
+    /// caller's `traceparent`) with a child span per Redis operation,
+    /// exported there; unset or empty, no traces. The exporter also reads
+    /// the standard OTEL_EXPORTER_OTLP_HEADERS, _COMPRESSION and _TIMEOUT.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// The `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "sessionstore")]
+    pub otel_service_name: String,
+
+    /// Which traces are recorded (as the OpenTelemetry SDKs read it).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_enum, default_value_t = TraceSampler::ParentBasedAlwaysOn)]
+    pub otel_traces_sampler: TraceSampler,
+
+    /// The fraction of traces the `traceidratio` samplers keep, 0 to 1.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub otel_traces_sampler_arg: f64,
+
+    /// Most ended spans waiting for export; past it spans are dropped (and
+    /// counted in sessionstore_trace_spans_dropped_total), so a slow or
+    /// absent collector never makes a call wait. About 1 KiB a span.
+    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub otel_bsp_max_queue_size: u32,
 }
 
 impl Config {
@@ -495,6 +561,22 @@ impl Config {
         }
     }
 
+    /// The traces' share of the configuration: `None` (no traces) unless
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set and not empty.
+    pub fn trace_settings(&self) -> Option<TraceSettings> {
+        let endpoint = self
+            .otel_exporter_otlp_endpoint
+            .as_ref()
+            .filter(|endpoint| !endpoint.trim().is_empty())?;
+        Some(TraceSettings {
+            endpoint: endpoint.clone(),
+            service_name: self.otel_service_name.clone(),
+            sampler: self.otel_traces_sampler,
+            ratio: self.otel_traces_sampler_arg,
+            max_queue: usize::try_from(self.otel_bsp_max_queue_size).unwrap_or(usize::MAX),
+        })
+    }
+
     /// A configuration with every default, for tests and embedding.
     pub fn defaults() -> Self {
         // Parsing no arguments and no environment cannot fail: every field
@@ -552,6 +634,11 @@ impl fmt::Debug for Config {
             redis_ca_file,
             log_format,
             max_request_bytes,
+            otel_exporter_otlp_endpoint,
+            otel_service_name,
+            otel_traces_sampler,
+            otel_traces_sampler_arg,
+            otel_bsp_max_queue_size,
         } = self;
         f.debug_struct("Config")
             .field("redis_url", &redact_redis_urls(redis_url))
@@ -607,6 +694,11 @@ impl fmt::Debug for Config {
             .field("redis_ca_file", redis_ca_file)
             .field("log_format", log_format)
             .field("max_request_bytes", max_request_bytes)
+            .field("otel_exporter_otlp_endpoint", otel_exporter_otlp_endpoint)
+            .field("otel_service_name", otel_service_name)
+            .field("otel_traces_sampler", otel_traces_sampler)
+            .field("otel_traces_sampler_arg", otel_traces_sampler_arg)
+            .field("otel_bsp_max_queue_size", otel_bsp_max_queue_size)
             .finish()
     }
 }

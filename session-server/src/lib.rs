@@ -15,6 +15,9 @@
 //! - [`methods`]: the table of served methods (label, streaming, health),
 //!   built once from the descriptor sets; what the layers ask of a path.
 //! - [`observe`]: one log line and the metrics of each RPC.
+//! - [`trace`]: OpenTelemetry traces, off unless OTEL_EXPORTER_OTLP_ENDPOINT
+//!   is set: the span per RPC (made by `observe`) and per Redis operation
+//!   (`store/op.rs`), the caller's `traceparent`, the bounded export.
 //! - `log_gate`: the one rate limit on log lines (the RPC log, the Redis
 //!   failure and contention warnings, the failed-accept warning), counting
 //!   the lines it leaves out.
@@ -56,6 +59,7 @@ pub mod server;
 pub mod service;
 mod shutdown;
 pub mod store;
+pub mod trace;
 pub mod watch;
 
 pub use config::Config;

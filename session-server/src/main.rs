@@ -7,15 +7,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use session_server::{Config, Store, config::LogFormat, server};
+use session_server::{Config, Store, config::LogFormat, server, trace::Tracing};
 use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 /// mimalloc instead of glibc malloc: 10 % fewer instructions per GetSession,
 /// 13 % per CreateSession, and fewer than jemalloc, for a larger but bounded
 /// RSS (BENCHMARKS.md, "#15 hot path").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The longest the shutdown waits for the queued spans to be exported (with
+/// traces on), within what is left of SHUTDOWN_DELAY_MS plus the drain: a
+/// collector that does not answer costs the spans, not the pod's grace
+/// period.
+const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long in-flight calls may take to finish once the listener has closed
 /// (SHUTDOWN_DELAY_MS after the shutdown signal). Keep SHUTDOWN_DELAY_MS plus
@@ -40,9 +48,31 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("error: {message}");
         std::process::exit(2);
     }
+    // Traces, when OTEL_EXPORTER_OTLP_ENDPOINT is set: started before the
+    // log so its layer joins the subscriber; the exporter connects lazily.
+    let traces = match config
+        .trace_settings()
+        .map(|s| Tracing::start(&s))
+        .transpose()
+    {
+        Ok(traces) => traces,
+        Err(message) => {
+            eprintln!("error: {message}");
+            std::process::exit(2);
+        }
+    };
     // Kept to the end of `main`: dropping it flushes the queued lines, so the
     // last ones (the drain, "stopped") are not lost at exit.
-    let (_log_flush, log_drops) = init_tracing(config.log_format);
+    let (_log_flush, log_drops) = init_tracing(config.log_format, traces.as_ref());
+    if let Some(settings) = config.trace_settings() {
+        tracing::info!(
+            endpoint = %settings.endpoint,
+            service = %settings.service_name,
+            sampler = ?settings.sampler,
+            ratio = settings.ratio,
+            "exporting traces"
+        );
+    }
     raise_fd_limit(&config);
     // rustls needs a process-wide crypto provider before the first TLS
     // handshake (gRPC TLS or rediss://); both use ring. An Err means one is
@@ -96,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         () = shutdown_signal() => {}
     }
     let _ = stop_tx.send(());
+    let stopping = tokio::time::Instant::now();
     // The server serves on through the delay, then drains. A second signal
     // (a second Ctrl-C) stops it at once, dropping what is in flight.
     let limit = Duration::from_millis(config.shutdown_delay_ms) + DRAIN_TIMEOUT;
@@ -115,6 +146,18 @@ async fn main() -> anyhow::Result<()> {
     let _ = metrics_stop_tx.send(());
     if let Ok(Err(err)) = metrics_server.await {
         tracing::warn!(error = %err, "metrics endpoint failed");
+    }
+    if let Some(traces) = traces {
+        let budget = limit
+            .saturating_sub(stopping.elapsed())
+            .min(TRACE_FLUSH_TIMEOUT);
+        // The SDK's shutdown blocks until its export thread answers.
+        let flushed = tokio::task::spawn_blocking(move || traces.shutdown(budget)).await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, ?budget, "queued spans not exported"),
+            Err(err) => tracing::warn!(error = %err, "the span export did not stop"),
+        }
     }
     tracing::info!("stopped");
     Ok(())
@@ -209,27 +252,51 @@ async fn shutdown_signal() {
 }
 
 /// Installs the log subscriber, writing to stdout through a bounded, lossy
-/// queue (see [`LOG_BUFFER_LINES`]). Returns the guard that flushes the queue
-/// when dropped, and the count of lines dropped because the queue was full.
-fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
+/// queue (see [`LOG_BUFFER_LINES`]), and the traces' layer when `traces`.
+/// Returns the guard that flushes the queue when dropped, and the count of
+/// lines dropped because the queue was full.
+fn init_tracing(format: LogFormat, traces: Option<&Tracing>) -> (WorkerGuard, ErrorCounter) {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("log-writer")
         .finish(std::io::stdout());
     let drops = writer.error_counter();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
+    // The spans that become traces are the traces' layer's alone.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(session_server::trace::log_directive());
+    let Some(traces) = traces else {
+        // Without traces, one global filter and no per-layer filters, as
+        // before traces existed: what every call pays stays as it was.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer);
+        match format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .init(),
+        }
+        return (guard, drops);
+    };
+    // With traces, each layer has its own filter: the log's as above, the
+    // traces' its target alone. (No `Option` of a layer: a missing layer
+    // says it wants everything, which would enable every call site.)
+    let log = tracing_subscriber::fmt::layer().with_writer(writer);
+    let log = match format {
+        LogFormat::Text => log.with_filter(filter).boxed(),
+        LogFormat::Json => log
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .init(),
-    }
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    Registry::default().with(traces.layer()).with(log).init();
     (guard, drops)
 }
 

@@ -101,6 +101,11 @@ pub const TLS_RELOADS: &str = "sessionstore_tls_reloads_total";
 /// AUTH_TOKENS_FILE reloads that kept the previous tokens (the file could not
 /// be read, or changed while it was read). Alert on any increase.
 pub const AUTH_TOKENS_RELOAD_FAILURES: &str = "sessionstore_auth_tokens_reload_failures_total";
+/// Trace spans dropped, by `reason`: `queue_full` (the export queue,
+/// OTEL_BSP_MAX_QUEUE_SIZE, was full: the collector is slow or away; a call
+/// never waits for it) or `export_failed` (the collector refused the batch
+/// or did not answer in time). Only with OTEL_EXPORTER_OTLP_ENDPOINT set.
+pub const TRACE_SPANS_DROPPED: &str = "sessionstore_trace_spans_dropped_total";
 
 /// Latency buckets in seconds: from 100 µs (a local Redis GET) to 5 s.
 const LATENCY_BUCKETS: &[f64] = &[

@@ -24,6 +24,14 @@
 //! a known method is logged as method `other`, with at most
 //! [`LOGGED_PATH_CHARS`] printable ASCII characters of it.
 //!
+//! With traces on (OTEL_EXPORTER_OTLP_ENDPOINT, see [`crate::trace`]) each
+//! call is also a server span, child of the caller's `traceparent` when it
+//! sent a valid one, with the OpenTelemetry RPC attributes (`rpc.system`,
+//! `rpc.service`, `rpc.method`, `rpc.grpc.status_code`); the handler runs
+//! inside it, so the store's Redis spans are its children, and the call's
+//! log line carries its `trace_id` when the trace is sampled. With traces
+//! off the span is a disabled one: no subscriber wants it.
+//!
 //! It runs on every call, so it is kept cheap: the method is looked up once
 //! in the method table ([`crate::methods`]), whose label is a static string
 //! (no copy of the path), and the metric handles of each (method, code)
@@ -53,6 +61,7 @@ use tower::{Layer, Service};
 use crate::{
     log_gate::LogGate,
     methods::{Method, Methods},
+    trace,
 };
 
 /// Most RPC log lines written per second for one gRPC code at INFO level or
@@ -204,6 +213,9 @@ struct CallRecord {
     /// The answer's code, once the call has ended: its response future
     /// completed (unary) or its response body ended (streams).
     code: Option<Code>,
+    /// The call's span; disabled (and free) when traces are off. It ends
+    /// when the record is dropped, after the call's log line.
+    span: tracing::Span,
 }
 
 impl CallRecord {
@@ -225,6 +237,12 @@ impl Drop for CallRecord {
     fn drop(&mut self) {
         let now = Instant::now();
         let code = self.code.unwrap_or_else(|| self.dropped_code(now));
+        if !self.span.is_disabled() {
+            self.span.record("rpc.grpc.status_code", code as i64);
+            if trace::is_server_error(code) {
+                self.span.record("otel.status_code", "ERROR");
+            }
+        }
         self.handles.log(self, code, now);
         self.handles.record(
             self.method,
@@ -255,6 +273,7 @@ where
         // Only an unknown path is copied (and then only its start), so the
         // log can say what was asked.
         let unknown_path = method.is_other().then(|| printable_prefix(path));
+        let span = rpc_span(method, request.headers());
         // Made before the inner call and moved into the future, so even a
         // future dropped before its first poll is recorded.
         let record = CallRecord {
@@ -264,6 +283,7 @@ where
             start: Instant::now(),
             deadline: crate::limits::caller_timeout(request.headers()),
             code: None,
+            span,
         };
         RpcLogFuture {
             inner: self.inner.call(request),
@@ -296,7 +316,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
+        let result = {
+            // The handler runs in the call's span, so the store's spans are
+            // its children. Entering a disabled span does nothing.
+            let _entered = this.record.as_ref().map(|record| record.span.enter());
+            std::task::ready!(this.inner.poll(cx))
+        };
         // `None` only if polled again after completing, which futures may
         // not be; nothing is recorded twice.
         let Some(mut record) = this.record.take() else {
@@ -405,6 +430,51 @@ where
     }
 }
 
+/// The call's span (see [`crate::trace`]): a disabled one, at the cost of a
+/// cached check, unless traces are on. Its parent is the caller's
+/// `traceparent` when valid; without one, or with a malformed one, the
+/// call starts a new trace.
+fn rpc_span(method: &Method, headers: &tonic::codegen::http::HeaderMap) -> tracing::Span {
+    use tracing::field::Empty;
+    // The field values are computed only when the span is enabled.
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        "rpc",
+        otel.name = method.label().trim_start_matches('/'),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = rpc_service(method),
+        rpc.method = rpc_method(method),
+        rpc.grpc.status_code = Empty,
+    );
+    if !span.is_disabled()
+        && let Some(parent) = trace::parent(headers)
+    {
+        // Fails only when the span has no OpenTelemetry data, which an
+        // enabled span of this target has.
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+    }
+    span
+}
+
+/// `rpc.service` of a served method ("sessionstore.v1.SessionStore"); none
+/// for an unknown path, whose text is the caller's.
+fn rpc_service(method: &Method) -> Option<&str> {
+    let (service, _) = method.label().strip_prefix('/')?.split_once('/')?;
+    Some(service)
+}
+
+/// `rpc.method` of a served method ("GetSession"); `_OTHER`, as the
+/// semantic conventions name it, for an unknown path.
+fn rpc_method(method: &Method) -> &str {
+    method
+        .label()
+        .strip_prefix('/')
+        .and_then(|path| path.split_once('/'))
+        .map_or("_OTHER", |(_, name)| name)
+}
+
 /// At most [`LOGGED_PATH_CHARS`] characters of `path`, each printable ASCII
 /// or `?`, so a log line cannot carry control or look-alike characters.
 fn printable_prefix(path: &str) -> String {
@@ -486,11 +556,32 @@ fn log_rpc(loudness: Loudness, call: &CallRecord, code: Code, latency_ms: f64, s
     let path = call.unknown_path.as_deref();
     let code = code_name(code);
     let suppressed = (suppressed > 0).then_some(suppressed);
+    // Only a sampled trace's id (an unsampled one names no trace to find),
+    // and only for a line that will be written: reading it costs.
+    let written = !call.span.is_disabled()
+        && match loudness {
+            Loudness::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            Loudness::Info => tracing::enabled!(tracing::Level::INFO),
+            Loudness::Warn => tracing::enabled!(tracing::Level::WARN),
+            Loudness::Error => tracing::enabled!(tracing::Level::ERROR),
+        };
+    let trace_id = written
+        .then(|| trace::sampled_trace_id(&call.span))
+        .flatten()
+        .map(tracing::field::display);
     match loudness {
-        Loudness::Debug => tracing::debug!(method, path, code, latency_ms, suppressed, "rpc"),
-        Loudness::Info => tracing::info!(method, path, code, latency_ms, suppressed, "rpc"),
-        Loudness::Warn => tracing::warn!(method, path, code, latency_ms, suppressed, "rpc"),
-        Loudness::Error => tracing::error!(method, path, code, latency_ms, suppressed, "rpc"),
+        Loudness::Debug => {
+            tracing::debug!(method, path, code, latency_ms, suppressed, trace_id, "rpc");
+        }
+        Loudness::Info => {
+            tracing::info!(method, path, code, latency_ms, suppressed, trace_id, "rpc");
+        }
+        Loudness::Warn => {
+            tracing::warn!(method, path, code, latency_ms, suppressed, trace_id, "rpc");
+        }
+        Loudness::Error => {
+            tracing::error!(method, path, code, latency_ms, suppressed, trace_id, "rpc");
+        }
     }
 }
 

@@ -27,4 +27,5 @@ mod security;
 mod sessions;
 mod streams;
 mod support;
+mod traces;
 mod validation;

@@ -642,7 +642,16 @@ impl Store {
 
 /// Counts a failed store operation by kind, and passes the error on.
 fn record_error(op: &'static str, err: Error) -> Error {
-    let kind = match &err {
+    let kind = error_kind(&err);
+    metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op, "kind" => kind).increment(1);
+    err
+}
+
+/// A store error's kind: the `kind` label of REDIS_ERRORS and the
+/// `error.type` of an operation's span; never its message, which may name a
+/// key.
+fn error_kind(err: &Error) -> &'static str {
+    match err {
         Error::InvalidArgument { .. } => "invalid_argument",
         Error::Unavailable(_) => "unavailable",
         Error::Timeout(_) => "timeout",
@@ -650,9 +659,7 @@ fn record_error(op: &'static str, err: Error) -> Error {
         Error::NotReplicated { .. } => "not_replicated",
         Error::OutOfMemory(_) => "out_of_memory",
         Error::Internal(_) => "internal",
-    };
-    metrics::counter!(crate::metrics::REDIS_ERRORS, "op" => op, "kind" => kind).increment(1);
-    err
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -1,6 +1,7 @@
 //! One store operation, [`Op`]: the connection it uses ([`Link`], pooled or
 //! cluster), the deadline that bounds all its round trips, and its Redis
-//! latency histogram ([`OpDurations`]). `connection` makes them.
+//! latency histogram ([`OpDurations`]), and, with traces on, its span
+//! (a child of the RPC's: see [`crate::trace`]). `connection` makes them.
 
 use std::{
     sync::{
@@ -112,6 +113,42 @@ pub(super) struct Op {
     /// (not for Redis), and for what: when the deadline passes in a round
     /// trip shorter than that wait, the wait is the cause.
     contended: Option<(Duration, Contention)>,
+    /// The operation's span, from its start (the pool checkout) to its
+    /// drop; disabled (and free) unless traces are on and the operation
+    /// serves an RPC.
+    span: tracing::Span,
+    /// Round trips made so far, for the span.
+    round_trips: u32,
+}
+
+/// The span of store operation `name`, child of the current span (the
+/// RPC's). Disabled when traces are off, and for operations outside any
+/// RPC (readiness checks, the revocation subscriber's heartbeats), which
+/// would otherwise each start a trace of their own. It holds the
+/// operation's name and round trips, never a key: keys hold user and token
+/// ids.
+fn op_span(name: &'static str) -> tracing::Span {
+    use tracing::field::Empty;
+    if !tracing::enabled!(target: crate::trace::TARGET, tracing::Level::INFO) {
+        return tracing::Span::none();
+    }
+    let parent = tracing::Span::current();
+    if parent.is_none() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        target: crate::trace::TARGET,
+        parent: &parent,
+        "redis",
+        otel.name = name,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        db.system = "redis",
+        db.system.name = "redis",
+        db.operation.name = name,
+        db.redis.round_trips = Empty,
+        "error.type" = Empty,
+    )
 }
 
 impl Op {
@@ -131,6 +168,8 @@ impl Op {
             name,
             duration,
             contended: None,
+            span: op_span(name),
+            round_trips: 0,
         }
     }
 
@@ -273,6 +312,11 @@ impl Op {
         result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, Error> {
         self.duration.record(start.elapsed().as_secs_f64());
+        self.round_trips += 1;
+        if !self.span.is_disabled() {
+            self.span
+                .record("db.redis.round_trips", i64::from(self.round_trips));
+        }
         let outcome = match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
@@ -301,7 +345,13 @@ impl Op {
                 }
             },
         };
-        outcome.map_err(|err| record_error(self.name, err))
+        outcome.map_err(|err| {
+            if !self.span.is_disabled() {
+                self.span.record("otel.status_code", "ERROR");
+                self.span.record("error.type", super::error_kind(&err));
+            }
+            record_error(self.name, err)
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support shared by every area of the end-to-end suite, one concern per
 //! file: the in-process server, the binary launcher, private Redis
-//! deployments, the readiness probe, the metrics scrape, fake servers and PKI.
+//! deployments, the readiness probe, the metrics scrape, fake servers, PKI
+//! and OTLP collectors.
 //! Test modules import from here, never from each other.
 
 use std::{
@@ -15,6 +16,7 @@ use tonic::metadata::MetadataMap;
 mod fake;
 mod http;
 mod metrics;
+mod otlp;
 mod pki;
 mod probe;
 mod process;
@@ -26,6 +28,7 @@ pub(crate) use self::{
     fake::{Behaviour, FakeServer, Stub},
     http::{HttpAnswer, Serving, http},
     metrics::scrape,
+    otlp::{Collector, attribute, caller_tracing, hanging_collector, string_attribute},
     pki::Pki,
     probe::{check_on, liveness, readiness, readiness_at, readiness_becomes},
     process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
