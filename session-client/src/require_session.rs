@@ -31,6 +31,10 @@ use tower_service::Service;
 
 use crate::{client::SessionClient, error::Error, types::Session};
 
+/// The longest user or token id SessionStore accepts (its `MAX_ID_LEN`):
+/// a longer one cannot name a live session.
+const MAX_ID_LEN: usize = 256;
+
 /// What the layer does when SessionStore cannot answer (unreachable,
 /// overloaded, out of time: [`Error::is_retryable`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +208,12 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
-        let Some((user_id, token_id)) = (self.extract)(&parts) else {
+        // No ids, an empty one (an empty user id would ask SessionStore
+        // for the token's session whoever owns it), or one longer than any
+        // id SessionStore accepts: no live session, without asking.
+        let Some((user_id, token_id)) = (self.extract)(&parts).filter(|(user, token)| {
+            (1..=MAX_ID_LEN).contains(&user.len()) && (1..=MAX_ID_LEN).contains(&token.len())
+        }) else {
             return ResponseFuture::rejected(Reject::NotLive, &parts.headers);
         };
         if let Some(session) = self.client.cached_user_session(user_id, token_id) {

@@ -152,6 +152,11 @@ async fn http_requests_pass_only_with_a_live_session() {
     assert_denied(&get_with(addr, None).await);
     // An id the server refuses as malformed is not a live session either.
     assert_denied(&get_with(addr, Some(("u-1", "t:colon"))).await);
+    // An empty user id does not ask for the token's session whoever owns
+    // it, and an id longer than any SessionStore accepts is no session
+    // (not "unavailable").
+    assert_denied(&get_with(addr, Some(("", "t-live"))).await);
+    assert_denied(&get_with(addr, Some(("u-1", &"t".repeat(70_000)))).await);
 
     client.revoke_session("t-live").await.unwrap();
     assert_denied(&get_with(addr, Some(("u-1", "t-live"))).await);

@@ -821,10 +821,13 @@ impl NearCache {
         } else {
             return false;
         }
-        self.publish(&state);
+        // The message's revocations first, then its health: lookups read
+        // the health the shards were given, not the state, so a cache that
+        // was stale turns healthy only once what the message revokes is gone.
         for revocation in &revocations {
             self.apply_one(&mut state, revocation);
         }
+        self.publish(&state);
         drop(state);
         drop(garbage);
         self.revocations_applied

@@ -57,22 +57,26 @@ impl Store {
     /// them in time (applied on the master; the repeat waits again).
     pub async fn rotate_session(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
         let user = rotation.user_id.clone();
-        let outcome = self.rotate(rotation).await?;
+        let (outcome, op) = self.rotate(rotation).await?;
         // A rotation revokes the presented token, reuse detection the
-        // family's session: both wait for the replicas, and so does the
-        // ALREADY_ROTATED a retry of an unreplicated rotation gets.
+        // family's session: both wait for the replicas, and so do the
+        // answers a retry of an unreplicated one gets: ALREADY_ROTATED, and
+        // NOT_FOUND (reuse detection ended the family).
         match outcome {
             RotateOutcome::Rotated { .. }
             | RotateOutcome::AlreadyRotated { .. }
-            | RotateOutcome::ReuseDetected { .. } => self.replicate(&user).await?,
-            RotateOutcome::NotFound | RotateOutcome::TokenTaken => {}
+            | RotateOutcome::ReuseDetected { .. }
+            | RotateOutcome::NotFound => self.replicate(op, &user).await?,
+            RotateOutcome::TokenTaken => {}
         }
         Ok(outcome)
     }
 
     /// [`rotate_session`](Self::rotate_session) without the replication
     /// wait.
-    async fn rotate(&self, rotation: Rotation) -> Result<RotateOutcome, Error> {
+    /// The operation is handed back, so that the replication wait's proof
+    /// goes over the rotation's own connection.
+    async fn rotate(&self, rotation: Rotation) -> Result<(RotateOutcome, Op), Error> {
         let ttl_ms = self.ttl_ms(rotation.ttl)?;
         let mut op = self.op("rotate_session").await?;
         // The presented token is believed current until the family says
@@ -85,7 +89,7 @@ impl Store {
                 .prepare_rotate(&mut op, &rotation, &current, ttl_ms)
                 .await?
             {
-                Decision::Done(outcome) => return Ok(outcome),
+                Decision::Done(outcome) => return Ok((outcome, op)),
                 Decision::Ask(token) => {
                     current = token;
                     continue;
@@ -102,13 +106,13 @@ impl Store {
                 )
                 .await?
             {
-                return Ok(RotateOutcome::TokenTaken);
+                return Ok((RotateOutcome::TokenTaken, op));
             }
             match self
                 .commit_rotate(&mut op, &rotation, presented, ttl_ms, now_ms)
                 .await?
             {
-                Ok(outcome) => return Ok(outcome),
+                Ok(outcome) => return Ok((outcome, op)),
                 Err(token) => current = token,
             }
         }

@@ -388,6 +388,7 @@ struct Scripts {
     login_undo: redis::Script,
     login_account_undo: redis::Script,
     login_account_reset: redis::Script,
+    replication_proof: redis::Script,
     login_reset: redis::Script,
     login_device_attempt: redis::Script,
     login_device_reset: redis::Script,
@@ -427,6 +428,7 @@ impl Scripts {
             login_undo: script!("login_undo"),
             login_account_undo: script!("login_account_undo"),
             login_account_reset: script!("login_account_reset"),
+            replication_proof: script!("replication_proof"),
             login_reset: script!("login_reset"),
             login_device_attempt: script!("login_device_attempt"),
             login_device_reset: script!("login_device_reset"),
@@ -707,7 +709,7 @@ mod tests {
                 let family = crate::model::FamilyId::generate().unwrap();
                 let mut keys = vec![
                     index.clone(),
-                    store.replicated_key(&user),
+                    store.replicated_key(&user, "proof"),
                     store.reservations_key(&user),
                     store.family_key(&user, &family),
                 ];

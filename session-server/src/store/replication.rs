@@ -14,9 +14,16 @@
 //! revocation's own `woff` is that shared connection's.
 //!
 //! So the wait runs on a connection of its own (a pool of them, at most
-//! REDIS_POOL_SIZE; on a cluster, per master), to the master that ran the
-//! revocation: it makes one small write in the user's slot
-//! (`replicated:{user}`, expiring within REDIS_TIMEOUT_MS), then `WAIT`.
+//! REDIS_POOL_SIZE; on a cluster, per master). It must reach the master that
+//! ran the revocation, and during a failover it may not: an old master still
+//! answering as one keeps the revocation while a fresh wait connection
+//! reaches the new master, whose replicas would acknowledge anything but the
+//! revocation. So the revocation's own connection first writes a proof in
+//! the user's slot (`replicated:{user}:<random>`, expiring within
+//! REDIS_TIMEOUT_MS), after the revocation on the same connection, so it
+//! lands wherever the revocation did; the wait connection's one small write
+//! (`replication_proof.lua`) then renews the proof's expiry only where the
+//! proof exists, answering UNAVAILABLE where it does not, and then `WAIT`s.
 //! The replication stream is one ordered stream per master, and the
 //! revocation's script had propagated before its reply reached us, so a
 //! replica that acknowledged the small write acknowledged the revocation:
@@ -126,10 +133,11 @@ impl ClusterWaits {
 }
 
 impl Store {
-    /// `P replicated:{user}`: the small write a replication wait makes in
-    /// the user's slot (see the module docs).
-    pub(crate) fn replicated_key(&self, user: &UserId) -> String {
-        key(&[self.prefix(), "replicated:{", user.as_str(), "}"])
+    /// `P replicated:{user}:<proof>`: the proof a revocation's connection
+    /// writes in the user's slot for its replication wait (see the module
+    /// docs).
+    pub(crate) fn replicated_key(&self, user: &UserId, proof: &str) -> String {
+        key(&[self.prefix(), "replicated:{", user.as_str(), "}:", proof])
     }
 
     /// With REVOCATION_MIN_REPLICAS > 0, waits until that many replicas of
@@ -143,13 +151,24 @@ impl Store {
     /// [`Error::NotReplicated`] when fewer acknowledged in time; Redis
     /// failures as [`Error::Unavailable`], [`Error::Timeout`] or
     /// [`Error::Busy`] (every wait connection in use).
-    pub(super) async fn replicate(&self, user: &UserId) -> Result<(), Error> {
+    pub(super) async fn replicate(&self, mut op: Op, user: &UserId) -> Result<(), Error> {
         let wanted = self.settings().revocation_min_replicas;
         if wanted == 0 {
             return Ok(());
         }
         let start = std::time::Instant::now();
-        let outcome = match self.acknowledgements(user, wanted).await {
+        // The proof, on the revocation's own connection (see the module
+        // docs); then that connection goes back before the wait.
+        let proof = crate::model::FamilyId::generate()?;
+        let key = self.replicated_key(user, proof.as_str());
+        let mut set = redis::cmd("SET");
+        set.arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(millis(self.settings().timeout).max(1));
+        op.query::<()>(&set).await?;
+        drop(op);
+        let outcome = match self.acknowledgements(&key, wanted).await {
             Ok(acked) if acked >= wanted => Ok(()),
             Ok(acked) => {
                 metrics::counter!(crate::metrics::REVOCATIONS_UNREPLICATED).increment(1);
@@ -174,17 +193,24 @@ impl Store {
         outcome
     }
 
-    /// The small write and `WAIT wanted timeout` on a wait connection to
-    /// `user`'s master; `WAIT`'s answer.
-    async fn acknowledgements(&self, user: &UserId, wanted: u32) -> Result<u32, Error> {
+    /// The small write (renewing the proof `key`, where it exists) and
+    /// `WAIT wanted timeout` on a wait connection to the user's master;
+    /// `WAIT`'s answer.
+    async fn acknowledgements(&self, key: &str, wanted: u32) -> Result<u32, Error> {
         let settings = self.settings();
         let deadline = Instant::now() + settings.timeout;
-        let key = self.replicated_key(user);
-        let mut set = redis::cmd("SET");
-        set.arg(&key)
-            .arg(1)
-            .arg("PX")
-            .arg(millis(settings.timeout).max(1));
+        let mut renew = self.shared.scripts.replication_proof.prepare_invoke();
+        renew.key(key).arg(millis(settings.timeout).max(1));
+        let absent = || {
+            record_error(
+                OP,
+                Error::Unavailable(
+                    "the revocation is applied, but the Redis master this replication wait \
+                     reached does not hold it (a failover is under way); retrying is safe"
+                        .into(),
+                ),
+            )
+        };
         let mut wait = redis::cmd("WAIT");
         wait.arg(wanted)
             .arg(millis(settings.revocation_replica_timeout));
@@ -224,7 +250,9 @@ impl Store {
                     conn: pooled.inner.clone(),
                     broken: Arc::clone(&pooled.broken),
                 });
-                op.query::<()>(&set).await?;
+                if op.invoke::<u8>(&renew).await? == 0 {
+                    return Err(absent());
+                }
                 op.query(&wait).await
             }
             Backend::Cluster { waits, .. } => {
@@ -240,7 +268,7 @@ impl Store {
                         )
                     })?
                     .map_err(|_| Error::Internal("the wait semaphore is never closed".into()))?;
-                let slot = slot(&key);
+                let slot = slot(key);
                 let mut master = match waits.master_of(slot) {
                     Some(master) => master,
                     None => {
@@ -258,9 +286,13 @@ impl Store {
                     let (conn, kept) = match waits.take(&master) {
                         Some(conn) => (conn, true),
                         None => (
-                            cluster_node_connection(settings, &self.shared.secrets, &master)
-                                .await
-                                .map_err(|err| record_error(OP, err))?,
+                            timeout_at(
+                                deadline,
+                                cluster_node_connection(settings, &self.shared.secrets, &master),
+                            )
+                            .await
+                            .map_err(|_| record_error(OP, Error::Timeout(settings.timeout)))?
+                            .map_err(|err| record_error(OP, err))?,
                             false,
                         ),
                     };
@@ -269,7 +301,14 @@ impl Store {
                         conn: conn.clone(),
                         broken: Arc::clone(&broken),
                     });
-                    if let Err(err) = op.query::<()>(&set).await {
+                    let renewed = op.invoke::<u8>(&renew).await;
+                    if let Ok(0) = renewed {
+                        if !broken.load(Ordering::Relaxed) {
+                            waits.put(master, conn);
+                        }
+                        return Err(absent());
+                    }
+                    if let Err(err) = renewed {
                         waits.forget_slots();
                         let Some(moved) = redirection(&err) else {
                             if kept && broken.load(Ordering::Relaxed) {
@@ -512,7 +551,10 @@ mod tests {
         let waiting = {
             let store = store.clone();
             let someone = someone.clone();
-            tokio::spawn(async move { store.replicate(&someone).await })
+            tokio::spawn(async move {
+                let op = store.op("test").await.unwrap();
+                store.replicate(op, &someone).await
+            })
         };
         // While the wait blocks its connection, the one shared connection
         // answers at once.
@@ -542,6 +584,30 @@ mod tests {
         );
 
         let store = Store::new(Settings::for_tests("redis://127.0.0.1:6379")).unwrap();
-        store.replicate(&someone).await.unwrap();
+        let op = store.op("test").await.unwrap();
+        store.replicate(op, &someone).await.unwrap();
+    }
+
+    /// A wait that reaches a master without the revocation's proof (not the
+    /// master that ran it: a failover under way) answers UNAVAILABLE at once,
+    /// writing nothing, rather than waiting for replicas of the wrong master.
+    #[tokio::test]
+    async fn a_wait_where_the_proof_is_absent_fails_closed() {
+        let store = Store::new(Settings {
+            revocation_min_replicas: 1,
+            ..Settings::for_tests("redis://127.0.0.1:6379")
+        })
+        .unwrap();
+        let key = store.replicated_key(&user("replication-test"), "never-written");
+        let err = store.acknowledgements(&key, 1).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable(message) if message.to_string().contains("does not hold it")),
+            "{err:?}"
+        );
+        let exists: i64 = store
+            .raw_command(redis::cmd("EXISTS").arg(&key))
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "the renewal wrote nothing");
     }
 }

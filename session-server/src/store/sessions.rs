@@ -42,7 +42,7 @@ impl Store {
             Prepared::Ready { now_ms } => now_ms,
             Prepared::Revoked => return Ok(CreateOutcome::TokenRevoked),
             Prepared::Exists(session) => {
-                self.replicate(&new.user_id).await?;
+                self.replicate(op, &new.user_id).await?;
                 return Ok(CreateOutcome::AlreadyExists { session });
             }
         };
@@ -61,9 +61,9 @@ impl Store {
         // of them.
         match &outcome {
             CreateOutcome::Created { evicted, .. } if !evicted.is_empty() => {
-                self.replicate(&user).await?;
+                self.replicate(op, &user).await?;
             }
-            CreateOutcome::AlreadyExists { .. } => self.replicate(&user).await?,
+            CreateOutcome::AlreadyExists { .. } => self.replicate(op, &user).await?,
             _ => {}
         }
         Ok(outcome)
@@ -337,8 +337,7 @@ impl Store {
             .await?;
         // Also when nothing was live: this may be the retry of a revocation
         // answered UNAVAILABLE for want of replicas, which must wait again.
-        drop(op);
-        self.replicate(&owner).await?;
+        self.replicate(op, &owner).await?;
         Ok(revoked > 0)
     }
 
@@ -364,8 +363,7 @@ impl Store {
                 .await?
         };
         // Also when none was left: see `revoke_session`.
-        drop(op);
-        self.replicate(user).await?;
+        self.replicate(op, user).await?;
         Ok(revoked)
     }
 
