@@ -64,10 +64,13 @@ use crate::{
 const OP: &str = "replication_wait";
 
 /// A cluster's connections for replication waits: per master, idle ones
-/// kept for reuse, at most REDIS_POOL_SIZE waits at once; and which master
-/// serves which slot, as `CLUSTER SLOTS` last said.
+/// kept for reuse and at most REDIS_POOL_SIZE waits at once (so a master
+/// whose replicas do not answer, its waits each holding a permit until
+/// REVOCATION_REPLICA_TIMEOUT_MS, never holds up the waits on the others);
+/// and which master serves which slot, as `CLUSTER SLOTS` last said.
 pub(crate) struct ClusterWaits {
-    permits: tokio::sync::Semaphore,
+    size: usize,
+    permits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     idle: Mutex<HashMap<String, Vec<MultiplexedConnection>>>,
     /// (first slot, last slot, master "host:port"); empty until read, and
     /// after a redirection or a failed wait.
@@ -84,10 +87,21 @@ impl ClusterWaits {
     /// No connection yet; at most `size` waits at once.
     pub(super) fn new(size: u32) -> Self {
         Self {
-            permits: tokio::sync::Semaphore::new(usize::try_from(size).unwrap_or(1)),
+            size: usize::try_from(size).unwrap_or(1).max(1),
+            permits: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             slots: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `master`'s wait permits.
+    fn permits(&self, master: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut permits = self.permits.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            permits
+                .entry(master.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.size))),
+        )
     }
 
     fn master_of(&self, slot: u16) -> Option<String> {
@@ -256,18 +270,6 @@ impl Store {
                 op.query(&wait).await
             }
             Backend::Cluster { waits, .. } => {
-                let _permit = timeout_at(deadline, waits.permits.acquire())
-                    .await
-                    .map_err(|_| {
-                        record_error(
-                            OP,
-                            Error::Busy(Contention::Pool {
-                                timeout: settings.timeout,
-                                size: settings.pool_size,
-                            }),
-                        )
-                    })?
-                    .map_err(|_| Error::Internal("the wait semaphore is never closed".into()))?;
                 let slot = slot(key);
                 let mut master = match waits.master_of(slot) {
                     Some(master) => master,
@@ -283,6 +285,18 @@ impl Store {
                 // replaces a kept connection that broke while idle (its
                 // master restarted or was demoted).
                 for _ in 0..2 {
+                    let _permit = timeout_at(deadline, waits.permits(&master).acquire_owned())
+                        .await
+                        .map_err(|_| {
+                            record_error(
+                                OP,
+                                Error::Busy(Contention::Pool {
+                                    timeout: settings.timeout,
+                                    size: settings.pool_size,
+                                }),
+                            )
+                        })?
+                        .map_err(|_| Error::Internal("a wait semaphore is never closed".into()))?;
                     let (conn, kept) = match waits.take(&master) {
                         Some(conn) => (conn, true),
                         None => (
