@@ -805,9 +805,9 @@ async fn cluster_revocations_acknowledged_by_a_replica_survive_failover() {
 }
 
 /// The port of the replica of the cluster master on `master`, as the node on
-/// `seed` sees it.
+/// `seed` sees it; polled, since a new cluster's nodes learn who replicates
+/// whom by gossip, some moments after the topology script returns.
 fn replica_of(seed: u16, master: u16) -> u16 {
-    let nodes = redis_cli(seed, &["cluster", "nodes"]);
     let port_of = |line: &str| -> u16 {
         line.split_whitespace()
             .nth(1)
@@ -815,16 +815,29 @@ fn replica_of(seed: u16, master: u16) -> u16 {
             .and_then(|port| port.parse().ok())
             .unwrap_or(0)
     };
-    let id = nodes
-        .lines()
-        .find(|line| line.contains("master") && port_of(line) == master)
-        .and_then(|line| line.split_whitespace().next())
-        .expect("the master is listed");
-    nodes
-        .lines()
-        .find(|line| line.contains("slave") && line.split_whitespace().nth(3) == Some(id))
-        .map(port_of)
-        .expect("the master has a replica")
+    let started = std::time::Instant::now();
+    loop {
+        let nodes = redis_cli(seed, &["cluster", "nodes"]);
+        let replica = nodes
+            .lines()
+            .find(|line| line.contains("master") && port_of(line) == master)
+            .and_then(|line| line.split_whitespace().next())
+            .and_then(|id| {
+                nodes
+                    .lines()
+                    .find(|line| {
+                        line.contains("slave") && line.split_whitespace().nth(3) == Some(id)
+                    })
+                    .map(port_of)
+            });
+        match replica {
+            Some(port) => return port,
+            None if started.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None => panic!("no replica of the master on {master} after 20 s:\n{nodes}"),
+        }
+    }
 }
 
 /// #25 on `topology`: `users[0]`'s sessions go through a server with
