@@ -6,9 +6,7 @@
 //! test's own, since the tests change the policy under the server.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command},
-    sync::{Arc, Mutex},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -16,8 +14,8 @@ use session_server::{Config, Store, store::RedisMode};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    PrivateRedis, TestServer, Topology, config_on, liveness, readiness, readiness_at,
-    readiness_becomes, redis_cli, scrape, server_binary, server_command, wait_until,
+    PrivateRedis, ServerProcess, TestServer, Topology, config_on, liveness, readiness,
+    readiness_at, readiness_becomes, redis_cli, sample, scrape, wait_until,
 };
 
 /// How soon a fixed policy must make the server ready again (issue #10).
@@ -97,6 +95,12 @@ async fn policy_reads(port: u16) -> usize {
         .count()
 }
 
+/// Waits until the server has read the policy on `port` `more` times from now.
+async fn more_policy_reads(port: u16, more: usize) {
+    let reads = policy_reads(port).await;
+    wait_for_policy_reads(port, reads + more).await;
+}
+
 /// Waits until the server has read the policy on `port` at least `reads`
 /// times. Each read is followed by a readiness update before the next tick,
 /// so after two reads readiness reflects the policy, not the start-up state.
@@ -171,13 +175,7 @@ async fn sentinel_evicting_master_is_refused_until_fixed() {
 async fn cluster_one_evicting_master_is_refused_until_fixed() {
     let cluster = Topology::start("cluster");
     let config = cluster.config(RedisMode::Cluster);
-    let seed: u16 = cluster.env["TEST_REDIS_URL"]
-        .split(',')
-        .next()
-        .and_then(|url| url.rsplit(':').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let seed = cluster.ports()[0];
     let mut masters: Vec<String> = redis_cli(seed, &["cluster", "nodes"])
         .lines()
         // Masters serving slots: a node just made a replica may still call
@@ -232,8 +230,7 @@ async fn allkeys_lru_without_a_limit_stays_ready() {
     let server = TestServer::start_with(config_on(&redis)).await;
     let ready = readiness_becomes(&server, ServingStatus::Serving, RECOVERY_LIMIT).await;
     assert!(ready, "not ready on allkeys-lru without maxmemory");
-    let reads = policy_reads(redis.port).await;
-    wait_for_policy_reads(redis.port, reads + 3).await;
+    more_policy_reads(redis.port, 3).await;
     assert_eq!(readiness(&server).await, Some(ServingStatus::Serving));
 
     set_maxmemory(redis.port, "64mb");
@@ -288,100 +285,24 @@ async fn info_forbidden_by_acl_keeps_the_last_known_policy() {
     server.shutdown().await;
 }
 
-/// The real binary, its JSON log lines collected as they come.
-struct ServerProcess {
-    child: Child,
-    events: Arc<Mutex<Vec<serde_json::Value>>>,
-    /// Where it serves /metrics, once logged.
-    metrics: String,
-    /// Where it serves gRPC, once logged.
-    listen: String,
+/// A private Redis started with `redis_args`, and the binary on it (health
+/// checked every 50 ms) with `extra_env`.
+fn binary_on(redis_args: &[&str], extra_env: &[(&str, &str)]) -> (PrivateRedis, ServerProcess) {
+    let redis = PrivateRedis::start_with(redis_args);
+    let env = [&[("HEALTH_CHECK_INTERVAL_MS", "50")], extra_env].concat();
+    let server = ServerProcess::start(&redis.url(), &env);
+    (redis, server)
 }
 
-impl ServerProcess {
-    /// A private Redis started with `redis_args`, and the binary on it with
-    /// `extra_env`, once it has logged both of its addresses.
-    async fn on(redis_args: &[&str], extra_env: &[(&str, &str)]) -> (PrivateRedis, Self) {
-        let redis = PrivateRedis::start_with(redis_args);
-        let mut server = Self::spawn(&redis, extra_env);
-        server.metrics = server.logged_addr("metrics at /metrics").await;
-        server.listen = server.logged_addr("listening").await;
-        (redis, server)
-    }
-
-    fn spawn(redis: &PrivateRedis, extra_env: &[(&str, &str)]) -> Self {
-        let env = [&[("HEALTH_CHECK_INTERVAL_MS", "50")], extra_env].concat();
-        let mut child = server_command(Command::new(server_binary()), &redis.url(), &env)
-            .spawn()
-            .unwrap();
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn({
-            let events = Arc::clone(&events);
-            move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let event = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-                    events.lock().unwrap().push(event);
-                }
-            }
-        });
-        Self {
-            child,
-            events,
-            metrics: String::new(),
-            listen: String::new(),
-        }
-    }
-
-    /// The logged events at `level` (`ERROR`, `WARN`, `INFO`).
-    fn events_at(&self, level: &str) -> Vec<serde_json::Value> {
-        let events = self.events.lock().unwrap();
-        events
-            .iter()
-            .filter(|e| e["level"] == level)
-            .cloned()
-            .collect()
-    }
-
-    /// The `addr` field of the event with `message`, once it is logged.
-    async fn logged_addr(&self, message: &str) -> String {
-        let mut addr = None;
-        let logged = wait_until(RECOVERY_LIMIT, || {
-            let found = self
-                .events
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|e| e["message"] == message)
-                .and_then(|e| e["addr"].as_str().map(str::to_string));
-            let done = found.is_some();
-            addr = addr.take().or(found);
-            async move { done }
-        })
-        .await;
-        assert!(logged, "the server never logged {message:?}");
-        addr.unwrap()
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The value of the sample named exactly `series` (name and labels), if any.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
+/// The lines `server` logged at `level` (`ERROR`, `WARN`, `INFO`).
+fn events_at(server: &ServerProcess, level: &str) -> Vec<serde_json::Value> {
+    let mut events = server.events();
+    events.retain(|e| e["level"] == level);
+    events
 }
 
 /// Waits until a scrape shows every `(series, value)` in `expected`.
-async fn wait_for_samples(addr: &str, expected: &[(&str, f64)]) {
+async fn wait_for_samples(addr: SocketAddr, expected: &[(&str, f64)]) {
     let shown = wait_until(RECOVERY_LIMIT, || async {
         let text = scrape(addr).await;
         expected
@@ -402,22 +323,25 @@ fn readiness_state(state: &str) -> String {
     format!("sessionstore_readiness{{state=\"{state}\"}}")
 }
 
-/// Waits until the binary's metrics at `metrics` say the policy is `ok` (or
-/// not), with readiness following it (`serving`, or `redis_evicts`), and
-/// asserts the health service on `listen` agrees.
-async fn expect_policy(metrics: &str, listen: &str, ok: bool) {
+/// Waits until the binary's metrics say the policy is `ok` (or not), with
+/// readiness following it (`serving`, or `redis_evicts`), and asserts its
+/// health service agrees.
+async fn expect_policy(server: &ServerProcess, ok: bool) {
     let (evicts, serving) = (readiness_state("redis_evicts"), readiness_state("serving"));
     let (yes, no) = if ok { (1.0, 0.0) } else { (0.0, 1.0) };
-    wait_for_samples(metrics, &[(POLICY_OK, yes), (&evicts, no), (&serving, yes)]).await;
+    let expected = [(POLICY_OK, yes), (evicts.as_str(), no), (&serving, yes)];
+    wait_for_samples(server.metrics, &expected).await;
     let status = if ok {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
     };
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(status)
-    );
+    assert_eq!(readiness_of(server).await, Some(status));
+}
+
+/// Readiness of the binary's SessionStore service.
+async fn readiness_of(server: &ServerProcess) -> Option<ServingStatus> {
+    readiness_at(&format!("http://{}", server.addr)).await
 }
 
 /// The binary on an evicting Redis logs one ERROR naming `maxmemory-policy`,
@@ -425,14 +349,12 @@ async fn expect_policy(metrics: &str, listen: &str, ok: bool) {
 /// why it is not ready; after the fix they say it is, and an INFO line says so.
 #[tokio::test]
 async fn binary_logs_the_policy_once_and_exports_why() {
-    let (redis, server) = ServerProcess::on(&EVICTING_REDIS, &[]).await;
-    let (metrics, listen) = (&server.metrics, &server.listen);
-    expect_policy(metrics, listen, false).await;
+    let (redis, server) = binary_on(&EVICTING_REDIS, &[]);
+    expect_policy(&server, false).await;
 
     // Several more checks: still exactly one error.
-    let reads = policy_reads(redis.port).await;
-    wait_for_policy_reads(redis.port, reads + 5).await;
-    let errors = server.events_at("ERROR");
+    more_policy_reads(redis.port, 5).await;
+    let errors = events_at(&server, "ERROR");
     assert_eq!(errors.len(), 1, "{errors:#?}");
     let error = &errors[0];
     assert_eq!(error["maxmemory_policy"], "volatile-lru", "{error}");
@@ -450,14 +372,13 @@ async fn binary_logs_the_policy_once_and_exports_why() {
     }
 
     set_policy(redis.port, "noeviction");
-    expect_policy(metrics, listen, true).await;
-    let fixed = server
-        .events_at("INFO")
+    expect_policy(&server, true).await;
+    let fixed = events_at(&server, "INFO")
         .into_iter()
         .filter(|e| e["maxmemory_policy"] == "noeviction")
         .count();
     assert_eq!(fixed, 1, "one INFO line when the policy is fixed");
-    assert_eq!(server.events_at("ERROR").len(), 1);
+    assert_eq!(events_at(&server, "ERROR").len(), 1);
 }
 
 /// REDIS_ALLOW_EVICTION=true: the binary serves on an evicting Redis, with one
@@ -465,21 +386,14 @@ async fn binary_logs_the_policy_once_and_exports_why() {
 /// reads 0.
 #[tokio::test]
 async fn allow_eviction_serves_on_an_evicting_redis() {
-    let (redis, server) =
-        ServerProcess::on(&EVICTING_REDIS, &[("REDIS_ALLOW_EVICTION", "true")]).await;
-    let (metrics, listen) = (&server.metrics, &server.listen);
+    let (redis, server) = binary_on(&EVICTING_REDIS, &[("REDIS_ALLOW_EVICTION", "true")]);
     let serving = readiness_state("serving");
-    wait_for_samples(metrics, &[(POLICY_OK, 0.0), (&serving, 1.0)]).await;
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(ServingStatus::Serving)
-    );
+    wait_for_samples(server.metrics, &[(POLICY_OK, 0.0), (&serving, 1.0)]).await;
+    assert_eq!(readiness_of(&server).await, Some(ServingStatus::Serving));
 
-    let reads = policy_reads(redis.port).await;
-    wait_for_policy_reads(redis.port, reads + 5).await;
-    assert_eq!(server.events_at("ERROR"), Vec::<serde_json::Value>::new());
-    let warned: Vec<_> = server
-        .events_at("WARN")
+    more_policy_reads(redis.port, 5).await;
+    assert_eq!(events_at(&server, "ERROR"), Vec::<serde_json::Value>::new());
+    let warned: Vec<_> = events_at(&server, "WARN")
         .into_iter()
         .filter(|e| e["maxmemory_policy"] == "volatile-lru")
         .collect();
@@ -493,24 +407,19 @@ async fn allow_eviction_serves_on_an_evicting_redis() {
 /// it is ready again.
 #[tokio::test]
 async fn an_evicting_policy_without_maxmemory_does_not_block_readiness() {
-    let (redis, server) = ServerProcess::on(&UNLIMITED_REDIS, &[]).await;
-    let (metrics, listen) = (&server.metrics, &server.listen);
-    expect_policy(metrics, listen, true).await;
-    let reads = policy_reads(redis.port).await;
-    wait_for_policy_reads(redis.port, reads + 3).await;
-    assert_eq!(
-        readiness_at(&format!("http://{listen}")).await,
-        Some(ServingStatus::Serving)
-    );
-    assert_eq!(server.events_at("ERROR"), Vec::<serde_json::Value>::new());
+    let (redis, server) = binary_on(&UNLIMITED_REDIS, &[]);
+    expect_policy(&server, true).await;
+    more_policy_reads(redis.port, 3).await;
+    assert_eq!(readiness_of(&server).await, Some(ServingStatus::Serving));
+    assert_eq!(events_at(&server, "ERROR"), Vec::<serde_json::Value>::new());
 
     set_maxmemory(redis.port, "64mb");
-    expect_policy(metrics, listen, false).await;
-    let errors = server.events_at("ERROR");
+    expect_policy(&server, false).await;
+    let errors = events_at(&server, "ERROR");
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert_eq!(errors[0]["maxmemory_policy"], "allkeys-lru", "{errors:?}");
     assert_eq!(errors[0]["maxmemory"], 64_u64 << 20, "{errors:?}");
 
     set_maxmemory(redis.port, "0");
-    expect_policy(metrics, listen, true).await;
+    expect_policy(&server, true).await;
 }

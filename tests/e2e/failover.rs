@@ -13,7 +13,7 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use crate::support::{TestServer, Topology, create, get, redis_cli, wait_until};
+use crate::support::{TestServer, Topology, count, create, get, redis_cli, revoke, wait_until};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.
@@ -51,15 +51,7 @@ async fn write_sessions(
             live.push(token);
         }
         let first = live.remove(live.len() - 3);
-        let answer = client
-            .revoke_session(RevokeSessionRequest {
-                token_id: first.clone(),
-                user_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(answer.revoked);
+        assert!(revoke(client, &first, "").await);
         revoked.push(first);
     }
     (live, revoked)
@@ -72,42 +64,18 @@ async fn assert_survived(
     revoked: &[String],
 ) {
     for token in live {
-        let found = client
-            .get_session(GetSessionRequest {
-                token_id: token.clone(),
-                user_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            found.session.is_some(),
-            "acknowledged session {token} was lost"
-        );
+        let found = get(client, token, "").await;
+        assert!(found.is_some(), "acknowledged session {token} was lost");
     }
     for token in revoked {
-        let found = client
-            .get_session(GetSessionRequest {
-                token_id: token.clone(),
-                user_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let found = get(client, token, "").await;
         assert!(
-            found.session.is_none(),
+            found.is_none(),
             "acknowledged revocation of {token} was lost"
         );
     }
     for user in users {
-        let count = client
-            .get_user_session_count(GetUserSessionCountRequest {
-                user_id: user.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(count.count, 2, "{user}");
+        assert_eq!(count(client, user).await, 2, "{user}");
     }
 }
 
@@ -160,19 +128,7 @@ async fn revocation_arrives(
             },
         )
         .await;
-        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(message) = stream.next().await {
-                let message = message.expect("the stream outlives the failover");
-                if message.revocations.iter().any(|r| r.token_id == token) {
-                    return "arrived";
-                }
-                if message.reset {
-                    return "reset";
-                }
-            }
-            "ended"
-        })
-        .await;
+        let outcome = what_arrives(stream, &token, Duration::from_secs(10)).await;
         match outcome {
             Ok("arrived") => return,
             Ok("reset") => continue,
@@ -180,6 +136,28 @@ async fn revocation_arrives(
         }
     }
     panic!("ten resets in a row: the subscription never settled");
+}
+
+/// Reads `stream` for up to `limit` until the revocation of `token`
+/// ("arrived") or a reset ("reset") comes, or the stream ends ("ended").
+async fn what_arrives(
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    token: &str,
+    limit: Duration,
+) -> Result<&'static str, tokio::time::error::Elapsed> {
+    tokio::time::timeout(limit, async {
+        while let Some(message) = stream.next().await {
+            let message = message.expect("the stream outlives the failover");
+            if message.revocations.iter().any(|r| r.token_id == token) {
+                return "arrived";
+            }
+            if message.reset {
+                return "reset";
+            }
+        }
+        "ended"
+    })
+    .await
 }
 
 /// Reads `stream` until a reset arrives: the server subscribed again.
@@ -235,13 +213,7 @@ async fn cluster_master_failover() {
     let (live, revoked) = write_sessions(&mut client, &users).await;
 
     // The master serving slot of the first user's keys.
-    let seed: u16 = cluster.env["TEST_REDIS_URL"]
-        .split(',')
-        .next()
-        .and_then(|u| u.rsplit(':').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let seed = cluster.ports()[0];
     let victim = master_of(seed, &users[0]);
     let nodes = redis_cli(seed, &["cluster", "nodes"]);
     for line in nodes.lines().filter(|l| l.contains("master")) {
@@ -351,7 +323,7 @@ async fn cluster_replay_cut_off_by_the_users_master_failing_leaves_the_token_rev
     let prefix = config.key_prefix.clone();
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
-    let all = ports(&cluster);
+    let all = cluster.ports();
     let user = "halt-user";
     let user_master = master_of(all[0], user);
     let token = (0..)
@@ -409,14 +381,6 @@ async fn cluster_replay_cut_off_by_the_users_master_failing_leaves_the_token_rev
         replay.outcome,
         sessionstore::v1::CreateOutcome::TokenRevoked as i32
     );
-}
-
-/// The ports of a topology's nodes, in `TEST_REDIS_URL` order.
-fn ports(topology: &Topology) -> Vec<u16> {
-    topology.env["TEST_REDIS_URL"]
-        .split(',')
-        .map(|u| u.rsplit(':').next().unwrap().parse().unwrap())
-        .collect()
 }
 
 /// A comma-separated URL list of `first`, then the other ports.
@@ -485,7 +449,7 @@ async fn stream_starts(
 #[tokio::test]
 async fn cluster_partition_from_one_master_stops_the_beat() {
     let cluster = Topology::start("cluster");
-    let all = ports(&cluster);
+    let all = cluster.ports();
     let role = |port: u16| redis_cli(port, &["role"]);
     let masters: Vec<u16> = all
         .iter()
@@ -548,7 +512,7 @@ async fn cluster_partition_from_one_master_stops_the_beat() {
 #[tokio::test]
 async fn cluster_seed_removed_from_the_cluster_is_left_behind() {
     let cluster = Topology::start("cluster");
-    let all = ports(&cluster);
+    let all = cluster.ports();
     let removed = *all
         .iter()
         .find(|p| redis_cli(**p, &["role"]).starts_with("slave"))
@@ -580,7 +544,7 @@ async fn cluster_seed_removed_from_the_cluster_is_left_behind() {
 async fn sentinel_hung_first_sentinel_is_skipped() {
     let sentinel = Topology::start("sentinel");
     let config = sentinel.config(RedisMode::Sentinel);
-    let first = ports(&sentinel)[0];
+    let first = sentinel.ports()[0];
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
     client
@@ -603,7 +567,7 @@ async fn sentinel_hung_first_sentinel_is_skipped() {
 #[tokio::test]
 async fn cluster_bus_link_reconnects_lose_no_revocation() {
     let cluster = Topology::start("cluster");
-    let all = ports(&cluster);
+    let all = cluster.ports();
     let ids: Vec<String> = all
         .iter()
         .map(|p| redis_cli(*p, &["cluster", "myid"]).trim().to_owned())
@@ -678,19 +642,7 @@ async fn cluster_bus_link_reconnects_lose_no_revocation() {
             continue; // the cluster refused for a moment: nothing was revoked
         };
         assert!(revoked.into_inner().revoked);
-        let outcome = tokio::time::timeout(Duration::from_secs(8), async {
-            while let Some(message) = stream.next().await {
-                let message = message.unwrap();
-                if message.revocations.iter().any(|r| r.token_id == token) {
-                    return "arrived";
-                }
-                if message.reset {
-                    return "reset";
-                }
-            }
-            "ended"
-        })
-        .await;
+        let outcome = what_arrives(&mut stream, &token, Duration::from_secs(8)).await;
         if outcome != Ok("arrived") && outcome != Ok("reset") {
             lost.push(token);
         }
@@ -786,7 +738,7 @@ async fn sentinel_revocations_acknowledged_by_a_replica_survive_failover() {
 #[tokio::test]
 async fn cluster_revocations_acknowledged_by_a_replica_survive_failover() {
     let cluster = Topology::start("cluster");
-    let seed = ports(&cluster)[0];
+    let seed = cluster.ports()[0];
     let safe = "rc-safe".to_owned();
     let victim = master_of(seed, &safe);
     // A second user on the same master, for the server that does not wait.

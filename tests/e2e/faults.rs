@@ -8,7 +8,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     PrivateRedis, TempFiles, TestServer, config_on, create, get, liveness, lookups_work_within,
-    readiness, readiness_becomes, redis_cli, redis_cli_with_password, wait_until,
+    readiness, readiness_becomes, redis_cli, redis_cli_with_password, revoke, revoke_all,
+    wait_until,
 };
 
 /// Redis stopped mid-test: calls fail fast with UNAVAILABLE saying so, readiness
@@ -176,39 +177,16 @@ async fn acknowledged_writes_survive_a_restart_with_appendonly() {
     let mut revoked = Vec::new();
     for i in 0..30 {
         let token = format!("aof-{i}");
-        let created = client
-            .create_session(CreateSessionRequest {
-                user_id: format!("aof-user-{}", i % 5),
-                token_id: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let created = create(&mut client, &format!("aof-user-{}", i % 5), &token).await;
         assert!(created.created);
         if i % 3 == 0 {
-            let answer = client
-                .revoke_session(sessionstore::v1::RevokeSessionRequest {
-                    token_id: token.clone(),
-                    user_id: String::new(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(answer.revoked);
+            assert!(revoke(&mut client, &token, "").await);
             revoked.push(token);
         } else {
             live.push(token);
         }
     }
-    let all = client
-        .revoke_all_user_sessions(sessionstore::v1::RevokeAllUserSessionsRequest {
-            user_id: "aof-user-4".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(all.revoked_count > 0);
+    assert!(revoke_all(&mut client, "aof-user-4").await > 0);
     let (gone, kept): (Vec<_>, Vec<_>) = live.into_iter().partition(|token| {
         let i: usize = token.trim_start_matches("aof-").parse().unwrap();
         i % 5 == 4

@@ -16,62 +16,25 @@ use std::{
 };
 
 use sessionstore::v1::{GetSessionRequest, session_store_client::SessionStoreClient};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{
     Code,
     codegen::{Bytes, http},
-    transport::{Certificate, Channel, ClientTlsConfig},
+    transport::Channel,
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 use crate::support::{
-    Pki, PrivateRedis, TempFiles, launch, lookups_work_within, readiness_at, server_command,
-    spawn_server, wait_until,
+    Pki, PrivateRedis, Running, TempFiles, launch, lookups_work_within, metric, metrics_addr,
+    readiness_at, server_command, spawn_server, tls_channel, wait_until,
 };
-
-/// Kills the server process when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn get() -> GetSessionRequest {
     GetSessionRequest {
         token_id: "k8s".into(),
         user_id: "k8s".into(),
     }
-}
-
-/// The metrics address the server logged after "listening".
-fn metrics_addr(logs: &mpsc::Receiver<serde_json::Value>) -> SocketAddr {
-    loop {
-        let event = logs
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no \"metrics at /metrics\" line");
-        if event["message"] == "metrics at /metrics" {
-            return event["addr"].as_str().unwrap().parse().unwrap();
-        }
-    }
-}
-
-/// The value of one series in the server's `/metrics` text, if present.
-async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
 }
 
 /// Defaults: Redis stopped for 10 s leaves readiness SERVING on every check
@@ -419,16 +382,7 @@ impl SecretVolume {
 /// A new TLS connection to `addr` trusting only `ca`, served: whether the
 /// server's certificate now comes from that CA.
 async fn handshake_trusting(addr: &str, ca: &str) -> bool {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name(Pki::SERVER_NAME);
-    let Ok(endpoint) = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-    else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect().await else {
+    let Ok(channel) = tls_channel(addr, ca, None).await else {
         return false;
     };
     HealthClient::new(channel)
@@ -473,17 +427,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     let expiry_before = metric(metrics, "sessionstore_tls_cert_expiry_timestamp_seconds")
         .await
         .expect("no certificate expiry metric");
-    let earlier = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(&first.ca))
-                .domain_name(Pki::SERVER_NAME),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let earlier = tls_channel(&addr, &first.ca, None).await.unwrap();
 
     // A broken update: the second certificate with the first key.
     volume.update(&[
@@ -775,17 +719,8 @@ async fn a_slow_tls_handshake_does_not_eat_the_grace() {
     let _server = Running(child);
 
     let relay = slow_handshake_relay(&addr, Duration::from_millis(1500)).await;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca))
-        .domain_name(Pki::SERVER_NAME);
     let started = Instant::now();
-    let channel = Channel::from_shared(format!("https://{relay}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tls_channel(relay, &pki.ca, None).await.unwrap();
     let connected = Instant::now();
     assert!(
         connected - started >= Duration::from_millis(1400),

@@ -14,7 +14,7 @@ use tonic_reflection::pb::v1alpha::{
     server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
 };
 
-use crate::support::{PrivateRedis, TestServer, create, reset_attempts, revoke, scrape};
+use crate::support::{PrivateRedis, TestServer, create, reset_attempts, revoke, sample, scrape};
 
 /// The process-wide recorder: installed once, shared by every test that looks.
 fn recorder() -> PrometheusHandle {
@@ -24,12 +24,16 @@ fn recorder() -> PrometheusHandle {
         .clone()
 }
 
-/// The value of the sample whose line starts with `series` (name and labels).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
+/// The value of `series` (name and labels) in `text`, which must show it: a
+/// series renamed, or never recorded, fails the test.
+fn value(text: &str, series: &str) -> f64 {
+    sample(text, series).unwrap_or_else(|| panic!("no series {series} in the scrape:\n{text}"))
+}
+
+/// The value of `series` in `text`, 0 while it is absent: a counter is
+/// exported from its first increment, so a scrape taken before it may lack it.
+fn value_or_zero(text: &str, series: &str) -> f64 {
+    sample(text, series).unwrap_or(0.0)
 }
 
 /// A Prometheus exporter on a port-0 listener, recording through
@@ -169,7 +173,7 @@ async fn counters_move_after_calls() {
     let after = scrape(addr).await;
 
     let moved = |series: &str, at_least: f64| {
-        let delta = sample(&after, series) - sample(&before, series);
+        let delta = value(&after, series) - value_or_zero(&before, series);
         assert!(
             delta >= at_least,
             "{series} moved by {delta}, expected >= {at_least}\n{after}"
@@ -281,14 +285,14 @@ async fn cancelled_and_timed_out_calls_are_counted() {
     // Recorded when the server drops each call, which may come a moment
     // after the client has given up.
     let counted = |text: &str| {
-        sample(text, cancelled) > sample(&before, cancelled)
-            && sample(text, timed_out) > sample(&before, timed_out)
+        value_or_zero(text, cancelled) > value_or_zero(&before, cancelled)
+            && value_or_zero(text, timed_out) > value_or_zero(&before, timed_out)
     };
     let after = scrape_until(addr, counted).await;
     let counted = counted(&after);
     assert!(counted, "not counted:\n{after}");
     assert!(
-        sample(&after, timed_out_latency) > sample(&before, timed_out_latency),
+        value(&after, timed_out_latency) > value_or_zero(&before, timed_out_latency),
         "{after}"
     );
 
@@ -323,23 +327,23 @@ async fn reset_streams_are_counted_as_cancelled() {
     // Headers and a message sent, the streams are not over: nothing counted.
     let during = scrape(addr).await;
     assert!(
-        sample(&during, &cancelled) - sample(&before, &cancelled) < 1.0,
+        value_or_zero(&during, &cancelled) - value_or_zero(&before, &cancelled) < 1.0,
         "{during}"
     );
     // Dropping the response stream resets it (RST_STREAM CANCEL).
     drop(open);
 
     let after = scrape_until(addr, |text| {
-        sample(text, &cancelled) - sample(&before, &cancelled) >= STREAMS as f64
+        value_or_zero(text, &cancelled) - value_or_zero(&before, &cancelled) >= STREAMS as f64
     })
     .await;
     assert!(
-        sample(&after, &cancelled) - sample(&before, &cancelled) >= STREAMS as f64,
+        value(&after, &cancelled) - value_or_zero(&before, &cancelled) >= STREAMS as f64,
         "resets not counted as CANCELLED:\n{after}"
     );
     // Before streams were counted at their end, each was OK at its headers.
     assert!(
-        sample(&after, &ok) - sample(&before, &ok) < STREAMS as f64,
+        value_or_zero(&after, &ok) - value_or_zero(&before, &ok) < STREAMS as f64,
         "resets counted as OK:\n{after}"
     );
 
@@ -377,7 +381,7 @@ async fn streams_ended_by_shutdown_are_counted_as_unavailable() {
 
     let after = scrape(addr).await;
     assert!(
-        sample(&after, unavailable) - sample(&before, unavailable) >= 1.0,
+        value(&after, unavailable) - value_or_zero(&before, unavailable) >= 1.0,
         "not counted as UNAVAILABLE:\n{after}"
     );
     exporter.stop().await;

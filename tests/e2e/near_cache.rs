@@ -10,22 +10,13 @@
 //! through the mechanism it names (e.g. a revocation is seen through the
 //! stream while the staleness bound is far away).
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
-
-use session_client::{Error, NearCacheStats, SessionClient};
-use sessionstore::v1::{
-    self as pb,
-    session_store_client::SessionStoreClient,
-    session_store_server::{SessionStore, SessionStoreServer},
-};
-use tokio::sync::{Semaphore, oneshot, watch};
-use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, service::Routes, transport::Channel};
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::support::{
-    FakeServer, PrivateRedis, TestServer, client_example, command_calls, faketime, gone_within,
+    PrivateRedis, Relay, TestServer, client_example, command_calls, faketime, gone_within,
     wait_until,
 };
+use session_client::{Error, NearCacheStats, SessionClient};
 
 /// Far beyond any delivery latency, so a test that sees a revocation within
 /// it saw the stream deliver it, not the staleness bound expire.
@@ -292,7 +283,7 @@ async fn a_cancelled_own_revoke_still_drops_the_entry() {
     cache(&cached, "judy", "j-1").await;
     relay.mute();
 
-    let mut held = relay.hold_next_revoke();
+    let mut held = relay.hold_next("RevokeSession");
     let revoke = tokio::spawn({
         let cached = cached.clone();
         async move { cached.revoke_session("j-1").await }
@@ -521,7 +512,7 @@ async fn an_answer_overtaken_by_its_revocation_is_not_cached() {
 
     for hinted in [true, false] {
         let token = if hinted { "h-1" } else { "h-2" };
-        let mut held = relay.hold_next_get();
+        let mut held = relay.hold_next("GetSession");
         let lookup = tokio::spawn({
             let cached = cached.clone();
             async move {
@@ -748,241 +739,4 @@ async fn without_redis_clock_every_lookup_goes_to_the_server() {
     assert_eq!((after.hits, after.misses, after.entries), (0, 3, 0));
     assert!(!after.healthy, "{after:?}");
     server.shutdown().await;
-}
-
-/// A SessionStore in front of the real server that forwards lookups and the
-/// revocation stream, and can hold one lookup's answer (already read from
-/// the server) or drop the stream's messages while keeping it open: a stream
-/// that silently stopped delivering.
-struct Relay {
-    server: FakeServer,
-    state: Arc<RelayState>,
-}
-
-struct RelayState {
-    upstream: SessionStoreClient<Channel>,
-    muted: watch::Sender<bool>,
-    /// The stream's messages lose `redis_time`, as from a server older than
-    /// the field.
-    timeless: bool,
-    hold: std::sync::Mutex<Option<Hold>>,
-    hold_revoke: std::sync::Mutex<Option<Hold>>,
-}
-
-/// The relay's side of a held lookup.
-struct Hold {
-    read: oneshot::Sender<()>,
-    release: Arc<Semaphore>,
-}
-
-/// The test's side of a held lookup.
-struct Held {
-    read: Option<oneshot::Receiver<()>>,
-    release: Arc<Semaphore>,
-}
-
-impl Held {
-    /// Waits until the server has answered the held lookup.
-    async fn read(&mut self) {
-        let read = self.read.take().expect("read once");
-        tokio::time::timeout(PATIENCE, read)
-            .await
-            .expect("no lookup reached the relay")
-            .unwrap();
-    }
-
-    /// Lets the held answer go to the client.
-    fn release(&self) {
-        self.release.add_permits(1);
-    }
-}
-
-impl Relay {
-    async fn start(server: &TestServer) -> Self {
-        Self::start_with(server, false).await
-    }
-
-    /// A relay whose stream tells no Redis clock, as a server older than
-    /// `redis_time`.
-    async fn start_timeless(server: &TestServer) -> Self {
-        Self::start_with(server, true).await
-    }
-
-    async fn start_with(server: &TestServer, timeless: bool) -> Self {
-        let state = Arc::new(RelayState {
-            upstream: server.client().await,
-            muted: watch::channel(false).0,
-            timeless,
-            hold: std::sync::Mutex::new(None),
-            hold_revoke: std::sync::Mutex::new(None),
-        });
-        let service = SessionStoreServer::new(RelayService(state.clone()));
-        let server = FakeServer::start(Routes::new(service)).await;
-        Self { server, state }
-    }
-
-    fn url(&self) -> String {
-        self.server.url()
-    }
-
-    /// From now on, the stream's messages are dropped.
-    fn mute(&self) {
-        self.state.muted.send_replace(true);
-    }
-
-    /// Holds the next lookup's answer until [`Held::release`].
-    fn hold_next_get(&self) -> Held {
-        Self::hold_next(&self.state.hold)
-    }
-
-    /// Holds the next RevokeSession's answer (the server has revoked)
-    /// until [`Held::release`].
-    fn hold_next_revoke(&self) -> Held {
-        Self::hold_next(&self.state.hold_revoke)
-    }
-
-    fn hold_next(slot: &std::sync::Mutex<Option<Hold>>) -> Held {
-        let (read, read_rx) = oneshot::channel();
-        let release = Arc::new(Semaphore::new(0));
-        *slot.lock().unwrap() = Some(Hold {
-            read,
-            release: release.clone(),
-        });
-        Held {
-            read: Some(read_rx),
-            release,
-        }
-    }
-}
-
-struct RelayService(Arc<RelayState>);
-
-/// Waits for the test's release when `slot` holds a [`Hold`] (taken: once).
-async fn held(slot: &std::sync::Mutex<Option<Hold>>) {
-    let hold = slot.lock().unwrap().take();
-    if let Some(hold) = hold {
-        let _ = hold.read.send(());
-        hold.release.acquire().await.unwrap().forget();
-    }
-}
-
-type RevocationStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl SessionStore for RelayService {
-    async fn create_session(
-        &self,
-        request: Request<pb::CreateSessionRequest>,
-    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        upstream.create_session(request.into_inner()).await
-    }
-
-    async fn get_session(
-        &self,
-        request: Request<pb::GetSessionRequest>,
-    ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        let answer = upstream.get_session(request.into_inner()).await?;
-        held(&self.0.hold).await;
-        Ok(answer)
-    }
-
-    async fn revoke_session(
-        &self,
-        request: Request<pb::RevokeSessionRequest>,
-    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        let answer = upstream.revoke_session(request.into_inner()).await?;
-        held(&self.0.hold_revoke).await;
-        Ok(answer)
-    }
-
-    async fn revoke_all_user_sessions(
-        &self,
-        request: Request<pb::RevokeAllUserSessionsRequest>,
-    ) -> Result<Response<pb::RevokeAllUserSessionsResponse>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        upstream
-            .revoke_all_user_sessions(request.into_inner())
-            .await
-    }
-
-    async fn rotate_session(
-        &self,
-        request: Request<pb::RotateSessionRequest>,
-    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        upstream.rotate_session(request.into_inner()).await
-    }
-
-    async fn extend_session(
-        &self,
-        request: Request<pb::ExtendSessionRequest>,
-    ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        upstream.extend_session(request.into_inner()).await
-    }
-
-    async fn get_user_session_count(
-        &self,
-        _request: Request<pb::GetUserSessionCountRequest>,
-    ) -> Result<Response<pb::GetUserSessionCountResponse>, Status> {
-        Err(Status::unimplemented("relay"))
-    }
-
-    async fn list_user_sessions(
-        &self,
-        _request: Request<pb::ListUserSessionsRequest>,
-    ) -> Result<Response<pb::ListUserSessionsResponse>, Status> {
-        Err(Status::unimplemented("relay"))
-    }
-
-    async fn record_login_attempt(
-        &self,
-        _request: Request<pb::RecordLoginAttemptRequest>,
-    ) -> Result<Response<pb::RecordLoginAttemptResponse>, Status> {
-        Err(Status::unimplemented("relay"))
-    }
-
-    async fn reset_login_attempts(
-        &self,
-        _request: Request<pb::ResetLoginAttemptsRequest>,
-    ) -> Result<Response<pb::ResetLoginAttemptsResponse>, Status> {
-        Err(Status::unimplemented("relay"))
-    }
-
-    async fn forget_login_devices(
-        &self,
-        _request: Request<pb::ForgetLoginDevicesRequest>,
-    ) -> Result<Response<pb::ForgetLoginDevicesResponse>, Status> {
-        Err(Status::unimplemented("relay"))
-    }
-
-    type WatchRevocationsStream = RevocationStream;
-
-    async fn watch_revocations(
-        &self,
-        request: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        let mut upstream = self.0.upstream.clone();
-        let messages = upstream
-            .watch_revocations(request.into_inner())
-            .await?
-            .into_inner();
-        let muted = self.0.muted.subscribe();
-        let timeless = self.0.timeless;
-        let relayed = messages
-            .filter(move |_| !*muted.borrow())
-            .map(move |message| {
-                message.map(|mut message| {
-                    if timeless {
-                        message.redis_time = None;
-                    }
-                    message
-                })
-            });
-        Ok(Response::new(Box::pin(relayed)))
-    }
 }

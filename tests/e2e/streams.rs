@@ -20,7 +20,7 @@ use tonic_reflection::pb::v1::{
     server_reflection_response::MessageResponse,
 };
 
-use crate::support::{Pki, TempFiles, TestServer, check_on, test_config, wait_until};
+use crate::support::{Pki, TempFiles, TestServer, check_on, test_config, tls_channel, wait_until};
 
 /// A tokens file holding `token`, and a config that requires it.
 fn auth_config(files: &TempFiles, token: &str) -> (Config, PathBuf) {
@@ -337,20 +337,8 @@ async fn a_stalled_tls_handshake_is_closed() {
     assert!(elapsed >= bound - Duration::from_millis(50), "{elapsed:?}");
     assert!(elapsed < bound * 4, "{elapsed:?}");
 
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&pki.ca))
-        .domain_name(Pki::SERVER_NAME)
-        .identity(tonic::transport::Identity::from_pem(
-            &pki.client_cert,
-            &pki.client_key,
-        ));
-    let channel = Channel::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let identity = Some((pki.client_cert.as_str(), pki.client_key.as_str()));
+    let channel = tls_channel(server.addr, &pki.ca, identity).await.unwrap();
     SessionStoreClient::new(channel)
         .get_user_session_count(count("tls"))
         .await

@@ -25,13 +25,16 @@ mod rpc;
 mod server;
 
 pub(crate) use self::{
-    fake::{Behaviour, FakeServer, Stub},
+    fake::{Behaviour, Relay, Stub},
     http::{HttpAnswer, Serving, http},
-    metrics::scrape,
+    metrics::{metric, sample, scrape},
     otlp::{Collector, attribute, caller_tracing, hanging_collector, string_attribute},
-    pki::Pki,
+    pki::{Pki, tls_channel},
     probe::{check_on, liveness, readiness, readiness_at, readiness_becomes},
-    process::{client_example, faketime, launch, server_binary, server_command, spawn_server},
+    process::{
+        Running, ServerProcess, client_example, faketime, launch, metrics_addr, server_binary,
+        server_command, spawn_server,
+    },
     redis::{
         PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,
         login_account_key, pttl, redis_cli, redis_cli_with_password, server_script,

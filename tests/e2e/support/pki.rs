@@ -1,7 +1,8 @@
 //! PKI made fresh for each test: a CA and the server, client and Redis
-//! certificates it signs.
+//! certificates it signs, and TLS channels that trust one CA.
 
 use session_server::Config;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{TempFiles, server::test_config};
 
@@ -66,4 +67,25 @@ impl Pki {
         }
         config
     }
+}
+
+/// A TLS channel to `addr` (`host:port`), trusting only the CA `ca` (PEM) to
+/// vouch for [`Pki::SERVER_NAME`], presenting the client certificate and key
+/// `identity` when given; the error when the handshake fails.
+pub(crate) async fn tls_channel(
+    addr: impl std::fmt::Display,
+    ca: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(Pki::SERVER_NAME);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
 }

@@ -1,12 +1,15 @@
 //! Binaries built by the same cargo that runs the tests: the release
-//! `session-server` (and a launcher that reads its JSON log), client
+//! `session-server` (one launcher, which reads its JSON log, and a handle
+//! that keeps the log and kills the process when the test ends), client
 //! examples, and `faketime` to run a process under a shifted clock.
 
 use std::{
     io::{BufRead, BufReader},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Mutex, mpsc},
+    time::Duration,
 };
 
 use super::unique_prefix;
@@ -167,4 +170,71 @@ pub(crate) fn spawn_server(
     let command = server_command(Command::new(server_binary()), redis_url, extra_env);
     let (child, _early, addr, logs) = launch(command);
     (child, addr, logs)
+}
+
+/// Kills the process when the test ends, however it ends.
+pub(crate) struct Running(pub(crate) Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The metrics address the server logged after "listening".
+pub(crate) fn metrics_addr(logs: &mpsc::Receiver<serde_json::Value>) -> SocketAddr {
+    loop {
+        let event = logs
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no \"metrics at /metrics\" line");
+        if event["message"] == "metrics at /metrics" {
+            return event["addr"].as_str().unwrap().parse().unwrap();
+        }
+    }
+}
+
+/// The binary started by [`spawn_server`], killed when dropped, keeping
+/// every line it logs for the test to read.
+pub(crate) struct ServerProcess {
+    _process: Running,
+    /// Where it serves gRPC.
+    pub(crate) addr: String,
+    /// Where it serves /metrics.
+    pub(crate) metrics: SocketAddr,
+    log: Mutex<(Vec<serde_json::Value>, mpsc::Receiver<serde_json::Value>)>,
+}
+
+impl ServerProcess {
+    /// Starts the binary as [`spawn_server`] does and waits for its metrics
+    /// address.
+    pub(crate) fn start(redis_url: &str, extra_env: &[(&str, &str)]) -> Self {
+        let command = server_command(Command::new(server_binary()), redis_url, extra_env);
+        let (child, early, addr, logs) = launch(command);
+        let process = Running(child);
+        let (mut seen, mut metrics) = (early, None);
+        while metrics.is_none() {
+            let event = logs
+                .recv_timeout(Duration::from_secs(10))
+                .expect("no \"metrics at /metrics\" line");
+            if event["message"] == "metrics at /metrics" {
+                metrics = event["addr"].as_str().map(|a| a.parse().unwrap());
+            }
+            seen.push(event);
+        }
+        Self {
+            _process: process,
+            addr,
+            metrics: metrics.unwrap(),
+            log: Mutex::new((seen, logs)),
+        }
+    }
+
+    /// Every line logged so far.
+    pub(crate) fn events(&self) -> Vec<serde_json::Value> {
+        let mut log = self.log.lock().unwrap();
+        let (seen, logs) = &mut *log;
+        seen.extend(logs.try_iter());
+        seen.clone()
+    }
 }

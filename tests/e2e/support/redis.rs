@@ -187,6 +187,14 @@ impl Topology {
         Self { dir, env }
     }
 
+    /// The ports of its nodes, in `TEST_REDIS_URL` order (the seeds first).
+    pub(crate) fn ports(&self) -> Vec<u16> {
+        self.env["TEST_REDIS_URL"]
+            .split(',')
+            .map(|url| url.rsplit(':').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
     /// SIGKILLs the node on `port`.
     pub(crate) fn kill(&self, port: u16) {
         let status = Command::new(topology_script())
