@@ -547,18 +547,12 @@ async fn a_lazy_client_starts_before_the_server() {
 /// listens, and connects at once when the server is up.
 #[tokio::test]
 async fn an_eager_client_connects_before_returning() {
-    let nowhere = SessionClient::builder(format!("http://127.0.0.1:{}", free_port()))
-        .lazy(false)
-        .connect()
-        .await;
+    let eager = async |url: String| SessionClient::builder(url).lazy(false).connect().await;
+    let nowhere = eager(format!("http://127.0.0.1:{}", free_port())).await;
     assert!(matches!(nowhere, Err(Error::Unavailable(_))), "{nowhere:?}");
 
     let server = TestServer::start().await;
-    let client = SessionClient::builder(server.url())
-        .lazy(false)
-        .connect()
-        .await
-        .unwrap();
+    let client = eager(server.url()).await.unwrap();
     assert_eq!(client.get_user_session_count("ivy").await.unwrap(), 0);
 }
 

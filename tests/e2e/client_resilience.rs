@@ -263,6 +263,21 @@ async fn a_server_dying_under_load_does_not_drain_the_retry_budget() {
     }
 }
 
+/// `builder`'s client, connected, following DNS: its names resolved through
+/// `resolver` every 50 ms.
+async fn discovering<F, Fut>(builder: session_client::Builder, resolver: F) -> SessionClient
+where
+    F: Fn(String, u16) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'static,
+{
+    builder
+        .dns_discovery(Duration::from_millis(50))
+        .dns_resolver(resolver)
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// DNS discovery (a resolver the test controls, as a headless Service's
 /// name): an address added to the answer gets calls, an address removed
 /// gets none.
@@ -281,12 +296,11 @@ async fn dns_discovery_follows_addresses_added_and_removed() {
             }
         }
     };
-    let client = SessionClient::builder("http://sessionstore-headless.test:50051")
-        .dns_discovery(Duration::from_millis(50))
-        .dns_resolver(resolver)
-        .connect()
-        .await
-        .unwrap();
+    let client = discovering(
+        SessionClient::builder("http://sessionstore-headless.test:50051"),
+        resolver,
+    )
+    .await;
     let mut made = 0;
     let mut create = async |n: u32| {
         create_more(&client, "fay", &mut made, n).await;
@@ -372,13 +386,9 @@ async fn one_name_failing_to_resolve_does_not_freeze_the_others() {
             async move { result }
         }
     };
-    let client = SessionClient::builder("http://flaky.test:50051")
-        .endpoint("http://steady.test:50051")
-        .dns_discovery(Duration::from_millis(50))
-        .dns_resolver(resolver)
-        .connect()
-        .await
-        .unwrap();
+    let builder =
+        SessionClient::builder("http://flaky.test:50051").endpoint("http://steady.test:50051");
+    let client = discovering(builder, resolver).await;
     *broken.lock().unwrap() = true;
     *answer.lock().unwrap() = vec![new.addr];
 
@@ -582,24 +592,23 @@ async fn an_overloaded_server_is_overloaded() {
 #[tokio::test]
 async fn a_connection_cut_mid_call_is_retried_for_reads_only() {
     let stub = Stub::start(Behaviour::ok()).await;
-    let proxy = cutting_proxy(stub.server.addr, 1);
-    let client = SessionClient::builder(format!("http://{proxy}"))
-        .initial_backoff(Duration::from_millis(5))
-        .connect()
-        .await
-        .unwrap();
+    // A client whose first connection is cut after one request.
+    let cut_once = async || {
+        let proxy = cutting_proxy(stub.server.addr, 1);
+        SessionClient::builder(format!("http://{proxy}"))
+            .initial_backoff(Duration::from_millis(5))
+            .connect()
+            .await
+            .unwrap()
+    };
+    let client = cut_once().await;
     assert_eq!(
         client.get_user_session_count("u").await.unwrap(),
         Stub::COUNT
     );
     assert_eq!(stub.calls("GetUserSessionCount"), 1);
 
-    let proxy = cutting_proxy(stub.server.addr, 1);
-    let client = SessionClient::builder(format!("http://{proxy}"))
-        .initial_backoff(Duration::from_millis(5))
-        .connect()
-        .await
-        .unwrap();
+    let client = cut_once().await;
     let write = client.revoke_all_user_sessions("u").await;
     match write {
         Err(err @ Error::Unavailable(_)) => assert!(err.is_retryable()),

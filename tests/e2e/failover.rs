@@ -79,6 +79,45 @@ async fn assert_survived(
     }
 }
 
+/// A server on a topology, a revocation stream opened on it, and what was
+/// written before the failover: the tokens left live and those revoked.
+struct Written {
+    server: TestServer,
+    client: SessionStoreClient<Channel>,
+    stream: Streaming<WatchRevocationsResponse>,
+    live: Vec<String>,
+    revoked: Vec<String>,
+}
+
+impl Written {
+    /// Starts a server on `topology` in `mode`, opens a revocation stream,
+    /// and writes sessions for `users` (see [`write_sessions`]).
+    async fn on(topology: &Topology, mode: RedisMode, users: &[String]) -> Self {
+        let server = TestServer::start_with(topology.config(mode)).await;
+        let mut client = server.client().await;
+        let stream = watch(&mut client).await;
+        let (live, revoked) = write_sessions(&mut client, users).await;
+        Self {
+            server,
+            client,
+            stream,
+            live,
+            revoked,
+        }
+    }
+
+    /// Once calls for `users` succeed again after the failover: every
+    /// acknowledged session and revocation survived, and writes go to the
+    /// promoted replica.
+    async fn survived(&mut self, users: &[String]) {
+        wait_for_recovery(&self.client, users).await;
+        let (live, revoked) = (&self.live, &self.revoked);
+        assert_survived(&mut self.client, users, live, revoked).await;
+        let created = create(&mut self.client, &users[0], "after-failover").await;
+        assert!(created.created, "writes go to the promoted replica");
+    }
+}
+
 /// Opens a revocation stream and waits for its opening reset.
 async fn watch(client: &mut SessionStoreClient<Channel>) -> Streaming<WatchRevocationsResponse> {
     let mut stream = client
@@ -206,11 +245,8 @@ async fn wait_for_recovery(client: &SessionStoreClient<Channel>, users: &[String
 #[tokio::test]
 async fn cluster_master_failover() {
     let cluster = Topology::start("cluster");
-    let server = TestServer::start_with(cluster.config(RedisMode::Cluster)).await;
-    let mut client = server.client().await;
     let users: Vec<String> = (0..12).map(|i| format!("fo-user-{i}")).collect();
-    let mut stream = watch(&mut client).await;
-    let (live, revoked) = write_sessions(&mut client, &users).await;
+    let mut written = Written::on(&cluster, RedisMode::Cluster, &users).await;
 
     // The master serving slot of the first user's keys.
     let seed = cluster.ports()[0];
@@ -230,22 +266,13 @@ async fn cluster_master_failover() {
     }
 
     cluster.kill(victim);
-    wait_for_recovery(&client, &users).await;
-    assert_survived(&mut client, &users, &live, &revoked).await;
-    // Writes work on the promoted replica too.
-    let created = create(&mut client, &users[0], "after-failover").await;
-    assert!(created.created);
+    written.survived(&users).await;
     // Revocations made on the promoted replica reach the stream opened before
     // the failover (through a new subscription, announced by a reset, when
     // the killed master held it).
-    revocation_arrives(
-        &mut client,
-        &mut stream,
-        &users[0],
-        "revoked-after-failover",
-    )
-    .await;
-    assert!(server.is_running());
+    let Written { client, stream, .. } = &mut written;
+    revocation_arrives(client, stream, &users[0], "revoked-after-failover").await;
+    assert!(written.server.is_running());
 }
 
 /// Sentinel: the master is killed; once the sentinels promote the replica, the
@@ -254,31 +281,20 @@ async fn cluster_master_failover() {
 #[tokio::test]
 async fn sentinel_master_failover() {
     let sentinel = Topology::start("sentinel");
-    let server = TestServer::start_with(sentinel.config(RedisMode::Sentinel)).await;
-    let mut client = server.client().await;
     let users: Vec<String> = (0..4).map(|i| format!("sf-user-{i}")).collect();
-    let mut stream = watch(&mut client).await;
-    let (live, revoked) = write_sessions(&mut client, &users).await;
+    let mut written = Written::on(&sentinel, RedisMode::Sentinel, &users).await;
     let master: u16 = sentinel.env["TEST_REDIS_MASTER_PORT"].parse().unwrap();
     wait_for_replication(master).await;
 
     sentinel.kill(master);
-    wait_for_recovery(&client, &users).await;
-    assert_survived(&mut client, &users, &live, &revoked).await;
-    let created = create(&mut client, &users[0], "after-failover").await;
-    assert!(created.created, "writes go to the promoted replica");
+    written.survived(&users).await;
     // The subscription was on the killed master: the server subscribes to the
     // promoted one and says so with a reset (what was published before it may
     // be missed); revocations after it arrive.
-    reset_arrives(&mut stream).await;
-    revocation_arrives(
-        &mut client,
-        &mut stream,
-        &users[0],
-        "revoked-after-failover",
-    )
-    .await;
-    assert!(server.is_running());
+    let Written { client, stream, .. } = &mut written;
+    reset_arrives(stream).await;
+    revocation_arrives(client, stream, &users[0], "revoked-after-failover").await;
+    assert!(written.server.is_running());
 }
 
 /// The port of the master that serves the slot of hash tag `tag`, as the

@@ -919,34 +919,21 @@ async fn the_client_rotates_and_its_near_cache_drops_the_old_session() {
         .await
         .unwrap();
     let session = created.session.expect("created");
+    let cl_1 = async || client.get_user_session("cleo", "cl-1").await.unwrap();
+    let rotate = async || {
+        let rotation = Rotation::new("cleo", &session.family_id, "cl-1", "cl-2");
+        client.rotate_session(rotation).await.unwrap()
+    };
     for _ in 0..2 {
-        assert!(
-            client
-                .get_user_session("cleo", "cl-1")
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(cl_1().await.is_some());
     }
-    let outcome = client
-        .rotate_session(Rotation::new("cleo", &session.family_id, "cl-1", "cl-2"))
-        .await
-        .unwrap();
+    let outcome = rotate().await;
     let ClientOutcome::Rotated(next) = outcome else {
         panic!("{outcome:?}");
     };
     assert_eq!(next.token_id, "cl-2");
-    assert!(
-        client
-            .get_user_session("cleo", "cl-1")
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let again = client
-        .rotate_session(Rotation::new("cleo", &session.family_id, "cl-1", "cl-2"))
-        .await
-        .unwrap();
+    assert!(cl_1().await.is_none());
+    let again = rotate().await;
     assert!(
         matches!(&again, ClientOutcome::AlreadyRotated(s) if s.token_id == "cl-2"),
         "{again:?}"

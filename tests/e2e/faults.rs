@@ -345,13 +345,7 @@ async fn an_unreadable_password_file_keeps_the_last_password_read() {
 
     // Rotate: the new file renamed over the old one, then Redis.
     let staged = files.write("redis-password.new", "second-secret\n");
-    std::fs::rename(&staged, &password).unwrap();
-    let answer = redis_cli_with_password(
-        redis.port,
-        "first-secret",
-        &["config", "set", "requirepass", "second-secret"],
-    );
-    assert_eq!(answer.trim(), "OK");
+    redis.rotate_password(staged, &password, "first-secret", "second-secret");
     cut_connections("second-secret");
     assert!(served().await, "not served with the rotated password");
 

@@ -193,23 +193,13 @@ async fn a_marker_outlives_a_reservation_extended_before_the_revocation() {
     let server = TestServer::start().await;
     let prefix = server.config.key_prefix.clone();
     let mut client = server.client().await;
-    let with_ttl = |seconds: i64| CreateSessionRequest {
-        user_id: "yuri".into(),
-        token_id: "y-1".into(),
-        ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
-        ..Default::default()
+    let mut create_for = async |seconds: i64| {
+        let request = with_ttl("yuri", "y-1", seconds);
+        client.create_session(request).await.unwrap().into_inner()
     };
-    let first = client
-        .create_session(with_ttl(2))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = create_for(2).await;
+    let replay = create_for(600).await;
     assert_eq!(outcome(&first), CreateOutcome::Created);
-    let replay = client
-        .create_session(with_ttl(600))
-        .await
-        .unwrap()
-        .into_inner();
     assert_eq!(outcome(&replay), CreateOutcome::AlreadyExists);
     assert_eq!(
         replay.session, first.session,
@@ -383,6 +373,17 @@ async fn a_session_without_a_ttl_is_still_revoked_for_good() {
 }
 
 /// A create request for `user` and `token` with a ttl of `seconds`.
+/// Creates `token` for `user` with a 2 s TTL, asserting it was created, then
+/// revokes it, asserting a live session was revoked.
+async fn create_and_revoke(client: &mut Client, user: &str, token: &str) {
+    let created = client.create_session(with_ttl(user, token, 2)).await;
+    assert_eq!(
+        outcome(&created.unwrap().into_inner()),
+        CreateOutcome::Created
+    );
+    assert!(revoke(client, token, user).await);
+}
+
 fn with_ttl(user: &str, token: &str, seconds: i64) -> CreateSessionRequest {
     CreateSessionRequest {
         user_id: user.into(),
@@ -423,13 +424,7 @@ async fn a_replay_refused_half_way_by_an_acl_leaves_the_token_revoked() {
     .await;
     let mut client = server.client().await;
 
-    let first = client
-        .create_session(with_ttl("ada", "acl-1", 2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(outcome(&first), CreateOutcome::Created);
-    assert!(revoke(&mut client, "acl-1", "ada").await);
+    create_and_revoke(&mut client, "ada", "acl-1").await;
 
     let _: () = acl(&["~*token_owner:*"])
         .query_async(&mut admin)
@@ -531,13 +526,8 @@ async fn a_create_cut_off_after_its_claim_cannot_outlive_the_revocation() {
         .await
         .expect_err("the connection is cut before the claim's answer");
     assert_eq!(cut.code(), tonic::Code::Unavailable, "{cut:?}");
-    let retried = client
-        .create_session(with_ttl("cy", "cut-1", 2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(outcome(&retried), CreateOutcome::Created);
-    assert!(revoke(&mut client, "cut-1", "cy").await);
+    // The retry is created (nothing was stored), and revoked.
+    create_and_revoke(&mut client, "cy", "cut-1").await;
     assert_marker_outlives_reservation(&server.config, "cy", "cut-1").await;
     assert_stays_revoked(&mut client, "cy", "cut-1").await;
 }

@@ -26,9 +26,36 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    Pki, PrivateRedis, Running, TempFiles, launch, lookups_work_within, metric, metrics_addr,
-    readiness_at, server_command, spawn_server, tls_channel, wait_until,
+    Pki, PrivateRedis, Running, ServerProcess, TempFiles, launch, lookups_work_within, metric,
+    readiness_at, server_command, tls_channel, wait_until,
 };
+
+/// How long after `start` `check` first holds, asked every `every`; `None`
+/// if it does not within `limit` of `start`.
+async fn first_holds<F, Fut>(
+    start: Instant,
+    every: Duration,
+    limit: Duration,
+    mut check: F,
+) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    while start.elapsed() < limit {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(every).await;
+    }
+    None
+}
+
+/// The binary on `redis`, with `env` and no shutdown delay.
+fn binary(redis: &PrivateRedis, env: &[(&str, &str)]) -> ServerProcess {
+    let env = [env, &[("SHUTDOWN_DELAY_MS", "0")]].concat();
+    ServerProcess::start(&redis.url(), &env)
+}
 
 fn get() -> GetSessionRequest {
     GetSessionRequest {
@@ -46,16 +73,15 @@ fn get() -> GetSessionRequest {
 async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
     const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
     let mut redis = PrivateRedis::start();
-    let (child, addr, logs) = spawn_server(
-        &redis.url(),
+    let server = binary(
+        &redis,
         &[
             ("HEALTH_CHECK_INTERVAL_MS", "100"),
             ("REDIS_TIMEOUT_MS", "1000"),
-            ("SHUTDOWN_DELAY_MS", "0"),
         ],
     );
-    let _server = Running(child);
-    let metrics = metrics_addr(&logs);
+    let addr = server.addr.clone();
+    let metrics = server.metrics;
     let url = format!("http://{addr}");
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -92,8 +118,9 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
     eprintln!("Redis stopped 10 s: {calls} calls UNAVAILABLE, slowest {slowest:?}");
     // One "redis unavailable" line a second at most, however many calls fail,
     // each saying how many it stands for.
-    let failure_lines: Vec<u64> = logs
-        .try_iter()
+    let failure_lines: Vec<u64> = server
+        .events()
+        .into_iter()
         .filter(|event| event["message"] == "redis unavailable")
         .map(|event| event["suppressed"].as_u64().unwrap_or(0))
         .collect();
@@ -157,16 +184,15 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
 #[tokio::test]
 async fn readiness_follows_redis_only_after_the_debounce() {
     let mut redis = PrivateRedis::start();
-    let (child, addr, _logs) = spawn_server(
-        &redis.url(),
+    let server = binary(
+        &redis,
         &[
             ("READINESS_FOLLOWS_REDIS", "true"),
             ("READINESS_REDIS_FAILURES", "5"),
             ("HEALTH_CHECK_INTERVAL_MS", "200"),
-            ("SHUTDOWN_DELAY_MS", "0"),
         ],
     );
-    let _server = Running(child);
+    let addr = server.addr.clone();
     let url = format!("http://{addr}");
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -180,28 +206,24 @@ async fn readiness_follows_redis_only_after_the_debounce() {
         .connect()
         .await
         .unwrap();
-    let mut health = HealthClient::new(channel);
+    let health = HealthClient::new(channel);
 
     redis.kill();
     let down = Instant::now();
-    let not_serving_after = loop {
-        let status = health
-            .check(HealthCheckRequest {
+    let every = Duration::from_millis(10);
+    let not_serving = || {
+        let mut health = health.clone();
+        async move {
+            let request = HealthCheckRequest {
                 service: sessionstore::SERVICE_NAME.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        if status == ServingStatus::NotServing as i32 {
-            break down.elapsed();
+            };
+            let status = health.check(request).await.unwrap().into_inner().status;
+            status == ServingStatus::NotServing as i32
         }
-        assert!(
-            down.elapsed() < Duration::from_secs(15),
-            "still SERVING 15 s after Redis stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let not_serving_after = first_holds(down, every, Duration::from_secs(15), not_serving)
+        .await
+        .expect("still SERVING 15 s after Redis stopped");
     // Five failed checks need four intervals between them at least.
     assert!(
         not_serving_after >= Duration::from_millis(800),
@@ -264,15 +286,14 @@ async fn health_call(
 #[tokio::test]
 async fn connections_are_closed_gracefully_after_max_connection_age() {
     let redis = PrivateRedis::start();
-    let (child, addr, _logs) = spawn_server(
-        &redis.url(),
+    let server = binary(
+        &redis,
         &[
             ("MAX_CONNECTION_AGE", "1"),
             ("MAX_CONNECTION_AGE_GRACE", "5"),
-            ("SHUTDOWN_DELAY_MS", "0"),
         ],
     );
-    let _server = Running(child);
+    let addr = server.addr.clone();
 
     // Idle: GOAWAY at 1 s, then a clean close.
     let opened = Instant::now();
@@ -297,21 +318,21 @@ async fn connections_are_closed_gracefully_after_max_connection_age() {
     let (send, connection) = h2_connect(&addr).await;
     let mut watch = health_call(&send, "Watch").await.unwrap();
     assert!(watch.data().await.is_some(), "no first status on the watch");
-    let goaway_after = loop {
-        match health_call(&send, "Check").await {
-            Ok(_) => {}
-            Err(err) => {
-                assert!(err.is_go_away(), "{err:?}");
-                assert_eq!(err.reason(), Some(h2::Reason::NO_ERROR), "{err:?}");
-                break opened.elapsed();
-            }
+    let goaway = || {
+        let send = &send;
+        async move {
+            let Err(err) = health_call(send, "Check").await else {
+                return false;
+            };
+            assert!(err.is_go_away(), "{err:?}");
+            assert_eq!(err.reason(), Some(h2::Reason::NO_ERROR), "{err:?}");
+            true
         }
-        assert!(
-            opened.elapsed() < Duration::from_secs(5),
-            "no GOAWAY within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let every = Duration::from_millis(50);
+    let goaway_after = first_holds(opened, every, Duration::from_secs(5), goaway)
+        .await
+        .expect("no GOAWAY within 5 s");
     assert!(
         goaway_after >= Duration::from_millis(950),
         "GOAWAY after {goaway_after:?}, before MAX_CONNECTION_AGE"
@@ -412,16 +433,15 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     let cert = volume.path("tls.crt");
     let key = volume.path("tls.key");
     let redis = PrivateRedis::start();
-    let (child, addr, logs) = spawn_server(
-        &redis.url(),
+    let server = binary(
+        &redis,
         &[
             ("TLS_CERT", cert.to_str().unwrap()),
             ("TLS_KEY", key.to_str().unwrap()),
-            ("SHUTDOWN_DELAY_MS", "0"),
         ],
     );
-    let _server = Running(child);
-    let metrics = metrics_addr(&logs);
+    let addr = server.addr.clone();
+    let metrics = server.metrics;
     assert!(handshake_trusting(&addr, &first.ca).await);
     assert!(!handshake_trusting(&addr, &second.ca).await);
     let expiry_before = metric(metrics, "sessionstore_tls_cert_expiry_timestamp_seconds")
@@ -536,7 +556,7 @@ async fn a_rotated_redis_password_is_used_by_new_connections() {
     server.shutdown().await;
 }
 
-/// Starts the binary as [`spawn_server`] does, under a file descriptor limit
+/// Starts the binary as `spawn_server` does, under a file descriptor limit
 /// (soft `soft`, hard `hard`, set by the shell that then execs it), with
 /// `HEALTH_ADDR` on `health`. Returns the log lines up to "listening", the
 /// address and the lines after it.
@@ -704,8 +724,8 @@ async fn a_slow_tls_handshake_does_not_eat_the_grace() {
     let files = TempFiles::new();
     let cert = files.write("server.pem", &pki.server_cert);
     let key = files.write("server.key", &pki.server_key);
-    let (child, addr, _logs) = spawn_server(
-        &redis.url(),
+    let server = binary(
+        &redis,
         &[
             ("TLS_CERT", cert.to_str().unwrap()),
             ("TLS_KEY", key.to_str().unwrap()),
@@ -713,10 +733,9 @@ async fn a_slow_tls_handshake_does_not_eat_the_grace() {
             ("MAX_CONNECTION_AGE_GRACE", "1"),
             ("REQUEST_TIMEOUT_MS", "1000"),
             ("REDIS_TIMEOUT_MS", "500"),
-            ("SHUTDOWN_DELAY_MS", "0"),
         ],
     );
-    let _server = Running(child);
+    let addr = server.addr.clone();
 
     let relay = slow_handshake_relay(&addr, Duration::from_millis(1500)).await;
     let started = Instant::now();

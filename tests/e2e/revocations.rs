@@ -387,13 +387,7 @@ async fn the_subscription_follows_a_rotated_password_like_the_pool() {
     // Rotate: the new file renamed over the old one, then Redis; every
     // connection is cut, the subscription's too.
     let staged = files.write("redis-password.new", "second\n");
-    std::fs::rename(&staged, &password).unwrap();
-    let answer = redis_cli_with_password(
-        redis.port,
-        "first",
-        &["config", "set", "requirepass", "second"],
-    );
-    assert_eq!(answer.trim(), "OK");
+    redis.rotate_password(staged, &password, "first", "second");
     cut("normal");
     cut("pubsub");
     reset_within_patience(&mut stream, "the rotation").await;
@@ -570,31 +564,21 @@ async fn a_redis_user_without_the_channel_changes_nothing() {
     };
 
     create_at(&mut client, "acl-user", "acl-1").await;
-    let refused = client
-        .revoke_session(RevokeSessionRequest {
-            token_id: "acl-1".into(),
-            user_id: "acl-user".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
-    assert!(
-        alive(&mut client, "acl-1").await,
-        "a refused revoke changed nothing"
-    );
-    let evicting = client
-        .create_session(CreateSessionRequest {
-            user_id: "acl-user".into(),
-            token_id: "acl-2".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(evicting.code(), Code::Internal, "{evicting:?}");
-    assert!(
-        alive(&mut client, "acl-1").await,
-        "a refused eviction changed nothing"
-    );
+    let revoking = RevokeSessionRequest {
+        token_id: "acl-1".into(),
+        user_id: "acl-user".into(),
+    };
+    let evicting = CreateSessionRequest {
+        user_id: "acl-user".into(),
+        token_id: "acl-2".into(),
+        ..Default::default()
+    };
+    refused_as_internal(client.revoke_session(revoking).await);
+    let unchanged = alive(&mut client, "acl-1").await;
+    assert!(unchanged, "a refused revoke changed nothing");
+    refused_as_internal(client.create_session(evicting).await);
+    let unchanged = alive(&mut client, "acl-1").await;
+    assert!(unchanged, "a refused eviction changed nothing");
     assert!(!alive(&mut client, "acl-2").await);
 
     let _: () = redis::cmd("ACL")
@@ -777,4 +761,10 @@ async fn deployments_in_other_databases_have_their_own_channel() {
     drop(stream);
     server_a.shutdown().await;
     server_b.shutdown().await;
+}
+
+/// Asserts a call was refused with INTERNAL.
+fn refused_as_internal<T: std::fmt::Debug>(answer: Result<tonic::Response<T>, tonic::Status>) {
+    let status = answer.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
 }

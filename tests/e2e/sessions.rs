@@ -104,6 +104,11 @@ async fn keys_follow_the_spec_layout() {
     );
 }
 
+/// A TTL of `seconds`, as a request carries it.
+fn seconds(seconds: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds, nanos: 0 })
+}
+
 /// Minimal JSON field extraction, so the test checks the stored format without
 /// depending on the server's types.
 mod serde_like {
@@ -143,10 +148,7 @@ async fn a_live_token_id_cannot_be_taken_again() {
                 user_id: user.into(),
                 token_id: "shared-tok".into(),
                 metadata: meta(&[("ip", "6.6.6.6")]),
-                ttl: Some(prost_types::Duration {
-                    seconds: 5,
-                    nanos: 0,
-                }),
+                ttl: seconds(5),
             })
             .await
             .unwrap()
@@ -272,10 +274,7 @@ async fn a_session_ends_with_its_ttl() {
             user_id: "hank".into(),
             token_id: "short".into(),
             metadata: HashMap::new(),
-            ttl: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
+            ttl: seconds(1),
         })
         .await
         .unwrap()

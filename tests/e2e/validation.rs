@@ -216,22 +216,18 @@ async fn login_rpcs_refuse_bad_addresses() {
 /// RecordLoginAttempt and ResetLoginAttempts from `ip` for `account` are both
 /// refused as invalid, naming `field`.
 async fn both_login_rpcs_refuse(c: &mut Client, ip: &str, account: &str, field: &str, why: &str) {
-    let record = c
-        .record_login_attempt(RecordLoginAttemptRequest {
-            ip: ip.into(),
-            account: account.into(),
-            ..Default::default()
-        })
-        .await
-        .map(drop);
-    let reset = c
-        .reset_login_attempts(ResetLoginAttemptsRequest {
-            ip: ip.into(),
-            account: account.into(),
-            ..Default::default()
-        })
-        .await
-        .map(drop);
+    let record = RecordLoginAttemptRequest {
+        ip: ip.into(),
+        account: account.into(),
+        ..Default::default()
+    };
+    let reset = ResetLoginAttemptsRequest {
+        ip: ip.into(),
+        account: account.into(),
+        ..Default::default()
+    };
+    let record = c.record_login_attempt(record).await.map(drop);
+    let reset = c.reset_login_attempts(reset).await.map(drop);
     for result in [record, reset] {
         assert_invalid(result, field, why);
     }

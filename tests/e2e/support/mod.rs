@@ -32,8 +32,8 @@ pub(crate) use self::{
     pki::{Pki, tls_channel},
     probe::{check_on, liveness, readiness, readiness_at, readiness_becomes},
     process::{
-        Running, ServerProcess, client_example, faketime, launch, metrics_addr, server_binary,
-        server_command, spawn_server,
+        Running, ServerProcess, client_example, faketime, launch, server_binary, server_command,
+        spawn_server,
     },
     redis::{
         PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,

@@ -182,18 +182,6 @@ impl Drop for Running {
     }
 }
 
-/// The metrics address the server logged after "listening".
-pub(crate) fn metrics_addr(logs: &mpsc::Receiver<serde_json::Value>) -> SocketAddr {
-    loop {
-        let event = logs
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no \"metrics at /metrics\" line");
-        if event["message"] == "metrics at /metrics" {
-            return event["addr"].as_str().unwrap().parse().unwrap();
-        }
-    }
-}
-
 /// The binary started by [`spawn_server`], killed when dropped, keeping
 /// every line it logs for the test to read.
 pub(crate) struct ServerProcess {

@@ -240,6 +240,18 @@ pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+impl PrivateRedis {
+    /// Rotates its password from `old` to `new` as an operator does: the
+    /// new password file (`TempFiles`' `staged`) renamed over `file`, then
+    /// Redis told. Connections already open stay authenticated.
+    pub(crate) fn rotate_password(&self, staged: PathBuf, file: &Path, old: &str, new: &str) {
+        std::fs::rename(&staged, file).unwrap();
+        let answer =
+            redis_cli_with_password(self.port, old, &["config", "set", "requirepass", new]);
+        assert_eq!(answer.trim(), "OK");
+    }
+}
+
 /// Runs `redis-cli -p PORT -a PASSWORD ARGS...` (a Redis with `requirepass`)
 /// and returns its standard output.
 pub(crate) fn redis_cli_with_password(port: u16, password: &str, args: &[&str]) -> String {
