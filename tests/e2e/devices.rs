@@ -203,12 +203,11 @@ async fn a_device_token_trusts_only_its_account() {
 /// second.
 #[tokio::test]
 async fn an_expired_device_token_is_untrusted() {
-    let mut config = test_config();
-    config.login_device_ttl = 1;
-    let server = TestServer::start_with(config.clone()).await;
+    let server = TestServer::start_tuned(|c| c.login_device_ttl = 1).await;
     let mut c = server.client().await;
     let token = issue(&mut c, "brief@example.com").await;
     assert!(trusted(&mut c, "192.0.2.2", "brief@example.com", &token).await);
+    let config = server.config.clone();
     let ttl = pttl(
         &config,
         &login_account_key(&config, "devices", "brief@example.com"),
@@ -244,9 +243,7 @@ async fn forgetting_devices_untrusts_them_all() {
 /// oldest; a trusted token presented with an issue is replaced.
 #[tokio::test]
 async fn issuing_past_the_device_max_forgets_the_oldest() {
-    let mut config = test_config();
-    config.login_device_max = 3;
-    let server = TestServer::start_with(config.clone()).await;
+    let server = TestServer::start_tuned(|c| c.login_device_max = 3).await;
     let mut c = server.client().await;
     let account = "many@example.com";
     let mut tokens = Vec::new();
@@ -265,6 +262,7 @@ async fn issuing_past_the_device_max_forgets_the_oldest() {
         .device_token;
     assert!(!trusted(&mut c, "192.0.2.4", account, &tokens[3]).await);
     assert!(trusted(&mut c, "192.0.2.4", account, &renewed).await);
+    let config = server.config.clone();
     let members = devices(&config, account).await;
     assert_eq!(members, 3);
 }
@@ -297,15 +295,14 @@ async fn concurrent_attempts_with_one_device_allow_exactly_its_limit() {
 /// every one of them has a TTL.
 #[tokio::test]
 async fn device_keys_hold_hashes_and_expire() {
-    let mut config = test_config();
-    config.rate_limit_device_max_attempts = 1;
-    let server = TestServer::start_with(config.clone()).await;
+    let server = TestServer::start_tuned(|c| c.rate_limit_device_max_attempts = 1).await;
     let mut c = server.client().await;
     let account = "keys@example.com";
     let token = issue(&mut c, account).await;
     attempt(&mut c, "192.0.2.5", account, &token).await;
     let refused = attempt(&mut c, "192.0.2.5", account, &token).await;
     assert_eq!(refused.refused_by, PbLimit::Device as i32);
+    let config = server.config.clone();
     for key in [
         login_account_key(&config, "devices", account),
         device_key(&config, account, &token),

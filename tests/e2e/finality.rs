@@ -7,8 +7,8 @@ use session_server::store::LimitPolicy;
 use sessionstore::v1::{CreateOutcome, CreateSessionRequest, CreateSessionResponse};
 
 use crate::support::{
-    Client, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on, count, create,
-    get, inspect, list, revoke, revoke_all, test_config,
+    Client, OnNeedle, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on,
+    count, create, get, inspect, list, redis_relay, revoke, revoke_all, test_config,
 };
 
 fn outcome(response: &CreateSessionResponse) -> CreateOutcome {
@@ -440,68 +440,6 @@ async fn a_replay_refused_half_way_by_an_acl_leaves_the_token_revoked() {
     assert_stays_revoked(&mut client, "ada", "acl-1").await;
 }
 
-/// A TCP relay to `target` that, the first time a command sent through it
-/// names `needle`, lets it reach Redis and then cuts the connection before
-/// the answer comes back: the step ran, and the server saw it fail.
-async fn cutting_relay(target: u16, needle: String) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
-                continue;
-            };
-            let armed = armed.clone();
-            let needle = needle.clone();
-            tokio::spawn(async move {
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut upstream_read, mut upstream_write) = upstream.into_split();
-                let cut = std::sync::Arc::new(tokio::sync::Notify::new());
-                let cut_up = cut.clone();
-                let up = tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match client_read.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let hit = buf[..n]
-                            .windows(needle.len())
-                            .any(|w| w == needle.as_bytes());
-                        if upstream_write.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                        if hit && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                            // Redis runs it; its answer never comes back.
-                            cut_up.notify_one();
-                            return;
-                        }
-                    }
-                });
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    tokio::select! {
-                        _ = cut.notified() => break,
-                        read = upstream_read.read(&mut buf) => {
-                            let n = match read {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            if client_write.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                up.abort();
-            });
-        }
-    });
-    format!("redis://{addr}")
-}
-
 /// A first create cut off after its token claim ran (the claim asked for a
 /// day), retried with a short ttl and then revoked: the marker outlives the
 /// reservation the cut-off claim made, and a replay stays revoked. On the
@@ -513,7 +451,7 @@ async fn a_create_cut_off_after_its_claim_cannot_outlive_the_revocation() {
     let mut config = config_on(&redis);
     config.session_ttl_max = 86_400;
     let token_owner = format!("{}token_owner:{{cut-1}}", config.key_prefix);
-    config.redis_url = cutting_relay(redis.port, token_owner).await;
+    config.redis_url = redis_relay(redis.port, token_owner, OnNeedle::CutAfterFirst).await;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
     // Loads the scripts into Redis through another token: the cut must hit a

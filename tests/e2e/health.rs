@@ -305,16 +305,13 @@ async fn open_streams_end_at_shutdown() {
     let mut probe_watch = watch_seeing(health_addr, "", ServingStatus::Serving).await;
 
     // A reflection session whose caller never closes its side.
-    let (requests, request_stream) = tokio::sync::mpsc::channel(1);
-    requests
-        .send(ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        })
-        .await
-        .unwrap();
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let requests = tokio_stream::iter([list]).chain(tokio_stream::pending());
     let mut reflection = ServerReflectionClient::new(connect(addr).await)
-        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(request_stream))
+        .server_reflection_info(requests)
         .await
         .unwrap()
         .into_inner();
@@ -334,7 +331,6 @@ async fn open_streams_end_at_shutdown() {
     );
     assert_ended(&mut probe_watch).await;
     assert_ended(&mut reflection).await;
-    drop(requests);
 }
 
 /// Once shutdown has begun, the Redis watcher never turns readiness back to

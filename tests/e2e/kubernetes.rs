@@ -30,31 +30,36 @@ use crate::support::{
     readiness_at, server_command, tls_channel, wait_until,
 };
 
-/// How long after `start` `check` first holds, asked every `every`; `None`
-/// if it does not within `limit` of `start`.
+/// How long after `start` `check` first holds, asked every `every`; fails
+/// the test with `never` if it does not within `limit` of `start`.
 async fn first_holds<F, Fut>(
-    start: Instant,
-    every: Duration,
-    limit: Duration,
+    (start, every, limit): (Instant, Duration, Duration),
     mut check: F,
-) -> Option<Duration>
+    never: &str,
+) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     while start.elapsed() < limit {
         if check().await {
-            return Some(start.elapsed());
+            return start.elapsed();
         }
         tokio::time::sleep(every).await;
     }
-    None
+    panic!("{never}");
 }
 
 /// The binary on `redis`, with `env` and no shutdown delay.
 fn binary(redis: &PrivateRedis, env: &[(&str, &str)]) -> ServerProcess {
     let env = [env, &[("SHUTDOWN_DELAY_MS", "0")]].concat();
     ServerProcess::start(&redis.url(), &env)
+}
+
+/// Whether readiness at `url` becomes SERVING within 10 s.
+async fn becomes_serving(url: &str) -> bool {
+    let serving = || async { readiness_at(url).await == Some(ServingStatus::Serving) };
+    wait_until(Duration::from_secs(10), serving).await
 }
 
 fn get() -> GetSessionRequest {
@@ -84,10 +89,7 @@ async fn redis_outage_leaves_readiness_serving_and_calls_fail_fast() {
     let metrics = server.metrics;
     let url = format!("http://{addr}");
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            readiness_at(&url).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        becomes_serving(&url).await,
         "readiness never became SERVING"
     );
     let mut client = SessionStoreClient::connect(url.clone()).await.unwrap();
@@ -195,10 +197,7 @@ async fn readiness_follows_redis_only_after_the_debounce() {
     let addr = server.addr.clone();
     let url = format!("http://{addr}");
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            readiness_at(&url).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        becomes_serving(&url).await,
         "readiness never became SERVING"
     );
     let channel = Channel::from_shared(url.clone())
@@ -210,7 +209,6 @@ async fn readiness_follows_redis_only_after_the_debounce() {
 
     redis.kill();
     let down = Instant::now();
-    let every = Duration::from_millis(10);
     let not_serving = || {
         let mut health = health.clone();
         async move {
@@ -221,9 +219,9 @@ async fn readiness_follows_redis_only_after_the_debounce() {
             status == ServingStatus::NotServing as i32
         }
     };
-    let not_serving_after = first_holds(down, every, Duration::from_secs(15), not_serving)
-        .await
-        .expect("still SERVING 15 s after Redis stopped");
+    let polls = (down, Duration::from_millis(10), Duration::from_secs(15));
+    let never = "still SERVING 15 s after Redis stopped";
+    let not_serving_after = first_holds(polls, not_serving, never).await;
     // Five failed checks need four intervals between them at least.
     assert!(
         not_serving_after >= Duration::from_millis(800),
@@ -233,10 +231,7 @@ async fn readiness_follows_redis_only_after_the_debounce() {
 
     redis.restart();
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            readiness_at(&url).await == Some(ServingStatus::Serving)
-        })
-        .await,
+        becomes_serving(&url).await,
         "readiness did not come back with Redis"
     );
 }
@@ -329,10 +324,8 @@ async fn connections_are_closed_gracefully_after_max_connection_age() {
             true
         }
     };
-    let every = Duration::from_millis(50);
-    let goaway_after = first_holds(opened, every, Duration::from_secs(5), goaway)
-        .await
-        .expect("no GOAWAY within 5 s");
+    let polls = (opened, Duration::from_millis(50), Duration::from_secs(5));
+    let goaway_after = first_holds(polls, goaway, "no GOAWAY within 5 s").await;
     assert!(
         goaway_after >= Duration::from_millis(950),
         "GOAWAY after {goaway_after:?}, before MAX_CONNECTION_AGE"

@@ -110,11 +110,10 @@ async fn scrape_until(addr: std::net::SocketAddr, done: impl Fn(&str) -> bool) -
 #[tokio::test]
 async fn counters_move_after_calls() {
     let exporter = Exporter::start().await;
-    let addr = exporter.addr;
 
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let before = scrape(addr).await;
+    let before = scrape(exporter.addr).await;
     // A revocation stream, proven (its reset) before the calls below.
     let mut watch = client
         .watch_revocations(sessionstore::v1::WatchRevocationsRequest {})
@@ -170,7 +169,7 @@ async fn counters_move_after_calls() {
             break;
         }
     }
-    let after = scrape(addr).await;
+    let after = scrape(exporter.addr).await;
 
     let moved = |series: &str, at_least: f64| {
         let delta = value(&after, series) - value_or_zero(&before, series);
@@ -237,7 +236,6 @@ async fn counters_move_after_calls() {
 #[tokio::test]
 async fn cancelled_and_timed_out_calls_are_counted() {
     let exporter = Exporter::start().await;
-    let addr = exporter.addr;
 
     let redis = PrivateRedis::start();
     let server = TestServer::on_tuned(&redis, |c| {
@@ -259,7 +257,7 @@ async fn cancelled_and_timed_out_calls_are_counted() {
     let cancelled = r#"sessionstore_rpc_requests_total{method="/sessionstore.v1.SessionStore/ListUserSessions",code="CANCELLED"}"#;
     let timed_out = r#"sessionstore_rpc_requests_total{method="/sessionstore.v1.SessionStore/GetUserSessionCount",code="DEADLINE_EXCEEDED"}"#;
     let timed_out_latency = r#"sessionstore_rpc_duration_seconds_count{method="/sessionstore.v1.SessionStore/GetUserSessionCount",code="DEADLINE_EXCEEDED"}"#;
-    let before = scrape(addr).await;
+    let before = scrape(exporter.addr).await;
 
     // Redis answers nothing for 2 s: both calls are in flight when they end.
     redis.pause(2000).await;
@@ -288,7 +286,7 @@ async fn cancelled_and_timed_out_calls_are_counted() {
         value_or_zero(text, cancelled) > value_or_zero(&before, cancelled)
             && value_or_zero(text, timed_out) > value_or_zero(&before, timed_out)
     };
-    let after = scrape_until(addr, counted).await;
+    let after = scrape_until(exporter.addr, counted).await;
     let counted = counted(&after);
     assert!(counted, "not counted:\n{after}");
     assert!(
@@ -306,7 +304,6 @@ async fn cancelled_and_timed_out_calls_are_counted() {
 #[tokio::test]
 async fn reset_streams_are_counted_as_cancelled() {
     let exporter = Exporter::start().await;
-    let addr = exporter.addr;
     let server = TestServer::start().await;
     let channel = server.channel().await;
 
@@ -316,7 +313,7 @@ async fn reset_streams_are_counted_as_cancelled() {
         )
     };
     let (cancelled, ok) = (series("CANCELLED"), series("OK"));
-    let before = scrape(addr).await;
+    let before = scrape(exporter.addr).await;
 
     const STREAMS: usize = 20;
     let mut open = Vec::new();
@@ -325,7 +322,7 @@ async fn reset_streams_are_counted_as_cancelled() {
         open.push(open_reflection(channel.clone()).await);
     }
     // Headers and a message sent, the streams are not over: nothing counted.
-    let during = scrape(addr).await;
+    let during = scrape(exporter.addr).await;
     assert!(
         value_or_zero(&during, &cancelled) - value_or_zero(&before, &cancelled) < 1.0,
         "{during}"
@@ -333,7 +330,7 @@ async fn reset_streams_are_counted_as_cancelled() {
     // Dropping the response stream resets it (RST_STREAM CANCEL).
     drop(open);
 
-    let after = scrape_until(addr, |text| {
+    let after = scrape_until(exporter.addr, |text| {
         value_or_zero(text, &cancelled) - value_or_zero(&before, &cancelled) >= STREAMS as f64
     })
     .await;
@@ -357,10 +354,9 @@ async fn reset_streams_are_counted_as_cancelled() {
 #[tokio::test]
 async fn streams_ended_by_shutdown_are_counted_as_unavailable() {
     let exporter = Exporter::start().await;
-    let addr = exporter.addr;
     let server = TestServer::start().await;
     let unavailable = r#"sessionstore_rpc_requests_total{method="/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",code="UNAVAILABLE"}"#;
-    let before = scrape(addr).await;
+    let before = scrape(exporter.addr).await;
 
     let (mut responses, requests) = open_reflection(server.channel().await).await;
     let shutdown = tokio::spawn(server.shutdown());
@@ -379,7 +375,7 @@ async fn streams_ended_by_shutdown_are_counted_as_unavailable() {
     drop((responses, requests));
     shutdown.await.unwrap();
 
-    let after = scrape(addr).await;
+    let after = scrape(exporter.addr).await;
     assert!(
         value(&after, unavailable) - value_or_zero(&before, unavailable) >= 1.0,
         "not counted as UNAVAILABLE:\n{after}"

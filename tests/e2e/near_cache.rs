@@ -48,6 +48,15 @@ async fn healthy(client: &SessionClient) {
     );
 }
 
+/// A relay in front of `server`, and a caching client of the relay (with a
+/// staleness bound far away) whose revocation stream is healthy.
+async fn healthy_behind_relay(server: &TestServer) -> (Relay, SessionClient) {
+    let relay = Relay::start(server).await;
+    let cached = cached_client(relay.url(), LONG_STALENESS).await;
+    healthy(&cached).await;
+    (relay, cached)
+}
+
 /// Creates a session through `client` and checks it was stored.
 async fn create(client: &SessionClient, user: &str, token: &str) {
     assert!(
@@ -236,9 +245,7 @@ async fn not_found_is_never_cached() {
 #[tokio::test]
 async fn own_revocations_apply_before_the_call_returns() {
     let server = TestServer::start().await;
-    let relay = Relay::start(&server).await;
-    let cached = cached_client(relay.url(), LONG_STALENESS).await;
-    healthy(&cached).await;
+    let (relay, cached) = healthy_behind_relay(&server).await;
     create(&cached, "dave", "d-1").await;
     create(&cached, "dave", "d-2").await;
     create(&cached, "dave", "d-3").await;
@@ -276,9 +283,7 @@ async fn own_revocations_apply_before_the_call_returns() {
 #[tokio::test]
 async fn a_cancelled_own_revoke_still_drops_the_entry() {
     let server = TestServer::start().await;
-    let relay = Relay::start(&server).await;
-    let cached = cached_client(relay.url(), LONG_STALENESS).await;
-    healthy(&cached).await;
+    let (relay, cached) = healthy_behind_relay(&server).await;
     create(&cached, "judy", "j-1").await;
     cache(&cached, "judy", "j-1").await;
     relay.mute();

@@ -36,8 +36,9 @@ pub(crate) use self::{
         spawn_server,
     },
     redis::{
-        PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls, inspect,
-        login_account_key, pttl, redis_cli, redis_cli_with_password, server_script,
+        OnNeedle, PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls,
+        inspect, login_account_key, pttl, redis_cli, redis_cli_with_password, redis_relay,
+        server_script,
     },
     rpc::{
         Client, count, create, get, gone_within, list, lookups_work_within, record_attempt,

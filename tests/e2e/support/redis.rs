@@ -346,3 +346,83 @@ pub(crate) async fn assert_marker_outlives_reservation(config: &Config, user: &s
         "{token}: the marker ({marker} ms) ends before the reservation ({reservation} ms)"
     );
 }
+
+/// What a [`redis_relay`] does with a command that names its needle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnNeedle {
+    /// The first such command reaches Redis, then its connection is cut
+    /// before the answer comes back: the step ran, and the server saw it fail.
+    CutAfterFirst,
+    /// Every such command is held back, and what its connection sends after
+    /// it: the connection stays open and Redis never answers, as a Redis
+    /// that stalls on that one command would.
+    Hold,
+}
+
+/// A TCP relay to the Redis on `target`, doing `on` with the commands that
+/// name `needle` (at the first write that holds it: what that write carries
+/// besides goes with it); its `redis://` URL.
+pub(crate) async fn redis_relay(target: u16, needle: String, on: OnNeedle) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                continue;
+            };
+            let armed = armed.clone();
+            let needle = needle.clone();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut upstream_read, mut upstream_write) = upstream.into_split();
+                let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+                let cut_up = cut.clone();
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let hit = buf[..n]
+                            .windows(needle.len())
+                            .any(|w| w == needle.as_bytes());
+                        if hit && on == OnNeedle::Hold {
+                            // Neither this nor what follows reaches Redis;
+                            // the connection stays open.
+                            let _held = (client_read, upstream_write);
+                            return std::future::pending().await;
+                        }
+                        if upstream_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        if hit && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            // Redis runs it; its answer never comes back.
+                            cut_up.notify_one();
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    tokio::select! {
+                        _ = cut.notified() => break,
+                        read = upstream_read.read(&mut buf) => {
+                            let n = match read {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
