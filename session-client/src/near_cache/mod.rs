@@ -530,6 +530,16 @@ impl NearCache {
     /// extension moved it earlier. Without an answer (the session is not
     /// live, or the call failed and may have moved it) the entry is dropped.
     fn extend_entry(&self, state: &mut State, token_id: &str, answer: Option<&Session>) {
+        let answer = answer.map(|a| (a.user_id.as_str(), a.expires_at));
+        self.shorten_entry(state, token_id, answer);
+    }
+
+    /// Caps `token_id`'s cached expiry at `answer`'s (when the entry is
+    /// `answer`'s user's), or drops the entry when there is no answer; the
+    /// token's lookups in flight lose their fill. For an ExtendSession
+    /// answer, and for a shortened expiry from the stream (`shortened`: an
+    /// extension elsewhere moved it earlier).
+    fn shorten_entry(&self, state: &mut State, token_id: &str, answer: Option<(&str, SystemTime)>) {
         let doomed: Vec<u64> = state
             .fills_by_token
             .get(token_id)
@@ -538,7 +548,6 @@ impl NearCache {
             .copied()
             .collect();
         state.invalidate_fills(doomed);
-        let answer = answer.map(|a| (a.user_id.as_str(), a.expires_at));
         if let Some(removed) = self.entries.extended(token_id, answer) {
             Self::unindex(state, removed);
         }
@@ -754,6 +763,18 @@ impl NearCache {
             .into_iter()
             .map(Revocation::from_proto)
             .collect();
+        // A shortened expiry is applied as an ExtendSession answer made here
+        // would be: the earlier of the cached expiry and the new one, and the
+        // token's lookups in flight lose their fill. Without a readable time
+        // the entry is dropped.
+        let shortened: Vec<(String, String, Option<SystemTime>)> = message
+            .shortened
+            .into_iter()
+            .map(|s| {
+                let expires_at = s.expires_at.and_then(|t| SystemTime::try_from(t).ok());
+                (s.user_id, s.token_id, expires_at)
+            })
+            .collect();
         // Out of range reads as none: fail safe.
         let reading = message
             .redis_time
@@ -826,6 +847,9 @@ impl NearCache {
         // was stale turns healthy only once what the message revokes is gone.
         for revocation in &revocations {
             self.apply_one(&mut state, revocation);
+        }
+        for (user, token, expires_at) in &shortened {
+            self.shorten_entry(&mut state, token, expires_at.map(|at| (user.as_str(), at)));
         }
         self.publish(&state);
         drop(state);

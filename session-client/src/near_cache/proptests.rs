@@ -177,6 +177,7 @@ impl World {
             revocations,
             reset,
             redis_time: Some(self.redis_now().into()),
+            shortened: Vec::new(),
         }
     }
 

@@ -39,6 +39,7 @@ fn reset_at(redis_time: Option<SystemTime>) -> pb::WatchRevocationsResponse {
         revocations: Vec::new(),
         reset: true,
         redis_time: redis_time.map(Into::into),
+        shortened: Vec::new(),
     }
 }
 
@@ -653,6 +654,62 @@ fn an_extension_never_leaves_a_later_expiry() {
     assert!(!cached(&cache, "a9"));
     cache.extended("a1", None);
     assert!(!cached(&cache, "a1") && cached(&cache, "b1"));
+    assert_consistent(&cache);
+}
+
+/// A stream's `shortened` (an ExtendSession elsewhere moved an expiry
+/// earlier) caps the cached expiry as an extension made here does: the
+/// earlier time is taken, a later one is not, one naming another user drops
+/// the entry, a lookup in flight for the token loses its fill, and one without a time
+/// drops the entry. Applied before the message's health, as revocations.
+#[test]
+fn a_shortened_expiry_from_the_stream_is_never_answered_past() {
+    let s = in_family("alice", "a1", "f1");
+    let b = session("bob", "b1", SystemTime::now());
+    let c = session("carol", "c1", SystemTime::now());
+    let cache = healthy_with(10, &[s.clone(), b.clone(), c.clone()]);
+    let expiry = |cache: &NearCache| cache.entries.expires_at("a1");
+    let shortened =
+        |user: &str, token: &str, at: Option<SystemTime>| pb::WatchRevocationsResponse {
+            shortened: vec![pb::ShortenedSession {
+                user_id: user.into(),
+                token_id: token.into(),
+                expires_at: at.map(Into::into),
+            }],
+            redis_time: Some(SystemTime::now().into()),
+            ..Default::default()
+        };
+
+    let in_flight = cache.begin_fill("a1", Some("alice"));
+    let soon = SystemTime::now() + Duration::from_secs(2);
+    recv(&cache, shortened("alice", "a1", Some(soon)), Instant::now());
+    assert_eq!(expiry(&cache), Some(soon));
+    assert!(!in_flight.complete(&s), "a read from before the shortening");
+    // Later: nothing moves.
+    recv(
+        &cache,
+        shortened("alice", "a1", Some(s.expires_at)),
+        Instant::now(),
+    );
+    assert_eq!(expiry(&cache), Some(soon));
+    assert!(cache.lookup("a1", Some("alice")).is_some());
+    // Already past by Redis's clock: not answered.
+    let past = SystemTime::now() - Duration::from_millis(1);
+    recv(&cache, shortened("bob", "b1", Some(past)), Instant::now());
+    assert!(
+        cache.lookup("b1", Some("bob")).is_none(),
+        "answered past its new expiry"
+    );
+    // No readable time: dropped.
+    recv(&cache, shortened("carol", "c1", None), Instant::now());
+    assert!(!cached(&cache, "c1"));
+    // Naming another user than the cached session's: dropped (safe).
+    recv(
+        &cache,
+        shortened("mallory", "a1", Some(s.expires_at)),
+        Instant::now(),
+    );
+    assert!(!cached(&cache, "a1"));
     assert_consistent(&cache);
 }
 
