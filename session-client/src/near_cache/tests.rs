@@ -114,6 +114,7 @@ pub(super) fn assert_consistent(cache: &NearCache) {
     let indexed: usize = state.by_user.values().map(Vec::len).sum();
     assert_eq!(indexed, state.len);
     assert_eq!(cache.entries.len(), state.len);
+    cache.entries.assert_interned_counted();
     let mut seen = HashSet::new();
     for (user_hash, handles) in &state.by_user {
         assert!(!handles.is_empty(), "empty list kept for {user_hash}");
@@ -464,6 +465,81 @@ fn answers_from_memory_are_the_servers_sessions() {
             ..session
         }
     );
+}
+
+/// A long metadata string several sessions carry is kept once (from its
+/// second sighting on), answered as given, and freed with the last session
+/// holding it, whatever removes it (a revocation, expiry, eviction, a
+/// flush); one only one session carries stays in that session.
+#[test]
+fn shared_metadata_is_kept_once_and_freed_with_its_last_session() {
+    let agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+    let now = SystemTime::now();
+    let sessions: Vec<Session> = (0..4)
+        .map(|i| {
+            let mut s = session("alice", &format!("a{i}"), now);
+            s.metadata.insert("ip".into(), format!("192.0.2.{i}"));
+            s.metadata.insert("user_agent".into(), agent.into());
+            s
+        })
+        .collect();
+    let mut own = session("bob", "b1", now);
+    own.metadata
+        .insert("user_agent".into(), format!("{agent} (bob's own)"));
+    let cache = healthy_with(10, &sessions[..1]);
+    assert_eq!(cache.entries.interned(), 0, "seen once: inline");
+    for s in sessions[1..].iter().chain([&own]) {
+        assert!(cache.begin_fill(&s.token_id, None).complete(s));
+    }
+    assert_eq!(cache.entries.interned(), 1, "the shared agent, once");
+    assert_consistent(&cache);
+    for s in sessions.iter().chain([&own]) {
+        assert_eq!(cache.lookup(&s.token_id, None).as_ref(), Some(s));
+    }
+
+    // Removed one by one: the string stays while a session holds it.
+    cache.apply(&[Revocation {
+        user_id: "alice".into(),
+        token_id: Some("a1".into()),
+        revoked_at: None,
+    }]);
+    assert_eq!(cache.entries.interned(), 1);
+    assert_consistent(&cache);
+    for token in ["a2", "a3"] {
+        cache.apply(&[Revocation {
+            user_id: "alice".into(),
+            token_id: Some(token.into()),
+            revoked_at: None,
+        }]);
+    }
+    assert_eq!(cache.entries.interned(), 0, "freed with its last session");
+    assert_consistent(&cache);
+    // a0, inline from the start, is unchanged.
+    assert_eq!(cache.lookup("a0", None).as_ref(), Some(&sessions[0]));
+
+    // Held again, then flushed.
+    for s in &sessions[1..3] {
+        assert!(cache.begin_fill(&s.token_id, None).complete(s));
+    }
+    assert_eq!(cache.entries.interned(), 1);
+    recv(&cache, reset(), Instant::now());
+    assert_eq!(cache.entries.interned(), 0);
+    assert_consistent(&cache);
+
+    // Evicted: a cache of two, the shared string's sessions pushed out.
+    let small = healthy_with(2, &sessions[..3]);
+    assert_consistent(&small);
+    assert_eq!(small.entries.interned(), 1);
+    for i in 0..100 {
+        if ["a0", "a1", "a2"].iter().all(|t| !cached(&small, t)) {
+            break;
+        }
+        let s = session("carol", &format!("c{i}"), now);
+        assert!(small.begin_fill(&s.token_id, None).complete(&s));
+    }
+    assert!(!cached(&small, "a1") && !cached(&small, "a2"), "evicted");
+    assert_eq!(small.entries.interned(), 0, "freed by eviction");
+    assert_consistent(&small);
 }
 
 /// The fill race, interleaved by hand: a call registers, the revocation

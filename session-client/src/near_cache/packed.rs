@@ -1,0 +1,328 @@
+//! A cached session packed into one allocation ([`pack`], read through
+//! [`View`]), and the metadata strings the sessions of a shard share
+//! ([`Interned`]): the layout that makes a million sessions fit in a few
+//! hundred megabytes (BENCHMARKS.md, "Near-cache at a million sessions").
+//!
+//! Metadata repeats: a service's sessions carry a few distinct user agents
+//! and devices, each in thousands of sessions. A long metadata string seen
+//! a second time is kept once per shard, reference-counted, and the
+//! sessions hold its number (4 bytes) instead of a copy; it is freed when
+//! the last session holding it leaves. Strings seen once stay in their
+//! session (an ip, a user agent nobody else has): interning those would
+//! cost a table entry each and a lookup one more read of memory. Whether a
+//! string was seen lately is a guess from a small table of hashes, so a
+//! string that repeats only rarely may stay inline; that costs memory,
+//! never correctness.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::types::Session;
+
+/// The packed data's header: expiry, creation, family expiry, the lengths.
+const HEADER: usize = 32;
+/// A metadata string's length field saying "interned": its id (`u32`)
+/// follows instead of the text. A string exactly this long is always
+/// interned (it could not be told from the marker inline).
+const SHARED: u16 = u16::MAX;
+/// Metadata strings shorter than this stay inline: their copy costs about
+/// what an id and a share of the table would.
+const INTERN_MIN: usize = 16;
+/// The recently seen strings' hashes per shard (direct-mapped).
+const SEEN: usize = 1024;
+
+/// A session packed into one allocation: the fixed fields, the lengths, then
+/// the strings one after the other (no allocation of their own, no
+/// capacity to spare):
+///
+/// ```text
+/// expires_at u64 | created_at u64 | family_expires_at u64 (u64::MAX: none) | token, user,
+/// family lengths u16 each | metadata entries u16 | token | user | family |
+/// per metadata entry: key, value; each either length u16 and the text,
+/// or u16::MAX and the id u32 of a string in the shard's `Interned`
+/// ```
+///
+/// Times are nanoseconds since 1970 by Redis's clock, little-endian. `None`
+/// when a time is before 1970 or past 2554 or a string longer than 64 KiB:
+/// such a session is not cached (it is asked of the server every time).
+/// Nothing is interned then: the checks come first.
+pub(super) fn pack(
+    session: &Session,
+    metadata: bool,
+    interned: &mut Interned,
+    hasher: &RandomState,
+) -> Option<Box<[u8]>> {
+    let expires = nanos(session.expires_at)?;
+    let created = nanos(session.created_at)?;
+    let family_expires = match session.family_expires_at {
+        Some(at) => nanos(at).filter(|&n| n != u64::MAX)?,
+        None => u64::MAX,
+    };
+    let kept: Vec<(&String, &String)> = if metadata {
+        session.metadata.iter().collect()
+    } else {
+        Vec::new()
+    };
+    let strings = [&session.token_id, &session.user_id, &session.family_id];
+    let lengths = strings.map(|s| u16::try_from(s.len()).ok());
+    let entries = u16::try_from(kept.len()).ok()?;
+    if lengths.contains(&None)
+        || kept
+            .iter()
+            .any(|(k, v)| k.len() > usize::from(SHARED) || v.len() > usize::from(SHARED))
+    {
+        return None;
+    }
+    let mut data = Vec::new();
+    data.extend_from_slice(&expires.to_le_bytes());
+    data.extend_from_slice(&created.to_le_bytes());
+    data.extend_from_slice(&family_expires.to_le_bytes());
+    for length in lengths.into_iter().flatten() {
+        data.extend_from_slice(&length.to_le_bytes());
+    }
+    data.extend_from_slice(&entries.to_le_bytes());
+    for s in strings {
+        data.extend_from_slice(s.as_bytes());
+    }
+    for (key, value) in kept {
+        for s in [key, value] {
+            match interned.intern(s, hasher) {
+                Some(id) => {
+                    data.extend_from_slice(&SHARED.to_le_bytes());
+                    data.extend_from_slice(&id.to_le_bytes());
+                }
+                None => {
+                    // Checked above: below SHARED, or interned.
+                    data.extend_from_slice(&(s.len() as u16).to_le_bytes());
+                    data.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+    }
+    // Copied once more, so that the allocation kept is exactly as long.
+    Some(data.as_slice().into())
+}
+
+/// Reads a packed session (see [`pack`]). Every read is checked: `None`
+/// for what [`pack`] cannot have written.
+#[derive(Clone, Copy)]
+pub(super) struct View<'a>(pub(super) &'a [u8]);
+
+/// A metadata string of a packed session: its text, or its id.
+enum Field<'a> {
+    Inline(&'a str),
+    Shared(u32),
+}
+
+impl<'a> View<'a> {
+    fn u64_at(self, at: usize) -> Option<u64> {
+        Some(u64::from_le_bytes(self.0.get(at..at + 8)?.try_into().ok()?))
+    }
+
+    fn u16_at(self, at: usize) -> Option<usize> {
+        Some(u16::from_le_bytes(self.0.get(at..at + 2)?.try_into().ok()?).into())
+    }
+
+    fn str_at(self, at: usize, len: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.0.get(at..at + len)?).ok()
+    }
+
+    /// The expiry, nanoseconds since 1970 by Redis's clock.
+    pub(super) fn expires(self) -> Option<u64> {
+        self.u64_at(0)
+    }
+
+    /// Sets the expiry (nanoseconds since 1970 by Redis's clock).
+    pub(super) fn set_expires(data: &mut [u8], expires: u64) {
+        data[..8].copy_from_slice(&expires.to_le_bytes());
+    }
+
+    pub(super) fn token(self) -> Option<&'a str> {
+        self.str_at(HEADER, self.u16_at(24)?)
+    }
+
+    pub(super) fn user(self) -> Option<&'a str> {
+        self.str_at(HEADER + self.u16_at(24)?, self.u16_at(26)?)
+    }
+
+    pub(super) fn family(self) -> Option<&'a str> {
+        self.str_at(
+            HEADER + self.u16_at(24)? + self.u16_at(26)?,
+            self.u16_at(28)?,
+        )
+    }
+
+    pub(super) fn created_at(self) -> Option<SystemTime> {
+        Some(UNIX_EPOCH + Duration::from_nanos(self.u64_at(8)?))
+    }
+
+    /// The metadata strings, keys and values in turn; `None` at the first
+    /// field [`pack`] cannot have written.
+    fn fields(self) -> impl Iterator<Item = Option<Field<'a>>> {
+        let start = HEADER
+            + self.u16_at(24).unwrap_or(0)
+            + self.u16_at(26).unwrap_or(0)
+            + self.u16_at(28).unwrap_or(0);
+        let count = 2 * self.u16_at(30).unwrap_or(0);
+        let mut at = start;
+        (0..count).map(move |_| {
+            let len = self.u16_at(at)?;
+            if len == usize::from(SHARED) {
+                let id = u32::from_le_bytes(self.0.get(at + 2..at + 6)?.try_into().ok()?);
+                at += 6;
+                Some(Field::Shared(id))
+            } else {
+                let text = self.str_at(at + 2, len)?;
+                at += 2 + len;
+                Some(Field::Inline(text))
+            }
+        })
+    }
+
+    /// The ids of the interned strings the session holds.
+    pub(super) fn shared(self) -> impl Iterator<Item = u32> {
+        self.fields().map_while(|f| f).filter_map(|f| match f {
+            Field::Shared(id) => Some(id),
+            Field::Inline(_) => None,
+        })
+    }
+
+    /// The session, as it was cached (with the expiry as it is now); its
+    /// shared strings are read from `interned`, the shard's.
+    pub(super) fn session(self, interned: &Interned) -> Option<Session> {
+        let expires = self.expires()?;
+        let family_expires = self.u64_at(16)?;
+        let mut metadata = HashMap::with_capacity(self.u16_at(30)?);
+        let mut fields = self.fields();
+        while let Some(key) = fields.next() {
+            let value = fields.next()?;
+            let [key, value] = [key?, value?].map(|field| match field {
+                Field::Inline(text) => Some(text),
+                Field::Shared(id) => interned.get(id),
+            });
+            metadata.insert(key?.to_owned(), value?.to_owned());
+        }
+        Some(Session {
+            user_id: self.user()?.to_owned(),
+            token_id: self.token()?.to_owned(),
+            metadata,
+            created_at: self.created_at()?,
+            expires_at: UNIX_EPOCH + Duration::from_nanos(expires),
+            family_id: self.family()?.to_owned(),
+            family_expires_at: (family_expires != u64::MAX)
+                .then(|| UNIX_EPOCH + Duration::from_nanos(family_expires)),
+        })
+    }
+}
+
+/// Nanoseconds since 1970; `None` before it or past what a u64 holds.
+pub(super) fn nanos(at: SystemTime) -> Option<u64> {
+    u64::try_from(at.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()
+}
+
+/// The metadata strings a shard's sessions share, by id, each counted by
+/// the sessions holding it. Lives beside the shard's table, under its lock:
+/// a lookup reads it without taking another lock, and a string leaves with
+/// the last session holding it ([`release`](Self::release), called by
+/// every removal).
+#[derive(Default)]
+pub(super) struct Interned {
+    /// By id; `None` for an id free for reuse (listed in `free`).
+    strings: Vec<Option<Counted>>,
+    free: Vec<u32>,
+    /// The id of each string held.
+    ids: HashMap<Arc<str>, u32>,
+    /// Hashes of long strings seen lately, by hash modulo its length (empty
+    /// until the first long string): one seen again is interned.
+    seen: Vec<u64>,
+}
+
+struct Counted {
+    text: Arc<str>,
+    /// The sessions holding it: at least one.
+    refs: u32,
+}
+
+impl Interned {
+    /// The id of `text`, counted once more, when it is interned or is now
+    /// (a long string seen lately); `None`: keep it inline.
+    fn intern(&mut self, text: &str, hasher: &RandomState) -> Option<u32> {
+        if let Some(&id) = self.ids.get(text)
+            && let Some(Some(counted)) = self.strings.get_mut(id as usize)
+        {
+            // Past u32::MAX sessions in one shard (never): inline.
+            counted.refs = counted.refs.checked_add(1)?;
+            return Some(id);
+        }
+        if text.len() < INTERN_MIN {
+            return None;
+        }
+        if text.len() < usize::from(SHARED) {
+            let hash = hasher.hash_one(text);
+            if self.seen.is_empty() {
+                self.seen = vec![0; SEEN];
+            }
+            let seen = &mut self.seen[hash as usize % SEEN];
+            if *seen != hash {
+                *seen = hash;
+                return None;
+            }
+        }
+        let text: Arc<str> = text.into();
+        let counted = Counted {
+            text: text.clone(),
+            refs: 1,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.strings[id as usize] = Some(counted);
+                id
+            }
+            None => {
+                let id = u32::try_from(self.strings.len()).ok()?;
+                self.strings.push(Some(counted));
+                id
+            }
+        };
+        self.ids.insert(text, id);
+        Some(id)
+    }
+
+    /// String `id`'s text.
+    pub(super) fn get(&self, id: u32) -> Option<&str> {
+        Some(&self.strings.get(id as usize)?.as_ref()?.text)
+    }
+
+    /// A session holding the strings of `ids` left the shard.
+    pub(super) fn release(&mut self, ids: impl Iterator<Item = u32>) {
+        for id in ids {
+            let Some(slot) = self.strings.get_mut(id as usize) else {
+                continue;
+            };
+            if let Some(counted) = slot {
+                counted.refs -= 1;
+                if counted.refs == 0 {
+                    if self.ids.get(&counted.text) == Some(&id) {
+                        self.ids.remove(&counted.text);
+                    }
+                    *slot = None;
+                    self.free.push(id);
+                }
+            }
+        }
+    }
+
+    /// Strings held, and the references counted to them (tests).
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> HashMap<u32, u32> {
+        self.strings
+            .iter()
+            .enumerate()
+            .filter_map(|(id, s)| Some((id as u32, s.as_ref()?.refs)))
+            .collect()
+    }
+}
