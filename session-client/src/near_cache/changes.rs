@@ -51,7 +51,7 @@ impl NearCache {
         for handle in handles {
             let removed = self
                 .entries
-                .remove_if(handle, |view| view.user() == Some(user) && doomed(view));
+                .remove_if(handle, |view| view.user_is(user) && doomed(view));
             if let Some(removed) = removed {
                 Self::unindex(state, removed);
             }

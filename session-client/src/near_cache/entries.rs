@@ -26,7 +26,7 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{Mutex, MutexGuard, PoisonError},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use super::Clock;
@@ -242,7 +242,7 @@ impl Entries {
         let at = shard.find(handle, token_id)?;
         let data = &mut shard.slots[at].data;
         if let Some((user, expires_at)) = answer
-            && View(data).user() == Some(user)
+            && View(data).user_is(user)
             && let Some(answer) = nanos(expires_at)
             && let Some(cached) = View(data).expires()
         {
@@ -284,7 +284,7 @@ impl Entries {
         let shard = self.shard_for(handle);
         let at = shard.find(handle, token_id)?;
         let expires = View(&shard.slots[at].data).expires()?;
-        Some(UNIX_EPOCH + Duration::from_nanos(expires))
+        Some(std::time::UNIX_EPOCH + Duration::from_nanos(expires))
     }
 
     /// The user ids and token ids of the entries at `handle` (tests).

@@ -62,22 +62,35 @@ pub(super) fn pack(
         Some(at) => nanos(at).filter(|&n| n != u64::MAX)?,
         None => u64::MAX,
     };
-    let kept: Vec<(&String, &String)> = if metadata {
-        session.metadata.iter().collect()
-    } else {
-        Vec::new()
-    };
     let strings = [&session.token_id, &session.user_id, &session.family_id];
     let lengths = strings.map(|s| u16::try_from(s.len()).ok());
-    let entries = u16::try_from(kept.len()).ok()?;
+    let kept = if metadata { session.metadata.len() } else { 0 };
+    let entries = u16::try_from(kept).ok()?;
     if lengths.contains(&None)
-        || kept
-            .iter()
-            .any(|(k, v)| k.len() > usize::from(SHARED) || v.len() > usize::from(SHARED))
+        || (metadata
+            && session
+                .metadata
+                .iter()
+                .any(|(k, v)| k.len() > usize::from(SHARED) || v.len() > usize::from(SHARED)))
     {
         return None;
     }
-    let mut data = Vec::new();
+    // Nothing fails from here on: strings are interned (counted) as the
+    // fields are chosen, and the allocation is made exactly as long.
+    let fields: Vec<(&str, Option<u32>)> = session
+        .metadata
+        .iter()
+        .take(kept)
+        .flat_map(|(k, v)| [k, v])
+        .map(|s| (s.as_str(), interned.intern(s, hasher)))
+        .collect();
+    let size = HEADER
+        + strings.iter().map(|s| s.len()).sum::<usize>()
+        + fields
+            .iter()
+            .map(|(s, id)| 2 + id.map_or(s.len(), |_| 4))
+            .sum::<usize>();
+    let mut data = Vec::with_capacity(size);
     data.extend_from_slice(&expires.to_le_bytes());
     data.extend_from_slice(&created.to_le_bytes());
     data.extend_from_slice(&family_expires.to_le_bytes());
@@ -88,23 +101,20 @@ pub(super) fn pack(
     for s in strings {
         data.extend_from_slice(s.as_bytes());
     }
-    for (key, value) in kept {
-        for s in [key, value] {
-            match interned.intern(s, hasher) {
-                Some(id) => {
-                    data.extend_from_slice(&SHARED.to_le_bytes());
-                    data.extend_from_slice(&id.to_le_bytes());
-                }
-                None => {
-                    // Checked above: below SHARED, or interned.
-                    data.extend_from_slice(&(s.len() as u16).to_le_bytes());
-                    data.extend_from_slice(s.as_bytes());
-                }
+    for (s, id) in fields {
+        match id {
+            Some(id) => {
+                data.extend_from_slice(&SHARED.to_le_bytes());
+                data.extend_from_slice(&id.to_le_bytes());
+            }
+            None => {
+                // Checked above: below SHARED, or interned.
+                data.extend_from_slice(&(s.len() as u16).to_le_bytes());
+                data.extend_from_slice(s.as_bytes());
             }
         }
     }
-    // Copied once more, so that the allocation kept is exactly as long.
-    Some(data.as_slice().into())
+    Some(data.into_boxed_slice())
 }
 
 /// Reads a packed session (see [`pack`]). Every read is checked: `None`
@@ -139,6 +149,22 @@ impl<'a> View<'a> {
     /// Sets the expiry (nanoseconds since 1970 by Redis's clock).
     pub(super) fn set_expires(data: &mut [u8], expires: u64) {
         data[..8].copy_from_slice(&expires.to_le_bytes());
+    }
+
+    /// Whether the token id is `token`: compared as bytes, without the
+    /// check that they are UTF-8 (`token` is; pack wrote a `&str`).
+    pub(super) fn token_is(self, token: &str) -> bool {
+        self.u16_at(24)
+            .and_then(|len| self.0.get(HEADER..HEADER + len))
+            .is_some_and(|bytes| bytes == token.as_bytes())
+    }
+
+    /// Whether the user id is `user`, compared as bytes.
+    pub(super) fn user_is(self, user: &str) -> bool {
+        self.u16_at(24)
+            .zip(self.u16_at(26))
+            .and_then(|(token, len)| self.0.get(HEADER + token..HEADER + token + len))
+            .is_some_and(|bytes| bytes == user.as_bytes())
     }
 
     pub(super) fn token(self) -> Option<&'a str> {

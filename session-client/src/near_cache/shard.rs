@@ -87,7 +87,7 @@ impl Shard {
     }
 
     pub(super) fn find(&self, hash: u64, token_id: &str) -> Option<usize> {
-        self.probe(hash, |data| View(data).token() == Some(token_id))
+        self.probe(hash, |data| View(data).token_is(token_id))
     }
 
     pub(super) fn lookup(
@@ -118,7 +118,7 @@ impl Shard {
         {
             return Found::Expired;
         }
-        if user_id.is_some_and(|user| Some(user) != view.user()) {
+        if user_id.is_some_and(|user| !view.user_is(user)) {
             return Found::Miss;
         }
         let found = view.session(&self.interned);
