@@ -30,7 +30,7 @@ use std::{
 };
 
 use super::Clock;
-use super::packed::{Interned, View, nanos, pack};
+use super::packed::{Interned, Registry, View, nanos, pack};
 use super::shard::{REFERENCED, Shard, Slot, TAKEN};
 use crate::types::Session;
 
@@ -81,6 +81,9 @@ pub(super) struct Entries {
     hasher: RandomState,
     /// Whether sessions keep their metadata (`near_cache_metadata`).
     metadata: bool,
+    /// The shared metadata strings, once for every shard. Taken after a
+    /// shard's lock, only by what changes the sessions (never a lookup).
+    registry: Mutex<Registry>,
 }
 
 impl Entries {
@@ -92,6 +95,7 @@ impl Entries {
             shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             metadata,
+            registry: Mutex::new(Registry::default()),
         }
     }
 
@@ -116,6 +120,11 @@ impl Entries {
         self.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // As for a shard's: nothing panics with it locked.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn shard_for(&self, handle: Handle) -> MutexGuard<'_, Shard> {
@@ -163,7 +172,13 @@ impl Entries {
         let mut shard = self.shard_for(handle);
         // Packed under the shard's lock: its shared strings are the
         // shard's. Fills are not the lookups' hot path.
-        let data = pack(session, self.metadata, &mut shard.interned, &self.hasher)?;
+        let data = pack(
+            session,
+            self.metadata,
+            &mut shard.interned,
+            &mut self.registry(),
+            &self.hasher,
+        )?;
         shard.insert(Slot { hash: handle, data });
         Some(handle)
     }
@@ -179,7 +194,7 @@ impl Entries {
             if shard.len <= usize::from(keep.is_some()) {
                 continue;
             }
-            if let Some(data) = shard.evict(keep) {
+            if let Some(data) = shard.evict(keep, &mut self.registry()) {
                 return Some(self.removed(&data));
             }
         }
@@ -199,7 +214,7 @@ impl Entries {
         let handle = self.handle(token_id);
         let mut shard = self.shard_for(handle);
         let at = shard.find(handle, token_id)?;
-        let data = shard.remove(at);
+        let data = shard.remove(at, &mut self.registry());
         let user = View(&data).user()?.to_owned();
         Some((self.removed(&data), user))
     }
@@ -212,7 +227,7 @@ impl Entries {
     ) -> Option<Removed> {
         let mut shard = self.shard_for(handle);
         let at = shard.probe(handle, |data| doomed(View(data)))?;
-        let data = shard.remove(at);
+        let data = shard.remove(at, &mut self.registry());
         Some(self.removed(&data))
     }
 
@@ -225,7 +240,7 @@ impl Entries {
         if View(&shard.slots[at].data).expires()? > now {
             return None;
         }
-        let data = shard.remove(at);
+        let data = shard.remove(at, &mut self.registry());
         Some(self.removed(&data))
     }
 
@@ -249,14 +264,14 @@ impl Entries {
             View::set_expires(data, cached.min(answer));
             return None;
         }
-        let data = shard.remove(at);
+        let data = shard.remove(at, &mut self.registry());
         Some(self.removed(&data))
     }
 
     /// Empties every shard, leaving `serving` in each; what was cached is
     /// handed back to be dropped off the lookups' path ([`Garbage`]).
     pub(super) fn take_all(&self, serving: Option<Serving>) -> Vec<(Vec<Slot>, Interned)> {
-        (0..self.shards.len())
+        let taken = (0..self.shards.len())
             .map(|i| {
                 let mut shard = self.shard(i);
                 shard.serving = serving;
@@ -267,7 +282,12 @@ impl Entries {
                     std::mem::take(&mut shard.interned),
                 )
             })
-            .collect()
+            .collect();
+        // The shards' strings go with them; what is interned from now on
+        // is counted afresh (a string only the garbage holds would never
+        // be forgotten otherwise).
+        *self.registry() = Registry::default();
+        taken
     }
 
     /// Whether `token_id` is cached (tests).
@@ -307,8 +327,10 @@ impl Entries {
     /// none is held that no session holds (tests).
     #[cfg(test)]
     pub(super) fn assert_interned_counted(&self) {
+        let mut texts = std::collections::HashSet::new();
         for i in 0..self.shards.len() {
             let shard = self.shard(i);
+            texts.extend(shard.interned.texts().map(str::to_owned));
             let mut held: HashMap<u32, u32> = HashMap::new();
             for slot in shard.slots.iter().filter(|s| s.hash != 0) {
                 for id in View(&slot.data).shared() {
@@ -317,14 +339,13 @@ impl Entries {
             }
             assert_eq!(held, shard.interned.counts(), "shard {i}");
         }
+        assert_eq!(texts.len(), self.registry().len(), "registry");
     }
 
-    /// Shared strings held, over every shard (tests).
+    /// Shared strings held, once however many shards hold them (tests).
     #[cfg(test)]
     pub(super) fn interned(&self) -> usize {
-        (0..self.shards.len())
-            .map(|i| self.shard(i).interned.counts().len())
-            .sum()
+        self.registry().len()
     }
 
     /// Entries held, counted shard by shard (tests).

@@ -5,9 +5,10 @@
 //!
 //! Metadata repeats: a service's sessions carry a few distinct user agents
 //! and devices, each in thousands of sessions. A long metadata string seen
-//! a second time is kept once per shard, reference-counted, and the
-//! sessions hold its number (4 bytes) instead of a copy; it is freed when
-//! the last session holding it leaves. Strings seen once stay in their
+//! a second time is kept once ([`Registry`]), each shard holding a
+//! reference-counted handle on it in a table of its own ([`Interned`]), and
+//! the sessions hold its number in that table (4 bytes) instead of a copy;
+//! it is freed when the last session holding it leaves. Strings seen once stay in their
 //! session (an ip, a user agent nobody else has): interning those would
 //! cost a table entry each and a lookup one more read of memory. Whether a
 //! string was seen lately is a guess from a small table of hashes, so a
@@ -15,7 +16,7 @@
 //! never correctness.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher, RandomState},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -54,6 +55,7 @@ pub(super) fn pack(
     session: &Session,
     metadata: bool,
     interned: &mut Interned,
+    registry: &mut Registry,
     hasher: &RandomState,
 ) -> Option<Box<[u8]>> {
     let expires = nanos(session.expires_at)?;
@@ -82,7 +84,7 @@ pub(super) fn pack(
         .iter()
         .take(kept)
         .flat_map(|(k, v)| [k, v])
-        .map(|s| (s.as_str(), interned.intern(s, hasher)))
+        .map(|s| (s.as_str(), interned.intern(s, registry, hasher)))
         .collect();
     let size = HEADER
         + strings.iter().map(|s| s.len()).sum::<usize>()
@@ -250,39 +252,25 @@ pub(super) fn nanos(at: SystemTime) -> Option<u64> {
     u64::try_from(at.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()
 }
 
-/// The metadata strings a shard's sessions share, by id, each counted by
-/// the sessions holding it. Lives beside the shard's table, under its lock:
-/// a lookup reads it without taking another lock, and a string leaves with
-/// the last session holding it ([`release`](Self::release), called by
-/// every removal).
+/// Every metadata string interned in some shard, once for the whole cache
+/// (`entries.rs` keeps it under a lock of its own, taken after a shard's,
+/// never by lookups): the shards' tables hold clones of these, so a string
+/// in many shards is in memory once, and a lookup reading it finds it in
+/// the processor's cache more often.
 #[derive(Default)]
-pub(super) struct Interned {
-    /// By id; `None` for an id free for reuse (listed in `free`).
-    strings: Vec<Option<Counted>>,
-    free: Vec<u32>,
-    /// The id of each string held.
-    ids: HashMap<Arc<str>, u32>,
+pub(super) struct Registry {
+    strings: HashSet<Arc<str>>,
     /// Hashes of long strings seen lately, by hash modulo its length (empty
     /// until the first long string): one seen again is interned.
     seen: Vec<u64>,
 }
 
-struct Counted {
-    text: Arc<str>,
-    /// The sessions holding it: at least one.
-    refs: u32,
-}
-
-impl Interned {
-    /// The id of `text`, counted once more, when it is interned or is now
-    /// (a long string seen lately); `None`: keep it inline.
-    fn intern(&mut self, text: &str, hasher: &RandomState) -> Option<u32> {
-        if let Some(&id) = self.ids.get(text)
-            && let Some(Some(counted)) = self.strings.get_mut(id as usize)
-        {
-            // Past u32::MAX sessions in one shard (never): inline.
-            counted.refs = counted.refs.checked_add(1)?;
-            return Some(id);
+impl Registry {
+    /// The shared copy of `text`, made now when it was seen lately (or is
+    /// exactly [`SHARED`] long); `None`: keep it inline.
+    fn share(&mut self, text: &str, hasher: &RandomState) -> Option<Arc<str>> {
+        if let Some(shared) = self.strings.get(text) {
+            return Some(shared.clone());
         }
         if text.len() < INTERN_MIN {
             return None;
@@ -298,9 +286,61 @@ impl Interned {
                 return None;
             }
         }
-        let text: Arc<str> = text.into();
+        let shared: Arc<str> = text.into();
+        self.strings.insert(shared.clone());
+        Some(shared)
+    }
+
+    /// A shard let go of `text`: forgotten here when no shard holds it.
+    fn forget(&mut self, text: Arc<str>) {
+        // This one and the registry's: no other shard holds it.
+        if Arc::strong_count(&text) <= 2 {
+            self.strings.remove(&text);
+        }
+    }
+
+    /// Strings held (tests).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.strings.len()
+    }
+}
+
+/// The metadata strings a shard's sessions share, by id, each counted by
+/// the sessions holding it. Lives beside the shard's table, under its lock:
+/// a lookup reads it without taking another lock, and a string leaves with
+/// the last session holding it ([`release`](Self::release), called by
+/// every removal).
+#[derive(Default)]
+pub(super) struct Interned {
+    /// By id; `None` for an id free for reuse (listed in `free`).
+    strings: Vec<Option<Counted>>,
+    free: Vec<u32>,
+    /// The id of each string held, by the address of its shared copy.
+    ids: HashMap<usize, u32>,
+}
+
+struct Counted {
+    text: Arc<str>,
+    /// The sessions holding it: at least one.
+    refs: u32,
+}
+
+impl Interned {
+    /// The id of `text`, counted once more, when it is shared (see
+    /// [`Registry::share`]); `None`: keep it inline.
+    fn intern(&mut self, text: &str, registry: &mut Registry, hasher: &RandomState) -> Option<u32> {
+        let shared = registry.share(text, hasher)?;
+        let key = shared.as_ptr().addr();
+        if let Some(&id) = self.ids.get(&key)
+            && let Some(Some(counted)) = self.strings.get_mut(id as usize)
+        {
+            // Past u32::MAX sessions in one shard (never): inline.
+            counted.refs = counted.refs.checked_add(1)?;
+            return Some(id);
+        }
         let counted = Counted {
-            text: text.clone(),
+            text: shared,
             refs: 1,
         };
         let id = match self.free.pop() {
@@ -314,7 +354,7 @@ impl Interned {
                 id
             }
         };
-        self.ids.insert(text, id);
+        self.ids.insert(key, id);
         Some(id)
     }
 
@@ -324,22 +364,31 @@ impl Interned {
     }
 
     /// A session holding the strings of `ids` left the shard.
-    pub(super) fn release(&mut self, ids: impl Iterator<Item = u32>) {
+    pub(super) fn release(&mut self, ids: impl Iterator<Item = u32>, registry: &mut Registry) {
         for id in ids {
             let Some(slot) = self.strings.get_mut(id as usize) else {
                 continue;
             };
             if let Some(counted) = slot {
                 counted.refs -= 1;
-                if counted.refs == 0 {
-                    if self.ids.get(&counted.text) == Some(&id) {
-                        self.ids.remove(&counted.text);
+                if counted.refs == 0
+                    && let Some(counted) = slot.take()
+                {
+                    let key = counted.text.as_ptr().addr();
+                    if self.ids.get(&key) == Some(&id) {
+                        self.ids.remove(&key);
                     }
-                    *slot = None;
                     self.free.push(id);
+                    registry.forget(counted.text);
                 }
             }
         }
+    }
+
+    /// The strings held (tests).
+    #[cfg(test)]
+    pub(super) fn texts(&self) -> impl Iterator<Item = &str> {
+        self.strings.iter().flatten().map(|c| &*c.text)
     }
 
     /// Strings held, and the references counted to them (tests).

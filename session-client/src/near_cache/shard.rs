@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use super::entries::{Found, Handle, Serving};
-use super::packed::{Interned, View, nanos};
+use super::packed::{Interned, Registry, View, nanos};
 
 /// The bit of a slot's `hash` that says it is taken (so a taken slot's hash
 /// is never 0, an empty one's).
@@ -159,9 +159,9 @@ impl Shard {
         }
     }
 
-    /// Empties slot `at`, and moves back the entries after it that may be
+    /// Empties slot `at` (its shared strings released to `registry`), and moves back the entries after it that may be
     /// found through it, so that no probe ever stops short of them.
-    pub(super) fn remove(&mut self, mut hole: usize) -> Box<[u8]> {
+    pub(super) fn remove(&mut self, mut hole: usize, registry: &mut Registry) -> Box<[u8]> {
         let mask = self.mask();
         let taken = std::mem::take(&mut self.slots[hole]);
         let mut at = hole;
@@ -180,13 +180,17 @@ impl Shard {
             }
         }
         self.len -= 1;
-        self.interned.release(View(&taken.data).shared());
+        self.interned.release(View(&taken.data).shared(), registry);
         taken.data
     }
 
     /// CLOCK: the first unmarked entry from the hand on, clearing the marks
     /// passed; two turns at most.
-    pub(super) fn evict(&mut self, keep: Option<Handle>) -> Option<Box<[u8]>> {
+    pub(super) fn evict(
+        &mut self,
+        keep: Option<Handle>,
+        registry: &mut Registry,
+    ) -> Option<Box<[u8]>> {
         let n = self.slots.len();
         for _ in 0..2 * n {
             let at = self.hand % n;
@@ -199,7 +203,7 @@ impl Shard {
                 slot.hash &= !REFERENCED;
                 continue;
             }
-            return Some(self.remove(at));
+            return Some(self.remove(at, registry));
         }
         None
     }

@@ -540,6 +540,37 @@ fn shared_metadata_is_kept_once_and_freed_with_its_last_session() {
     assert!(!cached(&small, "a1") && !cached(&small, "a2"), "evicted");
     assert_eq!(small.entries.interned(), 0, "freed by eviction");
     assert_consistent(&small);
+    // Across shards: kept once for the cache, until no shard holds it.
+    let sharded = healthy_with(1 << 20, &[]);
+    let many: Vec<Session> = (0..300)
+        .map(|i| {
+            let mut s = session(&format!("u{i}"), &format!("t{i}"), now);
+            s.metadata.insert("user_agent".into(), agent.into());
+            s
+        })
+        .collect();
+    for s in &many {
+        assert!(sharded.begin_fill(&s.token_id, None).complete(s));
+    }
+    assert_eq!(sharded.entries.interned(), 1, "once for every shard");
+    assert_consistent(&sharded);
+    for s in &many[..299] {
+        sharded.apply(&[Revocation {
+            user_id: s.user_id.clone(),
+            token_id: Some(s.token_id.clone()),
+            revoked_at: None,
+        }]);
+    }
+    assert_eq!(sharded.entries.interned(), 1, "one session still holds it");
+    assert_eq!(sharded.lookup("t299", None).as_ref(), Some(&many[299]));
+    assert_consistent(&sharded);
+    sharded.apply(&[Revocation {
+        user_id: "u299".into(),
+        token_id: Some("t299".into()),
+        revoked_at: None,
+    }]);
+    assert_eq!(sharded.entries.interned(), 0);
+    assert_consistent(&sharded);
 }
 
 /// The fill race, interleaved by hand: a call registers, the revocation
