@@ -1,6 +1,6 @@
 //! A cached session packed into one allocation ([`pack`], read through
-//! [`View`]), and the metadata strings the sessions of a shard share
-//! ([`Interned`]): the layout that makes a million sessions fit in a few
+//! [`View`]), and the metadata strings sessions share ([`Registry`],
+//! [`Interned`]): the layout that makes a million sessions fit in a few
 //! hundred megabytes (BENCHMARKS.md, "Near-cache at a million sessions").
 //!
 //! Metadata repeats: a service's sessions carry a few distinct user agents
@@ -8,12 +8,12 @@
 //! a second time is kept once ([`Registry`]), each shard holding a
 //! reference-counted handle on it in a table of its own ([`Interned`]), and
 //! the sessions hold its number in that table (4 bytes) instead of a copy;
-//! it is freed when the last session holding it leaves. Strings seen once stay in their
-//! session (an ip, a user agent nobody else has): interning those would
-//! cost a table entry each and a lookup one more read of memory. Whether a
-//! string was seen lately is a guess from a small table of hashes, so a
-//! string that repeats only rarely may stay inline; that costs memory,
-//! never correctness.
+//! it is freed when the last session holding it leaves. Strings seen once
+//! stay in their session (an ip, a user agent nobody else has): interning
+//! those would cost a table entry each and a lookup one more read of
+//! memory. Whether a string was seen lately is a guess from a small table
+//! of hashes (4 096), so a string that repeats only rarely may stay inline;
+//! that costs memory, never correctness.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -33,8 +33,8 @@ const SHARED: u16 = u16::MAX;
 /// Metadata strings shorter than this stay inline: their copy costs about
 /// what an id and a share of the table would.
 const INTERN_MIN: usize = 16;
-/// The recently seen strings' hashes per shard (direct-mapped).
-const SEEN: usize = 1024;
+/// The recently seen long strings' hashes kept (32 KiB).
+const SEEN: usize = 4096;
 
 /// A session packed into one allocation: the fixed fields, the lengths, then
 /// the strings one after the other (no allocation of their own, no
@@ -257,12 +257,23 @@ pub(super) fn nanos(at: SystemTime) -> Option<u64> {
 /// never by lookups): the shards' tables hold clones of these, so a string
 /// in many shards is in memory once, and a lookup reading it finds it in
 /// the processor's cache more often.
-#[derive(Default)]
 pub(super) struct Registry {
     strings: HashSet<Arc<str>>,
-    /// Hashes of long strings seen lately, by hash modulo its length (empty
-    /// until the first long string): one seen again is interned.
+    /// Hashes of long strings seen lately (empty until the first long
+    /// string): one seen again is interned.
     seen: Vec<u64>,
+    /// The state of the pseudo-random choice in [`seen_before`](Self::seen_before).
+    choice: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            strings: HashSet::new(),
+            seen: Vec::new(),
+            choice: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
 }
 
 impl Registry {
@@ -275,20 +286,33 @@ impl Registry {
         if text.len() < INTERN_MIN {
             return None;
         }
-        if text.len() < usize::from(SHARED) {
-            let hash = hasher.hash_one(text);
-            if self.seen.is_empty() {
-                self.seen = vec![0; SEEN];
-            }
-            let seen = &mut self.seen[hash as usize % SEEN];
-            if *seen != hash {
-                *seen = hash;
-                return None;
-            }
+        if text.len() < usize::from(SHARED) && !self.seen_before(hasher.hash_one(text)) {
+            return None;
         }
         let shared: Arc<str> = text.into();
         self.strings.insert(shared.clone());
         Some(shared)
+    }
+
+    /// Whether a string of hash `hash` was seen lately; remembers it if not.
+    /// Two slots may hold it (two-choice hashing), and which one a new hash
+    /// takes is pseudo-random: with one slot, or a fixed choice, strings
+    /// that come in a fixed rotation (1 000 user agents in turn) would push
+    /// each other out at every turn, and some would never be shared.
+    fn seen_before(&mut self, hash: u64) -> bool {
+        if self.seen.is_empty() {
+            self.seen = vec![0; SEEN];
+        }
+        let slots = [hash as usize % SEEN, (hash >> 32) as usize % SEEN];
+        if slots.iter().any(|&at| self.seen[at] == hash) {
+            return true;
+        }
+        // xorshift64: a fresh choice each time, whatever the arrival order.
+        self.choice ^= self.choice << 13;
+        self.choice ^= self.choice >> 7;
+        self.choice ^= self.choice << 17;
+        self.seen[slots[(self.choice & 1) as usize]] = hash;
+        false
     }
 
     /// A shard let go of `text`: forgotten here when no shard holds it.
