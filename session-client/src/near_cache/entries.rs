@@ -18,8 +18,10 @@
 //! shard lock the lookup holds anyway, so no lookup touches a line another
 //! core writes to, other than its own shard's.
 //!
-//! The sessions themselves, their shared metadata strings and eviction
-//! are a shard's (`shard.rs`); how a session is laid out in memory is
+//! The sessions themselves, the shard's handles on shared metadata strings
+//! and eviction are a shard's (`shard.rs`); how a session is laid out in
+//! memory, and the registry that keeps each shared string once for the
+//! cache (here, under a lock of its own taken after a shard's), are
 //! `packed.rs`'s.
 
 use std::{

@@ -28,7 +28,7 @@
 //!   that named no user), so a revocation finds the few it concerns instead
 //!   of scanning every call in flight under the lock.
 //!
-//! Two kinds of `std::sync::Mutex`, never held across an `.await`. The
+//! `std::sync::Mutex`es, never held across an `.await`. The
 //! sessions are sharded by token id (`entries.rs`): a lookup takes its
 //! shard's lock and nothing else, so lookups on several threads rarely meet
 //! (one lock for everything made a second thread a loss: #28). Everything
@@ -37,7 +37,9 @@
 //! whatever changes the sessions (a fill's completion, a revocation, a
 //! flush), so that each of those is one step as far as the fill race is
 //! concerned. A flush swaps each shard for an empty one and frees the old
-//! sessions on a thread of its own: no lookup waits for it.
+//! sessions on a thread of its own: no lookup waits for it. A third lock,
+//! the registry of metadata strings sessions share (`packed.rs`), is taken
+//! after a shard's by what changes the sessions, never by a lookup.
 //!
 //! # Expiry by Redis's clock
 //!
