@@ -1,5 +1,6 @@
 //! What each message of the revocation stream means to the cache (a
-//! reset, a heartbeat with Redis's clock, revocations), and the streams'
+//! reset, a heartbeat with Redis's clock, revocations, shortened
+//! expiries), and the streams'
 //! roles: which one the cache is synced to, which replaces it, which
 //! drains. `watcher.rs` holds the streams; this decides.
 //!
