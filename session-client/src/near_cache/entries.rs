@@ -84,7 +84,8 @@ pub(super) struct Entries {
     /// Whether sessions keep their metadata (`near_cache_metadata`).
     metadata: bool,
     /// The shared metadata strings, once for every shard. Taken after a
-    /// shard's lock, only by what changes the sessions (never a lookup).
+    /// shard's lock, only by what changes the sessions (a lookup only to
+    /// remove an expired entry, with the state lock, as any removal).
     registry: Mutex<Registry>,
 }
 

@@ -39,7 +39,8 @@
 //! concerned. A flush swaps each shard for an empty one and frees the old
 //! sessions on a thread of its own: no lookup waits for it. A third lock,
 //! the registry of metadata strings sessions share (`packed.rs`), is taken
-//! after a shard's by what changes the sessions, never by a lookup.
+//! after a shard's by what changes the sessions (a lookup only to remove an
+//! expired entry, as any removal: never on its way to an answer).
 //!
 //! # Expiry by Redis's clock
 //!

@@ -254,7 +254,7 @@ pub(super) fn nanos(at: SystemTime) -> Option<u64> {
 
 /// Every metadata string interned in some shard, once for the whole cache
 /// (`entries.rs` keeps it under a lock of its own, taken after a shard's,
-/// never by lookups): the shards' tables hold clones of these, so a string
+/// never by a lookup on its way to an answer): the shards' tables hold clones of these, so a string
 /// in many shards is in memory once, and a lookup reading it finds it in
 /// the processor's cache more often.
 pub(super) struct Registry {
