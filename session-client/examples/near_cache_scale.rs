@@ -7,14 +7,16 @@
 //!
 //! ```text
 //! CARGO_PROFILE_RELEASE_LTO=thin cargo run --release -p session-client \
-//!     --features bench-internals --example near_cache_scale -- ENTRIES METADATA SECONDS
+//!     --features bench-internals --example near_cache_scale -- ENTRIES METADATA SECONDS AGENTS
 //! ```
 //!
 //! `ENTRIES` (default 1000000) sessions are cached: the first 10 000 belong
 //! to users with 10 sessions each, the others to users with 5. `METADATA`
 //! is `full` (the default: an ip, a 110-byte user agent and a device, as
 //! sessions carry them) or `none` (sessions without metadata). Each rate is
-//! measured for `SECONDS` (default 3). Run one process per configuration:
+//! measured for `SECONDS` (default 3). `AGENTS` is how many distinct user
+//! agents the sessions have (default 1, the issue's yardstick; session `i`
+//! has agent `i % AGENTS`), or `all` for every session its own. Run one process per configuration:
 //! memory is read from `/proc/self/statm` (resident pages), before and
 //! after the fill.
 
@@ -47,6 +49,12 @@ fn main() {
     let metadata = args.get(1).map_or("full", String::as_str) == "full";
     let seconds: u64 = args.get(2).map_or(3, |a| a.parse().expect("SECONDS"));
     let window = Duration::from_secs(seconds);
+    let agents: usize = match args.get(3).map(String::as_str) {
+        None => 1,
+        Some("all") => entries,
+        Some(n) => n.parse().expect("AGENTS"),
+    };
+    assert!(agents > 0, "AGENTS: at least 1");
 
     let keys = Arc::new(Keys(entries));
 
@@ -71,7 +79,7 @@ fn main() {
         let meta = if metadata {
             HashMap::from([
                 ("ip".to_owned(), format!("203.0.{}.{}", i % 251, i % 253)),
-                ("user_agent".to_owned(), USER_AGENT.to_owned()),
+                ("user_agent".to_owned(), user_agent(i % agents)),
                 ("device".to_owned(), "desktop".to_owned()),
             ])
         } else {
@@ -92,13 +100,14 @@ fn main() {
     let rss_after = rss();
     let stats = cache.stats();
     assert_eq!(stats.entries, entries as u64, "every session cached");
-    println!("entries={entries} metadata={metadata}");
+    println!("entries={entries} metadata={metadata} agents={agents}");
     println!(
-        "fill_s={:.2} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_entry={:.0}",
+        "fill_s={:.2} rss_before_mb={:.1} rss_after_mb={:.1} bytes_per_entry={:.0} anon_huge_mb={:.0}",
         fill_took.as_secs_f64(),
         rss_before as f64 / 1e6,
         rss_after as f64 / 1e6,
-        (rss_after - rss_before) as f64 / entries as f64
+        (rss_after - rss_before) as f64 / entries as f64,
+        anon_huge() as f64 / 1e6,
     );
 
     for threads in [1, 2] {
@@ -245,6 +254,16 @@ fn main() {
     heartbeats.join().unwrap();
 }
 
+/// User agent number `n`: the 110-byte one, its last digits made `n` (the
+/// first is [`USER_AGENT`] itself).
+fn user_agent(n: usize) -> String {
+    if n == 0 {
+        return USER_AGENT.to_owned();
+    }
+    let tail = format!("{n}");
+    format!("{}{tail}", &USER_AGENT[..USER_AGENT.len() - tail.len()])
+}
+
 fn run_threads<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
     threads: u64,
     make: impl Fn(u64) -> F,
@@ -372,4 +391,15 @@ fn rss() -> u64 {
         .and_then(|p| p.parse().ok())
         .expect("resident pages");
     pages * 4096
+}
+
+/// This process's anonymous memory in transparent huge pages, in bytes
+/// (`/proc/self/smaps_rollup`; 0 where it cannot be read).
+fn anon_huge() -> u64 {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|l| l.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }

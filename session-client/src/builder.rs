@@ -417,8 +417,10 @@ impl Builder {
     ///
     /// `max_entries` must be above zero (checked by
     /// [`connect`](Self::connect)); memory is taken as sessions are cached,
-    /// not up front: about 360 bytes per session with an ip, a 110-byte user
-    /// agent and a device in its metadata, about 200 without metadata or
+    /// not up front: about 250 bytes per session with an ip, a 110-byte user
+    /// agent and a device in its metadata (a metadata string many sessions
+    /// share, such as a user agent, is kept once; about 360 bytes when every
+    /// session's user agent differs), about 200 without metadata or
     /// with [`near_cache_metadata(false)`](Self::near_cache_metadata)
     /// (README, *Near-cache*, sizing). Lookups on several threads scale:
     /// the sessions are sharded, and a lookup locks its shard alone.

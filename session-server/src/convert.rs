@@ -9,7 +9,7 @@ use crate::{
     error::Error,
     model::{
         self, AccountKey, DeviceToken, FamilyId, LoginLimit, LoginVerdict, NewSession, Revocation,
-        RevocationReason, Rotation, Session, TokenId, UserId,
+        RevocationReason, Rotation, Session, Shortened, TokenId, UserId,
     },
 };
 
@@ -163,6 +163,15 @@ pub fn revocation_to_proto(revocation: &Revocation) -> pb::Revocation {
         token_id: revocation.token_id.clone().unwrap_or_default(),
         revoked_at: Some(timestamp(revocation.revoked_at_ms)),
         reason: reason.into(),
+    }
+}
+
+/// A shortened expiry as the revocation stream carries it.
+pub fn shortened_to_proto(shortened: &Shortened) -> pb::ShortenedSession {
+    pb::ShortenedSession {
+        user_id: shortened.user_id.clone(),
+        token_id: shortened.token_id.clone(),
+        expires_at: Some(timestamp(shortened.expires_at_ms)),
     }
 }
 

@@ -53,8 +53,8 @@ pub const LOGIN_DEVICE_ATTEMPTS: &str = "sessionstore_login_device_attempts_tota
 /// 1 while this process's revocation subscription is up (heartbeats come
 /// back through it), 0 while it is down or nobody watches.
 pub const REVOCATION_SUBSCRIPTION_UP: &str = "sessionstore_revocation_subscription_up";
-/// Events the revocation subscriber received, by `kind` (revocation, reset,
-/// malformed).
+/// Events the revocation subscriber received, by `kind` (revocation,
+/// shortened, reset, malformed).
 pub const REVOCATION_EVENTS: &str = "sessionstore_revocation_events_total";
 /// WatchRevocations streams ended because their receiver fell
 /// REVOCATION_BACKLOG events behind (it reconnects and resets).

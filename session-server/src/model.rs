@@ -338,6 +338,19 @@ pub struct Revocation {
     pub reason: RevocationReason,
 }
 
+/// A live session whose expiry ExtendSession moved earlier: what the
+/// revocation stream carries besides revocations, so that caches never
+/// answer the session past its new expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shortened {
+    /// The session's owner.
+    pub user_id: String,
+    /// The session.
+    pub token_id: String,
+    /// Its new expiry, ms since the epoch by Redis's clock.
+    pub expires_at_ms: u64,
+}
+
 /// Why a session ended early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RevocationReason {

@@ -74,7 +74,7 @@ impl Stream for RevocationStream {
             clock = this.clock.take();
             ready = true;
         }
-        while message.revocations.len() < MAX_BATCH {
+        while message.revocations.len() + message.shortened.len() < MAX_BATCH {
             match Pin::new(&mut this.events).poll_next(cx) {
                 Poll::Ready(Some(Ok(event))) => match event {
                     RevocationEvent::Reset(reading) => {
@@ -82,6 +82,7 @@ impl Stream for RevocationStream {
                         // everything they cached.
                         this.started = true;
                         message.revocations.clear();
+                        message.shortened.clear();
                         message.reset = true;
                         // The new subscription's clock (perhaps another
                         // master's, after a failover) replaces the old one's.
@@ -107,6 +108,13 @@ impl Stream for RevocationStream {
                         ready = true;
                     }
                     RevocationEvent::Revoked(_) => {}
+                    RevocationEvent::Shortened(shortened) if this.started => {
+                        message
+                            .shortened
+                            .push(convert::shortened_to_proto(&shortened));
+                        ready = true;
+                    }
+                    RevocationEvent::Shortened(_) => {}
                 },
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
                     this.done = true;

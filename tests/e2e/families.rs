@@ -325,6 +325,100 @@ async fn reuse_ends_the_family_everywhere() {
     assert!(get(&mut client, "g-1", "reed").await.is_none());
 }
 
+/// An ExtendSession that moves an expiry earlier is published on the
+/// revocation stream (`shortened`), so another client's near-cache, which
+/// was answering the session from memory, never answers it past its new
+/// expiry (before #28's fix it kept answering until the old one). One that
+/// moves it later publishes nothing.
+#[tokio::test]
+async fn a_shortened_expiry_reaches_other_near_caches() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let cached = SessionClient::builder(server.url())
+        .near_cache(1000)
+        .near_cache_max_staleness(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        wait_until(PATIENCE, || async {
+            cached.near_cache_stats().unwrap().healthy
+        })
+        .await
+    );
+    let mut stream = client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let session = login(&mut client, "shelly", "sh-1").await;
+    // Later (900 s to 1,800 s): written, not published.
+    let longer = extend(&mut client, "shelly", "sh-1", 1800).await.unwrap();
+    assert!(ms(longer.expires_at) > ms(session.expires_at));
+    for _ in 0..2 {
+        assert!(
+            cached
+                .get_user_session("shelly", "sh-1")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    assert!(
+        cached.near_cache_stats().unwrap().hits >= 1,
+        "sh-1 was not answered from memory"
+    );
+
+    let shortened = extend(&mut client, "shelly", "sh-1", 2).await.unwrap();
+    let new_expiry = ms(shortened.expires_at);
+    assert!(new_expiry <= now_ms() + 2_000, "{shortened:?}");
+    // The stream carries exactly that change, and nothing for the longer one.
+    let published = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let message = stream.next().await.unwrap().unwrap();
+            assert!(message.revocations.is_empty(), "{message:?}");
+            if let Some(s) = message.shortened.into_iter().next() {
+                break s;
+            }
+        }
+    })
+    .await
+    .expect("the shortening came on the stream");
+    assert_eq!(
+        (published.user_id.as_str(), published.token_id.as_str()),
+        ("shelly", "sh-1")
+    );
+    assert_eq!(ms(published.expires_at), new_expiry);
+    // Within the stream's delivery, the other cache answers the new expiry
+    // (or asks the server, which does)...
+    let new_expiry_at = UNIX_EPOCH + Duration::from_millis(new_expiry);
+    assert!(
+        wait_until(PATIENCE, || async {
+            cached
+                .get_user_session("shelly", "sh-1")
+                .await
+                .unwrap()
+                .is_none_or(|s| s.expires_at <= new_expiry_at)
+        })
+        .await,
+        "the near-cache kept the expiry from before the shortening"
+    );
+    // ...and nothing once it passed (Redis's clock is this host's here).
+    let wait = new_expiry_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    assert!(
+        cached
+            .get_user_session("shelly", "sh-1")
+            .await
+            .unwrap()
+            .is_none(),
+        "answered past its new expiry"
+    );
+}
+
 /// A rotation racing RevokeSession (of the presented token) or
 /// RevokeAllUserSessions: once the revocation returned, nothing of the
 /// family is live, and no later rotation brings it back; a successor the

@@ -42,6 +42,7 @@ impl BenchCache {
             revocations: Vec::new(),
             reset: true,
             redis_time: Some(redis_now.into()),
+            shortened: Vec::new(),
         };
         self.cache.received(0, message, Instant::now());
     }
@@ -52,6 +53,7 @@ impl BenchCache {
             revocations: Vec::new(),
             reset: false,
             redis_time: Some(redis_now.into()),
+            shortened: Vec::new(),
         };
         self.cache.received(0, message, Instant::now());
     }

@@ -28,7 +28,7 @@
 //!   that named no user), so a revocation finds the few it concerns instead
 //!   of scanning every call in flight under the lock.
 //!
-//! Two kinds of `std::sync::Mutex`, never held across an `.await`. The
+//! `std::sync::Mutex`es, never held across an `.await`. The
 //! sessions are sharded by token id (`entries.rs`): a lookup takes its
 //! shard's lock and nothing else, so lookups on several threads rarely meet
 //! (one lock for everything made a second thread a loss: #28). Everything
@@ -37,7 +37,10 @@
 //! whatever changes the sessions (a fill's completion, a revocation, a
 //! flush), so that each of those is one step as far as the fill race is
 //! concerned. A flush swaps each shard for an empty one and frees the old
-//! sessions on a thread of its own: no lookup waits for it.
+//! sessions on a thread of its own: no lookup waits for it. A third lock,
+//! the registry of metadata strings sessions share (`packed.rs`), is taken
+//! after a shard's by what changes the sessions (a lookup only to remove an
+//! expired entry, as any removal: never on its way to an answer).
 //!
 //! # Expiry by Redis's clock
 //!
@@ -81,49 +84,20 @@
 //! memory: every lookup goes to the server, as without the cache, and
 //! [`NearCacheStats::healthy`] is false.
 //!
-//! # Replacing the stream
+//! # Where it is
 //!
-//! The server closes every connection at its MAX_CONNECTION_AGE (a GOAWAY,
-//! then an abrupt close once its grace is over), and tonic does not tell a
-//! caller that its connection got a GOAWAY. Reopening the stream after the
-//! close would cost a flush each time (every new stream starts with a reset,
-//! and revocations published between the old stream's end and the new one's
-//! start are on neither), so the client never lets the server close the
-//! stream's connection: each stream has a connection of its own, opened with
-//! it, and after
-//! [`Builder::near_cache_stream_lifetime`](crate::Builder::near_cache_stream_lifetime)
-//! (below the server's
-//! MAX_CONNECTION_AGE) a replacement is opened beside it, make before break:
-//!
-//! 1. While the replacement (`candidate`) has not sent its reset, the old
-//!    stream (`current`) alone keeps the cache, as before.
-//! 2. When the replacement's reset arrives and the old stream is healthy (a
-//!    message within `max_staleness`), the cache *switches* without a flush:
-//!    the replacement becomes `current`, and the old one is *drained*: its
-//!    revocations are still applied for `max_staleness` after the switch,
-//!    then it is closed.
-//! 3. Otherwise (the old stream silent, ended, or absent) the reset flushes,
-//!    as every reset used to.
-//!
-//! Why no revocation is missed by a switch. The reset of the replacement
-//! is sent once its receiver is attached to its server's subscription:
-//! every revocation published after that point reaches the replacement. A
-//! revocation published before it was published before the reset arrived,
-//! and the old stream, subscribed since long before, carries it in order;
-//! it arrives there within the old stream's delivery latency, which the
-//! drain (`max_staleness`, itself at least two heartbeats) covers with a
-//! wide margin (milliseconds against seconds: the same assumption the
-//! staleness bound already makes of a stream that keeps beating). What
-//! could break it is the old stream not being read for the whole drain, so
-//! anything that stops it early flushes: the old stream ending or falling
-//! silent before the drain is over, or sending a reset of its own (its
-//! server lost its subscription: what it missed may be older than the
-//! replacement). A stream's end while no replacement has taken over is a
-//! loss and flushes, as before. Both streams' revocations only ever drop
-//! entries and invalidate fills, so applying one twice, or late, is
-//! harmless; and a fill registered before the switch may still be cached
-//! after it, because whatever concerns it arrives on one of the two streams
-//! while they overlap, or flushes.
+//! - this file: the cache's API to the client (lookups, fills,
+//!   revocations made through it, stats);
+//! - `state.rs`: what the state lock guards (the streams' roles, Redis's
+//!   clock, the per-user index, the fills in flight);
+//! - `changes.rs`: what changes the sessions (removals, revocations, a
+//!   flush), always under the state lock;
+//! - `stream.rs`: what each stream message means, and how a stream is
+//!   replaced without a flush;
+//! - `entries.rs`, `shard.rs`, `packed.rs`: the sessions in memory (shards,
+//!   each shard's table and eviction, a session's packed layout and the
+//!   metadata strings sessions share);
+//! - `watcher.rs`: the task that holds the stream.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -138,11 +112,18 @@ use std::{
 use sessionstore::v1 as pb;
 
 use crate::types::Session;
-use entries::{Entries, Found, Garbage, Handle, Serving};
+use entries::{Entries, Found, Serving};
+pub(crate) use state::Roles;
+use state::{Clock, State};
 
 #[cfg(feature = "bench-internals")]
 pub mod bench;
+mod changes;
 mod entries;
+mod packed;
+mod shard;
+mod state;
+mod stream;
 mod watcher;
 
 pub(crate) use watcher::Watcher;
@@ -240,319 +221,6 @@ pub(crate) struct NearCache {
     revocations_applied: AtomicU64,
     resets: AtomicU64,
     switches: AtomicU64,
-}
-
-/// The streams the cache listens to, by the ids the stream task gave them;
-/// see *Replacing the stream* above.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Roles {
-    /// The stream whose reset the cache is synced to.
-    pub(crate) current: Option<u64>,
-    /// A stream opened to replace it (or to be the first), before its reset.
-    pub(crate) candidate: Option<u64>,
-    /// The stream replaced by `current`, whose revocations still apply until
-    /// the instant given.
-    pub(crate) draining: Option<(u64, Instant)>,
-}
-
-impl Roles {
-    fn knows(&self, id: u64) -> bool {
-        self.current == Some(id)
-            || self.candidate == Some(id)
-            || self.draining.is_some_and(|(d, _)| d == id)
-    }
-}
-
-struct State {
-    /// The latest reading of Redis's clock from the current stream; `None`
-    /// before one arrived or when the current stream carries none (then
-    /// nothing is answered or cached: see *Expiry by Redis's clock*).
-    clock: Option<Clock>,
-    /// Where each user's cached sessions are, by the keyed hash of the user
-    /// id (two users whose ids share a hash share a list: every use checks
-    /// the entry's user id). Kept equal to the entries by
-    /// [`NearCache::unindex`], called for whatever leaves them.
-    by_user: HashMap<u64, Vec<Handle>>,
-    /// Sessions cached, at most `max_entries` ([`NearCache::insert`]
-    /// evicts down to it).
-    len: usize,
-    /// The streams listened to; the cache is synced when `roles.current` is
-    /// set (its reset was received).
-    roles: Roles,
-    /// When the current stream's last message arrived.
-    last_message: Option<Instant>,
-    /// Calls in flight whose answer may still be cached, by id. Whatever may
-    /// make a call's answer stale (a revocation that may concern it, a
-    /// flush) removes it from here and from the indexes below, so a fill is
-    /// invalidated at most once and later revocations never visit it again.
-    fills: HashMap<u64, Fill>,
-    /// The ids in `fills` by the token id their call asks for.
-    fills_by_token: HashMap<String, HashSet<u64>>,
-    /// The ids in `fills` whose call named its user, by that user.
-    fills_by_user: HashMap<String, HashSet<u64>>,
-    /// The ids in `fills` whose call named no user (`get_session`): any
-    /// user-wide revocation may concern them.
-    unhinted_fills: HashSet<u64>,
-    next_fill: u64,
-}
-
-/// A reading of Redis's clock: a message's `redis_time` and when it arrived
-/// by this host's monotonic clock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Clock {
-    redis: SystemTime,
-    arrived: Instant,
-}
-
-impl Clock {
-    /// Redis's time at `now` by this reading.
-    fn at(&self, now: Instant) -> SystemTime {
-        self.redis + now.saturating_duration_since(self.arrived)
-    }
-
-    /// The reading whose estimate of Redis's now is the later at `now`:
-    /// `self` (the last one), or `reading`, which arrived at `now`.
-    fn advanced(self, reading: SystemTime, now: Instant) -> Self {
-        if reading >= self.at(now) {
-            Clock {
-                redis: reading,
-                arrived: now,
-            }
-        } else {
-            self
-        }
-    }
-}
-
-/// A call in flight, as registered before it was sent.
-struct Fill {
-    token_id: String,
-    /// The user the caller named (`get_user_session`); `None` for
-    /// `get_session`, whose owner is unknown until it answers.
-    user_id: Option<String>,
-}
-
-impl State {
-    /// Drops every pending fill's chance to be cached (a flush; the
-    /// entries are [`NearCache::flush`]'s).
-    fn forget_fills(&mut self) {
-        self.fills.clear();
-        self.fills_by_token.clear();
-        self.fills_by_user.clear();
-        self.unhinted_fills.clear();
-    }
-
-    /// Registers a call about to be sent; see [`NearCache::begin_fill`].
-    fn add_fill(&mut self, token_id: &str, user_id: Option<&str>) -> u64 {
-        let id = self.next_fill;
-        self.next_fill += 1;
-        self.fills_by_token
-            .entry(token_id.to_owned())
-            .or_default()
-            .insert(id);
-        match user_id {
-            Some(user) => {
-                self.fills_by_user
-                    .entry(user.to_owned())
-                    .or_default()
-                    .insert(id);
-            }
-            None => {
-                self.unhinted_fills.insert(id);
-            }
-        }
-        self.fills.insert(
-            id,
-            Fill {
-                token_id: token_id.to_owned(),
-                user_id: user_id.map(str::to_owned),
-            },
-        );
-        id
-    }
-
-    /// Unregisters a fill (completed, dropped or invalidated); `None` when
-    /// it was already.
-    fn take_fill(&mut self, id: u64) -> Option<Fill> {
-        let fill = self.fills.remove(&id)?;
-        unindex_fill(&mut self.fills_by_token, &fill.token_id, id);
-        match &fill.user_id {
-            Some(user) => unindex_fill(&mut self.fills_by_user, user, id),
-            None => {
-                self.unhinted_fills.remove(&id);
-            }
-        }
-        Some(fill)
-    }
-
-    /// Invalidates the fills of `ids`: their answers will not be cached.
-    fn invalidate_fills(&mut self, ids: Vec<u64>) {
-        for id in ids {
-            self.take_fill(id);
-        }
-    }
-
-    /// Invalidates the fills a user-wide change for `user` may concern:
-    /// those naming the user, and every one that named none. Each is
-    /// invalidated once, so a burst of user-wide revocations visits them
-    /// once in all, not once per revocation.
-    fn invalidate_user_fills(&mut self, user: &str) {
-        let mut doomed: Vec<u64> = self.unhinted_fills.iter().copied().collect();
-        doomed.extend(self.fills_by_user.get(user).into_iter().flatten());
-        self.invalidate_fills(doomed);
-    }
-}
-
-/// What changes the sessions, with the state lock held (`state`): the
-/// entries and the per-user index move together.
-impl NearCache {
-    /// Removes `token_id`'s entry; returns its user id.
-    fn remove(&self, state: &mut State, token_id: &str) -> Option<String> {
-        let (removed, user) = self.entries.remove(token_id)?;
-        Self::unindex(state, removed);
-        Some(user)
-    }
-
-    fn unindex(state: &mut State, removed: entries::Removed) {
-        state.len -= 1;
-        if let Some(handles) = state.by_user.get_mut(&removed.user_hash) {
-            if let Some(at) = handles.iter().position(|&h| h == removed.handle) {
-                handles.swap_remove(at);
-            }
-            if handles.is_empty() {
-                state.by_user.remove(&removed.user_hash);
-            }
-        }
-    }
-
-    /// Removes `user`'s cached sessions that `doomed` says so of, found
-    /// through the per-user index.
-    fn remove_users(
-        &self,
-        state: &mut State,
-        user: &str,
-        doomed: impl Fn(entries::View<'_>) -> bool,
-    ) {
-        let handles = state
-            .by_user
-            .get(&self.entries.hash(user))
-            .cloned()
-            .unwrap_or_default();
-        for handle in handles {
-            let removed = self
-                .entries
-                .remove_if(handle, |view| view.user() == Some(user) && doomed(view));
-            if let Some(removed) = removed {
-                Self::unindex(state, removed);
-            }
-        }
-    }
-
-    /// Drops every entry and every pending fill's chance to be cached. The
-    /// sessions are swapped out of the shards at once and handed back, to
-    /// be dropped once the state lock is released (by a thread of their own
-    /// when many: see [`Garbage`]).
-    #[must_use = "dropped after the state lock"]
-    fn flush(&self, state: &mut State) -> Garbage {
-        state.forget_fills();
-        let garbage = Garbage {
-            shards: self.entries.take_all(None),
-            by_user: std::mem::take(&mut state.by_user),
-            entries: state.len,
-        };
-        state.len = 0;
-        garbage
-    }
-
-    fn apply_one(&self, state: &mut State, revocation: &Revocation) {
-        let user = revocation.user_id.as_str();
-        match &revocation.token_id {
-            Some(token) => {
-                // A revoke made here without the user's id names no user:
-                // the cached session may.
-                let owner = self.remove(state, token);
-                // The calls for this token, and those naming its user (a
-                // call's answer may be for a token of that user it named).
-                let mut doomed: Vec<u64> = Vec::new();
-                doomed.extend(
-                    state
-                        .fills_by_token
-                        .get(token.as_str())
-                        .into_iter()
-                        .flatten(),
-                );
-                for u in [Some(user), owner.as_deref()].into_iter().flatten() {
-                    doomed.extend(state.fills_by_user.get(u).into_iter().flatten());
-                }
-                state.invalidate_fills(doomed);
-            }
-            None => {
-                let revoked_at = revocation.revoked_at;
-                self.remove_users(state, user, |view| match revoked_at {
-                    Some(at) => view.created_at().is_some_and(|created| created <= at),
-                    None => true,
-                });
-                // A `get_session` call does not say whose session it asks
-                // for: any user-wide revocation may concern it.
-                state.invalidate_user_fills(user);
-            }
-        }
-    }
-
-    /// Drops `user`'s cached sessions of family `family` (a family ended by
-    /// reuse detection), found through the per-user index. The calls in
-    /// flight that may be for one of them lose their fill, as for a
-    /// user-wide revocation: those naming the user, and every one that named
-    /// none (the family's token ids are not all known here).
-    fn drop_family(&self, state: &mut State, user: &str, family: &str) {
-        if family.is_empty() {
-            // Sessions of a server older than families share the empty id:
-            // not one family.
-            return;
-        }
-        self.remove_users(state, user, |view| view.family() == Some(family));
-        state.invalidate_user_fills(user);
-    }
-
-    /// An ExtendSession answer for `token_id`: `Some` with the session as
-    /// the server now holds it, `None` when it is not live or the call's
-    /// outcome is unknown.
-    ///
-    /// An extension usually moves the expiry later, but not always: with a
-    /// ttl shorter than the time left it moves it earlier (down to
-    /// now + ttl). The cache must never hold an expiry later than Redis's,
-    /// which it would answer past the real end; one earlier than Redis's
-    /// only costs a lookup once it passes (the server then answers, and
-    /// that answer is cached). So a cached entry takes the earlier of its
-    /// expiry and the answer's, whatever the order in which answers of
-    /// concurrent extensions arrive; and the lookups in flight for the token
-    /// lose their fill, since one may have read the expiry before this
-    /// extension moved it earlier. Without an answer (the session is not
-    /// live, or the call failed and may have moved it) the entry is dropped.
-    fn extend_entry(&self, state: &mut State, token_id: &str, answer: Option<&Session>) {
-        let doomed: Vec<u64> = state
-            .fills_by_token
-            .get(token_id)
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        state.invalidate_fills(doomed);
-        let answer = answer.map(|a| (a.user_id.as_str(), a.expires_at));
-        if let Some(removed) = self.entries.extended(token_id, answer) {
-            Self::unindex(state, removed);
-        }
-    }
-}
-
-/// Removes `id` from `key`'s set in a fill index, and the set once empty.
-fn unindex_fill(index: &mut HashMap<String, HashSet<u64>>, key: &str, id: u64) {
-    if let Some(ids) = index.get_mut(key) {
-        ids.remove(&id);
-        if ids.is_empty() {
-            index.remove(key);
-        }
-    }
 }
 
 impl NearCache {
@@ -732,140 +400,6 @@ impl NearCache {
     /// [`extend_entry`](Self::extend_entry).
     pub(crate) fn extended(&self, token_id: &str, answer: Option<&Session>) {
         self.extend_entry(&mut self.state(), token_id, answer);
-    }
-
-    /// The stream task opened stream `id`: it becomes the candidate (a
-    /// replacement for the current stream, or the first one), which takes
-    /// over at its reset.
-    fn open(&self, id: u64) {
-        self.state().roles.candidate = Some(id);
-    }
-
-    /// The streams listened to now.
-    fn roles(&self) -> Roles {
-        self.state().roles
-    }
-
-    /// A message arrived on stream `id`. Returns whether the cache still
-    /// listens to that stream.
-    fn received(&self, id: u64, message: pb::WatchRevocationsResponse, now: Instant) -> bool {
-        let revocations: Vec<Revocation> = message
-            .revocations
-            .into_iter()
-            .map(Revocation::from_proto)
-            .collect();
-        // Out of range reads as none: fail safe.
-        let reading = message
-            .redis_time
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .map(|redis| Clock {
-                redis,
-                arrived: now,
-            });
-        // Declared first, so dropped after the lock is released.
-        let mut garbage = Garbage::default();
-        let mut state = self.state();
-        let roles = state.roles;
-        if roles.current == Some(id) {
-            if message.reset {
-                garbage = self.flush(&mut state);
-                // A new subscription, perhaps on another master: its clock.
-                state.clock = reading;
-                self.resets.fetch_add(1, Ordering::Relaxed);
-            } else if let Some(reading) = reading {
-                state.clock = Some(match state.clock {
-                    Some(clock) => clock.advanced(reading.redis, now),
-                    None => reading,
-                });
-            }
-            state.last_message = Some(now);
-        } else if roles.candidate == Some(id) {
-            if !message.reset {
-                // The server sends nothing before a stream's reset.
-                return true;
-            }
-            // Make before break: no flush when the stream it replaces still
-            // works and no earlier drain is cut short (see the module docs).
-            let drained = roles.draining.is_none_or(|(_, until)| until <= now);
-            let warm = self.healthy(&state, now) && drained;
-            if warm {
-                state.roles.draining = roles.current.map(|old| (old, now + self.max_staleness));
-                // The same Redis: the later of the two streams' readings.
-                // A replacement that tells no time (an older server) leaves
-                // the cache without a clock: nothing answered from memory.
-                state.clock = match (state.clock, reading) {
-                    (Some(clock), Some(reading)) => Some(clock.advanced(reading.redis, now)),
-                    (_, reading) => reading,
-                };
-                self.switches.fetch_add(1, Ordering::Relaxed);
-            } else {
-                garbage = self.flush(&mut state);
-                state.clock = reading;
-                state.roles.draining = None;
-                self.resets.fetch_add(1, Ordering::Relaxed);
-            }
-            state.roles.current = Some(id);
-            state.roles.candidate = None;
-            state.last_message = Some(now);
-            self.roles_changed.notify_one();
-        } else if roles.draining.is_some_and(|(d, _)| d == id) {
-            if message.reset {
-                // The old stream's server lost its subscription: what it
-                // missed may predate the replacement's reset.
-                garbage = self.flush(&mut state);
-                state.roles.draining = None;
-                self.resets.fetch_add(1, Ordering::Relaxed);
-                self.roles_changed.notify_one();
-            }
-            // Its heartbeats say nothing of the current stream's health.
-        } else {
-            return false;
-        }
-        // The message's revocations first, then its health: lookups read
-        // the health the shards were given, not the state, so a cache that
-        // was stale turns healthy only once what the message revokes is gone.
-        for revocation in &revocations {
-            self.apply_one(&mut state, revocation);
-        }
-        self.publish(&state);
-        drop(state);
-        drop(garbage);
-        self.revocations_applied
-            .fetch_add(revocations.len() as u64, Ordering::Relaxed);
-        true
-    }
-
-    /// Stream `id` ended, failed, fell silent, or was closed by the stream
-    /// task. The current stream's end is a loss: revocations may be missed
-    /// from now on, so nothing cached may be answered or kept. A drained
-    /// stream's end before its drain is over may have lost revocations in
-    /// flight: flushed too (the current stream keeps the cache healthy).
-    fn ended(&self, id: u64, now: Instant) {
-        // Declared first, so dropped after the lock is released.
-        let mut garbage = Garbage::default();
-        let mut state = self.state();
-        let roles = state.roles;
-        if roles.current == Some(id) {
-            state.roles.current = None;
-            state.roles.draining = None;
-            state.last_message = None;
-            state.clock = None;
-            garbage = self.flush(&mut state);
-            self.publish(&state);
-        } else if let Some((_, until)) = roles.draining.filter(|(d, _)| *d == id) {
-            if now < until {
-                garbage = self.flush(&mut state);
-                self.publish(&state);
-            }
-            state.roles.draining = None;
-        } else if roles.candidate == Some(id) {
-            state.roles.candidate = None;
-        } else {
-            return;
-        }
-        drop(state);
-        drop(garbage);
-        self.roles_changed.notify_one();
     }
 
     pub(crate) fn stats(&self) -> NearCacheStats {

@@ -24,6 +24,11 @@ const USERS: usize = 3;
 const TOKENS: usize = 24;
 /// Fewer than the sessions, so that fills evict.
 const MAX_ENTRIES: usize = 8;
+/// User agents long enough to be shared between sessions.
+const AGENTS: [&str; 2] = [
+    "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) Safari/604.1",
+];
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -126,6 +131,13 @@ impl World {
                     metadata.insert("ip".to_owned(), format!("192.0.2.{t}"));
                     metadata.insert("device".to_owned(), "phone".to_owned());
                 }
+                // Long strings several sessions share (interned once seen
+                // twice) and one each keeps inline.
+                if t % 4 != 3 {
+                    metadata.insert("user_agent".to_owned(), AGENTS[t % AGENTS.len()].to_owned());
+                } else {
+                    metadata.insert("user_agent".to_owned(), format!("{}/{t}", AGENTS[0]));
+                }
                 Session {
                     user_id: format!("user-{}", t % USERS),
                     token_id: format!("token-{t}"),
@@ -177,6 +189,7 @@ impl World {
             revocations,
             reset,
             redis_time: Some(self.redis_now().into()),
+            shortened: Vec::new(),
         }
     }
 

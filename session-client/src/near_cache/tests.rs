@@ -39,6 +39,7 @@ fn reset_at(redis_time: Option<SystemTime>) -> pb::WatchRevocationsResponse {
         revocations: Vec::new(),
         reset: true,
         redis_time: redis_time.map(Into::into),
+        shortened: Vec::new(),
     }
 }
 
@@ -113,6 +114,7 @@ pub(super) fn assert_consistent(cache: &NearCache) {
     let indexed: usize = state.by_user.values().map(Vec::len).sum();
     assert_eq!(indexed, state.len);
     assert_eq!(cache.entries.len(), state.len);
+    cache.entries.assert_interned_counted();
     let mut seen = HashSet::new();
     for (user_hash, handles) in &state.by_user {
         assert!(!handles.is_empty(), "empty list kept for {user_hash}");
@@ -465,6 +467,112 @@ fn answers_from_memory_are_the_servers_sessions() {
     );
 }
 
+/// A long metadata string several sessions carry is kept once (from its
+/// second sighting on), answered as given, and freed with the last session
+/// holding it, whatever removes it (a revocation, expiry, eviction, a
+/// flush); one only one session carries stays in that session.
+#[test]
+fn shared_metadata_is_kept_once_and_freed_with_its_last_session() {
+    let agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+    let now = SystemTime::now();
+    let sessions: Vec<Session> = (0..4)
+        .map(|i| {
+            let mut s = session("alice", &format!("a{i}"), now);
+            s.metadata.insert("ip".into(), format!("192.0.2.{i}"));
+            s.metadata.insert("user_agent".into(), agent.into());
+            s
+        })
+        .collect();
+    let mut own = session("bob", "b1", now);
+    own.metadata
+        .insert("user_agent".into(), format!("{agent} (bob's own)"));
+    let cache = healthy_with(10, &sessions[..1]);
+    assert_eq!(cache.entries.interned(), 0, "seen once: inline");
+    for s in sessions[1..].iter().chain([&own]) {
+        assert!(cache.begin_fill(&s.token_id, None).complete(s));
+    }
+    assert_eq!(cache.entries.interned(), 1, "the shared agent, once");
+    assert_consistent(&cache);
+    for s in sessions.iter().chain([&own]) {
+        assert_eq!(cache.lookup(&s.token_id, None).as_ref(), Some(s));
+    }
+
+    // Removed one by one: the string stays while a session holds it.
+    cache.apply(&[Revocation {
+        user_id: "alice".into(),
+        token_id: Some("a1".into()),
+        revoked_at: None,
+    }]);
+    assert_eq!(cache.entries.interned(), 1);
+    assert_consistent(&cache);
+    for token in ["a2", "a3"] {
+        cache.apply(&[Revocation {
+            user_id: "alice".into(),
+            token_id: Some(token.into()),
+            revoked_at: None,
+        }]);
+    }
+    assert_eq!(cache.entries.interned(), 0, "freed with its last session");
+    assert_consistent(&cache);
+    // a0, inline from the start, is unchanged.
+    assert_eq!(cache.lookup("a0", None).as_ref(), Some(&sessions[0]));
+
+    // Held again, then flushed.
+    for s in &sessions[1..3] {
+        assert!(cache.begin_fill(&s.token_id, None).complete(s));
+    }
+    assert_eq!(cache.entries.interned(), 1);
+    recv(&cache, reset(), Instant::now());
+    assert_eq!(cache.entries.interned(), 0);
+    assert_consistent(&cache);
+
+    // Evicted: a cache of two, the shared string's sessions pushed out.
+    let small = healthy_with(2, &sessions[..3]);
+    assert_consistent(&small);
+    assert_eq!(small.entries.interned(), 1);
+    for i in 0..100 {
+        if ["a0", "a1", "a2"].iter().all(|t| !cached(&small, t)) {
+            break;
+        }
+        let s = session("carol", &format!("c{i}"), now);
+        assert!(small.begin_fill(&s.token_id, None).complete(&s));
+    }
+    assert!(!cached(&small, "a1") && !cached(&small, "a2"), "evicted");
+    assert_eq!(small.entries.interned(), 0, "freed by eviction");
+    assert_consistent(&small);
+    // Across shards: kept once for the cache, until no shard holds it.
+    let sharded = healthy_with(1 << 20, &[]);
+    let many: Vec<Session> = (0..300)
+        .map(|i| {
+            let mut s = session(&format!("u{i}"), &format!("t{i}"), now);
+            s.metadata.insert("user_agent".into(), agent.into());
+            s
+        })
+        .collect();
+    for s in &many {
+        assert!(sharded.begin_fill(&s.token_id, None).complete(s));
+    }
+    assert_eq!(sharded.entries.interned(), 1, "once for every shard");
+    assert_consistent(&sharded);
+    for s in &many[..299] {
+        sharded.apply(&[Revocation {
+            user_id: s.user_id.clone(),
+            token_id: Some(s.token_id.clone()),
+            revoked_at: None,
+        }]);
+    }
+    assert_eq!(sharded.entries.interned(), 1, "one session still holds it");
+    assert_eq!(sharded.lookup("t299", None).as_ref(), Some(&many[299]));
+    assert_consistent(&sharded);
+    sharded.apply(&[Revocation {
+        user_id: "u299".into(),
+        token_id: Some("t299".into()),
+        revoked_at: None,
+    }]);
+    assert_eq!(sharded.entries.interned(), 0);
+    assert_consistent(&sharded);
+}
+
 /// The fill race, interleaved by hand: a call registers, the revocation
 /// that ends its session overtakes its answer, and the answer (read
 /// before the revocation in Redis) must not be cached. Likewise for a
@@ -653,6 +761,62 @@ fn an_extension_never_leaves_a_later_expiry() {
     assert!(!cached(&cache, "a9"));
     cache.extended("a1", None);
     assert!(!cached(&cache, "a1") && cached(&cache, "b1"));
+    assert_consistent(&cache);
+}
+
+/// A stream's `shortened` (an ExtendSession elsewhere moved an expiry
+/// earlier) caps the cached expiry as an extension made here does: the
+/// earlier time is taken, a later one is not, one naming another user drops
+/// the entry, a lookup in flight for the token loses its fill, and one without a time
+/// drops the entry. Applied before the message's health, as revocations.
+#[test]
+fn a_shortened_expiry_from_the_stream_is_never_answered_past() {
+    let s = in_family("alice", "a1", "f1");
+    let b = session("bob", "b1", SystemTime::now());
+    let c = session("carol", "c1", SystemTime::now());
+    let cache = healthy_with(10, &[s.clone(), b.clone(), c.clone()]);
+    let expiry = |cache: &NearCache| cache.entries.expires_at("a1");
+    let shortened =
+        |user: &str, token: &str, at: Option<SystemTime>| pb::WatchRevocationsResponse {
+            shortened: vec![pb::ShortenedSession {
+                user_id: user.into(),
+                token_id: token.into(),
+                expires_at: at.map(Into::into),
+            }],
+            redis_time: Some(SystemTime::now().into()),
+            ..Default::default()
+        };
+
+    let in_flight = cache.begin_fill("a1", Some("alice"));
+    let soon = SystemTime::now() + Duration::from_secs(2);
+    recv(&cache, shortened("alice", "a1", Some(soon)), Instant::now());
+    assert_eq!(expiry(&cache), Some(soon));
+    assert!(!in_flight.complete(&s), "a read from before the shortening");
+    // Later: nothing moves.
+    recv(
+        &cache,
+        shortened("alice", "a1", Some(s.expires_at)),
+        Instant::now(),
+    );
+    assert_eq!(expiry(&cache), Some(soon));
+    assert!(cache.lookup("a1", Some("alice")).is_some());
+    // Already past by Redis's clock: not answered.
+    let past = SystemTime::now() - Duration::from_millis(1);
+    recv(&cache, shortened("bob", "b1", Some(past)), Instant::now());
+    assert!(
+        cache.lookup("b1", Some("bob")).is_none(),
+        "answered past its new expiry"
+    );
+    // No readable time: dropped.
+    recv(&cache, shortened("carol", "c1", None), Instant::now());
+    assert!(!cached(&cache, "c1"));
+    // Naming another user than the cached session's: dropped (safe).
+    recv(
+        &cache,
+        shortened("mallory", "a1", Some(s.expires_at)),
+        Instant::now(),
+    );
+    assert!(!cached(&cache, "a1"));
     assert_consistent(&cache);
 }
 

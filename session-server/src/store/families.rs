@@ -283,7 +283,8 @@ impl Store {
     /// Slides a live session's expiry to now + ttl (`None`: SESSION_TTL),
     /// never past its family's end; writes only when that moves the expiry
     /// by more than a tenth of the ttl. Returns the session as it now is, or
-    /// `None` when it is not live.
+    /// `None` when it is not live. An expiry moved earlier is published on
+    /// the revocation channel (`x:`) in the same step, for near-caches.
     ///
     /// # Errors
     ///
@@ -354,7 +355,9 @@ impl Store {
             .arg(token.as_str())
             .arg(ttl_ms)
             .arg(now_ms.saturating_add(millis(self.settings().timeout)))
-            .arg(cap);
+            .arg(cap)
+            .arg(self.revocation_channel())
+            .arg(user.as_str());
         let reply: Vec<Value> = op.invoke(&invocation).await?;
         let mut reply = Reply::new("extend_session.lua", reply);
         match reply.int()? {

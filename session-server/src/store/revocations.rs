@@ -10,6 +10,10 @@
 //! - `r:<revoked_at_ms>:<reason>:<user_id>:<token_id>`: a revocation; an empty
 //!   token id means every session of the user created at or before
 //!   `revoked_at_ms` (RevokeAllUserSessions);
+//! - `x:<expires_at_ms>:<user_id>:<token_id>`: a live session whose expiry
+//!   ExtendSession moved earlier (`extend_session.lua`). Servers older than
+//!   this message count it as malformed and ignore it, so during a rolling
+//!   upgrade only the new servers' streams carry it;
 //! - `h:<id>:<seq>:<master index>:<redis_time_ms>`: a heartbeat, published
 //!   by each server process for itself (`id` random for each subscription),
 //!   numbered, on each master, with that master's clock (`TIME`) read in the
@@ -84,7 +88,7 @@ use super::{Store, connection};
 use crate::{
     error::Error,
     metrics::{REVOCATION_EVENTS, REVOCATION_SUBSCRIPTION_UP},
-    model::{Revocation, RevocationReason},
+    model::{Revocation, RevocationReason, Shortened},
 };
 
 /// What the subscriber tells every stream.
@@ -99,6 +103,8 @@ pub enum RevocationEvent {
     Heartbeat(Option<RedisClock>),
     /// A session, or every session of a user, ended.
     Revoked(Arc<Revocation>),
+    /// A live session's expiry was moved earlier.
+    Shortened(Arc<Shortened>),
 }
 
 /// A reading of Redis's clock: the time a master's `TIME` gave as it
@@ -333,6 +339,10 @@ impl Store {
                                 Some(Parsed::Revoked(revocation)) => {
                                     metrics::counter!(REVOCATION_EVENTS, "kind" => "revocation").increment(1);
                                     let _ = events.send(RevocationEvent::Revoked(Arc::new(revocation)));
+                                }
+                                Some(Parsed::Shortened(shortened)) => {
+                                    metrics::counter!(REVOCATION_EVENTS, "kind" => "shortened").increment(1);
+                                    let _ = events.send(RevocationEvent::Shortened(Arc::new(shortened)));
                                 }
                                 // Another process's heartbeat.
                                 Some(Parsed::Heartbeat) => {}
@@ -656,6 +666,7 @@ impl Recent {
 #[derive(Debug, PartialEq)]
 enum Parsed {
     Revoked(Revocation),
+    Shortened(Shortened),
     Heartbeat,
 }
 
@@ -663,6 +674,20 @@ fn parse(payload: &[u8]) -> Option<Parsed> {
     let text = std::str::from_utf8(payload).ok()?;
     if text.starts_with("h:") {
         return Some(Parsed::Heartbeat);
+    }
+    if let Some(rest) = text.strip_prefix("x:") {
+        let mut parts = rest.splitn(3, ':');
+        let expires_at_ms = parts.next()?.parse().ok()?;
+        let user_id = parts.next().filter(|u| !u.is_empty())?.to_owned();
+        let token_id = parts
+            .next()
+            .filter(|t| !t.is_empty() && !t.contains(':'))?
+            .to_owned();
+        return Some(Parsed::Shortened(Shortened {
+            user_id,
+            token_id,
+            expires_at_ms,
+        }));
     }
     let mut parts = text.strip_prefix("r:")?.splitn(4, ':');
     let revoked_at_ms = parts.next()?.parse().ok()?;
@@ -747,13 +772,26 @@ mod tests {
             }))
         ));
         assert_eq!(parse(b"h:00ff"), Some(Parsed::Heartbeat));
+        assert_eq!(
+            parse(b"x:1700000000123:alice:t-1"),
+            Some(Parsed::Shortened(Shortened {
+                user_id: "alice".into(),
+                token_id: "t-1".into(),
+                expires_at_ms: 1_700_000_000_123,
+            }))
+        );
     }
 
     #[test]
     fn refuses_malformed_messages() {
         for bad in [
             &b""[..],
+            b"q:1:revoked:a:b",
             b"x:1:revoked:a:b",
+            b"x:1:a:",
+            b"x:1::b",
+            b"x:abc:a:b",
+            b"x:1:a",
             b"r:abc:revoked:a:b",
             b"r:1:unknown:a:b",
             b"r:1:revoked::b",

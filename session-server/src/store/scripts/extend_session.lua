@@ -10,6 +10,8 @@
 --          when prepare_extend.lua ran plus REDIS_TIMEOUT_MS
 -- ARGV[4]  the latest expiry allowed, ms, or 0 for none: the session's expiry
 --          when the token's reservation was not extended (a shortening)
+-- ARGV[5]  the revocation channel
+-- ARGV[6]  user id (for the channel message)
 -- Returns {status, json}:
 --   {0}        no live session: nothing written
 --   {1, json}  done: json is the session as stored now
@@ -34,6 +36,13 @@ end
 if target <= now then
   -- The family's end has come: the session ends with it.
   return {0}
+end
+local expires = tonumber(string.match(json, '"expires_at_ms":(%d+)}$'))
+if expires and target < expires then
+  -- Moved earlier: caches holding the session must not answer it past the
+  -- new expiry. Published before any write, as revoke_sessions.lua: a
+  -- refused PUBLISH fails the script with nothing changed.
+  redis.call('PUBLISH', ARGV[5], string.format('x:%.0f:%s:%s', target, ARGV[6], ARGV[1]))
 end
 local updated, found = string.gsub(json, '"expires_at_ms":%d+}$',
   string.format('"expires_at_ms":%.0f}', target), 1)
