@@ -15,7 +15,7 @@ use session_server::Config;
 use sessionstore::v1::{
     CreateOutcome, CreateSessionRequest, ExtendSessionRequest, RevocationReason,
     RevokeAllUserSessionsRequest, RotateOutcome, RotateSessionRequest, RotateSessionResponse,
-    Session, WatchRevocationsRequest,
+    Session, WatchRevocationsRequest, WatchRevocationsResponse,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -218,6 +218,28 @@ async fn concurrent_rotations_of_one_token_yield_one_successor() {
     assert_eq!(live[0].token_id, rotated[0].token_id);
 }
 
+/// A near-cache client of `server` whose revocation stream is healthy, and
+/// a revocation stream of `client`'s own, opened after it.
+async fn watching(
+    server: &TestServer,
+    client: &mut Client,
+) -> (SessionClient, tonic::Streaming<WatchRevocationsResponse>) {
+    let cached = SessionClient::builder(server.url())
+        .near_cache(1000)
+        .near_cache_max_staleness(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    let healthy = || async { cached.near_cache_stats().unwrap().healthy };
+    assert!(wait_until(PATIENCE, healthy).await);
+    let stream = client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    (cached, stream)
+}
+
 /// A token the family has moved past, presented after the grace (or any
 /// token older than the previous one, even within it), is reuse: the whole
 /// family ends at once, the stream says so, and nothing of it can be rotated
@@ -226,23 +248,7 @@ async fn concurrent_rotations_of_one_token_yield_one_successor() {
 async fn reuse_ends_the_family_everywhere() {
     let server = TestServer::start_tuned(|c| c.rotation_grace_ms = 300).await;
     let mut client = server.client().await;
-    let cached = SessionClient::builder(server.url())
-        .near_cache(1000)
-        .near_cache_max_staleness(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    assert!(
-        wait_until(PATIENCE, || async {
-            cached.near_cache_stats().unwrap().healthy
-        })
-        .await
-    );
-    let mut stream = client
-        .watch_revocations(WatchRevocationsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let (cached, mut stream) = watching(&server, &mut client).await;
 
     let family = login(&mut client, "reed", "e-1").await.family_id;
     let r = rotate(&mut client, rotation("reed", &family, "e-1", "e-2")).await;
@@ -334,23 +340,7 @@ async fn reuse_ends_the_family_everywhere() {
 async fn a_shortened_expiry_reaches_other_near_caches() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let cached = SessionClient::builder(server.url())
-        .near_cache(1000)
-        .near_cache_max_staleness(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
-    assert!(
-        wait_until(PATIENCE, || async {
-            cached.near_cache_stats().unwrap().healthy
-        })
-        .await
-    );
-    let mut stream = client
-        .watch_revocations(WatchRevocationsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let (cached, mut stream) = watching(&server, &mut client).await;
 
     let session = login(&mut client, "shelly", "sh-1").await;
     // Later (900 s to 1,800 s): written, not published.
