@@ -22,6 +22,20 @@ pub const MAX_METADATA_KEY_LEN: usize = 64;
 /// The longest metadata value, in bytes.
 pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 
+/// The bytes an id may hold: printable ASCII but `{`, `}` and `:`.
+const ID_BYTES: [bool; 256] = {
+    let mut allowed = [false; 256];
+    let mut byte: u8 = 0;
+    loop {
+        allowed[byte as usize] =
+            byte.is_ascii_graphic() && byte != b'{' && byte != b'}' && byte != b':';
+        if byte == u8::MAX {
+            break allowed;
+        }
+        byte += 1;
+    }
+};
+
 /// Checks one identifier against the contract: 1..=256 bytes of printable
 /// ASCII without white space, `{`, `}` or `:`.
 ///
@@ -37,6 +51,13 @@ fn validate_id(field: &'static str, value: &str) -> Result<(), Error> {
             field,
             format!("must be at most {MAX_ID_LEN} bytes, got {}", value.len()),
         ));
+    }
+    // Byte by byte through a table: every id of every call passes here,
+    // and decoding characters cost twice as much (BENCHMARKS.md, "#22 hot
+    // path"). A byte of a multi-byte character is not ASCII, so refused;
+    // the message then names the character.
+    if value.bytes().all(|b| ID_BYTES[usize::from(b)]) {
+        return Ok(());
     }
     if let Some(c) = value
         .chars()
@@ -307,17 +328,26 @@ impl<'a> Scan<'a> {
 
     /// Consumes a JSON integer that fits a `u64`.
     fn number(&mut self) -> Option<u64> {
-        let end = self
-            .0
-            .bytes()
-            .position(|b| !b.is_ascii_digit())
-            .unwrap_or(self.0.len());
-        let digits = &self.0[..end];
+        // Accumulated as it is scanned: one pass, where `str::parse` would
+        // scan the digits a second time (about 250 instructions a number,
+        // BENCHMARKS.md "#22 hot path").
+        let bytes = self.0.as_bytes();
+        let mut number: u64 = 0;
+        let mut end = 0;
+        while let Some(&byte) = bytes.get(end) {
+            if !byte.is_ascii_digit() {
+                break;
+            }
+            number = number
+                .checked_mul(10)?
+                .checked_add(u64::from(byte - b'0'))?;
+            end += 1;
+        }
         // JSON has no leading zeros; serde_json says so in its error.
-        if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        if end == 0 || (end > 1 && bytes[0] == b'0') {
             return None;
         }
-        let number = digits.parse().ok()?;
+        // Digits are ASCII, so `end` is a character boundary.
         self.0 = &self.0[end..];
         Some(number)
     }
@@ -822,6 +852,14 @@ mod tests {
         assert_eq!(family.family_id.as_deref(), Some("f0"));
         assert_eq!(family.family_expires_at_ms, Some(9));
         assert_eq!(stored_layout(&cases[0]).unwrap().family_id, None);
+        // Past u64, or with a leading zero: not a stored number.
+        for created in ["18446744073709551616", "99999999999999999999", "01", "00"] {
+            assert!(
+                stored_layout(&stored("u1", "", created)).is_none(),
+                "{created}"
+            );
+            assert!(Session::from_stored_json(&stored("u1", "", created)).is_err());
+        }
     }
 
     proptest::proptest! {

@@ -29,8 +29,9 @@
 //! sent a valid one, with the OpenTelemetry RPC attributes (`rpc.system`,
 //! `rpc.service`, `rpc.method`, `rpc.grpc.status_code`); the handler runs
 //! inside it, so the store's Redis spans are its children, and the call's
-//! log line carries its `trace_id` when the trace is sampled. With traces
-//! off the span is a disabled one: no subscriber wants it.
+//! log line carries its `trace_id`. Only a sampled call has a span: the
+//! sample is decided first ([`crate::trace::sample`]), so an unsampled call,
+//! or any call with traces off, has a disabled one, which costs nothing.
 //!
 //! It runs on every call, so it is kept cheap: the method is looked up once
 //! in the method table ([`crate::methods`]), whose label is a static string
@@ -431,12 +432,19 @@ where
 }
 
 /// The call's span (see [`crate::trace`]): a disabled one, at the cost of a
-/// cached check, unless traces are on. Its parent is the caller's
+/// cached check, unless traces are on and [`trace::sample`] keeps the call;
+/// an unsampled call makes no span at all (nor do its Redis operations,
+/// which find no RPC span to be children of). Its parent is the caller's
 /// `traceparent` when valid; without one, or with a malformed one, the
 /// call starts a new trace.
 fn rpc_span(method: &Method, headers: &tonic::codegen::http::HeaderMap) -> tracing::Span {
     use tracing::field::Empty;
-    // The field values are computed only when the span is enabled.
+    if !tracing::enabled!(target: trace::TARGET, tracing::Level::INFO) {
+        return tracing::Span::none();
+    }
+    let Some(sampled) = trace::sample(headers) else {
+        return tracing::Span::none();
+    };
     let span = tracing::info_span!(
         target: trace::TARGET,
         "rpc",
@@ -448,9 +456,7 @@ fn rpc_span(method: &Method, headers: &tonic::codegen::http::HeaderMap) -> traci
         rpc.method = rpc_method(method),
         rpc.grpc.status_code = Empty,
     );
-    if !span.is_disabled()
-        && let Some(parent) = trace::parent(headers)
-    {
+    if let Some(parent) = sampled.parent {
         // Fails only when the span has no OpenTelemetry data, which an
         // enabled span of this target has.
         let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);

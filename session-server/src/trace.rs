@@ -13,8 +13,17 @@
 //! call site, and making such a span costs a load and a branch
 //! (BENCHMARKS.md, "#27 traces").
 //!
+//! Sampling is decided before any span is made ([`sample`], the SDK's
+//! samplers' rules applied to the caller's `traceparent`): an unsampled call
+//! makes no span, neither its own nor its Redis operations', so at ratio
+//! 0.01 the other 99 % cost a header lookup and a random draw. The SDK then
+//! records every span it is given (`AlwaysOn`), and draws the ids of traces
+//! that start here among those the ratio keeps (`RootIds`).
+//!
 //! What a span holds: the method (`rpc.service`, `rpc.method`) and its gRPC
-//! code; the store operation's name, `db.system` and its round trips. Never a
+//! code; the store operation's name, `db.system`, its round trips and, on a
+//! cluster, its key's slot (`db.redis.slot`; see `store/op.rs` for why not
+//! the slot's master). Never a
 //! request's fields, a key (keys hold user ids and token ids) or an error's
 //! message: only its kind (SECURITY.md).
 //!
@@ -28,7 +37,7 @@ use std::{
     fmt,
     str::FromStr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -45,8 +54,8 @@ use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
     trace::{
-        BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
-        SpanProcessor,
+        BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, Sampler,
+        SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
     },
 };
 use tonic::codegen::http::HeaderMap;
@@ -99,18 +108,105 @@ pub struct TraceSettings {
 }
 
 impl TraceSettings {
-    fn sampler(&self) -> Sampler {
-        let ratio = || Sampler::TraceIdRatioBased(self.ratio);
-        match self.sampler {
-            TraceSampler::AlwaysOn => Sampler::AlwaysOn,
-            TraceSampler::AlwaysOff => Sampler::AlwaysOff,
-            TraceSampler::TraceIdRatio => ratio(),
-            TraceSampler::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
-            TraceSampler::ParentBasedAlwaysOff => {
-                Sampler::ParentBased(Box::new(Sampler::AlwaysOff))
+    /// How the calls are sampled, decided by [`sample`] before any span is
+    /// made.
+    fn sampling(&self) -> Sampling {
+        let ratio = || {
+            // As the SDK's TraceIdRatioBased sampler reads a trace id: kept
+            // when its low 64 bits, shifted right by one, are below this.
+            (self.ratio < 1.0).then(|| (self.ratio.max(0.0) * (1u64 << 63) as f64) as u64)
+        };
+        let (parent_based, root) = match self.sampler {
+            TraceSampler::AlwaysOn => (false, Root::Always),
+            TraceSampler::AlwaysOff => (false, Root::Never),
+            TraceSampler::TraceIdRatio => (false, ratio().map_or(Root::Always, Root::Below)),
+            TraceSampler::ParentBasedAlwaysOn => (true, Root::Always),
+            TraceSampler::ParentBasedAlwaysOff => (true, Root::Never),
+            TraceSampler::ParentBasedTraceIdRatio => {
+                (true, ratio().map_or(Root::Always, Root::Below))
             }
-            TraceSampler::ParentBasedTraceIdRatio => Sampler::ParentBased(Box::new(ratio())),
+        };
+        Sampling { parent_based, root }
+    }
+}
+
+/// OTEL_TRACES_SAMPLER and its argument as [`sample`] applies them: the
+/// same decisions as the SDK's samplers of those names, made before the
+/// call's span exists, so an unsampled call makes no span at all.
+#[derive(Clone, Copy, Debug)]
+struct Sampling {
+    /// Whether a caller's `traceparent` decides (its sampled flag).
+    parent_based: bool,
+    /// The decision for a trace id: the one a caller sent when the sampler
+    /// is not parent-based, else a new one's.
+    root: Root,
+}
+
+/// Which trace ids are sampled.
+#[derive(Clone, Copy, Debug)]
+enum Root {
+    Always,
+    Never,
+    /// Those whose low 64 bits, shifted right by one, are below this
+    /// bound (OTEL_TRACES_SAMPLER_ARG of 2^63).
+    Below(u64),
+}
+
+impl Root {
+    fn keeps(self, trace_id: TraceId) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Below(bound) => (low_bits(trace_id) >> 1) < bound,
         }
+    }
+}
+
+/// The low 64 bits of a trace id, which the ratio samplers read.
+fn low_bits(trace_id: TraceId) -> u64 {
+    let bytes = trace_id.to_bytes();
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&bytes[8..]);
+    u64::from_be_bytes(low)
+}
+
+/// The sampling in force, set once by [`Tracing::start`]: like the
+/// `tracing` subscriber whose spans it decides, one per process.
+static SAMPLING: OnceLock<Sampling> = OnceLock::new();
+
+/// The trace ids of the traces that start here: random, as the SDK's, except
+/// that with a ratio sampler they are drawn among the ids that sampler keeps.
+/// Only sampled calls make spans ([`sample`] decided first, with a random
+/// draw of the same odds), so every root span the SDK makes is a sampled
+/// one, and its id says so to a trace-id ratio sampler further on, as an id
+/// the SDK had sampled would.
+#[derive(Debug)]
+struct RootIds {
+    random: RandomIdGenerator,
+    root: Root,
+}
+
+impl IdGenerator for RootIds {
+    fn new_trace_id(&self) -> TraceId {
+        let id = self.random.new_trace_id();
+        let Root::Below(bound) = self.root else {
+            return id;
+        };
+        // `bound` is below 2^63, so twice it fits; a zero bound samples no
+        // root, and this is then never asked.
+        let Some(limit) = bound.checked_mul(2).filter(|limit| *limit > 0) else {
+            return id;
+        };
+        let high = id.to_bytes();
+        let low = low_bits(id) % limit;
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&high[..8]);
+        bytes[8..].copy_from_slice(&low.to_be_bytes());
+        TraceId::from_bytes(bytes)
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        self.random.new_span_id()
     }
 }
 
@@ -162,9 +258,18 @@ impl Tracing {
         let resource = Resource::builder_empty()
             .with_service_name(settings.service_name.clone())
             .build();
+        let sampling = settings.sampling();
+        // A second start in one process (tests) keeps the first sampling.
+        let _ = SAMPLING.set(sampling);
+        // The decision is [`sample`]'s, made before the span exists: the
+        // SDK records every span it is given.
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
-            .with_sampler(settings.sampler())
+            .with_sampler(Sampler::AlwaysOn)
+            .with_id_generator(RootIds {
+                random: RandomIdGenerator::default(),
+                root: sampling.root,
+            })
             .with_resource(resource)
             .build();
         Ok(Self { provider })
@@ -212,10 +317,50 @@ pub fn log_directive() -> Directive {
     Directive::from_str(&format!("{TARGET}=off")).unwrap_or_default()
 }
 
-/// The caller's trace context from a request's `traceparent` and
-/// `tracestate`, or `None` without a valid one: a malformed header starts a
-/// new trace, it is never an error.
-pub fn parent(headers: &HeaderMap) -> Option<Context> {
+/// Whether a call is traced, and under which parent: decided before its
+/// span is made, from the caller's `traceparent` and the sampler
+/// (OTEL_TRACES_SAMPLER), as the SDK's sampler would decide. `None` when
+/// traces are off or the call is not sampled: then no span is made for it
+/// nor for its Redis operations.
+///
+/// A malformed `traceparent` is no parent: the call starts a new trace (or
+/// not, as the sampler decides), it is never an error.
+pub fn sample(headers: &HeaderMap) -> Option<Sampled> {
+    let sampling = SAMPLING.get()?;
+    let Some(parent) = remote_parent(headers) else {
+        let keep = match sampling.root {
+            Root::Always => true,
+            Root::Never => false,
+            // The odds of a new random trace id: the id itself is drawn
+            // later, among those the ratio keeps (`RootIds`).
+            Root::Below(bound) => {
+                let draw = RandomIdGenerator::default().new_span_id().to_bytes();
+                (u64::from_be_bytes(draw) >> 1) < bound
+            }
+        };
+        return keep.then_some(Sampled { parent: None });
+    };
+    let keep = if sampling.parent_based {
+        parent.is_sampled()
+    } else {
+        sampling.root.keeps(parent.trace_id())
+    };
+    keep.then(|| Sampled {
+        parent: Some(Context::new().with_remote_span_context(parent)),
+    })
+}
+
+/// A call [`sample`] decided to trace.
+#[derive(Debug)]
+pub struct Sampled {
+    /// The caller's context when it sent a valid `traceparent`; `None` for
+    /// a trace that starts here.
+    pub parent: Option<Context>,
+}
+
+/// The caller's span from a request's `traceparent` and `tracestate`, or
+/// `None` without a valid one.
+fn remote_parent(headers: &HeaderMap) -> Option<SpanContext> {
     let traceparent = headers.get("traceparent")?.to_str().ok()?;
     let (trace_id, span_id, flags) = parse_traceparent(traceparent)?;
     // A bad `tracestate` is dropped, not the parent (W3C Trace Context).
@@ -224,8 +369,7 @@ pub fn parent(headers: &HeaderMap) -> Option<Context> {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<TraceState>().ok())
         .unwrap_or_default();
-    let context = SpanContext::new(trace_id, span_id, flags, true, state);
-    Some(Context::new().with_remote_span_context(context))
+    Some(SpanContext::new(trace_id, span_id, flags, true, state))
 }
 
 /// The trace id, parent id and flags of a `traceparent` as W3C Trace
@@ -389,9 +533,7 @@ mod tests {
     #[test]
     fn only_a_valid_traceparent_is_a_parent() {
         let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let cx = parent(&headers(valid)).expect("a valid traceparent");
-        let span = cx.span();
-        let span_context = span.span_context();
+        let span_context = remote_parent(&headers(valid)).expect("a valid traceparent");
         assert_eq!(
             span_context.trace_id().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -408,8 +550,108 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
         ] {
-            assert!(parent(&headers(malformed)).is_none(), "{malformed:?}");
+            assert!(
+                remote_parent(&headers(malformed)).is_none(),
+                "{malformed:?}"
+            );
         }
-        assert!(parent(&HeaderMap::new()).is_none());
+        assert!(remote_parent(&HeaderMap::new()).is_none());
+    }
+
+    /// The SDK's sampler of OTEL_TRACES_SAMPLER's name, to compare with.
+    fn sdk_sampler(settings: &TraceSettings) -> Sampler {
+        let ratio = || Sampler::TraceIdRatioBased(settings.ratio);
+        match settings.sampler {
+            TraceSampler::AlwaysOn => Sampler::AlwaysOn,
+            TraceSampler::AlwaysOff => Sampler::AlwaysOff,
+            TraceSampler::TraceIdRatio => ratio(),
+            TraceSampler::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            TraceSampler::ParentBasedAlwaysOff => {
+                Sampler::ParentBased(Box::new(Sampler::AlwaysOff))
+            }
+            TraceSampler::ParentBasedTraceIdRatio => Sampler::ParentBased(Box::new(ratio())),
+        }
+    }
+
+    fn settings(sampler: TraceSampler, ratio: f64) -> TraceSettings {
+        TraceSettings {
+            endpoint: String::new(),
+            service_name: String::new(),
+            sampler,
+            ratio,
+            max_queue: 1,
+        }
+    }
+
+    /// The decisions made before a span exists are the SDK samplers': the
+    /// same answer for every trace id, parent or none.
+    #[test]
+    fn sampling_decides_as_the_sdk_samplers() {
+        use opentelemetry::trace::SpanKind;
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+        let ids = RandomIdGenerator::default();
+        for (sampler, ratio) in [
+            (TraceSampler::AlwaysOn, 1.0),
+            (TraceSampler::AlwaysOff, 1.0),
+            (TraceSampler::TraceIdRatio, 0.3),
+            (TraceSampler::TraceIdRatio, 0.0),
+            (TraceSampler::TraceIdRatio, 1.0),
+            (TraceSampler::ParentBasedAlwaysOn, 1.0),
+            (TraceSampler::ParentBasedAlwaysOff, 1.0),
+            (TraceSampler::ParentBasedTraceIdRatio, 0.3),
+        ] {
+            let settings = settings(sampler, ratio);
+            let sdk = sdk_sampler(&settings);
+            let ours = settings.sampling();
+            for flags in [TraceFlags::SAMPLED, TraceFlags::default()] {
+                for _ in 0..200 {
+                    let trace_id = ids.new_trace_id();
+                    let parent = SpanContext::new(
+                        trace_id,
+                        ids.new_span_id(),
+                        flags,
+                        true,
+                        TraceState::default(),
+                    );
+                    let cx = Context::new().with_remote_span_context(parent.clone());
+                    let sdk_keeps = sdk
+                        .should_sample(Some(&cx), trace_id, "rpc", &SpanKind::Server, &[], &[])
+                        .decision
+                        == SamplingDecision::RecordAndSample;
+                    let ours_keeps = if ours.parent_based {
+                        parent.is_sampled()
+                    } else {
+                        ours.root.keeps(trace_id)
+                    };
+                    assert_eq!(ours_keeps, sdk_keeps, "{sampler:?} {ratio} {flags:?}");
+                    // And as a root: the same trace id, no parent.
+                    let sdk_root = sdk
+                        .should_sample(None, trace_id, "rpc", &SpanKind::Server, &[], &[])
+                        .decision
+                        == SamplingDecision::RecordAndSample;
+                    assert_eq!(ours.root.keeps(trace_id), sdk_root, "{sampler:?} {ratio}");
+                }
+            }
+        }
+    }
+
+    /// The trace ids of traces that start here are ones the ratio sampler
+    /// keeps, so a trace-id ratio sampler further on keeps them too.
+    #[test]
+    fn root_trace_ids_are_ones_the_ratio_keeps() {
+        for ratio in [0.01, 0.5, 0.9] {
+            let root = settings(TraceSampler::ParentBasedTraceIdRatio, ratio)
+                .sampling()
+                .root;
+            let ids = RootIds {
+                random: RandomIdGenerator::default(),
+                root,
+            };
+            let drawn: Vec<TraceId> = (0..1000).map(|_| ids.new_trace_id()).collect();
+            assert!(drawn.iter().all(|id| root.keeps(*id)), "{ratio}");
+            // Still random: no two alike.
+            let distinct: std::collections::HashSet<_> = drawn.iter().collect();
+            assert_eq!(distinct.len(), drawn.len());
+        }
     }
 }

@@ -254,6 +254,67 @@ async fn a_malformed_traceparent_starts_a_new_trace() {
     assert_ne!(root.trace_id, child_span.trace_id);
 }
 
+/// The sample is decided before any span is made: a call the sampler
+/// drops (a caller's unsampled `traceparent` under a parent-based sampler;
+/// no `traceparent` at ratio 0) exports no span at all, neither its own nor
+/// its Redis operation's, while a sampled caller's call exports both.
+#[tokio::test]
+async fn an_unsampled_call_exports_no_span() {
+    let redis = PrivateRedis::start();
+    let collector = Collector::start().await;
+    let mut settings = traced(&collector.endpoint);
+    settings.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"));
+    settings.push(("OTEL_TRACES_SAMPLER_ARG", "0"));
+    let (child, addr, _logs) = spawn_server(&redis.url(), &settings);
+    let _server = Running(child);
+    let mut stub = SessionStoreClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let get = |traceparent: Option<&str>| {
+        let mut request = tonic::Request::new(GetSessionRequest {
+            token_id: "t".into(),
+            user_id: "u".into(),
+        });
+        if let Some(traceparent) = traceparent {
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.parse().unwrap());
+        }
+        request
+    };
+
+    let unsampled = "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    stub.get_session(get(Some(unsampled))).await.unwrap();
+    stub.get_session(get(None)).await.unwrap();
+    let sampled = "00-6bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    stub.get_session(get(Some(sampled))).await.unwrap();
+    let (_, server_span) = collector
+        .span(EXPORTED_WITHIN, |span| {
+            hex(&span.trace_id) == "6bf92f3577b34da6a3ce929d0e0e4736"
+                && is_get_session_server_span(span)
+        })
+        .await
+        .expect("no server span for the sampled caller");
+    collector
+        .span(EXPORTED_WITHIN, |span| {
+            span.parent_span_id == server_span.span_id && span.kind == ProtoKind::Client as i32
+        })
+        .await
+        .expect("no Redis span under the sampled call");
+    // The calls before it were answered first, and their spans, had there
+    // been any, would have ended first: every span exported is the
+    // sampled call's.
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    for (_, span) in &spans {
+        assert_eq!(
+            hex(&span.trace_id),
+            "6bf92f3577b34da6a3ce929d0e0e4736",
+            "{span:?}"
+        );
+    }
+}
+
 /// A collector that accepts connections and never answers: calls keep
 /// their latency (export never makes a call wait), the spans that do not
 /// fit the export queue are dropped and counted, and SIGTERM still stops

@@ -1,7 +1,9 @@
 //! One store operation, [`Op`]: the connection it uses ([`Link`], pooled or
 //! cluster), the deadline that bounds all its round trips, and its Redis
 //! latency histogram ([`OpDurations`]), and, with traces on, its span
-//! (a child of the RPC's: see [`crate::trace`]). `connection` makes them.
+//! (a child of the RPC's, only for a sampled RPC: see [`crate::trace`]; on
+//! a cluster it names the slot of the operation's key, see [`key_slot`] for
+//! why not its master). `connection` makes them.
 
 use std::{
     sync::{
@@ -122,18 +124,24 @@ pub(super) struct Op {
 }
 
 /// The span of store operation `name`, child of the current span (the
-/// RPC's). Disabled when traces are off, and for operations outside any
-/// RPC (readiness checks, the revocation subscriber's heartbeats), which
-/// would otherwise each start a trace of their own. It holds the
-/// operation's name and round trips, never a key: keys hold user and token
-/// ids.
+/// RPC's). Disabled when traces are off, when the RPC is not sampled (it
+/// then has no span: see [`crate::trace::sample`]), and for operations
+/// outside any RPC (readiness checks, the revocation subscriber's
+/// heartbeats), which would otherwise each start a trace of their own. It
+/// holds the operation's name and round trips, and on a cluster the key's
+/// slot, never a key: keys hold user and token ids.
 fn op_span(name: &'static str) -> tracing::Span {
     use tracing::field::Empty;
     if !tracing::enabled!(target: crate::trace::TARGET, tracing::Level::INFO) {
         return tracing::Span::none();
     }
+    // Only an RPC's span is a parent: a span the log wants (another
+    // target's, at a verbose RUST_LOG) is no trace to join.
     let parent = tracing::Span::current();
-    if parent.is_none() {
+    if parent
+        .metadata()
+        .is_none_or(|meta| meta.target() != crate::trace::TARGET)
+    {
         return tracing::Span::none();
     }
     tracing::info_span!(
@@ -147,6 +155,7 @@ fn op_span(name: &'static str) -> tracing::Span {
         db.system.name = "redis",
         db.operation.name = name,
         db.redis.round_trips = Empty,
+        db.redis.slot = Empty,
         "error.type" = Empty,
     )
 }
@@ -174,6 +183,9 @@ impl Op {
     }
 
     pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, Error> {
+        if !self.span.is_disabled() {
+            self.note_slot(key_slot(cmd));
+        }
         let start = std::time::Instant::now();
         let result = timeout_at(self.deadline, cmd.query_async(&mut self.conn)).await;
         self.settle(start, result)
@@ -184,8 +196,30 @@ impl Op {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
         let start = std::time::Instant::now();
-        let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn)).await;
+        if self.span.is_disabled() || !matches!(self.conn, Link::Cluster(_)) {
+            let result = timeout_at(self.deadline, invocation.invoke_async(&mut self.conn)).await;
+            return self.settle(start, result);
+        }
+        // A traced operation on a cluster: the script's keys are known only
+        // to the command redis-rs builds from the invocation, so the slot
+        // is read from that command on its way out.
+        let mut noted = SlotNoted {
+            link: &mut self.conn,
+            slot: None,
+        };
+        let result = timeout_at(self.deadline, invocation.invoke_async(&mut noted)).await;
+        let slot = noted.slot;
+        self.note_slot(slot);
         self.settle(start, result)
+    }
+
+    /// Records in the span the cluster slot the operation's command went
+    /// to (see [`key_slot`]); nothing outside a cluster, where one master
+    /// serves every key.
+    fn note_slot(&self, slot: Option<u16>) {
+        if let (Link::Cluster(_), Some(slot)) = (&self.conn, slot) {
+            self.span.record("db.redis.slot", i64::from(slot));
+        }
     }
 
     /// The masters of a cluster ("host:port", sorted) as redis-rs sees them
@@ -355,6 +389,73 @@ impl Op {
     }
 }
 
+/// The cluster slot of a command's key, for the span of a traced operation:
+/// a script's first key (EVALSHA, EVAL), or the key of the few keyed
+/// commands the store sends outside scripts (DEL, SET, GET). Other commands
+/// (PING, INFO, WAIT, CLUSTER) have no key and so no slot. Every key of
+/// one script shares a hash tag, hence one slot.
+///
+/// Why the slot and not its master: redis-rs 1.8 routes a cluster command
+/// by its own slot map, which its async `ClusterConnection` does not expose
+/// (its public API routes commands; the map and the address a command went
+/// to stay inside), and the reply does not say which node answered. Naming
+/// a master from a map of our own (a `CLUSTER SLOTS` read, as replication
+/// waits keep) could name the wrong one after a failover or a resharding,
+/// or cost a round trip per operation; the slot is exact, and `CLUSTER
+/// SLOTS` (or the collector, joined with it) says which master serves it.
+fn key_slot(cmd: &redis::Cmd) -> Option<u16> {
+    let mut args = cmd.args_iter().filter_map(|arg| match arg {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    let name = args.next()?;
+    let key = if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
+        let _script = args.next()?;
+        let keys = args.next()?;
+        if keys == b"0" {
+            return None;
+        }
+        args.next()?
+    } else if [b"DEL".as_slice(), b"SET", b"GET"]
+        .iter()
+        .any(|keyed| name.eq_ignore_ascii_case(keyed))
+    {
+        args.next()?
+    } else {
+        return None;
+    };
+    std::str::from_utf8(key).ok().map(super::replication::slot)
+}
+
+/// A traced cluster operation's connection: passes each command on, noting
+/// the slot of its key ([`key_slot`]).
+struct SlotNoted<'a> {
+    link: &'a mut Link,
+    slot: Option<u16>,
+}
+
+impl ConnectionLike for SlotNoted<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        if let Some(slot) = key_slot(cmd) {
+            self.slot = Some(slot);
+        }
+        self.link.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.link.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.link.get_db()
+    }
+}
+
 /// The connection one operation uses.
 pub(super) enum Link {
     /// A handle on a pooled multiplexed connection, and the pool's flag for
@@ -426,6 +527,28 @@ mod tests {
             .filter_map(|s| s.get().map(|(name, _)| *name))
             .collect();
         assert_eq!(names, ["get_session", "ping"]);
+    }
+
+    /// A command's slot is its key's: a script's first key, a keyed
+    /// command's key; none for commands without a key.
+    #[test]
+    fn a_command_is_in_its_keys_slot() {
+        let script = redis::Script::new("return 1");
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(script.get_hash())
+            .arg(2)
+            .arg("s:{u1}:t")
+            .arg("s:{u1}:x");
+        let slot = super::super::replication::slot("{u1}");
+        assert_eq!(key_slot(&evalsha), Some(slot));
+        assert_eq!(key_slot(redis::cmd("DEL").arg("s:{u1}:t")), Some(slot));
+        assert_ne!(key_slot(redis::cmd("DEL").arg("s:{u2}:t")), Some(slot));
+        let mut keyless = redis::cmd("EVALSHA");
+        keyless.arg(script.get_hash()).arg(0).arg("arg");
+        assert_eq!(key_slot(&keyless), None);
+        assert_eq!(key_slot(redis::cmd("INFO").arg("memory")), None);
+        assert_eq!(key_slot(&redis::cmd("PING")), None);
     }
 
     /// Every operation name the store passes to `op` has a slot to spare,
