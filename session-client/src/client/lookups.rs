@@ -1,0 +1,224 @@
+//! The reads of [`SessionClient`]: a session by token id (answered by the
+//! near-cache when it may, and filling it), a user's session count and list.
+
+use std::sync::Arc;
+
+use sessionstore::v1 as pb;
+
+#[cfg(doc)]
+use crate::{builder::Builder, error::Error};
+use crate::{
+    error::Result,
+    near_cache::NearCache,
+    types::{self, Session},
+};
+
+use super::SessionClient;
+
+impl SessionClient {
+    /// Looks a session up by token id: `None` when it is expired, revoked or
+    /// unknown. The call to make on every authenticated request.
+    ///
+    /// With the [near-cache](Builder::near_cache) on, a session found before
+    /// may be answered from memory, within the staleness bound stated there.
+    ///
+    /// Retried on transient failures (see [`SessionClient`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `token_id`; [`Error::Unavailable`] or
+    /// [`Error::Overloaded`] once the
+    /// attempts or the budget are used up; [`Error::DeadlineExceeded`],
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let alive = client.get_session("jti-7f3a").await?.is_some();
+    /// # let _ = alive;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn get_session(&self, token_id: impl Into<String>) -> Result<Option<Session>> {
+        self.get(pb::GetSessionRequest {
+            token_id: token_id.into(),
+            user_id: String::new(),
+        })
+        .await
+    }
+
+    /// Looks a session up by token id and its owner (the JWT's `sub`): one
+    /// Redis command instead of two. A session of another user is not found.
+    ///
+    /// With the [near-cache](Builder::near_cache) on, a session found before
+    /// may be answered from memory, within the staleness bound stated there.
+    ///
+    /// Retried on transient failures (see [`SessionClient`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_session`](Self::get_session), and [`Error::InvalidArgument`]
+    /// naming `user_id`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let session = client.get_user_session("user-42", "jti-7f3a").await?;
+    /// # let _ = session;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn get_user_session(
+        &self,
+        user_id: impl Into<String>,
+        token_id: impl Into<String>,
+    ) -> Result<Option<Session>> {
+        self.get(pb::GetSessionRequest {
+            token_id: token_id.into(),
+            user_id: user_id.into(),
+        })
+        .await
+    }
+
+    /// A lookup, answered by the near-cache when it may, else by the server;
+    /// a live answer fills the cache unless a revocation, reset or loss of
+    /// the stream that may concern it arrived while the call was in flight.
+    async fn get(&self, request: pb::GetSessionRequest) -> Result<Option<Session>> {
+        let Some(cache) = self.near_cache() else {
+            return self.fetch(request).await;
+        };
+        let user = (!request.user_id.is_empty()).then_some(request.user_id.as_str());
+        if let Some(session) = cache.lookup(&request.token_id, user) {
+            return Ok(Some(session));
+        }
+        self.fetch_and_fill(cache, request).await
+    }
+
+    /// The server's answer to a lookup the near-cache missed, cached when
+    /// live (unless something that may concern it arrived meanwhile).
+    async fn fetch_and_fill(
+        &self,
+        cache: &Arc<NearCache>,
+        request: pb::GetSessionRequest,
+    ) -> Result<Option<Session>> {
+        let user = (!request.user_id.is_empty()).then_some(request.user_id.as_str());
+        // Registered before the call is sent: see `near_cache`.
+        let fill = cache.begin_fill(&request.token_id, user);
+        let found = self.fetch(request).await?;
+        if let Some(session) = &found {
+            fill.complete(session);
+        }
+        Ok(found)
+    }
+
+    /// [`get_user_session`](Self::get_user_session)'s near-cache lookup
+    /// alone, from borrowed ids: the tower layer's fast path, which needs no
+    /// future and no owned ids when it hits. `None` when the cache is off or
+    /// does not hold the session live (counted as a miss): follow with
+    /// [`get_user_session_uncached`](Self::get_user_session_uncached).
+    #[cfg(feature = "tower")]
+    pub(crate) fn cached_user_session(&self, user_id: &str, token_id: &str) -> Option<Session> {
+        self.near_cache()?.lookup(token_id, Some(user_id))
+    }
+
+    /// [`get_user_session`](Self::get_user_session) after
+    /// [`cached_user_session`](Self::cached_user_session) missed: asks the
+    /// server, and fills the near-cache (when on) with a live answer.
+    #[cfg(feature = "tower")]
+    pub(crate) async fn get_user_session_uncached(
+        &self,
+        user_id: String,
+        token_id: String,
+    ) -> Result<Option<Session>> {
+        let request = pb::GetSessionRequest { token_id, user_id };
+        match self.near_cache() {
+            Some(cache) => self.fetch_and_fill(cache, request).await,
+            None => self.fetch(request).await,
+        }
+    }
+
+    async fn fetch(&self, request: pb::GetSessionRequest) -> Result<Option<Session>> {
+        let response = self
+            .shared
+            .caller
+            .read("GetSession", request, |mut stub, req| async move {
+                stub.get_session(req).await
+            })
+            .await?;
+        response.session.map(types::session_from_proto).transpose()
+    }
+
+    /// Counts a user's live sessions exactly (never an expired or revoked
+    /// one).
+    ///
+    /// Retried on transient failures (see [`SessionClient`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `user_id`; [`Error::Unavailable`] or
+    /// [`Error::Overloaded`] once the
+    /// attempts or the budget are used up; [`Error::DeadlineExceeded`],
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see [`Error::is_retryable`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let devices = client.get_user_session_count("user-42").await?;
+    /// # let _ = devices;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn get_user_session_count(&self, user_id: impl Into<String>) -> Result<u32> {
+        let request = pb::GetUserSessionCountRequest {
+            user_id: user_id.into(),
+        };
+        let response = self
+            .shared
+            .caller
+            .read("GetUserSessionCount", request, |mut stub, req| async move {
+                stub.get_user_session_count(req).await
+            })
+            .await?;
+        Ok(response.count)
+    }
+
+    /// Lists a user's live sessions, newest first (for an "active devices"
+    /// page).
+    ///
+    /// Retried on transient failures (see [`SessionClient`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_user_session_count`](Self::get_user_session_count).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// for session in client.list_user_sessions("user-42").await? {
+    ///     println!("{} from {:?}", session.token_id, session.metadata.get("ip"));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn list_user_sessions(&self, user_id: impl Into<String>) -> Result<Vec<Session>> {
+        let request = pb::ListUserSessionsRequest {
+            user_id: user_id.into(),
+        };
+        let response = self
+            .shared
+            .caller
+            .read("ListUserSessions", request, |mut stub, req| async move {
+                stub.list_user_sessions(req).await
+            })
+            .await?;
+        response
+            .sessions
+            .into_iter()
+            .map(types::session_from_proto)
+            .collect()
+    }
+}
