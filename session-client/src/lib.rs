@@ -39,9 +39,12 @@
 //!
 //! - `builder`: [`Builder`]: the settings (endpoints and DNS discovery,
 //!   timeouts, retries, TLS and mutual TLS, the bearer token, lazy or eager
-//!   connection), checked and assembled into a client.
+//!   connection); `builder::connect` checks them and assembles a client.
 //! - `client`: [`SessionClient`]: one method per RPC, speaking domain types,
-//!   and the near-cache kept true around the calls that concern it.
+//!   and the near-cache kept true around the calls that concern it; the
+//!   methods in one file per area of the API (`client::sessions`: create,
+//!   rotate, extend; `client::lookups`: get, count, list;
+//!   `client::revocations`; `client::login`: the login limiter).
 //! - `call`: the attempt loop: the budget per call, the pick of an endpoint
 //!   per attempt, and the retry decisions (unit-tested there).
 //! - `near_cache`: the opt-in near-cache ([`Builder::near_cache`]): its
@@ -61,10 +64,10 @@
 //! - `trace` (the `otel` feature): the call's and attempts' spans, and the
 //!   `traceparent` each attempt carries.
 //!
-//! A new RPC gets its method in `client`: domain types in and out (with
-//! their conversions in `types`), sent through `Caller::read` when it is
-//! safe to repeat or `Caller::write` when it is not; the retries, deadline
-//! and balancing come with it.
+//! A new RPC gets its method in `client`, in the file of its area: domain
+//! types in and out (with their conversions in `types`), sent through
+//! `Caller::read` when it is safe to repeat or `Caller::write` when it is
+//! not; the retries, deadline and balancing come with it.
 //!
 //! The generated code is re-exported as [`proto`] for anything the typed
 //! client does not cover.
