@@ -1,17 +1,32 @@
 //! The server's configuration: every setting is an environment variable with an
 //! equal command-line flag, parsed and checked once in `main` before listening.
+//!
+//! This file defines the settings ([`Config`]: names, defaults, ranges, help)
+//! and how `Debug` prints them; the rest is one file per step:
+//!
+//! - `values`: how single values parse (the store's and traces' enums, the
+//!   sampler ratio, the key prefix);
+//! - `validate`: the rules across settings ([`Config::validate`]);
+//! - `components`: the typed settings each component is built from
+//!   ([`Config::store_settings`], [`Config::server_settings`],
+//!   [`Config::trace_settings`]).
+//!
+//! Imports point one way: `config` uses the components' settings types, and
+//! no component imports `config`.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf};
 
-use clap::{Parser, ValueEnum, builder::PossibleValue};
+use clap::Parser;
 
-use crate::secret_file;
-use crate::server::{Bounds, DEFAULT_MAX_CONNECTIONS, ReadinessPolicy, ServerSettings, TlsFiles};
-use crate::store::{
-    LimitPolicy, RedisMode, Settings,
-    credentials::{password_from_file, redact_redis_urls},
-};
-use crate::trace::{TraceSampler, TraceSettings};
+use crate::server::DEFAULT_MAX_CONNECTIONS;
+use crate::store::{LimitPolicy, RedisMode, credentials::redact_redis_urls};
+use crate::trace::TraceSampler;
+
+use values::{parse_key_prefix, parse_ratio};
+
+mod components;
+mod validate;
+mod values;
 
 /// The longest SESSION_TTL, SESSION_TTL_MAX and RATE_LIMIT_WINDOW, in
 /// seconds: 365 days. Far below where the store's arithmetic could overflow: a
@@ -28,90 +43,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
-}
-
-// The store's enums are parsed here, not derived in the store, so that the
-// store does not depend on the command-line library. The names, the alias
-// and the help text are those `#[derive(clap::ValueEnum)]` gave them (the
-// variants' doc comments, without their final period), so `--help` and the
-// errors for bad values read as before.
-impl ValueEnum for RedisMode {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Self::Standalone, Self::Cluster, Self::Sentinel]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            Self::Standalone => {
-                PossibleValue::new("standalone").help("One Redis server (REDIS_URL is its URL)")
-            }
-            Self::Cluster => PossibleValue::new("cluster").help(
-                "Redis Cluster (REDIS_URL is a comma-separated list of seed nodes); the \
-                 connection follows MOVED/ASK redirections and failovers itself",
-            ),
-            Self::Sentinel => PossibleValue::new("sentinel").help(
-                "A master found through Redis Sentinel (REDIS_URL is a comma-separated list of \
-                 sentinels, REDIS_SENTINEL_MASTER the master's name); a broken connection is \
-                 replaced by one to whichever master the sentinels name",
-            ),
-        })
-    }
-}
-
-impl ValueEnum for LimitPolicy {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Self::EvictOldest, Self::Reject]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            Self::EvictOldest => PossibleValue::new("evict_oldest")
-                .alias("evict-oldest")
-                .help("Revoke the user's oldest sessions (closest to expiry) to make room"),
-            Self::Reject => {
-                PossibleValue::new("reject").help("Refuse the new session (created = false)")
-            }
-        })
-    }
-}
-
-// The names the OpenTelemetry SDKs give OTEL_TRACES_SAMPLER's values.
-impl ValueEnum for TraceSampler {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[
-            Self::AlwaysOn,
-            Self::AlwaysOff,
-            Self::TraceIdRatio,
-            Self::ParentBasedAlwaysOn,
-            Self::ParentBasedAlwaysOff,
-            Self::ParentBasedTraceIdRatio,
-        ]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            Self::AlwaysOn => PossibleValue::new("always_on").help("Every trace"),
-            Self::AlwaysOff => PossibleValue::new("always_off").help("No trace"),
-            Self::TraceIdRatio => PossibleValue::new("traceidratio")
-                .help("A fraction (OTEL_TRACES_SAMPLER_ARG) of the traces, by trace id"),
-            Self::ParentBasedAlwaysOn => PossibleValue::new("parentbased_always_on")
-                .help("The caller's decision; every trace that starts here"),
-            Self::ParentBasedAlwaysOff => PossibleValue::new("parentbased_always_off")
-                .help("The caller's decision; no trace that starts here"),
-            Self::ParentBasedTraceIdRatio => PossibleValue::new("parentbased_traceidratio")
-                .help("The caller's decision; a fraction of the traces that start here"),
-        })
-    }
-}
-
-/// OTEL_TRACES_SAMPLER_ARG: a fraction from 0 to 1.
-fn parse_ratio(value: &str) -> Result<f64, String> {
-    let ratio: f64 = value.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..=1.0).contains(&ratio) {
-        Ok(ratio)
-    } else {
-        Err("must be from 0 to 1".into())
-    }
 }
 
 /// The SessionStore gRPC server: user sessions and login rate limits in Redis.
@@ -401,182 +332,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Checks the rules that involve more than one setting.
-    ///
-    /// # Errors
-    ///
-    /// A message naming the variables at fault.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.session_ttl > self.session_ttl_max {
-            return Err(format!(
-                "SESSION_TTL ({}) must not exceed SESSION_TTL_MAX ({})",
-                self.session_ttl, self.session_ttl_max
-            ));
-        }
-        if self.session_max_lifetime < self.session_ttl {
-            return Err(format!(
-                "SESSION_MAX_LIFETIME ({}) must be at least SESSION_TTL ({}): every session would \
-                 be cut to its family's end",
-                self.session_max_lifetime, self.session_ttl
-            ));
-        }
-        for url in self.redis_url.split(',').map(str::trim) {
-            if let Err(e) = redis::Client::open(url) {
-                // The redis error never echoes the URL, so no password leaks here.
-                return Err(format!("REDIS_URL is not a valid Redis URL: {e}"));
-            }
-        }
-        if self.redis_mode == RedisMode::Standalone && self.redis_url.contains(',') {
-            return Err("REDIS_URL lists several nodes: set REDIS_MODE=cluster or sentinel".into());
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err("TLS_CERT and TLS_KEY must be set together".into());
-        }
-        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            return Err("TLS_CLIENT_CA needs TLS_CERT and TLS_KEY".into());
-        }
-        let files = [
-            ("TLS_CERT", &self.tls_cert),
-            ("TLS_KEY", &self.tls_key),
-            ("TLS_CLIENT_CA", &self.tls_client_ca),
-            ("AUTH_TOKENS_FILE", &self.auth_tokens_file),
-            ("REDIS_PASSWORD_FILE", &self.redis_password_file),
-            ("REDIS_CA_FILE", &self.redis_ca_file),
-        ];
-        for (variable, path) in files {
-            if let Some(path) = path {
-                secret_file::read(variable, path)?;
-            }
-        }
-        if self.max_connection_age > 0
-            && self.max_connection_age_grace.saturating_mul(1000) < self.request_timeout_ms
-        {
-            return Err(format!(
-                "MAX_CONNECTION_AGE_GRACE ({} s) must be at least REQUEST_TIMEOUT_MS ({} ms), so \
-                 a call in flight when its connection ages out is never cut",
-                self.max_connection_age_grace, self.request_timeout_ms
-            ));
-        }
-        if self.revocation_replica_timeout_ms >= self.redis_timeout_ms {
-            return Err(format!(
-                "REVOCATION_REPLICA_TIMEOUT_MS ({}) must be below REDIS_TIMEOUT_MS ({}), so a \
-                 revocation's wait for its replicas ends within the operation's bound",
-                self.revocation_replica_timeout_ms, self.redis_timeout_ms
-            ));
-        }
-        if self.redis_timeout_ms >= self.request_timeout_ms {
-            return Err(format!(
-                "REDIS_TIMEOUT_MS ({}) must be below REQUEST_TIMEOUT_MS ({}), so Redis trouble is \
-                 reported as UNAVAILABLE before the call's deadline",
-                self.redis_timeout_ms, self.request_timeout_ms
-            ));
-        }
-        Ok(())
-    }
-
-    /// The store's share of the configuration, reading the Redis password and
-    /// CA files.
-    ///
-    /// # Errors
-    ///
-    /// A message naming the variable whose file cannot be read.
-    pub fn store_settings(&self) -> Result<Settings, String> {
-        let redis_password = self
-            .redis_password_file
-            .as_ref()
-            .map(|path| secret_file::read("REDIS_PASSWORD_FILE", path))
-            .transpose()?
-            .map(|bytes| password_from_file(&bytes));
-        let redis_ca_pem = self
-            .redis_ca_file
-            .as_ref()
-            .map(|path| secret_file::read("REDIS_CA_FILE", path))
-            .transpose()?;
-        Ok(Settings {
-            mode: self.redis_mode,
-            redis_url: self.redis_url.clone(),
-            sentinel_master: self.redis_sentinel_master.clone(),
-            key_prefix: self.key_prefix.clone(),
-            session_ttl: Duration::from_secs(self.session_ttl),
-            session_ttl_max: Duration::from_secs(self.session_ttl_max),
-            session_max_lifetime: Duration::from_secs(self.session_max_lifetime),
-            rotation_grace: Duration::from_millis(self.rotation_grace_ms),
-            max_sessions_per_user: self.max_sessions_per_user,
-            limit_policy: self.session_limit_policy,
-            rate_limit_window: Duration::from_secs(self.rate_limit_window),
-            rate_limit_max_attempts: self.rate_limit_max_attempts,
-            rate_limit_account_max_attempts: self.rate_limit_account_max_attempts,
-            rate_limit_ipv6_prefix: self.rate_limit_ipv6_prefix,
-            rate_limit_device_max_attempts: self.rate_limit_device_max_attempts,
-            login_device_ttl: Duration::from_secs(self.login_device_ttl),
-            login_device_max: self.login_device_max,
-            login_device_lockout_factor: self.login_device_lockout_factor,
-            pool_size: self.redis_pool_size,
-            timeout: Duration::from_millis(self.redis_timeout_ms),
-            revocation_heartbeat: Duration::from_millis(self.revocation_heartbeat_ms),
-            revocation_min_replicas: self.revocation_min_replicas,
-            revocation_replica_timeout: Duration::from_millis(self.revocation_replica_timeout_ms),
-            owner_grace: crate::store::OWNER_GRACE,
-            redis_password,
-            redis_ca_pem,
-            redis_password_file: self.redis_password_file.clone(),
-            redis_ca_file: self.redis_ca_file.clone(),
-        })
-    }
-
-    /// The server's share of the configuration, in the units the server
-    /// uses. Its files (AUTH_TOKENS_FILE, TLS_*) are read by the server when
-    /// it starts, and again when they change.
-    pub fn server_settings(&self) -> ServerSettings {
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: self.tls_client_ca.clone(),
-            }),
-            _ => None,
-        };
-        ServerSettings {
-            health_addr: self.health_addr,
-            health_check_interval: Duration::from_millis(self.health_check_interval_ms),
-            readiness: ReadinessPolicy {
-                allow_eviction: self.redis_allow_eviction,
-                follows_redis: self
-                    .readiness_follows_redis
-                    .then_some(self.readiness_redis_failures),
-            },
-            max_request_bytes: usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX),
-            auth_tokens_file: self.auth_tokens_file.clone(),
-            max_concurrent_requests: usize::try_from(self.max_concurrent_requests)
-                .unwrap_or(usize::MAX),
-            request_timeout: Duration::from_millis(self.request_timeout_ms),
-            max_connection_age: (self.max_connection_age > 0)
-                .then(|| Duration::from_secs(self.max_connection_age)),
-            max_connection_age_grace: Duration::from_secs(self.max_connection_age_grace),
-            shutdown_delay: Duration::from_millis(self.shutdown_delay_ms),
-            tls,
-            bounds: Bounds::with_max_connections(
-                usize::try_from(self.max_connections).unwrap_or(usize::MAX),
-            ),
-        }
-    }
-
-    /// The traces' share of the configuration: `None` (no traces) unless
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is set and not empty.
-    pub fn trace_settings(&self) -> Option<TraceSettings> {
-        let endpoint = self
-            .otel_exporter_otlp_endpoint
-            .as_ref()
-            .filter(|endpoint| !endpoint.trim().is_empty())?;
-        Some(TraceSettings {
-            endpoint: endpoint.clone(),
-            service_name: self.otel_service_name.clone(),
-            sampler: self.otel_traces_sampler,
-            ratio: self.otel_traces_sampler_arg,
-            max_queue: usize::try_from(self.otel_bsp_max_queue_size).unwrap_or(usize::MAX),
-        })
-    }
-
     /// A configuration with every default, for tests and embedding.
     pub fn defaults() -> Self {
         // Parsing no arguments and no environment cannot fail: every field
@@ -703,19 +458,12 @@ impl fmt::Debug for Config {
     }
 }
 
-fn parse_key_prefix(value: &str) -> Result<String, String> {
-    if value.contains(['{', '}']) {
-        return Err("must not contain '{' or '}'".into());
-    }
-    if value.len() > 128 {
-        return Err("must be at most 128 bytes".into());
-    }
-    Ok(value.to_string())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::store::Settings;
 
     #[test]
     fn cli_definition_is_consistent() {

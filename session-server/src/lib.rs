@@ -34,8 +34,11 @@
 //!   concern per file (sessions, login limiter, connection, credentials,
 //!   revocations). It imports neither `config` nor clap.
 //! - [`error`]: the error type and its single mapping to gRPC codes.
-//! - [`config`]: every setting, from the environment or flags, and the
-//!   typed settings of the server and the store built from them.
+//! - [`config`]: every setting, from the environment or flags (`config.rs`:
+//!   the definitions), how single values parse (`config/values.rs`), the
+//!   rules across settings (`config/validate.rs`), and the typed settings of
+//!   the server, the store and the traces built from them
+//!   (`config/components.rs`).
 
 #![forbid(unsafe_code)]
 
