@@ -161,7 +161,15 @@ async fn racing_extensions_never_leave_a_near_cache_past_redis() {
             let mut writer = writers[(i + round) % 2].clone();
             let token = token.clone();
             calls.push(tokio::spawn(async move {
-                extend_ms(&mut writer, user, &token, ttl_ms).await;
+                // An error (UNAVAILABLE under load) is an outcome the race
+                // may have too: whatever Redis holds after it is the truth.
+                let _ = writer
+                    .extend_session(ExtendSessionRequest {
+                        user_id: user.into(),
+                        token_id: token,
+                        ttl: duration(ttl_ms),
+                    })
+                    .await;
             }));
         }
         match also {
@@ -176,7 +184,7 @@ async fn racing_extensions_never_leave_a_near_cache_past_redis() {
                     ..Default::default()
                 };
                 calls.push(tokio::spawn(async move {
-                    writer.rotate_session(request).await.unwrap();
+                    let _ = writer.rotate_session(request).await;
                 }));
             }
             Also::Revoke => {
