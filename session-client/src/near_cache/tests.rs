@@ -932,7 +932,10 @@ fn a_shortening_on_the_draining_stream_applies() {
     };
     assert!(cache.received(0, old, at));
     assert_eq!(cache.entries.expires_at("a1"), Some(soon));
-    assert!(!in_flight.complete(&a1), "a read from before the shortening");
+    assert!(
+        !in_flight.complete(&a1),
+        "a read from before the shortening"
+    );
     assert_consistent(&cache);
 }
 
