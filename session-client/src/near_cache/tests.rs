@@ -915,7 +915,7 @@ fn a_replacement_takes_over_a_working_stream_without_a_flush() {
 #[test]
 fn a_shortening_on_the_draining_stream_applies() {
     let a1 = in_family("alice", "a1", "f1");
-    let cache = healthy_with(10, &[a1.clone()]);
+    let cache = healthy_with(10, std::slice::from_ref(&a1));
     let in_flight = cache.begin_fill("a1", Some("alice"));
     let at = Instant::now();
     cache.open(1);
