@@ -25,6 +25,7 @@ mod require_session;
 mod revocations;
 mod security;
 mod sessions;
+mod shortening;
 mod streams;
 mod support;
 mod traces;

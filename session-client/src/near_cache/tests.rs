@@ -1015,6 +1015,37 @@ fn a_replacement_takes_over_a_working_stream_without_a_flush() {
     assert_consistent(&cache);
 }
 
+/// A shortened expiry still in flight on the stream a replacement took over
+/// from (published before the replacement's reset) applies while it drains,
+/// as its revocations do: the entry is capped and the token's fill in flight
+/// is lost. (Review of #28: the switch must not drop `shortened`.)
+#[test]
+fn a_shortening_on_the_draining_stream_applies() {
+    let a1 = in_family("alice", "a1", "f1");
+    let cache = healthy_with(10, std::slice::from_ref(&a1));
+    let in_flight = cache.begin_fill("a1", Some("alice"));
+    let at = Instant::now();
+    cache.open(1);
+    assert!(cache.received(1, reset(), at));
+    assert_eq!(cache.roles().draining, Some((0, at + STALENESS)));
+    let soon = SystemTime::now() + Duration::from_secs(2);
+    let old = pb::WatchRevocationsResponse {
+        shortened: vec![pb::ShortenedSession {
+            user_id: "alice".into(),
+            token_id: "a1".into(),
+            expires_at: Some(soon.into()),
+        }],
+        ..Default::default()
+    };
+    assert!(cache.received(0, old, at));
+    assert_eq!(cache.entries.expires_at("a1"), Some(soon));
+    assert!(
+        !in_flight.complete(&a1),
+        "a read from before the shortening"
+    );
+    assert_consistent(&cache);
+}
+
 /// Whatever stops the old stream before its drain is over flushes, since
 /// a revocation in flight on it may be lost: its end (or silence), or a
 /// reset of its own. The new stream keeps the cache healthy.
