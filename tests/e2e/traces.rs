@@ -20,9 +20,11 @@ use sessionstore::v1::{GetSessionRequest, session_store_client::SessionStoreClie
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use session_server::store::RedisMode;
+
 use crate::support::{
     Behaviour, Collector, PrivateRedis, Stub, attribute, caller_tracing, hanging_collector, scrape,
-    spawn_server, string_attribute, unique_prefix,
+    shared_redis_mode, shared_redis_url, spawn_server, string_attribute, unique_prefix,
 };
 
 /// How long a span may take to reach the collector: the server exports
@@ -206,6 +208,89 @@ async fn a_client_call_in_a_span_continues_the_callers_trace_into_redis() {
     assert!(exported.contains("get_session"), "{exported}");
     assert!(!exported.contains(&user), "the user id was exported");
     assert!(!exported.contains(&token), "the token id was exported");
+}
+
+/// The hash slot a Redis Cluster keeps `key` in (CRC16/XMODEM of its
+/// `{tag}`, modulo 16384), as the Cluster specification defines it.
+fn key_slot(key: &str) -> i64 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let len = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (len > 0).then(|| &bytes[open + 1..open + 1 + len])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(bytes) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 == 0 {
+                crc << 1
+            } else {
+                (crc << 1) ^ 0x1021
+            };
+        }
+    }
+    i64::from(crc % 16_384)
+}
+
+/// On Redis Cluster a Redis span names the hash slot its keys live in
+/// (`db.redis.slot`: the user's, by the `{user}` tag); with one master
+/// (standalone, Sentinel) it names none. Runs against the suite's shared
+/// Redis, so the CI's Cluster run checks the slot on a real cluster.
+#[tokio::test]
+async fn the_redis_span_names_the_slot_on_cluster() {
+    assert_eq!(
+        key_slot("123456789"),
+        0x31c3,
+        "the specification's test vector"
+    );
+    let collector = Collector::start().await;
+    let mode = shared_redis_mode();
+    let master = std::env::var("TEST_REDIS_SENTINEL_MASTER").unwrap_or_else(|_| "mymaster".into());
+    let mut env = traced(&collector.endpoint);
+    env.push((
+        "REDIS_MODE",
+        match mode {
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+            RedisMode::Standalone => "standalone",
+        },
+    ));
+    env.push(("REDIS_SENTINEL_MASTER", &master));
+    let (child, addr, _logs) = spawn_server(&shared_redis_url(), &env);
+    let _server = Running(child);
+    let mut stub = SessionStoreClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let user = format!("slotted-{}", unique_prefix().replace(':', ""));
+    stub.get_session(GetSessionRequest {
+        token_id: "t".into(),
+        user_id: user.clone(),
+    })
+    .await
+    .unwrap();
+
+    let (_, span) = collector
+        .span(EXPORTED_WITHIN, |span| {
+            string_attribute(&span.attributes, "db.operation.name").as_deref()
+                == Some("get_session")
+        })
+        .await
+        .expect("no Redis span for the call");
+    let slot = attribute(&span.attributes, "db.redis.slot");
+    if mode == RedisMode::Cluster {
+        assert_eq!(
+            slot,
+            Some(&Value::IntValue(key_slot(&format!("{{{user}}}")))),
+            "{:?}",
+            span.attributes
+        );
+    } else {
+        assert_eq!(
+            slot, None,
+            "one master serves every key: {:?}",
+            span.attributes
+        );
+    }
 }
 
 /// A malformed `traceparent` is no error: the call is answered and its span

@@ -38,7 +38,7 @@ pub(crate) use self::{
     redis::{
         OnNeedle, PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls,
         inspect, login_account_key, pttl, redis_cli, redis_cli_with_password, redis_relay,
-        server_script,
+        server_script, shared_redis_mode, shared_redis_url,
     },
     rpc::{
         Client, count, create, get, gone_within, list, lookups_work_within, record_attempt,
