@@ -13,7 +13,9 @@ use sessionstore::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use crate::support::{TestServer, Topology, count, create, get, redis_cli, revoke, wait_until};
+use crate::support::{
+    TestServer, Topology, count, create, get, redis_cli, revoke, stream_starts, wait_until,
+};
 
 /// Waits until every replica of the master on `port` has acknowledged all of
 /// its writes: what async replication has not shipped, a failover may lose.
@@ -434,25 +436,6 @@ impl Drop for Stopped {
             .args(["-CONT", &self.0])
             .status();
     }
-}
-
-/// The first message of a new stream (its reset) arrives within `limit`.
-async fn stream_starts(
-    client: &mut SessionStoreClient<Channel>,
-    limit: Duration,
-) -> Streaming<WatchRevocationsResponse> {
-    let mut stream = client
-        .watch_revocations(WatchRevocationsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(limit, stream.next())
-        .await
-        .expect("the stream starts although the first node is unusable")
-        .unwrap()
-        .unwrap();
-    assert!(first.reset);
-    stream
 }
 
 /// Cluster: the bus from one master to the subscription's node drops

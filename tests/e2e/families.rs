@@ -21,8 +21,8 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::{
-    Client, TestServer, assert_marker_outlives_reservation, count, create, get, gone_within,
-    inspect, list, revoke, test_config, wait_until,
+    Client, TestServer, assert_marker_outlives_reservation, count, create, found, get, gone_within,
+    inspect, list, revoke, wait_until,
 };
 
 /// How long a test waits for something that takes milliseconds.
@@ -179,15 +179,7 @@ async fn rotation_moves_the_family_to_its_successor() {
 /// in the family.
 #[tokio::test]
 async fn concurrent_rotations_of_one_token_yield_one_successor() {
-    let config = test_config();
-    let servers = [
-        TestServer::start_with(config.clone()).await,
-        TestServer::start_with(config).await,
-    ];
-    let mut clients = Vec::new();
-    for server in &servers {
-        clients.push(server.client().await);
-    }
+    let (_servers, mut clients) = TestServer::pair().await;
     let family = login(&mut clients[0], "cora", "c-0").await.family_id;
     let calls = (0..200).map(|i| {
         let mut client = clients[i % 2].clone();
@@ -259,13 +251,7 @@ async fn reuse_ends_the_family_everywhere() {
     assert_eq!(r.session.unwrap().token_id, "e-2");
     // ...but the near-cache of another client holds e-2 from memory.
     for _ in 0..2 {
-        assert!(
-            cached
-                .get_user_session("reed", "e-2")
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(found(&cached, "reed", "e-2").await);
     }
     let hits = cached.near_cache_stats().unwrap().hits;
     assert!(hits >= 1, "e-2 was not answered from memory");
@@ -347,13 +333,7 @@ async fn a_shortened_expiry_reaches_other_near_caches() {
     let longer = extend(&mut client, "shelly", "sh-1", 1800).await.unwrap();
     assert!(ms(longer.expires_at) > ms(session.expires_at));
     for _ in 0..2 {
-        assert!(
-            cached
-                .get_user_session("shelly", "sh-1")
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(found(&cached, "shelly", "sh-1").await);
     }
     assert!(
         cached.near_cache_stats().unwrap().hits >= 1,

@@ -16,12 +16,12 @@ use std::{
 };
 
 use session_client::SessionClient;
-use sessionstore::v1::{
-    ExtendSessionRequest, RotateSessionRequest, Session, WatchRevocationsRequest,
-};
+use sessionstore::v1::{ExtendSessionRequest, RotateSessionRequest, Session};
 use tokio_stream::StreamExt;
 
-use crate::support::{Client, TestServer, create, get, inspect, revoke, test_config, wait_until};
+use crate::support::{
+    Client, TestServer, create, found, get, inspect, revoke, stream_starts, test_config, wait_until,
+};
 
 /// How long a test waits for something that takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -102,15 +102,7 @@ enum Also {
 /// expiry later than Redis's, and nothing Redis does not hold.
 #[tokio::test]
 async fn racing_extensions_never_leave_a_near_cache_past_redis() {
-    let config = test_config();
-    let servers = [
-        TestServer::start_with(config.clone()).await,
-        TestServer::start_with(config).await,
-    ];
-    let mut writers = Vec::new();
-    for server in &servers {
-        writers.push(server.client().await);
-    }
+    let (servers, mut writers) = TestServer::pair().await;
     let cached = Arc::new(cached_client(servers[0].url()).await);
     let user = "rhea";
     // Session ttl 900 s by default: 850 s is throttled (moves it by less
@@ -140,13 +132,7 @@ async fn racing_extensions_never_leave_a_near_cache_past_redis() {
         assert!(created.created, "{created:?}");
         let family = created.session.unwrap().family_id;
         for _ in 0..2 {
-            assert!(
-                cached
-                    .get_user_session(user, &token)
-                    .await
-                    .unwrap()
-                    .is_some()
-            );
+            assert!(found(&cached, user, &token).await);
         }
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -249,17 +235,7 @@ async fn forged_shortenings_only_cost_a_cache_miss() {
     let server = TestServer::start_with(config.clone()).await;
     let mut client = server.client().await;
     let cached = cached_client(server.url()).await;
-    let mut stream = client
-        .watch_revocations(WatchRevocationsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(PATIENCE, stream.next())
-        .await
-        .expect("the stream starts")
-        .unwrap()
-        .unwrap();
-    assert!(first.reset, "{first:?}");
+    let mut stream = stream_starts(&mut client, PATIENCE).await;
     let channel = format!("{}revocations", config.key_prefix);
     let publish = |payload: String| {
         let config = config.clone();
@@ -272,13 +248,7 @@ async fn forged_shortenings_only_cost_a_cache_miss() {
     for token in ["f-1", "f-2", "f-3"] {
         assert!(create(&mut client, user, token).await.created);
         for _ in 0..2 {
-            assert!(
-                cached
-                    .get_user_session(user, token)
-                    .await
-                    .unwrap()
-                    .is_some()
-            );
+            assert!(found(&cached, user, token).await);
         }
     }
     // f-1 shortened for real to 60 s.
@@ -324,13 +294,7 @@ async fn forged_shortenings_only_cost_a_cache_miss() {
     );
     // f-2 and f-3 were dropped, not ended: the server answers them alive.
     for token in ["f-2", "f-3"] {
-        assert!(
-            cached
-                .get_user_session(user, token)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(found(&cached, user, token).await);
     }
     let stats = cached.near_cache_stats().unwrap();
     assert!(stats.healthy);

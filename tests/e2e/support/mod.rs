@@ -41,8 +41,8 @@ pub(crate) use self::{
         server_script, shared_redis_mode, shared_redis_url,
     },
     rpc::{
-        Client, count, create, get, gone_within, list, lookups_work_within, record_attempt,
-        reset_attempts, revoke, revoke_all,
+        Client, count, create, found, get, gone_within, list, lookups_work_within, record_attempt,
+        reset_attempts, revoke, revoke_all, stream_starts,
     },
     server::{TestServer, config_on, https_url, test_config},
 };

@@ -6,9 +6,11 @@ use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
     ListUserSessionsRequest, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
     ResetLoginAttemptsRequest, ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest,
-    RevokeSessionRequest, Session, session_store_client::SessionStoreClient,
+    RevokeSessionRequest, Session, WatchRevocationsRequest, WatchRevocationsResponse,
+    session_store_client::SessionStoreClient,
 };
-use tonic::transport::Channel;
+use tokio_stream::StreamExt;
+use tonic::{Streaming, transport::Channel};
 
 use super::wait_until;
 
@@ -163,4 +165,34 @@ pub(crate) async fn lookups_work_within(
         async move { client.get_session(request).await.is_ok() }
     })
     .await
+}
+
+/// Whether `client` (a session-client, perhaps answering from its
+/// near-cache) finds `user`'s session `token`.
+pub(crate) async fn found(client: &session_client::SessionClient, user: &str, token: &str) -> bool {
+    client
+        .get_user_session(user, token)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// A new revocation stream, once its first message (a reset) arrived
+/// within `limit`.
+pub(crate) async fn stream_starts(
+    client: &mut Client,
+    limit: Duration,
+) -> Streaming<WatchRevocationsResponse> {
+    let mut stream = client
+        .watch_revocations(WatchRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(limit, stream.next())
+        .await
+        .expect("the stream's first message did not come in time")
+        .unwrap()
+        .unwrap();
+    assert!(first.reset, "{first:?}");
+    stream
 }

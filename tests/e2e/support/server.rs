@@ -81,6 +81,21 @@ impl TestServer {
         Self::start_with(config).await
     }
 
+    /// Two servers sharing one Redis and key prefix (two replicas of one
+    /// deployment), with a client of each.
+    pub(crate) async fn pair() -> ([Self; 2], Vec<super::Client>) {
+        let config = test_config();
+        let servers = [
+            Self::start_with(config.clone()).await,
+            Self::start_with(config).await,
+        ];
+        let mut clients = Vec::new();
+        for server in &servers {
+            clients.push(server.client().await);
+        }
+        (servers, clients)
+    }
+
     /// Starts a server with `config`, listening on a port-0 listener bound
     /// before the server task is spawned (no sleeps, no fixed ports).
     pub(crate) async fn start_with(config: Config) -> Self {
