@@ -2,7 +2,8 @@
 //! compare"): the contract's generated `SessionStore` server whose GetSession
 //! answers one fixed session from memory, under the ids the caller asked
 //! for. No Redis, no layers, no auth, no health or reflection, tonic's
-//! default `Server` settings; every other method is `UNIMPLEMENTED`. What a load generator measures against it is
+//! default `Server` settings; every other method is the generated default,
+//! `UNIMPLEMENTED`. What a load generator measures against it is
 //! what HTTP/2, tonic and protobuf alone cost per call, which SessionStore
 //! cannot go below.
 //!
@@ -22,8 +23,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use sessionstore::v1::{
-    GetSessionRequest, GetSessionResponse, Session, WatchRevocationsRequest,
-    WatchRevocationsResponse,
+    GetSessionRequest, GetSessionResponse, Session,
     session_store_server::{SessionStore, SessionStoreServer},
 };
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
@@ -93,85 +93,6 @@ impl SessionStore for Echo {
                 ..self.session.clone()
             }),
         }))
-    }
-
-    async fn create_session(
-        &self,
-        _request: Request<sessionstore::v1::CreateSessionRequest>,
-    ) -> Result<Response<sessionstore::v1::CreateSessionResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn revoke_session(
-        &self,
-        _request: Request<sessionstore::v1::RevokeSessionRequest>,
-    ) -> Result<Response<sessionstore::v1::RevokeSessionResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn revoke_all_user_sessions(
-        &self,
-        _request: Request<sessionstore::v1::RevokeAllUserSessionsRequest>,
-    ) -> Result<Response<sessionstore::v1::RevokeAllUserSessionsResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn rotate_session(
-        &self,
-        _request: Request<sessionstore::v1::RotateSessionRequest>,
-    ) -> Result<Response<sessionstore::v1::RotateSessionResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn extend_session(
-        &self,
-        _request: Request<sessionstore::v1::ExtendSessionRequest>,
-    ) -> Result<Response<sessionstore::v1::ExtendSessionResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn get_user_session_count(
-        &self,
-        _request: Request<sessionstore::v1::GetUserSessionCountRequest>,
-    ) -> Result<Response<sessionstore::v1::GetUserSessionCountResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn list_user_sessions(
-        &self,
-        _request: Request<sessionstore::v1::ListUserSessionsRequest>,
-    ) -> Result<Response<sessionstore::v1::ListUserSessionsResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn record_login_attempt(
-        &self,
-        _request: Request<sessionstore::v1::RecordLoginAttemptRequest>,
-    ) -> Result<Response<sessionstore::v1::RecordLoginAttemptResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn reset_login_attempts(
-        &self,
-        _request: Request<sessionstore::v1::ResetLoginAttemptsRequest>,
-    ) -> Result<Response<sessionstore::v1::ResetLoginAttemptsResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    async fn forget_login_devices(
-        &self,
-        _request: Request<sessionstore::v1::ForgetLoginDevicesRequest>,
-    ) -> Result<Response<sessionstore::v1::ForgetLoginDevicesResponse>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
-    }
-
-    type WatchRevocationsStream = tokio_stream::Empty<Result<WatchRevocationsResponse, Status>>;
-
-    async fn watch_revocations(
-        &self,
-        _request: Request<WatchRevocationsRequest>,
-    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        Err(Status::unimplemented("echo_floor answers GetSession only"))
     }
 }
 

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else {
         return;
     };
-    match which % 12 {
+    match which % 13 {
         0 => decoded::<pb::CreateSessionRequest>(bytes, create_session),
         1 => decoded::<pb::GetSessionRequest>(bytes, |r| lookup(r.token_id, r.user_id)),
         2 => decoded::<pb::RevokeSessionRequest>(bytes, |r| lookup(r.token_id, r.user_id)),
@@ -48,6 +48,10 @@ fuzz_target!(|data: &[u8]| {
         10 => decoded::<pb::ForgetLoginDevicesRequest>(bytes, |r| {
             // Required: the handler refuses an empty account.
             login_fields(&r.account, "");
+        }),
+        11 => decoded::<pb::RevokeOtherUserSessionsRequest>(bytes, |r| {
+            user(r.user_id);
+            token(r.token_id);
         }),
         // What the handlers send back: stored sessions and verdicts, whose
         // numbers come from Redis rather than from the caller.
@@ -159,11 +163,7 @@ fn create_session(req: pb::CreateSessionRequest) {
 
 /// GetSession and RevokeSession: a required token id and an optional user hint.
 fn lookup(token_id: String, user_id: String) {
-    let token = convert::token_id(token_id.clone());
-    assert_eq!(token.is_ok(), id_ok(&token_id), "{token_id:?}");
-    if let Err(err) = token {
-        assert_refused(err, &["token_id"]);
-    }
+    token(token_id);
     match convert::user_hint(user_id.clone()) {
         Ok(None) => assert!(user_id.is_empty()),
         Ok(Some(user)) => {
@@ -173,6 +173,20 @@ fn lookup(token_id: String, user_id: String) {
         Err(err) => {
             assert!(!user_id.is_empty() && !id_ok(&user_id), "{user_id:?}");
             assert_refused(err, &["user_id"]);
+        }
+    }
+}
+
+/// A required token id.
+fn token(token_id: String) {
+    match convert::token_id(token_id.clone()) {
+        Ok(token) => {
+            assert!(id_ok(&token_id), "{token_id:?}");
+            assert_eq!(token.as_str(), token_id);
+        }
+        Err(err) => {
+            assert!(!id_ok(&token_id), "{token_id:?}");
+            assert_refused(err, &["token_id"]);
         }
     }
 }

@@ -152,6 +152,31 @@ def run(channel):
     )
     check("  and the count is 0", count.count == 0)
 
+    # RevokeOtherUserSessions ("sign out other devices"): a user of its own;
+    # the asking session stays, the two others end, a dead one keeps nothing.
+    other_user = f"py-others-{run_id}"
+    mine, others = f"jti-{run_id}-mine", [f"jti-{run_id}-other-{i}" for i in (1, 2)]
+    for token in [mine, *others]:
+        store.CreateSession(pb.CreateSessionRequest(user_id=other_user, token_id=token),
+                            timeout=DEADLINE)
+    signed_out = store.RevokeOtherUserSessions(
+        pb.RevokeOtherUserSessionsRequest(user_id=other_user, token_id=mine), timeout=DEADLINE
+    )
+    check("RevokeOtherUserSessions kept the asking session and revoked the 2 others",
+          signed_out.kept and signed_out.revoked_count == 2
+          and store.GetSession(pb.GetSessionRequest(token_id=mine),
+                               timeout=DEADLINE).HasField("session")
+          and not any(store.GetSession(pb.GetSessionRequest(token_id=t),
+                                       timeout=DEADLINE).HasField("session") for t in others))
+    dead = store.RevokeOtherUserSessions(
+        pb.RevokeOtherUserSessionsRequest(user_id=other_user, token_id=others[0]),
+        timeout=DEADLINE,
+    )
+    check("  and from a revoked session: kept=false, nothing revoked",
+          not dead.kept and dead.revoked_count == 0
+          and store.GetSession(pb.GetSessionRequest(token_id=mine),
+                               timeout=DEADLINE).HasField("session"))
+
     # RotateSession and ExtendSession: a family of its own (a user of its own,
     # so the counts above are untouched).
     rot_user = f"py-rot-{run_id}"

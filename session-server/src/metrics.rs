@@ -35,7 +35,7 @@ pub const SESSIONS_CREATED: &str = "sessionstore_sessions_created_total";
 /// CreateSession calls that stored nothing, by `reason` (already_exists,
 /// token_taken, token_revoked, limit_reached).
 pub const SESSIONS_REFUSED: &str = "sessionstore_sessions_refused_total";
-/// Sessions revoked, by `how` (single, all).
+/// Sessions revoked, by `how` (single, all, others).
 pub const SESSIONS_REVOKED: &str = "sessionstore_sessions_revoked_total";
 /// Sessions evicted to keep a user under the cap.
 pub const SESSIONS_EVICTED: &str = "sessionstore_sessions_evicted_total";

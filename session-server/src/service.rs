@@ -2,7 +2,7 @@
 //! validate, convert, call the store and convert back.
 
 use sessionstore::v1::{self as pb, session_store_server::SessionStore};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, codegen::BoxStream};
 
 use crate::{
     convert,
@@ -105,6 +105,22 @@ impl SessionStore for SessionService {
         let revoked_count = self.store.revoke_all_user_sessions(&user).await?;
         metrics::counter!(SESSIONS_REVOKED, "how" => "all").increment(u64::from(revoked_count));
         Ok(Response::new(pb::RevokeAllUserSessionsResponse {
+            revoked_count,
+        }))
+    }
+
+    async fn revoke_other_user_sessions(
+        &self,
+        request: Request<pb::RevokeOtherUserSessionsRequest>,
+    ) -> Result<Response<pb::RevokeOtherUserSessionsResponse>, Status> {
+        let request = request.into_inner();
+        let user = convert::user_id(request.user_id)?;
+        let keep = convert::token_id(request.token_id)?;
+        let revoked = self.store.revoke_other_user_sessions(&user, &keep).await?;
+        let revoked_count = revoked.unwrap_or(0);
+        metrics::counter!(SESSIONS_REVOKED, "how" => "others").increment(u64::from(revoked_count));
+        Ok(Response::new(pb::RevokeOtherUserSessionsResponse {
+            kept: revoked.is_some(),
             revoked_count,
         }))
     }
@@ -236,14 +252,12 @@ impl SessionStore for SessionService {
         Ok(Response::new(pb::ForgetLoginDevicesResponse { forgotten }))
     }
 
-    type WatchRevocationsStream = RevocationStream;
-
     async fn watch_revocations(
         &self,
         _request: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        Ok(Response::new(RevocationStream::new(
+    ) -> Result<Response<BoxStream<pb::WatchRevocationsResponse>>, Status> {
+        Ok(Response::new(Box::pin(RevocationStream::new(
             self.store.watch_revocations(),
-        )))
+        ))))
     }
 }

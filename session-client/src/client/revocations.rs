@@ -172,6 +172,69 @@ impl SessionClient {
             .await;
         Ok(result?.revoked_count)
     }
+
+    /// Revokes every live session of a user but one ("sign out other
+    /// devices"): `token_id`, usually the caller's own session, and its
+    /// family (a rotation of it racing the call) go on. Returns how many
+    /// sessions were revoked, or `None` when `token_id` is not a live session
+    /// of the user (expired, revoked, unknown or another user's): then
+    /// nothing was revoked. Once it returns, no other session of the user
+    /// that existed before the call is valid, nor found in this client's
+    /// [near-cache](Builder::near_cache), which drops every session of the
+    /// user around the call (the kept one is fetched again); see
+    /// [`revoke_session`](Self::revoke_session) for other clients'.
+    ///
+    /// Retried only when the server provably never processed the request
+    /// (see [`SessionClient`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming `user_id` or `token_id`;
+    /// [`Error::Unavailable`], [`Error::Overloaded`],
+    /// [`Error::DeadlineExceeded`] (some or all may have been revoked),
+    /// [`Error::Unauthenticated`], [`Error::Other`]; see
+    /// [`Error::is_retryable`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// match client.revoke_other_user_sessions("user-42", "jti-7f3a").await? {
+    ///     Some(ended) => println!("signed out {ended} other sessions"),
+    ///     None => println!("this session has ended: sign in again"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn revoke_other_user_sessions(
+        &self,
+        user_id: impl Into<String>,
+        token_id: impl Into<String>,
+    ) -> Result<Option<u32>> {
+        let request = pb::RevokeOtherUserSessionsRequest {
+            user_id: user_id.into(),
+            token_id: token_id.into(),
+        };
+        // Which sessions end is known only to the server: every cached
+        // session of the user is dropped, the kept one too (it is fetched
+        // again), as for `revoke_all_user_sessions`.
+        let revocation = Revocation {
+            user_id: request.user_id.clone(),
+            token_id: None,
+            revoked_at: None,
+        };
+        let _forget = self.forget_around(revocation);
+        let result = self
+            .shared
+            .caller
+            .write(
+                "RevokeOtherUserSessions",
+                request,
+                |mut stub, req| async move { stub.revoke_other_user_sessions(req).await },
+            )
+            .await?;
+        Ok(result.kept.then_some(result.revoked_count))
+    }
 }
 
 /// Applies its revocation to the near-cache when dropped; see

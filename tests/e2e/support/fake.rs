@@ -351,15 +351,13 @@ macro_rules! fake_session_store {
                 }
             )*
 
-            type WatchRevocationsStream = RevocationStream;
-
             async fn watch_revocations(
                 &self,
                 request: Request<pb::WatchRevocationsRequest>,
-            ) -> Result<Response<RevocationStream>, Status> {
+            ) -> Result<Response<tonic::codegen::BoxStream<pb::WatchRevocationsResponse>>, Status> {
                 let state = &self.0;
                 state.record("WatchRevocations", &request);
-                Ok(Response::new(state.watch(request).await?))
+                Ok(Response::new(Box::pin(state.watch(request).await?)))
             }
         }
     };

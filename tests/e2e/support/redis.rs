@@ -357,6 +357,10 @@ pub(crate) enum OnNeedle {
     /// it: the connection stays open and Redis never answers, as a Redis
     /// that stalls on that one command would.
     Hold,
+    /// Every such command, and what its connection sends after it, reaches
+    /// Redis this much later: a window between two round trips of one call,
+    /// held open for another call to land in.
+    Delay(Duration),
 }
 
 /// A TCP relay to the Redis on `target`, doing `on` with the commands that
@@ -389,6 +393,9 @@ pub(crate) async fn redis_relay(target: u16, needle: String, on: OnNeedle) -> St
                         let hit = buf[..n]
                             .windows(needle.len())
                             .any(|w| w == needle.as_bytes());
+                        if let (true, OnNeedle::Delay(delay)) = (hit, on) {
+                            tokio::time::sleep(delay).await;
+                        }
                         if hit && on == OnNeedle::Hold {
                             // Neither this nor what follows reaches Redis;
                             // the connection stays open.
@@ -398,7 +405,10 @@ pub(crate) async fn redis_relay(target: u16, needle: String, on: OnNeedle) -> St
                         if upstream_write.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
-                        if hit && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        if hit
+                            && on == OnNeedle::CutAfterFirst
+                            && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+                        {
                             // Redis runs it; its answer never comes back.
                             cut_up.notify_one();
                             return;
