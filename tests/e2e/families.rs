@@ -1012,6 +1012,35 @@ async fn the_client_rotates_and_its_near_cache_drops_the_old_session() {
     assert!(extended.expires_at > next.expires_at);
 }
 
+/// The client's "sign out other devices": `Some` with how many ended, the
+/// kept session still answered and the others no longer (its near-cache
+/// held all three), and `None` from a session that is not live.
+#[tokio::test]
+async fn the_client_signs_out_other_devices() {
+    let server = TestServer::start().await;
+    let client = SessionClient::builder(server.url())
+        .near_cache(1000)
+        .connect()
+        .await
+        .unwrap();
+    for token in ["dv-1", "dv-2", "dv-3"] {
+        let created = client
+            .create_session_with(session_client::NewSession::new("dev", token))
+            .await
+            .unwrap();
+        assert!(created.session.is_some(), "{token}");
+        assert!(found(&client, "dev", token).await, "{token}");
+    }
+    let ended = client.revoke_other_user_sessions("dev", "dv-1").await;
+    assert_eq!(ended.unwrap(), Some(2));
+    assert!(!found(&client, "dev", "dv-2").await);
+    assert!(!found(&client, "dev", "dv-3").await);
+    assert!(found(&client, "dev", "dv-1").await);
+    let dead = client.revoke_other_user_sessions("dev", "dv-2").await;
+    assert_eq!(dead.unwrap(), None);
+    assert!(found(&client, "dev", "dv-1").await);
+}
+
 /// Found by review: a token id this user reserved before, whose session
 /// simply expired, is taken for a rotation (it was a token id); and a
 /// revocation following a rotated-away token's marker revokes the successor
