@@ -273,6 +273,25 @@ async fn logout_and_logout_everywhere() {
     assert_401(&refresh(addr, &laptop.refresh).await, "session_ended");
 }
 
+/// "Sign out other devices": the phone ends the laptop's session (its access
+/// and refresh credentials stop working) and keeps its own, refresh included.
+#[tokio::test]
+async fn logout_others_keeps_this_device() {
+    let server = TestServer::start_with(server_config()).await;
+    let (addr, _client, _serving) = auth_service(&server).await;
+    let laptop = Browser::new(addr).logged_in("bob", "builder").await;
+    let phone = Browser::new(addr).logged_in("bob", "builder").await;
+
+    let ended = post(addr, "/logout-others", &phone.access).await;
+    assert_eq!(ended.status, 200, "{ended:?}");
+    assert_eq!(ended.json()["ended"], 1);
+    assert_eq!(get(addr, "/me", &laptop.access).await.status, 401);
+    assert_401(&refresh(addr, &laptop.refresh).await, "session_ended");
+    assert_eq!(get(addr, "/me", &phone.access).await.status, 200);
+    let refreshed = refresh(addr, &phone.refresh).await;
+    assert_eq!(refreshed.status, 200, "{refreshed:?}");
+}
+
 /// An attacker guessing passwords locks the account for every browser
 /// without a device cookie (429 with Retry-After, the owner's new browser
 /// included), while the owner's browser with its cookie still logs in.

@@ -74,6 +74,7 @@ pub async fn connect(config: &Config) -> session_client::Result<SessionClient> {
 /// POST /refresh             {refresh_token}     -> tokens
 /// POST /logout              Bearer access token -> 204
 /// POST /logout-everywhere   Bearer, live session -> {ended}
+/// POST /logout-others       Bearer, live session -> {ended}
 /// GET  /sessions            Bearer, live session -> the user's devices
 /// GET  /me                  Bearer, live session -> who and which session
 /// ```
@@ -95,6 +96,7 @@ pub fn router(config: Config, client: SessionClient) -> Router {
         .route("/me", get(routes::me))
         .route("/sessions", get(routes::sessions))
         .route("/logout-everywhere", post(routes::logout_everywhere))
+        .route("/logout-others", post(routes::logout_others))
         .layer(require_session)
         .layer(verify_jwt.clone());
     // Logout needs a valid JWT, not a live session: logging out twice, or

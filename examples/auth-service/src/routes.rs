@@ -231,6 +231,25 @@ pub async fn logout_everywhere(
     }
 }
 
+/// `POST /logout-others`: ends every other session of the caller's user
+/// ("sign out other devices"); the caller's own session, and its refresh
+/// credential, go on.
+pub async fn logout_others(
+    State(state): State<AppState>,
+    Extension(claims): Extension<Claims>,
+) -> Response {
+    match state
+        .client
+        .revoke_other_user_sessions(&claims.sub, &claims.jti)
+        .await
+    {
+        Ok(Some(ended)) => Json(serde_json::json!({ "ended": ended })).into_response(),
+        // Ended between the session check and this call.
+        Ok(None) => problem(StatusCode::UNAUTHORIZED, "session_ended"),
+        Err(err) => unavailable(&err),
+    }
+}
+
 /// One device in `GET /sessions`. No ids: token and family ids are secrets.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Device {
