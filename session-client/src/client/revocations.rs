@@ -125,6 +125,17 @@ impl SessionClient {
         Some(ForgetOnDrop { cache, revocation })
     }
 
+    /// [`forget_around`](Self::forget_around) for every cached session of
+    /// `user_id`: no `revoked_at`, so those created after the call are
+    /// dropped too (they are fetched again).
+    fn forget_user_around(&self, user_id: &str) -> Option<ForgetOnDrop> {
+        self.forget_around(Revocation {
+            user_id: user_id.to_owned(),
+            token_id: None,
+            revoked_at: None,
+        })
+    }
+
     /// Revokes every live session of a user ("sign out everywhere"); returns
     /// how many there were. Once it returns, no session of the user that
     /// existed before the call is valid, nor found in this client's
@@ -153,14 +164,7 @@ impl SessionClient {
         let request = pb::RevokeAllUserSessionsRequest {
             user_id: user_id.into(),
         };
-        // No revoked_at: every cached session of the user is dropped, those
-        // created after the call too (they are fetched again).
-        let revocation = Revocation {
-            user_id: request.user_id.clone(),
-            token_id: None,
-            revoked_at: None,
-        };
-        let _forget = self.forget_around(revocation);
+        let _forget = self.forget_user_around(&request.user_id);
         let result = self
             .shared
             .caller
@@ -215,15 +219,9 @@ impl SessionClient {
             user_id: user_id.into(),
             token_id: token_id.into(),
         };
-        // Which sessions end is known only to the server: every cached
-        // session of the user is dropped, the kept one too (it is fetched
-        // again), as for `revoke_all_user_sessions`.
-        let revocation = Revocation {
-            user_id: request.user_id.clone(),
-            token_id: None,
-            revoked_at: None,
-        };
-        let _forget = self.forget_around(revocation);
+        // Which sessions end is known only to the server: the kept one is
+        // dropped too, and fetched again.
+        let _forget = self.forget_user_around(&request.user_id);
         let result = self
             .shared
             .caller
