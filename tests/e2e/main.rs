@@ -22,6 +22,7 @@ mod process;
 mod properties;
 mod rate_limit;
 mod require_session;
+mod review_others;
 mod revocations;
 mod security;
 mod sessions;
