@@ -84,6 +84,71 @@ async fn direct_and_held(
     (direct, held)
 }
 
+/// FINDING (both devices signed out): two devices of one user press "sign
+/// out other devices" at once. Each call reads its kept session live, then
+/// revokes the index it reads afterwards, which holds the other's kept
+/// session: both answer `kept`, and the user has no session left. No order
+/// of the two calls gives that (the second would find its session revoked
+/// and answer `kept = false`, or the first would have left the second's
+/// kept session alone): the check of the kept session and the revocation
+/// are not one step.
+#[tokio::test]
+async fn two_devices_signing_out_each_other_leave_one_of_them() {
+    let redis = PrivateRedis::start();
+    let (direct, held) = direct_and_held(&redis, "ZRANGE", |_| {}).await;
+    let mut client = direct.client().await;
+    for token in ["tw-1", "tw-2", "tw-3"] {
+        login(&mut client, "twin", token).await;
+    }
+
+    let mut asking = held.client().await;
+    let first = tokio::spawn(async move { revoke_others(&mut asking, "twin", "tw-1").await });
+    // The held call has read tw-1 (live); its index read waits in the relay.
+    tokio::time::sleep(HELD / 4).await;
+    let second = revoke_others(&mut client, "twin", "tw-2").await;
+    assert_eq!((second.kept, second.revoked_count), (true, 2), "tw-1, tw-3");
+    let first = first.await.unwrap();
+
+    let live = list(&mut client, "twin").await;
+    assert!(
+        !(first.kept && second.kept && live.is_empty()),
+        "both calls answered kept, yet no session is live: {first:?} {second:?}"
+    );
+}
+
+/// FINDING (same cause): "sign out other devices" from the oldest session
+/// while a new login at MAX_SESSIONS_PER_USER evicts that oldest session.
+/// The call answers `kept`, the new login (which evicted it) is revoked by
+/// it, and the user is left with no session at all; in either order the
+/// user keeps one (the call first: the kept one and the new login; the
+/// login first: the new login, and the call answers `kept = false`).
+#[tokio::test]
+async fn an_eviction_at_the_cap_racing_the_call_never_leaves_the_user_without_a_session() {
+    let redis = PrivateRedis::start();
+    let (direct, held) = direct_and_held(&redis, "ZRANGE", |c| c.max_sessions_per_user = 2).await;
+    let mut client = direct.client().await;
+    login(&mut client, "cap", "c-1").await;
+    login(&mut client, "cap", "c-2").await;
+
+    let mut asking = held.client().await;
+    let call = tokio::spawn(async move { revoke_others(&mut asking, "cap", "c-1").await });
+    tokio::time::sleep(HELD / 4).await;
+    let created = create(&mut client, "cap", "c-3").await;
+    assert!(created.created, "{created:?}");
+    assert_eq!(
+        get(&mut client, "c-1", "cap").await,
+        None,
+        "the oldest was evicted"
+    );
+    let call = call.await.unwrap();
+
+    let live = list(&mut client, "cap").await;
+    assert!(
+        !(call.kept && live.is_empty()),
+        "the call answered kept, yet no session is live: {call:?}"
+    );
+}
+
 /// Held (not covered elsewhere): the call racing RevokeAllUserSessions,
 /// RevokeSession of the kept session and itself (same kept session) on
 /// separate connections, many rounds: whatever the order, nothing of the
