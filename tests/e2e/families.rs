@@ -1190,13 +1190,31 @@ async fn revoking_the_others_of_a_dead_session_revokes_nothing() {
 /// session ends.
 #[tokio::test]
 async fn a_rotation_of_the_kept_session_inside_the_call_keeps_its_successor() {
+    kept_session_rotated_while_held("ZRANGE").await;
+}
+
+/// The later window: the others are read, then (the revocation's script held
+/// back) the kept session is rotated; the script's guard finds it gone and
+/// ends nothing, and the call starts again keeping the successor.
+#[tokio::test]
+async fn a_rotation_of_the_kept_session_before_the_revocation_restarts_it() {
+    kept_session_rotated_while_held("revoked:{kay}:").await;
+}
+
+/// "Sign out other devices" by k-1 of kay (who also has k-2), through a
+/// server whose commands naming `needle` reach Redis a second late; k-1 is
+/// rotated to k-1b meanwhile through another server. The call keeps k-1b
+/// and ends k-2.
+async fn kept_session_rotated_while_held(needle: &str) {
     let redis = PrivateRedis::start();
     let mut config = config_on(&redis);
+    // Room for the held second on a loaded machine.
+    config.redis_timeout_ms = 5_000;
     let direct = TestServer::start_with(config.clone()).await;
     config.redis_url = redis_relay(
         redis.port,
-        "ZRANGE".into(),
-        OnNeedle::Delay(Duration::from_millis(400)),
+        needle.into(),
+        OnNeedle::Delay(Duration::from_secs(1)),
     )
     .await;
     let relayed = TestServer::start_with(config).await;
@@ -1205,8 +1223,8 @@ async fn a_rotation_of_the_kept_session_inside_the_call_keeps_its_successor() {
     login(&mut client, "kay", "k-2").await;
 
     // Warms the relayed server up (its connections, the scripts it loads,
-    // whatever names ZRANGE on the way), so that only the call's index read
-    // waits below.
+    // whatever names the needle on the way), so that only the call waits
+    // below.
     let mut asking = relayed.client().await;
     login(&mut client, "kay-warm", "kw-1").await;
     login(&mut client, "kay-warm", "kw-2").await;
@@ -1214,8 +1232,8 @@ async fn a_rotation_of_the_kept_session_inside_the_call_keeps_its_successor() {
     assert_eq!((warm.kept, warm.revoked_count), (true, 1));
 
     let call = tokio::spawn(async move { revoke_others(&mut asking, "kay", "k-1").await });
-    // The call has read k-1 (live); its index read waits in the relay.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The call has read k-1 (live) and waits in the relay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let rotated = rotate(&mut client, rotation("kay", &mine.family_id, "k-1", "k-1b")).await;
     assert_eq!(outcome(&rotated), RotateOutcome::Rotated);
     let answer = call.await.unwrap();

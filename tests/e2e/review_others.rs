@@ -448,16 +448,16 @@ async fn a_retry_from_a_rotated_away_token_leaves_its_family_alone() {
     assert!(get(&mut client, "r-3", "rory").await.is_some());
 }
 
-/// Held (not covered elsewhere, deterministic): the window between the
-/// index read and the sessions' read (MGET) held open, while the kept
-/// session is rotated and another session is rotated twice. The other
-/// family's first token is read gone, revoked (nothing live) and followed
-/// through both markers to its current session, which ends; the kept
-/// family's successor is not in the index the call read, and stays live.
+/// Held (deterministic): the window between the index read and the
+/// revocation's script held open, while the kept session is rotated and
+/// another session is rotated twice. The script's guard finds the kept
+/// session gone and ends nothing; the call starts again keeping the
+/// successor, reads the index anew and ends the other family's current
+/// session; the kept family's successor stays live.
 #[tokio::test]
-async fn rotations_between_the_index_read_and_the_sessions_read_are_followed() {
+async fn rotations_between_the_index_read_and_the_revocation_are_followed() {
     let redis = PrivateRedis::start();
-    let (direct, held) = direct_and_held(&redis, "MGET", |_| {}).await;
+    let (direct, held) = direct_and_held(&redis, "revoked:{mona}:", |_| {}).await;
     let mut client = direct.client().await;
     let mine = login(&mut client, "mona", "m-1").await;
     let other = login(&mut client, "mona", "y-1").await;

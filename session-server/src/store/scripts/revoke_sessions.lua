@@ -6,8 +6,9 @@
 -- KEYS[2]   reservations:{<user_id>}   token ids scored by the latest end (ms)
 --                                      a claim may give their reservation
 --                                      (prepare_create.lua)
--- KEYS[3..] for each ARGV[i + 6] in order, two keys: session:{<user_id>}:{<t>}
---           at KEYS[2i + 1] and revoked:{<user_id>}:{<t>} at KEYS[2i + 2]
+-- KEYS[3..] for each ARGV[i + 7] in order, two keys: session:{<user_id>}:{<t>}
+--           at KEYS[2i + 1] and revoked:{<user_id>}:{<t>} at KEYS[2i + 2];
+--           then, when ARGV[7] is set, session:{<user_id>}:{<ARGV[7]>} last
 -- ARGV[1]   how much longer a marker lives than its session, in ms: as much as
 --           a reservation outlives the session it was claimed for
 -- ARGV[2]   SESSION_TTL_MAX in ms: the marker's base for a session key without
@@ -22,10 +23,15 @@
 --           among them
 -- ARGV[5]   the user id
 -- ARGV[6]   empty, or (when following rotations) a JSON array of family ids
---           matching ARGV[7..]: a token counts as live only while its session
+--           matching ARGV[8..]: a token counts as live only while its session
 --           is of that family (the token may have expired and been created
 --           again in another family since its predecessor's marker was written)
--- ARGV[7..] token ids
+-- ARGV[7]   empty, or the token id of the session RevokeOtherUserSessions
+--           keeps: unless that session is live (its key, the last of KEYS),
+--           nothing is revoked, published or written, and the answer is {-1};
+--           so a call answered "kept" had its session live as the others
+--           ended, and two such calls of one user never end each other's
+-- ARGV[8..] token ids
 -- Returns   {revoked, successor, family, successor, family...}: how many of
 --           them were live (their key still existed); nothing is written (or
 --           published) for the others but the removal of stale index entries.
@@ -39,6 +45,10 @@ local now = now_ms()
 local marker = string.format('{"revoked_at_ms":%.0f,"reason":"%s"}', now, ARGV[3])
 local whole_user = ARGV[3] == 'signed_out_everywhere'
 local families = ARGV[6] ~= '' and cjson.decode(ARGV[6]) or nil
+local count = #ARGV - 7
+if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2 * count + 3]) == 0 then
+  return {-1}
+end
 -- The family of a stored session: the layout ends with it and the times, so
 -- the match is anchored at the end, where no metadata can be.
 local function family_of(json)
@@ -54,7 +64,7 @@ local live = {}
 -- Followed tokens whose session now belongs to another family: left alone.
 local foreign = {}
 local cut = now
-for i = 1, #ARGV - 6 do
+for i = 1, count do
   local left = redis.call('PTTL', KEYS[2 * i + 1])
   if left ~= -2 and families then
     local json = redis.call('GET', KEYS[2 * i + 1])
@@ -75,7 +85,7 @@ for i = 1, #ARGV - 6 do
         cut = created
       end
     else
-      redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:revoked:%s:%s', now, ARGV[5], ARGV[i + 6]))
+      redis.call('PUBLISH', ARGV[4], string.format('r:%.0f:revoked:%s:%s', now, ARGV[5], ARGV[i + 7]))
     end
   end
 end
@@ -88,8 +98,8 @@ end
 -- revocation is never half done for want of memory.
 local revoked = 0
 local answer = {0}
-for i = 1, #ARGV - 6 do
-  local token, session, tomb = ARGV[i + 6], KEYS[2 * i + 1], KEYS[2 * i + 2]
+for i = 1, count do
+  local token, session, tomb = ARGV[i + 7], KEYS[2 * i + 1], KEYS[2 * i + 2]
   local left = live[i]
   if foreign[i] then
     -- Another family's session now: not this revocation's to end.
