@@ -14,10 +14,11 @@
 //! allocator's 8-byte header per session.
 //!
 //! A huge page is resident whole from its first byte written, so a chunk is
-//! advised only when the shard's sessions are expected to fill it (the
-//! shard's share of `max_entries` times the mean record so far): a cache
-//! of a few thousand sessions, or the last chunk of a big one, stays in
-//! small pages and costs only what it holds.
+//! advised only when the shard's sessions are expected to fill at least
+//! half of it (the shard's share of `max_entries` times the mean record so
+//! far): a cache of a few thousand sessions, or a big one's last chunk when
+//! little of it would be used, stays in small pages and costs only what it
+//! holds.
 //!
 //! Everything here runs under the shard's lock; no `unsafe` (memmap2's
 //! anonymous maps and `advise` are safe).
@@ -123,11 +124,12 @@ impl Arena {
                 return None;
             }
             let chunk = MmapOptions::new().len(CHUNK).map_anon().ok()?;
-            // Expected to be filled: one huge page instead of 512 small
-            // ones. Advice only: refused (a kernel without THP), the chunk
-            // works as it is.
+            // Expected to be filled at least half: one huge page instead
+            // of 512 small ones, at the cost of at most half a huge page
+            // resident and unused per shard. Advice only: refused (a
+            // kernel without THP), the chunk works as it is.
             let mean = (self.bytes + bytes) / (self.records + 1);
-            if mean * self.expected >= (self.chunks.len() + 1) * CHUNK {
+            if mean * self.expected >= self.chunks.len() * CHUNK + CHUNK / 2 {
                 let _ = chunk.advise(Advice::HugePage);
             }
             self.chunks.push(chunk);
@@ -195,11 +197,71 @@ impl Arena {
         self.bytes -= units * UNIT;
     }
 
-    /// Bytes mapped in huge-page-advised chunks or not, and records held
-    /// (tests).
+    /// Records held (tests).
     #[cfg(test)]
     pub(super) fn records(&self) -> usize {
         self.records + self.large.iter().flatten().count()
+    }
+}
+
+/// A shard's table of slots (`shard.rs`): in memory mapped here and
+/// advised as huge pages once it is a huge page long or more (so a big
+/// cache's probes miss the TLB less, as its sessions' reads do), on the
+/// heap below that (where a huge page would be mostly empty).
+pub(super) enum Table {
+    Heap(Vec<u64>),
+    Mapped(MmapMut),
+}
+
+impl Table {
+    /// `len` empty (0) slots.
+    pub(super) fn new(len: usize) -> Self {
+        let bytes = len * 8;
+        if bytes >= CHUNK
+            && let Ok(map) = MmapOptions::new().len(bytes).map_anon()
+        {
+            // Advice only, as for the chunks.
+            let _ = map.advise(Advice::HugePage);
+            return Self::Mapped(map);
+        }
+        Self::Heap(vec![0; len])
+    }
+
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Self::Heap(slots) => slots.len(),
+            Self::Mapped(map) => map.len() / 8,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slot `at` (below `len`).
+    pub(super) fn get(&self, at: usize) -> u64 {
+        match self {
+            Self::Heap(slots) => slots[at],
+            Self::Mapped(map) => {
+                let mut bytes = [0; 8];
+                bytes.copy_from_slice(&map[at * 8..at * 8 + 8]);
+                u64::from_ne_bytes(bytes)
+            }
+        }
+    }
+
+    pub(super) fn set(&mut self, at: usize, slot: u64) {
+        match self {
+            Self::Heap(slots) => slots[at] = slot,
+            Self::Mapped(map) => map[at * 8..at * 8 + 8].copy_from_slice(&slot.to_ne_bytes()),
+        }
+    }
+
+    /// Slot `at`, emptied.
+    pub(super) fn take(&mut self, at: usize) -> u64 {
+        let slot = self.get(at);
+        self.set(at, 0);
+        slot
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::arena::{Arena, Ref};
+use super::arena::{Arena, Ref, Table};
 use super::entries::{Found, Handle, Serving};
 use super::packed::{Interned, Registry, View, nanos};
 
@@ -45,7 +45,7 @@ const HASH_BITS: u64 = 0xffff_ffff;
 /// session's token id, so a collision costs a read, never an answer).
 pub(super) struct Shard {
     /// A power of two long, or empty; 0 is an empty slot.
-    slots: Vec<u64>,
+    slots: Table,
     pub(super) len: usize,
     /// CLOCK's hand: the next slot eviction looks at.
     hand: usize,
@@ -72,7 +72,7 @@ impl Shard {
     /// share of the cache's bound: see `Arena`).
     pub(super) fn new(expected: usize) -> Self {
         Self {
-            slots: Vec::new(),
+            slots: Table::new(0),
             len: 0,
             hand: 0,
             arena: Arena::new(expected),
@@ -95,7 +95,7 @@ impl Shard {
 
     /// The packed session in slot `at` (taken).
     pub(super) fn record(&self, at: usize) -> Option<&[u8]> {
-        self.arena.get(place(self.slots[at]))
+        self.arena.get(place(self.slots.get(at)))
     }
 
     /// The first slot from `hash`'s home holding that hash whose data
@@ -106,7 +106,7 @@ impl Shard {
         }
         let mut at = self.home(hash);
         loop {
-            let slot = self.slots[at];
+            let slot = self.slots.get(at);
             if slot == 0 {
                 return None;
             }
@@ -154,15 +154,16 @@ impl Shard {
         if user_id.is_some_and(|user| !view.user_is(user)) {
             return Found::Miss;
         }
-        let found = view.session(&self.interned, token_id, user_id);
-        // Written only when it changes: a hit dirties no line it need not.
-        if self.slots[at] & REFERENCED == 0 {
-            self.slots[at] |= REFERENCED;
-        }
-        match found {
+        let found = match view.session(&self.interned, token_id, user_id) {
             Some(session) => Found::Hit(session),
             None => Found::Miss,
+        };
+        // Written only when it changes: a hit dirties no line it need not.
+        let slot = self.slots.get(at);
+        if slot & REFERENCED == 0 {
+            self.slots.set(at, slot | REFERENCED);
         }
+        found
     }
 
     /// Stores a packed session of hash `hash` (with [`TAKEN`]); `false`
@@ -180,10 +181,10 @@ impl Shard {
             self.grow();
         }
         let mut at = self.home(slot);
-        while self.slots[at] != 0 {
+        while self.slots.get(at) != 0 {
             at = (at + 1) & self.mask();
         }
-        self.slots[at] = slot;
+        self.slots.set(at, slot);
         self.len += 1;
     }
 
@@ -191,18 +192,21 @@ impl Shard {
     /// is in its slot: no session is read).
     fn grow(&mut self) {
         let size = (self.slots.len() * 2).max(16);
-        let old = std::mem::replace(&mut self.slots, vec![0; size]);
+        let old = std::mem::replace(&mut self.slots, Table::new(size));
         self.len = 0;
         self.hand = 0;
-        for slot in old.into_iter().filter(|&s| s != 0) {
-            self.place(slot);
+        for at in 0..old.len() {
+            let slot = old.get(at);
+            if slot != 0 {
+                self.place(slot);
+            }
         }
     }
 
     /// Sets the expiry of the session in slot `at` (nanoseconds since 1970
     /// by Redis's clock).
     pub(super) fn set_expires(&mut self, at: usize, expires: u64) {
-        if let Some(data) = self.arena.get_mut(place(self.slots[at])) {
+        if let Some(data) = self.arena.get_mut(place(self.slots.get(at))) {
             View::set_expires(data, expires);
         }
     }
@@ -213,11 +217,11 @@ impl Shard {
     /// of the session packed (for the per-user index).
     pub(super) fn remove(&mut self, mut hole: usize, registry: &mut Registry) -> Box<[u8]> {
         let mask = self.mask();
-        let taken = std::mem::take(&mut self.slots[hole]);
+        let taken = self.slots.take(hole);
         let mut at = hole;
         loop {
             at = (at + 1) & mask;
-            let slot = self.slots[at];
+            let slot = self.slots.get(at);
             if slot == 0 {
                 break;
             }
@@ -225,7 +229,8 @@ impl Shard {
             // (cyclically): then a probe for it starts past the hole.
             let home = self.home(slot);
             if (at.wrapping_sub(home) & mask) >= (at.wrapping_sub(hole) & mask) {
-                self.slots[hole] = std::mem::take(&mut self.slots[at]);
+                let moved = self.slots.take(at);
+                self.slots.set(hole, moved);
                 hole = at;
             }
         }
@@ -247,12 +252,12 @@ impl Shard {
         for _ in 0..2 * n {
             let at = self.hand % n;
             self.hand = at + 1;
-            let slot = self.slots[at];
+            let slot = self.slots.get(at);
             if slot == 0 || keep.is_some_and(|k| same(slot, k)) {
                 continue;
             }
             if slot & REFERENCED != 0 {
-                self.slots[at] &= !REFERENCED;
+                self.slots.set(at, slot & !REFERENCED);
                 continue;
             }
             return Some(self.remove(at, registry));
@@ -263,9 +268,9 @@ impl Shard {
     /// The packed sessions held (tests).
     #[cfg(test)]
     pub(super) fn records(&self) -> impl Iterator<Item = &[u8]> {
-        self.slots
-            .iter()
-            .filter(|&&s| s != 0)
-            .filter_map(|&s| self.arena.get(place(s)))
+        (0..self.slots.len())
+            .map(|at| self.slots.get(at))
+            .filter(|&s| s != 0)
+            .filter_map(|s| self.arena.get(place(s)))
     }
 }
