@@ -10,8 +10,8 @@
 //! `hugetlb=1` tunable made lookups 25-30 % faster). Asking the operator to
 //! set a glibc tunable is not a design; mapping the memory here and
 //! advising it (`MADV_HUGEPAGE`, honoured when the kernel's THP mode is
-//! `madvise` or `always`) gets the same without them. It also drops the
-//! allocator's 8-byte header per session.
+//! `madvise` or `always`) gets the same without them. A record's 4-byte
+//! length replaces the allocator's 8-byte header.
 //!
 //! A huge page is resident whole from its first byte written, so a chunk is
 //! advised only when the shard's sessions are expected to fill at least

@@ -34,15 +34,16 @@ const HASH_BITS: u64 = 0xffff_ffff;
 /// deletion by backward shift, no tombstones) of 8-byte slots, each a
 /// session's hash and its place in the shard's arena of packed sessions.
 ///
-/// Why so small a slot: a lookup reads two places in memory, its slot and
-/// its session, and a random read that misses the processor's caches costs
-/// 200-300 ns on this project's VM (BENCHMARKS.md). With 8-byte slots the
-/// tables of a million sessions take 16-21 MB, which mostly stays in the
-/// last-level cache (the sessions, 170 MB, cannot): so a hit pays about one
-/// read from memory, its session's, in huge pages (`arena.rs`). The slot
-/// keeps 32 bits of the hash, enough that a probe almost never reads a
-/// session that is not the one looked for (and every use compares the
-/// session's token id, so a collision costs a read, never an answer).
+/// A lookup reads two places in memory, its slot and then its session, and
+/// over a million sessions both miss every cache of the processor: about
+/// 180 ns each in huge pages on this project's VM, 220 ns in 4 KiB pages
+/// (BENCHMARKS.md, third pass). So what is kept small is what is read: an
+/// 8-byte slot (a quarter of the table of the 24-byte slots before, 8 MB per
+/// million sessions at the fullest, and in huge pages from 2 MiB: see
+/// `Table`), and the session in one place with no allocator header. The
+/// slot keeps 32 bits of the hash, enough that a probe almost never reads a
+/// session that is not the one looked for (every use compares the session's
+/// token id, so a collision costs a read, never an answer).
 pub(super) struct Shard {
     /// A power of two long, or empty; 0 is an empty slot.
     slots: Table,
