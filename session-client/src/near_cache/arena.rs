@@ -14,11 +14,12 @@
 //! length replaces the allocator's 8-byte header.
 //!
 //! A huge page is resident whole from its first byte written, so a chunk is
-//! advised only when the shard's sessions are expected to fill at least
-//! half of it (the shard's share of `max_entries` times the mean record so
-//! far): a cache of a few thousand sessions, or a big one's last chunk when
-//! little of it would be used, stays in small pages and costs only what it
-//! holds.
+//! advised only when the shard's sessions are expected to fill it (the
+//! shard's share of `max_entries` times the mean record so far): a cache
+//! of a few thousand sessions, or a big one's last chunk, stays in small
+//! pages and costs only what it holds. (Advising a chunk expected half
+//! full cost 5-30 B per session at 100 000-200 000 sessions, for nothing
+//! measurable at a million over 8 shards: BENCHMARKS.md, third pass.)
 //!
 //! Everything here runs under the shard's lock; no `unsafe` (memmap2's
 //! anonymous maps and `advise` are safe).
@@ -124,12 +125,11 @@ impl Arena {
                 return None;
             }
             let chunk = MmapOptions::new().len(CHUNK).map_anon().ok()?;
-            // Expected to be filled at least half: one huge page instead
-            // of 512 small ones, at the cost of at most half a huge page
-            // resident and unused per shard. Advice only: refused (a
-            // kernel without THP), the chunk works as it is.
+            // Expected to be filled: one huge page instead of 512 small
+            // ones. Advice only: refused (a kernel without THP), the chunk
+            // works as it is.
             let mean = (self.bytes + bytes) / (self.records + 1);
-            if mean * self.expected >= self.chunks.len() * CHUNK + CHUNK / 2 {
+            if mean * self.expected >= (self.chunks.len() + 1) * CHUNK {
                 let _ = chunk.advise(Advice::HugePage);
             }
             self.chunks.push(chunk);
@@ -301,6 +301,25 @@ mod tests {
         }
         arena.get_mut(at[3]).expect("held")[0] = 0xff;
         assert_eq!(arena.get(at[3]).expect("held")[0], 0xff);
+    }
+
+    /// A table of a huge page or more is mapped, a smaller one on the heap;
+    /// both keep what is written to each slot, and start empty.
+    #[test]
+    fn tables_small_and_mapped_keep_their_slots() {
+        for len in [16, CHUNK / 8, 2 * CHUNK / 8] {
+            let mut table = Table::new(len);
+            assert_eq!(table.len(), len);
+            assert_eq!(matches!(table, Table::Mapped(_)), len * 8 >= CHUNK);
+            assert!((0..len).all(|at| table.get(at) == 0));
+            for at in [0, 1, len / 2, len - 1] {
+                table.set(at, (at as u64) << 32 | 0xdead_beef);
+            }
+            assert_eq!(table.get(len / 2), ((len / 2) as u64) << 32 | 0xdead_beef);
+            assert_eq!(table.take(len - 1), ((len - 1) as u64) << 32 | 0xdead_beef);
+            assert_eq!(table.get(len - 1), 0);
+            assert_eq!(table.get(2), 0);
+        }
     }
 
     /// Records spill into a second chunk when the first is full.

@@ -206,7 +206,9 @@ impl Entries {
         )?;
         if !shard.insert(handle, &data) {
             // No memory for it: its strings go back, and it is not cached.
-            shard.interned.release(View(&data).shared(), &mut self.registry());
+            shard
+                .interned
+                .release(View(&data).shared(), &mut self.registry());
             return None;
         }
         Some(handle)

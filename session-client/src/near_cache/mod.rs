@@ -117,9 +117,9 @@ use entries::{Entries, Found, Serving};
 pub(crate) use state::Roles;
 use state::{Clock, State};
 
+mod arena;
 #[cfg(feature = "bench-internals")]
 pub mod bench;
-mod arena;
 mod changes;
 mod entries;
 mod packed;

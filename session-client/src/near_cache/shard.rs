@@ -275,3 +275,57 @@ impl Shard {
             .filter_map(|s| self.arena.get(place(s)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        hash::{BuildHasher, RandomState},
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use super::super::packed::pack;
+    use super::*;
+    use crate::types::Session;
+
+    /// A shard big enough that its table moves from the heap into mapped
+    /// memory (`Table::Mapped`) finds every entry as it grows past that,
+    /// and after half of them are removed (backward shifts in the mapped
+    /// table), the other half and none of the removed.
+    #[test]
+    fn a_table_grown_into_mapped_memory_finds_what_it_holds() {
+        let hasher = RandomState::new();
+        let mut registry = Registry::default();
+        let mut shard = Shard::new(120_000);
+        let token = |i: usize| format!("token-{i:08}");
+        let hash = |i: usize| (hasher.hash_one(token(i)) | TAKEN) & !REFERENCED;
+        let n = 110_000;
+        for i in 0..n {
+            let session = Session {
+                user_id: format!("user-{}", i / 5),
+                token_id: token(i),
+                metadata: HashMap::new(),
+                created_at: UNIX_EPOCH + Duration::from_secs(1),
+                expires_at: UNIX_EPOCH + Duration::from_secs(2),
+                family_id: String::new(),
+                family_expires_at: None,
+            };
+            let data =
+                pack(&session, false, &mut shard.interned, &mut registry, &hasher).expect("packs");
+            assert!(shard.insert(hash(i), &data));
+        }
+        assert!(matches!(shard.slots, Table::Mapped(_)));
+        assert_eq!(shard.len, n);
+        assert!((0..n).all(|i| shard.find(hash(i), &token(i)).is_some()));
+        for i in (0..n).step_by(2) {
+            let at = shard.find(hash(i), &token(i)).expect("held");
+            let removed = shard.remove(at, &mut registry);
+            assert_eq!(View(&removed).token(), Some(token(i).as_str()));
+        }
+        assert_eq!(shard.len, n / 2);
+        for i in 0..n {
+            assert_eq!(shard.find(hash(i), &token(i)).is_some(), i % 2 == 1, "{i}");
+        }
+        assert_eq!(shard.records().count(), n / 2);
+    }
+}
