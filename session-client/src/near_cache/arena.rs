@@ -18,8 +18,9 @@
 //! shard's share of `max_entries` times the mean record so far): a cache
 //! of a few thousand sessions, or a big one's last chunk, stays in small
 //! pages and costs only what it holds. (Advising a chunk expected half
-//! full cost 5-30 B per session at 100 000-200 000 sessions, for nothing
-//! measurable at a million over 8 shards: BENCHMARKS.md, third pass.)
+//! full cost about 40 B per session at 100 000-200 000 sessions without
+//! metadata, for nothing measurable at a million: BENCHMARKS.md, third
+//! pass.)
 //!
 //! Everything here runs under the shard's lock; no `unsafe` (memmap2's
 //! anonymous maps and `advise` are safe).

@@ -38,9 +38,8 @@ const HASH_BITS: u64 = 0xffff_ffff;
 /// over a million sessions both miss every cache of the processor: about
 /// 180 ns each in huge pages on this project's VM, 220 ns in 4 KiB pages
 /// (BENCHMARKS.md, third pass). So what is kept small is what is read: an
-/// 8-byte slot (a quarter of the table of the 24-byte slots before, 8 MB per
-/// million sessions at the fullest, and in huge pages from 2 MiB: see
-/// `Table`), and the session in one place with no allocator header. The
+/// 8-byte slot (a third of the 24-byte slots before: 11-21 MB of table per
+/// million sessions, in huge pages from 2 MiB a shard: see `Table`), and the session in one place with no allocator header. The
 /// slot keeps 32 bits of the hash, enough that a probe almost never reads a
 /// session that is not the one looked for (every use compares the session's
 /// token id, so a collision costs a read, never an answer).
