@@ -32,12 +32,22 @@ use std::{
 };
 
 use super::Clock;
-use super::packed::{Interned, Registry, View, nanos, pack};
-use super::shard::{REFERENCED, Shard, Slot, TAKEN};
+use super::packed::{Registry, View, nanos, pack};
+use super::shard::{REFERENCED, Shard, TAKEN};
 use crate::types::Session;
 
-/// The most shards: enough that two threads rarely share one.
+/// The most shards: enough that the threads of a large host rarely meet
+/// on one.
 const MAX_SHARDS: usize = 64;
+/// Shards per core the process may run on. Enough that two threads rarely
+/// want the same shard at once (a lookup holds its shard's lock for a few
+/// hundred nanoseconds), and no more: a shard's table and sessions are in
+/// memory of its own (`arena.rs`), and the fewer the shards, the more of
+/// that memory is in huge pages (a table is one from 2 MiB, a million
+/// sessions' tables over 8 shards; over 64 they are a quarter of that
+/// each): over a million sessions, 1.37 M lookups/s on one thread with 8
+/// shards against 0.93-1.27 M/s with 64 (BENCHMARKS.md, third pass).
+const SHARDS_PER_CORE: usize = 4;
 /// Entries per shard below which fewer shards are used: a small cache keeps
 /// one, so its second-chance order holds across the whole cache.
 const ENTRIES_PER_SHARD: usize = 1024;
@@ -83,6 +93,8 @@ pub(super) struct Entries {
     hasher: RandomState,
     /// Whether sessions keep their metadata (`near_cache_metadata`).
     metadata: bool,
+    /// The sessions a shard is expected to hold: its share of the bound.
+    expected: usize,
     /// The shared metadata strings, once for every shard. Taken after a
     /// shard's lock, only by what changes the sessions (a lookup only to
     /// remove an expired entry, with the state lock, as any removal).
@@ -91,11 +103,21 @@ pub(super) struct Entries {
 
 impl Entries {
     pub(super) fn new(max_entries: usize, metadata: bool) -> Self {
+        // The cores this process may use (its CPU affinity and cgroup
+        // quota); one when that cannot be told.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let most = (cores * SHARDS_PER_CORE)
+            .next_power_of_two()
+            .min(MAX_SHARDS);
         let shards = (max_entries / ENTRIES_PER_SHARD)
             .next_power_of_two()
-            .clamp(1, MAX_SHARDS);
+            .clamp(1, most);
+        let expected = max_entries.div_ceil(shards);
         Self {
-            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(expected)))
+                .collect(),
+            expected,
             hasher: RandomState::new(),
             metadata,
             registry: Mutex::new(Registry::default()),
@@ -182,7 +204,13 @@ impl Entries {
             &mut self.registry(),
             &self.hasher,
         )?;
-        shard.insert(Slot { hash: handle, data });
+        if !shard.insert(handle, &data) {
+            // No memory for it: its strings go back, and it is not cached.
+            shard
+                .interned
+                .release(View(&data).shared(), &mut self.registry());
+            return None;
+        }
         Some(handle)
     }
 
@@ -240,7 +268,7 @@ impl Entries {
         let handle = self.handle(token_id);
         let mut shard = self.shard_for(handle);
         let at = shard.find(handle, token_id)?;
-        if View(&shard.slots[at].data).expires()? > now {
+        if View(shard.record(at)?).expires()? > now {
             return None;
         }
         let data = shard.remove(at, &mut self.registry());
@@ -258,13 +286,13 @@ impl Entries {
         let handle = self.handle(token_id);
         let mut shard = self.shard_for(handle);
         let at = shard.find(handle, token_id)?;
-        let data = &mut shard.slots[at].data;
+        let view = View(shard.record(at)?);
         if let Some((user, expires_at)) = answer
-            && View(data).user_is(user)
+            && view.user_is(user)
             && let Some(answer) = nanos(expires_at)
-            && let Some(cached) = View(data).expires()
+            && let Some(cached) = view.expires()
         {
-            View::set_expires(data, cached.min(answer));
+            shard.set_expires(at, cached.min(answer));
             return None;
         }
         let data = shard.remove(at, &mut self.registry());
@@ -273,17 +301,15 @@ impl Entries {
 
     /// Empties every shard, leaving `serving` in each; what was cached is
     /// handed back to be dropped off the lookups' path ([`Garbage`]).
-    pub(super) fn take_all(&self, serving: Option<Serving>) -> Vec<(Vec<Slot>, Interned)> {
+    pub(super) fn take_all(&self, serving: Option<Serving>) -> Vec<Shard> {
         let taken = (0..self.shards.len())
             .map(|i| {
                 let mut shard = self.shard(i);
-                shard.serving = serving;
-                shard.hand = 0;
-                shard.len = 0;
-                (
-                    std::mem::take(&mut shard.slots),
-                    std::mem::take(&mut shard.interned),
-                )
+                let mut empty = Shard::new(self.expected);
+                empty.serving = serving;
+                empty.hits = shard.hits;
+                empty.misses = shard.misses;
+                std::mem::replace(&mut *shard, empty)
             })
             .collect();
         // The shards' strings go with them; what is interned from now on
@@ -306,7 +332,7 @@ impl Entries {
         let handle = self.handle(token_id);
         let shard = self.shard_for(handle);
         let at = shard.find(handle, token_id)?;
-        let expires = View(&shard.slots[at].data).expires()?;
+        let expires = View(shard.record(at)?).expires()?;
         Some(std::time::UNIX_EPOCH + Duration::from_nanos(expires))
     }
 
@@ -335,8 +361,8 @@ impl Entries {
             let shard = self.shard(i);
             texts.extend(shard.interned.texts().map(str::to_owned));
             let mut held: HashMap<u32, u32> = HashMap::new();
-            for slot in shard.slots.iter().filter(|s| s.hash != 0) {
-                for id in View(&slot.data).shared() {
+            for data in shard.records() {
+                for id in View(data).shared() {
                     *held.entry(id).or_default() += 1;
                 }
             }
@@ -363,7 +389,7 @@ impl Entries {
 /// ones in an instant) nor the stream task wait for a million frees.
 #[derive(Default)]
 pub(super) struct Garbage {
-    pub(super) shards: Vec<(Vec<Slot>, Interned)>,
+    pub(super) shards: Vec<Shard>,
     pub(super) by_user: HashMap<u64, Vec<Handle>>,
     pub(super) entries: usize,
 }

@@ -94,9 +94,10 @@
 //!   flush), always under the state lock;
 //! - `stream.rs`: what each stream message means, and how a stream is
 //!   replaced without a flush;
-//! - `entries.rs`, `shard.rs`, `packed.rs`: the sessions in memory (shards,
-//!   each shard's table and eviction, a session's packed layout and the
-//!   metadata strings sessions share);
+//! - `entries.rs`, `shard.rs`, `arena.rs`, `packed.rs`: the sessions in
+//!   memory (shards, each shard's table and eviction, the memory a shard's
+//!   sessions live in, a session's packed layout and the metadata strings
+//!   sessions share);
 //! - `watcher.rs`: the task that holds the stream.
 
 use std::{
@@ -116,6 +117,7 @@ use entries::{Entries, Found, Serving};
 pub(crate) use state::Roles;
 use state::{Clock, State};
 
+mod arena;
 #[cfg(feature = "bench-internals")]
 pub mod bench;
 mod changes;

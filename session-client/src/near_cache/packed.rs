@@ -220,8 +220,15 @@ impl<'a> View<'a> {
     }
 
     /// The session, as it was cached (with the expiry as it is now); its
-    /// shared strings are read from `interned`, the shard's.
-    pub(super) fn session(self, interned: &Interned) -> Option<Session> {
+    /// shared strings are read from `interned`, the shard's. `token` is its
+    /// token id and `user`, when given, its user id (the lookup compared
+    /// them): copied from there, they need no UTF-8 check.
+    pub(super) fn session(
+        self,
+        interned: &Interned,
+        token: &str,
+        user: Option<&str>,
+    ) -> Option<Session> {
         let expires = self.expires()?;
         let family_expires = self.u64_at(16)?;
         let mut metadata = HashMap::with_capacity(self.u16_at(30)?);
@@ -234,9 +241,13 @@ impl<'a> View<'a> {
             });
             metadata.insert(key?.to_owned(), value?.to_owned());
         }
+        let user = match user {
+            Some(user) => user,
+            None => self.user()?,
+        };
         Some(Session {
-            user_id: self.user()?.to_owned(),
-            token_id: self.token()?.to_owned(),
+            user_id: user.to_owned(),
+            token_id: token.to_owned(),
             metadata,
             created_at: self.created_at()?,
             expires_at: UNIX_EPOCH + Duration::from_nanos(expires),

@@ -1,6 +1,6 @@
 //! One shard of the near-cache's sessions: an open-addressing table whose
-//! slots hold the packed sessions (`packed.rs`), the metadata strings they
-//! share, and CLOCK eviction. `entries.rs` picks the shard and takes its
+//! slots point into the shard's arena (`arena.rs`) of packed sessions
+//! (`packed.rs`), the metadata strings they share, and CLOCK eviction. `entries.rs` picks the shard and takes its
 //! lock; everything here runs under it.
 //!
 //! Eviction is CLOCK (second chance) per shard: a lookup marks its entry,
@@ -15,29 +15,42 @@
 
 use std::time::{Duration, Instant};
 
+use super::arena::{Arena, Ref, Table};
 use super::entries::{Found, Handle, Serving};
 use super::packed::{Interned, Registry, View, nanos};
 
-/// The bit of a slot's `hash` that says it is taken (so a taken slot's hash
-/// is never 0, an empty one's).
+/// The bit of a slot (and of a [`Handle`]) that says it is taken (so a
+/// taken slot is never 0, an empty one).
 pub(super) const TAKEN: u64 = 1;
-/// The bit of a slot's `hash` a lookup sets: looked up since CLOCK's hand
-/// last passed. Not part of the hash compared.
+/// The bit of a slot a lookup sets: looked up since CLOCK's hand last
+/// passed. Not part of the hash compared.
 pub(super) const REFERENCED: u64 = 2;
+/// The bits of a slot holding the token id's hash (its low 32 bits, with
+/// [`TAKEN`] and [`REFERENCED`]); the high 32 are the session's place in
+/// the shard's [`Arena`].
+const HASH_BITS: u64 = 0xffff_ffff;
 
 /// One shard: an open-addressing table (linear probing, at most 3/4 full,
-/// deletion by backward shift, no tombstones) whose slots hold the packed
-/// session itself, so that a lookup reads two places in memory, its slot
-/// and its session, rather than the three or four of a map of pointers.
-/// On a host where a random read of memory costs 300 ns (BENCHMARKS.md)
-/// that is what a lookup costs.
-#[derive(Default)]
+/// deletion by backward shift, no tombstones) of 8-byte slots, each a
+/// session's hash and its place in the shard's arena of packed sessions.
+///
+/// A lookup reads two places in memory, its slot and then its session, and
+/// over a million sessions both miss every cache of the processor: about
+/// 180 ns each in huge pages on this project's VM, 220 ns in 4 KiB pages
+/// (BENCHMARKS.md, third pass). So what is kept small is what is read: an
+/// 8-byte slot (a third of the 24-byte slots before: 11-21 MB of table per
+/// million sessions, in huge pages from 2 MiB a shard: see `Table`), and the session in one place with no allocator header. The
+/// slot keeps 32 bits of the hash, enough that a probe almost never reads a
+/// session that is not the one looked for (every use compares the session's
+/// token id, so a collision costs a read, never an answer).
 pub(super) struct Shard {
-    /// A power of two long, or empty.
-    pub(super) slots: Vec<Slot>,
+    /// A power of two long, or empty; 0 is an empty slot.
+    slots: Table,
     pub(super) len: usize,
     /// CLOCK's hand: the next slot eviction looks at.
-    pub(super) hand: usize,
+    hand: usize,
+    /// The packed sessions.
+    arena: Arena,
     /// The metadata strings the sessions here share.
     pub(super) interned: Interned,
     pub(super) serving: Option<Serving>,
@@ -45,26 +58,44 @@ pub(super) struct Shard {
     pub(super) misses: u64,
 }
 
-/// A slot of a shard's table: empty (`hash` 0) or a session.
-#[derive(Default)]
-pub(super) struct Slot {
-    /// The token id's hash, with [`TAKEN`] and [`REFERENCED`].
-    pub(super) hash: u64,
-    /// The session packed (see `packed::pack`).
-    pub(super) data: Box<[u8]>,
+/// Whether slot `slot` holds an entry of hash `hash` (`REFERENCED` aside).
+pub(super) fn same(slot: u64, hash: u64) -> bool {
+    (slot ^ hash) & HASH_BITS & !REFERENCED == 0
 }
 
-pub(super) fn same(a: u64, b: u64) -> bool {
-    (a ^ b) & !REFERENCED == 0
+fn place(slot: u64) -> Ref {
+    (slot >> 32) as Ref
 }
 
 impl Shard {
+    /// An empty shard expected to hold up to `expected` sessions (its
+    /// share of the cache's bound: see `Arena`).
+    pub(super) fn new(expected: usize) -> Self {
+        Self {
+            slots: Table::new(0),
+            len: 0,
+            hand: 0,
+            arena: Arena::new(expected),
+            interned: Interned::default(),
+            serving: None,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
     fn mask(&self) -> usize {
         self.slots.len().wrapping_sub(1)
     }
 
+    /// From the 32 bits a slot keeps (so the table can grow without
+    /// reading a session): tables stay below 2^30 slots.
     fn home(&self, hash: u64) -> usize {
-        (hash >> 2) as usize & self.mask()
+        ((hash & HASH_BITS) >> 2) as usize & self.mask()
+    }
+
+    /// The packed session in slot `at` (taken).
+    pub(super) fn record(&self, at: usize) -> Option<&[u8]> {
+        self.arena.get(place(self.slots.get(at)))
     }
 
     /// The first slot from `hash`'s home holding that hash whose data
@@ -75,11 +106,11 @@ impl Shard {
         }
         let mut at = self.home(hash);
         loop {
-            let slot = &self.slots[at];
-            if slot.hash == 0 {
+            let slot = self.slots.get(at);
+            if slot == 0 {
                 return None;
             }
-            if same(slot.hash, hash) && wanted(&slot.data) {
+            if same(slot, hash) && self.arena.get(place(slot)).is_some_and(&mut wanted) {
                 return Some(at);
             }
             at = (at + 1) & self.mask();
@@ -107,8 +138,10 @@ impl Shard {
         let Some(at) = self.find(hash, token_id) else {
             return Found::Miss;
         };
-        let slot = &mut self.slots[at];
-        let view = View(&slot.data);
+        let Some(data) = self.record(at) else {
+            return Found::Miss;
+        };
+        let view = View(data);
         // Redis's now before 1970 (never): treated as expired, fail safe.
         let redis_now = nanos(serving.clock.at(now));
         if view
@@ -121,26 +154,37 @@ impl Shard {
         if user_id.is_some_and(|user| !view.user_is(user)) {
             return Found::Miss;
         }
-        let found = view.session(&self.interned);
-        // Written only when it changes: a hit dirties no line it need not.
-        if slot.hash & REFERENCED == 0 {
-            slot.hash |= REFERENCED;
-        }
-        match found {
+        let found = match view.session(&self.interned, token_id, user_id) {
             Some(session) => Found::Hit(session),
             None => Found::Miss,
+        };
+        // Written only when it changes: a hit dirties no line it need not.
+        let slot = self.slots.get(at);
+        if slot & REFERENCED == 0 {
+            self.slots.set(at, slot | REFERENCED);
         }
+        found
     }
 
-    pub(super) fn insert(&mut self, slot: Slot) {
+    /// Stores a packed session of hash `hash` (with [`TAKEN`]); `false`
+    /// when no memory could be had for it (not cached).
+    pub(super) fn insert(&mut self, hash: Handle, data: &[u8]) -> bool {
+        let Some(at) = self.arena.alloc(data) else {
+            return false;
+        };
+        self.place((u64::from(at) << 32) | (hash & HASH_BITS & !REFERENCED) | TAKEN);
+        true
+    }
+
+    fn place(&mut self, slot: u64) {
         if (self.len + 1) * 4 > self.slots.len() * 3 {
             self.grow();
         }
-        let mut at = self.home(slot.hash);
-        while self.slots[at].hash != 0 {
+        let mut at = self.home(slot);
+        while self.slots.get(at) != 0 {
             at = (at + 1) & self.mask();
         }
-        self.slots[at] = slot;
+        self.slots.set(at, slot);
         self.len += 1;
     }
 
@@ -148,40 +192,53 @@ impl Shard {
     /// is in its slot: no session is read).
     fn grow(&mut self) {
         let size = (self.slots.len() * 2).max(16);
-        let old = std::mem::replace(
-            &mut self.slots,
-            (0..size).map(|_| Slot::default()).collect(),
-        );
+        let old = std::mem::replace(&mut self.slots, Table::new(size));
         self.len = 0;
         self.hand = 0;
-        for slot in old.into_iter().filter(|s| s.hash != 0) {
-            self.insert(slot);
+        for at in 0..old.len() {
+            let slot = old.get(at);
+            if slot != 0 {
+                self.place(slot);
+            }
         }
     }
 
-    /// Empties slot `at` (its shared strings released to `registry`), and moves back the entries after it that may be
-    /// found through it, so that no probe ever stops short of them.
+    /// Sets the expiry of the session in slot `at` (nanoseconds since 1970
+    /// by Redis's clock).
+    pub(super) fn set_expires(&mut self, at: usize, expires: u64) {
+        if let Some(data) = self.arena.get_mut(place(self.slots.get(at))) {
+            View::set_expires(data, expires);
+        }
+    }
+
+    /// Empties slot `at` (its session freed, its shared strings released to
+    /// `registry`), and moves back the entries after it that may be found
+    /// through it, so that no probe ever stops short of them. Returns a copy
+    /// of the session packed (for the per-user index).
     pub(super) fn remove(&mut self, mut hole: usize, registry: &mut Registry) -> Box<[u8]> {
         let mask = self.mask();
-        let taken = std::mem::take(&mut self.slots[hole]);
+        let taken = self.slots.take(hole);
         let mut at = hole;
         loop {
             at = (at + 1) & mask;
-            let hash = self.slots[at].hash;
-            if hash == 0 {
+            let slot = self.slots.get(at);
+            if slot == 0 {
                 break;
             }
             // Movable into the hole unless its home lies after the hole
             // (cyclically): then a probe for it starts past the hole.
-            let home = self.home(hash);
+            let home = self.home(slot);
             if (at.wrapping_sub(home) & mask) >= (at.wrapping_sub(hole) & mask) {
-                self.slots[hole] = std::mem::take(&mut self.slots[at]);
+                let moved = self.slots.take(at);
+                self.slots.set(hole, moved);
                 hole = at;
             }
         }
         self.len -= 1;
-        self.interned.release(View(&taken.data).shared(), registry);
-        taken.data
+        let data: Box<[u8]> = self.arena.get(place(taken)).unwrap_or_default().into();
+        self.arena.free(place(taken));
+        self.interned.release(View(&data).shared(), registry);
+        data
     }
 
     /// CLOCK: the first unmarked entry from the hand on, clearing the marks
@@ -195,16 +252,79 @@ impl Shard {
         for _ in 0..2 * n {
             let at = self.hand % n;
             self.hand = at + 1;
-            let slot = &mut self.slots[at];
-            if slot.hash == 0 || keep.is_some_and(|k| same(k, slot.hash)) {
+            let slot = self.slots.get(at);
+            if slot == 0 || keep.is_some_and(|k| same(slot, k)) {
                 continue;
             }
-            if slot.hash & REFERENCED != 0 {
-                slot.hash &= !REFERENCED;
+            if slot & REFERENCED != 0 {
+                self.slots.set(at, slot & !REFERENCED);
                 continue;
             }
             return Some(self.remove(at, registry));
         }
         None
+    }
+
+    /// The packed sessions held (tests).
+    #[cfg(test)]
+    pub(super) fn records(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.slots.len())
+            .map(|at| self.slots.get(at))
+            .filter(|&s| s != 0)
+            .filter_map(|s| self.arena.get(place(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        hash::{BuildHasher, RandomState},
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use super::super::packed::pack;
+    use super::*;
+    use crate::types::Session;
+
+    /// A shard big enough that its table moves from the heap into mapped
+    /// memory (`Table::Mapped`) finds every entry as it grows past that,
+    /// and after half of them are removed (backward shifts in the mapped
+    /// table), the other half and none of the removed.
+    #[test]
+    fn a_table_grown_into_mapped_memory_finds_what_it_holds() {
+        let hasher = RandomState::new();
+        let mut registry = Registry::default();
+        let mut shard = Shard::new(120_000);
+        let token = |i: usize| format!("token-{i:08}");
+        let hash = |i: usize| (hasher.hash_one(token(i)) | TAKEN) & !REFERENCED;
+        let n = 110_000;
+        for i in 0..n {
+            let session = Session {
+                user_id: format!("user-{}", i / 5),
+                token_id: token(i),
+                metadata: HashMap::new(),
+                created_at: UNIX_EPOCH + Duration::from_secs(1),
+                expires_at: UNIX_EPOCH + Duration::from_secs(2),
+                family_id: String::new(),
+                family_expires_at: None,
+            };
+            let data =
+                pack(&session, false, &mut shard.interned, &mut registry, &hasher).expect("packs");
+            assert!(shard.insert(hash(i), &data));
+        }
+        assert!(matches!(shard.slots, Table::Mapped(_)));
+        assert_eq!(shard.len, n);
+        assert!((0..n).all(|i| shard.find(hash(i), &token(i)).is_some()));
+        for i in (0..n).step_by(2) {
+            let at = shard.find(hash(i), &token(i)).expect("held");
+            let removed = shard.remove(at, &mut registry);
+            assert_eq!(View(&removed).token(), Some(token(i).as_str()));
+        }
+        assert_eq!(shard.len, n / 2);
+        for i in 0..n {
+            assert_eq!(shard.find(hash(i), &token(i)).is_some(), i % 2 == 1, "{i}");
+        }
+        assert_eq!(shard.records().count(), n / 2);
     }
 }
