@@ -14,16 +14,15 @@ use session_client::{RotateOutcome as ClientOutcome, Rotation, SessionClient};
 use session_server::Config;
 use sessionstore::v1::{
     CreateOutcome, CreateSessionRequest, ExtendSessionRequest, RevocationReason,
-    RevokeAllUserSessionsRequest, RevokeOtherUserSessionsRequest, RevokeOtherUserSessionsResponse,
-    RotateOutcome, RotateSessionRequest, RotateSessionResponse, Session, WatchRevocationsRequest,
-    WatchRevocationsResponse,
+    RevokeAllUserSessionsRequest, RotateOutcome, RotateSessionRequest, RotateSessionResponse,
+    Session, WatchRevocationsRequest, WatchRevocationsResponse,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::{
-    Client, OnNeedle, PrivateRedis, TestServer, assert_marker_outlives_reservation, config_on,
-    count, create, found, get, gone_within, inspect, list, redis_relay, revoke, stream_starts,
+    Client, TestServer, assert_marker_outlives_reservation, count, create, found, get, gone_within,
+    inspect, list, login, now_ms, revoke, revoke_others, store_raw_session, stream_starts,
     wait_until,
 };
 
@@ -66,13 +65,6 @@ fn ms(timestamp: Option<prost_types::Timestamp>) -> u64 {
     u64::try_from(t.seconds).unwrap() * 1000 + u64::try_from(t.nanos).unwrap() / 1_000_000
 }
 
-/// Creates a session and returns it, with its family.
-async fn login(client: &mut Client, user: &str, token: &str) -> Session {
-    let created = create(client, user, token).await;
-    assert!(created.created, "{user}/{token}: {created:?}");
-    created.session.unwrap()
-}
-
 async fn login_with(client: &mut Client, request: CreateSessionRequest) -> Session {
     let created = client.create_session(request).await.unwrap().into_inner();
     assert!(created.created, "{created:?}");
@@ -88,16 +80,6 @@ fn millis(ms: i32) -> Option<prost_types::Duration> {
         seconds: i64::from(ms / 1000),
         nanos: ms % 1000 * 1_000_000,
     })
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 /// A family is one login: CreateSession starts it (a fresh 128-bit id and an
@@ -913,32 +895,7 @@ async fn sessions_of_the_version_before_families_keep_working() {
         r#"{{"user_id":"olaf","token_id":"old-1","metadata":{{"ip":"10.0.0.1"}},"created_at_ms":{now},"expires_at_ms":{}}}"#,
         now + 600_000
     );
-    let _: () = inspect(
-        config,
-        redis::cmd("SET")
-            .arg(format!("{prefix}session:{{olaf}}:{{old-1}}"))
-            .arg(&json)
-            .arg("PX")
-            .arg(600_000),
-    )
-    .await;
-    let _: () = inspect(
-        config,
-        redis::cmd("ZADD")
-            .arg(format!("{prefix}user_sessions:{{olaf}}"))
-            .arg(now + 600_000)
-            .arg("old-1"),
-    )
-    .await;
-    let _: () = inspect(
-        config,
-        redis::cmd("SET")
-            .arg(format!("{prefix}token_owner:{{old-1}}"))
-            .arg("olaf")
-            .arg("PX")
-            .arg(660_000),
-    )
-    .await;
+    store_raw_session(config, "olaf", "old-1", &json, 600_000).await;
     let found = get(&mut client, "old-1", "").await.unwrap();
     assert_eq!(found.family_id, "");
     assert!(found.family_expires_at.is_none());
@@ -1083,21 +1040,6 @@ async fn expired_ids_stay_taken_and_revocations_stay_in_their_family() {
     );
 }
 
-async fn revoke_others(
-    client: &mut Client,
-    user: &str,
-    keep: &str,
-) -> RevokeOtherUserSessionsResponse {
-    client
-        .revoke_other_user_sessions(RevokeOtherUserSessionsRequest {
-            user_id: user.into(),
-            token_id: keep.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// "Sign out other devices": every other session of the user ends as with
 /// RevokeSession (gone, its token id refused by CreateSession, one
 /// revocation each on the stream, none user-wide, so caches keep the kept
@@ -1183,71 +1125,10 @@ async fn revoking_the_others_of_a_dead_session_revokes_nothing() {
     assert!(get(&mut client, "p-3", "piet").await.is_some());
 }
 
-/// The window the racing test below rarely hits, held open: the kept
-/// session is read, then (the call's index read held back by a relay)
-/// rotated through another server; the index the call then reads holds the
-/// successor, which is of the kept family and stays live, while the other
-/// session ends.
-#[tokio::test]
-async fn a_rotation_of_the_kept_session_inside_the_call_keeps_its_successor() {
-    kept_session_rotated_while_held("ZRANGE").await;
-}
-
-/// The later window: the others are read, then (the revocation's script held
-/// back) the kept session is rotated; the script's guard finds it gone and
-/// ends nothing, and the call starts again keeping the successor.
-#[tokio::test]
-async fn a_rotation_of_the_kept_session_before_the_revocation_restarts_it() {
-    kept_session_rotated_while_held("revoked:{kay}:").await;
-}
-
-/// "Sign out other devices" by k-1 of kay (who also has k-2), through a
-/// server whose commands naming `needle` reach Redis a second late; k-1 is
-/// rotated to k-1b meanwhile through another server. The call keeps k-1b
-/// and ends k-2.
-async fn kept_session_rotated_while_held(needle: &str) {
-    let redis = PrivateRedis::start();
-    let mut config = config_on(&redis);
-    // Room for the held second on a loaded machine.
-    config.redis_timeout_ms = 5_000;
-    let direct = TestServer::start_with(config.clone()).await;
-    config.redis_url = redis_relay(
-        redis.port,
-        needle.into(),
-        OnNeedle::Delay(Duration::from_secs(1)),
-    )
-    .await;
-    let relayed = TestServer::start_with(config).await;
-    let mut client = direct.client().await;
-    let mine = login(&mut client, "kay", "k-1").await;
-    login(&mut client, "kay", "k-2").await;
-
-    // Warms the relayed server up (its connections, the scripts it loads,
-    // whatever names the needle on the way), so that only the call waits
-    // below.
-    let mut asking = relayed.client().await;
-    login(&mut client, "kay-warm", "kw-1").await;
-    login(&mut client, "kay-warm", "kw-2").await;
-    let warm = revoke_others(&mut asking, "kay-warm", "kw-1").await;
-    assert_eq!((warm.kept, warm.revoked_count), (true, 1));
-
-    let call = tokio::spawn(async move { revoke_others(&mut asking, "kay", "k-1").await });
-    // The call has read k-1 (live) and waits in the relay.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rotated = rotate(&mut client, rotation("kay", &mine.family_id, "k-1", "k-1b")).await;
-    assert_eq!(outcome(&rotated), RotateOutcome::Rotated);
-    let answer = call.await.unwrap();
-
-    assert!(answer.kept, "{answer:?}");
-    assert_eq!(answer.revoked_count, 1, "only k-2: {answer:?}");
-    assert!(
-        get(&mut client, "k-1b", "kay").await.is_some(),
-        "the kept family's successor"
-    );
-    assert_eq!(get(&mut client, "k-2", "kay").await, None);
-}
-
-/// Rotations racing the call: the kept session's rotation leaves its
+/// Rotations racing the call (the windows held open one at a time:
+/// `review_others::a_retry_from_a_rotated_away_token_leaves_its_family_alone`,
+/// `review_others::rotations_between_the_index_read_and_the_revocation_are_followed`):
+/// the kept session's rotation leaves its
 /// successor live (the family goes on), another session's rotation is
 /// followed to its successor, which ends. Each round races both rotations
 /// against the call on separate connections; whatever the order, the kept

@@ -5,84 +5,23 @@
 //! families and users with none, one or very many sessions. A failing test
 //! here is a finding; see each test's line.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use session_client::SessionClient;
 use sessionstore::v1::{
-    RevocationReason, RevokeOtherUserSessionsRequest, RevokeOtherUserSessionsResponse,
-    RotateOutcome, RotateSessionRequest, Session,
+    RevocationReason, RevokeOtherUserSessionsRequest, RotateOutcome, RotateSessionRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::{
-    Client, OnNeedle, PrivateRedis, TestServer, config_on, count, create, found, get, gone_within,
-    inspect, list, redis_relay, revoke, revoke_all, stream_starts,
+    Client, HELD, PrivateRedis, TestServer, config_on, count, create, direct_and_held, found, get,
+    gone_within, list, login, now_ms, revoke, revoke_all, revoke_others, store_raw_session,
+    stream_starts,
 };
 
 /// How long a test waits for something that takes milliseconds.
 const PATIENCE: Duration = Duration::from_secs(15);
-
-/// How long the relay holds the held-back call's index read (its ZRANGE).
-/// Long enough for a few rotations by another server on a loaded machine.
-const HELD: Duration = Duration::from_millis(1000);
-
-async fn revoke_others(
-    client: &mut Client,
-    user: &str,
-    keep: &str,
-) -> RevokeOtherUserSessionsResponse {
-    client
-        .revoke_other_user_sessions(RevokeOtherUserSessionsRequest {
-            user_id: user.into(),
-            token_id: keep.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Creates a session and returns it, with its family.
-async fn login(client: &mut Client, user: &str, token: &str) -> Session {
-    let created = create(client, user, token).await;
-    assert!(created.created, "{user}/{token}: {created:?}");
-    created.session.unwrap()
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-/// Two servers on one private Redis: `direct`, and `held`, whose commands
-/// naming `needle` reach Redis [`HELD`] late: with ZRANGE, a call on it has
-/// read its kept session and waits before reading the index; with MGET, it
-/// has read the index and waits before reading its sessions. `held` is
-/// warmed up (connections, scripts loaded) by one call of its own. Both
-/// give Redis 5 s (the held call's round trips wait on a loaded machine).
-async fn direct_and_held(
-    redis: &PrivateRedis,
-    needle: &str,
-    tune: impl Fn(&mut session_server::Config),
-) -> (TestServer, TestServer) {
-    let mut config = config_on(redis);
-    config.redis_timeout_ms = 5000;
-    tune(&mut config);
-    let direct = TestServer::start_with(config.clone()).await;
-    config.redis_url = redis_relay(redis.port, needle.into(), OnNeedle::Delay(HELD)).await;
-    let held = TestServer::start_with(config).await;
-    let mut client = direct.client().await;
-    login(&mut client, "warm", "w-1").await;
-    login(&mut client, "warm", "w-2").await;
-    let warm = revoke_others(&mut held.client().await, "warm", "w-1").await;
-    assert_eq!((warm.kept, warm.revoked_count), (true, 1));
-    (direct, held)
-}
 
 /// FINDING (both devices signed out): two devices of one user press "sign
 /// out other devices" at once. Each call reads its kept session live, then
@@ -307,27 +246,8 @@ async fn sessions_without_a_family_keep_only_themselves() {
              \"created_at_ms\":{now},\"expires_at_ms\":{}}}",
             now + 3_600_000
         );
-        let prefix = config.key_prefix.clone();
         let (user, token) = (user.to_owned(), token.to_owned());
-        async move {
-            let _: () = inspect(
-                config,
-                redis::cmd("SET")
-                    .arg(format!("{prefix}session:{{{user}}}:{{{token}}}"))
-                    .arg(json)
-                    .arg("PX")
-                    .arg(3_600_000),
-            )
-            .await;
-            let _: () = inspect(
-                config,
-                redis::cmd("ZADD")
-                    .arg(format!("{prefix}user_sessions:{{{user}}}"))
-                    .arg(now + 3_600_000)
-                    .arg(&token),
-            )
-            .await;
-        }
+        async move { store_raw_session(config, &user, &token, &json, 3_600_000).await }
     };
     store("lea", "l-old-1", None).await;
     store("lea", "l-old-2", None).await;
@@ -404,45 +324,23 @@ async fn futures_clients(server: &TestServer, n: usize) -> Vec<Client> {
 }
 
 /// Held (not covered elsewhere): the kept session's family rotated twice
-/// during the call, and another family rotated during it, with a retry of
-/// the call afterwards from the kept token: the second call sees its token
-/// rotated away and answers `kept = false` without revoking the kept
-/// family's current session.
+/// during the call (its index read held back), and another family rotated
+/// during it, with a retry of the call afterwards from the kept token: the
+/// second call sees its token rotated away and answers `kept = false`
+/// without revoking the kept family's current session.
 #[tokio::test]
 async fn a_retry_from_a_rotated_away_token_leaves_its_family_alone() {
-    let redis = PrivateRedis::start();
-    let (direct, held) = direct_and_held(&redis, "ZRANGE", |_| {}).await;
-    let mut client = direct.client().await;
-    let mine = login(&mut client, "rory", "r-1").await;
-    let other = login(&mut client, "rory", "x-1").await;
-    let rotate = |family: &str, token: &str, new: &str| RotateSessionRequest {
-        user_id: "rory".into(),
-        family_id: family.into(),
-        token_id: token.into(),
-        new_token_id: new.into(),
-        ..Default::default()
-    };
-
-    let mut asking = held.client().await;
-    let call = tokio::spawn(async move { revoke_others(&mut asking, "rory", "r-1").await });
-    tokio::time::sleep(HELD / 4).await;
-    for request in [
-        rotate(&other.family_id, "x-1", "x-2"),
-        rotate(&mine.family_id, "r-1", "r-2"),
-        rotate(&mine.family_id, "r-2", "r-3"),
-    ] {
-        let r = client.rotate_session(request).await.unwrap().into_inner();
-        assert_eq!(r.outcome(), RotateOutcome::Rotated, "{r:?}");
-    }
-    let answer = call.await.unwrap();
-    assert_eq!((answer.kept, answer.revoked_count), (true, 1), "{answer:?}");
-    let live: Vec<String> = list(&mut client, "rory")
-        .await
-        .into_iter()
-        .map(|s| s.token_id)
-        .collect();
+    let (mut client, live) = rotated_while_held(
+        "ZRANGE",
+        "rory",
+        &[
+            (false, "x-1", "x-2"),
+            (true, "r-1", "r-2"),
+            (true, "r-2", "r-3"),
+        ],
+    )
+    .await;
     assert_eq!(live, ["r-3"]);
-
     let retry = revoke_others(&mut client, "rory", "r-1").await;
     assert_eq!((retry.kept, retry.revoked_count), (false, 0));
     assert!(get(&mut client, "r-3", "rory").await.is_some());
@@ -456,36 +354,66 @@ async fn a_retry_from_a_rotated_away_token_leaves_its_family_alone() {
 /// session; the kept family's successor stays live.
 #[tokio::test]
 async fn rotations_between_the_index_read_and_the_revocation_are_followed() {
+    let (_, live) = rotated_while_held(
+        "revoked:{mona}:",
+        "mona",
+        &[
+            (false, "y-1", "y-2"),
+            (false, "y-2", "y-3"),
+            (true, "m-1", "m-2"),
+        ],
+    )
+    .await;
+    assert_eq!(live, ["m-2"]);
+}
+
+/// `user` logs in twice (the first tokens of `rotations`' kept family, then
+/// of the other), and RevokeOtherUserSessions keeping the first runs on a
+/// server whose commands naming `needle` are held back, while `rotations`
+/// (kept family or not, from, to) are made through another. The call must
+/// answer kept with one session revoked; returns a client of the other
+/// server and the user's live token ids.
+async fn rotated_while_held(
+    needle: &str,
+    user: &str,
+    rotations: &[(bool, &str, &str)],
+) -> (Client, Vec<String>) {
     let redis = PrivateRedis::start();
-    let (direct, held) = direct_and_held(&redis, "revoked:{mona}:", |_| {}).await;
+    let (direct, held) = direct_and_held(&redis, needle, |_| {}).await;
     let mut client = direct.client().await;
-    let mine = login(&mut client, "mona", "m-1").await;
-    let other = login(&mut client, "mona", "y-1").await;
-    let rotate = |family: &str, token: &str, new: &str| RotateSessionRequest {
-        user_id: "mona".into(),
-        family_id: family.into(),
-        token_id: token.into(),
-        new_token_id: new.into(),
-        ..Default::default()
-    };
+    let first = |kept: bool| rotations.iter().find(|r| r.0 == kept).unwrap().1;
+    let mine = login(&mut client, user, first(true)).await;
+    let other = login(&mut client, user, first(false)).await;
 
     let mut asking = held.client().await;
-    let call = tokio::spawn(async move { revoke_others(&mut asking, "mona", "m-1").await });
+    let (owner, keep) = (user.to_owned(), mine.token_id.clone());
+    let call = tokio::spawn(async move { revoke_others(&mut asking, &owner, &keep).await });
     tokio::time::sleep(HELD / 4).await;
-    for request in [
-        rotate(&other.family_id, "y-1", "y-2"),
-        rotate(&other.family_id, "y-2", "y-3"),
-        rotate(&mine.family_id, "m-1", "m-2"),
-    ] {
-        let r = client.rotate_session(request).await.unwrap().into_inner();
+    for &(kept, token, new) in rotations {
+        let family = if kept {
+            &mine.family_id
+        } else {
+            &other.family_id
+        };
+        let r = client
+            .rotate_session(RotateSessionRequest {
+                user_id: user.into(),
+                family_id: family.clone(),
+                token_id: token.into(),
+                new_token_id: new.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.outcome(), RotateOutcome::Rotated, "{r:?}");
     }
     let answer = call.await.unwrap();
     assert_eq!((answer.kept, answer.revoked_count), (true, 1), "{answer:?}");
-    let live: Vec<String> = list(&mut client, "mona")
+    let live = list(&mut client, user)
         .await
         .into_iter()
         .map(|s| s.token_id)
         .collect();
-    assert_eq!(live, ["m-2"]);
+    (client, live)
 }

@@ -38,11 +38,12 @@ pub(crate) use self::{
     redis::{
         OnNeedle, PrivateRedis, Topology, assert_marker_outlives_reservation, command_calls,
         inspect, login_account_key, pttl, redis_cli, redis_cli_with_password, redis_relay,
-        server_script, shared_redis_mode, shared_redis_url,
+        server_script, shared_redis_mode, shared_redis_url, store_raw_session,
     },
     rpc::{
-        Client, count, create, found, get, gone_within, list, lookups_work_within, record_attempt,
-        reset_attempts, revoke, revoke_all, stream_starts,
+        Client, HELD, count, create, direct_and_held, found, get, gone_within, list, login,
+        lookups_work_within, now_ms, record_attempt, reset_attempts, revoke, revoke_all,
+        revoke_others, stream_starts,
     },
     server::{TestServer, config_on, https_url, test_config},
 };

@@ -271,6 +271,53 @@ pub(crate) async fn inspect<T: redis::FromRedisValue>(config: &Config, cmd: &red
     store.raw_command(cmd).await.unwrap()
 }
 
+/// Writes a session straight into Redis as another version of the server
+/// would have (`json` is its stored form): its key, its index entry and its
+/// token's owner, all for `ttl_ms` from now (the owner a minute longer, as
+/// the server's reservations are).
+pub(crate) async fn store_raw_session(
+    config: &Config,
+    user: &str,
+    token: &str,
+    json: &str,
+    ttl_ms: u64,
+) {
+    let prefix = &config.key_prefix;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let _: () = inspect(
+        config,
+        redis::cmd("SET")
+            .arg(format!("{prefix}session:{{{user}}}:{{{token}}}"))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl_ms),
+    )
+    .await;
+    let _: () = inspect(
+        config,
+        redis::cmd("ZADD")
+            .arg(format!("{prefix}user_sessions:{{{user}}}"))
+            .arg(now + ttl_ms)
+            .arg(token),
+    )
+    .await;
+    let _: () = inspect(
+        config,
+        redis::cmd("SET")
+            .arg(format!("{prefix}token_owner:{{{token}}}"))
+            .arg(user)
+            .arg("PX")
+            .arg(ttl_ms + 60_000),
+    )
+    .await;
+}
+
 /// The key's PTTL: -2 when it does not exist, -1 when it has no TTL.
 pub(crate) async fn pttl(config: &Config, key: &str) -> i64 {
     inspect(config, redis::cmd("PTTL").arg(key)).await

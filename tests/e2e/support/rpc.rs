@@ -6,13 +6,13 @@ use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
     ListUserSessionsRequest, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
     ResetLoginAttemptsRequest, ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest,
-    RevokeSessionRequest, Session, WatchRevocationsRequest, WatchRevocationsResponse,
-    session_store_client::SessionStoreClient,
+    RevokeOtherUserSessionsRequest, RevokeOtherUserSessionsResponse, RevokeSessionRequest, Session,
+    WatchRevocationsRequest, WatchRevocationsResponse, session_store_client::SessionStoreClient,
 };
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
 
-use super::wait_until;
+use super::{OnNeedle, PrivateRedis, TestServer, config_on, redis_relay, wait_until};
 
 /// The generated client, on a plain channel.
 pub(crate) type Client = SessionStoreClient<Channel>;
@@ -195,4 +195,68 @@ pub(crate) async fn stream_starts(
         .unwrap();
     assert!(first.reset, "{first:?}");
     stream
+}
+
+/// Creates a session and returns it, with its family.
+pub(crate) async fn login(client: &mut Client, user: &str, token: &str) -> Session {
+    let created = create(client, user, token).await;
+    assert!(created.created, "{user}/{token}: {created:?}");
+    created.session.unwrap()
+}
+
+/// RevokeOtherUserSessions keeping `keep`, which must answer.
+pub(crate) async fn revoke_others(
+    client: &mut Client,
+    user: &str,
+    keep: &str,
+) -> RevokeOtherUserSessionsResponse {
+    client
+        .revoke_other_user_sessions(RevokeOtherUserSessionsRequest {
+            user_id: user.into(),
+            token_id: keep.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// This host's clock, in ms since the epoch (the Redis under test shares it).
+pub(crate) fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// How long [`direct_and_held`]'s relay holds a command back: long enough
+/// for a few rotations by another server on a loaded machine.
+pub(crate) const HELD: Duration = Duration::from_millis(1000);
+
+/// Two servers on one private Redis: `direct`, and `held`, whose commands
+/// naming `needle` reach Redis [`HELD`] late (with ZRANGE, a
+/// RevokeOtherUserSessions on it has read its kept session and waits before
+/// reading the index; with the user's `revoked:{user}:` keys, it has read
+/// the index and waits before its revocation). `held` is warmed up
+/// (connections, scripts loaded) by one such call of its own. Both give
+/// Redis 5 s (the held call's round trips wait on a loaded machine).
+pub(crate) async fn direct_and_held(
+    redis: &PrivateRedis,
+    needle: &str,
+    tune: impl Fn(&mut session_server::Config),
+) -> (TestServer, TestServer) {
+    let mut config = config_on(redis);
+    config.redis_timeout_ms = 5000;
+    tune(&mut config);
+    let direct = TestServer::start_with(config.clone()).await;
+    config.redis_url = redis_relay(redis.port, needle.into(), OnNeedle::Delay(HELD)).await;
+    let held = TestServer::start_with(config).await;
+    let mut client = direct.client().await;
+    login(&mut client, "warm", "w-1").await;
+    login(&mut client, "warm", "w-2").await;
+    let warm = revoke_others(&mut held.client().await, "warm", "w-1").await;
+    assert_eq!((warm.kept, warm.revoked_count), (true, 1));
+    (direct, held)
 }
