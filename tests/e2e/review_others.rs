@@ -330,7 +330,7 @@ async fn futures_clients(server: &TestServer, n: usize) -> Vec<Client> {
 /// without revoking the kept family's current session.
 #[tokio::test]
 async fn a_retry_from_a_rotated_away_token_leaves_its_family_alone() {
-    let (mut client, live) = rotated_while_held(
+    let (_redis, _direct, mut client, live) = rotated_while_held(
         "ZRANGE",
         "rory",
         &[
@@ -354,7 +354,7 @@ async fn a_retry_from_a_rotated_away_token_leaves_its_family_alone() {
 /// session; the kept family's successor stays live.
 #[tokio::test]
 async fn rotations_between_the_index_read_and_the_revocation_are_followed() {
-    let (_, live) = rotated_while_held(
+    let (_redis, _direct, _, live) = rotated_while_held(
         "revoked:{mona}:",
         "mona",
         &[
@@ -371,13 +371,14 @@ async fn rotations_between_the_index_read_and_the_revocation_are_followed() {
 /// of the other), and RevokeOtherUserSessions keeping the first runs on a
 /// server whose commands naming `needle` are held back, while `rotations`
 /// (kept family or not, from, to) are made through another. The call must
-/// answer kept with one session revoked; returns a client of the other
-/// server and the user's live token ids.
+/// answer kept with one session revoked; returns the Redis and the other
+/// server (they stop when dropped), a client of that server and the user's
+/// live token ids.
 async fn rotated_while_held(
     needle: &str,
     user: &str,
     rotations: &[(bool, &str, &str)],
-) -> (Client, Vec<String>) {
+) -> (PrivateRedis, TestServer, Client, Vec<String>) {
     let redis = PrivateRedis::start();
     let (direct, held) = direct_and_held(&redis, needle, |_| {}).await;
     let mut client = direct.client().await;
@@ -415,5 +416,5 @@ async fn rotated_while_held(
         .into_iter()
         .map(|s| s.token_id)
         .collect();
-    (client, live)
+    (redis, direct, client, live)
 }
