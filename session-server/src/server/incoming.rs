@@ -7,7 +7,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -195,11 +195,11 @@ impl tokio_stream::Stream for Guard {
                 _permit: permit,
                 idle: this.idle,
                 last_read: tokio::time::Instant::now(),
-                silent_until: Box::pin(tokio::time::sleep(this.idle)),
+                silent_until: Alarm::new(tokio::time::sleep(this.idle)),
                 closed_at_age: this.closed_at_age,
                 too_old_at: this
                     .closed_at_age
-                    .map(|age| Box::pin(tokio::time::sleep(age))),
+                    .map(|age| Alarm::new(tokio::time::sleep(age))),
             })));
         }
     }
@@ -220,14 +220,64 @@ pub(crate) struct Guarded {
     /// `idle`; when it fires it is pushed to `last_read + idle` if bytes came
     /// since. Moving the timer on every read instead cost a timer-wheel
     /// removal and insertion per read (BENCHMARKS.md, #15).
-    silent_until: Pin<Box<tokio::time::Sleep>>,
+    silent_until: Alarm,
     /// MAX_CONNECTION_AGE plus its grace, when set.
     closed_at_age: Option<Duration>,
     /// When the connection, asked to close at MAX_CONNECTION_AGE, has had
     /// its grace: what is still open on it then (a stream) is cut. Counted
     /// from the accept, and again from the end of the TLS handshake (see
     /// [`Guarded::start_age_clock`]).
-    too_old_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    too_old_at: Option<Alarm>,
+}
+
+/// One of a connection's timers, polled only when a poll can tell
+/// something new. hyper reads until the socket has nothing, so every read
+/// ends in a pending one, and polling the timers there (to have them wake
+/// the connection's task) cost a waker registration each, about five a
+/// GetSession (BENCHMARKS.md, #22). Once polled, a timer wakes the task it
+/// was polled by when it fires, and then reports itself elapsed; until
+/// then, a pending read of the same task needs no poll.
+struct Alarm {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The waker of the last poll that left the timer pending, which the
+    /// timer will wake; `None` before the first poll and after a reset.
+    armed_for: Option<Waker>,
+}
+
+impl Alarm {
+    fn new(sleep: tokio::time::Sleep) -> Self {
+        Self {
+            sleep: Box::pin(sleep),
+            armed_for: None,
+        }
+    }
+
+    /// Whether the timer has fired; if not, it wakes `cx`'s task when it
+    /// does.
+    fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let armed = self
+            .armed_for
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        // Elapsed is read from the timer's own state, set before it wakes
+        // anyone: when in doubt, the poll decides, as before.
+        if armed && !self.sleep.is_elapsed() {
+            return false;
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            return true;
+        }
+        if !armed {
+            self.armed_for = Some(cx.waker().clone());
+        }
+        false
+    }
+
+    /// Moves the timer to `at`; the next [`Alarm::fired`] polls it.
+    fn reset(&mut self, at: tokio::time::Instant) {
+        self.sleep.as_mut().reset(at);
+        self.armed_for = None;
+    }
 }
 
 impl tls::AgeClock for Guarded {
@@ -237,7 +287,7 @@ impl tls::AgeClock for Guarded {
     /// eat into it and cut a call before the GOAWAY.
     fn start_age_clock(&mut self) {
         if let (Some(age), Some(at)) = (self.closed_at_age, self.too_old_at.as_mut()) {
-            at.as_mut().reset(tokio::time::Instant::now() + age);
+            at.reset(tokio::time::Instant::now() + age);
         }
     }
 }
@@ -262,17 +312,13 @@ impl tokio::io::AsyncRead for Guarded {
             // hyper (or the TLS handshake) always has a read waiting, so the
             // timer is polled for as long as the connection is open.
             Poll::Pending => {
-                if this
-                    .too_old_at
-                    .as_mut()
-                    .is_some_and(|at| at.as_mut().poll(cx).is_ready())
-                {
+                if this.too_old_at.as_mut().is_some_and(|at| at.fired(cx)) {
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "the connection outlived MAX_CONNECTION_AGE and its grace",
                     )));
                 }
-                while this.silent_until.as_mut().poll(cx).is_ready() {
+                while this.silent_until.fired(cx) {
                     let due = this.last_read + this.idle;
                     if due <= tokio::time::Instant::now() {
                         return Poll::Ready(Err(std::io::Error::new(
@@ -281,7 +327,7 @@ impl tokio::io::AsyncRead for Guarded {
                         )));
                     }
                     // Bytes came since it was set: wait for the rest.
-                    this.silent_until.as_mut().reset(due);
+                    this.silent_until.reset(due);
                 }
                 Poll::Pending
             }
