@@ -299,6 +299,46 @@ fn stored_layout(json: &str) -> Option<Session> {
 /// The unread rest of a stored session.
 struct Scan<'a>(&'a str);
 
+/// Digits of a number that cannot overflow a `u64`: 10^19 - 1 is below
+/// 2^64.
+const SAFE_DIGITS: usize = 19;
+
+/// Where the JSON string starting at `bytes` (after its opening quote)
+/// stops being plain: the first `"`, `\` or control character (below
+/// 0x20), if any.
+///
+/// Eight bytes at a time: a byte at a time with three comparisons cost
+/// about 600 instructions a GetSession over a session's ids and metadata
+/// (BENCHMARKS.md, "#22 hot path"). In each word, a byte's high bit is set
+/// in `found` when the byte is below 0x20 or equal to `"` or `\` after the
+/// subtraction's borrows; a borrow can only mark bytes after a byte that
+/// really matched, so the lowest marked byte is the first match.
+fn string_end(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    /// High bit set where a byte of `word` is below `limit` (at most 0x80).
+    const fn below(word: u64, limit: u8) -> u64 {
+        word.wrapping_sub(ONES * limit as u64) & !word & HIGHS
+    }
+    let mut rest = bytes;
+    let mut at = 0;
+    while let Some((word, tail)) = rest.split_first_chunk::<8>() {
+        let word = u64::from_le_bytes(*word);
+        let found = below(word, 0x20)
+            | below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1);
+        if found != 0 {
+            // Little-endian: the first byte is the lowest; at most 7.
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+        rest = tail;
+    }
+    rest.iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|found| at + found)
+}
+
 impl<'a> Scan<'a> {
     /// Consumes `literal` if the rest starts with it.
     fn eat(&mut self, literal: &str) -> Option<()> {
@@ -310,9 +350,7 @@ impl<'a> Scan<'a> {
     /// returns its contents.
     fn string(&mut self) -> Option<&'a str> {
         let body = self.0.strip_prefix('"')?;
-        let end = body
-            .bytes()
-            .position(|b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let end = string_end(body.as_bytes())?;
         // An ASCII byte, so `end` and `end + 1` are character boundaries.
         if body.as_bytes()[end] != b'"' {
             return None;
@@ -325,7 +363,9 @@ impl<'a> Scan<'a> {
     fn number(&mut self) -> Option<u64> {
         // Accumulated as it is scanned: one pass, where `str::parse` would
         // scan the digits a second time (about 250 instructions a number,
-        // BENCHMARKS.md "#22 hot path").
+        // BENCHMARKS.md "#22 hot path"). Nineteen digits always fit a
+        // `u64`, so only a twentieth is checked for overflow (a stored
+        // time has thirteen).
         let bytes = self.0.as_bytes();
         let mut number: u64 = 0;
         let mut end = 0;
@@ -333,9 +373,12 @@ impl<'a> Scan<'a> {
             if !byte.is_ascii_digit() {
                 break;
             }
-            number = number
-                .checked_mul(10)?
-                .checked_add(u64::from(byte - b'0'))?;
+            let digit = u64::from(byte - b'0');
+            number = if end < SAFE_DIGITS {
+                number * 10 + digit
+            } else {
+                number.checked_mul(10)?.checked_add(digit)?
+            };
             end += 1;
         }
         // JSON has no leading zeros; serde_json says so in its error.
@@ -639,9 +682,47 @@ mod tests {
             );
             assert!(Session::from_stored_json(&stored("u1", "", created)).is_err());
         }
+        // The largest numbers that fit, with nineteen and twenty digits.
+        for (created, ms) in [
+            ("9999999999999999999", 9_999_999_999_999_999_999),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            let session = stored_layout(&stored("u1", "", created)).unwrap();
+            assert_eq!(session.created_at_ms, ms, "{created}");
+        }
+    }
+
+    /// Where each byte of a string stops it being plain, as the word-wide
+    /// scan must find it: the first of `"`, `\` and the control characters,
+    /// wherever it falls in an eight-byte word.
+    #[test]
+    fn string_ends_at_the_first_quote_backslash_or_control() {
+        for stop in (0u8..0x20).chain([b'"', b'\\']) {
+            for at in 0..20 {
+                let mut bytes = vec![b'a'; 24];
+                bytes[at] = stop;
+                // A later stop never hides the first.
+                bytes[23] = b'"';
+                assert_eq!(string_end(&bytes), Some(at), "{stop:#x} at {at}");
+            }
+        }
+        // The bytes just around the stops, and non-ASCII, never stop it.
+        let plain: Vec<u8> = [0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff]
+            .into_iter()
+            .cycle()
+            .take(30)
+            .collect();
+        assert_eq!(string_end(&plain), None);
     }
 
     proptest::proptest! {
+        /// The word-wide scan finds what a byte-by-byte one finds.
+        #[test]
+        fn string_end_is_the_first_stop(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
+            let naive = bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+            proptest::prop_assert_eq!(string_end(&bytes), naive);
+        }
+
         /// Any session serde_json writes in the stored field order reads back
         /// whole, by the direct scan when no string needs an escape.
         #[test]
