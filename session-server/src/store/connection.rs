@@ -155,10 +155,17 @@ impl Store {
                     // lets the waiting checkout run into the timeout; listen
                     // for the failure (registered before the checkout starts)
                     // and answer with its error: UNAVAILABLE for a refused
-                    // connection, INTERNAL for wrong credentials.
+                    // connection, INTERNAL for wrong credentials. A failure
+                    // is announced with `notify_waiters`, which a `Notified`
+                    // receives from its creation on (tokio's documentation
+                    // says so), so it needs no `enable`: the checkout that
+                    // finds an idle connection at once (nearly all) never
+                    // polls it and so never takes the waiters' lock, where
+                    // enabling it took the lock twice (about 180
+                    // instructions a GetSession, BENCHMARKS.md "#22 hot
+                    // path").
                     let failed = failures.notify.notified();
                     tokio::pin!(failed);
-                    failed.as_mut().enable();
                     let checkout = tokio::select! {
                         biased;
                         checkout = pool.get() => checkout,
