@@ -34,9 +34,13 @@ impl Store {
                 None => return Ok(None),
             },
         };
-        let json: Option<String> = op
-            .query(redis::cmd("GET").arg(self.session_key(owner, token.as_str())))
-            .await?;
+        // Built at its exact size: `redis::cmd` grew the buffer once for
+        // the key, and the key was a `String` of its own before it was
+        // copied in (BENCHMARKS.md, "#22 hot path").
+        let key = self.session_key_parts(owner, token.as_str());
+        let mut get = redis::Cmd::with_capacity(2, "GET".len() + key.len());
+        get.arg("GET").arg(&key);
+        let json: Option<String> = op.query(&get).await?;
         json.map(|json| parse_session(&json)).transpose()
     }
 
