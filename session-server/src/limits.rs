@@ -28,16 +28,16 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
 use http_body::Frame;
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::{Instant, Sleep, Timeout},
-};
+use tokio::time::{Instant, Sleep, Timeout};
 use tonic::codegen::{
     Bytes,
     http::{HeaderMap, HeaderName, Request, Response},
@@ -61,21 +61,48 @@ pub const MAX_STREAMS: usize = 1024;
 pub const MAX_HEALTH_WATCHES: usize = 256;
 
 /// A pool of permits and what its refusal says.
+///
+/// A count of the permits taken rather than a `tokio::sync::Semaphore`:
+/// no call ever waits for a permit (the excess is refused at once), and a
+/// semaphore's release takes its waiters' lock on every call, for waiters
+/// there never are (about 130 instructions a call; BENCHMARKS.md, "#22 hot
+/// path").
 #[derive(Debug)]
 struct Pool {
-    permits: Arc<Semaphore>,
+    /// Permits taken, at most `max`.
+    taken: Arc<AtomicUsize>,
     max: usize,
     /// The noun in the refusal: "calls", "streams", "health watches".
     what: &'static str,
 }
 
+/// A permit of a [`Pool`], given back when dropped.
+#[derive(Debug)]
+struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
 impl Pool {
     fn new(max: usize, what: &'static str) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max)),
+            taken: Arc::new(AtomicUsize::new(0)),
             max,
             what,
         }
+    }
+
+    /// A permit, unless all `max` are taken.
+    fn try_acquire(&self) -> Option<Permit> {
+        self.taken
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |taken| {
+                (taken < self.max).then_some(taken + 1)
+            })
+            .ok()
+            .map(|_| Permit(Arc::clone(&self.taken)))
     }
 
     /// The RESOURCE_EXHAUSTED answer when no permit is left.
@@ -181,9 +208,9 @@ where
         };
         let permit = match pool {
             None => None,
-            Some(pool) => match pool.permits.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
+            Some(pool) => match pool.try_acquire() {
+                Some(permit) => Some(permit),
+                None => {
                     return LimitsFuture {
                         call: None,
                         refusal: Some(pool.refusal()),
@@ -224,7 +251,7 @@ pin_project_lite::pin_project! {
         refusal: Option<Response<tonic::body::Body>>,
         // A unary call's permit goes back when the answer comes; a stream's
         // goes into its body.
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Permit>,
         // `Some` for a stream: the caller's deadline, if it gave one.
         stream_deadline: Option<Option<Instant>>,
         timeout: Duration,
@@ -283,7 +310,7 @@ where
 /// DEADLINE_EXCEEDED when the caller's deadline passes.
 struct HeldBody {
     inner: tonic::body::Body,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
     deadline: Option<Pin<Box<Sleep>>>,
     /// Trailers end a gRPC response; nothing may follow them.
     trailers_sent: bool,
