@@ -22,8 +22,8 @@ use tonic::Code;
 
 use crate::support::{
     Client, TestServer, assert_marker_outlives_reservation, count, create, found, get, gone_within,
-    inspect, list, login, now_ms, revoke, revoke_others, store_raw_session, stream_starts,
-    wait_until,
+    inspect, list, login, next_revocations, now_ms, revoke, revoke_others, store_raw_session,
+    stream_starts, wait_until,
 };
 
 /// How long a test waits for something that takes milliseconds.
@@ -259,20 +259,11 @@ async fn reuse_ends_the_family_everywhere() {
         );
     }
     // The stream: e-1 rotated, then e-2 ended for reuse.
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let message = tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("the revocations came")
-            .unwrap()
-            .unwrap();
-        seen.extend(
-            message
-                .revocations
-                .into_iter()
-                .map(|r| (r.token_id, RevocationReason::try_from(r.reason).unwrap())),
-        );
-    }
+    let seen: Vec<_> = next_revocations(&mut stream, 2, PATIENCE)
+        .await
+        .into_iter()
+        .map(|(_, token, reason)| (token, reason))
+        .collect();
     assert_eq!(
         seen,
         [
@@ -1068,17 +1059,9 @@ async fn revoking_the_other_sessions_keeps_the_asking_one() {
     }
 
     let mut ended = Vec::new();
-    while ended.len() < 3 {
-        let message = tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("the revocations came")
-            .unwrap()
-            .unwrap();
-        for revocation in message.revocations {
-            assert_eq!(revocation.user_id, "olga");
-            assert_eq!(revocation.reason(), RevocationReason::Revoked);
-            ended.push(revocation.token_id);
-        }
+    for (user, token, reason) in next_revocations(&mut stream, 3, PATIENCE).await {
+        assert_eq!((user.as_str(), reason), ("olga", RevocationReason::Revoked));
+        ended.push(token);
     }
     ended.sort();
     assert_eq!(ended, ["o-1", "o-3", "o-4"], "one each, none user-wide");

@@ -11,13 +11,12 @@ use session_client::SessionClient;
 use sessionstore::v1::{
     RevocationReason, RevokeOtherUserSessionsRequest, RotateOutcome, RotateSessionRequest,
 };
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::support::{
     Client, HELD, PrivateRedis, TestServer, config_on, count, create, direct_and_held, found, get,
-    gone_within, list, login, now_ms, revoke, revoke_all, revoke_others, store_raw_session,
-    stream_starts,
+    gone_within, list, login, next_revocations, now_ms, revoke, revoke_all, revoke_others,
+    store_raw_session, stream_starts,
 };
 
 /// How long a test waits for something that takes milliseconds.
@@ -205,17 +204,9 @@ async fn another_clients_near_cache_drops_exactly_the_others() {
     assert!(found(&watcher, "ned", "nc-5").await);
 
     let mut ended = Vec::new();
-    while ended.len() < 3 {
-        let message = tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("the revocations came")
-            .unwrap()
-            .unwrap();
-        for revocation in message.revocations {
-            assert_eq!(revocation.reason(), RevocationReason::Revoked);
-            assert_eq!(revocation.user_id, "nell");
-            ended.push(revocation.token_id);
-        }
+    for (user, token, reason) in next_revocations(&mut stream, 3, PATIENCE).await {
+        assert_eq!((user.as_str(), reason), ("nell", RevocationReason::Revoked));
+        ended.push(token);
     }
     ended.sort();
     assert_eq!(ended, ["nc-1", "nc-2", "nc-4"]);
@@ -278,11 +269,11 @@ async fn sessions_without_a_family_keep_only_themselves() {
 /// refused afterwards.
 #[tokio::test]
 async fn none_one_and_very_many_sessions() {
-    let server = TestServer::start_tuned(|c| {
-        c.max_sessions_per_user = 5000;
-        c.redis_timeout_ms = 5000;
-    })
-    .await;
+    // Room for 2,000 sessions, and for revoking them in one call.
+    let roomy = |c: &mut session_server::Config| {
+        (c.max_sessions_per_user, c.redis_timeout_ms) = (5000, 5000);
+    };
+    let server = TestServer::start_tuned(roomy).await;
     let mut client = server.client().await;
     login(&mut client, "solo", "s-1").await;
     let answer = revoke_others(&mut client, "solo", "s-1").await;

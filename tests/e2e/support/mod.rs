@@ -42,8 +42,8 @@ pub(crate) use self::{
     },
     rpc::{
         Client, HELD, count, create, direct_and_held, found, get, gone_within, list, login,
-        lookups_work_within, now_ms, record_attempt, reset_attempts, revoke, revoke_all,
-        revoke_others, stream_starts,
+        lookups_work_within, next_revocations, now_ms, record_attempt, reset_attempts, revoke,
+        revoke_all, revoke_others, stream_starts,
     },
     server::{TestServer, config_on, https_url, test_config},
 };

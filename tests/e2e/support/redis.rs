@@ -290,32 +290,26 @@ pub(crate) async fn store_raw_session(
             .as_millis(),
     )
     .unwrap();
-    let _: () = inspect(
-        config,
-        redis::cmd("SET")
-            .arg(format!("{prefix}session:{{{user}}}:{{{token}}}"))
-            .arg(json)
-            .arg("PX")
-            .arg(ttl_ms),
-    )
-    .await;
-    let _: () = inspect(
-        config,
-        redis::cmd("ZADD")
-            .arg(format!("{prefix}user_sessions:{{{user}}}"))
-            .arg(now + ttl_ms)
-            .arg(token),
-    )
-    .await;
-    let _: () = inspect(
-        config,
-        redis::cmd("SET")
-            .arg(format!("{prefix}token_owner:{{{token}}}"))
-            .arg(user)
-            .arg("PX")
-            .arg(ttl_ms + 60_000),
-    )
-    .await;
+    let mut session = redis::cmd("SET");
+    session
+        .arg(format!("{prefix}session:{{{user}}}:{{{token}}}"))
+        .arg(json)
+        .arg("PX")
+        .arg(ttl_ms);
+    let mut index = redis::cmd("ZADD");
+    index
+        .arg(format!("{prefix}user_sessions:{{{user}}}"))
+        .arg(now + ttl_ms)
+        .arg(token);
+    let mut owner = redis::cmd("SET");
+    owner
+        .arg(format!("{prefix}token_owner:{{{token}}}"))
+        .arg(user)
+        .arg("PX")
+        .arg(ttl_ms + 60_000);
+    for cmd in [session, index, owner] {
+        let _: () = inspect(config, &cmd).await;
+    }
 }
 
 /// The key's PTTL: -2 when it does not exist, -1 when it has no TTL.

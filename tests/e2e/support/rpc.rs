@@ -5,9 +5,10 @@ use std::time::Duration;
 use sessionstore::v1::{
     CreateSessionRequest, CreateSessionResponse, GetSessionRequest, GetUserSessionCountRequest,
     ListUserSessionsRequest, RecordLoginAttemptRequest, RecordLoginAttemptResponse,
-    ResetLoginAttemptsRequest, ResetLoginAttemptsResponse, RevokeAllUserSessionsRequest,
-    RevokeOtherUserSessionsRequest, RevokeOtherUserSessionsResponse, RevokeSessionRequest, Session,
-    WatchRevocationsRequest, WatchRevocationsResponse, session_store_client::SessionStoreClient,
+    ResetLoginAttemptsRequest, ResetLoginAttemptsResponse, RevocationReason,
+    RevokeAllUserSessionsRequest, RevokeOtherUserSessionsRequest, RevokeOtherUserSessionsResponse,
+    RevokeSessionRequest, Session, WatchRevocationsRequest, WatchRevocationsResponse,
+    session_store_client::SessionStoreClient,
 };
 use tokio_stream::StreamExt;
 use tonic::{Streaming, transport::Channel};
@@ -259,4 +260,26 @@ pub(crate) async fn direct_and_held(
     let warm = revoke_others(&mut held.client().await, "warm", "w-1").await;
     assert_eq!((warm.kept, warm.revoked_count), (true, 1));
     (direct, held)
+}
+
+/// The next `n` revocations `stream` carries, in order, as (user, token,
+/// reason); each message must come within `limit`.
+pub(crate) async fn next_revocations(
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    n: usize,
+    limit: Duration,
+) -> Vec<(String, String, RevocationReason)> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let message = tokio::time::timeout(limit, stream.next())
+            .await
+            .expect("the revocations came")
+            .unwrap()
+            .unwrap();
+        seen.extend(message.revocations.into_iter().map(|r| {
+            let reason = r.reason();
+            (r.user_id, r.token_id, reason)
+        }));
+    }
+    seen
 }
