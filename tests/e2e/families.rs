@@ -918,16 +918,21 @@ async fn sessions_of_the_version_before_families_keep_working() {
     assert_eq!(old["expires_at_ms"].as_u64(), Some(ms(new.expires_at)));
 }
 
+/// A session-client on `server` with a near-cache.
+async fn cached_client(server: &TestServer) -> SessionClient {
+    SessionClient::builder(server.url())
+        .near_cache(1000)
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// session-client: rotate_session answers the outcome as its enum, and the
 /// near-cache never answers the rotated-away session from memory afterwards.
 #[tokio::test]
 async fn the_client_rotates_and_its_near_cache_drops_the_old_session() {
     let server = TestServer::start().await;
-    let client = SessionClient::builder(server.url())
-        .near_cache(1000)
-        .connect()
-        .await
-        .unwrap();
+    let client = cached_client(&server).await;
     let created = client
         .create_session_with(session_client::NewSession::new("cleo", "cl-1"))
         .await
@@ -966,11 +971,7 @@ async fn the_client_rotates_and_its_near_cache_drops_the_old_session() {
 #[tokio::test]
 async fn the_client_signs_out_other_devices() {
     let server = TestServer::start().await;
-    let client = SessionClient::builder(server.url())
-        .near_cache(1000)
-        .connect()
-        .await
-        .unwrap();
+    let client = cached_client(&server).await;
     for token in ["dv-1", "dv-2", "dv-3"] {
         let created = client
             .create_session_with(session_client::NewSession::new("dev", token))
