@@ -265,25 +265,26 @@ impl Op {
         }
     }
 
-    /// Runs `cmd`, whose reply is an integer (not kept), on one master
-    /// (`master`, "host:port", on a cluster; the one master otherwise). The
-    /// revocation stream's
-    /// heartbeats use it: each must leave from a given master (see
-    /// `revocations`), which the cluster's key-slot routing cannot express.
+    /// Runs `cmd`, whose reply is an integer, on one master (`master`,
+    /// "host:port", on a cluster; the one master otherwise), and answers
+    /// that integer. The revocation stream's heartbeats use it: each must
+    /// leave from a given master (see `revocations`), which the cluster's
+    /// key-slot routing cannot express.
     ///
     /// # Errors
     ///
     /// As [`query`](Self::query); [`Error::Internal`] when the master
-    /// refuses the command (an ACL without the channel, a script error).
+    /// refuses the command (an ACL without the channel, a script error) or
+    /// answers something other than an integer.
     pub(super) async fn run_on(
         &mut self,
         master: Option<&str>,
         cmd: &redis::Cmd,
-    ) -> Result<(), Error> {
+    ) -> Result<i64, Error> {
         let start = std::time::Instant::now();
         let (Link::Cluster(cluster), Some(master)) = (&mut self.conn, master) else {
             let result = timeout_at(self.deadline, cmd.query_async::<i64>(&mut self.conn)).await;
-            return self.settle(start, result).map(|_| ());
+            return self.settle(start, result);
         };
         let (host, port) = split_host_port(master)?;
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -292,10 +293,13 @@ impl Op {
         });
         let result = timeout_at(self.deadline, cluster.route_command(cmd.clone(), routing)).await;
         match self.settle(start, result)? {
+            Value::Int(reply) => Ok(reply),
             Value::ServerError(refusal) => Err(Error::Internal(
                 format!("a command on {master} was refused: {refusal:?}").into(),
             )),
-            _ => Ok(()),
+            other => Err(Error::Internal(
+                format!("a command on {master} answered {other:?}, not an integer").into(),
+            )),
         }
     }
 

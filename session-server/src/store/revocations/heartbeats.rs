@@ -13,7 +13,8 @@ impl Store {
     /// master in `masters` (`<own><seq>:<index>:<redis_time_ms>`, the time
     /// read by the master in the script that publishes it), as the scripts
     /// publish revocations; on a cluster also checks that the masters are
-    /// still those, and says on `changed` when they are not.
+    /// still those, and says on `changed` when they are not, or when one of
+    /// them answers that it is a replica now (the script's role check).
     pub(super) async fn publish_heartbeats(
         self,
         channel: String,
@@ -48,11 +49,31 @@ impl Store {
                 beat.arg(HEARTBEAT_SCRIPT)
                     .arg(0)
                     .arg(&channel)
-                    .arg(format!("{own}{seq}:{index}"));
+                    .arg(format!("{own}{seq}:{index}"))
+                    .arg(if cluster { "1" } else { "0" });
                 // A failed beat shows as a missing heartbeat; the store
                 // records the error. A refusal is a misconfiguration worth
                 // saying once.
                 match op.run_on(master.as_deref(), &beat).await {
+                    // The node is a replica now: a failover demoted it
+                    // before redis-rs's view of the masters caught up. Its
+                    // beat would have come back and vouched for a
+                    // subscription that no longer hears its slots'
+                    // revocations first-hand, so none is sent: the stream
+                    // subscribes again on the new masters (and resets).
+                    // redis-rs learns of a failover from a redirect only,
+                    // and PING (how the masters are listed) is answered by
+                    // a replica too: a keyed read on the demoted node is
+                    // answered MOVED, on which redis-rs rebuilds its slot
+                    // map, so the next subscription lists the new masters
+                    // even when no call has touched those slots.
+                    Ok(-1) => {
+                        let mut nudge = redis::cmd("EXISTS");
+                        nudge.arg(&channel);
+                        let _ = op.run_on(master.as_deref(), &nudge).await;
+                        let _ = changed.try_send(());
+                        return;
+                    }
                     Err(Error::Internal(cause)) if !refused_logged => {
                         refused_logged = true;
                         tracing::error!(

@@ -6,7 +6,20 @@
 -- KEYS      none
 -- ARGV[1]   the revocation channel
 -- ARGV[2]   the heartbeat without its time: `h:<instance>:<seq>:<master index>`
--- Returns   PUBLISH's reply: how many subscribers received it
+-- ARGV[3]   `1`: publish only if this node is a master now (a cluster: a
+--           master demoted by a failover still takes the beat, and a beat
+--           that came back from it would vouch for a subscription that no
+--           longer hears its slots' revocations first-hand); `0`: publish
+--           (standalone and sentinel, whose server may be pointed at a
+--           replica on purpose)
+-- Returns   PUBLISH's reply (how many subscribers received it), or -1 when
+--           ARGV[3] is `1` and this node is not a master: nothing published
+if ARGV[3] == '1' then
+  local info = redis.call('INFO', 'replication')
+  if string.match(info, 'role:(%a+)') ~= 'master' then
+    return -1
+  end
+end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 return redis.call('PUBLISH', ARGV[1], string.format('%s:%.0f', ARGV[2], now))
