@@ -73,7 +73,14 @@
 //! heartbeats, and the next subscription goes to the new master. Cluster: one
 //! connection per master, as redis-rs's cluster connection sees the masters;
 //! a revocation arrives once over its own master's connection and again over
-//! the bus on the others, and the copies are dropped.
+//! the bus on the others, and the copies are dropped. A beat leaves a node
+//! only while it is a master (`scripts/heartbeat.lua` asks `INFO
+//! replication`): a master demoted by a graceful failover keeps running and
+//! taking PUBLISH, and redis-rs, which learns of a failover from a
+//! redirect, may list it as a master for as long as no call touches its
+//! slots. Its refusal makes the heartbeats provoke that redirect (a keyed
+//! read on it, answered MOVED) and the stream subscribe again on the new
+//! masters.
 //!
 //! # The files
 //!
