@@ -10,6 +10,13 @@
 //!     --features bench-internals --example near_cache_scale -- ENTRIES METADATA SECONDS AGENTS
 //! ```
 //!
+//! Lookups are measured on the cache's `Session` answer
+//! (`get_user_session`'s from memory), then on its `CompactSession` one
+//! (`check_user_session`'s; lines prefixed `compact`), then through the
+//! client's public methods on a current-thread Tokio runtime (lines
+//! prefixed `client`: a client whose near-cache is this one, every lookup
+//! a hit).
+//!
 //! `ENTRIES` (default 1000000) sessions are cached: the first 10 000 belong
 //! to users with 10 sessions each, the others to users with 5. `METADATA`
 //! is `full` (the default: an ip, a 110-byte user agent and a device, as
@@ -110,34 +117,40 @@ fn main() {
         anon_huge() as f64 / 1e6,
     );
 
-    for threads in [1, 2] {
-        let rates = run_threads(threads, |t| {
-            let (cache, keys) = (cache.clone(), keys.clone());
-            move || rate(&cache, &keys, window, t)
-        });
-        let total: f64 = rates.iter().sum();
-        println!(
-            "threads={threads} lookups_per_s={total:.0} per_thread={:?}",
-            rates.iter().map(|r| r.round()).collect::<Vec<_>>()
-        );
-    }
-    for threads in [1, 2] {
-        let hists = run_threads(threads, |t| {
-            let (cache, keys) = (cache.clone(), keys.clone());
-            move || timed(&cache, &keys, window, t)
-        });
-        let mut all = hists[0].clone();
-        for h in &hists[1..] {
-            all.add(h).expect("same bounds");
+    for (label, answer) in [("", Answer::Session), ("compact ", Answer::Compact)] {
+        for threads in [1, 2] {
+            let rates = run_threads(threads, |t| {
+                let (cache, keys) = (cache.clone(), keys.clone());
+                move || rate(&cache, &keys, window, t, answer)
+            });
+            let total: f64 = rates.iter().sum();
+            println!(
+                "{label}threads={threads} lookups_per_s={total:.0} per_thread={:?}",
+                rates.iter().map(|r| r.round()).collect::<Vec<_>>()
+            );
         }
-        println!(
-            "threads={threads} timed_lookups={} p50_ns={} p99_ns={} p999_ns={} max_ns={}",
-            all.len(),
-            all.value_at_quantile(0.5),
-            all.value_at_quantile(0.99),
-            all.value_at_quantile(0.999),
-            all.max()
-        );
+        for threads in [1, 2] {
+            let hists = run_threads(threads, |t| {
+                let (cache, keys) = (cache.clone(), keys.clone());
+                move || timed(&cache, &keys, window, t, answer)
+            });
+            let mut all = hists[0].clone();
+            for h in &hists[1..] {
+                all.add(h).expect("same bounds");
+            }
+            println!(
+                "{label}threads={threads} timed_lookups={} p50_ns={} p99_ns={} p999_ns={} max_ns={}",
+                all.len(),
+                all.value_at_quantile(0.5),
+                all.value_at_quantile(0.99),
+                all.value_at_quantile(0.999),
+                all.max()
+            );
+        }
+    }
+    for (method, compact) in [("get_user_session", false), ("check_user_session", true)] {
+        let rate = client_rate(&cache, &keys, window, compact);
+        println!("client {method} threads=1 lookups_per_s={rate:.0}");
     }
 
     // Revocations applied to the full cache, each timed: single sessions,
@@ -272,8 +285,27 @@ fn run_threads<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// How a lookup is made: through the cache's `Session` answer, or its
+/// `CompactSession` one (`check_user_session`'s).
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    Session,
+    Compact,
+}
+
+impl Answer {
+    /// Looks `token` of `user` up; whether it was answered.
+    #[inline]
+    fn lookup(self, cache: &BenchCache, token: &str, user: &str) -> bool {
+        match self {
+            Answer::Session => black_box(cache.lookup(token, Some(user))).is_some(),
+            Answer::Compact => black_box(cache.lookup_compact(token, Some(user))).is_some(),
+        }
+    }
+}
+
 /// Lookups of random cached sessions for `window`: the rate.
-fn rate(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> f64 {
+fn rate(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64, answer: Answer) -> f64 {
     let mut rng = mix(seed + 1);
     let started = Instant::now();
     let (mut done, mut hits) = (0_u64, 0_u64);
@@ -282,8 +314,7 @@ fn rate(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> f64 {
             rng = mix(rng);
             let i = rng as usize % keys.len();
             let (token, user) = keys.key(i);
-            let found = black_box(cache.lookup(token.as_str(), Some(user.as_str())));
-            hits += u64::from(found.is_some());
+            hits += u64::from(answer.lookup(cache, token.as_str(), user.as_str()));
         }
         done += 1024;
         let elapsed = started.elapsed();
@@ -295,7 +326,13 @@ fn rate(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> f64 {
 }
 
 /// Lookups of random cached sessions for `window`, each timed.
-fn timed(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> Histogram<u64> {
+fn timed(
+    cache: &BenchCache,
+    keys: &Keys,
+    window: Duration,
+    seed: u64,
+    answer: Answer,
+) -> Histogram<u64> {
     let mut rng = mix(seed + 101);
     let mut hist = histogram();
     let started = Instant::now();
@@ -305,12 +342,56 @@ fn timed(cache: &BenchCache, keys: &Keys, window: Duration, seed: u64) -> Histog
             let i = rng as usize % keys.len();
             let (token, user) = keys.key(i);
             let at = Instant::now();
-            let found = black_box(cache.lookup(token.as_str(), Some(user.as_str())));
+            let found = answer.lookup(cache, token.as_str(), user.as_str());
             hist.record(at.elapsed().as_nanos() as u64).ok();
-            assert!(found.is_some());
+            assert!(found);
         }
     }
     hist
+}
+
+/// Lookups of random cached sessions through the client's public methods
+/// for `window`, on a current-thread runtime: `get_user_session`, or
+/// `check_user_session` when `compact`. The rate.
+fn client_rate(cache: &BenchCache, keys: &Keys, window: Duration, compact: bool) -> f64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // Nothing listens there: every lookup must be a hit.
+        let client = cache.client("http://127.0.0.1:1").await.expect("client");
+        let mut rng = mix(7);
+        let started = Instant::now();
+        let (mut done, mut hits) = (0_u64, 0_u64);
+        loop {
+            for _ in 0..1024 {
+                rng = mix(rng);
+                let i = rng as usize % keys.len();
+                let (token, user) = keys.key(i);
+                let found = if compact {
+                    black_box(
+                        client
+                            .check_user_session(user.as_str(), token.as_str())
+                            .await,
+                    )
+                    .expect("answered")
+                    .is_some()
+                } else {
+                    black_box(client.get_user_session(user.as_str(), token.as_str()).await)
+                        .expect("answered")
+                        .is_some()
+                };
+                hits += u64::from(found);
+            }
+            done += 1024;
+            let elapsed = started.elapsed();
+            if elapsed >= window {
+                assert_eq!(hits, done, "every lookup answered from memory");
+                return done as f64 / elapsed.as_secs_f64();
+            }
+        }
+    })
 }
 
 fn histogram() -> Histogram<u64> {

@@ -129,6 +129,20 @@ impl SessionClient {
         }
     }
 
+    /// This client (no clone of it made yet) answering lookups from `cache`,
+    /// which the caller drives: no stream task (the scale measurement,
+    /// `near_cache/bench.rs`). `None` when a clone exists.
+    #[cfg(feature = "bench-internals")]
+    pub(crate) fn with_driven_cache(self, cache: Arc<NearCache>) -> Option<Self> {
+        let shared = Arc::into_inner(self.shared)?;
+        Some(Self {
+            shared: Arc::new(Shared {
+                caller: shared.caller,
+                near_cache: Some((cache, Watcher::idle())),
+            }),
+        })
+    }
+
     fn near_cache(&self) -> Option<&Arc<NearCache>> {
         self.shared.near_cache.as_ref().map(|(cache, _)| cache)
     }

@@ -125,12 +125,12 @@ mod types;
 pub use builder::Builder;
 pub use client::SessionClient;
 pub use error::{BoxError, CallError, Code, Error, Result};
-pub use near_cache::NearCacheStats;
 /// The near-cache driven without a client, for `examples/near_cache_scale.rs`
 /// only (feature `bench-internals`): not part of the API.
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use near_cache::bench as __near_cache_bench;
+pub use near_cache::{CompactSession, NearCacheStats};
 #[cfg(feature = "tower")]
 pub use require_session::{RequireSession, RequireSessionLayer, ResponseFuture, SessionUnchecked};
 /// The generated `sessionstore.v1` messages and stub, for raw use.

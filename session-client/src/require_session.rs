@@ -29,7 +29,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{client::SessionClient, error::Error, types::Session};
+use crate::{client::SessionClient, error::Error, near_cache::CompactSession, types::Session};
 
 /// The longest user or token id SessionStore accepts (its `MAX_ID_LEN`):
 /// a longer one cannot name a live session.
@@ -101,6 +101,7 @@ pub struct RequireSessionLayer<F> {
     client: SessionClient,
     extract: F,
     when_unavailable: WhenUnavailable,
+    compact: bool,
 }
 
 impl<F> RequireSessionLayer<F>
@@ -115,6 +116,7 @@ where
             client,
             extract,
             when_unavailable: WhenUnavailable::FailClosed,
+            compact: false,
         }
     }
 }
@@ -137,6 +139,35 @@ impl<F> RequireSessionLayer<F> {
         self.when_unavailable = WhenUnavailable::PassUnchecked;
         self
     }
+
+    /// Puts a [`CompactSession`] in a passed request's extensions instead
+    /// of a [`Session`]: the same session, built in one allocation instead
+    /// of about ten (see
+    /// [`SessionClient::check_user_session`]). On a near-cache hit that is
+    /// most of the layer's work (BENCHMARKS.md, #28's fourth pass). Handlers
+    /// then read `Extension<CompactSession>`; by default the layer inserts
+    /// a `Session`, as before.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn build(client: session_client::SessionClient) {
+    /// use session_client::RequireSessionLayer;
+    ///
+    /// let layer = RequireSessionLayer::new(client, |parts: &http::request::Parts| {
+    ///     let user = parts.headers.get("x-user")?.to_str().ok()?;
+    ///     let token = parts.headers.get("x-jti")?.to_str().ok()?;
+    ///     Some((user, token))
+    /// })
+    /// .compact();
+    /// # let _ = layer;
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn compact(mut self) -> Self {
+        self.compact = true;
+        self
+    }
 }
 
 impl<S, F: Clone> Layer<S> for RequireSessionLayer<F> {
@@ -148,6 +179,7 @@ impl<S, F: Clone> Layer<S> for RequireSessionLayer<F> {
             client: self.client.clone(),
             extract: self.extract.clone(),
             when_unavailable: self.when_unavailable,
+            compact: self.compact,
         }
     }
 }
@@ -157,6 +189,7 @@ impl<F> fmt::Debug for RequireSessionLayer<F> {
         f.debug_struct("RequireSessionLayer")
             .field("client", &self.client)
             .field("when_unavailable", &self.when_unavailable)
+            .field("compact", &self.compact)
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +209,9 @@ pub struct RequireSession<S, F> {
     client: SessionClient,
     extract: F,
     when_unavailable: WhenUnavailable,
+    /// Whether a passed request carries a [`CompactSession`] rather than
+    /// a [`Session`].
+    compact: bool,
 }
 
 impl<S, F> fmt::Debug for RequireSession<S, F> {
@@ -183,6 +219,7 @@ impl<S, F> fmt::Debug for RequireSession<S, F> {
         f.debug_struct("RequireSession")
             .field("client", &self.client)
             .field("when_unavailable", &self.when_unavailable)
+            .field("compact", &self.compact)
             .finish_non_exhaustive()
     }
 }
@@ -216,7 +253,12 @@ where
         }) else {
             return ResponseFuture::rejected(Reject::NotLive, &parts.headers);
         };
-        if let Some(session) = self.client.cached_user_session(user_id, token_id) {
+        if self.compact {
+            if let Some(session) = self.client.cached_user_session_compact(user_id, token_id) {
+                parts.extensions.insert(session);
+                return ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)));
+            }
+        } else if let Some(session) = self.client.cached_user_session(user_id, token_id) {
             parts.extensions.insert(session);
             return ResponseFuture::inner(self.inner.call(Request::from_parts(parts, body)));
         }
@@ -228,6 +270,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let when_unavailable = self.when_unavailable;
+        let compact = self.compact;
         let future = async move {
             let verdict = match client.get_user_session_uncached(user_id, token_id).await {
                 Ok(Some(session)) => Verdict::Pass(Some(session)),
@@ -240,6 +283,10 @@ where
                 Err(_) => Verdict::Reject(Reject::Unavailable),
             };
             match verdict {
+                Verdict::Pass(Some(session)) if compact => {
+                    parts.extensions.insert(CompactSession::from(session));
+                    inner.call(Request::from_parts(parts, body)).await
+                }
                 Verdict::Pass(Some(session)) => {
                     parts.extensions.insert(session);
                     inner.call(Request::from_parts(parts, body)).await

@@ -8,7 +8,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{Extension, Router, http::request::Parts, routing::get};
-use session_client::{NewSession, RequireSessionLayer, Session, SessionClient, SessionUnchecked};
+use session_client::{
+    CompactSession, NewSession, RequireSessionLayer, Session, SessionClient, SessionUnchecked,
+};
 use tokio::net::TcpListener;
 use tonic::{Code, transport::Server};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -33,19 +35,24 @@ async fn client(url: String, near_cache: bool) -> SessionClient {
 }
 
 /// An axum service behind `layer`: `/` answers which session it was given
-/// (`live <user> <token>`), or `unchecked`.
+/// (`live <user> <token>`; `compact live <user> <token>` for a
+/// [`CompactSession`]), or `unchecked`.
 async fn serve_http<F>(layer: RequireSessionLayer<F>) -> (SocketAddr, Serving)
 where
     F: Fn(&Parts) -> Option<(&str, &str)> + Clone + Send + Sync + 'static,
 {
     async fn answer(
         session: Option<Extension<Session>>,
+        compact: Option<Extension<CompactSession>>,
         unchecked: Option<Extension<SessionUnchecked>>,
     ) -> String {
-        match (session, unchecked) {
-            (Some(Extension(s)), None) => format!("live {} {}", s.user_id, s.token_id),
-            (None, Some(_)) => "unchecked".to_owned(),
-            other => panic!("neither or both: {:?}", other.0.is_some()),
+        match (session, compact, unchecked) {
+            (Some(Extension(s)), None, None) => format!("live {} {}", s.user_id, s.token_id),
+            (None, Some(Extension(s)), None) => {
+                format!("compact live {} {}", s.user_id(), s.token_id())
+            }
+            (None, None, Some(_)) => "unchecked".to_owned(),
+            other => panic!("not one: {:?}", (other.0.is_some(), other.1.is_some())),
         }
     }
     let app = Router::new().route("/", get(answer)).layer(layer);
@@ -289,4 +296,62 @@ async fn the_near_cache_answers_repeated_checks() {
 
     client.revoke_session("t-live").await.unwrap();
     assert_denied(&get_with(addr, Some(("u-1", "t-live"))).await);
+}
+
+/// A layer built `compact()` puts a `CompactSession` in the extensions,
+/// from the server's answer on a miss and from memory on a hit (the same
+/// session `check_user_session` answers, and `get_user_session` in full);
+/// a revocation ends both.
+#[tokio::test]
+async fn the_compact_layer_passes_compact_sessions() {
+    let server = TestServer::start().await;
+    let client = client(server.url(), true).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            client.near_cache_stats().unwrap().healthy
+        })
+        .await
+    );
+    let (addr, _serving) =
+        serve_http(RequireSessionLayer::new(client.clone(), ids).compact()).await;
+    assert!(
+        client
+            .create_session(
+                "u-1",
+                "t-live",
+                [("device".to_owned(), "phone".to_owned())].into()
+            )
+            .await
+            .unwrap()
+    );
+
+    let before = client.near_cache_stats().unwrap();
+    for _ in 0..3 {
+        let answer = get_with(addr, Some(("u-1", "t-live"))).await;
+        assert_eq!(answer.body, "compact live u-1 t-live");
+    }
+    let after = client.near_cache_stats().unwrap();
+    assert_eq!(after.misses - before.misses, 1, "{before:?} -> {after:?}");
+    assert_eq!(after.hits - before.hits, 2, "{before:?} -> {after:?}");
+
+    let compact = client
+        .check_user_session("u-1", "t-live")
+        .await
+        .unwrap()
+        .expect("live");
+    let full = client.get_user_session("u-1", "t-live").await.unwrap();
+    assert_eq!(Some(compact.to_session()), full);
+    assert_eq!(compact.metadata_value("device"), Some("phone"));
+    assert_eq!((compact.user_id(), compact.token_id()), ("u-1", "t-live"));
+    assert_eq!(
+        client.check_user_session("u-2", "t-live").await.unwrap(),
+        None
+    );
+
+    client.revoke_session("t-live").await.unwrap();
+    assert_denied(&get_with(addr, Some(("u-1", "t-live"))).await);
+    assert_eq!(
+        client.check_user_session("u-1", "t-live").await.unwrap(),
+        None
+    );
 }

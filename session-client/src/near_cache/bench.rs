@@ -12,8 +12,8 @@ use std::{
 
 use sessionstore::v1 as pb;
 
-use super::{NearCache, Revocation};
-use crate::types::Session;
+use super::{CompactSession, NearCache, Revocation};
+use crate::{SessionClient, types::Session};
 
 /// A near-cache synced to a stream of its own (stream id 0).
 #[derive(Debug, Clone)]
@@ -87,6 +87,29 @@ impl BenchCache {
     /// `get_session` (`user_id: None`) or `get_user_session` from memory.
     pub fn lookup(&self, token_id: &str, user_id: Option<&str>) -> Option<Session> {
         self.cache.lookup(token_id, user_id)
+    }
+
+    /// [`SessionClient::check_user_session`](crate::SessionClient::check_user_session)'s
+    /// answer from memory (`user_id: None`: any user's).
+    pub fn lookup_compact(&self, token_id: &str, user_id: Option<&str>) -> Option<CompactSession> {
+        self.cache.lookup_compact(token_id, user_id)
+    }
+
+    /// A client of `endpoint` (lazy: nothing is connected until a call
+    /// misses) whose near-cache is this one: to measure lookups through
+    /// the client's public methods. Must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::connect`](crate::Builder::connect).
+    pub async fn client(&self, endpoint: &str) -> crate::Result<SessionClient> {
+        let client = SessionClient::builder(endpoint)
+            .lazy(true)
+            .connect()
+            .await?;
+        client
+            .with_driven_cache(self.cache.clone())
+            .ok_or_else(|| crate::Error::Config("client cloned".into()))
     }
 
     /// A revocation from the stream: one session (`token_id`), or every

@@ -31,9 +31,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use super::Clock;
-use super::packed::{Registry, View, nanos, pack};
-use super::shard::{REFERENCED, Shard, TAKEN};
+use super::packed::{Interned, Registry, View, nanos, pack};
+use super::shard::{Found, Serving, Shard};
+use super::slot::{Handle, REFERENCED, TAKEN};
 use crate::types::Session;
 
 /// The most shards: enough that the threads of a large host rarely meet
@@ -54,30 +54,6 @@ const ENTRIES_PER_SHARD: usize = 1024;
 /// Dropping more entries than this at once (a flush) is left to a thread of
 /// its own: freeing a million allocations takes a tenth of a second.
 const DROP_ELSEWHERE: usize = 4096;
-
-/// An entry's hash as its slot holds it ([`TAKEN`] set, [`REFERENCED`]
-/// clear): how the per-user index finds it again. Two token ids may share
-/// one; every use checks what the entry holds.
-pub(super) type Handle = u64;
-
-/// What a lookup needs from the stream's state, copied into each shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Serving {
-    /// When the current stream's last message arrived.
-    pub(super) last_message: Instant,
-    /// The latest reading of Redis's clock.
-    pub(super) clock: Clock,
-}
-
-/// A lookup's outcome.
-#[derive(Debug)]
-pub(super) enum Found {
-    Hit(Session),
-    /// Not cached, not the user given, or the cache may not serve.
-    Miss,
-    /// Cached, but past its expiry by Redis's clock: to be removed.
-    Expired,
-}
 
 /// An entry removed, for the per-user index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,17 +132,19 @@ impl Entries {
         self.shard(self.shard_of(handle))
     }
 
-    /// The cached session for `token_id`, when the cache may serve at `now`.
-    pub(super) fn lookup(
+    /// The answer `answer` builds from `token_id`'s entry, when the cache
+    /// may serve it at `now` (see `Shard::lookup`).
+    pub(super) fn lookup<T>(
         &self,
         token_id: &str,
         user_id: Option<&str>,
         now: Instant,
         max_staleness: Duration,
-    ) -> Found {
+        answer: impl FnOnce(View<'_>, &Interned) -> Option<T>,
+    ) -> Found<T> {
         let handle = self.handle(token_id);
         let mut shard = self.shard_for(handle);
-        let found = shard.lookup(handle, token_id, user_id, now, max_staleness);
+        let found = shard.lookup(handle, token_id, user_id, now, max_staleness, answer);
         if matches!(found, Found::Hit(_)) {
             shard.hits += 1;
         } else {

@@ -113,17 +113,22 @@ use std::{
 use sessionstore::v1 as pb;
 
 use crate::types::Session;
-use entries::{Entries, Found, Serving};
+pub use compact::CompactSession;
+use entries::Entries;
+use packed::{Interned, View};
+use shard::{Found, Serving};
 pub(crate) use state::Roles;
-use state::{Clock, State};
+use state::State;
 
 mod arena;
 #[cfg(feature = "bench-internals")]
 pub mod bench;
 mod changes;
+mod compact;
 mod entries;
 mod packed;
 mod shard;
+mod slot;
 mod state;
 mod stream;
 mod watcher;
@@ -304,11 +309,54 @@ impl NearCache {
     }
 
     fn lookup_at(&self, token_id: &str, user_id: Option<&str>, now: Instant) -> Option<Session> {
+        self.lookup_with(token_id, user_id, now, |view, interned| {
+            view.session(interned, token_id, user_id)
+        })
+    }
+
+    /// As [`lookup`](Self::lookup), answering a [`CompactSession`]: the
+    /// entry copied out in one allocation.
+    pub(crate) fn lookup_compact(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+    ) -> Option<CompactSession> {
+        self.lookup_compact_at(token_id, user_id, Instant::now())
+    }
+
+    fn lookup_compact_at(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        now: Instant,
+    ) -> Option<CompactSession> {
+        self.lookup_with(token_id, user_id, now, |view, interned| {
+            match view.resolve(interned) {
+                Some(data) => Some(CompactSession::packed(data)),
+                // A metadata string exactly 64 KiB - 1 long (never in
+                // practice): the whole session, as `lookup` builds it.
+                None => view
+                    .session(interned, token_id, user_id)
+                    .map(CompactSession::from),
+            }
+        })
+    }
+
+    /// A lookup answered by `answer` from the entry, after every check that
+    /// it may be answered (the stream healthy, the session live by Redis's
+    /// clock, the user the one given); an expired entry is removed.
+    fn lookup_with<T>(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        now: Instant,
+        answer: impl FnOnce(View<'_>, &Interned) -> Option<T>,
+    ) -> Option<T> {
         match self
             .entries
-            .lookup(token_id, user_id, now, self.max_staleness)
+            .lookup(token_id, user_id, now, self.max_staleness, answer)
         {
-            Found::Hit(session) => Some(session),
+            Found::Hit(found) => Some(found),
             Found::Miss => None,
             Found::Expired => {
                 // The server would not find it either; no use keeping it.

@@ -58,6 +58,31 @@ pub(super) fn pack(
     registry: &mut Registry,
     hasher: &RandomState,
 ) -> Option<Box<[u8]>> {
+    pack_with(session, metadata, |s| interned.intern(s, registry, hasher))
+}
+
+/// `session` packed with every string inline (none interned, all its
+/// metadata kept): a [`CompactSession`](super::CompactSession) made from a
+/// server's answer. `None` as for [`pack`], and for a metadata string
+/// exactly [`SHARED`] long, which only an interned string may be.
+pub(super) fn pack_inline(session: &Session) -> Option<Box<[u8]>> {
+    if session
+        .metadata
+        .iter()
+        .any(|(k, v)| k.len() >= usize::from(SHARED) || v.len() >= usize::from(SHARED))
+    {
+        return None;
+    }
+    pack_with(session, true, |_| None)
+}
+
+/// [`pack`], with `intern` giving a metadata string's id when it is to be
+/// shared (counted as held), `None` to keep it inline.
+fn pack_with(
+    session: &Session,
+    metadata: bool,
+    mut intern: impl FnMut(&str) -> Option<u32>,
+) -> Option<Box<[u8]>> {
     let expires = nanos(session.expires_at)?;
     let created = nanos(session.created_at)?;
     let family_expires = match session.family_expires_at {
@@ -84,7 +109,7 @@ pub(super) fn pack(
         .iter()
         .take(kept)
         .flat_map(|(k, v)| [k, v])
-        .map(|s| (s.as_str(), interned.intern(s, registry, hasher)))
+        .map(|s| (s.as_str(), intern(s)))
         .collect();
     let size = HEADER
         + strings.iter().map(|s| s.len()).sum::<usize>()
@@ -255,6 +280,79 @@ impl<'a> View<'a> {
             family_expires_at: (family_expires != u64::MAX)
                 .then(|| UNIX_EPOCH + Duration::from_nanos(family_expires)),
         })
+    }
+}
+
+impl View<'_> {
+    /// The session copied into one allocation with every metadata string
+    /// inline (its shared ones read from `interned`): a
+    /// [`CompactSession`](super::CompactSession)'s data, in [`pack`]'s
+    /// layout with no id in it. `None` for what [`pack`] cannot have
+    /// written, and for a shared string exactly [`SHARED`] long (it cannot
+    /// be inline): the caller then builds a `Session`.
+    pub(super) fn resolve(self, interned: &Interned) -> Option<Box<[u8]>> {
+        // Bytes copied as they are: nothing is checked to be UTF-8 here
+        // (pack wrote `&str`s; the accessors check what they read), which
+        // was a tenth of a lookup's time.
+        let start = HEADER + self.u16_at(24)? + self.u16_at(26)? + self.u16_at(28)?;
+        let count = 2 * self.u16_at(30)?;
+        let shared = |at: usize| -> Option<&[u8]> {
+            let id = u32::from_le_bytes(self.0.get(at + 2..at + 6)?.try_into().ok()?);
+            let text = interned.get(id)?;
+            (text.len() < usize::from(SHARED)).then_some(text.as_bytes())
+        };
+        let (mut at, mut size) = (start, start);
+        for _ in 0..count {
+            let len = self.u16_at(at)?;
+            if len == usize::from(SHARED) {
+                size += 2 + shared(at)?.len();
+                at += 6;
+            } else {
+                size += 2 + len;
+                at += 2 + len;
+            }
+        }
+        let mut data = Vec::with_capacity(size);
+        data.extend_from_slice(self.0.get(..start)?);
+        at = start;
+        for _ in 0..count {
+            let len = self.u16_at(at)?;
+            if len == usize::from(SHARED) {
+                let text = shared(at)?;
+                // Below SHARED: checked by `shared`.
+                data.extend_from_slice(&(text.len() as u16).to_le_bytes());
+                data.extend_from_slice(text);
+                at += 6;
+            } else {
+                data.extend_from_slice(self.0.get(at..at + 2 + len)?);
+                at += 2 + len;
+            }
+        }
+        Some(data.into_boxed_slice())
+    }
+}
+
+impl<'a> View<'a> {
+    /// The family expiry, `None` when the session has no family.
+    pub(super) fn family_expires_at(self) -> Option<SystemTime> {
+        let at = self.u64_at(16).filter(|&n| n != u64::MAX)?;
+        Some(UNIX_EPOCH + Duration::from_nanos(at))
+    }
+
+    /// The expiry as a time.
+    pub(super) fn expires_at(self) -> Option<SystemTime> {
+        Some(UNIX_EPOCH + Duration::from_nanos(self.expires()?))
+    }
+
+    /// The metadata of a session whose strings are all inline (a
+    /// [`resolve`](Self::resolve)d or [`pack_inline`]d one), key and value
+    /// in turn; ends at the first field that is not.
+    pub(super) fn inline_metadata(self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        let mut fields = self.fields().map_while(|field| match field? {
+            Field::Inline(text) => Some(text),
+            Field::Shared(_) => None,
+        });
+        std::iter::from_fn(move || Some((fields.next()?, fields.next()?)))
     }
 }
 

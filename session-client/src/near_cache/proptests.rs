@@ -16,7 +16,7 @@ use std::{
 use proptest::{collection::vec, prelude::*};
 use sessionstore::v1 as pb;
 
-use super::{NearCache, PendingFill, Revocation};
+use super::{CompactSession, NearCache, PendingFill, Revocation};
 use crate::types::Session;
 
 const STALENESS: Duration = Duration::from_secs(3);
@@ -280,9 +280,23 @@ impl World {
                 let session = &self.sessions[token];
                 let hint_id = hint.map(|u| format!("user-{u}"));
                 let now = self.now();
+                // The compact answer first (it may remove an expired
+                // entry, as the other would): the same checks, the same
+                // session, or nothing for both.
+                let compact =
+                    self.cache
+                        .lookup_compact_at(&session.token_id, hint_id.as_deref(), now);
                 let found = self
                     .cache
                     .lookup_at(&session.token_id, hint_id.as_deref(), now);
+                assert_eq!(
+                    compact.as_ref().map(CompactSession::to_session),
+                    found,
+                    "{token}: the compact answer differs"
+                );
+                if let Some(compact) = &compact {
+                    assert!(found.as_ref().is_some_and(|f| compact == f));
+                }
                 if let Some(found) = found {
                     assert!(!self.revoked.contains(&token), "{token}: revoked, answered");
                     assert!(

@@ -16,19 +16,33 @@
 use std::time::{Duration, Instant};
 
 use super::arena::{Arena, Ref, Table};
-use super::entries::{Found, Handle, Serving};
 use super::packed::{Interned, Registry, View, nanos};
-
-/// The bit of a slot (and of a [`Handle`]) that says it is taken (so a
-/// taken slot is never 0, an empty one).
-pub(super) const TAKEN: u64 = 1;
-/// The bit of a slot a lookup sets: looked up since CLOCK's hand last
-/// passed. Not part of the hash compared.
-pub(super) const REFERENCED: u64 = 2;
+use super::slot::{Handle, REFERENCED, TAKEN};
+use super::state::Clock;
 /// The bits of a slot holding the token id's hash (its low 32 bits, with
 /// [`TAKEN`] and [`REFERENCED`]); the high 32 are the session's place in
 /// the shard's [`Arena`].
 const HASH_BITS: u64 = 0xffff_ffff;
+
+/// What a lookup needs from the stream's state, copied into each shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Serving {
+    /// When the current stream's last message arrived.
+    pub(super) last_message: Instant,
+    /// The latest reading of Redis's clock.
+    pub(super) clock: Clock,
+}
+
+/// A lookup's outcome.
+#[derive(Debug)]
+pub(super) enum Found<T> {
+    /// The answer built from the live, matching entry.
+    Hit(T),
+    /// Not cached, not the user given, or the cache may not serve.
+    Miss,
+    /// Cached, but past its expiry by Redis's clock: to be removed.
+    Expired,
+}
 
 /// One shard: an open-addressing table (linear probing, at most 3/4 full,
 /// deletion by backward shift, no tombstones) of 8-byte slots, each a
@@ -121,14 +135,19 @@ impl Shard {
         self.probe(hash, |data| View(data).token_is(token_id))
     }
 
-    pub(super) fn lookup(
+    /// The answer `answer` builds from `token_id`'s entry (owned by
+    /// `user_id` when given) when the cache may serve it at `now` and it is
+    /// live by Redis's clock. Every form of answer (a `Session`, a
+    /// `CompactSession`) passes these same checks.
+    pub(super) fn lookup<T>(
         &mut self,
         hash: u64,
         token_id: &str,
         user_id: Option<&str>,
         now: Instant,
         max_staleness: Duration,
-    ) -> Found {
+        answer: impl FnOnce(View<'_>, &Interned) -> Option<T>,
+    ) -> Found<T> {
         let Some(serving) = self
             .serving
             .filter(|s| now.saturating_duration_since(s.last_message) <= max_staleness)
@@ -154,8 +173,8 @@ impl Shard {
         if user_id.is_some_and(|user| !view.user_is(user)) {
             return Found::Miss;
         }
-        let found = match view.session(&self.interned, token_id, user_id) {
-            Some(session) => Found::Hit(session),
+        let found = match answer(view, &self.interned) {
+            Some(answer) => Found::Hit(answer),
             None => Found::Miss,
         };
         // Written only when it changes: a hit dirties no line it need not.

@@ -9,7 +9,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use super::entries::Handle;
+use super::slot::Handle;
 
 /// The streams the cache listens to, by the ids the stream task gave them;
 /// see *Replacing the stream* in `stream.rs`.

@@ -1145,3 +1145,145 @@ async fn the_task_stops_with_the_last_client() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A session with metadata: an ip of its own and a user agent `agent`
+/// (long: shared by the sessions that carry it once seen twice).
+fn with_metadata(user: &str, token: &str, agent: &str) -> Session {
+    Session {
+        metadata: HashMap::from([
+            ("ip".to_owned(), format!("203.0.113.{}", token.len())),
+            ("user_agent".to_owned(), agent.to_owned()),
+            ("device".to_owned(), "desktop".to_owned()),
+        ]),
+        ..in_family(user, token, &format!("family-of-{token}"))
+    }
+}
+
+/// The compact answer is the session the `Session` answer is, field for
+/// field, with shared (interned) metadata strings and inline ones, with a
+/// family and without; and it is asked of the same entry under the same
+/// checks: another user's session, or none, answers nothing.
+#[test]
+fn the_compact_answer_is_the_session() {
+    let agent = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)";
+    let sessions = [
+        with_metadata("alice", "t1", agent),
+        with_metadata("alice", "t2", agent),
+        with_metadata("bob", "t3", agent),
+        session("carol", "t4", SystemTime::now()),
+    ];
+    let cache = healthy_with(10, &sessions);
+    assert!(cache.entries.interned() > 0, "the user agent is shared");
+    for s in &sessions {
+        let compact = cache
+            .lookup_compact(&s.token_id, Some(&s.user_id))
+            .expect("cached");
+        assert_eq!(compact.to_session(), *s);
+        assert_eq!(compact, *s);
+        assert_eq!(Session::from(compact.clone()), *s);
+        assert_eq!(compact.user_id(), s.user_id);
+        assert_eq!(compact.token_id(), s.token_id);
+        assert_eq!(compact.family_id(), s.family_id);
+        assert_eq!(compact.expires_at(), s.expires_at);
+        assert_eq!(compact.created_at(), s.created_at);
+        assert_eq!(compact.family_expires_at(), s.family_expires_at);
+        assert_eq!(compact.metadata().count(), s.metadata.len());
+        for (key, value) in &s.metadata {
+            assert_eq!(compact.metadata_value(key), Some(value.as_str()));
+        }
+        assert_eq!(compact.metadata_value("absent"), None);
+        assert_eq!(cache.lookup_compact(&s.token_id, None), Some(compact));
+    }
+    assert_eq!(cache.lookup_compact("t1", Some("bob")), None);
+    assert_eq!(cache.lookup_compact("t9", None), None);
+    assert_consistent(&cache);
+}
+
+/// A revoked session (by token or user-wide) and an expired one are never
+/// answered compact; the expired entry is removed as the other lookup
+/// removes it.
+#[test]
+fn the_compact_answer_is_never_revoked_or_expired() {
+    let agent = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15";
+    let now = SystemTime::now();
+    let sessions = [
+        with_metadata("alice", "t1", agent),
+        with_metadata("alice", "t2", agent),
+        with_metadata("bob", "t3", agent),
+    ];
+    let cache = healthy_with(10, &sessions);
+    recv(
+        &cache,
+        revocations(vec![revoke_token("alice", "t1")]),
+        Instant::now(),
+    );
+    assert_eq!(cache.lookup_compact("t1", None), None);
+    assert!(cache.lookup_compact("t2", None).is_some());
+    recv(
+        &cache,
+        revocations(vec![revoke_user("bob", now + Duration::from_secs(60))]),
+        Instant::now(),
+    );
+    assert_eq!(cache.lookup_compact("t3", Some("bob")), None);
+    assert!(cache.lookup_compact("t2", Some("alice")).is_some());
+
+    let synced = Instant::now();
+    let redis = SystemTime::now();
+    recv(&cache, heartbeat_at(Some(redis)), synced);
+    let s = Session {
+        expires_at: redis + Duration::from_secs(2),
+        ..with_metadata("dave", "t5", agent)
+    };
+    let fill = cache.begin_fill("t5", None);
+    assert!(fill.complete_at(&s, synced));
+    let before = synced + Duration::from_millis(1999);
+    assert_eq!(
+        cache
+            .lookup_compact_at("t5", None, before)
+            .map(|c| c.to_session()),
+        Some(s)
+    );
+    let at_expiry = synced + Duration::from_secs(2);
+    assert_eq!(cache.lookup_compact_at("t5", None, at_expiry), None);
+    assert!(!cached(&cache, "t5"), "an expired entry is dropped");
+    assert_consistent(&cache);
+}
+
+/// A cache without metadata answers compact sessions without it, as its
+/// `Session`s are.
+#[test]
+fn the_compact_answer_of_a_lean_cache_has_no_metadata() {
+    let s = with_metadata("alice", "t1", "a user agent long enough to be shared");
+    let lean = NearCache::with_metadata(10, STALENESS, false);
+    recv(&lean, reset(), Instant::now());
+    assert!(lean.begin_fill("t1", None).complete(&s));
+    let compact = lean.lookup_compact("t1", None).expect("cached");
+    assert_eq!(compact.metadata().count(), 0);
+    assert_eq!(Some(compact.to_session()), lean.lookup("t1", None));
+}
+
+/// A server's answer becomes a compact session and back unchanged, also
+/// one that cannot be packed (a time before 1970, a metadata string as
+/// long as the packed layout's marker) and so is kept whole.
+#[test]
+fn compact_sessions_from_answers_round_trip() {
+    let packable = with_metadata("alice", "t1", "agent");
+    let before_1970 = Session {
+        created_at: SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+        ..packable.clone()
+    };
+    let mut marker_long = packable.clone();
+    marker_long
+        .metadata
+        .insert("blob".to_owned(), "x".repeat(usize::from(u16::MAX)));
+    for s in [packable, before_1970, marker_long] {
+        let compact = CompactSession::from(&s);
+        assert_eq!(compact, s);
+        assert_eq!(compact.to_session(), s);
+        assert_eq!(Session::from(CompactSession::from(s.clone())), s);
+        assert_eq!(
+            compact.metadata_value("user_agent"),
+            s.metadata.get("user_agent").map(String::as_str)
+        );
+    }
+}

@@ -53,6 +53,15 @@ impl Watcher {
             task: tokio::spawn(watch(cache, pool, auth, lifetime)),
         }
     }
+
+    /// A task that holds no stream, for a cache driven by its caller
+    /// (`bench.rs`).
+    #[cfg(feature = "bench-internals")]
+    pub(crate) fn idle() -> Self {
+        Self {
+            task: tokio::spawn(std::future::pending()),
+        }
+    }
 }
 
 impl Drop for Watcher {
