@@ -94,10 +94,11 @@
 //!   flush), always under the state lock;
 //! - `stream.rs`: what each stream message means, and how a stream is
 //!   replaced without a flush;
-//! - `entries.rs`, `shard.rs`, `arena.rs`, `packed.rs`: the sessions in
-//!   memory (shards, each shard's table and eviction, the memory a shard's
-//!   sessions live in, a session's packed layout and the metadata strings
-//!   sessions share);
+//! - `entries.rs`, `shard.rs`, `slot.rs`, `arena.rs`, `packed.rs`: the
+//!   sessions in memory (shards, each shard's table and eviction, what a
+//!   slot holds, the memory a shard's sessions live in, a session's packed
+//!   layout and the metadata strings sessions share);
+//! - `compact.rs`: [`CompactSession`], a hit copied out in one allocation;
 //! - `watcher.rs`: the task that holds the stream.
 
 use std::{
