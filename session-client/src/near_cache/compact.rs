@@ -11,8 +11,7 @@ use crate::types::Session;
 
 /// A session, read through accessors, in one allocation: what
 /// [`SessionClient::check_user_session`](crate::SessionClient::check_user_session)
-/// answers (and, with
-/// [`RequireSessionLayer::compact`](crate::RequireSessionLayer::compact), what
+/// answers (and, with `RequireSessionLayer::compact` (feature `tower`),
 /// the layer puts in the request's extensions).
 ///
 /// It holds what a [`Session`] holds, with the metadata in the order the
