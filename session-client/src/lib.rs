@@ -54,7 +54,7 @@
 //!   connect and DNS discovery.
 //! - `endpoint`: TLS settings and the dialer that turns a URL into a tonic
 //!   endpoint.
-//! - `require_session` (feature `tower`): [`RequireSessionLayer`], tower
+//! - `require_session` (feature `tower`): `RequireSessionLayer`, tower
 //!   middleware for axum and tonic services that lets a request through only
 //!   while its session is live, and answers 401 / 503 (or their gRPC codes).
 //! - `retry`: backoff, the shared retry budget, and deadlines.
