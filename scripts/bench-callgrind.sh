@@ -18,7 +18,11 @@
 #               tokens pass between runs in a file; login-device: 2,000
 #               accounts' device tokens, likewise), so only their calls count.
 #   --keep DIR  copies the callgrind dumps there (for callgrind_annotate).
-# BENCH_BIN names a load generator built before, so only the server is built.
+# BENCH_BIN names a load generator built before, so only the server is built;
+# SERVER_BIN a server binary built before (nothing is built then, e.g. to
+# measure each step's build as built); MEASURED_BIN a binary to run under
+# callgrind instead of the server (same environment, same port; the native
+# server still pre-populates), e.g. session-server's example redis_floor.
 # Needs valgrind (apt-get install valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --duration) DURATION="$2"; shift ;;
     --concurrency) CONCURRENCY="$2"; shift ;;
     --keep) KEEP="$2"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench-callgrind: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -59,12 +63,13 @@ trap cleanup EXIT
 log() { printf 'bench-callgrind: %s\n' "$*" >&2; }
 
 log "building (release)"
-server_bin="$(cargo build --release --locked -p session-server --bin session-server \
-  --message-format=json-render-diagnostics | executable session-server)"
+server_bin="${SERVER_BIN:-$(cargo build --release --locked -p session-server --bin session-server \
+  --message-format=json-render-diagnostics | executable session-server)}"
+measured_bin="${MEASURED_BIN:-$server_bin}"
 # BENCH_BIN: a load generator built before (it need not change with the server).
 bench_bin="${BENCH_BIN:-$(cargo build --release --locked -p sessionstore --bench session_bench \
   --message-format=json-render-diagnostics | executable session_bench)}"
-[[ -x "$bench_bin" && -x "$server_bin" ]] || { log "build produced no binaries"; exit 1; }
+[[ -x "$bench_bin" && -x "$server_bin" && -x "$measured_bin" ]] || { log "build produced no binaries"; exit 1; }
 
 redis_port="$(free_port)"
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
@@ -111,7 +116,7 @@ kill "$native"; wait "$native" 2>/dev/null || true
 
 log "server under callgrind"
 (cd "$work" && exec env "${server_env[@]}" valgrind --tool=callgrind --instr-atstart=no \
-  --callgrind-out-file="$work/cg.out.%p" "$server_bin" >"$work/server-cg.log" 2>&1) &
+  --callgrind-out-file="$work/cg.out.%p" "$measured_bin" >"$work/server-cg.log" 2>&1) &
 cg=$!
 pids+=("$cg")
 wait_listening
@@ -150,5 +155,7 @@ for profile in $PROFILES; do
   [[ "$(field "$line" errors)" == 0 && "$(field "$line" misses)" == 0 ]] \
     || log "$profile: $(field "$line" errors) errors, $(field "$line" misses) misses: $line"
   printf '| %s | %d | %d | %d |\n' "$profile" "$calls" "$total" $((total / calls))
-  if [[ -n "$KEEP" ]]; then mkdir -p "$KEEP"; cp "$dump" "$KEEP/callgrind.out.$profile"; fi
+  # Numbered by window, so a profile given twice keeps both dumps.
+  window=$((${window:-0} + 1))
+  if [[ -n "$KEEP" ]]; then mkdir -p "$KEEP"; cp "$dump" "$KEEP/callgrind.out.$window.$profile"; fi
 done
