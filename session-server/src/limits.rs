@@ -371,7 +371,16 @@ pub(crate) fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
     // validates the name on every call (twice per call: here and in
     // `observe`).
     static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
-    let value = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
+    // Found by comparing names, not by `HeaderMap::get`: a gRPC request
+    // carries a handful of headers, most of them standard names that differ
+    // from this custom one at the first comparison, where `get` hashes the
+    // name byte by byte and probes (about 145 instructions, twice a call;
+    // BENCHMARKS.md "#22 hot path"). The first value, as `get` gives.
+    let value = headers
+        .iter()
+        .find_map(|(name, value)| (*name == GRPC_TIMEOUT).then_some(value))?
+        .to_str()
+        .ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     // `u64::from_str` alone would accept a leading `+`.
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -647,5 +656,19 @@ mod tests {
             assert_eq!(caller_timeout(&header(bad)), None, "{bad:?}");
         }
         assert_eq!(caller_timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn grpc_timeout_is_found_among_other_headers_and_its_first_value_counts() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/grpc".parse().unwrap());
+        headers.insert("te", "trailers".parse().unwrap());
+        headers.insert("x-custom", "5S".parse().unwrap());
+        headers.append("grpc-timeout", "250m".parse().unwrap());
+        headers.append("grpc-timeout", "9S".parse().unwrap());
+        headers.insert("user-agent", "tonic".parse().unwrap());
+        assert_eq!(caller_timeout(&headers), Some(Duration::from_millis(250)));
+        headers.remove("grpc-timeout");
+        assert_eq!(caller_timeout(&headers), None);
     }
 }
