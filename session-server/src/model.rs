@@ -243,16 +243,48 @@ impl Session {
     ///
     /// serde_json's, when `json` is not a session.
     pub fn from_stored_json(json: &str) -> Result<Self, serde_json::Error> {
-        match stored_layout(json) {
+        match stored_layout(json, None) {
+            Some(session) => Ok(session),
+            None => serde_json::from_str(json),
+        }
+    }
+
+    /// [`Session::from_stored_json`] for a session read under the key of
+    /// `user_id` and `token_id`: where the stored ids are these (they are,
+    /// unless the value was written by hand under another key), the session
+    /// takes these strings instead of copies of the stored ones, two
+    /// allocations and their frees fewer a GetSession (BENCHMARKS.md, "#22
+    /// hot path"). The session is the same either way.
+    ///
+    /// # Errors
+    ///
+    /// serde_json's, when `json` is not a session.
+    pub fn from_stored_json_with_ids(
+        json: &str,
+        user_id: String,
+        token_id: String,
+    ) -> Result<Self, serde_json::Error> {
+        match stored_layout(json, Some((user_id, token_id))) {
             Some(session) => Ok(session),
             None => serde_json::from_str(json),
         }
     }
 }
 
+/// `known` when it is `stored`, else a copy of `stored`.
+fn reuse(known: String, stored: &str) -> String {
+    if known == stored {
+        known
+    } else {
+        stored.to_owned()
+    }
+}
+
 /// The session in `json` when it is exactly in the stored layout (see
-/// [`Session::from_stored_json`]); `None` for anything else.
-fn stored_layout(json: &str) -> Option<Session> {
+/// [`Session::from_stored_json`]); `None` for anything else. `ids`: the
+/// user and token ids the caller holds, taken instead of copies where the
+/// stored ones are the same (see [`Session::from_stored_json_with_ids`]).
+fn stored_layout(json: &str, ids: Option<(String, String)>) -> Option<Session> {
     let mut at = Scan(json);
     at.eat("{\"user_id\":")?;
     let user_id = at.string()?;
@@ -285,9 +317,18 @@ fn stored_layout(json: &str) -> Option<Session> {
     at.eat(",\"expires_at_ms\":")?;
     let expires_at_ms = at.number()?;
     at.eat("}")?;
-    at.0.is_empty().then(|| Session {
-        user_id: user_id.to_owned(),
-        token_id: token_id.to_owned(),
+    if !at.0.is_empty() {
+        return None;
+    }
+    let (user_id, token_id) = match ids {
+        Some((known_user, known_token)) => {
+            (reuse(known_user, user_id), reuse(known_token, token_id))
+        }
+        None => (user_id.to_owned(), token_id.to_owned()),
+    };
+    Some(Session {
+        user_id,
+        token_id,
         metadata,
         family_id,
         family_expires_at_ms,
@@ -641,6 +682,32 @@ mod tests {
     }
 
     #[test]
+    fn the_ids_held_are_taken_only_where_they_are_the_stored_ones() {
+        let json = stored("u1", r#""ip":"10.0.0.1""#, "1700000000000");
+        let plain = Session::from_stored_json(&json).unwrap();
+        let with = |user: &str, token: &str| {
+            Session::from_stored_json_with_ids(&json, user.into(), token.into()).unwrap()
+        };
+        // The same session whatever the ids held: the stored ones count.
+        assert_eq!(with("u1", "t-1"), plain);
+        assert_eq!(with("u2", "t-1"), plain);
+        assert_eq!(with("u1", "t-2"), plain);
+        assert_eq!(with("", ""), plain);
+        // Held ids equal to the stored ones are the strings taken.
+        let (user, token) = (String::from("u1"), String::from("t-1"));
+        let (user_at, token_at) = (user.as_ptr(), token.as_ptr());
+        let session = Session::from_stored_json_with_ids(&json, user, token).unwrap();
+        assert_eq!(session.user_id.as_ptr(), user_at);
+        assert_eq!(session.token_id.as_ptr(), token_at);
+        // Outside the stored layout, the generic parser's session.
+        let spaced = format!("{json} ");
+        assert_eq!(
+            Session::from_stored_json_with_ids(&spaced, "x".into(), "y".into()).unwrap(),
+            plain
+        );
+    }
+
+    #[test]
     fn stored_sessions_parse_as_serde_json_parses_them() {
         let cases = [
             stored(
@@ -666,18 +733,18 @@ mod tests {
             let generic: Session = serde_json::from_str(json).unwrap();
             assert_eq!(direct, generic, "{json}");
         }
-        assert!(stored_layout(&cases[0]).is_some());
-        assert!(stored_layout(&cases[3]).is_some());
-        assert!(stored_layout(&cases[4]).is_none());
-        assert!(stored_layout(&cases[7]).is_none());
-        let family = stored_layout(&cases[8]).unwrap();
+        assert!(stored_layout(&cases[0], None).is_some());
+        assert!(stored_layout(&cases[3], None).is_some());
+        assert!(stored_layout(&cases[4], None).is_none());
+        assert!(stored_layout(&cases[7], None).is_none());
+        let family = stored_layout(&cases[8], None).unwrap();
         assert_eq!(family.family_id.as_deref(), Some("f0"));
         assert_eq!(family.family_expires_at_ms, Some(9));
-        assert_eq!(stored_layout(&cases[0]).unwrap().family_id, None);
+        assert_eq!(stored_layout(&cases[0], None).unwrap().family_id, None);
         // Past u64, or with a leading zero: not a stored number.
         for created in ["18446744073709551616", "99999999999999999999", "01", "00"] {
             assert!(
-                stored_layout(&stored("u1", "", created)).is_none(),
+                stored_layout(&stored("u1", "", created), None).is_none(),
                 "{created}"
             );
             assert!(Session::from_stored_json(&stored("u1", "", created)).is_err());
@@ -687,7 +754,7 @@ mod tests {
             ("9999999999999999999", 9_999_999_999_999_999_999),
             ("18446744073709551615", u64::MAX),
         ] {
-            let session = stored_layout(&stored("u1", "", created)).unwrap();
+            let session = stored_layout(&stored("u1", "", created), None).unwrap();
             assert_eq!(session.created_at_ms, ms, "{created}");
         }
     }
@@ -740,7 +807,7 @@ mod tests {
             };
             let json = serde_json::to_string(&session).unwrap();
             proptest::prop_assert_eq!(Session::from_stored_json(&json).unwrap(), session);
-            proptest::prop_assert_eq!(stored_layout(&json).is_some(), !json.contains('\\'));
+            proptest::prop_assert_eq!(stored_layout(&json, None).is_some(), !json.contains('\\'));
         }
     }
 

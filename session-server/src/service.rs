@@ -79,7 +79,7 @@ impl SessionStore for SessionService {
         let req = request.into_inner();
         let token = convert::token_id(req.token_id)?;
         let hint = convert::user_hint(req.user_id)?;
-        let session = self.store.get_session(&token, hint.as_ref()).await?;
+        let session = self.store.get_session(token, hint).await?;
         Ok(Response::new(pb::GetSessionResponse {
             session: session.map(convert::session_to_proto),
         }))

@@ -381,8 +381,19 @@ fn jittered_backoff(round: u32) -> Duration {
 }
 
 pub(super) fn parse_session(json: &str) -> Result<Session, Error> {
-    Session::from_stored_json(json)
-        .map_err(|e| Error::Internal(format!("corrupt session JSON: {e}").into()))
+    Session::from_stored_json(json).map_err(corrupt)
+}
+
+/// [`parse_session`] for a session read under the key of `user` and
+/// `token`, which it takes instead of copies where the stored ids are these
+/// (`Session::from_stored_json_with_ids`).
+pub(super) fn parse_session_of(json: &str, user: UserId, token: TokenId) -> Result<Session, Error> {
+    Session::from_stored_json_with_ids(json, user.into_string(), token.into_string())
+        .map_err(corrupt)
+}
+
+fn corrupt(e: serde_json::Error) -> Error {
+    Error::Internal(format!("corrupt session JSON: {e}").into())
 }
 
 type CreateReply = (i64, u64, u64, Vec<String>);

@@ -3,7 +3,7 @@
 
 use super::{
     super::{Store, connection::Op},
-    parse_session,
+    parse_session, parse_session_of,
 };
 use crate::{
     error::Error,
@@ -11,37 +11,36 @@ use crate::{
 };
 
 impl Store {
-    /// Looks a session up; `owner` is the optional user id hint.
+    /// Looks a session up; `owner` is the optional user id hint. Both ids
+    /// are taken, not borrowed: the session found takes their strings
+    /// instead of copies of the stored ones (`parse_session_of`).
     ///
     /// # Errors
     ///
     /// Redis failures as [`Error::Unavailable`] or [`Error::Timeout`].
     pub async fn get_session(
         &self,
-        token: &TokenId,
-        owner: Option<&UserId>,
+        token: TokenId,
+        owner: Option<UserId>,
     ) -> Result<Option<Session>, Error> {
         let mut op = self.op("get_session").await?;
         // The hint is used as it is: no copy of it on the hot path.
-        let found;
         let owner = match owner {
             Some(user) => user,
-            None => match self.find_owner(&mut op, token).await? {
-                Some(user) => {
-                    found = user;
-                    &found
-                }
+            None => match self.find_owner(&mut op, &token).await? {
+                Some(user) => user,
                 None => return Ok(None),
             },
         };
         // Built at its exact size: `redis::cmd` grew the buffer once for
         // the key, and the key was a `String` of its own before it was
         // copied in (BENCHMARKS.md, "#22 hot path").
-        let key = self.session_key_parts(owner, token.as_str());
+        let key = self.session_key_parts(&owner, token.as_str());
         let mut get = redis::Cmd::with_capacity(2, "GET".len() + key.len());
         get.arg("GET").arg(&key);
         let json: Option<String> = op.query(&get).await?;
-        json.map(|json| parse_session(&json)).transpose()
+        json.map(|json| parse_session_of(&json, owner, token))
+            .transpose()
     }
 
     /// Counts the user's live sessions by Redis's clock.
