@@ -291,8 +291,14 @@ fn stored_layout(json: &str, ids: Option<(String, String)>) -> Option<Session> {
     at.eat(",\"token_id\":")?;
     let token_id = at.string()?;
     at.eat(",\"metadata\":{")?;
-    let mut metadata = Metadata::new();
-    if at.eat("}").is_none() {
+    let metadata = if at.eat("}").is_some() {
+        Metadata::new()
+    } else {
+        // Made at the size the first insert would grow an empty map to
+        // (hashbrown's smallest table: four buckets, three entries), so the
+        // same allocation without the insert's growth path; more entries
+        // grow it as before (BENCHMARKS.md, "#22 hot path").
+        let mut metadata = Metadata::with_capacity(3);
         loop {
             let key = at.string()?;
             at.eat(":")?;
@@ -301,10 +307,10 @@ fn stored_layout(json: &str, ids: Option<(String, String)>) -> Option<Session> {
             metadata.insert(key.to_owned(), value.to_owned());
             if at.eat(",").is_none() {
                 at.eat("}")?;
-                break;
+                break metadata;
             }
         }
-    }
+    };
     let mut family_id = None;
     let mut family_expires_at_ms = None;
     if at.eat(",\"family_id\":").is_some() {
