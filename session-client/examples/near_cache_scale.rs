@@ -12,7 +12,9 @@
 //!
 //! Lookups are measured on the cache's `Session` answer
 //! (`get_user_session`'s from memory), then on its `CompactSession` one
-//! (`check_user_session`'s; lines prefixed `compact`), then through the
+//! (`check_user_session`'s; lines prefixed `compact`), then on a
+//! `SessionView` read in place (`with_cached_session`'s, the closure reading
+//! the expiry; lines prefixed `view`), then through the
 //! client's public methods on a current-thread Tokio runtime (lines
 //! prefixed `client`: a client whose near-cache is this one, every lookup
 //! a hit).
@@ -117,7 +119,11 @@ fn main() {
         anon_huge() as f64 / 1e6,
     );
 
-    for (label, answer) in [("", Answer::Session), ("compact ", Answer::Compact)] {
+    for (label, answer) in [
+        ("", Answer::Session),
+        ("compact ", Answer::Compact),
+        ("view ", Answer::View),
+    ] {
         for threads in [1, 2] {
             let rates = run_threads(threads, |t| {
                 let (cache, keys) = (cache.clone(), keys.clone());
@@ -285,12 +291,15 @@ fn run_threads<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-/// How a lookup is made: through the cache's `Session` answer, or its
-/// `CompactSession` one (`check_user_session`'s).
+/// How a lookup is made: through the cache's `Session` answer, its
+/// `CompactSession` one (`check_user_session`'s), or a `SessionView`
+/// (`with_cached_session`'s).
 #[derive(Clone, Copy, Debug)]
 enum Answer {
     Session,
     Compact,
+    /// `with_cached_session`'s, the closure reading the expiry.
+    View,
 }
 
 impl Answer {
@@ -300,6 +309,10 @@ impl Answer {
         match self {
             Answer::Session => black_box(cache.lookup(token, Some(user))).is_some(),
             Answer::Compact => black_box(cache.lookup_compact(token, Some(user))).is_some(),
+            Answer::View => {
+                black_box(cache.lookup_view(token, Some(user), |view| black_box(view.expires_at())))
+                    .is_some()
+            }
         }
     }
 }

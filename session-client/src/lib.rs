@@ -130,7 +130,7 @@ pub use error::{BoxError, CallError, Code, Error, Result};
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use near_cache::bench as __near_cache_bench;
-pub use near_cache::{CompactSession, NearCacheStats};
+pub use near_cache::{CompactSession, NearCacheStats, SessionView};
 #[cfg(feature = "tower")]
 pub use require_session::{RequireSession, RequireSessionLayer, ResponseFuture, SessionUnchecked};
 /// The generated `sessionstore.v1` messages and stub, for raw use.

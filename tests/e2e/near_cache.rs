@@ -745,3 +745,83 @@ async fn without_redis_clock_every_lookup_goes_to_the_server() {
     assert!(!after.healthy, "{after:?}");
     server.shutdown().await;
 }
+
+/// `with_cached_session` reads a cached session in place: `None` (and no
+/// call) before the session is cached, then the very session
+/// `check_user_session` and `get_user_session` answer, its metadata
+/// included; another user's is not answered, and a revocation by another
+/// client ends it; a client without the near-cache never answers.
+#[tokio::test]
+async fn with_cached_session_reads_hits_in_place() {
+    let server = TestServer::start().await;
+    let cached = cached_client(server.url(), LONG_STALENESS).await;
+    let other = SessionClient::connect(server.url()).await.unwrap();
+    healthy(&cached).await;
+    let agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+    let metadata = [
+        ("device".to_owned(), "phone".to_owned()),
+        ("user_agent".to_owned(), agent.to_owned()),
+    ];
+    assert!(
+        other
+            .create_session("dana", "d-1", metadata.into())
+            .await
+            .unwrap()
+    );
+    assert_eq!(cached.with_cached_session("dana", "d-1", |_| ()), None);
+    assert_eq!(stats(&cached).entries, 0, "a miss here fills nothing");
+
+    let compact = cached
+        .check_user_session("dana", "d-1")
+        .await
+        .unwrap()
+        .expect("live");
+    let hits = stats(&cached).hits;
+    let (session, device, compacted) = cached
+        .with_cached_session("dana", "d-1", |view| {
+            (
+                view.to_session(),
+                view.metadata_value("device").map(str::to_owned),
+                view.to_compact(),
+            )
+        })
+        .expect("cached");
+    assert_eq!(stats(&cached).hits, hits + 1, "answered from memory");
+    assert_eq!(
+        Some(&session),
+        cached
+            .get_user_session("dana", "d-1")
+            .await
+            .unwrap()
+            .as_ref()
+    );
+    assert_eq!(compacted, compact);
+    assert_eq!(device.as_deref(), Some("phone"));
+    assert_eq!(
+        session.metadata.get("user_agent").map(String::as_str),
+        Some(agent)
+    );
+    assert_eq!(cached.with_cached_session("erin", "d-1", |_| ()), None);
+    assert_eq!(
+        cached.with_cached_session("", "d-1", |view| view.user_id().to_owned()),
+        Some("dana".to_owned()),
+        "no user named: any user's"
+    );
+    assert_eq!(
+        other.with_cached_session("dana", "d-1", |_| ()),
+        None,
+        "no near-cache"
+    );
+
+    assert!(other.revoke_session("d-1").await.unwrap());
+    assert!(
+        wait_until(PATIENCE, || async {
+            cached.with_cached_session("dana", "d-1", |_| ()).is_none()
+        })
+        .await,
+        "the revocation never reached the cache: {:?}",
+        stats(&cached)
+    );
+    assert_eq!(stats(&cached).entries, 0);
+    server.shutdown().await;
+}

@@ -9,7 +9,7 @@ use sessionstore::v1 as pb;
 use crate::{builder::Builder, error::Error};
 use crate::{
     error::Result,
-    near_cache::{CompactSession, NearCache},
+    near_cache::{CompactSession, NearCache, SessionView},
     types::{self, Session},
 };
 
@@ -121,6 +121,66 @@ impl SessionClient {
         }
         let found = self.get_uncached(user_id.into(), token_id.into()).await?;
         Ok(found.map(CompactSession::from))
+    }
+
+    /// Reads a session in the [near-cache](Builder::near_cache) where it
+    /// lies, without copying it: `read` is called with a [`SessionView`] of
+    /// the cached session, and its result returned, when the near-cache may
+    /// answer the lookup [`check_user_session`](Self::check_user_session)
+    /// would make (the same checks, in the same place: the revocation stream
+    /// healthy, the session live by Redis's clock, owned by `user_id`, within
+    /// the staleness bound). `None` when it may not: the cache is off or not
+    /// healthy, or the session is not cached, expired, or another user's;
+    /// then ask the server with `check_user_session` (which fills the cache),
+    /// as the example does. A `None` here says nothing about the session:
+    /// it may well be live.
+    ///
+    /// The fastest lookup this client has, for the check made on every
+    /// request: no allocation, no copy, no future (BENCHMARKS.md, #28's
+    /// fifth pass). An empty `user_id` names no user (any user's session
+    /// is answered), as for the other lookups.
+    ///
+    /// **`read` runs with the session's shard of the cache locked**: other
+    /// lookups of the sessions in that shard (one in 64) and every change to
+    /// the cache wait until it returns. Read what is needed and return; it
+    /// must not block, sleep or do I/O (it is not async: it cannot await),
+    /// and it must not use this client's near-cache (any lookup, nor a
+    /// revocation through this client, from inside `read`): that may
+    /// deadlock. Copy the session out with [`SessionView::to_compact`] or
+    /// [`SessionView::to_session`] to keep it.
+    ///
+    /// # Panics
+    ///
+    /// Only if `read` panics; the panic is passed on, and the cache stays
+    /// consistent (nothing in it changes while `read` runs).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: session_client::SessionClient) -> session_client::Result<()> {
+    /// let (user, jti) = ("user-42", "jti-7f3a");
+    /// // A hit answers from memory; a miss asks the server.
+    /// let device = match client.with_cached_session(user, jti, |session| {
+    ///     session.metadata_value("device").map(str::to_owned)
+    /// }) {
+    ///     Some(device) => Some(device),
+    ///     None => match client.check_user_session(user, jti).await? {
+    ///         Some(session) => session.metadata_value("device").map(str::to_owned),
+    ///         None => return Ok(()), // expired, revoked or unknown
+    ///     },
+    /// };
+    /// # let _ = device;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_cached_session<R>(
+        &self,
+        user_id: &str,
+        token_id: &str,
+        read: impl FnOnce(SessionView<'_>) -> R,
+    ) -> Option<R> {
+        self.near_cache()?
+            .lookup_view(token_id, (!user_id.is_empty()).then_some(user_id), read)
     }
 
     /// A lookup, answered by the near-cache when it may (from the borrowed

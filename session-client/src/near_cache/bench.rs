@@ -95,6 +95,18 @@ impl BenchCache {
         self.cache.lookup_compact(token_id, user_id)
     }
 
+    /// [`SessionClient::with_cached_session`](crate::SessionClient::with_cached_session)'s
+    /// lookup: `read` of the cached session's view (`user_id: None`: any
+    /// user's).
+    pub fn lookup_view<R>(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        read: impl FnOnce(super::SessionView<'_>) -> R,
+    ) -> Option<R> {
+        self.cache.lookup_view(token_id, user_id, read)
+    }
+
     /// A client of `endpoint` (lazy: nothing is connected until a call
     /// misses) whose near-cache is this one: to measure lookups through
     /// the client's public methods. Must run inside a Tokio runtime.

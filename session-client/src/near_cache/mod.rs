@@ -99,6 +99,8 @@
 //!   slot holds, the memory a shard's sessions live in, a session's packed
 //!   layout and the metadata strings sessions share);
 //! - `compact.rs`: [`CompactSession`], a hit copied out in one allocation;
+//! - `view.rs`: [`SessionView`], a hit read where it lies, under its
+//!   shard's lock;
 //! - `watcher.rs`: the task that holds the stream.
 
 use std::{
@@ -120,6 +122,7 @@ use packed::{Interned, View};
 use shard::{Found, Serving};
 pub(crate) use state::Roles;
 use state::State;
+pub use view::SessionView;
 
 mod arena;
 #[cfg(feature = "bench-internals")]
@@ -132,6 +135,7 @@ mod shard;
 mod slot;
 mod state;
 mod stream;
+mod view;
 mod watcher;
 
 pub(crate) use watcher::Watcher;
@@ -340,6 +344,30 @@ impl NearCache {
                     .session(interned, token_id, user_id)
                     .map(CompactSession::from),
             }
+        })
+    }
+
+    /// As [`lookup`](Self::lookup), answering what `read` returns from a
+    /// [`SessionView`] of the entry, called under its shard's lock: nothing
+    /// is copied.
+    pub(crate) fn lookup_view<R>(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        read: impl FnOnce(SessionView<'_>) -> R,
+    ) -> Option<R> {
+        self.lookup_view_at(token_id, user_id, Instant::now(), read)
+    }
+
+    fn lookup_view_at<R>(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        now: Instant,
+        read: impl FnOnce(SessionView<'_>) -> R,
+    ) -> Option<R> {
+        self.lookup_with(token_id, user_id, now, |view, interned| {
+            Some(read(SessionView::new(view, interned)))
         })
     }
 

@@ -344,6 +344,20 @@ impl<'a> View<'a> {
         Some(UNIX_EPOCH + Duration::from_nanos(self.expires()?))
     }
 
+    /// The metadata, key and value in turn, its shared strings read from
+    /// `interned` (the shard's); ends at the first field [`pack`] cannot
+    /// have written.
+    pub(super) fn metadata(
+        self,
+        interned: &'a Interned,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> {
+        let mut fields = self.fields().map_while(move |field| match field? {
+            Field::Inline(text) => Some(text),
+            Field::Shared(id) => interned.get(id),
+        });
+        std::iter::from_fn(move || Some((fields.next()?, fields.next()?)))
+    }
+
     /// The metadata of a session whose strings are all inline (a
     /// [`resolve`](Self::resolve)d or [`pack_inline`]d one), key and value
     /// in turn; ends at the first field that is not.

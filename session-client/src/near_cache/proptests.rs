@@ -16,7 +16,7 @@ use std::{
 use proptest::{collection::vec, prelude::*};
 use sessionstore::v1 as pb;
 
-use super::{CompactSession, NearCache, PendingFill, Revocation};
+use super::{CompactSession, NearCache, PendingFill, Revocation, SessionView};
 use crate::types::Session;
 
 const STALENESS: Duration = Duration::from_secs(3);
@@ -280,9 +280,16 @@ impl World {
                 let session = &self.sessions[token];
                 let hint_id = hint.map(|u| format!("user-{u}"));
                 let now = self.now();
-                // The compact answer first (it may remove an expired
-                // entry, as the other would): the same checks, the same
-                // session, or nothing for both.
+                // The view first, then the compact answer (either may
+                // remove an expired entry, as the `Session` lookup would):
+                // the same checks, the same session, or nothing for all
+                // three.
+                let viewed = self.cache.lookup_view_at(
+                    &session.token_id,
+                    hint_id.as_deref(),
+                    now,
+                    read_view,
+                );
                 let compact =
                     self.cache
                         .lookup_compact_at(&session.token_id, hint_id.as_deref(), now);
@@ -296,6 +303,14 @@ impl World {
                 );
                 if let Some(compact) = &compact {
                     assert!(found.as_ref().is_some_and(|f| compact == f));
+                }
+                assert_eq!(
+                    viewed.as_ref().map(|(session, _)| session),
+                    found.as_ref(),
+                    "{token}: the view differs"
+                );
+                if let Some((_, compact_from_view)) = &viewed {
+                    assert_eq!(Some(compact_from_view), compact.as_ref());
                 }
                 if let Some(found) = found {
                     assert!(!self.revoked.contains(&token), "{token}: revoked, answered");
@@ -396,4 +411,19 @@ proptest! {
         }
         drop(world.pending);
     }
+}
+
+/// What a lookup's [`SessionView`] holds, read through every accessor and
+/// checked against its own copies: the `Session` it gives, and its compact
+/// copy.
+fn read_view(view: SessionView<'_>) -> (Session, CompactSession) {
+    let session = view.to_session();
+    assert!(view == session, "the view's accessors differ from its copy");
+    for (key, value) in &session.metadata {
+        assert_eq!(view.metadata_value(key), Some(value.as_str()));
+    }
+    assert_eq!(view.metadata_value("no such key"), None);
+    let compact = view.to_compact();
+    assert!(compact == session, "the view's compact copy differs");
+    (session, compact)
 }
