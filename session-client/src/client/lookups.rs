@@ -133,7 +133,9 @@ impl SessionClient {
     /// healthy, or the session is not cached, expired, or another user's;
     /// then ask the server with `check_user_session` (which fills the cache),
     /// as the example does. A `None` here says nothing about the session:
-    /// it may well be live.
+    /// it may well be live. Counted in
+    /// [`near_cache_stats`](Self::near_cache_stats) as any lookup (so a miss
+    /// followed by `check_user_session` counts two misses).
     ///
     /// The fastest lookup this client has, for the check made on every
     /// request: no allocation, no copy, no future (BENCHMARKS.md, #28's
