@@ -165,7 +165,7 @@ impl SessionClient {
     /// let device = match client.with_cached_session(user, jti, |session| {
     ///     session.metadata_value("device").map(str::to_owned)
     /// }) {
-    ///     Some(device) => Some(device),
+    ///     Some(device) => device,
     ///     None => match client.check_user_session(user, jti).await? {
     ///         Some(session) => session.metadata_value("device").map(str::to_owned),
     ///         None => return Ok(()), // expired, revoked or unknown
