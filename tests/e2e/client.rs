@@ -177,6 +177,49 @@ async fn user_hints_find_and_revoke_only_the_owners_session() {
     assert_eq!(client.get_user_session("carol", "c-1").await.unwrap(), None);
 }
 
+/// A lookup that names a user needs one: an empty user id (a JWT without a
+/// `sub`) is refused as INVALID_ARGUMENT naming `user_id`, not read as a
+/// lookup by token alone, which would answer whoever owns the token; with
+/// the near-cache holding the session too. A token alone is looked up with
+/// `get_session`.
+#[tokio::test]
+async fn an_empty_user_is_refused_not_read_as_any_user() {
+    let server = TestServer::start().await;
+    let plain = client_of(&server).await;
+    let cached = SessionClient::builder(server.url())
+        .near_cache(100)
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        plain
+            .create_session("erin", "e-1", no_metadata())
+            .await
+            .unwrap()
+    );
+    assert!(
+        cached
+            .get_user_session("erin", "e-1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    for client in [&plain, &cached] {
+        let refused = [
+            client.get_user_session("", "e-1").await.map(|_| ()),
+            client.check_user_session("", "e-1").await.map(|_| ()),
+        ];
+        for answer in refused {
+            let err = answer.expect_err("an empty user is refused");
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+            assert!(err.to_string().contains("user_id"), "{err}");
+        }
+        assert_eq!(client.with_cached_session("", "e-1", |_| ()), None);
+        let alone = client.get_session("e-1").await.unwrap();
+        assert_eq!(alone.map(|s| s.user_id).as_deref(), Some("erin"));
+    }
+}
+
 /// Count and list see exactly the live sessions, newest first; "sign out
 /// everywhere" ends them all and says how many.
 #[tokio::test]

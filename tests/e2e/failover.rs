@@ -297,6 +297,45 @@ async fn cluster_graceful_failover_moves_the_subscription_to_the_new_master() {
     assert!(server.is_running());
 }
 
+/// Redis Cluster with a Redis user that may not run `INFO` (it is in
+/// `@dangerous`, so `+@all -@dangerous` users lack it): the heartbeats'
+/// role check cannot ask, and the beats are published unchecked, as before
+/// the check existed, instead of failing: the stream starts and carries
+/// revocations (README, "Redis requirements").
+#[tokio::test]
+async fn cluster_stream_works_for_a_redis_user_without_info() {
+    let cluster = Topology::start("cluster");
+    for port in cluster.ports() {
+        let user = [
+            "acl",
+            "setuser",
+            "app",
+            "on",
+            ">app-secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-info",
+        ];
+        assert_eq!(redis_cli(port, &user).trim(), "OK", "on {port}");
+    }
+    let mut config = cluster.config(RedisMode::Cluster);
+    config.redis_url = config
+        .redis_url
+        .replace("redis://", "redis://app:app-secret@");
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let mut stream = stream_starts(&mut client, Duration::from_secs(15)).await;
+    revocation_arrives(
+        &mut client,
+        &mut stream,
+        "no-info-user",
+        "revoked-without-info",
+    )
+    .await;
+    assert!(server.is_running());
+}
+
 /// Sentinel: the master is killed; once the sentinels promote the replica, the
 /// same server reconnects to the new master by itself and nothing replicated
 /// is lost.

@@ -804,8 +804,8 @@ async fn with_cached_session_reads_hits_in_place() {
     assert_eq!(cached.with_cached_session("erin", "d-1", |_| ()), None);
     assert_eq!(
         cached.with_cached_session("", "d-1", |view| view.user_id().to_owned()),
-        Some("dana".to_owned()),
-        "no user named: any user's"
+        None,
+        "no user named: nobody's session, not any user's"
     );
     assert_eq!(
         other.with_cached_session("dana", "d-1", |_| ()),

@@ -8,7 +8,7 @@ use sessionstore::v1 as pb;
 #[cfg(doc)]
 use crate::{builder::Builder, error::Error};
 use crate::{
-    error::Result,
+    error::{Error as ClientError, Result},
     near_cache::{CompactSession, NearCache, SessionView},
     types::{self, Session},
 };
@@ -40,29 +40,27 @@ impl SessionClient {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn get_session(
-        &self,
-        token_id: impl AsRef<str> + Into<String>,
-    ) -> Result<Option<Session>> {
-        self.get("", token_id).await
+    pub async fn get_session(&self, token_id: impl Into<String>) -> Result<Option<Session>> {
+        self.get(String::new(), token_id.into()).await
     }
 
     /// Looks a session up by token id and its owner (the JWT's `sub`): one
     /// Redis command instead of two. A session of another user is not found.
     ///
     /// With the [near-cache](Builder::near_cache) on, a session found before
-    /// may be answered from memory, within the staleness bound stated there;
-    /// such a hit allocates only the [`Session`] answered (the ids are
-    /// borrowed until a call is needed). Where a lookup must be as fast as it
-    /// can, [`check_user_session`](Self::check_user_session) answers the same
-    /// in one allocation.
+    /// may be answered from memory, within the staleness bound stated there.
+    /// Where a lookup must be as fast as it can,
+    /// [`check_user_session`](Self::check_user_session) answers the same in
+    /// one allocation, and [`with_cached_session`](Self::with_cached_session)
+    /// reads a hit in place.
     ///
     /// Retried on transient failures (see [`SessionClient`]).
     ///
     /// # Errors
     ///
     /// As [`get_session`](Self::get_session), and [`Error::InvalidArgument`]
-    /// naming `user_id`.
+    /// naming `user_id`, also when it is empty (a token alone is looked up
+    /// with `get_session`).
     ///
     /// # Examples
     ///
@@ -75,10 +73,12 @@ impl SessionClient {
     /// ```
     pub async fn get_user_session(
         &self,
-        user_id: impl AsRef<str> + Into<String>,
-        token_id: impl AsRef<str> + Into<String>,
+        user_id: impl Into<String>,
+        token_id: impl Into<String>,
     ) -> Result<Option<Session>> {
-        self.get(user_id, token_id).await
+        let user_id = user_id.into();
+        required_user(&user_id)?;
+        self.get(user_id, token_id.into()).await
     }
 
     /// [`get_user_session`](Self::get_user_session), answered as a
@@ -113,9 +113,9 @@ impl SessionClient {
         token_id: impl AsRef<str> + Into<String>,
     ) -> Result<Option<CompactSession>> {
         let user = user_id.as_ref();
+        required_user(user)?;
         if let Some(cache) = self.near_cache()
-            && let Some(session) =
-                cache.lookup_compact(token_id.as_ref(), (!user.is_empty()).then_some(user))
+            && let Some(session) = cache.lookup_compact(token_id.as_ref(), Some(user))
         {
             return Ok(Some(session));
         }
@@ -139,8 +139,9 @@ impl SessionClient {
     ///
     /// The fastest lookup this client has, for the check made on every
     /// request: no allocation, no copy, no future (BENCHMARKS.md, #28's
-    /// fifth pass). An empty `user_id` names no user (any user's session
-    /// is answered), as for the other lookups.
+    /// fifth pass). An empty `user_id` is answered `None`: it names no user,
+    /// and this is a check of the user's session, not of any user's (a token
+    /// alone is looked up with [`get_session`](Self::get_session)).
     ///
     /// **`read` runs with the session's shard of the cache locked**: other
     /// lookups of the sessions in that shard (one in 64) and every change to
@@ -181,28 +182,25 @@ impl SessionClient {
         token_id: &str,
         read: impl FnOnce(SessionView<'_>) -> R,
     ) -> Option<R> {
+        if user_id.is_empty() {
+            return None;
+        }
         self.near_cache()?
-            .lookup_view(token_id, (!user_id.is_empty()).then_some(user_id), read)
+            .lookup_view(token_id, Some(user_id), read)
     }
 
-    /// A lookup, answered by the near-cache when it may (from the borrowed
-    /// ids: a hit builds no request), else by the server; a live answer
-    /// fills the cache unless a revocation, reset or loss of the stream that
-    /// may concern it arrived while the call was in flight. An empty
-    /// `user_id` names no user.
-    async fn get(
-        &self,
-        user_id: impl AsRef<str> + Into<String>,
-        token_id: impl AsRef<str> + Into<String>,
-    ) -> Result<Option<Session>> {
-        let user = user_id.as_ref();
+    /// A lookup, answered by the near-cache when it may, else by the server;
+    /// a live answer fills the cache unless a revocation, reset or loss of
+    /// the stream that may concern it arrived while the call was in flight.
+    /// An empty `user_id` names no user (`get_session`).
+    async fn get(&self, user_id: String, token_id: String) -> Result<Option<Session>> {
         if let Some(cache) = self.near_cache()
             && let Some(session) =
-                cache.lookup(token_id.as_ref(), (!user.is_empty()).then_some(user))
+                cache.lookup(&token_id, (!user_id.is_empty()).then_some(user_id.as_str()))
         {
             return Ok(Some(session));
         }
-        self.get_uncached(user_id.into(), token_id.into()).await
+        self.get_uncached(user_id, token_id).await
     }
 
     /// A lookup the near-cache missed (or without it): asks the server,
@@ -348,4 +346,17 @@ impl SessionClient {
             .map(types::session_from_proto)
             .collect()
     }
+}
+
+/// The user of a lookup that names one (`get_user_session`,
+/// `check_user_session`): required. The server reads an empty user id as no
+/// user, a lookup by token alone, which would answer a session of whoever
+/// owns the token: the check of a JWT without a `sub` would pass.
+fn required_user(user_id: &str) -> Result<()> {
+    if user_id.is_empty() {
+        return Err(ClientError::from(tonic::Status::invalid_argument(
+            "invalid user_id: must not be empty",
+        )));
+    }
+    Ok(())
 }
