@@ -184,6 +184,19 @@ async fn revocation_arrives(
     panic!("ten resets in a row: the subscription never settled");
 }
 
+/// After what a test did to the deployment: a revocation of `user`'s made
+/// now reaches `stream` (or is excused by a reset, see
+/// [`revocation_arrives`]), and the server still runs.
+async fn revocations_still_arrive(
+    server: &TestServer,
+    client: &mut SessionStoreClient<Channel>,
+    stream: &mut Streaming<WatchRevocationsResponse>,
+    user: &str,
+) {
+    revocation_arrives(client, stream, user, &format!("{user}-revoked")).await;
+    assert!(server.is_running());
+}
+
 /// Reads `stream` until a reset arrives: the server subscribed again; fails
 /// saying `why` one was expected when none comes within 30 s.
 async fn reset_arrives(stream: &mut Streaming<WatchRevocationsResponse>, why: &str) {
@@ -287,14 +300,7 @@ async fn cluster_graceful_failover_moves_the_subscription_to_the_new_master() {
     assert!(promoted, "the replica on {new} was not promoted");
 
     reset_arrives(&mut stream, "the subscription's master was demoted").await;
-    revocation_arrives(
-        &mut client,
-        &mut stream,
-        user,
-        "revoked-after-graceful-failover",
-    )
-    .await;
-    assert!(server.is_running());
+    revocations_still_arrive(&server, &mut client, &mut stream, user).await;
 }
 
 /// Redis Cluster with a Redis user that may not run `INFO` (it is in
@@ -326,14 +332,7 @@ async fn cluster_stream_works_for_a_redis_user_without_info() {
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
     let mut stream = stream_starts(&mut client, Duration::from_secs(15)).await;
-    revocation_arrives(
-        &mut client,
-        &mut stream,
-        "no-info-user",
-        "revoked-without-info",
-    )
-    .await;
-    assert!(server.is_running());
+    revocations_still_arrive(&server, &mut client, &mut stream, "no-info-user").await;
 }
 
 /// Sentinel: the master is killed; once the sentinels promote the replica, the

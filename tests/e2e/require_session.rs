@@ -9,7 +9,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use axum::{Extension, Router, http::request::Parts, routing::get};
 use session_client::{
-    CompactSession, NewSession, RequireSessionLayer, Session, SessionClient, SessionUnchecked,
+    CompactSession, NearCacheStats, NewSession, RequireSessionLayer, Session, SessionClient,
+    SessionUnchecked,
 };
 use tokio::net::TcpListener;
 use tonic::{Code, transport::Server};
@@ -32,6 +33,36 @@ async fn client(url: String, near_cache: bool) -> SessionClient {
         builder = builder.near_cache(100);
     }
     builder.connect().await.unwrap()
+}
+
+/// A client with the near-cache on, once its revocation stream is healthy
+/// (before that every lookup asks the server).
+async fn cached_client(url: String) -> SessionClient {
+    let client = client(url, true).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            client.near_cache_stats().unwrap().healthy
+        })
+        .await
+    );
+    client
+}
+
+/// Checks `u-1`'s session `t-live` through the layer at `addr` `times`
+/// times, each answered `body`; the client's near-cache stats before and
+/// after.
+async fn checked_repeatedly(
+    client: &SessionClient,
+    addr: SocketAddr,
+    times: usize,
+    body: &str,
+) -> (NearCacheStats, NearCacheStats) {
+    let before = client.near_cache_stats().unwrap();
+    for _ in 0..times {
+        let answer = get_with(addr, Some(("u-1", "t-live"))).await;
+        assert_eq!(answer.body, body);
+    }
+    (before, client.near_cache_stats().unwrap())
 }
 
 /// An axum service behind `layer`: `/` answers which session it was given
@@ -271,13 +302,7 @@ async fn an_unanswering_session_store_fails_closed_unless_told_otherwise() {
 #[tokio::test]
 async fn the_near_cache_answers_repeated_checks() {
     let server = TestServer::start().await;
-    let client = client(server.url(), true).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            client.near_cache_stats().unwrap().healthy
-        })
-        .await
-    );
+    let client = cached_client(server.url()).await;
     let (addr, _serving) = serve_http(RequireSessionLayer::new(client.clone(), ids)).await;
     client
         .create_session("u-1", "t-live", Default::default())
@@ -285,12 +310,7 @@ async fn the_near_cache_answers_repeated_checks() {
         .unwrap();
 
     assert_eq!(get_with(addr, Some(("u-1", "t-live"))).await.status, 200);
-    let before = client.near_cache_stats().unwrap();
-    for _ in 0..5 {
-        let answer = get_with(addr, Some(("u-1", "t-live"))).await;
-        assert_eq!(answer.body, "live u-1 t-live");
-    }
-    let after = client.near_cache_stats().unwrap();
+    let (before, after) = checked_repeatedly(&client, addr, 5, "live u-1 t-live").await;
     assert_eq!(after.hits - before.hits, 5, "{before:?} -> {after:?}");
     assert_eq!(after.misses, before.misses, "{before:?} -> {after:?}");
 
@@ -305,13 +325,7 @@ async fn the_near_cache_answers_repeated_checks() {
 #[tokio::test]
 async fn the_compact_layer_passes_compact_sessions() {
     let server = TestServer::start().await;
-    let client = client(server.url(), true).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            client.near_cache_stats().unwrap().healthy
-        })
-        .await
-    );
+    let client = cached_client(server.url()).await;
     let (addr, _serving) =
         serve_http(RequireSessionLayer::new(client.clone(), ids).compact()).await;
     assert!(
@@ -325,12 +339,7 @@ async fn the_compact_layer_passes_compact_sessions() {
             .unwrap()
     );
 
-    let before = client.near_cache_stats().unwrap();
-    for _ in 0..3 {
-        let answer = get_with(addr, Some(("u-1", "t-live"))).await;
-        assert_eq!(answer.body, "compact live u-1 t-live");
-    }
-    let after = client.near_cache_stats().unwrap();
+    let (before, after) = checked_repeatedly(&client, addr, 3, "compact live u-1 t-live").await;
     assert_eq!(after.misses - before.misses, 1, "{before:?} -> {after:?}");
     assert_eq!(after.hits - before.hits, 2, "{before:?} -> {after:?}");
 

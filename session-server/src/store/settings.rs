@@ -101,7 +101,7 @@ pub struct Settings {
     /// REVOCATION_REPLICA_TIMEOUT_MS: how long a revocation waits for them.
     pub revocation_replica_timeout: Duration,
     /// How much longer a token's reservation and a revocation marker live
-    /// than their session, beyond the operation timeout: [`OWNER_GRACE`],
+    /// than their session, beyond the operation timeout: [`OWNER_GRACE`](super::OWNER_GRACE),
     /// not a setting. Tests shorten it to see reservations and markers end.
     pub owner_grace: Duration,
     /// REDIS_PASSWORD_FILE and REDIS_CA_FILE: re-read for each new pooled
