@@ -132,18 +132,7 @@ impl CompactSession {
     /// The [`Session`] this holds (allocates its strings and map).
     pub fn to_session(&self) -> Session {
         match &self.0 {
-            Repr::Packed(_) => Session {
-                user_id: self.user_id().to_owned(),
-                token_id: self.token_id().to_owned(),
-                metadata: self
-                    .metadata()
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-                created_at: self.created_at(),
-                expires_at: self.expires_at(),
-                family_id: self.family_id().to_owned(),
-                family_expires_at: self.family_expires_at(),
-            },
+            Repr::Packed(_) => fields_to_session(self),
             Repr::Full(session) => Session::clone(session),
         }
     }
@@ -194,29 +183,97 @@ impl Eq for CompactSession {}
 
 impl PartialEq<Session> for CompactSession {
     fn eq(&self, other: &Session) -> bool {
-        self.user_id() == other.user_id
-            && self.token_id() == other.token_id
-            && self.family_id() == other.family_id
-            && self.created_at() == other.created_at
-            && self.expires_at() == other.expires_at
-            && self.family_expires_at() == other.family_expires_at
-            && self.metadata().count() == other.metadata.len()
-            && self
-                .metadata()
-                .all(|(k, v)| other.metadata.get(k).is_some_and(|o| o == v))
+        fields_equal(self, other)
     }
 }
 
 impl fmt::Debug for CompactSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CompactSession")
-            .field("user_id", &self.user_id())
-            .field("token_id", &self.token_id())
-            .field("metadata", &self.metadata().collect::<Vec<_>>())
-            .field("created_at", &self.created_at())
-            .field("expires_at", &self.expires_at())
-            .field("family_id", &self.family_id())
-            .field("family_expires_at", &self.family_expires_at())
-            .finish()
+        fields_debug(self, "CompactSession", f)
     }
+}
+
+/// A session's fields as the packed answers read them ([`CompactSession`]
+/// and `SessionView`), so that what both derive from them (a [`Session`],
+/// equality with one, `Debug`) is written once.
+pub(super) trait SessionFields {
+    fn user_id(&self) -> &str;
+    fn token_id(&self) -> &str;
+    fn family_id(&self) -> &str;
+    fn created_at(&self) -> SystemTime;
+    fn expires_at(&self) -> SystemTime;
+    fn family_expires_at(&self) -> Option<SystemTime>;
+    fn metadata(&self) -> impl Iterator<Item = (&str, &str)>;
+}
+
+impl SessionFields for CompactSession {
+    fn user_id(&self) -> &str {
+        CompactSession::user_id(self)
+    }
+    fn token_id(&self) -> &str {
+        CompactSession::token_id(self)
+    }
+    fn family_id(&self) -> &str {
+        CompactSession::family_id(self)
+    }
+    fn created_at(&self) -> SystemTime {
+        CompactSession::created_at(self)
+    }
+    fn expires_at(&self) -> SystemTime {
+        CompactSession::expires_at(self)
+    }
+    fn family_expires_at(&self) -> Option<SystemTime> {
+        CompactSession::family_expires_at(self)
+    }
+    fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
+        CompactSession::metadata(self)
+    }
+}
+
+/// The [`Session`] `fields` describe (its strings and map allocated).
+pub(super) fn fields_to_session(fields: &impl SessionFields) -> Session {
+    Session {
+        user_id: fields.user_id().to_owned(),
+        token_id: fields.token_id().to_owned(),
+        metadata: fields
+            .metadata()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        created_at: fields.created_at(),
+        expires_at: fields.expires_at(),
+        family_id: fields.family_id().to_owned(),
+        family_expires_at: fields.family_expires_at(),
+    }
+}
+
+/// Every field equal, the metadata compared as a map (its order aside), as
+/// two [`Session`]s are; without building one.
+pub(super) fn fields_equal(fields: &impl SessionFields, other: &Session) -> bool {
+    fields.user_id() == other.user_id
+        && fields.token_id() == other.token_id
+        && fields.family_id() == other.family_id
+        && fields.created_at() == other.created_at
+        && fields.expires_at() == other.expires_at
+        && fields.family_expires_at() == other.family_expires_at
+        && fields.metadata().count() == other.metadata.len()
+        && fields
+            .metadata()
+            .all(|(k, v)| other.metadata.get(k).is_some_and(|o| o == v))
+}
+
+/// `Debug` for an answer named `name`: its fields as a `Session`'s.
+pub(super) fn fields_debug(
+    fields: &impl SessionFields,
+    name: &str,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    f.debug_struct(name)
+        .field("user_id", &fields.user_id())
+        .field("token_id", &fields.token_id())
+        .field("metadata", &fields.metadata().collect::<Vec<_>>())
+        .field("created_at", &fields.created_at())
+        .field("expires_at", &fields.expires_at())
+        .field("family_id", &fields.family_id())
+        .field("family_expires_at", &fields.family_expires_at())
+        .finish()
 }

@@ -5,8 +5,11 @@
 
 use std::{fmt, time::SystemTime};
 
-use super::CompactSession;
 use super::packed::{Interned, View};
+use super::{
+    CompactSession,
+    compact::{SessionFields, fields_debug, fields_equal, fields_to_session},
+};
 use crate::types::Session;
 
 /// A cached session borrowed from the near-cache, read through the same
@@ -90,18 +93,31 @@ impl<'a> SessionView<'a> {
 
     /// The [`Session`] this views (allocates its strings and map).
     pub fn to_session(&self) -> Session {
-        Session {
-            user_id: self.user_id().to_owned(),
-            token_id: self.token_id().to_owned(),
-            metadata: self
-                .metadata()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            created_at: self.created_at(),
-            expires_at: self.expires_at(),
-            family_id: self.family_id().to_owned(),
-            family_expires_at: self.family_expires_at(),
-        }
+        fields_to_session(self)
+    }
+}
+
+impl SessionFields for SessionView<'_> {
+    fn user_id(&self) -> &str {
+        SessionView::user_id(self)
+    }
+    fn token_id(&self) -> &str {
+        SessionView::token_id(self)
+    }
+    fn family_id(&self) -> &str {
+        SessionView::family_id(self)
+    }
+    fn created_at(&self) -> SystemTime {
+        SessionView::created_at(self)
+    }
+    fn expires_at(&self) -> SystemTime {
+        SessionView::expires_at(self)
+    }
+    fn family_expires_at(&self) -> Option<SystemTime> {
+        SessionView::family_expires_at(self)
+    }
+    fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
+        SessionView::metadata(self)
     }
 }
 
@@ -109,29 +125,12 @@ impl<'a> SessionView<'a> {
 /// map.
 impl PartialEq<Session> for SessionView<'_> {
     fn eq(&self, other: &Session) -> bool {
-        self.user_id() == other.user_id
-            && self.token_id() == other.token_id
-            && self.family_id() == other.family_id
-            && self.created_at() == other.created_at
-            && self.expires_at() == other.expires_at
-            && self.family_expires_at() == other.family_expires_at
-            && self.metadata().count() == other.metadata.len()
-            && self
-                .metadata()
-                .all(|(k, v)| other.metadata.get(k).is_some_and(|o| o == v))
+        fields_equal(self, other)
     }
 }
 
 impl fmt::Debug for SessionView<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionView")
-            .field("user_id", &self.user_id())
-            .field("token_id", &self.token_id())
-            .field("metadata", &self.metadata().collect::<Vec<_>>())
-            .field("created_at", &self.created_at())
-            .field("expires_at", &self.expires_at())
-            .field("family_id", &self.family_id())
-            .field("family_expires_at", &self.family_expires_at())
-            .finish()
+        fields_debug(self, "SessionView", f)
     }
 }
