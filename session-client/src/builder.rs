@@ -423,7 +423,8 @@ impl Builder {
     /// session's user agent differs), about 200 without metadata or
     /// with [`near_cache_metadata(false)`](Self::near_cache_metadata)
     /// (README, *Near-cache*, sizing). Lookups on several threads scale:
-    /// the sessions are sharded, and a lookup locks its shard alone.
+    /// the sessions are sharded, and a lookup takes only a read lock on its
+    /// shard, one no other thread's lookups touch.
     ///
     /// # Examples
     ///

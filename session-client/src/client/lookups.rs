@@ -143,9 +143,10 @@ impl SessionClient {
     /// and this is a check of the user's session, not of any user's (a token
     /// alone is looked up with [`get_session`](Self::get_session)).
     ///
-    /// **`read` runs with the session's shard of the cache locked**: other
-    /// lookups of the sessions in that shard (one in 64) and every change to
-    /// the cache wait until it returns. Read what is needed and return; it
+    /// **`read` runs with the session's shard of the cache read-locked**:
+    /// lookups go on meanwhile, but every change to the sessions in that
+    /// shard (one of up to 64: a fill, a revocation, a reset) waits until it
+    /// returns. Read what is needed and return; it
     /// must not block, sleep or do I/O (it is not async: it cannot await),
     /// and it must not use this client's near-cache (any lookup, nor a
     /// revocation through this client, from inside `read`): that may

@@ -3,10 +3,20 @@
 //! into one allocation each, so that a million of them fit in a few hundred
 //! megabytes (BENCHMARKS.md, "Near-cache at a million sessions").
 //!
-//! Lookups take only their shard's lock. Everything else here (inserting,
-//! evicting, removing, flushing) is called by the parent module with the
-//! cache's state lock held, always taken before a shard's: the per-user
-//! index, the entry count and the fills live there, and a revocation or a
+//! Each shard is behind a reader-writer lock striped by thread
+//! (crossbeam's `ShardedLock`): a lookup takes a read lock on its shard's
+//! stripe for the thread it runs on, a line no other thread writes, and
+//! counts itself on a line of its own thread's ([`Counts`]). So lookups on
+//! several cores write no line another core reads, other than an entry's
+//! CLOCK mark the first time it is looked up since the hand passed
+//! (`slot.rs`); with one `Mutex` per shard, every lookup moved its shard's
+//! lock from the other core's cache about every other time, and two threads
+//! got 1.6 times what one did instead of 1.9 (BENCHMARKS.md, #28's sixth
+//! pass). Everything else here (inserting, evicting, removing, flushing)
+//! takes the write lock (every stripe in turn), and is called by the
+//! parent module with the cache's state lock held, always taken before a
+//! shard's: the per-user index, the entry count and the fills live there,
+//! and a revocation or a
 //! fill's completion changes them and the shards as one step (see the
 //! parent module's docs on the fill race). A lookup that finds an entry
 //! past its expiry does not remove it itself: it asks the parent module to,
@@ -15,8 +25,8 @@
 //! Each shard also holds a copy of what a lookup needs from the stream's
 //! state (whether it may serve, and Redis's clock): written under the state
 //! lock whenever that state changes (every stream message), read under the
-//! shard lock the lookup holds anyway, so no lookup touches a line another
-//! core writes to, other than its own shard's.
+//! read lock the lookup holds anyway: what lookups read is written once a
+//! message, never by another lookup.
 //!
 //! The sessions themselves, the shard's handles on shared metadata strings
 //! and eviction are a shard's (`shard.rs`); how a session is laid out in
@@ -27,22 +37,30 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
+};
+
+use crossbeam_utils::{
+    CachePadded,
+    sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard},
 };
 
 use super::packed::{Interned, Registry, View, nanos, pack};
 use super::shard::{Found, Serving, Shard};
-use super::slot::{Handle, REFERENCED, TAKEN};
+use super::slot::{Handle, TAKEN};
 use crate::types::Session;
 
 /// The most shards: enough that the threads of a large host rarely meet
 /// on one.
 const MAX_SHARDS: usize = 64;
-/// Shards per core the process may run on. Enough that two threads rarely
-/// want the same shard at once (a lookup holds its shard's lock for a few
-/// hundred nanoseconds), and no more: a shard's table and sessions are in
-/// memory of its own (`arena.rs`), and the fewer the shards, the more of
+/// Shards per core the process may run on. Enough that changes (fills,
+/// revocations) rarely hold up lookups of other sessions, and no more: a
+/// shard's table and sessions are in memory of its own (`arena.rs`), and
+/// the fewer the shards, the more of
 /// that memory is in huge pages (a table is one from 2 MiB, a million
 /// sessions' tables over 8 shards; over 64 they are a quarter of that
 /// each): over a million sessions, 1.37 M lookups/s on one thread with 8
@@ -63,7 +81,9 @@ pub(super) struct Removed {
 }
 
 pub(super) struct Entries {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[ShardedLock<Shard>]>,
+    /// Lookups counted, by thread.
+    counts: Counts,
     /// Keyed (SipHash, random keys per cache): a caller choosing token ids
     /// cannot pile them into one shard or one probe sequence.
     hasher: RandomState,
@@ -91,8 +111,9 @@ impl Entries {
         let expected = max_entries.div_ceil(shards);
         Self {
             shards: (0..shards)
-                .map(|_| Mutex::new(Shard::new(expected)))
+                .map(|_| ShardedLock::new(Shard::new(expected)))
                 .collect(),
+            counts: Counts::new(most),
             expected,
             hasher: RandomState::new(),
             metadata,
@@ -106,7 +127,7 @@ impl Entries {
     }
 
     fn handle(&self, token_id: &str) -> Handle {
-        (self.hash(token_id) | TAKEN) & !REFERENCED
+        self.hash(token_id) | TAKEN
     }
 
     fn shard_of(&self, handle: Handle) -> usize {
@@ -115,11 +136,20 @@ impl Entries {
         (handle >> 48) as usize & (self.shards.len() - 1)
     }
 
-    fn shard(&self, index: usize) -> MutexGuard<'_, Shard> {
+    /// Shard `index`, to change.
+    fn shard(&self, index: usize) -> ShardedLockWriteGuard<'_, Shard> {
         // Nothing here panics with a shard locked, and every operation
         // leaves it consistent before it could.
         self.shards[index]
-            .lock()
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Shard `index`, to read (a lookup), locked on this thread's stripe.
+    fn read(&self, index: usize) -> ShardedLockReadGuard<'_, Shard> {
+        // As for the write lock: and a lookup changes nothing but a mark.
+        self.shards[index]
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -128,7 +158,7 @@ impl Entries {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn shard_for(&self, handle: Handle) -> MutexGuard<'_, Shard> {
+    fn shard_for(&self, handle: Handle) -> ShardedLockWriteGuard<'_, Shard> {
         self.shard(self.shard_of(handle))
     }
 
@@ -143,22 +173,21 @@ impl Entries {
         answer: impl FnOnce(View<'_>, &Interned) -> Option<T>,
     ) -> Found<T> {
         let handle = self.handle(token_id);
-        let mut shard = self.shard_for(handle);
-        let found = shard.lookup(handle, token_id, user_id, now, max_staleness, answer);
-        if matches!(found, Found::Hit(_)) {
-            shard.hits += 1;
-        } else {
-            shard.misses += 1;
-        }
+        let found = self.read(self.shard_of(handle)).lookup(
+            handle,
+            token_id,
+            user_id,
+            now,
+            max_staleness,
+            answer,
+        );
+        self.counts.add(matches!(found, Found::Hit(_)));
         found
     }
 
-    /// Lookups counted so far: hits and misses, summed over the shards.
+    /// Lookups counted so far: hits and misses.
     pub(super) fn counts(&self) -> (u64, u64) {
-        (0..self.shards.len()).fold((0, 0), |(h, m), i| {
-            let shard = self.shard(i);
-            (h + shard.hits, m + shard.misses)
-        })
+        self.counts.sum()
     }
 
     /// Copies what lookups need from the stream's state into every shard.
@@ -285,8 +314,6 @@ impl Entries {
                 let mut shard = self.shard(i);
                 let mut empty = Shard::new(self.expected);
                 empty.serving = serving;
-                empty.hits = shard.hits;
-                empty.misses = shard.misses;
                 std::mem::replace(&mut *shard, empty)
             })
             .collect();
@@ -301,14 +328,16 @@ impl Entries {
     #[cfg(test)]
     pub(super) fn contains(&self, token_id: &str) -> bool {
         let handle = self.handle(token_id);
-        self.shard_for(handle).find(handle, token_id).is_some()
+        self.read(self.shard_of(handle))
+            .find(handle, token_id)
+            .is_some()
     }
 
     /// `token_id`'s cached expiry (tests).
     #[cfg(test)]
     pub(super) fn expires_at(&self, token_id: &str) -> Option<SystemTime> {
         let handle = self.handle(token_id);
-        let shard = self.shard_for(handle);
+        let shard = self.read(self.shard_of(handle));
         let at = shard.find(handle, token_id)?;
         let expires = View(shard.record(at)?).expires()?;
         Some(std::time::UNIX_EPOCH + Duration::from_nanos(expires))
@@ -317,7 +346,7 @@ impl Entries {
     /// The user ids and token ids of the entries at `handle` (tests).
     #[cfg(test)]
     pub(super) fn at(&self, handle: Handle) -> Vec<(String, String)> {
-        let shard = self.shard_for(handle);
+        let shard = self.read(self.shard_of(handle));
         let mut found = Vec::new();
         shard.probe(handle, |data| {
             let view = View(data);
@@ -336,7 +365,7 @@ impl Entries {
     pub(super) fn assert_interned_counted(&self) {
         let mut texts = std::collections::HashSet::new();
         for i in 0..self.shards.len() {
-            let shard = self.shard(i);
+            let shard = self.read(i);
             texts.extend(shard.interned.texts().map(str::to_owned));
             let mut held: HashMap<u32, u32> = HashMap::new();
             for data in shard.records() {
@@ -358,7 +387,43 @@ impl Entries {
     /// Entries held, counted shard by shard (tests).
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        (0..self.shards.len()).map(|i| self.shard(i).len).sum()
+        (0..self.shards.len()).map(|i| self.read(i).len).sum()
+    }
+}
+
+/// Lookups counted by the threads that made them, each thread on a line of
+/// its own (threads are numbered as they first look up; past the number of
+/// stripes they share one, still counted exactly).
+struct Counts(Box<[CachePadded<[AtomicU64; 2]>]>);
+
+impl Counts {
+    /// `stripes` lines: a power of two.
+    fn new(stripes: usize) -> Self {
+        Self(
+            (0..stripes)
+                .map(|_| CachePadded::new([AtomicU64::new(0), AtomicU64::new(0)]))
+                .collect(),
+        )
+    }
+
+    fn add(&self, hit: bool) {
+        static THREADS: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static THREAD: usize = THREADS.fetch_add(1, Ordering::Relaxed);
+        }
+        // A lookup from a thread-local's destructor counts on stripe 0.
+        let stripe = THREAD.try_with(|n| *n).unwrap_or(0) & (self.0.len() - 1);
+        self.0[stripe][usize::from(!hit)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hits and misses, summed over the stripes.
+    fn sum(&self) -> (u64, u64) {
+        self.0.iter().fold((0, 0), |(hits, misses), stripe| {
+            (
+                hits + stripe[0].load(Ordering::Relaxed),
+                misses + stripe[1].load(Ordering::Relaxed),
+            )
+        })
     }
 }
 

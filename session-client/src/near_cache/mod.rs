@@ -28,10 +28,13 @@
 //!   that named no user), so a revocation finds the few it concerns instead
 //!   of scanning every call in flight under the lock.
 //!
-//! `std::sync::Mutex`es, never held across an `.await`. The
-//! sessions are sharded by token id (`entries.rs`): a lookup takes its
-//! shard's lock and nothing else, so lookups on several threads rarely meet
-//! (one lock for everything made a second thread a loss: #28). Everything
+//! Locks from `std::sync` and crossbeam, never held across an `.await`.
+//! The sessions are sharded by token id (`entries.rs`), each shard behind
+//! a reader-writer lock striped by thread: a lookup takes a read lock on
+//! its thread's stripe of its shard and nothing else, so lookups on several
+//! threads neither wait for each other nor write a line another reads (one
+//! lock for everything made a second thread a loss, and one `Mutex` per
+//! shard still cost a second thread a fifth of its lookups: #28). Everything
 //! else (the streams' roles, Redis's clock, the fills, the per-user index,
 //! the entry count) is under one state lock, taken before any shard's by
 //! whatever changes the sessions (a fill's completion, a revocation, a
@@ -348,8 +351,8 @@ impl NearCache {
     }
 
     /// As [`lookup`](Self::lookup), answering what `read` returns from a
-    /// [`SessionView`] of the entry, called under its shard's lock: nothing
-    /// is copied.
+    /// [`SessionView`] of the entry, called under its shard's read lock:
+    /// nothing is copied.
     pub(crate) fn lookup_view<R>(
         &self,
         token_id: &str,

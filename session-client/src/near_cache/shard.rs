@@ -1,9 +1,12 @@
 //! One shard of the near-cache's sessions: an open-addressing table whose
 //! slots point into the shard's arena (`arena.rs`) of packed sessions
-//! (`packed.rs`), the metadata strings they share, and CLOCK eviction. `entries.rs` picks the shard and takes its
-//! lock; everything here runs under it.
+//! (`packed.rs`), the metadata strings they share, and CLOCK eviction.
+//! `entries.rs` picks the shard and takes its lock: a lookup
+//! ([`Shard::lookup`], through `&self`) runs under a read lock, everything
+//! else under the write lock.
 //!
-//! Eviction is CLOCK (second chance) per shard: a lookup marks its entry,
+//! Eviction is CLOCK (second chance) per shard: a lookup marks its entry
+//! ([`Marks`]: a bit beside its slot, the only thing a lookup writes),
 //! and when the cache is over its bound the shard just inserted into (or
 //! the next one holding something else) sweeps its hand past the marked
 //! entries, clearing their mark, to the first unmarked one. The hand walks
@@ -17,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use super::arena::{Arena, Ref, Table};
 use super::packed::{Interned, Registry, View, nanos};
-use super::slot::{Handle, REFERENCED, TAKEN};
+use super::slot::{Handle, Marks, TAKEN};
 use super::state::Clock;
 /// The bits of a slot holding the token id's hash (its low 32 bits, with
-/// [`TAKEN`] and [`REFERENCED`]); the high 32 are the session's place in
-/// the shard's [`Arena`].
+/// [`TAKEN`]); the high 32 are the session's place in the shard's
+/// [`Arena`].
 const HASH_BITS: u64 = 0xffff_ffff;
 
 /// What a lookup needs from the stream's state, copied into each shard.
@@ -60,6 +63,8 @@ pub(super) enum Found<T> {
 pub(super) struct Shard {
     /// A power of two long, or empty; 0 is an empty slot.
     slots: Table,
+    /// CLOCK's mark of each slot (clear for an empty one).
+    marks: Marks,
     pub(super) len: usize,
     /// CLOCK's hand: the next slot eviction looks at.
     hand: usize,
@@ -68,13 +73,11 @@ pub(super) struct Shard {
     /// The metadata strings the sessions here share.
     pub(super) interned: Interned,
     pub(super) serving: Option<Serving>,
-    pub(super) hits: u64,
-    pub(super) misses: u64,
 }
 
-/// Whether slot `slot` holds an entry of hash `hash` (`REFERENCED` aside).
+/// Whether slot `slot` holds an entry of hash `hash`.
 pub(super) fn same(slot: u64, hash: u64) -> bool {
-    (slot ^ hash) & HASH_BITS & !REFERENCED == 0
+    (slot ^ hash) & HASH_BITS == 0
 }
 
 fn place(slot: u64) -> Ref {
@@ -87,13 +90,12 @@ impl Shard {
     pub(super) fn new(expected: usize) -> Self {
         Self {
             slots: Table::new(0),
+            marks: Marks::default(),
             len: 0,
             hand: 0,
             arena: Arena::new(expected),
             interned: Interned::default(),
             serving: None,
-            hits: 0,
-            misses: 0,
         }
     }
 
@@ -138,9 +140,10 @@ impl Shard {
     /// The answer `answer` builds from `token_id`'s entry (owned by
     /// `user_id` when given) when the cache may serve it at `now` and it is
     /// live by Redis's clock. Every form of answer (a `Session`, a
-    /// `CompactSession`) passes these same checks.
+    /// `CompactSession`, a `SessionView`) passes these same checks. Under
+    /// the shard's read lock: it writes only the entry's CLOCK mark.
     pub(super) fn lookup<T>(
-        &mut self,
+        &self,
         hash: u64,
         token_id: &str,
         user_id: Option<&str>,
@@ -177,10 +180,8 @@ impl Shard {
             Some(answer) => Found::Hit(answer),
             None => Found::Miss,
         };
-        // Written only when it changes: a hit dirties no line it need not.
-        let slot = self.slots.get(at);
-        if slot & REFERENCED == 0 {
-            self.slots.set(at, slot | REFERENCED);
+        if matches!(found, Found::Hit(_)) {
+            self.marks.mark(at);
         }
         found
     }
@@ -191,33 +192,36 @@ impl Shard {
         let Some(at) = self.arena.alloc(data) else {
             return false;
         };
-        self.place((u64::from(at) << 32) | (hash & HASH_BITS & !REFERENCED) | TAKEN);
-        true
-    }
-
-    fn place(&mut self, slot: u64) {
         if (self.len + 1) * 4 > self.slots.len() * 3 {
             self.grow();
         }
+        self.put((u64::from(at) << 32) | (hash & HASH_BITS) | TAKEN, false);
+        true
+    }
+
+    /// Puts `slot` in the first empty slot from its home, with its mark.
+    fn put(&mut self, slot: u64, marked: bool) {
         let mut at = self.home(slot);
         while self.slots.get(at) != 0 {
             at = (at + 1) & self.mask();
         }
         self.slots.set(at, slot);
+        self.marks.set(at, marked);
         self.len += 1;
     }
 
-    /// Doubles the table (16 slots at first), moving every entry (its hash
-    /// is in its slot: no session is read).
+    /// Doubles the table (16 slots at first), moving every entry with its
+    /// mark (its hash is in its slot: no session is read).
     fn grow(&mut self) {
         let size = (self.slots.len() * 2).max(16);
         let old = std::mem::replace(&mut self.slots, Table::new(size));
+        let old_marks = std::mem::replace(&mut self.marks, Marks::new(size));
         self.len = 0;
         self.hand = 0;
         for at in 0..old.len() {
             let slot = old.get(at);
             if slot != 0 {
-                self.place(slot);
+                self.put(slot, old_marks.get(at));
             }
         }
     }
@@ -250,9 +254,11 @@ impl Shard {
             if (at.wrapping_sub(home) & mask) >= (at.wrapping_sub(hole) & mask) {
                 let moved = self.slots.take(at);
                 self.slots.set(hole, moved);
+                self.marks.set(hole, self.marks.get(at));
                 hole = at;
             }
         }
+        self.marks.set(hole, false);
         self.len -= 1;
         let data: Box<[u8]> = self.arena.get(place(taken)).unwrap_or_default().into();
         self.arena.free(place(taken));
@@ -275,8 +281,8 @@ impl Shard {
             if slot == 0 || keep.is_some_and(|k| same(slot, k)) {
                 continue;
             }
-            if slot & REFERENCED != 0 {
-                self.slots.set(at, slot & !REFERENCED);
+            if self.marks.get(at) {
+                self.marks.set(at, false);
                 continue;
             }
             return Some(self.remove(at, registry));
@@ -306,19 +312,18 @@ mod tests {
     use super::*;
     use crate::types::Session;
 
-    /// A shard big enough that its table moves from the heap into mapped
-    /// memory (`Table::Mapped`) finds every entry as it grows past that,
-    /// and after half of them are removed (backward shifts in the mapped
-    /// table), the other half and none of the removed.
-    #[test]
-    fn a_table_grown_into_mapped_memory_finds_what_it_holds() {
-        let hasher = RandomState::new();
-        let mut registry = Registry::default();
-        let mut shard = Shard::new(120_000);
-        let token = |i: usize| format!("token-{i:08}");
-        let hash = |i: usize| (hasher.hash_one(token(i)) | TAKEN) & !REFERENCED;
-        let n = 110_000;
-        for i in 0..n {
+    fn token(i: usize) -> String {
+        format!("token-{i:08}")
+    }
+
+    /// Caches sessions `range` (tokens [`token`]) in `shard`.
+    fn fill(
+        shard: &mut Shard,
+        registry: &mut Registry,
+        hasher: &RandomState,
+        range: std::ops::Range<usize>,
+    ) {
+        for i in range {
             let session = Session {
                 user_id: format!("user-{}", i / 5),
                 token_id: token(i),
@@ -328,10 +333,23 @@ mod tests {
                 family_id: String::new(),
                 family_expires_at: None,
             };
-            let data =
-                pack(&session, false, &mut shard.interned, &mut registry, &hasher).expect("packs");
-            assert!(shard.insert(hash(i), &data));
+            let data = pack(&session, false, &mut shard.interned, registry, hasher).expect("packs");
+            assert!(shard.insert(hasher.hash_one(token(i)) | TAKEN, &data));
         }
+    }
+
+    /// A shard big enough that its table moves from the heap into mapped
+    /// memory (`Table::Mapped`) finds every entry as it grows past that,
+    /// and after half of them are removed (backward shifts in the mapped
+    /// table), the other half and none of the removed.
+    #[test]
+    fn a_table_grown_into_mapped_memory_finds_what_it_holds() {
+        let hasher = RandomState::new();
+        let mut registry = Registry::default();
+        let mut shard = Shard::new(120_000);
+        let hash = |i: usize| hasher.hash_one(token(i)) | TAKEN;
+        let n = 110_000;
+        fill(&mut shard, &mut registry, &hasher, 0..n);
         assert!(matches!(shard.slots, Table::Mapped(_)));
         assert_eq!(shard.len, n);
         assert!((0..n).all(|i| shard.find(hash(i), &token(i)).is_some()));
@@ -345,5 +363,37 @@ mod tests {
             assert_eq!(shard.find(hash(i), &token(i)).is_some(), i % 2 == 1, "{i}");
         }
         assert_eq!(shard.records().count(), n / 2);
+    }
+
+    /// CLOCK's marks stay with their entries as the table grows and as
+    /// removals shift entries back: an entry marked keeps its mark, one
+    /// never looked up never gains one, and an emptied slot keeps none.
+    #[test]
+    fn marks_move_with_their_entries() {
+        let hasher = RandomState::new();
+        let mut registry = Registry::default();
+        let mut shard = Shard::new(4_000);
+        let hash = |i: usize| hasher.hash_one(token(i)) | TAKEN;
+        let at = |shard: &Shard, i: usize| shard.find(hash(i), &token(i)).expect("held");
+        fill(&mut shard, &mut registry, &hasher, 0..100);
+        for i in (0..100).step_by(2) {
+            shard.marks.mark(at(&shard, i));
+        }
+        // Grows from 256 slots to 4 096.
+        fill(&mut shard, &mut registry, &hasher, 100..3_000);
+        for i in (1..3_000).step_by(3) {
+            let found = at(&shard, i);
+            shard.remove(found, &mut registry);
+        }
+        for i in (0..3_000).filter(|i| i % 3 != 1) {
+            assert_eq!(shard.marks.get(at(&shard, i)), i < 100 && i % 2 == 0, "{i}");
+        }
+        let marked = (0..shard.slots.len())
+            .filter(|&slot| shard.marks.get(slot))
+            .count();
+        assert_eq!(
+            marked,
+            (0..100).filter(|i| i % 2 == 0 && i % 3 != 1).count()
+        );
     }
 }

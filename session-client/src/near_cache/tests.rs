@@ -164,6 +164,60 @@ fn nothing_is_served_or_cached_before_the_reset() {
     assert!(stats.healthy);
 }
 
+/// Lookups on many threads at once (more than the cache has stripes, so
+/// some share one) are each counted, and a revocation applied while they
+/// run is final: no lookup that starts after `apply` returned answers the
+/// session, whatever the lookups' read locks were doing meanwhile.
+#[test]
+fn concurrent_lookups_are_counted_and_a_revocation_is_final() {
+    use std::sync::atomic::AtomicBool;
+
+    let now = SystemTime::now();
+    let cache = healthy_with(
+        10,
+        &[session("alice", "a1", now), session("bob", "b1", now)],
+    );
+    let revoked = AtomicBool::new(false);
+    let threads = 24;
+    let (hits, misses) = std::thread::scope(|scope| {
+        let lookups: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (mut hits, mut misses, mut after_revocation) = (0, 0, 0);
+                    while after_revocation < 200 {
+                        let after = revoked.load(Ordering::SeqCst);
+                        let found = cache.lookup("a1", Some("alice")).is_some();
+                        assert!(!(after && found), "answered after its revocation");
+                        // bob's session is never revoked: always a hit.
+                        assert!(cache.lookup("b1", Some("bob")).is_some());
+                        if found {
+                            hits += 2;
+                        } else {
+                            (hits, misses) = (hits + 1, misses + 1);
+                        }
+                        after_revocation += u32::from(after);
+                    }
+                    (hits, misses)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(5));
+        cache.apply(&[Revocation {
+            user_id: "alice".into(),
+            token_id: Some("a1".into()),
+            revoked_at: None,
+        }]);
+        revoked.store(true, Ordering::SeqCst);
+        lookups
+            .into_iter()
+            .map(|t| t.join().expect("no lookup panicked"))
+            .fold((0, 0), |(h, m), (th, tm)| (h + th, m + tm))
+    });
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses), (hits, misses));
+    assert!(misses >= threads * 200, "each thread saw the revocation");
+}
+
 /// A session asked for with another user's id is not answered from memory.
 #[test]
 fn the_user_hint_must_match() {

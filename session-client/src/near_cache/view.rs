@@ -1,5 +1,5 @@
 //! [`SessionView`]: a near-cache hit read where it lies, under its shard's
-//! lock, for the lookups that must be fastest (#28, BENCHMARKS.md "Fifth
+//! read lock, for the lookups that must be fastest (#28, BENCHMARKS.md "Fifth
 //! pass"). A [`CompactSession`] copies the session out (one allocation and
 //! about 250 bytes with the yardstick's metadata); this copies nothing.
 
@@ -19,7 +19,7 @@ use crate::types::Session;
 ///
 /// It borrows the session in the cache's memory (and the metadata strings
 /// its shard shares), so it lives only as long as the closure's call, with
-/// the shard's lock held; [`to_compact`](Self::to_compact) or
+/// the shard's read lock held; [`to_compact`](Self::to_compact) or
 /// [`to_session`](Self::to_session) copy it out to keep it.
 ///
 /// With the near-cache built with
