@@ -424,7 +424,7 @@ impl Builder {
     /// with [`near_cache_metadata(false)`](Self::near_cache_metadata)
     /// (README, *Near-cache*, sizing). Lookups on several threads scale:
     /// the sessions are sharded, and a lookup takes only a read lock on its
-    /// shard, one no other thread's lookups touch.
+    /// shard, striped by thread (eight stripes: threads rarely share one).
     ///
     /// # Examples
     ///

@@ -144,19 +144,26 @@ impl SessionClient {
     /// alone is looked up with [`get_session`](Self::get_session)).
     ///
     /// **`read` runs with the session's shard of the cache read-locked**:
-    /// lookups go on meanwhile, but every change to the sessions in that
-    /// shard (one of up to 64: a fill, a revocation, a reset) waits until it
-    /// returns. Read what is needed and return; it
-    /// must not block, sleep or do I/O (it is not async: it cannot await),
-    /// and it must not use this client's near-cache (any lookup, nor a
-    /// revocation through this client, from inside `read`): that may
-    /// deadlock. Copy the session out with [`SessionView::to_compact`] or
-    /// [`SessionView::to_session`] to keep it.
+    /// other lookups go on while nothing waits to change that shard, but a
+    /// change that reaches it (a fill, a revocation, every message of the
+    /// revocation stream) waits until `read` returns, and while it waits,
+    /// lookups of that shard on some other threads, every call that fills
+    /// or revokes, and the stream wait with it. Read what is needed and
+    /// return; it must not block, sleep or do I/O (it is not async: it
+    /// cannot await). Copy the session out with [`SessionView::to_compact`]
+    /// or [`SessionView::to_session`] to keep it.
     ///
     /// # Panics
     ///
-    /// Only if `read` panics; the panic is passed on, and the cache stays
-    /// consistent (nothing in it changes while `read` runs).
+    /// - When `read` uses this client's near-cache: any lookup, a call that
+    ///   fills or revokes, [`near_cache_stats`](Self::near_cache_stats), or
+    ///   formatting the client with `{:?}`. That could deadlock whenever a
+    ///   change happened to be waiting for the shard `read` holds, so it
+    ///   panics every time instead, naming the mistake. Another client's
+    ///   near-cache may be used.
+    /// - When `read` panics; the panic is passed on. Either way the lookup
+    ///   is counted as a hit, and the cache stays consistent and usable
+    ///   (nothing in it changes while `read` runs).
     ///
     /// # Examples
     ///

@@ -4,10 +4,12 @@
 //! megabytes (BENCHMARKS.md, "Near-cache at a million sessions").
 //!
 //! Each shard is behind a reader-writer lock striped by thread
-//! (crossbeam's `ShardedLock`): a lookup takes a read lock on its shard's
-//! stripe for the thread it runs on, a line no other thread writes, and
-//! counts itself on a line of its own thread's ([`Counts`]). So lookups on
-//! several cores write no line another core reads, other than an entry's
+//! (crossbeam's `ShardedLock`: eight stripes, threads numbered as they
+//! first read, a number freed when its thread ends): a lookup takes a read
+//! lock on its thread's stripe of its shard, a line the lookups of up to
+//! eight threads never share, and counts itself on a line of its thread's
+//! ([`Counts`]). So lookups on several cores write no line another core
+//! reads, other than an entry's
 //! CLOCK mark the first time it is looked up since the hand passed
 //! (`slot.rs`); with one `Mutex` per shard, every lookup moved its shard's
 //! lock from the other core's cache about every other time, and two threads
@@ -121,6 +123,47 @@ impl Entries {
         }
     }
 
+    /// Runs `read`, a caller's closure called under a shard's read lock
+    /// (`with_cached_session`'s), noting on this thread that it does:
+    /// any lock of this cache taken from inside it panics
+    /// ([`not_reading`](Self::not_reading)). Taking one there could
+    /// deadlock: a change waiting for the shard `read` holds blocks new
+    /// readers of that shard and holds the state lock, so a lookup, a fill,
+    /// a revocation or `stats` from inside `read` would wait for `read`
+    /// itself. It would do so only when a change happened to be waiting;
+    /// the panic comes every time, so the misuse shows in the caller's
+    /// first test.
+    pub(super) fn reading<R>(&self, read: impl FnOnce() -> R) -> R {
+        /// Puts back what the thread was reading before (another cache's
+        /// closure may be running further up), also when `read` panics.
+        struct Restore(usize);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                READING.set(self.0);
+            }
+        }
+        let _restore = Restore(READING.replace(self.id()));
+        read()
+    }
+
+    /// This cache's identity for [`READING`]: its address, fixed while it
+    /// is borrowed.
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self).addr()
+    }
+
+    /// Panics when this thread is inside [`reading`](Self::reading) of this
+    /// cache. Another cache's locks are no part of the cycle: using one
+    /// from inside is allowed.
+    pub(super) fn not_reading(&self) {
+        assert!(
+            READING.get() != self.id(),
+            "SessionClient::with_cached_session: its closure used the same client's near-cache \
+             (a lookup, a call that fills or revokes, near_cache_stats or Debug), which could \
+             deadlock; the closure may only read the SessionView it is given"
+        );
+    }
+
     /// A user id's hash, the per-user index's key.
     pub(super) fn hash(&self, key: &str) -> u64 {
         self.hasher.hash_one(key)
@@ -138,6 +181,7 @@ impl Entries {
 
     /// Shard `index`, to change.
     fn shard(&self, index: usize) -> ShardedLockWriteGuard<'_, Shard> {
+        self.not_reading();
         // Nothing here panics with a shard locked, and every operation
         // leaves it consistent before it could.
         self.shards[index]
@@ -147,6 +191,7 @@ impl Entries {
 
     /// Shard `index`, to read (a lookup), locked on this thread's stripe.
     fn read(&self, index: usize) -> ShardedLockReadGuard<'_, Shard> {
+        self.not_reading();
         // As for the write lock: and a lookup changes nothing but a mark.
         self.shards[index]
             .read()
@@ -154,6 +199,7 @@ impl Entries {
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.not_reading();
         // As for a shard's: nothing panics with it locked.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -168,19 +214,19 @@ impl Entries {
         &self,
         token_id: &str,
         user_id: Option<&str>,
-        now: Instant,
+        now: impl Fn() -> Instant,
         max_staleness: Duration,
         answer: impl FnOnce(View<'_>, &Interned) -> Option<T>,
     ) -> Found<T> {
         let handle = self.handle(token_id);
-        let found = self.read(self.shard_of(handle)).lookup(
-            handle,
-            token_id,
-            user_id,
-            now,
-            max_staleness,
-            answer,
-        );
+        let shard = self.read(self.shard_of(handle));
+        // A caller's closure (`answer` calls it only on a hit) that panics
+        // still leaves its lookup counted, as a hit.
+        let unwinding = HitOnUnwind(&self.counts);
+        // The clock read with the lock held (see `NearCache::lookup_with`).
+        let found = shard.lookup(handle, token_id, user_id, now(), max_staleness, answer);
+        std::mem::forget(unwinding);
+        drop(shard);
         self.counts.add(matches!(found, Found::Hit(_)));
         found
     }
@@ -391,6 +437,12 @@ impl Entries {
     }
 }
 
+thread_local! {
+    /// The cache (its [`Entries::id`]) whose caller's closure this thread
+    /// is running under a read lock, or 0 (see [`Entries::reading`]).
+    static READING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Lookups counted by the threads that made them, each thread on a line of
 /// its own (threads are numbered as they first look up; past the number of
 /// stripes they share one, still counted exactly).
@@ -424,6 +476,16 @@ impl Counts {
                 misses + stripe[1].load(Ordering::Relaxed),
             )
         })
+    }
+}
+
+/// Counts a hit when dropped, which a lookup lets happen only while it
+/// unwinds (see `Entries::lookup`).
+struct HitOnUnwind<'a>(&'a Counts);
+
+impl Drop for HitOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.add(true);
     }
 }
 

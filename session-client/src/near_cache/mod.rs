@@ -275,6 +275,7 @@ impl NearCache {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
+        self.entries.not_reading();
         // Nothing in this file panics while holding the lock, and every
         // operation leaves the state consistent before it could.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -313,10 +314,16 @@ impl NearCache {
     /// The cached session for `token_id` (owned by `user_id` when given),
     /// when it may be answered from memory; `None` means: ask the server.
     pub(crate) fn lookup(&self, token_id: &str, user_id: Option<&str>) -> Option<Session> {
-        self.lookup_at(token_id, user_id, Instant::now())
+        self.lookup_at(token_id, user_id, Instant::now)
     }
 
-    fn lookup_at(&self, token_id: &str, user_id: Option<&str>, now: Instant) -> Option<Session> {
+    /// `now` reads the clock (`Instant::now`, or a test's fixed instant).
+    fn lookup_at(
+        &self,
+        token_id: &str,
+        user_id: Option<&str>,
+        now: impl Fn() -> Instant,
+    ) -> Option<Session> {
         self.lookup_with(token_id, user_id, now, |view, interned| {
             view.session(interned, token_id, user_id)
         })
@@ -329,14 +336,14 @@ impl NearCache {
         token_id: &str,
         user_id: Option<&str>,
     ) -> Option<CompactSession> {
-        self.lookup_compact_at(token_id, user_id, Instant::now())
+        self.lookup_compact_at(token_id, user_id, Instant::now)
     }
 
     fn lookup_compact_at(
         &self,
         token_id: &str,
         user_id: Option<&str>,
-        now: Instant,
+        now: impl Fn() -> Instant,
     ) -> Option<CompactSession> {
         self.lookup_with(token_id, user_id, now, |view, interned| {
             match view.resolve(interned) {
@@ -353,40 +360,55 @@ impl NearCache {
     /// As [`lookup`](Self::lookup), answering what `read` returns from a
     /// [`SessionView`] of the entry, called under its shard's read lock:
     /// nothing is copied.
+    ///
+    /// # Panics
+    ///
+    /// When `read` uses this cache (any lookup, change or `stats`): with a
+    /// change waiting for the shard `read` holds, that would deadlock, so it
+    /// panics every time instead (see `Entries::reading`). And when `read`
+    /// panics.
     pub(crate) fn lookup_view<R>(
         &self,
         token_id: &str,
         user_id: Option<&str>,
         read: impl FnOnce(SessionView<'_>) -> R,
     ) -> Option<R> {
-        self.lookup_view_at(token_id, user_id, Instant::now(), read)
+        self.lookup_view_at(token_id, user_id, Instant::now, read)
     }
 
     fn lookup_view_at<R>(
         &self,
         token_id: &str,
         user_id: Option<&str>,
-        now: Instant,
+        now: impl Fn() -> Instant,
         read: impl FnOnce(SessionView<'_>) -> R,
     ) -> Option<R> {
         self.lookup_with(token_id, user_id, now, |view, interned| {
-            Some(read(SessionView::new(view, interned)))
+            Some(
+                self.entries
+                    .reading(|| read(SessionView::new(view, interned))),
+            )
         })
     }
 
     /// A lookup answered by `answer` from the entry, after every check that
     /// it may be answered (the stream healthy, the session live by Redis's
     /// clock, the user the one given); an expired entry is removed.
+    ///
+    /// `now` is read once the entry's shard is locked: a lookup that waited
+    /// for its shard (behind a change, itself behind a slow
+    /// `with_cached_session` closure) judges expiry and staleness by when it
+    /// got it, not by when it asked.
     fn lookup_with<T>(
         &self,
         token_id: &str,
         user_id: Option<&str>,
-        now: Instant,
+        now: impl Fn() -> Instant,
         answer: impl FnOnce(View<'_>, &Interned) -> Option<T>,
     ) -> Option<T> {
         match self
             .entries
-            .lookup(token_id, user_id, now, self.max_staleness, answer)
+            .lookup(token_id, user_id, &now, self.max_staleness, answer)
         {
             Found::Hit(found) => Some(found),
             Found::Miss => None,
@@ -394,7 +416,7 @@ impl NearCache {
                 // The server would not find it either; no use keeping it.
                 // Removed with the state lock, as anything that leaves.
                 let mut state = self.state();
-                if let Some(redis_now) = self.serving(&state, now)
+                if let Some(redis_now) = self.serving(&state, now())
                     && let Some(removed) = self.entries.remove_expired(token_id, redis_now)
                 {
                     Self::unindex(&mut state, removed);

@@ -263,7 +263,9 @@ impl World {
                     let now = self.now();
                     let session = &self.sessions[token];
                     assert!(
-                        self.cache.lookup_at(&session.token_id, None, now).is_some(),
+                        self.cache
+                            .lookup_at(&session.token_id, None, || now)
+                            .is_some(),
                         "{token}: cached but not answered"
                     );
                 } else if clean && healthy && read.expires_at > self.redis_now() {
@@ -287,15 +289,15 @@ impl World {
                 let viewed = self.cache.lookup_view_at(
                     &session.token_id,
                     hint_id.as_deref(),
-                    now,
+                    || now,
                     read_view,
                 );
                 let compact =
                     self.cache
-                        .lookup_compact_at(&session.token_id, hint_id.as_deref(), now);
+                        .lookup_compact_at(&session.token_id, hint_id.as_deref(), || now);
                 let found = self
                     .cache
-                    .lookup_at(&session.token_id, hint_id.as_deref(), now);
+                    .lookup_at(&session.token_id, hint_id.as_deref(), || now);
                 assert_eq!(
                     compact.as_ref().map(CompactSession::to_session),
                     found,

@@ -251,9 +251,9 @@ fn expired_entries_are_not_answered() {
     let fill = cache.begin_fill("t1", None);
     assert!(fill.complete_at(&s, synced));
     let before = synced + Duration::from_millis(1999);
-    assert!(cache.lookup_at("t1", None, before).is_some());
+    assert!(cache.lookup_at("t1", None, || before).is_some());
     let at_expiry = synced + Duration::from_secs(2);
-    assert_eq!(cache.lookup_at("t1", None, at_expiry), None);
+    assert_eq!(cache.lookup_at("t1", None, || at_expiry), None);
     assert!(!cached(&cache, "t1"), "an expired entry is dropped");
     assert_consistent(&cache);
 }
@@ -290,10 +290,10 @@ fn expiry_follows_redis_clock_not_this_hosts() {
             t1,
         );
         let just_alive = t0 + Duration::from_millis(1999);
-        assert_eq!(cache.lookup_at("t1", None, just_alive), Some(s.clone()));
+        assert_eq!(cache.lookup_at("t1", None, || just_alive), Some(s.clone()));
         let expired = t0 + Duration::from_secs(2);
         assert_eq!(
-            cache.lookup_at("t1", None, expired),
+            cache.lookup_at("t1", None, || expired),
             None,
             "skew {skew} s: answered after Redis expired it"
         );
@@ -358,7 +358,7 @@ fn a_late_reading_does_not_set_the_clock_back() {
     let late = heartbeat_at(Some(redis + Duration::from_millis(500)));
     recv(&cache, late, t1);
     assert_eq!(
-        cache.lookup_at("t1", None, t0 + Duration::from_millis(1200)),
+        cache.lookup_at("t1", None, || t0 + Duration::from_millis(1200)),
         None,
         "the late reading set the clock back"
     );
@@ -380,14 +380,14 @@ fn a_silent_stream_stops_answers_at_max_staleness() {
     let synced_at = cache.state().last_message.unwrap();
     let just_in = synced_at + STALENESS;
     let too_late = just_in + Duration::from_millis(1);
-    assert!(cache.lookup_at("t1", None, just_in).is_some());
-    assert_eq!(cache.lookup_at("t1", None, too_late), None);
+    assert!(cache.lookup_at("t1", None, || just_in).is_some());
+    assert_eq!(cache.lookup_at("t1", None, || too_late), None);
     // Nor may a call completing then fill the cache.
     let fill = cache.begin_fill("t2", None);
     let t2 = session("alice", "t2", SystemTime::now());
     assert!(!fill.complete_at(&t2, too_late));
     recv(&cache, heartbeat(), too_late);
-    assert!(cache.lookup_at("t1", None, too_late).is_some());
+    assert!(cache.lookup_at("t1", None, || too_late).is_some());
 }
 
 /// A reset or the stream's loss flushes everything; after a loss nothing
@@ -1058,7 +1058,7 @@ fn a_replacement_takes_over_a_working_stream_without_a_flush() {
     // Liveness is the new stream's alone.
     let late = at + STALENESS + Duration::from_millis(1);
     assert!(cache.received(0, heartbeat(), late));
-    assert_eq!(cache.lookup_at("c1", None, late), None);
+    assert_eq!(cache.lookup_at("c1", None, || late), None);
 
     cache.ended(0, drained_at);
     assert_eq!(cache.roles().draining, None);
@@ -1293,12 +1293,12 @@ fn the_compact_answer_is_never_revoked_or_expired() {
     let before = synced + Duration::from_millis(1999);
     assert_eq!(
         cache
-            .lookup_compact_at("t5", None, before)
+            .lookup_compact_at("t5", None, || before)
             .map(|c| c.to_session()),
         Some(s)
     );
     let at_expiry = synced + Duration::from_secs(2);
-    assert_eq!(cache.lookup_compact_at("t5", None, at_expiry), None);
+    assert_eq!(cache.lookup_compact_at("t5", None, || at_expiry), None);
     assert!(!cached(&cache, "t5"), "an expired entry is dropped");
     assert_consistent(&cache);
 }
@@ -1339,5 +1339,172 @@ fn compact_sessions_from_answers_round_trip() {
             compact.metadata_value("user_agent"),
             s.metadata.get("user_agent").map(String::as_str)
         );
+    }
+}
+
+/// Using the cache from inside a `lookup_view` closure (what
+/// `with_cached_session` calls under the shard's read lock) panics, every
+/// time, with a message that names the mistake: it could deadlock only
+/// when a change happened to be waiting for that shard, which a test would
+/// rarely catch (the break-it review of #28's sixth pass). The panic
+/// leaves the cache usable and consistent, and the lookup counted; another
+/// cache may be used from inside.
+#[test]
+fn using_the_cache_inside_a_view_panics_instead_of_deadlocking() {
+    let now = SystemTime::now();
+    let cache = healthy_with(
+        10,
+        &[session("alice", "a1", now), session("bob", "b1", now)],
+    );
+    let other = healthy_with(10, &[session("carol", "c1", now)]);
+    let uses: [(&str, &dyn Fn()); 5] = [
+        ("the same session", &|| {
+            drop(cache.lookup("a1", Some("alice")))
+        }),
+        ("another session", &|| {
+            drop(cache.lookup_compact("b1", None))
+        }),
+        ("a fill", &|| drop(cache.begin_fill("d1", None))),
+        ("a revocation", &|| {
+            cache.apply(&[Revocation::from_proto(revoke_token("bob", "b1"))]);
+        }),
+        ("stats", &|| {
+            let _ = cache.stats();
+        }),
+    ];
+    for (what, use_cache) in uses {
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.lookup_view("a1", Some("alice"), |_| use_cache())
+        }))
+        .expect_err(what);
+        let message = panicked
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panicked.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or_default();
+        assert!(
+            message.contains("with_cached_session") && message.contains("near-cache"),
+            "{what}: {message:?}"
+        );
+    }
+    assert_eq!(
+        cache.lookup_view("a1", Some("alice"), |_| other
+            .lookup("c1", Some("carol"))
+            .is_some()),
+        Some(true),
+        "another cache's lookup inside is allowed"
+    );
+    assert!(cached(&cache, "b1"), "the revocation inside never ran");
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses), (6, 0));
+    assert!(cache.lookup("b1", Some("bob")).is_some());
+    assert_consistent(&cache);
+}
+
+/// A lookup that waited for its shard judges expiry by when it got the
+/// shard, not by when it asked: here sixteen lookups of a session that
+/// expires while they wait (behind a heartbeat's change, itself behind a
+/// slow `with_cached_session` closure) answer nothing from memory (the
+/// break-it review of #28's sixth pass; before, all sixteen answered it
+/// about 1.6 s after its expiry).
+#[test]
+fn a_lookup_that_waited_for_its_shard_judges_expiry_when_it_got_it() {
+    use std::sync::Barrier;
+
+    let now = SystemTime::now();
+    // b1 expires about 1 s from now (sessions last 900 s).
+    let b1 = session("bob", "b1", now - Duration::from_secs(899));
+    let expires = b1.expires_at;
+    let cache = healthy_with(10, &[session("alice", "a1", now), b1]);
+    let inside = Arc::new(Barrier::new(2));
+    let reader = {
+        let (cache, inside) = (cache.clone(), inside.clone());
+        std::thread::spawn(move || {
+            cache.lookup_view("a1", Some("alice"), |_| {
+                inside.wait();
+                std::thread::sleep(Duration::from_secs(2));
+            })
+        })
+    };
+    inside.wait();
+    // A heartbeat write-locks every shard: it waits for the closure, and
+    // lookups on the stripes it already holds wait for it.
+    let stream = {
+        let cache = cache.clone();
+        std::thread::spawn(move || recv(&cache, heartbeat(), Instant::now()))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // Sixteen threads alive at once, so that they take sixteen of the
+    // lock's thread stripes (a thread that ends frees its stripe for the
+    // next): some share the closure's stripe, or one the heartbeat holds.
+    let together = Arc::new(Barrier::new(16));
+    let lookups: Vec<_> = (0..16)
+        .map(|_| {
+            let (cache, together) = (cache.clone(), together.clone());
+            std::thread::spawn(move || {
+                together.wait();
+                let found = cache.lookup("b1", Some("bob")).is_some();
+                let answered = SystemTime::now();
+                together.wait();
+                (found, answered)
+            })
+        })
+        .collect();
+    let late: Vec<_> = lookups
+        .into_iter()
+        .map(|lookup| lookup.join().expect("no lookup panicked"))
+        .filter(|&(found, _)| found)
+        .filter_map(|(_, answered)| answered.duration_since(expires).ok())
+        .collect();
+    reader.join().expect("the closure returned");
+    stream.join().expect("the heartbeat was applied");
+    assert!(late.is_empty(), "answered after its expiry by {late:?}");
+}
+
+/// CLOCK across the table's growth and removals' backward shifts: entries
+/// looked up before the table grew (twice) and before removals moved them
+/// keep their marks, so the one entry never looked up is the one evicted,
+/// whichever of the forty it is (from the break-it review of #28's sixth
+/// pass; it fails with the marks' move in `Shard::grow` undone).
+#[test]
+fn the_one_entry_not_looked_up_is_evicted_after_grows_and_removals() {
+    let now = SystemTime::now();
+    for victim in 0..40 {
+        let cache = NearCache::new(45, STALENESS);
+        recv(&cache, reset(), Instant::now());
+        let fill = |i: usize| {
+            let s = session(&format!("u{i}"), &format!("t{i}"), now);
+            assert!(cache.begin_fill(&s.token_id, Some(&s.user_id)).complete(&s));
+        };
+        let look = |i: usize| assert!(cache.lookup(&format!("t{i}"), None).is_some());
+        // 10 entries (a table of 16), all looked up but the victim.
+        (0..10).for_each(fill);
+        (0..10).filter(|&i| i != victim).for_each(look);
+        // 35 more, to the bound of 45: the table grows to 32, then 64.
+        (10..45).for_each(fill);
+        // Five revoked: backward shifts move marked entries.
+        for i in 40..45 {
+            let revocation = revoke_token(&format!("u{i}"), &format!("t{i}"));
+            cache.apply(&[Revocation::from_proto(revocation)]);
+        }
+        // Back to the bound; all looked up but the victim.
+        (100..105).for_each(fill);
+        (10..40)
+            .chain(100..105)
+            .filter(|&i| i != victim)
+            .for_each(look);
+        // One more: the victim goes, every other entry being marked.
+        fill(200);
+        assert!(
+            !cached(&cache, &format!("t{victim}")),
+            "victim {victim} kept"
+        );
+        assert_eq!(
+            (0..40)
+                .filter(|&i| cached(&cache, &format!("t{i}")))
+                .count(),
+            39
+        );
+        assert_consistent(&cache);
     }
 }
