@@ -122,6 +122,23 @@ fn main() {
         anon_huge() as f64 / 1e6,
     );
 
+    // A second of lookups on two threads, not measured: the first window
+    // after the fill otherwise pays for what the fill left behind (in this
+    // program's sixth-pass runs, `Session` lookups measured first scaled
+    // 1.56-1.84 x on two threads, and 2.18 x measured again last).
+    run_threads(2, |t| {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        move || {
+            rate(
+                &cache,
+                &keys,
+                Duration::from_secs(1),
+                t + 50,
+                Answer::Session,
+                false,
+            )
+        }
+    });
     for (label, answer) in [
         ("", Answer::Session),
         ("compact ", Answer::Compact),
