@@ -13,7 +13,8 @@
 //! CLOCK mark the first time it is looked up since the hand passed
 //! (`slot.rs`); with one `Mutex` per shard, every lookup moved its shard's
 //! lock from the other core's cache about every other time, and two threads
-//! got 1.6 times what one did instead of 1.9 (BENCHMARKS.md, #28's sixth
+//! got 1.64-1.72 times what one did over a million sessions where they now
+//! get 1.91-2.08 (BENCHMARKS.md, #28's sixth
 //! pass). Everything else here (inserting, evicting, removing, flushing)
 //! takes the write lock (every stripe in turn), and is called by the
 //! parent module with the cache's state lock held, always taken before a

@@ -34,8 +34,8 @@
 //! its thread's stripe of its shard and nothing else, so lookups on several
 //! threads neither wait for each other nor write a line another reads (one
 //! lock for everything made a second thread a loss, and one `Mutex` per
-//! shard still cost a second thread a fifth of its lookups: #28). Everything
-//! else (the streams' roles, Redis's clock, the fills, the per-user index,
+//! shard still cost a second thread about a sixth of its lookups: #28).
+//! Everything else (the streams' roles, Redis's clock, the fills, the per-user index,
 //! the entry count) is under one state lock, taken before any shard's by
 //! whatever changes the sessions (a fill's completion, a revocation, a
 //! flush), so that each of those is one step as far as the fill race is
