@@ -3,33 +3,31 @@
 //! into one allocation each, so that a million of them fit in a few hundred
 //! megabytes (BENCHMARKS.md, "Near-cache at a million sessions").
 //!
-//! Each shard is behind a reader-writer lock striped by thread
-//! (crossbeam's `ShardedLock`: eight stripes, threads numbered as they
-//! first read, a number freed when its thread ends): a lookup takes a read
-//! lock on its thread's stripe of its shard, a line the lookups of up to
-//! eight threads never share, and counts itself on a line of its thread's
-//! ([`Counts`]). So lookups on several cores write no line another core
-//! reads, other than an entry's
-//! CLOCK mark the first time it is looked up since the hand passed
+//! Each shard is behind a reader-writer lock striped by thread (crossbeam's
+//! `ShardedLock`: eight stripes, threads numbered as they first read, a
+//! number freed when its thread ends): a lookup takes a read lock on its
+//! thread's stripe of its shard, a line the lookups of up to eight threads
+//! never share, and counts itself on a line of its thread's ([`Counts`]). So
+//! lookups on several cores write no line another core reads, other than an
+//! entry's CLOCK mark the first time it is looked up since the hand passed
 //! (`slot.rs`); with one `Mutex` per shard, every lookup moved its shard's
 //! lock from the other core's cache about every other time, and two threads
 //! got 1.64-1.72 times what one did over a million sessions where they now
-//! get 1.91-2.08 (BENCHMARKS.md, #28's sixth
-//! pass). Everything else here (inserting, evicting, removing, flushing)
-//! takes the write lock (every stripe in turn), and is called by the
-//! parent module with the cache's state lock held, always taken before a
-//! shard's: the per-user index, the entry count and the fills live there,
-//! and a revocation or a
-//! fill's completion changes them and the shards as one step (see the
-//! parent module's docs on the fill race). A lookup that finds an entry
-//! past its expiry does not remove it itself: it asks the parent module to,
-//! which takes the locks in that order.
+//! get 1.91-2.08 (BENCHMARKS.md, #28's sixth pass). Everything else here
+//! (inserting, evicting, removing, flushing) takes the write lock (every
+//! stripe in turn), and is called by the parent module with the cache's
+//! state lock held, always taken before a shard's: the per-user index, the
+//! entry count and the fills live there, and a revocation or a fill's
+//! completion changes them and the shards as one step (see the parent
+//! module's docs on the fill race). A lookup that finds an entry past its
+//! expiry does not remove it itself: it asks the parent module to, which
+//! takes the locks in that order.
 //!
 //! Each shard also holds a copy of what a lookup needs from the stream's
 //! state (whether it may serve, and Redis's clock): written under the state
 //! lock whenever that state changes (every stream message), read under the
-//! read lock the lookup holds anyway: what lookups read is written once a
-//! message, never by another lookup.
+//! read lock the lookup holds anyway: written once a message, by the
+//! stream, never by a lookup.
 //!
 //! The sessions themselves, the shard's handles on shared metadata strings
 //! and eviction are a shard's (`shard.rs`); how a session is laid out in
