@@ -1,7 +1,8 @@
 //! The near-cache at scale (#28; BENCHMARKS.md "Near-cache at a million
 //! sessions"): memory per cached session, lookups per second on one and two
-//! threads, lookup latency, how long revocations take to apply, and the
-//! longest lookup while a full cache is flushed. The cache is driven
+//! threads, lookup latency, how long revocations take to apply (alone, and
+//! while two threads look up), and the longest lookup while a full cache
+//! is flushed. The cache is driven
 //! directly (feature `bench-internals`), without a server: a stream synced
 //! once, a heartbeat every second, fills as lookups' answers.
 //!
@@ -216,6 +217,50 @@ fn main() {
         user_wide.value_at_quantile(0.5),
         user_wide.value_at_quantile(0.99),
         user_wide.max()
+    );
+
+    // Single revocations while two threads look up in place, each timed:
+    // a change waits for the readers of every stripe of its shard. Spread
+    // out (a revocation every 200 µs), as a stream delivers them.
+    let looking = Arc::new(AtomicBool::new(true));
+    let lookers: Vec<_> = (0..2)
+        .map(|t| {
+            let (cache, keys, looking) = (cache.clone(), keys.clone(), looking.clone());
+            thread::spawn(move || {
+                let mut rng = mix(t + 555);
+                while looking.load(Ordering::Relaxed) {
+                    rng = mix(rng);
+                    let (token, user) = keys.key(rng as usize % keys.len());
+                    black_box(
+                        cache.lookup_view(token.as_str(), Some(user.as_str()), |view| {
+                            black_box(view.expires_at())
+                        }),
+                    );
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(100));
+    let mut during_lookups = histogram();
+    for k in 0..1000 {
+        let i = TEN_SESSION_SESSIONS + (mix(k + 7777) as usize % (entries - TEN_SESSION_SESSIONS));
+        let (token, user) = keys.key(i);
+        let at = Instant::now();
+        cache.revoke(user.as_str(), Some(token.as_str()), Some(SystemTime::now()));
+        during_lookups.record(at.elapsed().as_nanos() as u64).ok();
+        thread::sleep(Duration::from_micros(200));
+    }
+    looking.store(false, Ordering::Relaxed);
+    for looker in lookers {
+        looker.join().unwrap();
+    }
+    println!(
+        "revoke_single_during_lookups n={} p50_ns={} p99_ns={} p999_ns={} max_ns={}",
+        during_lookups.len(),
+        during_lookups.value_at_quantile(0.5),
+        during_lookups.value_at_quantile(0.99),
+        during_lookups.value_at_quantile(0.999),
+        during_lookups.max()
     );
 
     // A reset of the full cache while two threads look up: every lookup
