@@ -28,22 +28,23 @@
 //!   that named no user), so a revocation finds the few it concerns instead
 //!   of scanning every call in flight under the lock.
 //!
-//! Locks from `std::sync` and crossbeam, never held across an `.await`.
-//! The sessions are sharded by token id (`entries.rs`), each shard behind
-//! a reader-writer lock striped by thread: a lookup takes a read lock on
-//! its thread's stripe of its shard and nothing else, so lookups on several
+//! Locks from `std::sync` and crossbeam, never held across an `.await`. The
+//! sessions are sharded by token id (`entries.rs`), each shard behind a
+//! reader-writer lock striped by thread: a lookup takes a read lock on its
+//! thread's stripe of its shard and nothing else, so lookups on several
 //! threads neither wait for each other nor write a line another reads (one
 //! lock for everything made a second thread a loss, and one `Mutex` per
 //! shard still cost a second thread about a sixth of its lookups: #28).
-//! Everything else (the streams' roles, Redis's clock, the fills, the per-user index,
-//! the entry count) is under one state lock, taken before any shard's by
-//! whatever changes the sessions (a fill's completion, a revocation, a
-//! flush), so that each of those is one step as far as the fill race is
-//! concerned. A flush swaps each shard for an empty one and frees the old
-//! sessions on a thread of its own: no lookup waits for it. A third lock,
-//! the registry of metadata strings sessions share (`packed.rs`), is taken
-//! after a shard's by what changes the sessions (a lookup only to remove an
-//! expired entry, as any removal: never on its way to an answer).
+//! Everything else (the streams' roles, Redis's clock, the fills, the
+//! per-user index, the entry count) is under one state lock, taken before
+//! any shard's by whatever changes the sessions (a fill's completion, a
+//! revocation, a flush), so that each of those is one step as far as the
+//! fill race is concerned. A flush swaps each shard for an empty one and
+//! frees the old sessions on a thread of its own: no lookup waits for it. A
+//! third lock, the registry of metadata strings sessions share
+//! (`packed.rs`), is taken after a shard's by what changes the sessions (a
+//! lookup only to remove an expired entry, as any removal: never on its way
+//! to an answer).
 //!
 //! # Expiry by Redis's clock
 //!
